@@ -1,0 +1,94 @@
+//! An HF CLIP model directory: `config.json` and its safetensors, `CLIPVisionModel` or `CLIPModel`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::TensorStore;
+use crate::config::VisionConfig;
+
+/// What a model directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// HF `CLIPVisionModel` (`model_type: clip_vision_model`), possibly with a projection.
+    ClipVision,
+    /// HF `CLIPModel` (`model_type: clip`): vision and text towers, projections, `logit_scale`.
+    Clip,
+}
+
+impl ModelKind {
+    /// The HF class name.
+    pub fn hf_name(&self) -> &'static str {
+        match self {
+            ModelKind::ClipVision => "CLIPVisionModel",
+            ModelKind::Clip => "CLIPModel",
+        }
+    }
+}
+
+/// An opened model directory: its parsed config and its tensors, mapped but not yet read.
+pub struct ModelDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// What it holds.
+    pub kind: ModelKind,
+    /// The vision tower's dimensions.
+    pub config: VisionConfig,
+    /// The whole `config.json`.
+    pub json: Value,
+    /// The tensors.
+    pub store: TensorStore,
+}
+
+impl ModelDir {
+    /// Opens `path`, reading `config.json` and mapping the safetensors files.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: no such model directory", path.display());
+        }
+        if !path.is_dir() {
+            bail!("{}: a model must be a directory holding config.json and model.safetensors", path.display());
+        }
+        let config_path = path.join("config.json");
+        if !config_path.exists() {
+            bail!("{}: missing config.json", path.display());
+        }
+        let text =
+            std::fs::read_to_string(&config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
+        let json: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+        let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let (kind, config) = match model_type {
+            "clip_vision_model" => (ModelKind::ClipVision, VisionConfig::from_json(&json, &config_path)?),
+            "clip" => {
+                let mut vision = json.get("vision_config").cloned().unwrap_or_else(|| serde_json::json!({}));
+                // CLIPConfig keeps the joint width at the top level.
+                if let (Some(obj), Some(p)) = (vision.as_object_mut(), json.get("projection_dim")) {
+                    obj.insert("projection_dim".into(), p.clone());
+                }
+                (ModelKind::Clip, VisionConfig::from_json(&vision, &config_path)?)
+            }
+            "" => bail!("{}: no \"model_type\"; expected clip or clip_vision_model", config_path.display()),
+            other => bail!(
+                "{}: model_type '{other}' is not a CLIP model (expected clip or clip_vision_model)",
+                config_path.display()
+            ),
+        };
+        let store = TensorStore::open_dir(path)?;
+        Ok(ModelDir { path: path.to_path_buf(), kind, config, json, store })
+    }
+
+    /// True when the checkpoint carries `visual_projection.weight`.
+    pub fn has_projection(&self) -> bool {
+        self.store.contains("visual_projection.weight")
+    }
+
+    /// HF's raw `logit_scale` (the engine uses its exp), when the checkpoint has one.
+    pub fn logit_scale(&self) -> Result<Option<f32>> {
+        if !self.store.contains("logit_scale") {
+            return Ok(None);
+        }
+        Ok(Some(self.store.get("logit_scale", &[1])?.host()?[0]))
+    }
+}

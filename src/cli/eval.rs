@@ -1,0 +1,72 @@
+//! `wemoe-engine eval`: top-1 accuracy per task through the heads, as a table and optionally JSON.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::device::{self, DeviceRequest};
+use wemoe_engine::eval::{evaluate_task, TaskAccuracy};
+use wemoe_engine::model::{Heads, ImageEncoder};
+use wemoe_engine::output::write_atomic;
+
+use super::progress;
+
+pub struct Args {
+    pub model: PathBuf,
+    pub heads: PathBuf,
+    pub tasks: Vec<(String, PathBuf)>,
+    pub batch_size: usize,
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
+    let mut seen = BTreeSet::new();
+    for (name, _) in &args.tasks {
+        if !seen.insert(name) {
+            bail!("--task '{name}' is given twice");
+        }
+    }
+    // Check every input before computing anything.
+    let dir = ModelDir::open(&args.model)?;
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), &args.heads)?;
+    let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
+    let mut datasets = Vec::new();
+    for (name, path) in &args.tasks {
+        heads.head(name)?;
+        let data = Dataset::open(path, &preprocess, dir.config.image_size)?;
+        if data.labels().is_none() {
+            bail!("{}: has no labels, which eval needs (task '{name}')", path.display());
+        }
+        datasets.push((name, data));
+    }
+    let model = ImageEncoder::load(be.as_ref(), &dir)?;
+    heads.classifier(&model, &dir.path)?;
+    let mut results: Vec<TaskAccuracy> = Vec::new();
+    for (name, data) in &datasets {
+        let bar = progress::images(name, data.len(), quiet);
+        let acc = evaluate_task(be.as_ref(), &model, &dir.path, &heads, name, data, args.batch_size, &mut |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        results.push(acc);
+    }
+    let average = results.iter().map(TaskAccuracy::accuracy).sum::<f64>() / results.len() as f64;
+    let width = results.iter().map(|r| r.task.len()).max().unwrap_or(4).max(7);
+    println!("{:<width$}  {:>7}  {:>8}", "task", "images", "accuracy");
+    for r in &results {
+        println!("{:<width$}  {:>7}  {:>7.2}%", r.task, r.count, 100.0 * r.accuracy());
+    }
+    println!("{:<width$}  {:>7}  {:>7.2}%", "average", "", 100.0 * average);
+    if let Some(path) = &args.json {
+        let tasks: serde_json::Map<String, serde_json::Value> =
+            results.iter().map(|r| (r.task.clone(), json!({"accuracy": r.accuracy(), "count": r.count}))).collect();
+        let report = json!({"tasks": tasks, "average": average});
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! Argument parsing and dispatch; each command in its own file.
+
+mod demo;
+mod doctor;
+mod embed;
+mod eval;
+mod info;
+mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use wemoe_engine::device::DeviceRequest;
+
+/// Merge fine-tuned CLIP vision models with WEMoE, adapt, evaluate and run them.
+#[derive(Parser, Debug)]
+#[command(name = "wemoe-engine", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Where to compute: auto, cpu, cuda or cuda:N.
+    #[arg(long, global = true, default_value = "auto")]
+    device: DeviceRequest,
+    /// No progress and no informational lines.
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+/// How WEMoE layers route: each sample its own coefficients, or the batch's average.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Routing {
+    /// Per-sample merge coefficients.
+    #[default]
+    Sample,
+    /// Coefficients averaged over consecutive, unshuffled batches.
+    Batch,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Describe a model directory: kind, dimensions, parameters, files.
+    Info {
+        /// An HF CLIP directory.
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write pooled outputs and image embeddings of a dataset to safetensors.
+    Embed {
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The images: a safetensors file or an ImageFolder directory.
+        #[arg(long)]
+        images: PathBuf,
+        /// The output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Routing of WEMoE layers.
+        #[arg(long, value_enum, default_value_t)]
+        routing: Routing,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
+    /// Top-1 accuracy on labelled tasks through zero-shot heads.
+    Eval {
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The heads file (safetensors with head.<TASK>).
+        #[arg(long)]
+        heads: PathBuf,
+        /// A task and its data, NAME=DATA; repeat for several.
+        #[arg(long = "task", required = true, value_name = "NAME=DATA")]
+        tasks: Vec<String>,
+        /// Routing of WEMoE layers.
+        #[arg(long, value_enum, default_value_t)]
+        routing: Routing,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Run the whole job on the bundled suite and print the table.
+    Demo {
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Report devices, versions and kernels.
+    Doctor {
+        /// Compile the kernels for this architecture (sm_XY).
+        #[arg(long)]
+        arch: Option<String>,
+    },
+}
+
+/// Splits `NAME=DATA`.
+fn parse_task(spec: &str) -> Result<(String, PathBuf)> {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
+        _ => bail!("--task '{spec}': expected NAME=DATA"),
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    let (device, quiet) = (cli.device, cli.quiet);
+    match cli.command {
+        Command::Info { model, json } => info::run(&model, json),
+        // Plain CLIP models have no routers, so `--routing` changes nothing for them.
+        Command::Embed { model, images, out, routing: _, batch_size } => {
+            embed::run(&embed::Args { model, images, out, batch_size }, device, quiet)
+        }
+        Command::Eval { model, heads, tasks, routing: _, batch_size, json } => {
+            let tasks = tasks.iter().map(|t| parse_task(t)).collect::<Result<Vec<_>>>()?;
+            eval::run(&eval::Args { model, heads, tasks, batch_size, json }, device, quiet)
+        }
+        Command::Demo { json } => demo::run(json.as_deref(), quiet),
+        Command::Doctor { arch } => doctor::run(arch.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_specs_split_at_the_first_equals_sign() {
+        assert_eq!(parse_task("mnist=data/a=b.safetensors").unwrap().1, PathBuf::from("data/a=b.safetensors"));
+        assert!(parse_task("mnist").is_err());
+        assert!(parse_task("=x").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! Progress bars on stderr: shown on a terminal, hidden with `--quiet` or when stderr is redirected.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// A bar counting `total` images, labelled `what`.
+pub fn images(what: &str, total: usize, quiet: bool) -> ProgressBar {
+    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(total as u64), target);
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
+        .expect("the template is valid")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(what.to_string());
+    bar
+}

@@ -1,0 +1,161 @@
+//! The vision configuration, read from an HF `config.json` with HF's defaults for absent fields.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::device::Activation;
+
+/// Every dimension of a CLIP vision tower.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    /// Width of the residual stream, D.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Encoder layers, L.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Image channels.
+    pub num_channels: usize,
+    /// Input side in pixels.
+    pub image_size: usize,
+    /// Patch side in pixels.
+    pub patch_size: usize,
+    /// Width of the joint space (used when the model has a projection).
+    pub projection_dim: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f32,
+    /// The MLP's activation.
+    pub hidden_act: Activation,
+}
+
+impl Default for VisionConfig {
+    /// HF's `CLIPVisionConfig` defaults (ViT-B/32).
+    fn default() -> Self {
+        VisionConfig {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            projection_dim: 512,
+            layer_norm_eps: 1e-5,
+            hidden_act: Activation::QuickGelu,
+        }
+    }
+}
+
+impl VisionConfig {
+    /// Reads the vision fields of `object` (a `CLIPVisionConfig`); `origin` names the file in errors.
+    pub fn from_json(object: &Value, origin: &Path) -> Result<Self> {
+        let d = VisionConfig::default();
+        let int =
+            |key: &str, default: usize| -> Result<usize> {
+                match object.get(key) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).with_context(|| {
+                        format!("{}: \"{key}\" must be a positive integer, got {v}", origin.display())
+                    }),
+                }
+            };
+        let layer_norm_eps =
+            match object.get("layer_norm_eps") {
+                None | Some(Value::Null) => d.layer_norm_eps,
+                Some(v) => v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
+                    format!("{}: \"layer_norm_eps\" must be a non-negative number", origin.display())
+                })? as f32,
+            };
+        let hidden_act = match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => bail!("{}: unsupported \"hidden_act\" '{other}'", origin.display()),
+        };
+        let config = VisionConfig {
+            hidden_size: int("hidden_size", d.hidden_size)?,
+            intermediate_size: int("intermediate_size", d.intermediate_size)?,
+            num_hidden_layers: int("num_hidden_layers", d.num_hidden_layers)?,
+            num_attention_heads: int("num_attention_heads", d.num_attention_heads)?,
+            num_channels: int("num_channels", d.num_channels)?,
+            image_size: int("image_size", d.image_size)?,
+            patch_size: int("patch_size", d.patch_size)?,
+            projection_dim: int("projection_dim", d.projection_dim)?,
+            layer_norm_eps,
+            hidden_act,
+        };
+        ensure!(
+            config.hidden_size % config.num_attention_heads == 0,
+            "{}: hidden_size {} is not divisible by num_attention_heads {}",
+            origin.display(),
+            config.hidden_size,
+            config.num_attention_heads
+        );
+        ensure!(
+            config.patch_size <= config.image_size,
+            "{}: patch_size {} exceeds image_size {}",
+            origin.display(),
+            config.patch_size,
+            config.image_size
+        );
+        Ok(config)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens per image: the patches and the class token.
+    pub fn tokens(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// The same fields as HF writes them in `config.json`.
+    pub fn to_json(&self) -> Value {
+        let act = match self.hidden_act {
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_new",
+            Activation::Relu => "relu",
+        };
+        serde_json::json!({
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "projection_dim": self.projection_dim,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": act,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_fields_take_hf_defaults_and_bad_ones_are_named() {
+        let p = Path::new("config.json");
+        let c = VisionConfig::from_json(&serde_json::json!({"hidden_size": 48, "num_attention_heads": 4}), p).unwrap();
+        assert_eq!((c.hidden_size, c.intermediate_size, c.tokens()), (48, 3072, 50));
+        let err = VisionConfig::from_json(&serde_json::json!({"hidden_size": 50, "num_attention_heads": 4}), p);
+        assert!(format!("{:#}", err.unwrap_err()).contains("not divisible"));
+        let err = VisionConfig::from_json(&serde_json::json!({"hidden_act": "swish"}), p).unwrap_err();
+        assert!(format!("{err:#}").contains("swish"));
+    }
+}

@@ -1,0 +1,167 @@
+//! A dataset opened from a `<DATA>` path, checked up front and served in preprocessed batches.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
+
+use super::{scan_image_folder, Preprocess};
+use crate::checkpoint::SafetensorsFile;
+use crate::tensor::Tensor;
+
+enum Source {
+    /// Preprocessed `[N, 3, S, S]` f32, read in place where aligned.
+    Pixels(Tensor),
+    /// Raw `[N, H, W, C]` u8 images in a safetensors file.
+    Images { file: SafetensorsFile, height: usize, width: usize, channels: usize },
+    /// Image files, decoded on demand.
+    Files(Vec<PathBuf>),
+}
+
+/// Images (and labels, when known) ready to be batched at the model's input size.
+pub struct Dataset {
+    origin: PathBuf,
+    source: Source,
+    len: usize,
+    labels: Option<Vec<i64>>,
+    classes: Option<Vec<String>>,
+    preprocess: Preprocess,
+    side: usize,
+}
+
+impl Dataset {
+    /// Opens `path` for a model taking `side × side` images prepared by `preprocess`.
+    pub fn open(path: &Path, preprocess: &Preprocess, side: usize) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: no such file or directory", path.display());
+        }
+        let out = preprocess.output_size(side, side);
+        ensure!(
+            out == (side, side) && preprocess.crop.is_some(),
+            "{}: the model's preprocessing gives {}×{} images, the model takes {side}×{side}",
+            path.display(),
+            out.1,
+            out.0
+        );
+        let (source, len, labels, classes) = if path.is_dir() {
+            let (classes, files) = scan_image_folder(path)?;
+            let labels = files.iter().map(|(_, id)| *id).collect();
+            let files: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
+            (Source::Files(files.clone()), files.len(), Some(labels), Some(classes))
+        } else {
+            Self::open_safetensors(path, side)?
+        };
+        ensure!(len > 0, "{}: holds no images", path.display());
+        Ok(Dataset { origin: path.to_path_buf(), source, len, labels, classes, preprocess: preprocess.clone(), side })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn open_safetensors(path: &Path, side: usize) -> Result<(Source, usize, Option<Vec<i64>>, Option<Vec<String>>)> {
+        let file = SafetensorsFile::open(path)?;
+        let shape_of = |name: &str| file.info(name).map(|i| i.shape.clone());
+        let (source, len, labels) = if let Some(shape) = shape_of("pixel_values") {
+            ensure!(
+                shape.len() == 4 && shape[1] == 3 && shape[2] == side && shape[3] == side,
+                "{}: pixel_values have shape {shape:?}, the model takes [N, 3, {side}, {side}]",
+                path.display()
+            );
+            let pixels = file.f32("pixel_values")?;
+            if let Some((at, v)) = pixels.first_non_finite()? {
+                bail!("{}: pixel_values hold a non-finite value ({v} at element {at})", path.display());
+            }
+            let labels = read_labels(path, &file, shape[0])?;
+            (Source::Pixels(pixels), shape[0], labels)
+        } else if let Some(shape) = shape_of("images") {
+            ensure!(
+                shape.len() == 4 && matches!(shape[3], 1 | 3 | 4) && shape[1] > 0 && shape[2] > 0,
+                "{}: images have shape {shape:?}, expected [N, H, W, C] with C = 1 or 3",
+                path.display()
+            );
+            file.u8("images")?;
+            let (height, width, channels) = (shape[1], shape[2], shape[3]);
+            let labels = read_labels(path, &file, shape[0])?;
+            (Source::Images { file, height, width, channels }, shape[0], labels)
+        } else {
+            bail!("{}: has neither 'pixel_values' nor 'images'", path.display());
+        };
+        Ok((source, len, labels, None))
+    }
+
+    /// Where the data came from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there are no images (never, for an opened dataset).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The labels, when the data has them.
+    pub fn labels(&self) -> Option<&[i64]> {
+        self.labels.as_deref()
+    }
+
+    /// The class names of an ImageFolder tree.
+    pub fn classes(&self) -> Option<&[String]> {
+        self.classes.as_deref()
+    }
+
+    /// Images `range` as pixel values `[b, 3, S, S]`.
+    pub fn batch(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        ensure!(range.end <= self.len && range.start < range.end, "batch {range:?} of {} images", self.len);
+        let s = self.side;
+        let per = 3 * s * s;
+        let n = range.len();
+        let values = match &self.source {
+            Source::Pixels(t) => t.host()?[range.start * per..range.end * per].to_vec(),
+            Source::Images { file, height, width, channels } => {
+                let (_, bytes) = file.u8("images")?;
+                let one = height * width * channels;
+                let images: Vec<Vec<f32>> = range
+                    .clone()
+                    .into_par_iter()
+                    .map(|i| {
+                        self.preprocess
+                            .apply(&bytes[i * one..(i + 1) * one], *height, *width, *channels)
+                            .with_context(|| format!("{}: image {i}", self.origin.display()))
+                    })
+                    .collect::<Result<_>>()?;
+                images.concat()
+            }
+            Source::Files(files) => {
+                let images: Vec<Vec<f32>> =
+                    files[range.clone()].par_iter().map(|f| self.load_file(f)).collect::<Result<_>>()?;
+                images.concat()
+            }
+        };
+        Tensor::from_vec(&[n, 3, s, s], values)
+    }
+
+    fn load_file(&self, path: &Path) -> Result<Vec<f32>> {
+        let decoded = image::ImageReader::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?
+            .with_guessed_format()
+            .with_context(|| format!("{}: cannot read", path.display()))?
+            .decode()
+            .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e}", path.display()))?;
+        let rgb = decoded.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        self.preprocess.apply(rgb.as_raw(), h as usize, w as usize, 3).with_context(|| format!("{}", path.display()))
+    }
+}
+
+fn read_labels(path: &Path, file: &SafetensorsFile, len: usize) -> Result<Option<Vec<i64>>> {
+    let Some(info) = file.info("labels") else { return Ok(None) };
+    ensure!(info.shape.as_slice() == [len], "{}: labels have shape {:?}, expected [{len}]", path.display(), info.shape);
+    let labels = file.integers("labels")?;
+    if let Some(bad) = labels.iter().find(|&&l| l < 0) {
+        bail!("{}: label {bad} is negative", path.display());
+    }
+    Ok(Some(labels))
+}

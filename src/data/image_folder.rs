@@ -1,0 +1,39 @@
+//! ImageFolder trees: one subfolder per class, class ids in sorted name order, PNG/JPEG files inside.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+fn is_image(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("{}: cannot list", dir.display()))?;
+    entries.retain(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')));
+    entries.sort();
+    Ok(entries)
+}
+
+/// The class names and the (file, class id) pairs of an ImageFolder tree, in a stable order.
+pub fn scan_image_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, i64)>)> {
+    let classes: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
+    let mut files = Vec::new();
+    for (id, class) in classes.iter().enumerate() {
+        for file in sorted_entries(class)? {
+            if file.is_file() && is_image(&file) {
+                files.push((file, id as i64));
+            }
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: no class subfolders holding PNG or JPEG images", root.display());
+    }
+    let names = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    Ok((names, files))
+}

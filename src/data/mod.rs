@@ -1,0 +1,11 @@
+//! Image data: safetensors of preprocessed `pixel_values` or raw 8-bit `images` with `labels`, or an
+//! ImageFolder tree of PNG/JPEG files, served in preprocessed batches.
+
+mod dataset;
+mod image_folder;
+pub mod preprocess;
+pub mod resample;
+
+pub use dataset::Dataset;
+pub use image_folder::scan_image_folder;
+pub use preprocess::Preprocess;

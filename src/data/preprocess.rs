@@ -1,0 +1,182 @@
+//! CLIP's image preprocessing (HF `CLIPImageProcessor`): RGB, resize of the shortest edge with Pillow's
+//! antialiased bicubic, centre crop, rescale by 1/255, normalise per channel.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::resample::{resize, Filter};
+
+/// OpenAI CLIP's channel means.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// OpenAI CLIP's channel standard deviations.
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+
+/// The preprocessing of one model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    /// Target length of the shortest edge, or `None` to skip resizing.
+    pub shortest_edge: Option<usize>,
+    /// Crop height and width, or `None` to skip cropping.
+    pub crop: Option<(usize, usize)>,
+    /// The resize filter.
+    pub filter: Filter,
+    /// Factor from 8-bit values to [0, 1].
+    pub rescale: f32,
+    /// Per-channel mean, or `None` to skip normalising.
+    pub mean_std: Option<([f32; 3], [f32; 3])>,
+}
+
+impl Preprocess {
+    /// CLIP's preprocessing to `size × size`.
+    pub fn clip(size: usize) -> Self {
+        Preprocess {
+            shortest_edge: Some(size),
+            crop: Some((size, size)),
+            filter: Filter::Bicubic,
+            rescale: 1.0 / 255.0,
+            mean_std: Some((CLIP_MEAN, CLIP_STD)),
+        }
+    }
+
+    /// The preprocessing a model directory asks for in `preprocessor_config.json`, else CLIP's at
+    /// `image_size`.
+    pub fn for_model(dir: &Path, image_size: usize) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        if !path.exists() {
+            return Ok(Self::clip(image_size));
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        Self::from_json(&json, image_size).with_context(|| format!("{}: unsupported preprocessing", path.display()))
+    }
+
+    fn from_json(json: &Value, image_size: usize) -> Result<Self> {
+        let mut p = Self::clip(image_size);
+        let flag = |key: &str| json.get(key).and_then(Value::as_bool).unwrap_or(true);
+        let side = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as usize);
+        if !flag("do_resize") {
+            p.shortest_edge = None;
+        } else if let Some(size) = json.get("size") {
+            p.shortest_edge = Some(match size.as_u64() {
+                Some(n) => n as usize,
+                None => side(size, "shortest_edge").context("\"size\" needs \"shortest_edge\"")?,
+            });
+        }
+        if !flag("do_center_crop") {
+            p.crop = None;
+        } else if let Some(crop) = json.get("crop_size") {
+            p.crop = Some(match crop.as_u64() {
+                Some(n) => (n as usize, n as usize),
+                None => (
+                    side(crop, "height").context("\"crop_size\" needs \"height\"")?,
+                    side(crop, "width").context("\"crop_size\" needs \"width\"")?,
+                ),
+            });
+        }
+        if let Some(code) = json.get("resample").and_then(Value::as_i64) {
+            p.filter = Filter::from_pil(code).with_context(|| format!("resample {code} (only 2 and 3)"))?;
+        }
+        if !flag("do_rescale") {
+            p.rescale = 1.0;
+        } else if let Some(f) = json.get("rescale_factor").and_then(Value::as_f64) {
+            p.rescale = f as f32;
+        }
+        if !flag("do_normalize") {
+            p.mean_std = None;
+        } else {
+            let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+                match json.get(key).and_then(Value::as_array) {
+                    None => Ok(default),
+                    Some(a) if a.len() == 3 => Ok([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(f64::NAN) as f32)),
+                    Some(_) => bail!("\"{key}\" must have 3 values"),
+                }
+            };
+            p.mean_std = Some((triple("image_mean", CLIP_MEAN)?, triple("image_std", CLIP_STD)?));
+        }
+        Ok(p)
+    }
+
+    /// The output side lengths (height, width) for an input of `height × width`.
+    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        self.crop.unwrap_or_else(|| self.resized_size(height, width))
+    }
+
+    /// HF's `get_resize_output_image_size` with `default_to_square=False`.
+    fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self.shortest_edge {
+            None => (height, width),
+            Some(edge) => {
+                let (short, long) = if width <= height { (width, height) } else { (height, width) };
+                let new_long = edge * long / short;
+                if width <= height {
+                    (new_long, edge)
+                } else {
+                    (edge, new_long)
+                }
+            }
+        }
+    }
+
+    /// Preprocesses an interleaved 8-bit image (`channels` 1 = grey, 3 = RGB, 4 = RGBA with alpha
+    /// dropped) to planar `[3, H, W]` f32.
+    pub fn apply(&self, pixels: &[u8], height: usize, width: usize, channels: usize) -> Result<Vec<f32>> {
+        if height == 0 || width == 0 {
+            bail!("image of size {width}×{height} is empty");
+        }
+        if !matches!(channels, 1 | 3 | 4) {
+            bail!("image with {channels} channels (expected 1, 3 or 4)");
+        }
+        let rgb: Vec<u8> = match channels {
+            3 => pixels.to_vec(),
+            1 => pixels.iter().flat_map(|&g| [g, g, g]).collect(),
+            _ => pixels.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        };
+        let (rh, rw) = self.resized_size(height, width);
+        let resized =
+            if (rh, rw) != (height, width) { resize(&rgb, height, width, 3, rh, rw, self.filter) } else { rgb };
+        let (ch, cw) = self.crop.unwrap_or((rh, rw));
+        // HF's centre crop: floor division, zero padding when the crop exceeds the image.
+        let top = (rh as i64 - ch as i64).div_euclid(2);
+        let left = (rw as i64 - cw as i64).div_euclid(2);
+        let mut out = vec![0f32; 3 * ch * cw];
+        for c in 0..3 {
+            let (mean, std) = self.mean_std.map_or((0.0, 1.0), |(m, s)| (m[c], s[c]));
+            for y in 0..ch {
+                for x in 0..cw {
+                    let (sy, sx) = (top + y as i64, left + x as i64);
+                    let v = if sy >= 0 && sx >= 0 && (sy as usize) < rh && (sx as usize) < rw {
+                        resized[(sy as usize * rw + sx as usize) * 3 + c]
+                    } else {
+                        0
+                    };
+                    out[(c * ch + y) * cw + x] = (v as f32 * self.rescale - mean) / std;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_edge_follows_hf_rounding() {
+        let p = Preprocess::clip(224);
+        assert_eq!(p.resized_size(427, 640), (224, 335));
+        assert_eq!(p.resized_size(640, 427), (335, 224));
+        assert_eq!(p.output_size(427, 640), (224, 224));
+    }
+
+    #[test]
+    fn config_file_fields_are_read() {
+        let json = serde_json::json!({"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 30},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2});
+        let p = Preprocess::from_json(&json, 224).unwrap();
+        assert_eq!((p.shortest_edge, p.crop, p.filter), (Some(40), Some((32, 30)), Filter::Bilinear));
+        assert!(Preprocess::from_json(&serde_json::json!({"resample": 1}), 224).is_err());
+    }
+}

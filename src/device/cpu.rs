@@ -1,0 +1,148 @@
+//! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
+
+use anyhow::{ensure, Result};
+
+use super::{Activation, Backend, Device};
+use crate::ops::{self, patch_embed::PatchGeometry};
+use crate::tensor::Tensor;
+
+/// The CPU backend; it computes with the rayon global pool.
+#[derive(Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A CPU backend on the rayon global thread pool.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+/// The last dimension and the product of the others.
+fn rows_and_width(t: &Tensor) -> (usize, usize) {
+    let width = t.shape().last().copied().unwrap_or(1);
+    (t.numel() / width.max(1), width)
+}
+
+fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    ensure!(a.shape() == b.shape(), "{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn describe(&self) -> String {
+        let isa = if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f") {
+            "AVX-512"
+        } else if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+            "AVX2"
+        } else {
+            "portable"
+        };
+        format!("cpu ({} threads, {isa})", rayon::current_num_threads())
+    }
+
+    fn upload(&self, tensor: Tensor) -> Result<Tensor> {
+        Ok(tensor)
+    }
+
+    fn to_host(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        Ok(tensor.host()?.to_vec())
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, k) = rows_and_width(x);
+        ensure!(w.shape().len() == 2, "linear: weight must be 2-D, got {:?}", w.shape());
+        let (n, wk) = (w.shape()[0], w.shape()[1]);
+        ensure!(wk == k, "linear: input width {k} does not match weight {:?}", w.shape());
+        if let Some(b) = b {
+            ensure!(b.shape() == [n], "linear: bias {:?} does not match weight {:?}", b.shape(), w.shape());
+        }
+        let y = ops::gemm::linear(x.host()?, rows, k, w.host()?, n, b.map(|b| b.host()).transpose()?)?;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("rows_and_width saw a last dimension") = n;
+        Tensor::from_vec(&shape, y)
+    }
+
+    fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+        let (_, width) = rows_and_width(x);
+        ensure!(
+            weight.shape() == [width] && bias.shape() == [width],
+            "layer_norm: weight {:?} / bias {:?} do not match width {width}",
+            weight.shape(),
+            bias.shape()
+        );
+        let y = ops::layer_norm::layer_norm(x.host()?, width, weight.host()?, bias.host()?, eps);
+        Tensor::from_vec(x.shape(), y)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        same_shape("attention", q, k)?;
+        same_shape("attention", q, v)?;
+        ensure!(q.shape().len() == 3, "attention: expected [B, N, D], got {:?}", q.shape());
+        let (b, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        ensure!(heads > 0 && d % heads == 0, "attention: width {d} is not divisible by {heads} heads");
+        let y = ops::attention::attention(q.host()?, k.host()?, v.host()?, b, n, d, heads)?;
+        Tensor::from_vec(q.shape(), y)
+    }
+
+    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Tensor::from_vec(x.shape(), ops::activation::activation(x.host()?, act))
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        same_shape("add", a, b)?;
+        Tensor::from_vec(a.shape(), ops::rows::add(a.host()?, b.host()?))
+    }
+
+    fn patch_embed(
+        &self,
+        pixels: &Tensor,
+        weight: &Tensor,
+        class_embedding: &Tensor,
+        position_embedding: &Tensor,
+    ) -> Result<Tensor> {
+        let ps = pixels.shape();
+        let ws = weight.shape();
+        ensure!(ps.len() == 4 && ps[2] == ps[3], "patch_embed: pixels must be [B, C, S, S], got {ps:?}");
+        ensure!(
+            ws.len() == 4 && ws[1] == ps[1] && ws[2] == ws[3],
+            "patch_embed: weight {ws:?} does not fit pixels {ps:?}"
+        );
+        let g = PatchGeometry { batch: ps[0], channels: ps[1], image: ps[2], patch: ws[2], width: ws[0] };
+        ensure!(class_embedding.shape() == [g.width], "patch_embed: class embedding {:?}", class_embedding.shape());
+        ensure!(
+            position_embedding.shape() == [g.tokens(), g.width],
+            "patch_embed: position embedding {:?} does not match {} tokens of width {}",
+            position_embedding.shape(),
+            g.tokens(),
+            g.width
+        );
+        let y = ops::patch_embed::patch_embed(
+            pixels.host()?,
+            weight.host()?,
+            class_embedding.host()?,
+            position_embedding.host()?,
+            g,
+        )?;
+        Tensor::from_vec(&[g.batch, g.tokens(), g.width], y)
+    }
+
+    fn select_token(&self, x: &Tensor, index: usize) -> Result<Tensor> {
+        ensure!(x.shape().len() == 3, "select_token: expected [B, N, D], got {:?}", x.shape());
+        let (b, n, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        ensure!(index < n, "select_token: token {index} of {n}");
+        Tensor::from_vec(&[b, d], ops::rows::select_token(x.host()?, n, d, index))
+    }
+
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, width) = rows_and_width(x);
+        Tensor::from_vec(x.shape(), ops::rows::l2_normalize(x.host()?, width))
+    }
+
+    fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor> {
+        Tensor::from_vec(x.shape(), x.host()?.iter().map(|v| v * factor).collect())
+    }
+}

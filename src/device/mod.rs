@@ -1,0 +1,145 @@
+//! Devices and the backend interface the model runs on.
+//!
+//! The model is written once against [`Backend`]; each device implements it. The CPU backend is the
+//! reference and the fallback; a CUDA backend plugs in beside it.
+
+mod cpu;
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Result};
+
+pub use cpu::CpuBackend;
+
+use crate::tensor::Tensor;
+
+/// A concrete device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU.
+    Cpu,
+    /// A CUDA GPU, by ordinal.
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// What the user asked for with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" => Ok(DeviceRequest::Cuda(0)),
+            _ => {
+                let ordinal = s.strip_prefix("cuda:").and_then(|n| n.parse().ok());
+                ordinal
+                    .map(DeviceRequest::Cuda)
+                    .ok_or_else(|| anyhow!("unknown device '{s}': expected auto, cpu, cuda or cuda:N"))
+            }
+        }
+    }
+}
+
+/// Why the CUDA backend cannot be used by this build.
+pub const CUDA_UNAVAILABLE: &str = "the CUDA backend is not available in this build yet";
+
+/// Opens the backend for `request`. `auto` falls back to the CPU and says why in one line on stderr
+/// unless `quiet`.
+pub fn open(request: DeviceRequest, quiet: bool) -> Result<Box<dyn Backend>> {
+    match request {
+        DeviceRequest::Cpu => Ok(Box::new(CpuBackend::new())),
+        DeviceRequest::Cuda(i) => bail!("--device cuda:{i}: {CUDA_UNAVAILABLE}; use --device cpu"),
+        DeviceRequest::Auto => {
+            let backend = CpuBackend::new();
+            if !quiet {
+                eprintln!("device: {} ({CUDA_UNAVAILABLE})", backend.describe());
+            }
+            Ok(Box::new(backend))
+        }
+    }
+}
+
+/// The element-wise activations of CLIP's MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `z * sigmoid(1.702 z)`, OpenAI CLIP's.
+    QuickGelu,
+    /// `z * Φ(z)` with the exact normal CDF (HF `gelu`).
+    Gelu,
+    /// The tanh approximation of GELU (HF `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `max(z, 0)`.
+    Relu,
+}
+
+/// The operations the CLIP vision forward needs, on one device. Every tensor argument must live on
+/// this backend's device; shapes are checked and a mismatch is an error naming the operation.
+pub trait Backend: Send + Sync {
+    /// The device this backend computes on.
+    fn device(&self) -> Device;
+
+    /// One line describing the device (name, threads, instruction set).
+    fn describe(&self) -> String;
+
+    /// Moves a host tensor onto this device (a no-op on the CPU).
+    fn upload(&self, tensor: Tensor) -> Result<Tensor>;
+
+    /// Copies a tensor's elements back to the host.
+    fn to_host(&self, tensor: &Tensor) -> Result<Vec<f32>>;
+
+    /// `x · wᵀ + b` over the last axis of `x`; `w` is `[out, in]` as PyTorch stores it.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+
+    /// LayerNorm over the last axis with affine `weight` and `bias`.
+    fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor>;
+
+    /// Multi-head scaled dot-product attention: `q`, `k`, `v` are `[B, N, D]`, heads split `D`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>;
+
+    /// An element-wise activation.
+    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
+
+    /// Element-wise `a + b` of equal shapes.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+
+    /// CLIP's embeddings: the non-overlapping patch convolution (no bias) of `pixels` `[B, C, S, S]`
+    /// with `weight` `[D, C, P, P]`, the class token prepended, and the position embedding `[N, D]` added.
+    fn patch_embed(
+        &self,
+        pixels: &Tensor,
+        weight: &Tensor,
+        class_embedding: &Tensor,
+        position_embedding: &Tensor,
+    ) -> Result<Tensor>;
+
+    /// Token `index` of every sample: `[B, N, D]` to `[B, D]`.
+    fn select_token(&self, x: &Tensor, index: usize) -> Result<Tensor>;
+
+    /// Each row divided by its L2 norm (rows of zeros stay zero).
+    fn l2_normalize(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Every element times `factor`.
+    fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor>;
+}

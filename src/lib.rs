@@ -1,0 +1,39 @@
+//! # wemoe-engine
+//!
+//! Merges fine-tuned CLIP vision transformers into one multi-task model with Weight-Ensembling Mixture
+//! of Experts (WEMoE), adapts its routers at test time, and runs the result, on the CPU or a GPU.
+//!
+//! The library is layered:
+//! - [`checkpoint`]: HF CLIP directories and safetensors, memory-mapped and validated;
+//! - [`config`]: the vision tower's dimensions from `config.json`;
+//! - [`device`]: the [`Backend`](device::Backend) interface and its CPU implementation;
+//! - [`ops`]: the CPU reference of every operation;
+//! - [`model`]: the CLIP vision model, its projection, the classification heads;
+//! - [`data`]: datasets and CLIP's preprocessing;
+//! - [`eval`]: accuracy of a model over tasks;
+//! - [`output`]: atomic output files.
+//!
+//! ```no_run
+//! use wemoe_engine::{checkpoint::ModelDir, device, model::ImageEncoder, tensor::Tensor};
+//!
+//! let be = device::open(device::DeviceRequest::Cpu, true)?;
+//! let dir = ModelDir::open("clip-vit-base-patch32".as_ref())?;
+//! let model = ImageEncoder::load(be.as_ref(), &dir)?;
+//! let s = dir.config.image_size;
+//! let pixels = Tensor::zeros(&[2, 3, s, s]);
+//! let out = model.encode(be.as_ref(), &pixels)?;
+//! println!("pooled {:?}", out.pooled.shape());
+//! # anyhow::Ok(())
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod kernels;
+pub mod model;
+pub mod ops;
+pub mod output;
+pub mod rng;
+pub mod tensor;

@@ -1,0 +1,212 @@
+//! HF `CLIPVisionTransformer`: embeddings, `pre_layrnorm`, pre-norm encoder layers, `post_layernorm`
+//! of the class token.
+
+use anyhow::Result;
+
+use super::WeightSource;
+use crate::config::VisionConfig;
+use crate::device::{Activation, Backend};
+use crate::tensor::Tensor;
+
+/// Loads `name` with `shape` from `src` onto `be`'s device.
+fn load(be: &dyn Backend, src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
+    be.upload(src.get(name, shape)?)
+}
+
+/// A PyTorch `Linear`: weight `[out, in]`, optional bias `[out]`.
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = load(be, src, &format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias { Some(load(be, src, &format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x · weightᵀ + bias`.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        be.linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// A PyTorch `LayerNorm` over the last axis.
+pub struct LayerNorm {
+    /// `[D]`.
+    pub weight: Tensor,
+    /// `[D]`.
+    pub bias: Tensor,
+    /// Epsilon added to the variance.
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(be: &dyn Backend, src: &dyn WeightSource, prefix: &str, width: usize, eps: f32) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: load(be, src, &format!("{prefix}.weight"), &[width])?,
+            bias: load(be, src, &format!("{prefix}.bias"), &[width])?,
+            eps,
+        })
+    }
+
+    /// The normalised input.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        be.layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// HF `CLIPVisionEmbeddings`.
+pub struct Embeddings {
+    /// `[D]`.
+    pub class_embedding: Tensor,
+    /// Convolution weight `[D, C, P, P]`, no bias.
+    pub patch_embedding: Tensor,
+    /// `[N, D]`.
+    pub position_embedding: Tensor,
+}
+
+/// HF `CLIPAttention`.
+pub struct ClipAttention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub out_proj: Linear,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+impl ClipAttention {
+    /// Self-attention of `x` `[B, N, D]`.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let q = self.q_proj.forward(be, x)?;
+        let k = self.k_proj.forward(be, x)?;
+        let v = self.v_proj.forward(be, x)?;
+        let a = be.attention(&q, &k, &v, self.heads)?;
+        self.out_proj.forward(be, &a)
+    }
+}
+
+/// HF `CLIPMLP`: `fc2(act(fc1(x)))`.
+pub struct ClipMlp {
+    /// `[I, D]`.
+    pub fc1: Linear,
+    /// `[D, I]`.
+    pub fc2: Linear,
+    /// The activation between them.
+    pub activation: Activation,
+}
+
+impl ClipMlp {
+    /// The MLP of `x`.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(be, x)?;
+        let h = be.activation(&h, self.activation)?;
+        self.fc2.forward(be, &h)
+    }
+}
+
+/// HF `CLIPEncoderLayer` (pre-norm).
+pub struct ClipEncoderLayer {
+    /// Before attention.
+    pub layer_norm1: LayerNorm,
+    /// Multi-head self-attention.
+    pub self_attn: ClipAttention,
+    /// Before the MLP (and, in WEMoE, the router's input).
+    pub layer_norm2: LayerNorm,
+    /// The feed-forward block.
+    pub mlp: ClipMlp,
+}
+
+impl ClipEncoderLayer {
+    fn load(be: &dyn Backend, src: &dyn WeightSource, prefix: &str, c: &VisionConfig) -> Result<Self> {
+        let (d, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let lin = |name: &str, out, inp| Linear::load(be, src, &format!("{prefix}.{name}"), out, inp, true);
+        Ok(ClipEncoderLayer {
+            layer_norm1: LayerNorm::load(be, src, &format!("{prefix}.layer_norm1"), d, eps)?,
+            self_attn: ClipAttention {
+                q_proj: lin("self_attn.q_proj", d, d)?,
+                k_proj: lin("self_attn.k_proj", d, d)?,
+                v_proj: lin("self_attn.v_proj", d, d)?,
+                out_proj: lin("self_attn.out_proj", d, d)?,
+                heads: c.num_attention_heads,
+            },
+            layer_norm2: LayerNorm::load(be, src, &format!("{prefix}.layer_norm2"), d, eps)?,
+            mlp: ClipMlp { fc1: lin("mlp.fc1", i, d)?, fc2: lin("mlp.fc2", d, i)?, activation: c.hidden_act },
+        })
+    }
+
+    /// `h = x + attn(ln1(x)); h + mlp(ln2(h))`.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
+        let h = be.add(x, &a)?;
+        let m = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?)?;
+        be.add(&h, &m)
+    }
+}
+
+/// HF `CLIPVisionTransformer`, the vision tower up to the pooled output.
+pub struct ClipVision {
+    /// Its dimensions.
+    pub config: VisionConfig,
+    /// Patch, class and position embeddings.
+    pub embeddings: Embeddings,
+    /// LayerNorm before the encoder (HF's spelling).
+    pub pre_layrnorm: LayerNorm,
+    /// The encoder layers.
+    pub layers: Vec<ClipEncoderLayer>,
+    /// LayerNorm of the class token.
+    pub post_layernorm: LayerNorm,
+}
+
+impl ClipVision {
+    /// Loads every tensor under `vision_model.`, checking each shape against `config`.
+    pub fn load(be: &dyn Backend, src: &dyn WeightSource, config: &VisionConfig) -> Result<Self> {
+        let c = config;
+        let (d, p) = (c.hidden_size, c.patch_size);
+        let embeddings = Embeddings {
+            class_embedding: load(be, src, "vision_model.embeddings.class_embedding", &[d])?,
+            patch_embedding: load(
+                be,
+                src,
+                "vision_model.embeddings.patch_embedding.weight",
+                &[d, c.num_channels, p, p],
+            )?,
+            position_embedding: load(be, src, "vision_model.embeddings.position_embedding.weight", &[c.tokens(), d])?,
+        };
+        let pre_layrnorm = LayerNorm::load(be, src, "vision_model.pre_layrnorm", d, c.layer_norm_eps)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| ClipEncoderLayer::load(be, src, &format!("vision_model.encoder.layers.{l}"), c))
+            .collect::<Result<_>>()?;
+        let post_layernorm = LayerNorm::load(be, src, "vision_model.post_layernorm", d, c.layer_norm_eps)?;
+        Ok(ClipVision { config: config.clone(), embeddings, pre_layrnorm, layers, post_layernorm })
+    }
+
+    /// The pooled output `[B, D]` (`post_layernorm` of the class token) of `pixels` `[B, C, S, S]`.
+    pub fn forward(&self, be: &dyn Backend, pixels: &Tensor) -> Result<Tensor> {
+        let e = &self.embeddings;
+        let mut x = be.patch_embed(pixels, &e.patch_embedding, &e.class_embedding, &e.position_embedding)?;
+        x = self.pre_layrnorm.forward(be, &x)?;
+        for layer in &self.layers {
+            x = layer.forward(be, &x)?;
+        }
+        let cls = be.select_token(&x, 0)?;
+        self.post_layernorm.forward(be, &cls)
+    }
+}

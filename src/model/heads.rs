@@ -1,0 +1,119 @@
+//! Zero-shot classification heads: per-task class embeddings and the logits they give.
+//!
+//! A heads file is safetensors with `head.<TASK>` `[C, P]` (L2-normalised rows), and optionally
+//! `logit_scale` (HF's raw value) and `visual_projection.weight` `[P, D]`, which win over the model's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::ImageEncoder;
+use crate::checkpoint::TensorStore;
+use crate::device::Backend;
+use crate::tensor::Tensor;
+
+/// The classification heads of a set of tasks.
+pub struct Heads {
+    path: PathBuf,
+    tasks: BTreeMap<String, Tensor>,
+    logit_scale: Option<f32>,
+    projection: Option<Tensor>,
+}
+
+/// What turns a pooled output into one task's logits.
+pub struct Classifier<'a> {
+    projection: &'a Tensor,
+    scale: f32,
+}
+
+impl Heads {
+    /// Reads and validates a heads file.
+    pub fn open(be: &dyn Backend, path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: no such heads file", path.display());
+        }
+        let store = TensorStore::open_file(path)?;
+        let mut tasks = BTreeMap::new();
+        for name in store.names() {
+            if let Some(task) = name.strip_prefix("head.") {
+                let shape = store.shape(name).unwrap_or_default();
+                ensure!(
+                    shape.len() == 2 && shape[0] > 0 && shape[1] > 0,
+                    "{}: tensor '{name}' has shape {shape:?}, expected [classes, projection]",
+                    path.display()
+                );
+                tasks.insert(task.to_string(), be.upload(store.get(name, &shape.to_vec())?)?);
+            }
+        }
+        ensure!(!tasks.is_empty(), "{}: no head.<TASK> tensors", path.display());
+        let logit_scale =
+            if store.contains("logit_scale") { Some(store.get("logit_scale", &[1])?.host()?[0]) } else { None };
+        let projection = if store.contains("visual_projection.weight") {
+            let tensor = store.get_any("visual_projection.weight")?;
+            ensure!(tensor.shape().len() == 2, "{}: visual_projection.weight must be [P, D]", path.display());
+            Some(be.upload(tensor)?)
+        } else {
+            None
+        };
+        Ok(Heads { path: path.to_path_buf(), tasks, logit_scale, projection })
+    }
+
+    /// The heads file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The task names, sorted.
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(String::as_str)
+    }
+
+    /// The class embeddings `[C, P]` of `task`; an error lists the tasks the file has.
+    pub fn head(&self, task: &str) -> Result<&Tensor> {
+        self.tasks.get(task).with_context(|| {
+            let known: Vec<&str> = self.task_names().collect();
+            format!("{}: no head for task '{task}' (it has: {})", self.path.display(), known.join(", "))
+        })
+    }
+
+    /// The projection and logit scale to use with `encoder` (`model` names it in errors): each from the
+    /// heads file if it has it, else from the model; the scale defaults to ln 100.
+    pub fn classifier<'a>(&'a self, encoder: &'a ImageEncoder, model: &Path) -> Result<Classifier<'a>> {
+        let projection = self.projection.as_ref().or(encoder.projection.as_ref()).with_context(|| {
+            format!(
+                "{}: has no visual_projection.weight, and neither has the model {}",
+                self.path.display(),
+                model.display()
+            )
+        })?;
+        let d = encoder.vision.config.hidden_size;
+        ensure!(
+            projection.shape()[1] == d,
+            "{}: visual_projection.weight {:?} does not fit the model's width {d}",
+            self.path.display(),
+            projection.shape()
+        );
+        for (task, head) in &self.tasks {
+            ensure!(
+                head.shape()[1] == projection.shape()[0],
+                "{}: head.{task} {:?} does not match the projection width {}",
+                self.path.display(),
+                head.shape(),
+                projection.shape()[0]
+            );
+        }
+        let raw = self.logit_scale.or(encoder.logit_scale).unwrap_or(100f32.ln());
+        Ok(Classifier { projection, scale: raw.exp() })
+    }
+}
+
+impl Classifier<'_> {
+    /// `exp(logit_scale) · normalize(pooled · projectionᵀ) · headᵀ`, `[B, C]`.
+    pub fn logits(&self, be: &dyn Backend, pooled: &Tensor, head: &Tensor) -> Result<Tensor> {
+        let embeds = be.linear(pooled, self.projection, None)?;
+        let normed = be.l2_normalize(&embeds)?;
+        let logits = be.linear(&normed, head, None)?;
+        be.scale(&logits, self.scale)
+    }
+}

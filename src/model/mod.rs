@@ -1,0 +1,12 @@
+//! The CLIP vision model, its projection and the classification heads, written once against
+//! [`Backend`](crate::device::Backend). Module and field names follow HF transformers.
+
+mod clip_vision;
+mod heads;
+mod image_encoder;
+mod weights;
+
+pub use clip_vision::{ClipAttention, ClipEncoderLayer, ClipMlp, ClipVision, Embeddings, LayerNorm, Linear};
+pub use heads::{Classifier, Heads};
+pub use image_encoder::{EncoderOutput, ImageEncoder};
+pub use weights::{RandomWeights, WeightSource};

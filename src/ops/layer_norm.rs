@@ -1,0 +1,37 @@
+//! LayerNorm over the last axis, statistics accumulated in f64.
+
+use rayon::prelude::*;
+
+/// Normalises each row of `x` (`rows × width`, row-major) and applies `weight` and `bias`.
+pub fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(out, row)| {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+            *o = ((v as f64 - mean) * inv) as f32 * w + b;
+        }
+    });
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_have_zero_mean_unit_variance_before_the_affine() {
+        let x: Vec<f32> = (0..15).map(|i| (i * i) as f32 * 0.3 - 2.0).collect();
+        let y = layer_norm(&x, 5, &[1.0; 5], &[0.0; 5], 1e-5);
+        for row in y.chunks(5) {
+            let mean: f32 = row.iter().sum::<f32>() / 5.0;
+            let var: f32 = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 5.0;
+            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "mean {mean} var {var}");
+        }
+        let z = layer_norm(&x, 5, &[2.0; 5], &[0.5; 5], 1e-5);
+        for (a, b) in y.iter().zip(&z) {
+            assert!((a * 2.0 + 0.5 - b).abs() < 1e-5);
+        }
+    }
+}

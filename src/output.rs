@@ -1,0 +1,58 @@
+//! Output files written atomically: to a temporary name beside the target, then renamed, so a failed
+//! or interrupted command never leaves a partial file under the requested name.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+/// A temporary path beside `path`, unique to this process.
+fn temporary(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary(path);
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// A named f32 tensor to save.
+pub struct NamedTensor {
+    /// Its key in the file.
+    pub name: String,
+    /// Its dimensions.
+    pub shape: Vec<usize>,
+    /// Its elements, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Serialises f32 tensors to safetensors bytes.
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.values))
+                .with_context(|| format!("tensor '{}' does not fit shape {:?}", t.name, t.shape))?;
+            Ok((t.name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Writes f32 tensors to a safetensors file atomically.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
+    write_atomic(path, &safetensors_bytes(tensors)?)
+}

@@ -1,0 +1,126 @@
+//! A tensor: a shape and the storage of its f32 elements on one device.
+//!
+//! Host tensors either own their elements or borrow them, zero-copy, from a memory-mapped checkpoint.
+//! The `Storage` enum is the seam for a second backend: a device buffer variant joins `Cpu` there.
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use memmap2::Mmap;
+
+use crate::device::Device;
+
+/// f32 elements in host memory.
+pub enum HostBuffer {
+    /// Elements the tensor owns.
+    Owned(Vec<f32>),
+    /// Elements read in place from a memory map; `offset` is 4-byte aligned, `len` counts elements.
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl HostBuffer {
+    /// The elements as a slice.
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            HostBuffer::Owned(v) => v,
+            HostBuffer::Mapped { map, offset, len } => bytemuck::cast_slice(&map[*offset..*offset + *len * 4]),
+        }
+    }
+
+    /// True when the elements are read in place from a file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, HostBuffer::Mapped { .. })
+    }
+}
+
+/// Where a tensor's elements live.
+pub enum Storage {
+    /// Host memory, used by the CPU backend.
+    Cpu(HostBuffer),
+}
+
+/// A dense, row-major f32 tensor.
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Tensor {
+    /// A host tensor that owns `data`; fails when the element count does not match the shape.
+    pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        ensure!(numel == data.len(), "shape {shape:?} holds {numel} elements, but {} were given", data.len());
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(HostBuffer::Owned(data)) })
+    }
+
+    /// A host tensor read in place from `map` at byte `offset` (4-byte aligned, checked).
+    pub fn from_mapped(shape: &[usize], map: Arc<Mmap>, offset: usize) -> Result<Self> {
+        let len: usize = shape.iter().product();
+        ensure!(offset % 4 == 0, "mapped tensor at byte {offset} is not 4-byte aligned");
+        ensure!(offset + len * 4 <= map.len(), "mapped tensor runs past the end of its file");
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(HostBuffer::Mapped { map, offset, len }) })
+    }
+
+    /// A host tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        let numel = shape.iter().product();
+        Tensor { shape: shape.to_vec(), storage: Storage::Cpu(HostBuffer::Owned(vec![0.0; numel])) }
+    }
+
+    /// The dimensions, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The device holding the elements.
+    pub fn device(&self) -> Device {
+        match self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    /// The storage, for backends.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The elements of a host tensor; an error for a tensor on another device.
+    pub fn host(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(buf) => Ok(buf.as_slice()),
+        }
+    }
+
+    /// True when the elements are read in place from a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        match &self.storage {
+            Storage::Cpu(buf) => buf.is_mapped(),
+        }
+    }
+
+    /// The same elements under another shape with the same element count.
+    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel != self.numel() {
+            bail!("cannot reshape {:?} to {shape:?}", self.shape);
+        }
+        Ok(Tensor { shape: shape.to_vec(), storage: self.storage })
+    }
+
+    /// The first position and value of a NaN or infinity, if any.
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f32)>> {
+        Ok(self.host()?.iter().copied().enumerate().find(|(_, v)| !v.is_finite()))
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?} on {})", self.shape, self.device())
+    }
+}
