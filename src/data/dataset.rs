@@ -144,15 +144,8 @@ impl Dataset {
     }
 
     fn load_file(&self, path: &Path) -> Result<Vec<f32>> {
-        let decoded = image::ImageReader::open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?
-            .with_guessed_format()
-            .with_context(|| format!("{}: cannot read", path.display()))?
-            .decode()
-            .map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e}", path.display()))?;
-        let rgb = decoded.to_rgb8();
-        let (w, h) = rgb.dimensions();
-        self.preprocess.apply(rgb.as_raw(), h as usize, w as usize, 3).with_context(|| format!("{}", path.display()))
+        let (pixels, height, width, channels) = decode_image(path)?;
+        self.preprocess.apply(&pixels, height, width, channels).with_context(|| format!("{}", path.display()))
     }
 }
 
@@ -164,4 +157,42 @@ fn read_labels(path: &Path, file: &SafetensorsFile, len: usize) -> Result<Option
         bail!("{}: label {bad} is negative", path.display());
     }
     Ok(Some(labels))
+}
+
+/// Decodes a PNG or JPEG file (told apart by content, not name) to interleaved 8-bit pixels:
+/// (pixels, height, width, channels).
+fn decode_image(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: cannot decode image: {e}", path.display());
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(&bytes).map_err(|e| fail(&e));
+    }
+    let decoded = image::load_from_memory(&bytes).map_err(|e| fail(&e))?;
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
+    if decoded.color().has_color() {
+        Ok((decoded.to_rgb8().into_raw(), h, w, 3))
+    } else {
+        Ok((decoded.to_luma8().into_raw(), h, w, 1))
+    }
+}
+
+/// libjpeg-turbo's decoding with its defaults (integer IDCT, fancy upsampling), as Pillow decodes.
+fn decode_jpeg(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
+    // libjpeg reports errors by unwinding out of its callback (without the panic hook); catch it here.
+    std::panic::catch_unwind(|| -> Result<_, String> {
+        let jpeg = mozjpeg::Decompress::new_mem(bytes).map_err(|e| e.to_string())?;
+        if matches!(jpeg.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            return Err("CMYK JPEG images are not supported; convert them to RGB".into());
+        }
+        let (w, h) = (jpeg.width(), jpeg.height());
+        let mut rgb = jpeg.rgb().map_err(|e| e.to_string())?;
+        let rows: Vec<[u8; 3]> = rgb.read_scanlines().map_err(|e| e.to_string())?;
+        rgb.finish().map_err(|e| e.to_string())?;
+        Ok((rows.into_iter().flatten().collect(), h, w, 3))
+    })
+    .unwrap_or_else(|payload| {
+        let msg =
+            payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(msg.unwrap_or_else(|| "libjpeg failed".into()))
+    })
 }

@@ -1,0 +1,39 @@
+//! Shared test helpers: fixture paths, reference tensors, and the tolerances, named in one place.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use wemoe_engine::checkpoint::SafetensorsFile;
+
+/// Forward outputs against the reference: max |a − b| / max |b| (DESIGN.md section 6).
+pub const FORWARD_REL_TOL: f64 = 1e-4;
+/// Preprocessed pixel values against CLIPImageProcessor: largest absolute difference.
+pub const PIXEL_MAX_ABS_TOL: f64 = 1e-2;
+/// Preprocessed pixel values against CLIPImageProcessor: mean absolute difference.
+pub const PIXEL_MEAN_ABS_TOL: f64 = 2e-3;
+
+/// A file or folder under tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Tensor `name` of fixture file `file` as (shape, values).
+pub fn reference(file: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let f = SafetensorsFile::open(&fixture(file)).unwrap();
+    let t = f.f32(name).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    (t.shape().to_vec(), t.host().unwrap().to_vec())
+}
+
+/// max |a − b| / max |b|.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length differs");
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let scale = want.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
+    diff / scale.max(f64::MIN_POSITIVE)
+}
+
+/// Asserts `got` matches `want` within [`FORWARD_REL_TOL`].
+pub fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(e <= FORWARD_REL_TOL, "{what}: relative error {e:.3e} > {FORWARD_REL_TOL:e}");
+}

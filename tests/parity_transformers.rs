@@ -1,0 +1,122 @@
+//! The CPU engine against HF transformers on the fixtures of tools/make_fixtures.py: pooled outputs,
+//! image embeddings, logits, and CLIP's preprocessing of real photographs.
+
+mod common;
+
+use common::*;
+use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::device::{Backend, CpuBackend};
+use wemoe_engine::model::{Heads, ImageEncoder};
+use wemoe_engine::tensor::Tensor;
+
+/// Runs model `key` on its pixel fixture and compares every output with transformers'.
+fn check_model(key: &str, expect_projection: bool) {
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&fixture(&format!("clip_{key}"))).unwrap();
+    let model = ImageEncoder::load(&be, &dir).unwrap();
+    assert_eq!(model.projection.is_some(), expect_projection);
+    let (shape, pixels) = reference(&format!("pixels_{key}.safetensors"), "pixel_values");
+    let out = model.encode(&be, &Tensor::from_vec(&shape, pixels).unwrap()).unwrap();
+    let expected = format!("expected_{key}.safetensors");
+    let (pshape, pooled) = reference(&expected, "pooler_output");
+    assert_eq!(out.pooled.shape(), pshape.as_slice());
+    assert_close(&format!("clip_{key} pooler_output"), out.pooled.host().unwrap(), &pooled);
+    if let Some(e) = &out.image_embeds {
+        assert_close(&format!("clip_{key} image_embeds"), e.host().unwrap(), &reference(&expected, "image_embeds").1);
+    }
+    let heads = Heads::open(&be, &fixture(&format!("heads_{key}.safetensors"))).unwrap();
+    let classifier = heads.classifier(&model, &dir.path).unwrap();
+    for task in heads.task_names() {
+        let logits = classifier.logits(&be, &out.pooled, heads.head(task).unwrap()).unwrap();
+        assert_close(
+            &format!("clip_{key} logits {task}"),
+            logits.host().unwrap(),
+            &reference(&expected, &format!("logits.{task}")).1,
+        );
+    }
+}
+
+#[test]
+fn sharded_prefixed_clip_model_matches_transformers() {
+    check_model("a", true);
+}
+
+#[test]
+fn vision_model_with_projection_and_gelu_matches_transformers() {
+    check_model("b", true);
+}
+
+#[test]
+fn unprefixed_bf16_vision_model_with_projection_from_the_heads_matches_transformers() {
+    check_model("c", false);
+}
+
+#[test]
+fn f32_weights_are_read_in_place_from_the_memory_map() {
+    let dir = ModelDir::open(&fixture("clip_b")).unwrap();
+    let t = dir.store.get("vision_model.encoder.layers.0.mlp.fc1.weight", &[100, 36]).unwrap();
+    assert!(t.is_mapped(), "an aligned f32 tensor should not be copied");
+}
+
+/// Largest and mean absolute difference.
+fn abs_diffs(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let d: Vec<f64> = got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).collect();
+    (d.iter().cloned().fold(0.0, f64::max), d.iter().sum::<f64>() / d.len() as f64)
+}
+
+#[test]
+fn photographs_preprocess_like_clip_image_processor() {
+    // JPEG and PNG, colour and grey, downsampled and upsampled, odd sizes; an ImageFolder tree.
+    let data = Dataset::open(&fixture("photos"), &Preprocess::clip(48), 48).unwrap();
+    assert_eq!(data.labels().unwrap(), &[0, 0, 1, 1]);
+    let got = data.batch(0..data.len()).unwrap();
+    let names = [
+        "class_0/china_301x217.jpg",
+        "class_0/flower_121x143.png",
+        "class_1/china_61x47.jpg",
+        "class_1/flower_grey_97x65.png",
+    ];
+    let per = 3 * 48 * 48;
+    for (i, name) in names.iter().enumerate() {
+        let (_, want) = reference("photos_expected_48.safetensors", name);
+        let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
+        assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{name}: max {max:.4} mean {mean:.5}");
+    }
+}
+
+/// Pixels, pooled output and logits of a dataset through clip_a (which has a preprocessor_config.json).
+fn check_dataset_through_clip_a(path: &std::path::Path, tag: &str) {
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&fixture("clip_a")).unwrap();
+    let pre = Preprocess::for_model(&dir.path, dir.config.image_size).unwrap();
+    let data = Dataset::open(path, &pre, dir.config.image_size).unwrap();
+    let pixels = data.batch(0..data.len()).unwrap();
+    let file = "expected_a_images.safetensors";
+    let (max, mean) = abs_diffs(pixels.host().unwrap(), &reference(file, &format!("pixel_values.{tag}")).1);
+    assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{tag}: max {max:.4} mean {mean:.5}");
+    // The model on the reference's own pixels, so only the forward is compared here.
+    let (shape, ref_pixels) = reference(file, &format!("pixel_values.{tag}"));
+    let model = ImageEncoder::load(&be, &dir).unwrap();
+    let out = model.encode(&be, &Tensor::from_vec(&shape, ref_pixels).unwrap()).unwrap();
+    assert_close(
+        &format!("{tag} pooler_output"),
+        out.pooled.host().unwrap(),
+        &reference(file, &format!("pooler_output.{tag}")).1,
+    );
+    let heads = Heads::open(&be, &fixture("heads_a.safetensors")).unwrap();
+    let logits =
+        heads.classifier(&model, &dir.path).unwrap().logits(&be, &out.pooled, heads.head("beta").unwrap()).unwrap();
+    assert_close(&format!("{tag} logits"), logits.host().unwrap(), &reference(file, &format!("logits_beta.{tag}")).1);
+}
+
+#[test]
+fn raw_u8_images_preprocess_and_run_like_transformers() {
+    check_dataset_through_clip_a(&fixture("images_u8.safetensors"), "u8");
+}
+
+#[test]
+fn image_folder_preprocesses_and_runs_like_transformers() {
+    check_dataset_through_clip_a(&fixture("photos"), "folder");
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root with what tools/*.py need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r tools/requirements.txt
+echo ".venv ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
