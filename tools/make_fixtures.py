@@ -184,6 +184,15 @@ def main():
             res[f"logits_beta.{tag}"] = logits.contiguous()
     save_file(res, os.path.join(ROOT, "expected_a_images.safetensors"))
 
+    # What `info` must report, counted by torch.
+    def vision_counts(model, prefix):
+        params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+        return {"vision_parameters": sum(p.numel() for p in params), "vision_tensors": len(params)}
+    info = {"clip_a": vision_counts(model_a, "vision_model."), "clip_b": vision_counts(model_b, "vision_model."),
+            "clip_c": vision_counts(model_c, "")}
+    with open(os.path.join(ROOT, "expected_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
     # A small record of what made these files.
     import transformers
     with open(os.path.join(ROOT, "PROVENANCE.json"), "w") as f:

@@ -37,3 +37,18 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     let e = rel_err(got, want);
     assert!(e <= FORWARD_REL_TOL, "{what}: relative error {e:.3e} > {FORWARD_REL_TOL:e}");
 }
+
+/// The engine binary, run with `args`: (success, stdout, stderr).
+pub fn engine(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wemoe-engine")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A path as &str.
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,0 +1,294 @@
+//! Bad input: each case ends with one line on stderr naming the input at fault, a non-zero exit, no
+//! panic, and no output file left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use wemoe_engine::checkpoint::SafetensorsFile;
+use wemoe_engine::output::{write_safetensors, NamedTensor};
+
+/// Runs the engine expecting failure; checks the error contract and that `culprit` is named.
+fn fails(args: &[&str], culprit: &str) -> String {
+    let (ok, _, err) = engine(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("device: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(culprit), "the error should name '{culprit}': {err}");
+    lines[0].to_string()
+}
+
+/// A scratch folder with an output path that must not appear.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn out(&self) -> PathBuf {
+        self.path("out.safetensors")
+    }
+
+    /// No output and no temporary file left in the scratch folder's top level.
+    fn assert_no_output(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("out"))
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// A copy of fixture model `name`.
+    fn model(&self, name: &str) -> PathBuf {
+        let dst = self.path(name);
+        std::fs::create_dir_all(&dst).unwrap();
+        for entry in std::fs::read_dir(fixture(name)).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+        dst
+    }
+
+    /// A copy of clip_b whose tensors went through `edit`.
+    fn edited_model(&self, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> PathBuf {
+        let dir = self.model("clip_b");
+        let path = dir.join("model.safetensors");
+        let file = SafetensorsFile::open(&path).unwrap();
+        let mut tensors: Vec<NamedTensor> = file
+            .names()
+            .map(|n| {
+                let t = file.f32(n).unwrap();
+                NamedTensor { name: n.to_string(), shape: t.shape().to_vec(), values: t.host().unwrap().to_vec() }
+            })
+            .collect();
+        drop(file);
+        edit(&mut tensors);
+        write_safetensors(&path, &tensors).unwrap();
+        dir
+    }
+
+    fn embed(&self, model: &Path, images: &Path, culprit: &str) -> String {
+        let err = fails(
+            &["embed", "--model", s(model), "--images", s(images), "--out", s(&self.out()), "--device", "cpu"],
+            culprit,
+        );
+        self.assert_no_output();
+        err
+    }
+}
+
+const FC1: &str = "vision_model.encoder.layers.1.mlp.fc1.weight";
+
+#[test]
+fn truncated_safetensors() {
+    let t = Scratch::new();
+    let dir = t.model("clip_b");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    let err = t.embed(&dir, &fixture("pixels_b.safetensors"), "model.safetensors");
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let t = Scratch::new();
+    let dir = t.model("clip_b");
+    let file = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[8..24].copy_from_slice(b"this is no JSON!");
+    std::fs::write(&file, &bytes).unwrap();
+    fails(&["info", s(&dir)], "model.safetensors");
+    t.embed(&dir, &fixture("pixels_b.safetensors"), "invalid JSON");
+}
+
+#[test]
+fn header_length_past_the_end_of_the_file() {
+    let t = Scratch::new();
+    let dir = t.model("clip_b");
+    let file = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let past_end = bytes.len() as u64 + 10;
+    bytes[..8].copy_from_slice(&past_end.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let err = fails(&["info", s(&dir)], "model.safetensors");
+    assert!(err.contains("header"), "{err}");
+}
+
+#[test]
+fn missing_config_json() {
+    let t = Scratch::new();
+    let dir = t.model("clip_b");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    t.embed(&dir, &fixture("pixels_b.safetensors"), "missing config.json");
+}
+
+#[test]
+fn missing_tensor() {
+    let t = Scratch::new();
+    let dir = t.edited_model(|ts| ts.retain(|x| x.name != FC1));
+    t.embed(&dir, &fixture("pixels_b.safetensors"), &format!("missing tensor '{FC1}'"));
+}
+
+#[test]
+fn wrong_shape() {
+    let t = Scratch::new();
+    let dir = t.edited_model(|ts| {
+        let x = ts.iter_mut().find(|x| x.name == FC1).unwrap();
+        x.shape = vec![36, 100];
+    });
+    t.embed(&dir, &fixture("pixels_b.safetensors"), &format!("tensor '{FC1}' has shape [36, 100], expected [100, 36]"));
+}
+
+#[test]
+fn non_finite_weights() {
+    let t = Scratch::new();
+    let dir = t.edited_model(|ts| ts.iter_mut().find(|x| x.name == FC1).unwrap().values[17] = f32::NAN);
+    t.embed(
+        &dir,
+        &fixture("pixels_b.safetensors"),
+        &format!("tensor '{FC1}' holds a non-finite value (NaN at element 17)"),
+    );
+}
+
+#[test]
+fn images_of_the_wrong_size() {
+    let t = Scratch::new();
+    let err = t.embed(&fixture("clip_b"), &fixture("pixels_a.safetensors"), "pixels_a.safetensors");
+    assert!(err.contains("[3, 3, 32, 32]") && err.contains("[N, 3, 30, 30]"), "{err}");
+}
+
+/// An ImageFolder with one good photo and one bad file named `name`.
+fn folder_with(t: &Scratch, name: &str, bytes: &[u8]) -> PathBuf {
+    let root = t.path("data");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::copy(fixture("photos/class_0/china_301x217.jpg"), root.join("a/good.jpg")).unwrap();
+    std::fs::write(root.join("a").join(name), bytes).unwrap();
+    root
+}
+
+#[test]
+fn an_image_that_fails_to_decode() {
+    let t = Scratch::new();
+    let root = folder_with(&t, "broken.png", b"\x89PNG\r\n\x1a\nnot really a png");
+    t.embed(&fixture("clip_b"), &root, "broken.png: cannot decode image");
+}
+
+#[test]
+fn a_corrupt_jpeg_and_an_empty_file() {
+    let t = Scratch::new();
+    let mut jpeg = std::fs::read(fixture("photos/class_0/china_301x217.jpg")).unwrap();
+    jpeg.truncate(200);
+    jpeg.extend_from_slice(&[0x12; 300]);
+    let root = folder_with(&t, "corrupt.jpg", &jpeg);
+    t.embed(&fixture("clip_b"), &root, "corrupt.jpg: cannot decode image");
+    let t = Scratch::new();
+    let root = folder_with(&t, "empty.jpg", b"");
+    t.embed(&fixture("clip_b"), &root, "empty.jpg: cannot decode image");
+}
+
+fn eval(t: &Scratch, model: &str, heads: &str, task: &str) -> Vec<String> {
+    let json = t.path("out.json");
+    vec![
+        "eval".into(),
+        "--model".into(),
+        s(&fixture(model)).into(),
+        "--heads".into(),
+        s(&fixture(heads)).into(),
+        "--task".into(),
+        task.into(),
+        "--json".into(),
+        s(&json).into(),
+        "--device".into(),
+        "cpu".into(),
+    ]
+}
+
+fn fails_owned(args: Vec<String>, culprit: &str) -> String {
+    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), culprit)
+}
+
+#[test]
+fn eval_without_labels() {
+    let t = Scratch::new();
+    let unlabelled = t.path("unlabelled.safetensors");
+    let (shape, values) = reference("pixels_a.safetensors", "pixel_values");
+    write_safetensors(&unlabelled, &[NamedTensor { name: "pixel_values".into(), shape, values }]).unwrap();
+    fails_owned(
+        eval(&t, "clip_a", "heads_a.safetensors", &format!("alpha={}", s(&unlabelled))),
+        "unlabelled.safetensors: has no labels",
+    );
+    t.assert_no_output();
+}
+
+#[test]
+fn a_task_the_heads_do_not_have() {
+    let t = Scratch::new();
+    let task = format!("gamma={}", s(&fixture("pixels_a.safetensors")));
+    let err =
+        fails_owned(eval(&t, "clip_a", "heads_a.safetensors", &task), "heads_a.safetensors: no head for task 'gamma'");
+    assert!(err.contains("alpha, beta"), "the known tasks are listed: {err}");
+    t.assert_no_output();
+}
+
+#[test]
+fn no_projection_in_the_model_nor_the_heads() {
+    let t = Scratch::new();
+    let task = format!("gamma={}", s(&fixture("pixels_c.safetensors")));
+    fails_owned(
+        eval(&t, "clip_c", "heads_b.safetensors", &task),
+        "has no visual_projection.weight, and neither has the model",
+    );
+    t.assert_no_output();
+}
+
+#[test]
+fn paths_that_do_not_exist() {
+    let t = Scratch::new();
+    t.embed(&fixture("clip_b"), Path::new("/no/such/images.safetensors"), "/no/such/images.safetensors: no such file");
+    t.embed(Path::new("/no/such/model"), &fixture("pixels_b.safetensors"), "/no/such/model: no such model directory");
+    let task = format!("alpha={}", s(&fixture("pixels_a.safetensors")));
+    fails_owned(
+        eval(&t, "clip_a", "no_such_heads.safetensors", &task),
+        "no_such_heads.safetensors: no such heads file",
+    );
+    let out = "/no/such/dir/out.safetensors";
+    fails(
+        &[
+            "embed",
+            "--model",
+            s(&fixture("clip_b")),
+            "--images",
+            s(&fixture("pixels_b.safetensors")),
+            "--out",
+            out,
+            "--quiet",
+        ],
+        out,
+    );
+}
+
+#[test]
+fn bad_arguments() {
+    let t = Scratch::new();
+    let task = format!("alpha={}", s(&fixture("pixels_a.safetensors")));
+    let mut args = eval(&t, "clip_a", "heads_a.safetensors", &task);
+    args.extend(["--task".to_string(), task.clone()]);
+    fails_owned(args, "--task 'alpha' is given twice");
+    fails_owned(eval(&t, "clip_a", "heads_a.safetensors", "alpha"), "--task 'alpha': expected NAME=DATA");
+    let mut args = eval(&t, "clip_a", "heads_a.safetensors", &task);
+    args.extend(["--batch-size".to_string(), "0".to_string()]);
+    fails_owned(args, "--batch-size must be positive");
+    t.assert_no_output();
+}

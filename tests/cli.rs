@@ -1,0 +1,152 @@
+//! The command line on the fixtures: info, embed, eval, device selection, demo, doctor.
+
+mod common;
+
+use common::*;
+use wemoe_engine::checkpoint::SafetensorsFile;
+use wemoe_engine::eval::argmax_rows;
+
+#[test]
+fn info_reports_what_transformers_counts() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("expected_info.json")).unwrap()).unwrap();
+    for (model, kind, projection) in [
+        ("clip_a", "CLIPModel", Some([24, 48])),
+        ("clip_b", "CLIPVisionModel", Some([20, 36])),
+        ("clip_c", "CLIPVisionModel", None),
+    ] {
+        let (ok, out, err) = engine(&["info", s(&fixture(model)), "--json"]);
+        assert!(ok, "{err}");
+        let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(info["kind"], kind);
+        assert_eq!(info["vision_parameters"], expected[model]["vision_parameters"], "{model}");
+        assert_eq!(info["vision_tensors"], expected[model]["vision_tensors"], "{model}");
+        assert_eq!(info["projection"], serde_json::json!(projection), "{model}");
+    }
+    let (_, out, _) = engine(&["info", s(&fixture("clip_a")), "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &info["config"];
+    assert_eq!(
+        (c["hidden_size"].as_u64(), c["intermediate_size"].as_u64(), c["num_attention_heads"].as_u64()),
+        (Some(48), Some(80), Some(4))
+    );
+    assert_eq!(
+        (c["image_size"].as_u64(), c["patch_size"].as_u64(), info["tokens"].as_u64()),
+        (Some(32), Some(8), Some(17))
+    );
+    assert_eq!(info["files"].as_array().unwrap().len(), 5);
+    assert!((info["logit_scale"].as_f64().unwrap() - 100f64.ln()).abs() < 1e-5);
+    let (ok, text, _) = engine(&["info", s(&fixture("clip_b"))]);
+    assert!(ok && text.contains("30620") && text.contains("36 -> 20"), "{text}");
+}
+
+#[test]
+fn embed_writes_the_reference_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (key, has_projection) in [("b", true), ("c", false)] {
+        let out = tmp.path().join(format!("{key}.safetensors"));
+        let (ok, _, err) = engine(&[
+            "embed",
+            "--model",
+            s(&fixture(&format!("clip_{key}"))),
+            "--images",
+            s(&fixture(&format!("pixels_{key}.safetensors"))),
+            "--out",
+            s(&out),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]);
+        assert!(ok, "{err}");
+        assert!(err.is_empty(), "--quiet printed: {err}");
+        let file = SafetensorsFile::open(&out).unwrap();
+        let expected = format!("expected_{key}.safetensors");
+        let got = file.f32("pooler_output").unwrap();
+        assert_close("pooler_output", got.host().unwrap(), &reference(&expected, "pooler_output").1);
+        assert_eq!(file.info("image_embeds").is_some(), has_projection);
+        if has_projection {
+            let got = file.f32("image_embeds").unwrap();
+            assert_close("image_embeds", got.host().unwrap(), &reference(&expected, "image_embeds").1);
+        }
+    }
+}
+
+/// Top-1 accuracy of reference logits against labels.
+fn reference_accuracy(file: &str, name: &str, labels: &[i64]) -> f64 {
+    let (shape, logits) = reference(file, name);
+    let pred = argmax_rows(&logits, shape[1]);
+    pred.iter().zip(labels).filter(|(p, &l)| **p == l as usize).count() as f64 / labels.len() as f64
+}
+
+#[test]
+fn eval_reports_the_reference_accuracy_as_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("eval.json");
+    let pixels = fixture("pixels_a.safetensors");
+    let (ok, table, err) = engine(&[
+        "eval",
+        "--model",
+        s(&fixture("clip_a")),
+        "--heads",
+        s(&fixture("heads_a.safetensors")),
+        "--task",
+        &format!("alpha={}", s(&pixels)),
+        "--task",
+        &format!("beta={}", s(&fixture("photos"))),
+        "--json",
+        s(&json),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let labels = SafetensorsFile::open(&pixels).unwrap().integers("labels").unwrap();
+    let alpha = reference_accuracy("expected_a.safetensors", "logits.alpha", &labels);
+    let beta = reference_accuracy("expected_a_images.safetensors", "logits_beta.folder", &[0, 0, 1, 1]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["tasks"]["alpha"]["accuracy"].as_f64().unwrap(), alpha);
+    assert_eq!(report["tasks"]["alpha"]["count"], 3);
+    assert_eq!(report["tasks"]["beta"]["accuracy"].as_f64().unwrap(), beta);
+    assert_eq!(report["tasks"]["beta"]["count"], 4);
+    assert!((report["average"].as_f64().unwrap() - (alpha + beta) / 2.0).abs() < 1e-12);
+    assert!(table.contains("alpha") && table.contains("average"), "{table}");
+}
+
+#[test]
+fn auto_device_says_which_and_cuda_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("e.safetensors");
+    let args = |device: &'static str| {
+        vec![
+            "embed".to_string(),
+            "--model".into(),
+            s(&fixture("clip_b")).into(),
+            "--images".into(),
+            s(&fixture("pixels_b.safetensors")).into(),
+            "--out".into(),
+            s(&out).into(),
+            "--device".into(),
+            device.into(),
+        ]
+    };
+    let run = |a: Vec<String>| engine(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, _, err) = run(args("auto"));
+    assert!(ok && err.lines().next().unwrap().starts_with("device: cpu"), "{err}");
+    std::fs::remove_file(&out).unwrap();
+    let (ok, _, err) = run(args("cuda"));
+    assert!(!ok && err.contains("CUDA backend is not available") && err.lines().count() == 1, "{err}");
+    assert!(!out.exists());
+    let (ok, _, err) = run(args("tpu"));
+    assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
+}
+
+#[test]
+fn demo_and_doctor_run_on_a_fresh_clone() {
+    let (ok, out, err) = engine(&["demo"]);
+    assert!(ok && out.contains("suite not built yet"), "{out}{err}");
+    let (ok, out, err) = engine(&["doctor"]);
+    assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");
+    let (ok, _, err) = engine(&["doctor", "--arch", "90"]);
+    assert!(!ok && err.contains("sm_XY"), "{err}");
+}
