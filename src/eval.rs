@@ -77,7 +77,7 @@ pub fn evaluate_task(
 ) -> Result<TaskAccuracy> {
     ensure!(batch_size > 0, "--batch-size must be positive");
     let head = heads.head(task)?;
-    let classes = head.shape()[0];
+    let classes = head.out_features();
     let Some(labels) = data.labels() else {
         bail!("{}: has no labels, which eval needs (task '{task}')", data.origin().display());
     };

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
-use wemoe_engine::device::{Backend, CpuBackend};
+use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::{Heads, ImageEncoder};
 use wemoe_engine::tensor::Tensor;
 

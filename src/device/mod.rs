@@ -94,6 +94,58 @@ pub enum Activation {
     Relu,
 }
 
+/// How a prepared linear weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// PyTorch's `[out, in]`.
+    OutIn,
+    /// Transposed, `[in, out]`.
+    InOut,
+}
+
+/// A Linear layer's weight, stored in the layout its backend multiplies fastest; made from PyTorch's
+/// `[out, in]` by [`Backend::prepare_linear`], so a transposed copy cannot be mistaken for HF's layout.
+pub struct LinearWeight {
+    tensor: Tensor,
+    layout: WeightLayout,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl LinearWeight {
+    /// Wraps `tensor`, stored as `layout`, of a Linear from `in_features` to `out_features`.
+    pub fn new(tensor: Tensor, layout: WeightLayout, out_features: usize, in_features: usize) -> Result<Self> {
+        let want = match layout {
+            WeightLayout::OutIn => [out_features, in_features],
+            WeightLayout::InOut => [in_features, out_features],
+        };
+        if tensor.shape() != want {
+            bail!("linear weight {:?} does not match {layout:?} {out_features}×{in_features}", tensor.shape());
+        }
+        Ok(LinearWeight { tensor, layout, out_features, in_features })
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The stored elements.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// How they are stored.
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+}
+
 /// The operations the CLIP vision forward needs, on one device. Every tensor argument must live on
 /// this backend's device; shapes are checked and a mismatch is an error naming the operation.
 pub trait Backend: Send + Sync {
@@ -109,8 +161,12 @@ pub trait Backend: Send + Sync {
     /// Copies a tensor's elements back to the host.
     fn to_host(&self, tensor: &Tensor) -> Result<Vec<f32>>;
 
-    /// `x · wᵀ + b` over the last axis of `x`; `w` is `[out, in]` as PyTorch stores it.
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+    /// Moves a host weight stored `[out, in]` (PyTorch's Linear layout) onto this device, in the layout
+    /// this backend's [`linear`](Backend::linear) is fastest with.
+    fn prepare_linear(&self, weight: Tensor) -> Result<LinearWeight>;
+
+    /// `x · wᵀ + b` over the last axis of `x`.
+    fn linear(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>) -> Result<Tensor>;
 
     /// LayerNorm over the last axis with affine `weight` and `bias`.
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor>;

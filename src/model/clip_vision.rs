@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::WeightSource;
 use crate::config::VisionConfig;
-use crate::device::{Activation, Backend};
+use crate::device::{Activation, Backend, LinearWeight};
 use crate::tensor::Tensor;
 
 /// Loads `name` with `shape` from `src` onto `be`'s device.
@@ -13,10 +13,10 @@ fn load(be: &dyn Backend, src: &dyn WeightSource, name: &str, shape: &[usize]) -
     be.upload(src.get(name, shape)?)
 }
 
-/// A PyTorch `Linear`: weight `[out, in]`, optional bias `[out]`.
+/// A PyTorch `Linear`: weight `[out, in]` (as prepared by the backend), optional bias `[out]`.
 pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
+    /// The weight, in the backend's layout.
+    pub weight: LinearWeight,
     /// `[out]`.
     pub bias: Option<Tensor>,
 }
@@ -31,7 +31,7 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = load(be, src, &format!("{prefix}.weight"), &[out, inp])?;
+        let weight = be.prepare_linear(src.get(&format!("{prefix}.weight"), &[out, inp])?)?;
         let bias = if bias { Some(load(be, src, &format!("{prefix}.bias"), &[out])?) } else { None };
         Ok(Linear { weight, bias })
     }

@@ -10,20 +10,20 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::ImageEncoder;
 use crate::checkpoint::TensorStore;
-use crate::device::Backend;
+use crate::device::{Backend, LinearWeight};
 use crate::tensor::Tensor;
 
 /// The classification heads of a set of tasks.
 pub struct Heads {
     path: PathBuf,
-    tasks: BTreeMap<String, Tensor>,
+    tasks: BTreeMap<String, LinearWeight>,
     logit_scale: Option<f32>,
-    projection: Option<Tensor>,
+    projection: Option<LinearWeight>,
 }
 
 /// What turns a pooled output into one task's logits.
 pub struct Classifier<'a> {
-    projection: &'a Tensor,
+    projection: &'a LinearWeight,
     scale: f32,
 }
 
@@ -43,7 +43,7 @@ impl Heads {
                     "{}: tensor '{name}' has shape {shape:?}, expected [classes, projection]",
                     path.display()
                 );
-                tasks.insert(task.to_string(), be.upload(store.get(name, &shape.to_vec())?)?);
+                tasks.insert(task.to_string(), be.prepare_linear(store.get(name, &shape.to_vec())?)?);
             }
         }
         ensure!(!tasks.is_empty(), "{}: no head.<TASK> tensors", path.display());
@@ -52,7 +52,7 @@ impl Heads {
         let projection = if store.contains("visual_projection.weight") {
             let tensor = store.get_any("visual_projection.weight")?;
             ensure!(tensor.shape().len() == 2, "{}: visual_projection.weight must be [P, D]", path.display());
-            Some(be.upload(tensor)?)
+            Some(be.prepare_linear(tensor)?)
         } else {
             None
         };
@@ -70,7 +70,7 @@ impl Heads {
     }
 
     /// The class embeddings `[C, P]` of `task`; an error lists the tasks the file has.
-    pub fn head(&self, task: &str) -> Result<&Tensor> {
+    pub fn head(&self, task: &str) -> Result<&LinearWeight> {
         self.tasks.get(task).with_context(|| {
             let known: Vec<&str> = self.task_names().collect();
             format!("{}: no head for task '{task}' (it has: {})", self.path.display(), known.join(", "))
@@ -89,18 +89,20 @@ impl Heads {
         })?;
         let d = encoder.vision.config.hidden_size;
         ensure!(
-            projection.shape()[1] == d,
-            "{}: visual_projection.weight {:?} does not fit the model's width {d}",
+            projection.in_features() == d,
+            "{}: visual_projection.weight is [{}, {}], which does not fit the model's width {d}",
             self.path.display(),
-            projection.shape()
+            projection.out_features(),
+            projection.in_features()
         );
         for (task, head) in &self.tasks {
             ensure!(
-                head.shape()[1] == projection.shape()[0],
-                "{}: head.{task} {:?} does not match the projection width {}",
+                head.in_features() == projection.out_features(),
+                "{}: head.{task} is [{}, {}], which does not match the projection width {}",
                 self.path.display(),
-                head.shape(),
-                projection.shape()[0]
+                head.out_features(),
+                head.in_features(),
+                projection.out_features()
             );
         }
         let raw = self.logit_scale.or(encoder.logit_scale).unwrap_or(100f32.ln());
@@ -110,7 +112,7 @@ impl Heads {
 
 impl Classifier<'_> {
     /// `exp(logit_scale) · normalize(pooled · projectionᵀ) · headᵀ`, `[B, C]`.
-    pub fn logits(&self, be: &dyn Backend, pooled: &Tensor, head: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, be: &dyn Backend, pooled: &Tensor, head: &LinearWeight) -> Result<Tensor> {
         let embeds = be.linear(pooled, self.projection, None)?;
         let normed = be.l2_normalize(&embeds)?;
         let logits = be.linear(&normed, head, None)?;

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use super::{ClipVision, WeightSource};
 use crate::checkpoint::ModelDir;
 use crate::config::VisionConfig;
-use crate::device::Backend;
+use crate::device::{Backend, LinearWeight};
 use crate::tensor::Tensor;
 
 /// A vision tower with its optional projection and `logit_scale`.
@@ -13,7 +13,7 @@ pub struct ImageEncoder {
     /// The vision tower.
     pub vision: ClipVision,
     /// `visual_projection.weight` `[P, D]`, no bias.
-    pub projection: Option<Tensor>,
+    pub projection: Option<LinearWeight>,
     /// HF's raw `logit_scale`.
     pub logit_scale: Option<f32>,
 }
@@ -32,7 +32,7 @@ impl ImageEncoder {
         let vision = ClipVision::load(be, &dir.store, &dir.config)?;
         let projection = if dir.has_projection() {
             let shape = [dir.config.projection_dim, dir.config.hidden_size];
-            Some(be.upload(dir.store.get("visual_projection.weight", &shape)?)?)
+            Some(be.prepare_linear(dir.store.get("visual_projection.weight", &shape)?)?)
         } else {
             None
         };
@@ -44,7 +44,7 @@ impl ImageEncoder {
         let src = super::RandomWeights::new(seed);
         let vision = ClipVision::load(be, &src, config)?;
         let projection =
-            be.upload(src.get("visual_projection.weight", &[config.projection_dim, config.hidden_size])?)?;
+            be.prepare_linear(src.get("visual_projection.weight", &[config.projection_dim, config.hidden_size])?)?;
         Ok(ImageEncoder { vision, projection: Some(projection), logit_scale: Some(100f32.ln()) })
     }
 

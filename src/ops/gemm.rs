@@ -109,8 +109,10 @@ pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool, threads: Th
     Ok(())
 }
 
-/// `y = x · wᵀ + bias` for `x` `[m, k]` and `w` `[n, k]` (PyTorch's Linear layout); returns `[m, n]`.
-pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+/// `y = x · w + bias` for `x` `[m, k]` and the right-hand side `w` viewed as `k × n`; returns `[m, n]`.
+pub fn linear(x: &[f32], m: usize, k: usize, w: MatRef, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    ensure!(w.rows == k, "linear: weight view {}×{} does not take {k} inputs", w.rows, w.cols);
+    let n = w.cols;
     let mut y = vec![0.0f32; m * n];
     if let Some(b) = bias {
         ensure!(b.len() == n, "linear: bias has {} elements, {n} needed", b.len());
@@ -118,9 +120,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
             row.copy_from_slice(b);
         }
     }
-    let a = MatRef::row_major(x, m, k)?;
-    let wt = MatRef::row_major(w, n, k)?.t();
-    matmul(a, wt, &mut y, bias.is_some(), Threads::All)?;
+    matmul(MatRef::row_major(x, m, k)?, w, &mut y, bias.is_some(), Threads::All)?;
     Ok(y)
 }
 
@@ -153,7 +153,9 @@ mod tests {
             }
         }
         let want = naive(&x, &wt, m, k, n);
-        let got = linear(&x, m, k, &w, n, Some(&bias)).unwrap();
+        let got = linear(&x, m, k, MatRef::row_major(&w, n, k).unwrap().t(), Some(&bias)).unwrap();
+        let same = linear(&x, m, k, MatRef::row_major(&wt, k, n).unwrap(), Some(&bias)).unwrap();
+        assert_eq!(got, same, "both layouts give the same product");
         for i in 0..m {
             for j in 0..n {
                 let e = want[i * n + j] + bias[j];

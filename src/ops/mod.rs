@@ -9,3 +9,4 @@ pub mod gemm;
 pub mod layer_norm;
 pub mod patch_embed;
 pub mod rows;
+pub mod transpose;

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::gemm::linear;
+use super::gemm::{linear, MatRef};
 
 /// Shapes of a patch embedding.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,8 @@ pub fn patch_embed(
             }
         }
     });
-    let embedded = linear(&cols, g.batch * patches, patch_len, weight, d, None)?;
+    let kernel = MatRef::row_major(weight, d, patch_len)?.t();
+    let embedded = linear(&cols, g.batch * patches, patch_len, kernel, None)?;
     let tokens = g.tokens();
     let mut out = vec![0.0f32; g.batch * tokens * d];
     out.par_chunks_mut(tokens * d).enumerate().for_each(|(b, sample)| {

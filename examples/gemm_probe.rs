@@ -1,0 +1,37 @@
+//! Times the engine's CPU GEMM on one shape; used by tools/bench_gemm_vs_torch.py for a side-by-side
+//! run with PyTorch (criterion's `cargo bench` covers the same products for regressions).
+//!
+//! `gemm_probe M K N REPS LAYOUT` prints the median seconds of `[M,K]·[K,N]`, where LAYOUT is `nn`
+//! (both row-major, like `a @ b`) or `nt` (the right side stored `[N,K]`, like `F.linear`).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [m, k, n, reps]: [usize; 4] = std::array::from_fn(|i| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(0));
+    let layout = args.get(4).context("usage: gemm_probe M K N REPS nn|nt")?;
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0f32; m * n];
+    let rhs = match layout.as_str() {
+        "nn" => MatRef::row_major(&b, k, n)?,
+        "nt" => MatRef::row_major(&b, n, k)?.t(),
+        other => bail!("layout '{other}': expected nn or nt"),
+    };
+    let lhs = MatRef::row_major(&a, m, k)?;
+    for _ in 0..3 {
+        matmul(lhs, rhs, &mut c, false, Threads::All)?;
+    }
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            matmul(lhs, rhs, &mut c, false, Threads::All).map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    println!("{}", times[times.len() / 2]);
+    Ok(())
+}
