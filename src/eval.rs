@@ -1,10 +1,34 @@
 //! Running a model over datasets: embeddings, and accuracy through the classification heads.
 
+use std::ops::Range;
+use std::path::Path;
+
 use anyhow::{bail, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
-use crate::model::{Heads, ImageEncoder};
+use crate::model::{Classifier, EncoderOutput, Heads, ImageEncoder};
+use crate::tensor::Tensor;
+
+/// Encodes `data` in consecutive batches of `batch_size` on `be`, handing each batch's image range and
+/// output to `each`, then telling `progress` the images done so far.
+fn for_each_batch(
+    be: &dyn Backend,
+    model: &ImageEncoder,
+    data: &Dataset,
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+    mut each: impl FnMut(Range<usize>, EncoderOutput) -> Result<()>,
+) -> Result<()> {
+    ensure!(batch_size > 0, "--batch-size must be positive");
+    for start in (0..data.len()).step_by(batch_size) {
+        let end = (start + batch_size).min(data.len());
+        let pixels: Tensor = be.upload(data.batch(start..end)?)?;
+        each(start..end, model.encode(be, &pixels)?)?;
+        progress(end);
+    }
+    Ok(())
+}
 
 /// The embeddings of a whole dataset, row-major.
 pub struct DatasetEmbeddings {
@@ -22,19 +46,15 @@ pub fn embed_dataset(
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<DatasetEmbeddings> {
-    ensure!(batch_size > 0, "--batch-size must be positive");
     let mut pooled = Vec::new();
     let mut embeds = model.projection.as_ref().map(|_| Vec::new());
-    for start in (0..data.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(data.len());
-        let pixels = be.upload(data.batch(start..end)?)?;
-        let out = model.encode(be, &pixels)?;
+    for_each_batch(be, model, data, batch_size, progress, |_, out| {
         pooled.extend(be.to_host(&out.pooled)?);
         if let (Some(all), Some(e)) = (embeds.as_mut(), out.image_embeds.as_ref()) {
             all.extend(be.to_host(e)?);
         }
-        progress(end);
-    }
+        Ok(())
+    })?;
     Ok(DatasetEmbeddings { pooled, image_embeds: embeds })
 }
 
@@ -64,38 +84,47 @@ pub fn argmax_rows(values: &[f32], width: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Top-1 accuracy of `model` with `heads` on one task's labelled `data`.
-pub fn evaluate_task(
-    be: &dyn Backend,
-    model: &ImageEncoder,
-    model_path: &std::path::Path,
-    heads: &Heads,
-    task: &str,
-    data: &Dataset,
-    batch_size: usize,
-    progress: &mut dyn FnMut(usize),
-) -> Result<TaskAccuracy> {
-    ensure!(batch_size > 0, "--batch-size must be positive");
-    let head = heads.head(task)?;
-    let classes = head.out_features();
-    let Some(labels) = data.labels() else {
-        bail!("{}: has no labels, which eval needs (task '{task}')", data.origin().display());
-    };
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        bail!("{}: label {bad} is out of range for head '{task}' with {classes} classes", data.origin().display());
+/// Top-1 accuracy of a model through a set of heads.
+pub struct Evaluator<'a> {
+    be: &'a dyn Backend,
+    model: &'a ImageEncoder,
+    heads: &'a Heads,
+    classifier: Classifier<'a>,
+}
+
+impl<'a> Evaluator<'a> {
+    /// Checks that `heads` fit `model` (`model_path` names it in errors) and prepares the classifier.
+    pub fn new(be: &'a dyn Backend, model: &'a ImageEncoder, heads: &'a Heads, model_path: &Path) -> Result<Self> {
+        Ok(Evaluator { be, model, heads, classifier: heads.classifier(model, model_path)? })
     }
-    let classifier = heads.classifier(model, model_path)?;
-    let mut correct = 0;
-    for start in (0..data.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(data.len());
-        let pixels = be.upload(data.batch(start..end)?)?;
-        let pooled = model.encode(be, &pixels)?.pooled;
-        let logits = be.to_host(&classifier.logits(be, &pooled, head)?)?;
-        correct +=
-            argmax_rows(&logits, classes).iter().zip(&labels[start..end]).filter(|(p, &l)| **p == l as usize).count();
-        progress(end);
+
+    /// Top-1 accuracy on one task's labelled `data`, in batches of `batch_size`, calling `progress`
+    /// with the images done so far.
+    pub fn task(
+        &self,
+        task: &str,
+        data: &Dataset,
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<TaskAccuracy> {
+        let be = self.be;
+        let head = self.heads.head(task)?;
+        let classes = head.out_features();
+        let Some(labels) = data.labels() else {
+            bail!("{}: has no labels, which eval needs (task '{task}')", data.origin().display());
+        };
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            bail!("{}: label {bad} is out of range for head '{task}' with {classes} classes", data.origin().display());
+        }
+        let mut correct = 0;
+        for_each_batch(be, self.model, data, batch_size, progress, |range, out| {
+            let logits = be.to_host(&self.classifier.logits(be, &out.pooled, head)?)?;
+            let predictions = argmax_rows(&logits, classes);
+            correct += predictions.iter().zip(&labels[range]).filter(|(p, &l)| **p == l as usize).count();
+            Ok(())
+        })?;
+        Ok(TaskAccuracy { task: task.to_string(), correct, count: data.len() })
     }
-    Ok(TaskAccuracy { task: task.to_string(), correct, count: data.len() })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde_json::json;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceRequest};
-use wemoe_engine::eval::{evaluate_task, TaskAccuracy};
+use wemoe_engine::eval::{Evaluator, TaskAccuracy};
 use wemoe_engine::model::{Heads, ImageEncoder};
 use wemoe_engine::output::write_atomic;
 
@@ -45,13 +45,11 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
         datasets.push((name, data));
     }
     let model = ImageEncoder::load(be.as_ref(), &dir)?;
-    heads.classifier(&model, &dir.path)?;
+    let evaluator = Evaluator::new(be.as_ref(), &model, &heads, &dir.path)?;
     let mut results: Vec<TaskAccuracy> = Vec::new();
     for (name, data) in &datasets {
         let bar = progress::images(name, data.len(), quiet);
-        let acc = evaluate_task(be.as_ref(), &model, &dir.path, &heads, name, data, args.batch_size, &mut |done| {
-            bar.set_position(done as u64)
-        })?;
+        let acc = evaluator.task(name, data, args.batch_size, &mut |done| bar.set_position(done as u64))?;
         bar.finish_and_clear();
         results.push(acc);
     }

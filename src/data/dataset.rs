@@ -44,10 +44,11 @@ impl Dataset {
             out.0
         );
         let (source, len, labels, classes) = if path.is_dir() {
-            let (classes, files) = scan_image_folder(path)?;
-            let labels = files.iter().map(|(_, id)| *id).collect();
-            let files: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
-            (Source::Files(files.clone()), files.len(), Some(labels), Some(classes))
+            let folder = scan_image_folder(path)?;
+            let labels = folder.files.iter().map(|(_, id)| *id).collect();
+            let files: Vec<PathBuf> = folder.files.into_iter().map(|(f, _)| f).collect();
+            let len = files.len();
+            (Source::Files(files), len, Some(labels), Some(folder.classes))
         } else {
             Self::open_safetensors(path, side)?
         };

@@ -20,8 +20,16 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
-/// The class names and the (file, class id) pairs of an ImageFolder tree, in a stable order.
-pub fn scan_image_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, i64)>)> {
+/// An ImageFolder tree's classes and files.
+pub struct ImageFolder {
+    /// Class names, sorted; a class id is an index here.
+    pub classes: Vec<String>,
+    /// Every image with its class id, in sorted order.
+    pub files: Vec<(PathBuf, i64)>,
+}
+
+/// Lists an ImageFolder tree in a stable order.
+pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
     let classes: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     let mut files = Vec::new();
     for (id, class) in classes.iter().enumerate() {
@@ -34,6 +42,6 @@ pub fn scan_image_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, i64)
     if files.is_empty() {
         bail!("{}: no class subfolders holding PNG or JPEG images", root.display());
     }
-    let names = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-    Ok((names, files))
+    let classes = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    Ok(ImageFolder { classes, files })
 }

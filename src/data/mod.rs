@@ -7,5 +7,5 @@ pub mod preprocess;
 pub mod resample;
 
 pub use dataset::Dataset;
-pub use image_folder::scan_image_folder;
+pub use image_folder::{scan_image_folder, ImageFolder};
 pub use preprocess::Preprocess;

@@ -9,8 +9,10 @@ use serde_json::Value;
 use super::resample::{resize, Filter};
 
 /// OpenAI CLIP's channel means.
+#[allow(clippy::excessive_precision)] // written as HF writes them
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP's channel standard deviations.
+#[allow(clippy::excessive_precision)] // written as HF writes them
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 /// The preprocessing of one model.

@@ -43,7 +43,7 @@ impl Heads {
                     "{}: tensor '{name}' has shape {shape:?}, expected [classes, projection]",
                     path.display()
                 );
-                tasks.insert(task.to_string(), be.prepare_linear(store.get(name, &shape.to_vec())?)?);
+                tasks.insert(task.to_string(), be.prepare_linear(store.get(name, shape)?)?);
             }
         }
         ensure!(!tasks.is_empty(), "{}: no head.<TASK> tensors", path.display());
