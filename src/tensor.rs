@@ -97,6 +97,14 @@ impl Tensor {
         }
     }
 
+    /// The elements of a host tensor as an owned vector: moved when owned, copied when mapped.
+    pub fn into_host_vec(self) -> Result<Vec<f32>> {
+        match self.storage {
+            Storage::Cpu(HostBuffer::Owned(v)) => Ok(v),
+            Storage::Cpu(buf) => Ok(buf.as_slice().to_vec()),
+        }
+    }
+
     /// True when the elements are read in place from a memory-mapped file.
     pub fn is_mapped(&self) -> bool {
         match &self.storage {

@@ -101,13 +101,19 @@ impl Backend for CpuBackend {
         Tensor::from_vec(q.shape(), y)
     }
 
-    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        Tensor::from_vec(x.shape(), ops::activation::activation(x.host()?, act))
+    fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor> {
+        let shape = x.shape().to_vec();
+        let mut values = x.into_host_vec()?;
+        ops::activation::activation_in_place(&mut values, act);
+        Tensor::from_vec(&shape, values)
     }
 
-    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        same_shape("add", a, b)?;
-        Tensor::from_vec(a.shape(), ops::rows::add(a.host()?, b.host()?))
+    fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        same_shape("add", &a, b)?;
+        let shape = a.shape().to_vec();
+        let mut values = a.into_host_vec()?;
+        ops::rows::add_in_place(&mut values, b.host()?);
+        Tensor::from_vec(&shape, values)
     }
 
     fn patch_embed(

@@ -174,11 +174,11 @@ pub trait Backend: Send + Sync {
     /// Multi-head scaled dot-product attention: `q`, `k`, `v` are `[B, N, D]`, heads split `D`.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor>;
 
-    /// An element-wise activation.
-    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor>;
+    /// An element-wise activation; takes `x` so that its buffer can be reused.
+    fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor>;
 
-    /// Element-wise `a + b` of equal shapes.
-    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// Element-wise `a + b` of equal shapes; takes `a` so that its buffer can be reused.
+    fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor>;
 
     /// CLIP's embeddings: the non-overlapping patch convolution (no bias) of `pixels` `[B, C, S, S]`
     /// with `weight` `[D, C, P, P]`, the class token prepended, and the position embedding `[N, D]` added.

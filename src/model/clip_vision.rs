@@ -117,7 +117,7 @@ impl ClipMlp {
     /// The MLP of `x`.
     pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward(be, x)?;
-        let h = be.activation(&h, self.activation)?;
+        let h = be.activation(h, self.activation)?;
         self.fc2.forward(be, &h)
     }
 }
@@ -155,9 +155,10 @@ impl ClipEncoderLayer {
     /// `h = x + attn(ln1(x)); h + mlp(ln2(h))`.
     pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
-        let h = be.add(x, &a)?;
+        // attn(...) + x rather than x + attn(...): the sum reuses the fresh buffer, not the input.
+        let h = be.add(a, x)?;
         let m = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?)?;
-        be.add(&h, &m)
+        be.add(m, &h)
     }
 }
 

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
+use super::activation::exp_f32;
 use super::gemm::{matmul, MatRef, Threads};
 
 /// `softmax(q_h k_hᵀ / sqrt(d_h)) v_h` for each sample and head; `q`, `k`, `v` are `[batch, tokens, width]`
@@ -39,7 +40,7 @@ pub fn attention(
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                 let mut sum = 0.0f32;
                 for s in row.iter_mut() {
-                    *s = (*s * scale - max).exp();
+                    *s = exp_f32(*s * scale - max);
                     sum += *s;
                 }
                 let inv = 1.0 / sum;

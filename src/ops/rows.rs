@@ -17,7 +17,9 @@ pub fn l2_normalize(x: &[f32], width: usize) -> Vec<f32> {
     y
 }
 
-/// `a + b`, element-wise.
-pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.par_iter().with_min_len(4096).zip(b).map(|(x, y)| x + y).collect()
+/// `a += b`, element-wise.
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(16 * 1024).zip(b.par_chunks(16 * 1024)).for_each(|(x, y)| {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+    });
 }
