@@ -1,32 +1,14 @@
-//! `wemoe-engine demo`: the whole job on the bundled suite. Until the suite is built and committed
-//! under `assets/suite`, it says so.
+//! `wemoe-engine demo`: the whole job (merge, adapt, eval of every method) on the bundled suite. The suite
+//! is not in the repository yet, so for now the command says so and succeeds without writing anything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 
-/// Where the bundled suite lives: `$WEMOE_SUITE`, else `assets/suite` in the working directory or
-/// beside the crate's sources.
-fn suite_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("WEMOE_SUITE") {
-        return Some(PathBuf::from(dir));
+pub fn run(json: Option<&Path>) -> Result<()> {
+    println!("suite not built yet: the bundled multi-task suite (assets/suite) and the demo land together");
+    if let Some(path) = json {
+        println!("no results, so {} was not written", path.display());
     }
-    [Path::new("assets/suite").to_path_buf(), Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/suite")]
-        .into_iter()
-        .find(|p| p.join("suite.json").exists())
-}
-
-pub fn run(json: Option<&Path>, _quiet: bool) -> Result<()> {
-    match suite_dir() {
-        Some(dir) if dir.join("suite.json").exists() => {
-            anyhow::bail!("{}: this build cannot run the suite yet (merge and adapt are not in it)", dir.display())
-        }
-        _ => {
-            println!("suite not built yet: assets/suite/suite.json is missing (the bundled multi-task suite and the demo land together)");
-            if let Some(path) = json {
-                println!("no results, so {} was not written", path.display());
-            }
-            Ok(())
-        }
-    }
+    Ok(())
 }

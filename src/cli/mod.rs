@@ -121,7 +121,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let tasks = tasks.iter().map(|t| parse_task(t)).collect::<Result<Vec<_>>>()?;
             eval::run(&eval::Args { model, heads, tasks, batch_size, json }, device, quiet)
         }
-        Command::Demo { json } => demo::run(json.as_deref(), quiet),
+        Command::Demo { json } => demo::run(json.as_deref()),
         Command::Doctor { arch } => doctor::run(arch.as_deref()),
     }
 }

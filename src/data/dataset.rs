@@ -35,14 +35,6 @@ impl Dataset {
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
-        let out = preprocess.output_size(side, side);
-        ensure!(
-            out == (side, side) && preprocess.crop.is_some(),
-            "{}: the model's preprocessing gives {}×{} images, the model takes {side}×{side}",
-            path.display(),
-            out.1,
-            out.0
-        );
         let (source, len, labels, classes) = if path.is_dir() {
             let folder = scan_image_folder(path)?;
             let labels = folder.files.iter().map(|(_, id)| *id).collect();
@@ -53,6 +45,17 @@ impl Dataset {
             Self::open_safetensors(path, side)?
         };
         ensure!(len > 0, "{}: holds no images", path.display());
+        if !matches!(source, Source::Pixels(_)) {
+            // Raw images of any size must come out of the preprocessing at the model's size.
+            let out = preprocess.crop.unwrap_or((0, 0));
+            ensure!(
+                out == (side, side),
+                "{}: the model's preprocessing crops {}×{} images, the model takes {side}×{side}",
+                path.display(),
+                out.1,
+                out.0
+            );
+        }
         Ok(Dataset { origin: path.to_path_buf(), source, len, labels, classes, preprocess: preprocess.clone(), side })
     }
 

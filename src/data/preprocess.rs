@@ -100,11 +100,6 @@ impl Preprocess {
         Ok(p)
     }
 
-    /// The output side lengths (height, width) for an input of `height × width`.
-    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
-        self.crop.unwrap_or_else(|| self.resized_size(height, width))
-    }
-
     /// HF's `get_resize_output_image_size` with `default_to_square=False`.
     fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self.shortest_edge {
@@ -170,7 +165,6 @@ mod tests {
         let p = Preprocess::clip(224);
         assert_eq!(p.resized_size(427, 640), (224, 335));
         assert_eq!(p.resized_size(640, 427), (335, 224));
-        assert_eq!(p.output_size(427, 640), (224, 224));
     }
 
     #[test]

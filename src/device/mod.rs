@@ -74,7 +74,7 @@ pub fn open(request: DeviceRequest, quiet: bool) -> Result<Box<dyn Backend>> {
         DeviceRequest::Auto => {
             let backend = CpuBackend::new();
             if !quiet {
-                eprintln!("device: {} ({CUDA_UNAVAILABLE})", backend.describe());
+                eprintln!("device: {}; {CUDA_UNAVAILABLE}", backend.describe());
             }
             Ok(Box::new(backend))
         }
