@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wemoe_engine::config::VisionConfig;
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::model::ImageEncoder;
+use wemoe_engine::model::{ImageEncoder, Routing};
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 use wemoe_engine::tensor::Tensor;
 
@@ -40,7 +40,7 @@ fn vit_b32_forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("vit_b32_forward");
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch as u64));
-    group.bench_function("batch16_images", |bench| bench.iter(|| model.encode(&be, &pixels).unwrap()));
+    group.bench_function("batch16_images", |bench| bench.iter(|| model.encode(&be, &pixels, Routing::Sample).unwrap()));
     group.finish();
 }
 

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceRequest};
-use wemoe_engine::model::ImageEncoder;
+use wemoe_engine::model::{ImageEncoder, Routing};
 use wemoe_engine::tensor::Tensor;
 
 fn main() -> Result<()> {
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
         None => Tensor::zeros(&[2, 3, side, side]),
     };
 
-    let out = model.encode(be.as_ref(), &be.upload(pixels)?)?;
+    let out = model.encode(be.as_ref(), &be.upload(pixels)?, Routing::Sample)?;
     println!("pooler_output {:?}", out.pooled.shape());
     if let Some(embeds) = &out.image_embeds {
         let first = &be.to_host(embeds)?[..embeds.shape()[1].min(4)];

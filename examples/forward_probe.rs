@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use wemoe_engine::config::VisionConfig;
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::model::ImageEncoder;
+use wemoe_engine::model::{ImageEncoder, Routing};
 use wemoe_engine::tensor::Tensor;
 
 fn main() -> anyhow::Result<()> {
@@ -17,11 +17,11 @@ fn main() -> anyhow::Result<()> {
         &[batch, 3, s, s],
         (0..batch * 3 * s * s).map(|i| ((i % 255) as f32) / 128.0 - 1.0).collect(),
     )?;
-    model.encode(&be, &pixels)?;
+    model.encode(&be, &pixels, Routing::Sample)?;
     let mut times = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        model.encode(&be, &pixels)?;
+        model.encode(&be, &pixels, Routing::Sample)?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

@@ -7,24 +7,33 @@ use anyhow::{bail, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
-use crate::model::{Classifier, EncoderOutput, Heads, ImageEncoder};
+use crate::model::{Classifier, EncoderOutput, Heads, ImageEncoder, Routing};
 use crate::tensor::Tensor;
 
-/// Encodes `data` in consecutive batches of `batch_size` on `be`, handing each batch's image range and
-/// output to `each`, then telling `progress` the images done so far.
+/// How a dataset is cut into forward passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Images per forward pass; consecutive and unshuffled.
+    pub size: usize,
+    /// How WEMoE layers route (batch routing averages over each pass's images).
+    pub routing: Routing,
+}
+
+/// Encodes `data` in consecutive batches on `be`, handing each batch's image range and output to
+/// `each`, then telling `progress` the images done so far.
 fn for_each_batch(
     be: &dyn Backend,
     model: &ImageEncoder,
     data: &Dataset,
-    batch_size: usize,
+    batching: Batching,
     progress: &mut dyn FnMut(usize),
     mut each: impl FnMut(Range<usize>, EncoderOutput) -> Result<()>,
 ) -> Result<()> {
-    ensure!(batch_size > 0, "--batch-size must be positive");
-    for start in (0..data.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(data.len());
+    ensure!(batching.size > 0, "--batch-size must be positive");
+    for start in (0..data.len()).step_by(batching.size) {
+        let end = (start + batching.size).min(data.len());
         let pixels: Tensor = be.upload(data.batch(start..end)?)?;
-        each(start..end, model.encode(be, &pixels)?)?;
+        each(start..end, model.encode(be, &pixels, batching.routing)?)?;
         progress(end);
     }
     Ok(())
@@ -36,26 +45,40 @@ pub struct DatasetEmbeddings {
     pub pooled: Vec<f32>,
     /// `[N, P]`, when the model has a projection.
     pub image_embeds: Option<Vec<f32>>,
+    /// For a WEMoE model, `[L, N, T]`: each layer's merge coefficients per image (in batch routing, each
+    /// image gets its batch's average). Empty otherwise.
+    pub routing_weights: Vec<Vec<f32>>,
 }
 
-/// Embeds `data` in batches of `batch_size`, calling `progress` with the images done so far.
+/// Embeds `data`, calling `progress` with the images done so far.
 pub fn embed_dataset(
     be: &dyn Backend,
     model: &ImageEncoder,
     data: &Dataset,
-    batch_size: usize,
+    batching: Batching,
     progress: &mut dyn FnMut(usize),
 ) -> Result<DatasetEmbeddings> {
     let mut pooled = Vec::new();
     let mut embeds = model.projection.as_ref().map(|_| Vec::new());
-    for_each_batch(be, model, data, batch_size, progress, |_, out| {
+    let mut routing: Vec<Vec<f32>> = Vec::new();
+    for_each_batch(be, model, data, batching, progress, |range, out| {
         pooled.extend(be.to_host(&out.pooled)?);
         if let (Some(all), Some(e)) = (embeds.as_mut(), out.image_embeds.as_ref()) {
             all.extend(be.to_host(e)?);
         }
+        routing.resize_with(out.routing_weights.len(), Vec::new);
+        for (layer, coefficients) in routing.iter_mut().zip(&out.routing_weights) {
+            let values = be.to_host(coefficients)?;
+            if coefficients.shape()[0] == 1 {
+                // One merge served the batch: every image gets those coefficients.
+                (0..range.len()).for_each(|_| layer.extend_from_slice(&values));
+            } else {
+                layer.extend(values);
+            }
+        }
         Ok(())
     })?;
-    Ok(DatasetEmbeddings { pooled, image_embeds: embeds })
+    Ok(DatasetEmbeddings { pooled, image_embeds: embeds, routing_weights: routing })
 }
 
 /// The accuracy of one task.
@@ -98,13 +121,12 @@ impl<'a> Evaluator<'a> {
         Ok(Evaluator { be, model, heads, classifier: heads.classifier(model, model_path)? })
     }
 
-    /// Top-1 accuracy on one task's labelled `data`, in batches of `batch_size`, calling `progress`
-    /// with the images done so far.
+    /// Top-1 accuracy on one task's labelled `data`, calling `progress` with the images done so far.
     pub fn task(
         &self,
         task: &str,
         data: &Dataset,
-        batch_size: usize,
+        batching: Batching,
         progress: &mut dyn FnMut(usize),
     ) -> Result<TaskAccuracy> {
         let be = self.be;
@@ -117,7 +139,7 @@ impl<'a> Evaluator<'a> {
             bail!("{}: label {bad} is out of range for head '{task}' with {classes} classes", data.origin().display());
         }
         let mut correct = 0;
-        for_each_batch(be, self.model, data, batch_size, progress, |range, out| {
+        for_each_batch(be, self.model, data, batching, progress, |range, out| {
             let logits = be.to_host(&self.classifier.logits(be, &out.pooled, head)?)?;
             let predictions = argmax_rows(&logits, classes);
             correct += predictions.iter().zip(&labels[range]).filter(|(p, &l)| **p == l as usize).count();

@@ -7,7 +7,7 @@ use common::*;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::model::{Heads, ImageEncoder};
+use wemoe_engine::model::{Heads, ImageEncoder, Routing};
 use wemoe_engine::tensor::Tensor;
 
 /// Runs model `key` on its pixel fixture and compares every output with transformers'.
@@ -17,7 +17,7 @@ fn check_model(key: &str, expect_projection: bool) {
     let model = ImageEncoder::load(&be, &dir).unwrap();
     assert_eq!(model.projection.is_some(), expect_projection);
     let (shape, pixels) = reference(&format!("pixels_{key}.safetensors"), "pixel_values");
-    let out = model.encode(&be, &Tensor::from_vec(&shape, pixels).unwrap()).unwrap();
+    let out = model.encode(&be, &Tensor::from_vec(&shape, pixels).unwrap(), Routing::Sample).unwrap();
     let expected = format!("expected_{key}.safetensors");
     let (pshape, pooled) = reference(&expected, "pooler_output");
     assert_eq!(out.pooled.shape(), pshape.as_slice());
@@ -99,7 +99,7 @@ fn check_dataset_through_clip_a(path: &std::path::Path, tag: &str) {
     // The model on the reference's own pixels, so only the forward is compared here.
     let (shape, ref_pixels) = reference(file, &format!("pixel_values.{tag}"));
     let model = ImageEncoder::load(&be, &dir).unwrap();
-    let out = model.encode(&be, &Tensor::from_vec(&shape, ref_pixels).unwrap()).unwrap();
+    let out = model.encode(&be, &Tensor::from_vec(&shape, ref_pixels).unwrap(), Routing::Sample).unwrap();
     assert_close(
         &format!("{tag} pooler_output"),
         out.pooled.host().unwrap(),

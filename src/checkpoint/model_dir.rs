@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::TensorStore;
 use crate::config::VisionConfig;
+use crate::model::WemoeSpec;
 
 /// What a model directory holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub enum ModelKind {
     ClipVision,
     /// HF `CLIPModel` (`model_type: clip`): vision and text towers, projections, `logit_scale`.
     Clip,
+    /// A CLIP vision model whose MLPs are WEMoE modules (FusionBench's layout).
+    Wemoe,
 }
 
 impl ModelKind {
@@ -23,6 +26,7 @@ impl ModelKind {
         match self {
             ModelKind::ClipVision => "CLIPVisionModel",
             ModelKind::Clip => "CLIPModel",
+            ModelKind::Wemoe => "WEMoE CLIPVisionModel",
         }
     }
 }
@@ -39,6 +43,8 @@ pub struct ModelDir {
     pub json: Value,
     /// The tensors.
     pub store: TensorStore,
+    /// For a WEMoE model: its experts and routers.
+    pub wemoe: Option<WemoeSpec>,
 }
 
 impl ModelDir {
@@ -76,7 +82,13 @@ impl ModelDir {
             ),
         };
         let store = TensorStore::open_dir(path)?;
-        Ok(ModelDir { path: path.to_path_buf(), kind, config, json, store })
+        // Ours say so in config.json; FusionBench's are recognised by their keys.
+        let wemoe = match json.get("wemoe") {
+            Some(object) => Some(WemoeSpec::from_json(object, &config_path)?),
+            None => WemoeSpec::infer(&store),
+        };
+        let kind = if wemoe.is_some() { ModelKind::Wemoe } else { kind };
+        Ok(ModelDir { path: path.to_path_buf(), kind, config, json, store, wemoe })
     }
 
     /// True when the checkpoint carries `visual_projection.weight`.

@@ -6,7 +6,7 @@ use anyhow::Result;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceRequest};
-use wemoe_engine::eval::embed_dataset;
+use wemoe_engine::eval::{embed_dataset, Batching};
 use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::{write_safetensors, NamedTensor};
 
@@ -16,18 +16,18 @@ pub struct Args {
     pub model: PathBuf,
     pub images: PathBuf,
     pub out: PathBuf,
-    pub batch_size: usize,
+    pub batching: Batching,
 }
 
 pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
+    anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     let dir = ModelDir::open(&args.model)?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
     let be = device::open(device, quiet)?;
     let model = ImageEncoder::load(be.as_ref(), &dir)?;
     let bar = progress::images("embed", data.len(), quiet);
-    let result = embed_dataset(be.as_ref(), &model, &data, args.batch_size, &mut |done| bar.set_position(done as u64))?;
+    let result = embed_dataset(be.as_ref(), &model, &data, args.batching, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let n = data.len();
     let mut tensors = vec![NamedTensor {
@@ -38,6 +38,15 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     if let Some(embeds) = result.image_embeds {
         let p = embeds.len() / n;
         tensors.push(NamedTensor { name: "image_embeds".into(), shape: vec![n, p], values: embeds });
+    }
+    if !result.routing_weights.is_empty() {
+        let layers = result.routing_weights.len();
+        let experts = result.routing_weights[0].len() / n;
+        tensors.push(NamedTensor {
+            name: "routing_weights".into(),
+            shape: vec![layers, n, experts],
+            values: result.routing_weights.concat(),
+        });
     }
     write_safetensors(&args.out, &tensors)?;
     if !quiet {

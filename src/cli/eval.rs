@@ -8,7 +8,7 @@ use serde_json::json;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceRequest};
-use wemoe_engine::eval::{Evaluator, TaskAccuracy};
+use wemoe_engine::eval::{Batching, Evaluator, TaskAccuracy};
 use wemoe_engine::model::{Heads, ImageEncoder};
 use wemoe_engine::output::write_atomic;
 
@@ -18,12 +18,12 @@ pub struct Args {
     pub model: PathBuf,
     pub heads: PathBuf,
     pub tasks: Vec<(String, PathBuf)>,
-    pub batch_size: usize,
+    pub batching: Batching,
     pub json: Option<PathBuf>,
 }
 
 pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
+    anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     let mut seen = BTreeSet::new();
     for (name, _) in &args.tasks {
         if !seen.insert(name) {
@@ -49,7 +49,7 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     let mut results: Vec<TaskAccuracy> = Vec::new();
     for (name, data) in &datasets {
         let bar = progress::images(name, data.len(), quiet);
-        let acc = evaluator.task(name, data, args.batch_size, &mut |done| bar.set_position(done as u64))?;
+        let acc = evaluator.task(name, data, args.batching, &mut |done| bar.set_position(done as u64))?;
         bar.finish_and_clear();
         results.push(acc);
     }

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wemoe_engine::device::DeviceRequest;
+use wemoe_engine::eval::Batching;
+use wemoe_engine::model;
 
 /// Merge fine-tuned CLIP vision models with WEMoE, adapt, evaluate and run them.
 #[derive(Parser, Debug)]
@@ -35,6 +37,16 @@ pub enum Routing {
     Sample,
     /// Coefficients averaged over consecutive, unshuffled batches.
     Batch,
+}
+
+impl Routing {
+    fn batching(self, size: usize) -> Batching {
+        let routing = match self {
+            Routing::Sample => model::Routing::Sample,
+            Routing::Batch => model::Routing::Batch,
+        };
+        Batching { size, routing }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,12 +126,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { model, json } => info::run(&model, json),
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
-        Command::Embed { model, images, out, routing: _, batch_size } => {
-            embed::run(&embed::Args { model, images, out, batch_size }, device, quiet)
+        Command::Embed { model, images, out, routing, batch_size } => {
+            embed::run(&embed::Args { model, images, out, batching: routing.batching(batch_size) }, device, quiet)
         }
-        Command::Eval { model, heads, tasks, routing: _, batch_size, json } => {
+        Command::Eval { model, heads, tasks, routing, batch_size, json } => {
             let tasks = tasks.iter().map(|t| parse_task(t)).collect::<Result<Vec<_>>>()?;
-            eval::run(&eval::Args { model, heads, tasks, batch_size, json }, device, quiet)
+            let batching = routing.batching(batch_size);
+            eval::run(&eval::Args { model, heads, tasks, batching, json }, device, quiet)
         }
         Command::Demo { json } => demo::run(json.as_deref()),
         Command::Doctor { arch } => doctor::run(arch.as_deref()),

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::{Activation, Backend, Device, LinearWeight, WeightLayout};
+use super::{Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
 use crate::tensor::Tensor;
 
@@ -163,5 +163,44 @@ impl Backend for CpuBackend {
 
     fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor> {
         Tensor::from_vec(x.shape(), x.host()?.iter().map(|v| v * factor).collect())
+    }
+
+    fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
+        let (rows, k) = rows_and_width(x);
+        ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
+        let t = w.experts();
+        ensure!(
+            coefficients.shape().len() == 2 && coefficients.shape()[1] == t,
+            "expert_linear: coefficients {:?} are not [G, {t}]",
+            coefficients.shape()
+        );
+        let groups = coefficients.shape()[0];
+        ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
+        fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
+            v.iter().map(Tensor::host).collect()
+        }
+        let weights = ops::expert_linear::ExpertLinearRef {
+            base_weight: w.base_weight.host()?,
+            base_bias: w.base_bias.host()?,
+            task_weights: host(&w.task_weights)?,
+            task_biases: host(&w.task_biases)?,
+            out_features: w.out_features(),
+            in_features: k,
+        };
+        let y = ops::expert_linear::expert_linear(x.host()?, groups, rows / groups, coefficients.host()?, &weights)?;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("rows_and_width saw a last dimension") = w.out_features();
+        Tensor::from_vec(&shape, y)
+    }
+
+    fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor> {
+        ensure!(logits.shape().len() == 3, "router_reduce: expected [B, N, T], got {:?}", logits.shape());
+        let (b, n, t) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+        Tensor::from_vec(&[b, t], ops::router::router_reduce(logits.host()?, b, n, t, softmax))
+    }
+
+    fn mean_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, width) = rows_and_width(x);
+        Tensor::from_vec(&[1, width], ops::router::mean_rows(x.host()?, width))
     }
 }

@@ -4,6 +4,7 @@
 //! reference and the fallback; a CUDA backend plugs in beside it.
 
 mod cpu;
+mod weights;
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,6 +12,7 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Result};
 
 pub use cpu::CpuBackend;
+pub use weights::{ExpertLinear, LinearWeight, WeightLayout};
 
 use crate::tensor::Tensor;
 
@@ -94,58 +96,6 @@ pub enum Activation {
     Relu,
 }
 
-/// How a prepared linear weight is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightLayout {
-    /// PyTorch's `[out, in]`.
-    OutIn,
-    /// Transposed, `[in, out]`.
-    InOut,
-}
-
-/// A Linear layer's weight, stored in the layout its backend multiplies fastest; made from PyTorch's
-/// `[out, in]` by [`Backend::prepare_linear`], so a transposed copy cannot be mistaken for HF's layout.
-pub struct LinearWeight {
-    tensor: Tensor,
-    layout: WeightLayout,
-    out_features: usize,
-    in_features: usize,
-}
-
-impl LinearWeight {
-    /// Wraps `tensor`, stored as `layout`, of a Linear from `in_features` to `out_features`.
-    pub fn new(tensor: Tensor, layout: WeightLayout, out_features: usize, in_features: usize) -> Result<Self> {
-        let want = match layout {
-            WeightLayout::OutIn => [out_features, in_features],
-            WeightLayout::InOut => [in_features, out_features],
-        };
-        if tensor.shape() != want {
-            bail!("linear weight {:?} does not match {layout:?} {out_features}×{in_features}", tensor.shape());
-        }
-        Ok(LinearWeight { tensor, layout, out_features, in_features })
-    }
-
-    /// Output width.
-    pub fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    /// Input width.
-    pub fn in_features(&self) -> usize {
-        self.in_features
-    }
-
-    /// The stored elements.
-    pub fn tensor(&self) -> &Tensor {
-        &self.tensor
-    }
-
-    /// How they are stored.
-    pub fn layout(&self) -> WeightLayout {
-        self.layout
-    }
-}
-
 /// The operations the CLIP vision forward needs, on one device. Every tensor argument must live on
 /// this backend's device; shapes are checked and a mismatch is an error naming the operation.
 pub trait Backend: Send + Sync {
@@ -198,4 +148,16 @@ pub trait Backend: Send + Sync {
 
     /// Every element times `factor`.
     fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor>;
+
+    /// WEMoE's linear layer: `coefficients` is `[G, T]` and `x` holds G equal groups of rows
+    /// (`[G, N, in]` for per-sample routing, any `[.., in]` with G = 1 for batch routing); each group is
+    /// multiplied by its own merged weight `W0 + Σ_t c[g,t] τ_t` (and bias), never stored whole.
+    fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor>;
+
+    /// The router's reduction: `[B, N, T]` per-token outputs, softmaxed over experts when `softmax`, averaged
+    /// over tokens: `[B, T]`.
+    fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor>;
+
+    /// The mean over rows: `[B, W]` to `[1, W]`.
+    fn mean_rows(&self, x: &Tensor) -> Result<Tensor>;
 }

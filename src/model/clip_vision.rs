@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 
+use super::wemoe::{Routing, WemoeMlp, WemoeSpec};
 use super::WeightSource;
 use crate::config::VisionConfig;
 use crate::device::{Activation, Backend, LinearWeight};
@@ -122,6 +123,24 @@ impl ClipMlp {
     }
 }
 
+/// An encoder layer's feed-forward block: CLIP's dense MLP, or a WEMoE MLP.
+pub enum Mlp {
+    /// HF `CLIPMLP`.
+    Dense(ClipMlp),
+    /// FusionBench's `WeightEnsemblingMoE`.
+    Wemoe(Box<WemoeMlp>),
+}
+
+impl Mlp {
+    /// The block's output and, for WEMoE, the merge coefficients used.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor, routing: Routing) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Mlp::Dense(mlp) => Ok((mlp.forward(be, x)?, None)),
+            Mlp::Wemoe(moe) => moe.forward(be, x, routing).map(|(y, c)| (y, Some(c))),
+        }
+    }
+}
+
 /// HF `CLIPEncoderLayer` (pre-norm).
 pub struct ClipEncoderLayer {
     /// Before attention.
@@ -131,11 +150,17 @@ pub struct ClipEncoderLayer {
     /// Before the MLP (and, in WEMoE, the router's input).
     pub layer_norm2: LayerNorm,
     /// The feed-forward block.
-    pub mlp: ClipMlp,
+    pub mlp: Mlp,
 }
 
 impl ClipEncoderLayer {
-    fn load(be: &dyn Backend, src: &dyn WeightSource, prefix: &str, c: &VisionConfig) -> Result<Self> {
+    fn load(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        prefix: &str,
+        c: &VisionConfig,
+        wemoe: Option<&WemoeSpec>,
+    ) -> Result<Self> {
         let (d, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         let lin = |name: &str, out, inp| Linear::load(be, src, &format!("{prefix}.{name}"), out, inp, true);
         Ok(ClipEncoderLayer {
@@ -148,18 +173,34 @@ impl ClipEncoderLayer {
                 heads: c.num_attention_heads,
             },
             layer_norm2: LayerNorm::load(be, src, &format!("{prefix}.layer_norm2"), d, eps)?,
-            mlp: ClipMlp { fc1: lin("mlp.fc1", i, d)?, fc2: lin("mlp.fc2", d, i)?, activation: c.hidden_act },
+            mlp: match wemoe {
+                None => Mlp::Dense(ClipMlp {
+                    fc1: lin("mlp.fc1", i, d)?,
+                    fc2: lin("mlp.fc2", d, i)?,
+                    activation: c.hidden_act,
+                }),
+                Some(spec) => Mlp::Wemoe(Box::new(WemoeMlp::load(be, src, &format!("{prefix}.mlp"), c, spec)?)),
+            },
         })
     }
 
-    /// `h = x + attn(ln1(x)); h + mlp(ln2(h))`.
-    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+    /// `h = x + attn(ln1(x)); h + mlp(ln2(h))`, and the MLP's merge coefficients for WEMoE.
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor, routing: Routing) -> Result<(Tensor, Option<Tensor>)> {
         let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
         // attn(...) + x rather than x + attn(...): the sum reuses the fresh buffer, not the input.
         let h = be.add(a, x)?;
-        let m = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?)?;
-        be.add(m, &h)
+        let (m, coefficients) = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?, routing)?;
+        Ok((be.add(m, &h)?, coefficients))
     }
+}
+
+/// The vision tower's outputs.
+pub struct VisionOutput {
+    /// `post_layernorm(CLS)`, `[B, D]`.
+    pub pooled: Tensor,
+    /// Per WEMoE layer, the merge coefficients used: `[B, T]`, or `[1, T]` when one merge served the batch.
+    /// Empty for a dense model.
+    pub routing_weights: Vec<Tensor>,
 }
 
 /// HF `CLIPVisionTransformer`, the vision tower up to the pooled output.
@@ -177,8 +218,14 @@ pub struct ClipVision {
 }
 
 impl ClipVision {
-    /// Loads every tensor under `vision_model.`, checking each shape against `config`.
-    pub fn load(be: &dyn Backend, src: &dyn WeightSource, config: &VisionConfig) -> Result<Self> {
+    /// Loads every tensor under `vision_model.`, checking each shape against `config`; with `wemoe`,
+    /// every layer's MLP is a WEMoE MLP.
+    pub fn load(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        config: &VisionConfig,
+        wemoe: Option<&WemoeSpec>,
+    ) -> Result<Self> {
         let c = config;
         let (d, p) = (c.hidden_size, c.patch_size);
         let embeddings = Embeddings {
@@ -193,21 +240,25 @@ impl ClipVision {
         };
         let pre_layrnorm = LayerNorm::load(be, src, "vision_model.pre_layrnorm", d, c.layer_norm_eps)?;
         let layers = (0..c.num_hidden_layers)
-            .map(|l| ClipEncoderLayer::load(be, src, &format!("vision_model.encoder.layers.{l}"), c))
+            .map(|l| ClipEncoderLayer::load(be, src, &format!("vision_model.encoder.layers.{l}"), c, wemoe))
             .collect::<Result<_>>()?;
         let post_layernorm = LayerNorm::load(be, src, "vision_model.post_layernorm", d, c.layer_norm_eps)?;
         Ok(ClipVision { config: config.clone(), embeddings, pre_layrnorm, layers, post_layernorm })
     }
 
-    /// The pooled output `[B, D]` (`post_layernorm` of the class token) of `pixels` `[B, C, S, S]`.
-    pub fn forward(&self, be: &dyn Backend, pixels: &Tensor) -> Result<Tensor> {
+    /// The pooled output (`post_layernorm` of the class token) of `pixels` `[B, C, S, S]`, and the WEMoE
+    /// layers' merge coefficients under `routing`.
+    pub fn forward(&self, be: &dyn Backend, pixels: &Tensor, routing: Routing) -> Result<VisionOutput> {
         let e = &self.embeddings;
         let mut x = be.patch_embed(pixels, &e.patch_embedding, &e.class_embedding, &e.position_embedding)?;
         x = self.pre_layrnorm.forward(be, &x)?;
+        let mut routing_weights = Vec::new();
         for layer in &self.layers {
-            x = layer.forward(be, &x)?;
+            let (y, coefficients) = layer.forward(be, &x, routing)?;
+            x = y;
+            routing_weights.extend(coefficients);
         }
         let cls = be.select_token(&x, 0)?;
-        self.post_layernorm.forward(be, &cls)
+        Ok(VisionOutput { pooled: self.post_layernorm.forward(be, &cls)?, routing_weights })
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::{ClipVision, WeightSource};
+use super::{ClipVision, Routing, WeightSource};
 use crate::checkpoint::ModelDir;
 use crate::config::VisionConfig;
 use crate::device::{Backend, LinearWeight};
@@ -24,12 +24,14 @@ pub struct EncoderOutput {
     pub pooled: Tensor,
     /// `pooled · projectionᵀ`, `[B, P]`, not normalised; when a projection is known.
     pub image_embeds: Option<Tensor>,
+    /// Per WEMoE layer, the merge coefficients used (`[B, T]`, or `[1, T]` for one merge per batch).
+    pub routing_weights: Vec<Tensor>,
 }
 
 impl ImageEncoder {
     /// Loads the vision tower and, if present, the projection and `logit_scale` of a model directory.
     pub fn load(be: &dyn Backend, dir: &ModelDir) -> Result<Self> {
-        let vision = ClipVision::load(be, &dir.store, &dir.config)?;
+        let vision = ClipVision::load(be, &dir.store, &dir.config, dir.wemoe.as_ref())?;
         let projection = if dir.has_projection() {
             let shape = [dir.config.projection_dim, dir.config.hidden_size];
             Some(be.prepare_linear(dir.store.get("visual_projection.weight", &shape)?)?)
@@ -42,14 +44,15 @@ impl ImageEncoder {
     /// A seeded random model of `config`'s shape, with a projection (for benchmarks and tests).
     pub fn random(be: &dyn Backend, config: &VisionConfig, seed: u64) -> Result<Self> {
         let src = super::RandomWeights::new(seed);
-        let vision = ClipVision::load(be, &src, config)?;
+        let vision = ClipVision::load(be, &src, config, None)?;
         let projection =
             be.prepare_linear(src.get("visual_projection.weight", &[config.projection_dim, config.hidden_size])?)?;
         Ok(ImageEncoder { vision, projection: Some(projection), logit_scale: Some(100f32.ln()) })
     }
 
-    /// Pooled output and, with a projection, the image embeddings of `pixels` `[B, C, S, S]`.
-    pub fn encode(&self, be: &dyn Backend, pixels: &Tensor) -> Result<EncoderOutput> {
+    /// Pooled output and, with a projection, the image embeddings of `pixels` `[B, C, S, S]`; WEMoE layers
+    /// route under `routing` (batch routing averages over this call's batch).
+    pub fn encode(&self, be: &dyn Backend, pixels: &Tensor, routing: Routing) -> Result<EncoderOutput> {
         let c = &self.vision.config;
         let s = pixels.shape();
         ensure!(
@@ -59,8 +62,8 @@ impl ImageEncoder {
             c.image_size,
             c.image_size
         );
-        let pooled = self.vision.forward(be, pixels)?;
-        let image_embeds = self.projection.as_ref().map(|p| be.linear(&pooled, p, None)).transpose()?;
-        Ok(EncoderOutput { pooled, image_embeds })
+        let out = self.vision.forward(be, pixels, routing)?;
+        let image_embeds = self.projection.as_ref().map(|p| be.linear(&out.pooled, p, None)).transpose()?;
+        Ok(EncoderOutput { pooled: out.pooled, image_embeds, routing_weights: out.routing_weights })
     }
 }

@@ -5,8 +5,12 @@ mod clip_vision;
 mod heads;
 mod image_encoder;
 mod weights;
+mod wemoe;
 
-pub use clip_vision::{ClipAttention, ClipEncoderLayer, ClipMlp, ClipVision, Embeddings, LayerNorm, Linear};
+pub use clip_vision::{
+    ClipAttention, ClipEncoderLayer, ClipMlp, ClipVision, Embeddings, LayerNorm, Linear, Mlp, VisionOutput,
+};
 pub use heads::{Classifier, Heads};
 pub use image_encoder::{EncoderOutput, ImageEncoder};
 pub use weights::{RandomWeights, WeightSource};
+pub use wemoe::{Router, RouterActivation, Routing, WemoeMlp, WemoeSpec};

@@ -5,8 +5,10 @@
 
 pub mod activation;
 pub mod attention;
+pub mod expert_linear;
 pub mod gemm;
 pub mod layer_norm;
 pub mod patch_embed;
+pub mod router;
 pub mod rows;
 pub mod transpose;

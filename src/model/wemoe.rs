@@ -1,0 +1,217 @@
+//! WEMoE (Tang et al., ICML 2024): each encoder layer's MLP holds the pretrained MLP, the T task vectors
+//! and a router; the router's outputs on `layer_norm2`'s tokens, averaged over tokens, are the per-sample
+//! merge coefficients of the MLP's weights. Names follow FusionBench's `WeightEnsemblingMoE`.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+use super::{Linear, WeightSource};
+use crate::checkpoint::TensorStore;
+use crate::config::VisionConfig;
+use crate::device::{Activation, Backend, ExpertLinear};
+use crate::tensor::Tensor;
+
+/// How merge coefficients are shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// Each sample its own coefficients (the paper's code).
+    #[default]
+    Sample,
+    /// The batch's average coefficients, one merged MLP for the batch (FusionBench's `batch_reduce`).
+    Batch,
+}
+
+/// What the router applies to its outputs before the token mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RouterActivation {
+    /// Raw outputs are the coefficients (the reference).
+    #[default]
+    Identity,
+    /// Softmax over experts.
+    Softmax,
+}
+
+impl RouterActivation {
+    /// The name used in config.json and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RouterActivation::Identity => "identity",
+            RouterActivation::Softmax => "softmax",
+        }
+    }
+}
+
+/// A WEMoE model's description: config.json's `"wemoe"` object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WemoeSpec {
+    /// Expert (task) names, in the order of `task_vectors.{t}`.
+    pub experts: Vec<String>,
+    /// Router depth: 0 (a free coefficient vector), 1 (one Linear) or 2 (Linear, ReLU, Linear).
+    pub router_layers: usize,
+    /// Applied to router outputs before the token mean.
+    pub router_activation: RouterActivation,
+    /// λ of the shared parameters and the routers' initial bias, when known.
+    pub init_lambda: Option<f32>,
+}
+
+/// The router keys of each depth, under `...mlp.gate.`.
+const GATE_KEYS: [&str; 3] = ["weight", "fc.weight", "fc1.weight"];
+
+impl WemoeSpec {
+    /// Reads the `"wemoe"` object of `config.json`.
+    pub fn from_json(object: &Value, origin: &Path) -> Result<Self> {
+        let bad = |what: &str| format!("{}: \"wemoe\".{what}", origin.display());
+        let experts: Vec<String> = object
+            .get("experts")
+            .and_then(Value::as_array)
+            .with_context(|| bad("experts must be a list of names"))?
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .with_context(|| bad("experts must be a list of names"))?;
+        ensure!(!experts.is_empty(), "{}", bad("experts is empty"));
+        let router_layers = object.get("router_layers").and_then(Value::as_u64).unwrap_or(2) as usize;
+        ensure!(router_layers <= 2, "{}", bad("router_layers must be 0, 1 or 2"));
+        let router_activation = match object.get("router_activation").and_then(Value::as_str).unwrap_or("identity") {
+            "identity" => RouterActivation::Identity,
+            "softmax" => RouterActivation::Softmax,
+            other => bail!("{} '{other}' (expected identity or softmax)", bad("router_activation")),
+        };
+        let init_lambda = object.get("init_lambda").and_then(Value::as_f64).map(|v| v as f32);
+        Ok(WemoeSpec { experts, router_layers, router_activation, init_lambda })
+    }
+
+    /// Recognises a WEMoE state dict without our config object (as FusionBench saves one): the router
+    /// depth from the gate's keys, T from layer 0's task vectors, experts named `expert_{t}`.
+    pub fn infer(store: &TensorStore) -> Option<Self> {
+        let mlp = "vision_model.encoder.layers.0.mlp";
+        if !store.contains(&format!("{mlp}.base_model.fc1.weight")) {
+            return None;
+        }
+        let router_layers = GATE_KEYS.iter().position(|k| store.contains(&format!("{mlp}.gate.{k}")))?;
+        let experts = (0..).take_while(|t| store.contains(&format!("{mlp}.task_vectors.{t}.fc1.weight"))).count();
+        Some(WemoeSpec {
+            experts: (0..experts).map(|t| format!("expert_{t}")).collect(),
+            router_layers,
+            router_activation: RouterActivation::Identity,
+            init_lambda: None,
+        })
+    }
+
+    /// The `"wemoe"` object.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "experts": self.experts,
+            "router_layers": self.router_layers,
+            "router_activation": self.router_activation.name(),
+            "init_lambda": self.init_lambda,
+        })
+    }
+
+    /// Number of experts, T.
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+}
+
+/// A WEMoE router (FusionBench's `Depth_{0,1,2}_Gate`).
+pub enum Router {
+    /// Depth 0: input-independent coefficients, stored `[1, 1, T]`.
+    Constant(Tensor),
+    /// Depth 1: `fc(h)`.
+    Linear(Linear),
+    /// Depth 2: `fc2(relu(fc1(h)))`.
+    Mlp {
+        /// `[D, D]`.
+        fc1: Linear,
+        /// `[T, D]`.
+        fc2: Linear,
+    },
+}
+
+impl Router {
+    fn load(be: &dyn Backend, src: &dyn WeightSource, gate: &str, depth: usize, d: usize, t: usize) -> Result<Self> {
+        Ok(match depth {
+            0 => Router::Constant(be.upload(src.get(&format!("{gate}.weight"), &[t])?.reshape(&[1, 1, t])?)?),
+            1 => Router::Linear(Linear::load(be, src, &format!("{gate}.fc"), t, d, true)?),
+            _ => Router::Mlp {
+                fc1: Linear::load(be, src, &format!("{gate}.fc1"), d, d, true)?,
+                fc2: Linear::load(be, src, &format!("{gate}.fc2"), t, d, true)?,
+            },
+        })
+    }
+
+    /// The merge coefficients of `h` `[B, N, D]`: `[B, T]`, or `[1, T]` for a depth-0 router.
+    pub fn coefficients(&self, be: &dyn Backend, h: &Tensor, act: RouterActivation) -> Result<Tensor> {
+        let softmax = act == RouterActivation::Softmax;
+        match self {
+            Router::Constant(w) => be.router_reduce(w, softmax),
+            Router::Linear(fc) => be.router_reduce(&fc.forward(be, h)?, softmax),
+            Router::Mlp { fc1, fc2 } => {
+                let z = be.activation(fc1.forward(be, h)?, Activation::Relu)?;
+                be.router_reduce(&fc2.forward(be, &z)?, softmax)
+            }
+        }
+    }
+}
+
+/// A WEMoE MLP: router, pretrained MLP and task vectors.
+pub struct WemoeMlp {
+    /// The router ("gate").
+    pub gate: Router,
+    /// Applied to the router's outputs before the token mean.
+    pub router_activation: RouterActivation,
+    /// `fc1`: pretrained `[I, D]` and task vectors.
+    pub fc1: ExpertLinear,
+    /// `fc2`: pretrained `[D, I]` and task vectors.
+    pub fc2: ExpertLinear,
+    /// The MLP's activation.
+    pub activation: Activation,
+}
+
+impl WemoeMlp {
+    /// Loads `{prefix}.gate.*`, `{prefix}.base_model.*` and `{prefix}.task_vectors.{t}.*`.
+    pub fn load(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        prefix: &str,
+        c: &VisionConfig,
+        spec: &WemoeSpec,
+    ) -> Result<Self> {
+        let (d, i, t) = (c.hidden_size, c.intermediate_size, spec.num_experts());
+        let expert_linear = |name: &str, out: usize, inp: usize| -> Result<ExpertLinear> {
+            let get = |key: String, shape: &[usize]| be.upload(src.get(&key, shape)?);
+            let vectors = |suffix: &str, shape: &[usize]| -> Result<Vec<Tensor>> {
+                (0..t).map(|e| get(format!("{prefix}.task_vectors.{e}.{name}.{suffix}"), shape)).collect()
+            };
+            ExpertLinear::new(
+                get(format!("{prefix}.base_model.{name}.weight"), &[out, inp])?,
+                get(format!("{prefix}.base_model.{name}.bias"), &[out])?,
+                vectors("weight", &[out, inp])?,
+                vectors("bias", &[out])?,
+            )
+        };
+        Ok(WemoeMlp {
+            gate: Router::load(be, src, &format!("{prefix}.gate"), spec.router_layers, d, t)?,
+            router_activation: spec.router_activation,
+            fc1: expert_linear("fc1", i, d)?,
+            fc2: expert_linear("fc2", d, i)?,
+            activation: c.hidden_act,
+        })
+    }
+
+    /// The MLP of `h` `[B, N, D]` with merged weights, and the coefficients used: `[B, T]` per sample, or
+    /// `[1, T]` when one merge served the batch (batch routing, or a depth-0 router).
+    pub fn forward(&self, be: &dyn Backend, h: &Tensor, routing: Routing) -> Result<(Tensor, Tensor)> {
+        let mut coefficients = self.gate.coefficients(be, h, self.router_activation)?;
+        if routing == Routing::Batch && coefficients.shape()[0] > 1 {
+            coefficients = be.mean_rows(&coefficients)?;
+        }
+        let y = be.expert_linear(h, &coefficients, &self.fc1)?;
+        let y = be.activation(y, self.activation)?;
+        let y = be.expert_linear(&y, &coefficients, &self.fc2)?;
+        Ok((y, coefficients))
+    }
+}
