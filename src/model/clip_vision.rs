@@ -124,11 +124,12 @@ impl ClipMlp {
 }
 
 /// An encoder layer's feed-forward block: CLIP's dense MLP, or a WEMoE MLP.
+#[allow(clippy::large_enum_variant)] // one per layer, never moved in a hot path
 pub enum Mlp {
     /// HF `CLIPMLP`.
     Dense(ClipMlp),
     /// FusionBench's `WeightEnsemblingMoE`.
-    Wemoe(Box<WemoeMlp>),
+    Wemoe(WemoeMlp),
 }
 
 impl Mlp {
@@ -179,7 +180,7 @@ impl ClipEncoderLayer {
                     fc2: lin("mlp.fc2", d, i)?,
                     activation: c.hidden_act,
                 }),
-                Some(spec) => Mlp::Wemoe(Box::new(WemoeMlp::load(be, src, &format!("{prefix}.mlp"), c, spec)?)),
+                Some(spec) => Mlp::Wemoe(WemoeMlp::load(be, src, &format!("{prefix}.mlp"), c, spec)?),
             },
         })
     }
