@@ -32,6 +32,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod kernels;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod output;

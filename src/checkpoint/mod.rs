@@ -3,7 +3,9 @@
 mod model_dir;
 mod safetensors_file;
 mod store;
+mod writer;
 
 pub use model_dir::{ModelDir, ModelKind};
 pub use safetensors_file::SafetensorsFile;
 pub use store::TensorStore;
+pub use writer::StreamingWriter;

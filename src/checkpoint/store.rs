@@ -151,6 +151,13 @@ impl TensorStore {
         self.get(name, &shape)
     }
 
+    /// Drops the resident pages of tensor `name` (see [`SafetensorsFile::release`]).
+    pub fn release(&self, name: &str) {
+        if let Some((file, key)) = self.index.get(name) {
+            self.files[*file].release(key);
+        }
+    }
+
     /// Total number of elements over the tensors whose canonical name starts with `prefix`.
     pub fn count_params(&self, prefix: &str) -> usize {
         self.index

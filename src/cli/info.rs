@@ -15,6 +15,21 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let vision_params = store.count_params("vision_model.");
     let projection = store.shape("visual_projection.weight").map(<[usize]>::to_vec);
     let logit_scale = dir.logit_scale()?;
+    // Parameters by role: WEMoE's experts (base MLP and task vectors) and routers, and the rest.
+    let experts_params = store
+        .names()
+        .filter(|n| n.contains(".mlp.base_model.") || n.contains(".mlp.task_vectors."))
+        .filter_map(|n| store.shape(n))
+        .map(|s| s.iter().product::<usize>())
+        .sum::<usize>();
+    let router_params = store
+        .names()
+        .filter(|n| n.contains(".mlp.gate."))
+        .filter_map(|n| store.shape(n))
+        .map(|s| s.iter().product::<usize>())
+        .sum::<usize>();
+    let shared_params = vision_params - experts_params - router_params;
+    let wemoe = dir.wemoe.as_ref().map(|w| w.to_json());
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     for name in store.names() {
         if let Some(d) = store.dtype(name) {
@@ -31,6 +46,8 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "tokens": c.tokens(),
             "vision_tensors": vision_tensors,
             "vision_parameters": vision_params,
+            "parameters": {"shared": shared_params, "experts": experts_params, "routers": router_params},
+            "wemoe": wemoe,
             "projection": projection,
             "logit_scale": logit_scale,
             "files": files,
@@ -54,6 +71,16 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         c.layer_norm_eps
     );
     println!("parameters  {vision_params} in {vision_tensors} vision tensors");
+    if let Some(w) = &dir.wemoe {
+        println!("wemoe       {} experts: {}", w.num_experts(), w.experts.join(", "));
+        println!(
+            "routers     depth {}, activation {}, init_lambda {}",
+            w.router_layers,
+            w.router_activation.name(),
+            w.init_lambda.map_or("unknown".into(), |l| l.to_string())
+        );
+        println!("split       shared {shared_params}, experts {experts_params}, routers {router_params}");
+    }
     match &projection {
         Some(s) => println!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
         None => println!("projection  none"),

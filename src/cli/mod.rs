@@ -5,6 +5,7 @@ mod doctor;
 mod embed;
 mod eval;
 mod info;
+mod merge;
 mod progress;
 
 use std::path::PathBuf;
@@ -13,7 +14,8 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wemoe_engine::device::DeviceRequest;
 use wemoe_engine::eval::Batching;
-use wemoe_engine::model;
+use wemoe_engine::merge::{MergeMethod, MergeOptions};
+use wemoe_engine::model::{self, RouterActivation};
 
 /// Merge fine-tuned CLIP vision models with WEMoE, adapt, evaluate and run them.
 #[derive(Parser, Debug)]
@@ -49,6 +51,26 @@ impl Routing {
     }
 }
 
+/// `--method` of merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Method {
+    /// Weight-Ensembling MoE: routers and per-sample merged MLPs.
+    Wemoe,
+    /// θ0 + λ·Σ (θ_t − θ0).
+    TaskArithmetic,
+    /// The mean of the experts.
+    Average,
+}
+
+/// `--router-activation` of merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RouterAct {
+    /// The router's outputs are the coefficients (the reference).
+    Identity,
+    /// Softmax over experts.
+    Softmax,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Describe a model directory: kind, dimensions, parameters, files.
@@ -58,6 +80,33 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Merge a pretrained CLIP vision model and fine-tuned copies into one model.
+    Merge {
+        /// The pretrained model directory.
+        #[arg(long)]
+        pretrained: PathBuf,
+        /// A fine-tuned model and its task name, NAME=MODEL; repeat for each (kept in this order).
+        #[arg(long = "expert", value_name = "NAME=MODEL")]
+        experts: Vec<String>,
+        /// The output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// How to merge.
+        #[arg(long, value_enum, default_value = "wemoe")]
+        method: Method,
+        /// λ: the task-vector scaling of shared parameters and the routers' initial bias.
+        #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+        scaling: f32,
+        /// WEMoE router depth: 0, 1 or 2.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
+        router_layers: u8,
+        /// WEMoE router activation before the token mean.
+        #[arg(long, value_enum, default_value = "identity")]
+        router_activation: RouterAct,
+        /// Seed of the routers' initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Write pooled outputs and image embeddings of a dataset to safetensors.
     Embed {
@@ -112,11 +161,14 @@ enum Command {
     },
 }
 
-/// Splits `NAME=DATA`.
-fn parse_task(spec: &str) -> Result<(String, PathBuf)> {
+/// Splits `NAME=PATH` of option `--{flag}`.
+fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     match spec.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
-        _ => bail!("--task '{spec}': expected NAME=DATA"),
+        _ => {
+            let what = if flag == "task" { "NAME=DATA" } else { "NAME=MODEL" };
+            bail!("--{flag} '{spec}': expected {what}")
+        }
     }
 }
 
@@ -125,12 +177,30 @@ pub fn run(cli: Cli) -> Result<()> {
     let (device, quiet) = (cli.device, cli.quiet);
     match cli.command {
         Command::Info { model, json } => info::run(&model, json),
+        Command::Merge { pretrained, experts, out, method, scaling, router_layers, router_activation, seed } => {
+            let experts = experts.iter().map(|e| parse_named("expert", e)).collect::<Result<Vec<_>>>()?;
+            let options = MergeOptions {
+                method: match method {
+                    Method::Wemoe => MergeMethod::Wemoe,
+                    Method::TaskArithmetic => MergeMethod::TaskArithmetic,
+                    Method::Average => MergeMethod::Average,
+                },
+                scaling,
+                router_layers: router_layers as usize,
+                router_activation: match router_activation {
+                    RouterAct::Identity => RouterActivation::Identity,
+                    RouterAct::Softmax => RouterActivation::Softmax,
+                },
+                seed,
+            };
+            merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
+        }
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
         Command::Embed { model, images, out, routing, batch_size } => {
             embed::run(&embed::Args { model, images, out, batching: routing.batching(batch_size) }, device, quiet)
         }
         Command::Eval { model, heads, tasks, routing, batch_size, json } => {
-            let tasks = tasks.iter().map(|t| parse_task(t)).collect::<Result<Vec<_>>>()?;
+            let tasks = tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
             let batching = routing.batching(batch_size);
             eval::run(&eval::Args { model, heads, tasks, batching, json }, device, quiet)
         }
@@ -145,8 +215,8 @@ mod tests {
 
     #[test]
     fn task_specs_split_at_the_first_equals_sign() {
-        assert_eq!(parse_task("mnist=data/a=b.safetensors").unwrap().1, PathBuf::from("data/a=b.safetensors"));
-        assert!(parse_task("mnist").is_err());
-        assert!(parse_task("=x").is_err());
+        assert_eq!(parse_named("task", "mnist=data/a=b.safetensors").unwrap().1, PathBuf::from("data/a=b.safetensors"));
+        assert!(parse_named("task", "mnist").is_err());
+        assert!(parse_named("expert", "=x").is_err());
     }
 }

@@ -1,0 +1,334 @@
+//! Merging a pretrained CLIP vision model and T fine-tuned copies: WEMoE ("upscaling"), task arithmetic,
+//! or weight averaging. The merge streams tensor by tensor from the memory maps into the output file.
+//!
+//! WEMoE (REFERENCE.md section 2): every parameter outside the MLPs is merged by task arithmetic,
+//! `θ0 + λ·Σ_t (θ_t − θ0)`; every layer's MLP becomes `base_model` (the pretrained MLP), `task_vectors.{t}`
+//! (`θ_t − θ0` of its four tensors) and a freshly initialised `gate`, in FusionBench's state-dict layout.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::checkpoint::{ModelDir, StreamingWriter};
+use crate::config::VisionConfig;
+use crate::model::{RouterActivation, WemoeSpec};
+use crate::output::write_atomic;
+use crate::rng::Rng;
+
+/// How the experts are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeMethod {
+    /// Weight-Ensembling Mixture of Experts: routers and per-sample merged MLPs.
+    Wemoe,
+    /// `θ0 + λ·Σ_t (θ_t − θ0)` for every parameter.
+    TaskArithmetic,
+    /// `(1/T)·Σ_t θ_t` for every parameter.
+    Average,
+}
+
+/// What `merge` is asked to do.
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    /// The method.
+    pub method: MergeMethod,
+    /// λ for task arithmetic and WEMoE's shared parameters, and the routers' initial bias.
+    pub scaling: f32,
+    /// WEMoE router depth (0, 1 or 2).
+    pub router_layers: usize,
+    /// WEMoE router activation.
+    pub router_activation: RouterActivation,
+    /// Seed of the routers' initialisation.
+    pub seed: u64,
+}
+
+/// A fine-tuned model and its task name.
+pub struct Expert {
+    /// The task's name (kept in the output, in the order given).
+    pub name: String,
+    /// The fine-tuned model.
+    pub model: ModelDir,
+}
+
+/// How an output tensor is computed.
+enum Recipe {
+    /// The method's merge of a shared vision tensor.
+    Merged(String),
+    /// The pretrained model's tensor as it is.
+    Pretrained(String),
+    /// `θ_t − θ0` of a tensor for one expert.
+    TaskVector(String, usize),
+    /// A router tensor's initial value.
+    Gate(GateInit),
+}
+
+/// A router tensor's initialisation (FusionBench's `init_weight`).
+enum GateInit {
+    /// Normal(0, 0.01).
+    Normal,
+    /// Every element `value`.
+    Constant(f32),
+}
+
+/// The architecture fields two models must share to be merged.
+fn architecture_mismatch(a: &VisionConfig, b: &VisionConfig) -> Option<String> {
+    let fields = [
+        ("hidden_size", a.hidden_size, b.hidden_size),
+        ("intermediate_size", a.intermediate_size, b.intermediate_size),
+        ("num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers),
+        ("num_attention_heads", a.num_attention_heads, b.num_attention_heads),
+        ("num_channels", a.num_channels, b.num_channels),
+        ("image_size", a.image_size, b.image_size),
+        ("patch_size", a.patch_size, b.patch_size),
+    ];
+    if let Some((name, x, y)) = fields.iter().find(|(_, x, y)| x != y) {
+        return Some(format!("{name} {y} differs from the pretrained model's {x}"));
+    }
+    (a.hidden_act != b.hidden_act)
+        .then(|| format!("hidden_act {:?} differs from the pretrained model's {:?}", b.hidden_act, a.hidden_act))
+}
+
+/// The pretrained model's vision tensor names, after checking that every expert is a plain CLIP model of
+/// the same architecture with every one of them at the same shape.
+fn check_inputs(pretrained: &ModelDir, experts: &[Expert]) -> Result<Vec<String>> {
+    ensure!(!experts.is_empty(), "no --expert given: merging needs at least one fine-tuned model");
+    if pretrained.wemoe.is_some() {
+        bail!("{}: the pretrained model is already a WEMoE model", pretrained.path.display());
+    }
+    let names: Vec<String> =
+        pretrained.store.names().filter(|n| n.starts_with("vision_model.")).map(str::to_string).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for e in experts {
+        let who = format!("expert '{}' ({})", e.name, e.model.path.display());
+        ensure!(!e.name.is_empty(), "{who}: empty expert name");
+        ensure!(seen.insert(e.name.as_str()), "expert name '{}' is given twice", e.name);
+        ensure!(e.model.wemoe.is_none(), "{who}: is a WEMoE model, not a fine-tuned CLIP model");
+        for name in &names {
+            let want = pretrained.store.shape(name).unwrap_or_default();
+            match e.model.store.shape(name) {
+                None => bail!("{who}: missing tensor '{name}'"),
+                Some(got) if got != want => bail!(
+                    "{who}: tensor '{name}' has shape {got:?}, the pretrained model's has {want:?} (another architecture?)"
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(diff) = architecture_mismatch(&pretrained.config, &e.model.config) {
+            bail!("{who}: {diff}");
+        }
+    }
+    Ok(names)
+}
+
+/// `vision_model.encoder.layers.{l}.mlp.{fc1|fc2}.{weight|bias}` → (layer prefix `...mlp`, `fc1.weight`).
+fn split_mlp(name: &str) -> Option<(&str, &str)> {
+    let (prefix, leaf) = name.split_at(name.find(".mlp.")? + 4);
+    let leaf = &leaf[1..];
+    matches!(leaf, "fc1.weight" | "fc1.bias" | "fc2.weight" | "fc2.bias").then_some((prefix, leaf))
+}
+
+/// Every output tensor: name, shape, recipe.
+fn plan(
+    pretrained: &ModelDir,
+    names: &[String],
+    experts: usize,
+    opts: &MergeOptions,
+) -> Vec<(String, Vec<usize>, Recipe)> {
+    let shape = |n: &str| pretrained.store.shape(n).unwrap_or_default().to_vec();
+    let mut out = Vec::new();
+    for name in names {
+        match split_mlp(name) {
+            Some((mlp, leaf)) if opts.method == MergeMethod::Wemoe => {
+                out.push((format!("{mlp}.base_model.{leaf}"), shape(name), Recipe::Pretrained(name.clone())));
+                for t in 0..experts {
+                    out.push((
+                        format!("{mlp}.task_vectors.{t}.{leaf}"),
+                        shape(name),
+                        Recipe::TaskVector(name.clone(), t),
+                    ));
+                }
+            }
+            _ => out.push((name.clone(), shape(name), Recipe::Merged(name.clone()))),
+        }
+    }
+    if opts.method == MergeMethod::Wemoe {
+        let (d, t, lambda) = (pretrained.config.hidden_size, experts, opts.scaling);
+        for l in 0..pretrained.config.num_hidden_layers {
+            let gate = format!("vision_model.encoder.layers.{l}.mlp.gate");
+            let tensors: Vec<(&str, Vec<usize>, GateInit)> = match opts.router_layers {
+                0 => vec![("weight", vec![t], GateInit::Constant(lambda))],
+                1 => {
+                    vec![("fc.weight", vec![t, d], GateInit::Normal), ("fc.bias", vec![t], GateInit::Constant(lambda))]
+                }
+                _ => vec![
+                    ("fc1.weight", vec![d, d], GateInit::Normal),
+                    ("fc1.bias", vec![d], GateInit::Constant(0.0)),
+                    ("fc2.weight", vec![t, d], GateInit::Normal),
+                    ("fc2.bias", vec![t], GateInit::Constant(lambda)),
+                ],
+            };
+            out.extend(tensors.into_iter().map(|(leaf, s, init)| (format!("{gate}.{leaf}"), s, Recipe::Gate(init))));
+        }
+    }
+    for extra in ["visual_projection.weight", "logit_scale"] {
+        if pretrained.store.contains(extra) {
+            out.push((extra.to_string(), shape(extra), Recipe::Pretrained(extra.to_string())));
+        }
+    }
+    out
+}
+
+/// Computes one output tensor.
+fn compute(
+    name: &str,
+    shape: &[usize],
+    recipe: &Recipe,
+    pretrained: &ModelDir,
+    experts: &[Expert],
+    opts: &MergeOptions,
+) -> Result<Vec<f32>> {
+    let load = |m: &ModelDir, n: &str| -> Result<Vec<f32>> {
+        let shape = m.store.shape(n).unwrap_or_default().to_vec();
+        Ok(m.store.get(n, &shape)?.host()?.to_vec())
+    };
+    Ok(match recipe {
+        Recipe::Pretrained(src) => load(pretrained, src)?,
+        Recipe::TaskVector(src, t) => {
+            let base = pretrained.store.get(src, shape)?;
+            let mut v = load(&experts[*t].model, src)?;
+            v.iter_mut().zip(base.host()?).for_each(|(v, b)| *v -= b);
+            v
+        }
+        Recipe::Merged(src) => {
+            let base = load(pretrained, src)?;
+            // In FusionBench's order: the sum of the task vectors (or models), then the scaling.
+            let mut acc = vec![0.0f32; base.len()];
+            for e in experts {
+                let theta = e.model.store.get(src, shape)?;
+                match opts.method {
+                    MergeMethod::Average => acc.iter_mut().zip(theta.host()?).for_each(|(a, x)| *a += x),
+                    _ => acc.iter_mut().zip(theta.host()?).zip(&base).for_each(|((a, x), b)| *a += x - b),
+                }
+                e.model.store.release(src);
+            }
+            match opts.method {
+                MergeMethod::Average => acc.iter_mut().for_each(|a| *a /= experts.len() as f32),
+                _ => acc.iter_mut().zip(&base).for_each(|(a, b)| *a = b + *a * opts.scaling),
+            }
+            acc
+        }
+        Recipe::Gate(GateInit::Constant(v)) => vec![*v; shape.iter().product()],
+        Recipe::Gate(GateInit::Normal) => {
+            // One stream per tensor, from the seed and the tensor's name: independent of the write order.
+            let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            Rng::new(opts.seed ^ hash).normal_vec(shape.iter().product(), 0.0, 0.01)
+        }
+    })
+}
+
+/// The output's config.json.
+fn output_config(pretrained: &ModelDir, experts: &[Expert], opts: &MergeOptions) -> Value {
+    let mut config = pretrained.config.to_json();
+    let obj = config.as_object_mut().expect("to_json gives an object");
+    obj.insert("model_type".into(), "clip_vision_model".into());
+    obj.insert("architectures".into(), serde_json::json!(["CLIPVisionModel"]));
+    if opts.method == MergeMethod::Wemoe {
+        let spec = WemoeSpec {
+            experts: experts.iter().map(|e| e.name.clone()).collect(),
+            router_layers: opts.router_layers,
+            router_activation: opts.router_activation,
+            init_lambda: Some(opts.scaling),
+        };
+        obj.insert("wemoe".into(), spec.to_json());
+    }
+    config
+}
+
+/// What a merge wrote.
+pub struct MergeSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Parameters written.
+    pub parameters: usize,
+}
+
+/// Merges into the new directory `out` (which must not exist), calling `progress(done, total)` per tensor.
+/// Everything is written under a temporary name beside `out` and renamed at the end.
+pub fn merge(
+    pretrained: &ModelDir,
+    experts: &[Expert],
+    opts: &MergeOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<MergeSummary> {
+    ensure!(opts.scaling.is_finite(), "--scaling must be a finite number");
+    ensure!(opts.router_layers <= 2, "--router-layers must be 0, 1 or 2");
+    if out.exists() {
+        bail!("{}: already exists; choose a new --out directory", out.display());
+    }
+    let names = check_inputs(pretrained, experts)?;
+    let plan = plan(pretrained, &names, experts.len(), opts);
+    let tmp = temporary_dir(out)?;
+    let result = (|| -> Result<MergeSummary> {
+        let config = serde_json::to_string_pretty(&output_config(pretrained, experts, opts))?;
+        write_atomic(&tmp.join("config.json"), config.as_bytes())?;
+        let preprocessor = pretrained.path.join("preprocessor_config.json");
+        if preprocessor.exists() {
+            std::fs::copy(&preprocessor, tmp.join("preprocessor_config.json"))
+                .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
+        }
+        let shapes = plan.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+        let mut writer = StreamingWriter::create(&tmp.join("model.safetensors"), shapes)?;
+        let mut parameters = 0;
+        for (i, (name, shape, recipe)) in plan.iter().enumerate() {
+            let values = compute(name, shape, recipe, pretrained, experts, opts)?;
+            writer.write(name, &values)?;
+            parameters += values.len();
+            if let Recipe::Merged(src) | Recipe::Pretrained(src) | Recipe::TaskVector(src, _) = recipe {
+                pretrained.store.release(src);
+                if let Recipe::TaskVector(_, t) = recipe {
+                    experts[*t].model.store.release(src);
+                }
+            }
+            progress(i + 1, plan.len());
+        }
+        writer.finish()?;
+        Ok(MergeSummary { tensors: plan.len(), parameters })
+    })();
+    match result {
+        Ok(summary) => {
+            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create", out.display()))?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A fresh, empty directory beside `out` for writing before the final rename.
+fn temporary_dir(out: &Path) -> Result<PathBuf> {
+    let name = out.file_name().with_context(|| format!("{}: not a directory name", out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_mlp;
+
+    #[test]
+    fn mlp_tensors_are_recognised() {
+        assert_eq!(
+            split_mlp("vision_model.encoder.layers.11.mlp.fc2.bias"),
+            Some(("vision_model.encoder.layers.11.mlp", "fc2.bias"))
+        );
+        assert_eq!(split_mlp("vision_model.encoder.layers.0.self_attn.q_proj.weight"), None);
+        assert_eq!(split_mlp("vision_model.encoder.layers.0.mlp.gate.fc1.weight"), None);
+    }
+}
