@@ -62,7 +62,12 @@ impl Scratch {
 
     /// A copy of clip_b whose tensors went through `edit`.
     fn edited_model(&self, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> PathBuf {
-        let dir = self.model("clip_b");
+        self.edited("clip_b", edit)
+    }
+
+    /// A copy of fixture model `name` whose tensors went through `edit`.
+    fn edited(&self, name: &str, edit: impl FnOnce(&mut Vec<NamedTensor>)) -> PathBuf {
+        let dir = self.model(name);
         let path = dir.join("model.safetensors");
         let file = SafetensorsFile::open(&path).unwrap();
         let mut tensors: Vec<NamedTensor> = file
@@ -291,4 +296,84 @@ fn bad_arguments() {
     args.extend(["--batch-size".to_string(), "0".to_string()]);
     fails_owned(args, "--batch-size must be positive");
     t.assert_no_output();
+}
+
+/// `merge` of wemoe/pretrained with `experts` (NAME=PATH), expecting failure naming `culprit` and no output.
+fn merge_fails(t: &Scratch, experts: &[String], culprit: &str) -> String {
+    let out = t.path("out_moe");
+    let mut args = vec!["merge".to_string(), "--pretrained".into(), s(&fixture("wemoe/pretrained")).into()];
+    for e in experts {
+        args.extend(["--expert".to_string(), e.clone()]);
+    }
+    args.extend(["--out".to_string(), s(&out).into()]);
+    let err = fails_owned(args, culprit);
+    t.assert_no_output();
+    assert!(!out.exists());
+    err
+}
+
+fn expert(name: &str, path: &Path) -> String {
+    format!("{name}={}", s(path))
+}
+
+#[test]
+fn merge_refuses_an_expert_of_another_architecture() {
+    let t = Scratch::new();
+    let err =
+        merge_fails(&t, &[expert("red", &fixture("wemoe/red")), expert("odd", &fixture("clip_b"))], "expert 'odd'");
+    assert!(err.contains("tensor 'vision_model.embeddings.class_embedding' has shape [36]"), "{err}");
+}
+
+#[test]
+fn merge_refuses_a_truncated_expert() {
+    let t = Scratch::new();
+    let dir = t.model("wemoe/green");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    merge_fails(&t, &[expert("green", &dir)], "model.safetensors: not a valid safetensors file");
+}
+
+#[test]
+fn merge_refuses_a_duplicate_name_and_no_expert() {
+    let t = Scratch::new();
+    let red = fixture("wemoe/red");
+    merge_fails(&t, &[expert("a", &red), expert("a", &fixture("wemoe/blue"))], "expert name 'a' is given twice");
+    merge_fails(&t, &[], "no --expert given");
+    merge_fails(&t, &["red".to_string()], "--expert 'red': expected NAME=MODEL");
+}
+
+#[test]
+fn merge_refuses_an_expert_tensor_of_the_wrong_shape() {
+    let t = Scratch::new();
+    let dir = t.edited("wemoe/blue", |ts| {
+        let x = ts.iter_mut().find(|x| x.name.ends_with("layers.1.mlp.fc2.weight")).unwrap();
+        x.shape = vec![48, 32];
+    });
+    merge_fails(
+        &t,
+        &[expert("blue", &dir)],
+        "tensor 'vision_model.encoder.layers.1.mlp.fc2.weight' has shape [48, 32]",
+    );
+}
+
+#[test]
+fn merge_refuses_non_finite_expert_weights_and_leaves_nothing() {
+    // Found only while streaming, after the output has been started: the partial output must vanish.
+    let t = Scratch::new();
+    let dir = t.edited("wemoe/red", |ts| {
+        ts.iter_mut().find(|x| x.name.ends_with("post_layernorm.bias")).unwrap().values[3] = f32::INFINITY
+    });
+    merge_fails(&t, &[expert("red", &dir)], "holds a non-finite value (inf at element 3)");
+    let left: Vec<_> = std::fs::read_dir(t.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().starts_with(".out")), "temporary output left: {left:?}");
+}
+
+#[test]
+fn merge_refuses_an_existing_output() {
+    let t = Scratch::new();
+    let out = t.path("taken");
+    std::fs::create_dir(&out).unwrap();
+    let (pretrained, red) = (fixture("wemoe/pretrained"), expert("red", &fixture("wemoe/red")));
+    fails(&["merge", "--pretrained", s(&pretrained), "--expert", &red, "--out", s(&out)], "already exists");
 }
