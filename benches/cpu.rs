@@ -1,10 +1,13 @@
-//! CPU benchmarks: the GEMM at the ViT MLP shapes, and the ViT-B/32-shaped forward (random weights,
-//! batch 16). `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
+//! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
+//! and one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP.
+//! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wemoe_engine::config::VisionConfig;
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::model::{ImageEncoder, Routing};
+use wemoe_engine::model::{
+    ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
+};
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 use wemoe_engine::tensor::Tensor;
 
@@ -44,5 +47,40 @@ fn vit_b32_forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_b32_forward);
+fn wemoe_layer(c: &mut Criterion) {
+    let be = CpuBackend::new();
+    let config = VisionConfig::default();
+    let src = RandomWeights::new(1);
+    let spec = WemoeSpec {
+        experts: (0..8).map(|t| format!("task{t}")).collect(),
+        router_layers: 2,
+        router_activation: RouterActivation::Identity,
+        init_lambda: Some(0.3),
+    };
+    let moe = WemoeMlp::load(&be, &src, "vision_model.encoder.layers.0.mlp", &config, &spec).unwrap();
+    let (d, i) = (config.hidden_size, config.intermediate_size);
+    let dense = ClipMlp {
+        fc1: Linear::load(&be, &src, "dense.fc1", i, d, true).unwrap(),
+        fc2: Linear::load(&be, &src, "dense.fc2", d, i, true).unwrap(),
+        activation: config.hidden_act,
+    };
+    let mut group = c.benchmark_group("wemoe_mlp_b32_8experts");
+    group.sample_size(10);
+    for batch in [16usize, 64] {
+        let n = config.tokens();
+        let h = Tensor::from_vec(&[batch, n, d], (0..batch * n * d).map(|i| ((i % 91) as f32 - 45.0) / 30.0).collect())
+            .unwrap();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("per_sample", batch), |b| {
+            b.iter(|| moe.forward(&be, &h, Routing::Sample).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("batch", batch), |b| {
+            b.iter(|| moe.forward(&be, &h, Routing::Batch).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("dense_mlp", batch), |b| b.iter(|| dense.forward(&be, &h).unwrap()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer);
 criterion_main!(benches);

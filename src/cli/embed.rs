@@ -25,10 +25,14 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
     let be = device::open(device, quiet)?;
+    let loading = std::time::Instant::now();
     let model = ImageEncoder::load(be.as_ref(), &dir)?;
+    let loaded = loading.elapsed().as_secs_f64();
+    let computing = std::time::Instant::now();
     let bar = progress::images("embed", data.len(), quiet);
     let result = embed_dataset(be.as_ref(), &model, &data, args.batching, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
+    let computed = computing.elapsed().as_secs_f64();
     let n = data.len();
     let mut tensors = vec![NamedTensor {
         name: "pooler_output".into(),
@@ -50,7 +54,11 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     }
     write_safetensors(&args.out, &tensors)?;
     if !quiet {
-        eprintln!("wrote {} ({n} images)", args.out.display());
+        eprintln!(
+            "wrote {} ({n} images in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s)",
+            args.out.display(),
+            n as f64 / computed
+        );
     }
     Ok(())
 }

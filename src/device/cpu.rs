@@ -165,7 +165,26 @@ impl Backend for CpuBackend {
         Tensor::from_vec(x.shape(), x.host()?.iter().map(|v| v * factor).collect())
     }
 
+    /// Transposes every weight to `[in, out]` once: a tile of 32 outputs is then contiguous in each row,
+    /// which the per-sample merge reads without gathering (see `ops::expert_linear`).
+    fn prepare_expert_linear(
+        &self,
+        base_weight: Tensor,
+        base_bias: Tensor,
+        task_weights: Vec<Tensor>,
+        task_biases: Vec<Tensor>,
+    ) -> Result<ExpertLinear> {
+        let transposed = |w: Tensor| -> Result<Tensor> {
+            ensure!(w.shape().len() == 2, "expert weight must be 2-D, got {:?}", w.shape());
+            let (out, inp) = (w.shape()[0], w.shape()[1]);
+            Tensor::from_vec(&[inp, out], ops::transpose::transpose(w.host()?, out, inp))
+        };
+        let task_weights = task_weights.into_iter().map(transposed).collect::<Result<_>>()?;
+        ExpertLinear::new(transposed(base_weight)?, base_bias, task_weights, task_biases, WeightLayout::InOut)
+    }
+
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
+        ensure!(w.layout == WeightLayout::InOut, "expert_linear: weights not prepared by the CPU backend");
         let (rows, k) = rows_and_width(x);
         ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
         let t = w.experts();

@@ -149,6 +149,16 @@ pub trait Backend: Send + Sync {
     /// Every element times `factor`.
     fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor>;
 
+    /// Moves a WEMoE linear layer's host weights (PyTorch's `[out, in]`, biases `[out]`) onto this device, in
+    /// the layout this backend's [`expert_linear`](Backend::expert_linear) is fastest with.
+    fn prepare_expert_linear(
+        &self,
+        base_weight: Tensor,
+        base_bias: Tensor,
+        task_weights: Vec<Tensor>,
+        task_biases: Vec<Tensor>,
+    ) -> Result<ExpertLinear>;
+
     /// WEMoE's linear layer: `coefficients` is `[G, T]` and `x` holds G equal groups of rows
     /// (`[G, N, in]` for per-sample routing, any `[.., in]` with G = 1 for batch routing); each group is
     /// multiplied by its own merged weight `W0 + Σ_t c[g,t] τ_t` (and bias), never stored whole.

@@ -57,8 +57,8 @@ impl LinearWeight {
     }
 }
 
-/// One WEMoE linear layer on a device: the pretrained weight `[out, in]` and bias `[out]`, and each task's
-/// deltas of the same shapes, in PyTorch's layout (on the CPU, read in place from the checkpoint).
+/// One WEMoE linear layer on a device: the pretrained weight and bias `[out]`, and each task's deltas of the
+/// same shapes, the weights stored as `layout` says (made by `Backend::prepare_expert_linear`).
 pub struct ExpertLinear {
     /// Pretrained weight.
     pub base_weight: Tensor,
@@ -68,22 +68,27 @@ pub struct ExpertLinear {
     pub task_weights: Vec<Tensor>,
     /// Each task's bias delta.
     pub task_biases: Vec<Tensor>,
+    /// How the weights are stored.
+    pub layout: WeightLayout,
+    out_features: usize,
+    in_features: usize,
 }
 
 impl ExpertLinear {
-    /// Checks every shape against the base weight's `[out, in]`.
+    /// Checks every shape against the base weight's, stored as `layout`.
     pub fn new(
         base_weight: Tensor,
         base_bias: Tensor,
         task_weights: Vec<Tensor>,
         task_biases: Vec<Tensor>,
+        layout: WeightLayout,
     ) -> Result<Self> {
-        ensure!(
-            base_weight.shape().len() == 2,
-            "expert linear: base weight must be 2-D, got {:?}",
-            base_weight.shape()
-        );
-        let out = base_weight.shape()[0];
+        let s = base_weight.shape();
+        ensure!(s.len() == 2, "expert linear: base weight must be 2-D, got {s:?}");
+        let (out, inp) = match layout {
+            WeightLayout::OutIn => (s[0], s[1]),
+            WeightLayout::InOut => (s[1], s[0]),
+        };
         ensure!(base_bias.shape() == [out], "expert linear: base bias {:?} for {out} outputs", base_bias.shape());
         ensure!(
             !task_weights.is_empty() && task_weights.len() == task_biases.len(),
@@ -95,17 +100,25 @@ impl ExpertLinear {
                 "expert linear: task vector shapes differ from the base"
             );
         }
-        Ok(ExpertLinear { base_weight, base_bias, task_weights, task_biases })
+        Ok(ExpertLinear {
+            base_weight,
+            base_bias,
+            task_weights,
+            task_biases,
+            layout,
+            out_features: out,
+            in_features: inp,
+        })
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.base_weight.shape()[0]
+        self.out_features
     }
 
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.base_weight.shape()[1]
+        self.in_features
     }
 
     /// Number of experts, T.

@@ -32,7 +32,9 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = be.prepare_linear(src.get(&format!("{prefix}.weight"), &[out, inp])?)?;
+        let name = format!("{prefix}.weight");
+        let weight = be.prepare_linear(src.get(&name, &[out, inp])?)?;
+        src.release(&name);
         let bias = if bias { Some(load(be, src, &format!("{prefix}.bias"), &[out])?) } else { None };
         Ok(Linear { weight, bias })
     }

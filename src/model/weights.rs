@@ -13,6 +13,10 @@ pub trait WeightSource {
 
     /// True when the source has `name`.
     fn contains(&self, name: &str) -> bool;
+
+    /// Called once `name` has been copied into the backend's own layout: a memory-mapped source drops
+    /// its pages, so a tensor is not resident twice.
+    fn release(&self, _name: &str) {}
 }
 
 impl WeightSource for TensorStore {
@@ -22,6 +26,10 @@ impl WeightSource for TensorStore {
 
     fn contains(&self, name: &str) -> bool {
         TensorStore::contains(self, name)
+    }
+
+    fn release(&self, name: &str) {
+        TensorStore::release(self, name)
     }
 }
 

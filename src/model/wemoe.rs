@@ -182,16 +182,19 @@ impl WemoeMlp {
     ) -> Result<Self> {
         let (d, i, t) = (c.hidden_size, c.intermediate_size, spec.num_experts());
         let expert_linear = |name: &str, out: usize, inp: usize| -> Result<ExpertLinear> {
-            let get = |key: String, shape: &[usize]| be.upload(src.get(&key, shape)?);
+            let get = |key: String, shape: &[usize]| src.get(&key, shape);
             let vectors = |suffix: &str, shape: &[usize]| -> Result<Vec<Tensor>> {
                 (0..t).map(|e| get(format!("{prefix}.task_vectors.{e}.{name}.{suffix}"), shape)).collect()
             };
-            ExpertLinear::new(
+            let prepared = be.prepare_expert_linear(
                 get(format!("{prefix}.base_model.{name}.weight"), &[out, inp])?,
                 get(format!("{prefix}.base_model.{name}.bias"), &[out])?,
                 vectors("weight", &[out, inp])?,
                 vectors("bias", &[out])?,
-            )
+            )?;
+            src.release(&format!("{prefix}.base_model.{name}.weight"));
+            (0..t).for_each(|e| src.release(&format!("{prefix}.task_vectors.{e}.{name}.weight")));
+            Ok(prepared)
         };
         Ok(WemoeMlp {
             gate: Router::load(be, src, &format!("{prefix}.gate"), spec.router_layers, d, t)?,

@@ -2,23 +2,25 @@
 //! `y_g = x_g · (W0 + Σ_t c[g,t] τ_t)ᵀ + (b0 + Σ_t c[g,t] β_t)` for each group `g` of rows of `x`
 //! (a sample in per-sample routing; the whole batch in batch routing).
 //!
-//! Formulation, chosen by measurement (BENCHMARKS.md): the weight is merged in blocks of output rows
-//! small enough that the T+1 source blocks stay in the core's cache; each block is merged once per group
-//! and multiplied at once, so the task vectors are read from memory once per call, not once per sample,
-//! and no whole merged matrix is ever materialised.
+//! Formulation, chosen by measurement (BENCHMARKS.md): with one group (batch routing) the weight is merged
+//! once and multiplied densely. With many (per-sample routing) it is merged in tiles of 32 outputs × an
+//! input chunk small enough that the T+1 source tiles stay in L2; each tile is merged once per group and
+//! multiplied at once by an AVX-512 micro-kernel, so the task vectors are read from memory once per call,
+//! not once per sample, and no whole per-sample weight is ever materialised.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef, Threads};
 
-/// The weights of one WEMoE linear layer, PyTorch layout.
+/// The weights of one WEMoE linear layer, stored `[in, out]` (transposed from PyTorch's layout, as the CPU
+/// backend prepares them): a block of output columns is then contiguous in every row.
 pub struct ExpertLinearRef<'a> {
-    /// Pretrained weight `[out, in]`.
+    /// Pretrained weight `[in, out]`.
     pub base_weight: &'a [f32],
     /// Pretrained bias `[out]`.
     pub base_bias: &'a [f32],
-    /// Each task's weight delta `[out, in]`.
+    /// Each task's weight delta `[in, out]`.
     pub task_weights: Vec<&'a [f32]>,
     /// Each task's bias delta `[out]`.
     pub task_biases: Vec<&'a [f32]>,
@@ -34,31 +36,48 @@ impl ExpertLinearRef<'_> {
         self.task_weights.len()
     }
 
-    /// Rows `rows` of the merged weight and bias for coefficients `c`, into `w` and `b`.
-    fn merge_rows(&self, c: &[f32], rows: std::ops::Range<usize>, w: &mut [f32], b: &mut [f32]) {
-        let k = self.in_features;
-        let span = rows.start * k..rows.end * k;
-        w.copy_from_slice(&self.base_weight[span.clone()]);
-        b.copy_from_slice(&self.base_bias[rows.clone()]);
-        for ((tw, tb), &ct) in self.task_weights.iter().zip(&self.task_biases).zip(c) {
-            w.iter_mut().zip(&tw[span.clone()]).for_each(|(w, t)| *w += ct * t);
-            b.iter_mut().zip(&tb[rows.clone()]).for_each(|(b, t)| *b += ct * t);
+    /// Outputs `cols` of the merged bias for coefficients `c`.
+    fn merge_bias(&self, c: &[f32], cols: std::ops::Range<usize>, b: &mut [f32]) {
+        b.copy_from_slice(&self.base_bias[cols.clone()]);
+        for (tb, &ct) in self.task_biases.iter().zip(c) {
+            b.iter_mut().zip(&tb[cols.clone()]).for_each(|(b, t)| *b += ct * t);
         }
     }
 
-    /// The whole merged weight and bias for coefficients `c` (tests and batch-mode helpers).
+    /// Inputs `ks` × outputs `cols` of the merged weight for coefficients `c`, into `tile` with row
+    /// stride `stride` (columns past `cols` are left as they are).
+    fn merge_tile(
+        &self,
+        c: &[f32],
+        ks: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        tile: &mut [f32],
+        stride: usize,
+    ) {
+        let o = self.out_features;
+        for (i, kk) in ks.enumerate() {
+            let span = kk * o + cols.start..kk * o + cols.end;
+            let dst = &mut tile[i * stride..i * stride + cols.len()];
+            dst.copy_from_slice(&self.base_weight[span.clone()]);
+            for (tw, &ct) in self.task_weights.iter().zip(c) {
+                dst.iter_mut().zip(&tw[span.clone()]).for_each(|(d, t)| *d += ct * t);
+            }
+        }
+    }
+
+    /// The whole merged weight `[in, out]` and bias for coefficients `c`, merged in parallel.
     pub fn merged(&self, c: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let mut w = vec![0.0; self.out_features * self.in_features];
-        let mut b = vec![0.0; self.out_features];
-        self.merge_rows(c, 0..self.out_features, &mut w, &mut b);
+        let (k, o) = (self.in_features, self.out_features);
+        let mut w = vec![0.0f32; k * o];
+        const ROWS: usize = 8;
+        w.par_chunks_mut(ROWS * o).enumerate().for_each(|(i, chunk)| {
+            let k0 = i * ROWS;
+            self.merge_tile(c, k0..k0 + chunk.len() / o, 0..o, chunk, o);
+        });
+        let mut b = vec![0.0f32; o];
+        self.merge_bias(c, 0..o, &mut b);
         (w, b)
     }
-}
-
-/// Output rows per block: the T+1 source blocks fit in about 1 MiB.
-fn block_rows(experts: usize, in_features: usize, out_features: usize) -> usize {
-    let rows = (1 << 20) / ((experts + 1) * in_features * 4);
-    rows.clamp(4, 64).min(out_features)
 }
 
 /// `x` is `[groups · rows_per_group, in]` (row-major), `coefficients` `[groups, T]`; returns
@@ -70,38 +89,190 @@ pub fn expert_linear(
     coefficients: &[f32],
     w: &ExpertLinearRef,
 ) -> Result<Vec<f32>> {
-    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let (k, t) = (w.in_features, w.experts());
     ensure!(x.len() == groups * rows_per_group * k, "expert_linear: input does not hold {groups}×{rows_per_group}×{k}");
     ensure!(coefficients.len() == groups * t, "expert_linear: coefficients are not [{groups}, {t}]");
-    let rb = block_rows(t, k, o);
-    let blocks: Vec<std::ops::Range<usize>> = (0..o).step_by(rb).map(|s| s..(s + rb).min(o)).collect();
-    // Each block: [groups, rows_per_group, block width].
+    if groups == 1 {
+        return single_merge(x, rows_per_group, coefficients, w);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::Avx512));
+    }
+    Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::Portable))
+}
+
+/// One merge serves every row (batch routing): the whole weight merged once, in parallel, then one
+/// dense product.
+fn single_merge(x: &[f32], rows: usize, c: &[f32], w: &ExpertLinearRef) -> Result<Vec<f32>> {
+    let (k, o) = (w.in_features, w.out_features);
+    let (merged, bias) = w.merged(c);
+    super::gemm::linear(x, rows, k, MatRef::row_major(&merged, k, o)?, Some(&bias))
+}
+
+/// Output rows per block: the width of the micro-kernel's tile.
+const BLOCK_ROWS: usize = 32;
+
+/// Inputs per chunk. Weights are stored `[in, out]`, so a tile's rows lie one output row apart in memory
+/// (12 KiB for ViT-B's MLP): short chunks keep the pages a tile touches within the TLB and its T+1 source
+/// tiles (`(T+1)·32·32` floats, 36 KiB for T = 8) within L1. Measured: 32 to 64 inputs run 1.6× faster
+/// than 768 at ViT-B/32 shapes with 8 experts.
+const CHUNK_INPUTS: usize = 32;
+
+/// How a block's product is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// The AVX-512 micro-kernel (x86-64 with AVX-512F).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// The `gemm` crate on the tile (any CPU).
+    Portable,
+}
+
+/// Per-group merged weights (per-sample routing). For each block of 32 outputs and each chunk of inputs:
+/// every group's merged tile `[chunk, 32]` is formed from the L2-resident source chunks and multiplied
+/// into that group's outputs, so the sources are read from memory once per call.
+fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, kernel: Kernel) -> Vec<f32> {
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let kc = CHUNK_INPUTS.min(k);
+    let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
     let parts: Vec<Vec<f32>> = blocks
         .par_iter()
-        .map(|rows| -> Result<Vec<f32>> {
-            let width = rows.len();
-            let mut tile = vec![0.0f32; width * k];
-            let mut bias = vec![0.0f32; width];
-            let mut part = vec![0.0f32; groups * rows_per_group * width];
-            for (g, out) in part.chunks_exact_mut(rows_per_group * width).enumerate() {
-                w.merge_rows(&coefficients[g * t..(g + 1) * t], rows.clone(), &mut tile, &mut bias);
-                for row in out.chunks_exact_mut(width) {
-                    row.copy_from_slice(&bias);
-                }
-                let xg =
-                    MatRef::row_major(&x[g * rows_per_group * k..(g + 1) * rows_per_group * k], rows_per_group, k)?;
-                matmul(xg, MatRef::row_major(&tile, width, k)?.t(), out, true, Threads::Single)?;
+        .map(|&r0| {
+            let rows = BLOCK_ROWS.min(o - r0);
+            let mut part = vec![0.0f32; groups * n * BLOCK_ROWS];
+            // Columns past the last output stay zero.
+            let mut tile = vec![0.0f32; kc * BLOCK_ROWS];
+            let mut bias = vec![0.0f32; BLOCK_ROWS];
+            for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
+                let cg = &c[g * t..(g + 1) * t];
+                w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
+                out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
             }
-            Ok(part)
+            for k0 in (0..k).step_by(kc) {
+                let width = kc.min(k - k0);
+                for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
+                    let cg = &c[g * t..(g + 1) * t];
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
+                        Kernel::Avx512 => unsafe { avx512::merge_tile(w, cg, k0, width, r0, rows, &mut tile) },
+                        Kernel::Portable => w.merge_tile(cg, k0..k0 + width, r0..r0 + rows, &mut tile, BLOCK_ROWS),
+                    }
+                    let xg = &x[g * n * k..(g + 1) * n * k];
+                    multiply_tile(kernel, xg, n, k, k0, width, &tile[..width * BLOCK_ROWS], out);
+                }
+            }
+            part
         })
-        .collect::<Result<_>>()?;
-    let mut y = vec![0.0f32; groups * rows_per_group * o];
-    for (rows, part) in blocks.iter().zip(&parts) {
-        for (dst, src) in y.chunks_exact_mut(o).zip(part.chunks_exact(rows.len())) {
-            dst[rows.clone()].copy_from_slice(src);
+        .collect();
+    let mut y = vec![0.0f32; groups * n * o];
+    for (&r0, part) in blocks.iter().zip(&parts) {
+        let rows = BLOCK_ROWS.min(o - r0);
+        for (dst, src) in y.chunks_exact_mut(o).zip(part.chunks_exact(BLOCK_ROWS)) {
+            dst[r0..r0 + rows].copy_from_slice(&src[..rows]);
         }
     }
-    Ok(y)
+    y
+}
+
+/// `out[r, 0..32] += Σ_{kk < width} x[r, k0 + kk] · tile[kk, 0..32]` for the `n` rows of `x` (row stride `k`).
+#[allow(clippy::too_many_arguments)]
+fn multiply_tile(
+    kernel: Kernel,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    k0: usize,
+    width: usize,
+    tile: &[f32],
+    out: &mut [f32],
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
+        Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, k, k0, width, tile, out) },
+        Kernel::Portable => {
+            let xv = MatRef::strided(&x[k0..], n, width, k, 1).expect("the view lies inside x");
+            let tv = MatRef::row_major(tile, width, BLOCK_ROWS).expect("the tile holds width rows");
+            matmul(xv, tv, out, true, Threads::Single).expect("shapes agree");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! A 12×32 micro-kernel: 24 accumulators in zmm registers, the tile's row broadcast-multiplied by
+    //! each of 12 input rows read in place (no packing of the inputs).
+    use std::arch::x86_64::*;
+
+    use super::{ExpertLinearRef, BLOCK_ROWS};
+
+    const MR: usize = 12;
+
+    /// `tile[i, 0..32] = W0[k0 + i, col0..] + Σ_t c_t τ_t[k0 + i, col0..]` for `i < width`, the columns past
+    /// `cols` zero (masked loads never touch memory past the last output).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn merge_tile(
+        w: &ExpertLinearRef,
+        c: &[f32],
+        k0: usize,
+        width: usize,
+        col0: usize,
+        cols: usize,
+        tile: &mut [f32],
+    ) {
+        let o = w.out_features;
+        assert!(cols > 0 && cols <= BLOCK_ROWS && col0 + cols <= o && k0 + width <= w.in_features);
+        assert!(tile.len() >= width * BLOCK_ROWS && c.len() == w.task_weights.len());
+        assert!(
+            w.base_weight.len() >= w.in_features * o && w.task_weights.iter().all(|t| t.len() >= w.in_features * o)
+        );
+        let low = cols.min(16) as u32;
+        let high = cols.saturating_sub(16) as u32;
+        let m0: __mmask16 = ((1u32 << low) - 1) as u16;
+        let m1: __mmask16 = ((1u32 << high) - 1) as u16;
+        for i in 0..width {
+            let off = (k0 + i) * o + col0;
+            let mut a0 = _mm512_maskz_loadu_ps(m0, w.base_weight.as_ptr().add(off));
+            let mut a1 = _mm512_maskz_loadu_ps(m1, w.base_weight.as_ptr().add(off + 16));
+            for (tw, &ct) in w.task_weights.iter().zip(c) {
+                let cv = _mm512_set1_ps(ct);
+                a0 = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(m0, tw.as_ptr().add(off)), a0);
+                a1 = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(m1, tw.as_ptr().add(off + 16)), a1);
+            }
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * BLOCK_ROWS), a0);
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * BLOCK_ROWS + 16), a1);
+        }
+    }
+
+    /// See [`super::multiply_tile`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn multiply_tile(x: &[f32], n: usize, k: usize, k0: usize, width: usize, tile: &[f32], out: &mut [f32]) {
+        assert!(n > 0 && x.len() >= n * k && k0 + width <= k && tile.len() >= width * BLOCK_ROWS);
+        assert!(out.len() >= n * BLOCK_ROWS);
+        for r0 in (0..n).step_by(MR) {
+            let rows = MR.min(n - r0);
+            // Rows past the end repeat the last row; their results are not stored.
+            let row: [*const f32; MR] = std::array::from_fn(|i| x.as_ptr().add((r0 + i.min(rows - 1)) * k + k0));
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            let tp = tile.as_ptr();
+            for kk in 0..width {
+                let t0 = _mm512_loadu_ps(tp.add(kk * BLOCK_ROWS));
+                let t1 = _mm512_loadu_ps(tp.add(kk * BLOCK_ROWS + 16));
+                for i in 0..MR {
+                    let xv = _mm512_set1_ps(*row[i].add(kk));
+                    acc[i][0] = _mm512_fmadd_ps(xv, t0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(xv, t1, acc[i][1]);
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(rows) {
+                let c = out.as_mut_ptr().add((r0 + i) * BLOCK_ROWS);
+                _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), a[0]));
+                _mm512_storeu_ps(c.add(16), _mm512_add_ps(_mm512_loadu_ps(c.add(16)), a[1]));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -114,8 +285,9 @@ mod tests {
         let (g, n, k, o, t) = (3, 5, 13, 71, 3);
         let v =
             |len: usize, s: usize| (0..len).map(|i| (((i + s) * 7919) % 211) as f32 / 105.0 - 1.0).collect::<Vec<_>>();
-        let (base_w, base_b) = (v(o * k, 1), v(o, 2));
-        let tw: Vec<Vec<f32>> = (0..t).map(|i| v(o * k, 10 + i)).collect();
+        // Weights [in, out]: element (output j, input kk) at kk·o + j.
+        let (base_w, base_b) = (v(k * o, 1), v(o, 2));
+        let tw: Vec<Vec<f32>> = (0..t).map(|i| v(k * o, 10 + i)).collect();
         let tb: Vec<Vec<f32>> = (0..t).map(|i| v(o, 20 + i)).collect();
         let w = ExpertLinearRef {
             base_weight: &base_w,
@@ -127,23 +299,33 @@ mod tests {
         };
         let x = v(g * n * k, 3);
         let c = v(g * t, 4);
-        let y = expert_linear(&x, g, n, &c, &w).unwrap();
-        for gi in 0..g {
-            for r in 0..n {
-                for j in 0..o {
-                    let mut want = 0.0f64;
-                    for kk in 0..k {
-                        let mut wv = base_w[j * k + kk] as f64;
-                        for ti in 0..t {
-                            wv += c[gi * t + ti] as f64 * tw[ti][j * k + kk] as f64;
+        let check = |y: &[f32], g: usize| {
+            for gi in 0..g {
+                for r in 0..n {
+                    for j in 0..o {
+                        let mut want = 0.0f64;
+                        for kk in 0..k {
+                            let mut wv = base_w[kk * o + j] as f64;
+                            for ti in 0..t {
+                                wv += c[gi * t + ti] as f64 * tw[ti][kk * o + j] as f64;
+                            }
+                            want += x[(gi * n + r) * k + kk] as f64 * wv;
                         }
-                        want += x[(gi * n + r) * k + kk] as f64 * wv;
+                        want +=
+                            base_b[j] as f64 + (0..t).map(|ti| c[gi * t + ti] as f64 * tb[ti][j] as f64).sum::<f64>();
+                        let got = y[(gi * n + r) * o + j] as f64;
+                        assert!((got - want).abs() < 1e-4, "group {gi} row {r} col {j}: {got} vs {want}");
                     }
-                    want += base_b[j] as f64 + (0..t).map(|ti| c[gi * t + ti] as f64 * tb[ti][j] as f64).sum::<f64>();
-                    let got = y[(gi * n + r) * o + j] as f64;
-                    assert!((got - want).abs() < 1e-4, "group {gi} row {r} col {j}: {got} vs {want}");
                 }
             }
+        };
+        check(&expert_linear(&x, g, n, &c, &w).unwrap(), g);
+        check(&per_group(&x, g, n, &c, &w, Kernel::Portable), g);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            check(&per_group(&x, g, n, &c, &w, Kernel::Avx512), g);
         }
+        // One group (batch routing): every row with the first group's coefficients.
+        check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
     }
 }
