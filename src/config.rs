@@ -90,7 +90,7 @@ impl VisionConfig {
             hidden_act,
         };
         ensure!(
-            config.hidden_size % config.num_attention_heads == 0,
+            config.hidden_size.is_multiple_of(config.num_attention_heads),
             "{}: hidden_size {} is not divisible by num_attention_heads {}",
             origin.display(),
             config.hidden_size,

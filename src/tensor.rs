@@ -57,7 +57,7 @@ impl Tensor {
     /// A host tensor read in place from `map` at byte `offset` (4-byte aligned, checked).
     pub fn from_mapped(shape: &[usize], map: Arc<Mmap>, offset: usize) -> Result<Self> {
         let len: usize = shape.iter().product();
-        ensure!(offset % 4 == 0, "mapped tensor at byte {offset} is not 4-byte aligned");
+        ensure!(offset.is_multiple_of(4), "mapped tensor at byte {offset} is not 4-byte aligned");
         ensure!(offset + len * 4 <= map.len(), "mapped tensor runs past the end of its file");
         Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(HostBuffer::Mapped { map, offset, len }) })
     }

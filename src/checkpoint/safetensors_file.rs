@@ -65,7 +65,9 @@ impl SafetensorsFile {
         let bytes = self.bytes(info);
         let offset = self.data_start + info.data_offsets.0;
         let values: Vec<f32> = match info.dtype {
-            Dtype::F32 if offset % 4 == 0 => return Tensor::from_mapped(&info.shape, self.map.clone(), offset),
+            Dtype::F32 if offset.is_multiple_of(4) => {
+                return Tensor::from_mapped(&info.shape, self.map.clone(), offset)
+            }
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
