@@ -6,9 +6,9 @@ use std::path::Path;
 use anyhow::Result;
 
 pub fn run(json: Option<&Path>) -> Result<()> {
-    println!("suite not built yet: the bundled multi-task suite (assets/suite) and the demo land together");
+    say!("suite not built yet: the bundled multi-task suite (assets/suite) and the demo land together");
     if let Some(path) = json {
-        println!("no results, so {} was not written", path.display());
+        say!("no results, so {} was not written", path.display());
     }
     Ok(())
 }

@@ -12,15 +12,15 @@ pub fn run(arch: Option<&str>) -> Result<()> {
             "--arch '{a}': expected sm_XY, e.g. sm_90"
         );
     }
-    println!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
-    println!("cpu         {}", CpuBackend::new().describe());
-    println!("cuda        {CUDA_UNAVAILABLE}");
-    println!("kernels     {} CUDA sources embedded", KERNELS.len());
+    say!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
+    say!("cpu         {}", CpuBackend::new().describe());
+    say!("cuda        {CUDA_UNAVAILABLE}");
+    say!("kernels     {} CUDA sources embedded", KERNELS.len());
     for k in KERNELS {
-        println!("  {:<24} {:016x}", k.name, k.hash);
+        say!("  {:<24} {:016x}", k.name, k.hash);
     }
     if let Some(a) = arch {
-        println!("compile     {a}: not possible without the CUDA backend");
+        say!("compile     {a}: not possible without the CUDA backend");
     }
     Ok(())
 }

@@ -55,11 +55,11 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     }
     let average = results.iter().map(TaskAccuracy::accuracy).sum::<f64>() / results.len() as f64;
     let width = results.iter().map(|r| r.task.len()).max().unwrap_or(4).max(7);
-    println!("{:<width$}  {:>7}  {:>8}", "task", "images", "accuracy");
+    say!("{:<width$}  {:>7}  {:>8}", "task", "images", "accuracy");
     for r in &results {
-        println!("{:<width$}  {:>7}  {:>7.2}%", r.task, r.count, 100.0 * r.accuracy());
+        say!("{:<width$}  {:>7}  {:>7.2}%", r.task, r.count, 100.0 * r.accuracy());
     }
-    println!("{:<width$}  {:>7}  {:>7.2}%", "average", "", 100.0 * average);
+    say!("{:<width$}  {:>7}  {:>7.2}%", "average", "", 100.0 * average);
     if let Some(path) = &args.json {
         let tasks: serde_json::Map<String, serde_json::Value> =
             results.iter().map(|r| (r.task.clone(), json!({"accuracy": r.accuracy(), "count": r.count}))).collect();

@@ -53,12 +53,12 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "files": files,
             "dtypes": dtypes,
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("model       {}", path.display());
-    println!("kind        {}", dir.kind.hf_name());
-    println!(
+    say!("model       {}", path.display());
+    say!("kind        {}", dir.kind.hf_name());
+    say!(
         "vision      width {}, mlp {}, layers {}, heads {}, image {}, patch {}, tokens {}, {:?}, eps {:e}",
         c.hidden_size,
         c.intermediate_size,
@@ -70,25 +70,25 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         c.hidden_act,
         c.layer_norm_eps
     );
-    println!("parameters  {vision_params} in {vision_tensors} vision tensors");
+    say!("parameters  {vision_params} in {vision_tensors} vision tensors");
     if let Some(w) = &dir.wemoe {
-        println!("wemoe       {} experts: {}", w.num_experts(), w.experts.join(", "));
-        println!(
+        say!("wemoe       {} experts: {}", w.num_experts(), w.experts.join(", "));
+        say!(
             "routers     depth {}, activation {}, init_lambda {}",
             w.router_layers,
             w.router_activation.name(),
             w.init_lambda.map_or("unknown".into(), |l| l.to_string())
         );
-        println!("split       shared {shared_params}, experts {experts_params}, routers {router_params}");
+        say!("split       shared {shared_params}, experts {experts_params}, routers {router_params}");
     }
     match &projection {
-        Some(s) => println!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
-        None => println!("projection  none"),
+        Some(s) => say!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
+        None => say!("projection  none"),
     }
     if let Some(s) = logit_scale {
-        println!("logit_scale {s:.4} (exp {:.2})", s.exp());
+        say!("logit_scale {s:.4} (exp {:.2})", s.exp());
     }
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
-    println!("files       {} ({})", files.join(", "), dtypes.join(", "));
+    say!("files       {} ({})", files.join(", "), dtypes.join(", "));
     Ok(())
 }

@@ -1,13 +1,5 @@
 //! Argument parsing and dispatch; each command in its own file.
 
-mod demo;
-mod doctor;
-mod embed;
-mod eval;
-mod info;
-mod merge;
-mod progress;
-
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -160,6 +152,22 @@ enum Command {
         arch: Option<String>,
     },
 }
+
+/// Prints a line on stdout; a closed stdout (the output piped into `head`, say) is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+mod demo;
+mod doctor;
+mod embed;
+mod eval;
+mod info;
+mod merge;
+mod progress;
 
 /// Splits `NAME=PATH` of option `--{flag}`.
 fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {

@@ -236,7 +236,7 @@ mod avx512 {
     ) {
         let (o, t) = (w.out_features, w.task_weights.len());
         assert!(cols > 0 && cols <= BLOCK_ROWS && col0 + cols <= o && k0 + width <= w.in_features);
-        assert!(groups > 0 && c.len() == groups * t && tiles.len() % (groups * BLOCK_ROWS) == 0);
+        assert!(groups > 0 && c.len() == groups * t && tiles.len().is_multiple_of(groups * BLOCK_ROWS));
         let kc = tiles.len() / groups / BLOCK_ROWS;
         assert!(width <= kc);
         assert!(
