@@ -236,3 +236,70 @@ fn merge_and_info_on_the_command_line() {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
     }
 }
+
+#[test]
+fn eval_of_a_fusionbench_model_in_both_routing_modes() {
+    // Heads with their own projection (the WEMoE model has none). Class 2i is image i's projected embedding under
+    // FusionBench's per-sample routing, class 2i+1 under its batch routing; the labels are 2i. So per-sample
+    // routing must score 1 and batch routing 0: a mode mixed up, or an output off by more than the tiny margins
+    // between those classes, fails.
+    use wemoe_engine::output::{write_safetensors, NamedTensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, d, images) = (8usize, 32usize, 5usize);
+    let projection: Vec<f32> = (0..p * d).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+    let embeddings = |key: &str| -> Vec<Vec<f32>> {
+        let pooled = reference("wemoe/expected.safetensors", &format!("{key}.pooler_output")).1;
+        pooled
+            .chunks(d)
+            .map(|x| {
+                let e: Vec<f32> = (0..p).map(|i| (0..d).map(|j| projection[i * d + j] * x[j]).sum()).collect();
+                let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+                e.into_iter().map(|v| v / norm).collect()
+            })
+            .collect()
+    };
+    let (sample, batch) = (embeddings("d2.sample"), embeddings("d2.batch"));
+    let head: Vec<f32> =
+        (0..images).flat_map(|i| sample[i].iter().chain(&batch[i]).copied().collect::<Vec<_>>()).collect();
+    let heads = tmp.path().join("heads.safetensors");
+    write_safetensors(
+        &heads,
+        &[
+            NamedTensor { name: "head.twins".into(), shape: vec![2 * images, p], values: head },
+            NamedTensor { name: "visual_projection.weight".into(), shape: vec![p, d], values: projection.clone() },
+        ],
+    )
+    .unwrap();
+    let (shape, pixels) = reference("wemoe/pixels.safetensors", "pixel_values");
+    let labels: Vec<u8> = (0..images as i64).flat_map(|i| (2 * i).to_le_bytes()).collect();
+    let pixel_bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("pixel_values", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &pixel_bytes).unwrap()),
+        ("labels", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![images], &labels).unwrap()),
+    ];
+    let data = tmp.path().join("data.safetensors");
+    std::fs::write(&data, safetensors::serialize(views, None).unwrap()).unwrap();
+    for (mode, accuracy) in [("sample", 1.0), ("batch", 0.0)] {
+        let json = tmp.path().join(format!("{mode}.json"));
+        let (ok, _, err) = engine(&[
+            "eval",
+            "--model",
+            s(&wemoe("fusionbench_d2")),
+            "--heads",
+            s(&heads),
+            "--task",
+            &format!("twins={}", s(&data)),
+            "--routing",
+            mode,
+            "--batch-size",
+            "5",
+            "--json",
+            s(&json),
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{err}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["tasks"]["twins"]["accuracy"].as_f64().unwrap(), accuracy, "{mode}");
+    }
+}
