@@ -50,6 +50,39 @@ pub fn activation_in_place(x: &mut [f32], act: Activation) {
     }
 }
 
+/// The activation's derivative at `z`.
+pub fn derivative(z: f32, act: Activation) -> f32 {
+    match act {
+        Activation::QuickGelu => {
+            let s = 1.0 / (1.0 + exp_f32(-1.702 * z));
+            s + 1.702 * z * s * (1.0 - s)
+        }
+        Activation::Gelu => {
+            let cdf = 0.5 * (1.0 + libm::erff(z * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * z * z).exp() / (2.0 * std::f32::consts::PI).sqrt();
+            cdf + z * pdf
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6;
+            let u = C * (z + 0.044715 * z * z * z);
+            let t = u.tanh();
+            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * z * z)
+        }
+        Activation::Relu => {
+            if z > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// Backward of an activation: `dz = dy ∘ act'(z)` from the pre-activation `z`.
+pub fn activation_backward(z: &[f32], dy: &[f32], act: Activation) -> Vec<f32> {
+    z.par_iter().zip(dy).with_min_len(4096).map(|(&z, &g)| g * derivative(z, act)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +108,41 @@ mod tests {
             worst = worst.max(((exp_f32(x) as f64 - want) / want).abs());
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn derivatives_match_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let z: Vec<f32> = values(40, 5).iter().map(|v| v * 4.0 + 0.013).collect();
+        let g = values(40, 6);
+        let g = &g;
+        let forward = |act: Activation| {
+            move |z: &[f64]| -> f64 {
+                z.iter()
+                    .zip(g)
+                    .map(|(&z, &g)| {
+                        let a = match act {
+                            Activation::QuickGelu => z / (1.0 + (-1.702 * z).exp()),
+                            Activation::Gelu => 0.5 * z * (1.0 + libm::erf(z / std::f64::consts::SQRT_2)),
+                            Activation::GeluTanh => {
+                                let c = (2.0 / std::f64::consts::PI).sqrt();
+                                0.5 * z * (1.0 + (c * (z + 0.044715 * z * z * z)).tanh())
+                            }
+                            Activation::Relu => z.max(0.0),
+                        };
+                        g as f64 * a
+                    })
+                    .sum()
+            }
+        };
+        for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            let f = forward(act);
+            assert_gradient(
+                &format!("{act:?}"),
+                &activation_backward(&z, g, act),
+                &numeric_gradient(&f, &f64s(&z)),
+                1e-5,
+            );
+        }
     }
 }

@@ -57,6 +57,82 @@ pub fn attention(
     Ok(out)
 }
 
+/// Backward of [`attention`]: `(dq, dk, dv)` for the output gradient `d_out`, all `[batch, tokens, width]`.
+/// The probabilities are recomputed from `q` and `k` (nothing but the inputs is kept for backward):
+/// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dP∘P))`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_out: &[f32],
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let head_dim = width / heads;
+    let scale = (head_dim as f32).powf(-0.5);
+    let sample = tokens * width;
+    let mut grads = vec![(vec![0.0f32; sample], vec![0.0f32; sample], vec![0.0f32; sample]); batch];
+    grads.par_iter_mut().enumerate().try_for_each(|(b, (dq_b, dk_b, dv_b))| -> Result<()> {
+        let (n, hd) = (tokens, head_dim);
+        let mut p = vec![0.0f32; n * n];
+        let mut dp = vec![0.0f32; n * n];
+        let mut tmp = vec![0.0f32; n * hd];
+        fn view(t: &[f32], at: usize, rows: usize, cols: usize, stride: usize) -> Result<MatRef<'_>> {
+            MatRef::strided(&t[at..], rows, cols, stride, 1)
+        }
+        for h in 0..heads {
+            let at = b * sample + h * hd;
+            let (qv, kv, vv, gv) = (
+                view(q, at, n, hd, width)?,
+                view(k, at, n, hd, width)?,
+                view(v, at, n, hd, width)?,
+                view(d_out, at, n, hd, width)?,
+            );
+            matmul(qv, kv.t(), &mut p, false, Threads::Single)?;
+            for row in p.chunks_exact_mut(n) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                let mut sum = 0.0f32;
+                row.iter_mut().for_each(|s| {
+                    *s = exp_f32(*s * scale - max);
+                    sum += *s;
+                });
+                row.iter_mut().for_each(|s| *s /= sum);
+            }
+            let scatter = |src: &[f32], dst: &mut [f32]| {
+                for (t, row) in src.chunks_exact(hd).enumerate() {
+                    dst[t * width + h * hd..][..hd].copy_from_slice(row);
+                }
+            };
+            // dV = Pᵀ dO
+            matmul(MatRef::row_major(&p, n, n)?.t(), gv, &mut tmp, false, Threads::Single)?;
+            scatter(&tmp, dv_b);
+            // dP = dO Vᵀ, then dS in place.
+            matmul(gv, vv.t(), &mut dp, false, Threads::Single)?;
+            for (drow, prow) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                let dot: f32 = drow.iter().zip(prow).map(|(d, p)| d * p).sum();
+                drow.iter_mut().zip(prow).for_each(|(d, p)| *d = p * (*d - dot) * scale);
+            }
+            let ds = MatRef::row_major(&dp, n, n)?;
+            matmul(ds, kv, &mut tmp, false, Threads::Single)?;
+            scatter(&tmp, dq_b);
+            matmul(ds.t(), qv, &mut tmp, false, Threads::Single)?;
+            scatter(&tmp, dk_b);
+        }
+        Ok(())
+    })?;
+    let (mut dq, mut dk, mut dv) =
+        (Vec::with_capacity(batch * sample), Vec::with_capacity(batch * sample), Vec::with_capacity(batch * sample));
+    for (a, b, c) in grads {
+        dq.extend(a);
+        dk.extend(b);
+        dv.extend(c);
+    }
+    Ok((dq, dk, dv))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +162,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let (b, n, d, h) = (2, 5, 6, 3);
+        let (q, k, v, g) = (values(b * n * d, 1), values(b * n * d, 2), values(b * n * d, 3), values(b * n * d, 4));
+        let hd = d / h;
+        // loss = Σ g ∘ attention(q, k, v), in f64.
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for bi in 0..b {
+                for hi in 0..h {
+                    let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
+                    for i in 0..n {
+                        let s: Vec<f64> = (0..n)
+                            .map(|j| (0..hd).map(|c| q[idx(i, c)] * k[idx(j, c)]).sum::<f64>() / (hd as f64).sqrt())
+                            .collect();
+                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                        let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                        for c in 0..hd {
+                            let o: f64 = (0..n).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)]).sum();
+                            total += g[idx(i, c)] as f64 * o;
+                        }
+                    }
+                }
+            }
+            total
+        };
+        let (qf, kf, vf) = (f64s(&q), f64s(&k), f64s(&v));
+        let (dq, dk, dv) = attention_backward(&q, &k, &v, &g, b, n, d, h).unwrap();
+        assert_gradient("dq", &dq, &numeric_gradient(&|x| loss(x, &kf, &vf), &qf), 1e-5);
+        assert_gradient("dk", &dk, &numeric_gradient(&|x| loss(&qf, x, &vf), &kf), 1e-5);
+        assert_gradient("dv", &dv, &numeric_gradient(&|x| loss(&qf, &kf, x), &vf), 1e-5);
     }
 }

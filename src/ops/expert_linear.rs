@@ -300,6 +300,59 @@ mod avx512 {
     }
 }
 
+/// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
+/// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
+/// This CPU reference forms each group's merged weight and `x_gᵀ·dy_g` transiently, one group per thread at
+/// a time; none is kept.
+pub fn expert_linear_backward(
+    x: &[f32],
+    groups: usize,
+    n: usize,
+    coefficients: &[f32],
+    w: &ExpertLinearRef,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    ensure!(x.len() == groups * n * k && dy.len() == groups * n * o, "expert_linear_backward: shapes");
+    ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
+    let per_group: Vec<(Vec<f32>, Vec<f32>)> = (0..groups)
+        .into_par_iter()
+        .map(|g| -> Result<(Vec<f32>, Vec<f32>)> {
+            let (xg, dyg) = (&x[g * n * k..(g + 1) * n * k], &dy[g * n * o..(g + 1) * n * o]);
+            let mut merged = vec![0.0f32; k * o];
+            w.merge_tile(&coefficients[g * t..(g + 1) * t], 0..k, 0..o, &mut merged, o);
+            let mut dx = vec![0.0f32; n * k];
+            let dyv = MatRef::row_major(dyg, n, o)?;
+            matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, Threads::Single)?;
+            // x_gᵀ·dy_g, in the weights' [in, out] layout.
+            let mut outer = vec![0.0f32; k * o];
+            matmul(MatRef::row_major(xg, n, k)?.t(), dyv, &mut outer, false, Threads::Single)?;
+            let mut colsum = vec![0.0f64; o];
+            for row in dyg.chunks_exact(o) {
+                colsum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+            }
+            let dc = w
+                .task_weights
+                .iter()
+                .zip(&w.task_biases)
+                .map(|(tw, tb)| {
+                    let weights: f64 = tw.iter().zip(&outer).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
+                    (weights + biases) as f32
+                })
+                .collect();
+            Ok((dx, dc))
+        })
+        .collect::<Result<_>>()?;
+    let mut dx = Vec::with_capacity(groups * n * k);
+    let mut dc = Vec::with_capacity(groups * t);
+    for (a, b) in per_group {
+        dx.extend(a);
+        dc.extend(b);
+    }
+    Ok((dx, dc))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +405,45 @@ mod tests {
         }
         // One group (batch routing): every row with the first group's coefficients.
         check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_for_input_and_coefficients() {
+        use crate::ops::gradcheck::*;
+        let (g, n, k, o, t) = (2, 3, 5, 7, 3);
+        let (base_w, base_b) = (values(k * o, 1), values(o, 2));
+        let tw: Vec<Vec<f32>> = (0..t).map(|i| values(k * o, 10 + i)).collect();
+        let tb: Vec<Vec<f32>> = (0..t).map(|i| values(o, 20 + i)).collect();
+        let w = ExpertLinearRef {
+            base_weight: &base_w,
+            base_bias: &base_b,
+            task_weights: tw.iter().map(Vec::as_slice).collect(),
+            task_biases: tb.iter().map(Vec::as_slice).collect(),
+            out_features: o,
+            in_features: k,
+        };
+        let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
+        // loss = Σ dy ∘ y, in f64; weights [in, out].
+        let loss = |x: &[f64], c: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for gi in 0..g {
+                for r in 0..n {
+                    for j in 0..o {
+                        let mut y = base_b[j] as f64 + (0..t).map(|e| c[gi * t + e] * tb[e][j] as f64).sum::<f64>();
+                        for kk in 0..k {
+                            let wv = base_w[kk * o + j] as f64
+                                + (0..t).map(|e| c[gi * t + e] * tw[e][kk * o + j] as f64).sum::<f64>();
+                            y += x[(gi * n + r) * k + kk] * wv;
+                        }
+                        total += dy[(gi * n + r) * o + j] as f64 * y;
+                    }
+                }
+            }
+            total
+        };
+        let (xf, cf) = (f64s(&x), f64s(&c));
+        let (dx, dc) = expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap();
+        assert_gradient("dx", &dx, &numeric_gradient(&|v| loss(v, &cf), &xf), 1e-5);
+        assert_gradient("dc", &dc, &numeric_gradient(&|v| loss(&xf, v), &cf), 1e-5);
     }
 }

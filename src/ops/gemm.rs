@@ -124,6 +124,27 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatRef, bias: Option<&[f32]>) ->
     Ok(y)
 }
 
+/// Backward of [`linear`] with respect to its input: `dx = dy · wᵀ` for `dy` `[m, n]` and the same
+/// right-hand side view `w` (`k × n`) as the forward; returns `[m, k]`.
+pub fn linear_backward_input(dy: &[f32], m: usize, w: MatRef) -> Result<Vec<f32>> {
+    let (k, n) = (w.rows, w.cols);
+    let mut dx = vec![0.0f32; m * k];
+    matmul(MatRef::row_major(dy, m, n)?, w.t(), &mut dx, false, Threads::All)?;
+    Ok(dx)
+}
+
+/// Backward of [`linear`] with respect to the weight and bias, in PyTorch's layout: `dw = dyᵀ · x` `[n, k]`
+/// and `db = Σ_rows dy` `[n]`, for `x` `[m, k]` and `dy` `[m, n]` (a trainable router layer's gradients).
+pub fn linear_backward_weight(x: &[f32], dy: &[f32], m: usize, k: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut dw = vec![0.0f32; n * k];
+    matmul(MatRef::row_major(dy, m, n)?.t(), MatRef::row_major(x, m, k)?, &mut dw, false, Threads::All)?;
+    let mut db = vec![0.0f64; n];
+    for row in dy.chunks_exact(n) {
+        db.iter_mut().zip(row).for_each(|(d, &g)| *d += g as f64);
+    }
+    Ok((dw, db.into_iter().map(|v| v as f32).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +190,26 @@ mod tests {
         let data = vec![0.0; 10];
         assert!(MatRef::row_major(&data, 3, 4).is_err());
         assert!(MatRef::strided(&data, 2, 5, 5, 1).is_ok());
+    }
+
+    #[test]
+    fn linear_backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let (m, k, n) = (3, 5, 4);
+        let (x, w, b, g) = (values(m * k, 1), values(n * k, 2), values(n, 3), values(m * n, 4));
+        // loss = Σ g ∘ (x · wᵀ + b), in f64.
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
+            (0..m)
+                .flat_map(|i| (0..n).map(move |j| (i, j)))
+                .map(|(i, j)| g[i * n + j] as f64 * (b[j] + (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>()))
+                .sum()
+        };
+        let (xf, wf, bf) = (f64s(&x), f64s(&w), f64s(&b));
+        let view = MatRef::row_major(&w, n, k).unwrap().t();
+        let dx = linear_backward_input(&g, m, view).unwrap();
+        assert_gradient("dx", &dx, &numeric_gradient(&|v| loss(v, &wf, &bf), &xf), 1e-6);
+        let (dw, db) = linear_backward_weight(&x, &g, m, k, n).unwrap();
+        assert_gradient("dw", &dw, &numeric_gradient(&|v| loss(&xf, v, &bf), &wf), 1e-6);
+        assert_gradient("db", &db, &numeric_gradient(&|v| loss(&xf, &wf, v), &bf), 1e-6);
     }
 }

@@ -36,6 +36,37 @@ pub fn mean_rows(x: &[f32], width: usize) -> Vec<f32> {
     sum.into_iter().map(|s| (s / rows as f64) as f32).collect()
 }
 
+/// Backward of [`router_reduce`]: the gradient of the per-token outputs `[B, N, T]` from that of the
+/// coefficients `dw` `[B, T]`: `dw/N` for identity, `p∘(dw − Σ_t dw·p)/N` through the softmax.
+pub fn router_reduce_backward(
+    logits: &[f32],
+    batch: usize,
+    tokens: usize,
+    experts: usize,
+    softmax: bool,
+    dw: &[f32],
+) -> Vec<f32> {
+    let mut dl = vec![0.0f32; batch * tokens * experts];
+    let inv = 1.0 / tokens as f32;
+    dl.par_chunks_mut(tokens * experts).zip(logits.par_chunks(tokens * experts)).enumerate().for_each(
+        |(b, (out, sample))| {
+            let g = &dw[b * experts..(b + 1) * experts];
+            for (o, token) in out.chunks_exact_mut(experts).zip(sample.chunks_exact(experts)) {
+                if softmax {
+                    let max = token.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let p: Vec<f32> = token.iter().map(|&l| exp_f32(l - max)).collect();
+                    let z: f32 = p.iter().sum();
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p / z * g).sum();
+                    o.iter_mut().zip(&p).zip(g).for_each(|((o, p), g)| *o = p / z * (g - dot) * inv);
+                } else {
+                    o.iter_mut().zip(g).for_each(|(o, g)| *o = g * inv);
+                }
+            }
+        },
+    );
+    dl
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +87,31 @@ mod tests {
             assert!((soft[t] as f64 - (a[t] + b[t]) / 2.0).abs() < 1e-6);
         }
         assert_eq!(mean_rows(&[1.0, 2.0, 3.0, 6.0], 2), vec![2.0, 4.0]);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let (b, n, t) = (2, 4, 3);
+        let (logits, g) = (values(b * n * t, 1), values(b * t, 2));
+        for softmax in [false, true] {
+            let loss = |l: &[f64]| -> f64 {
+                let mut total = 0.0;
+                for bi in 0..b {
+                    for tok in l[bi * n * t..(bi + 1) * n * t].chunks(t) {
+                        let w: Vec<f64> = if softmax {
+                            let z: f64 = tok.iter().map(|x| x.exp()).sum();
+                            tok.iter().map(|x| x.exp() / z).collect()
+                        } else {
+                            tok.to_vec()
+                        };
+                        total += w.iter().zip(&g[bi * t..]).map(|(w, &g)| w * g as f64).sum::<f64>() / n as f64;
+                    }
+                }
+                total
+            };
+            let dl = router_reduce_backward(&logits, b, n, t, softmax, &g);
+            assert_gradient(&format!("softmax {softmax}"), &dl, &numeric_gradient(&loss, &f64s(&logits)), 1e-6);
+        }
     }
 }

@@ -23,3 +23,38 @@ pub fn add_in_place(a: &mut [f32], b: &[f32]) {
         x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
     });
 }
+
+/// Backward of [`l2_normalize`]: `dx = (dy − y·(y·dy)) / |x|` per row, with `y` the normalised row.
+pub fn l2_normalize_backward(x: &[f32], width: usize, dy: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(out, (row, g))| {
+        let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt().max(1e-12);
+        let dot = row.iter().zip(g).map(|(&y, &g)| y as f64 / norm * g as f64).sum::<f64>();
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(g) {
+            *o = ((g as f64 - v as f64 / norm * dot) / norm) as f32;
+        }
+    });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::*;
+
+    #[test]
+    fn l2_normalize_backward_matches_finite_differences() {
+        let (rows, width) = (3, 6);
+        let (x, g) = (values(rows * width, 1), values(rows * width, 2));
+        let loss = |x: &[f64]| -> f64 {
+            x.chunks(width)
+                .zip(g.chunks(width))
+                .map(|(r, g)| {
+                    let n = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    r.iter().zip(g).map(|(v, &g)| v / n * g as f64).sum::<f64>()
+                })
+                .sum()
+        };
+        assert_gradient("dx", &l2_normalize_backward(&x, width, &g), &numeric_gradient(&loss, &f64s(&x)), 1e-6);
+    }
+}
