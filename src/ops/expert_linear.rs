@@ -356,27 +356,51 @@ pub fn expert_linear_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::values;
+
+    /// Test weights `[in, out]` (element (output j, input kk) at kk·o + j): base, biases, T task vectors.
+    struct Weights {
+        base_w: Vec<f32>,
+        base_b: Vec<f32>,
+        tw: Vec<Vec<f32>>,
+        tb: Vec<Vec<f32>>,
+        k: usize,
+        o: usize,
+    }
+
+    impl Weights {
+        fn new(k: usize, o: usize, t: usize) -> Self {
+            Weights {
+                base_w: values(k * o, 1),
+                base_b: values(o, 2),
+                tw: (0..t).map(|i| values(k * o, 10 + i)).collect(),
+                tb: (0..t).map(|i| values(o, 20 + i)).collect(),
+                k,
+                o,
+            }
+        }
+
+        fn view(&self) -> ExpertLinearRef<'_> {
+            ExpertLinearRef {
+                base_weight: &self.base_w,
+                base_bias: &self.base_b,
+                task_weights: self.tw.iter().map(Vec::as_slice).collect(),
+                task_biases: self.tb.iter().map(Vec::as_slice).collect(),
+                out_features: self.o,
+                in_features: self.k,
+            }
+        }
+    }
 
     /// Odd shapes: 3 groups of 5 rows, 13 inputs, 71 outputs (several blocks and a ragged last one), 3 experts.
     #[test]
     fn matches_merging_then_multiplying_in_f64() {
         let (g, n, k, o, t) = (3, 5, 13, 71, 3);
-        let v =
-            |len: usize, s: usize| (0..len).map(|i| (((i + s) * 7919) % 211) as f32 / 105.0 - 1.0).collect::<Vec<_>>();
-        // Weights [in, out]: element (output j, input kk) at kk·o + j.
-        let (base_w, base_b) = (v(k * o, 1), v(o, 2));
-        let tw: Vec<Vec<f32>> = (0..t).map(|i| v(k * o, 10 + i)).collect();
-        let tb: Vec<Vec<f32>> = (0..t).map(|i| v(o, 20 + i)).collect();
-        let w = ExpertLinearRef {
-            base_weight: &base_w,
-            base_bias: &base_b,
-            task_weights: tw.iter().map(Vec::as_slice).collect(),
-            task_biases: tb.iter().map(Vec::as_slice).collect(),
-            out_features: o,
-            in_features: k,
-        };
-        let x = v(g * n * k, 3);
-        let c = v(g * t, 4);
+        let weights = Weights::new(k, o, t);
+        let (base_w, base_b, tw, tb) = (&weights.base_w, &weights.base_b, &weights.tw, &weights.tb);
+        let w = weights.view();
+        let x = values(g * n * k, 3);
+        let c = values(g * t, 4);
         let check = |y: &[f32], g: usize| {
             for gi in 0..g {
                 for r in 0..n {
@@ -409,19 +433,11 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences_for_input_and_coefficients() {
-        use crate::ops::gradcheck::*;
+        use crate::ops::gradcheck::{assert_gradient, f64s, numeric_gradient};
         let (g, n, k, o, t) = (2, 3, 5, 7, 3);
-        let (base_w, base_b) = (values(k * o, 1), values(o, 2));
-        let tw: Vec<Vec<f32>> = (0..t).map(|i| values(k * o, 10 + i)).collect();
-        let tb: Vec<Vec<f32>> = (0..t).map(|i| values(o, 20 + i)).collect();
-        let w = ExpertLinearRef {
-            base_weight: &base_w,
-            base_bias: &base_b,
-            task_weights: tw.iter().map(Vec::as_slice).collect(),
-            task_biases: tb.iter().map(Vec::as_slice).collect(),
-            out_features: o,
-            in_features: k,
-        };
+        let weights = Weights::new(k, o, t);
+        let (base_w, base_b, tw, tb) = (&weights.base_w, &weights.base_b, &weights.tw, &weights.tb);
+        let w = weights.view();
         let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
         // loss = Σ dy ∘ y, in f64; weights [in, out].
         let loss = |x: &[f64], c: &[f64]| -> f64 {
