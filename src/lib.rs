@@ -11,6 +11,7 @@
 //! - [`model`]: the CLIP vision model, its projection, the classification heads;
 //! - [`data`]: datasets and CLIP's preprocessing;
 //! - [`eval`]: accuracy of a model over tasks;
+//! - [`autograd`]: the tape and the adaptation loss's router gradients;
 //! - [`output`]: atomic output files.
 //!
 //! ```no_run
@@ -26,6 +27,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod autograd;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

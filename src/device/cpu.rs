@@ -222,4 +222,122 @@ impl Backend for CpuBackend {
         let (_, width) = rows_and_width(x);
         Tensor::from_vec(&[1, width], ops::router::mean_rows(x.host()?, width))
     }
+
+    fn copy(&self, x: &Tensor) -> Result<Tensor> {
+        Tensor::from_vec(x.shape(), x.host()?.to_vec())
+    }
+
+    fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+        let (rows, n) = rows_and_width(dy);
+        ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
+        let k = w.in_features();
+        let data = w.tensor().host()?;
+        let rhs = match w.layout() {
+            WeightLayout::InOut => ops::gemm::MatRef::row_major(data, k, n)?,
+            WeightLayout::OutIn => ops::gemm::MatRef::row_major(data, n, k)?.t(),
+        };
+        let dx = ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?;
+        let mut shape = dy.shape().to_vec();
+        *shape.last_mut().expect("rows_and_width saw a last dimension") = k;
+        Tensor::from_vec(&shape, dx)
+    }
+
+    fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ((m, k), (m2, n)) = (rows_and_width(x), rows_and_width(dy));
+        ensure!(m == m2, "linear_backward_weight: {m} input rows, {m2} gradient rows");
+        let (dw, db) = ops::gemm::linear_backward_weight(x.host()?, dy.host()?, m, k, n)?;
+        Ok((Tensor::from_vec(&[n, k], dw)?, Tensor::from_vec(&[n], db)?))
+    }
+
+    fn layer_norm_backward(&self, x: &Tensor, weight: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
+        same_shape("layer_norm_backward", x, dy)?;
+        let (_, width) = rows_and_width(x);
+        Tensor::from_vec(
+            x.shape(),
+            ops::layer_norm::layer_norm_backward(x.host()?, width, weight.host()?, eps, dy.host()?),
+        )
+    }
+
+    fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
+        same_shape("activation_backward", z, dy)?;
+        Tensor::from_vec(z.shape(), ops::activation::activation_backward(z.host()?, dy.host()?, act))
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_out: &Tensor,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        same_shape("attention_backward", q, d_out)?;
+        let (b, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let (dq, dk, dv) =
+            ops::attention::attention_backward(q.host()?, k.host()?, v.host()?, d_out.host()?, b, n, d, heads)?;
+        Ok((Tensor::from_vec(q.shape(), dq)?, Tensor::from_vec(q.shape(), dk)?, Tensor::from_vec(q.shape(), dv)?))
+    }
+
+    fn router_reduce_backward(&self, logits: &Tensor, softmax: bool, dw: &Tensor) -> Result<Tensor> {
+        let (b, n, t) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+        ensure!(dw.shape() == [b, t], "router_reduce_backward: gradient {:?} for [{b}, {t}]", dw.shape());
+        Tensor::from_vec(
+            logits.shape(),
+            ops::router::router_reduce_backward(logits.host()?, b, n, t, softmax, dw.host()?),
+        )
+    }
+
+    fn expert_linear_backward(
+        &self,
+        x: &Tensor,
+        coefficients: &Tensor,
+        w: &ExpertLinear,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        ensure!(w.layout == WeightLayout::InOut, "expert_linear_backward: weights not prepared by the CPU backend");
+        let (rows, k) = rows_and_width(x);
+        let groups = coefficients.shape()[0];
+        ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
+        fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
+            v.iter().map(Tensor::host).collect()
+        }
+        let weights = ops::expert_linear::ExpertLinearRef {
+            base_weight: w.base_weight.host()?,
+            base_bias: w.base_bias.host()?,
+            task_weights: host(&w.task_weights)?,
+            task_biases: host(&w.task_biases)?,
+            out_features: w.out_features(),
+            in_features: k,
+        };
+        let (dx, dc) = ops::expert_linear::expert_linear_backward(
+            x.host()?,
+            groups,
+            rows / groups,
+            coefficients.host()?,
+            &weights,
+            dy.host()?,
+        )?;
+        Ok((Tensor::from_vec(x.shape(), dx)?, Tensor::from_vec(coefficients.shape(), dc)?))
+    }
+
+    fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        same_shape("l2_normalize_backward", x, dy)?;
+        let (_, width) = rows_and_width(x);
+        Tensor::from_vec(x.shape(), ops::rows::l2_normalize_backward(x.host()?, width, dy.host()?))
+    }
+
+    fn softmax_entropy(&self, logits: &Tensor) -> Result<(f64, Tensor)> {
+        let (_, classes) = rows_and_width(logits);
+        let h = ops::entropy::softmax_entropy(logits.host()?, classes);
+        Ok((h, Tensor::from_vec(logits.shape(), ops::entropy::softmax_entropy_backward(logits.host()?, classes))?))
+    }
+
+    fn select_token_backward(&self, dy: &Tensor, tokens: usize, index: usize) -> Result<Tensor> {
+        let (b, d) = (dy.shape()[0], dy.shape()[1]);
+        let mut dx = vec![0.0f32; b * tokens * d];
+        for (sample, g) in dx.chunks_exact_mut(tokens * d).zip(dy.host()?.chunks_exact(d)) {
+            sample[index * d..(index + 1) * d].copy_from_slice(g);
+        }
+        Tensor::from_vec(&[b, tokens, d], dx)
+    }
 }

@@ -170,4 +170,51 @@ pub trait Backend: Send + Sync {
 
     /// The mean over rows: `[B, W]` to `[1, W]`.
     fn mean_rows(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// A copy of `x` on this device (a value a backward step keeps while the forward goes on with it).
+    fn copy(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Backward of [`linear`](Backend::linear) with respect to its input: `dy · w`, shaped like the input.
+    fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor>;
+
+    /// Backward of [`linear`](Backend::linear) with respect to a trainable weight and bias: `(dyᵀ·x, Σ dy)`,
+    /// the weight gradient in PyTorch's `[out, in]` layout.
+    fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// Backward of [`layer_norm`](Backend::layer_norm) with respect to its input (frozen affine parameters).
+    fn layer_norm_backward(&self, x: &Tensor, weight: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor>;
+
+    /// Backward of [`activation`](Backend::activation) from the pre-activation `z`.
+    fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor>;
+
+    /// Backward of [`attention`](Backend::attention): `(dq, dk, dv)`, recomputing the probabilities.
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_out: &Tensor,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// Backward of [`router_reduce`](Backend::router_reduce): the per-token outputs' gradient `[B, N, T]`.
+    fn router_reduce_backward(&self, logits: &Tensor, softmax: bool, dw: &Tensor) -> Result<Tensor>;
+
+    /// Backward of [`expert_linear`](Backend::expert_linear): `(dx, dcoefficients)`.
+    fn expert_linear_backward(
+        &self,
+        x: &Tensor,
+        coefficients: &Tensor,
+        w: &ExpertLinear,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// Backward of [`l2_normalize`](Backend::l2_normalize).
+    fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+
+    /// The batch-mean softmax entropy of `[B, C]` logits and its gradient.
+    fn softmax_entropy(&self, logits: &Tensor) -> Result<(f64, Tensor)>;
+
+    /// Backward of [`select_token`](Backend::select_token): `[B, D]` scattered into zeros `[B, tokens, D]`.
+    fn select_token_backward(&self, dy: &Tensor, tokens: usize, index: usize) -> Result<Tensor>;
 }

@@ -110,7 +110,17 @@ impl Heads {
     }
 }
 
-impl Classifier<'_> {
+impl<'a> Classifier<'a> {
+    /// The projection in use.
+    pub fn projection(&self) -> &'a LinearWeight {
+        self.projection
+    }
+
+    /// `exp(logit_scale)`.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
     /// `exp(logit_scale) · normalize(pooled · projectionᵀ) · headᵀ`, `[B, C]`.
     pub fn logits(&self, be: &dyn Backend, pooled: &Tensor, head: &LinearWeight) -> Result<Tensor> {
         let embeds = be.linear(pooled, self.projection, None)?;

@@ -1,0 +1,10 @@
+//! Reverse-mode automatic differentiation for test-time adaptation: a tape of backward steps recorded by
+//! the forward (dfdx's design), gradients kept only for router parameters.
+
+mod ops;
+mod tape;
+mod vit;
+
+pub use ops::Tracked;
+pub use tape::{Gradients, Tape, Var};
+pub use vit::{entropy_loss_and_router_gradients, TaskBatch};
