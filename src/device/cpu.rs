@@ -23,6 +23,22 @@ fn rows_and_width(t: &Tensor) -> (usize, usize) {
     (t.numel() / width.max(1), width)
 }
 
+/// The CPU reference's view of an expert linear layer prepared by this backend.
+fn host_view(w: &ExpertLinear) -> Result<ops::expert_linear::ExpertLinearRef<'_>> {
+    ensure!(w.layout == WeightLayout::InOut, "expert linear weights not prepared by the CPU backend");
+    fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
+        v.iter().map(Tensor::host).collect()
+    }
+    Ok(ops::expert_linear::ExpertLinearRef {
+        base_weight: w.base_weight.host()?,
+        base_bias: w.base_bias.host()?,
+        task_weights: host(&w.task_weights)?,
+        task_biases: host(&w.task_biases)?,
+        out_features: w.out_features(),
+        in_features: w.in_features(),
+    })
+}
+
 fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     ensure!(a.shape() == b.shape(), "{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
     Ok(())
@@ -184,7 +200,6 @@ impl Backend for CpuBackend {
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
-        ensure!(w.layout == WeightLayout::InOut, "expert_linear: weights not prepared by the CPU backend");
         let (rows, k) = rows_and_width(x);
         ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
         let t = w.experts();
@@ -195,17 +210,7 @@ impl Backend for CpuBackend {
         );
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
-        fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
-            v.iter().map(Tensor::host).collect()
-        }
-        let weights = ops::expert_linear::ExpertLinearRef {
-            base_weight: w.base_weight.host()?,
-            base_bias: w.base_bias.host()?,
-            task_weights: host(&w.task_weights)?,
-            task_biases: host(&w.task_biases)?,
-            out_features: w.out_features(),
-            in_features: k,
-        };
+        let weights = host_view(w)?;
         let y = ops::expert_linear::expert_linear(x.host()?, groups, rows / groups, coefficients.host()?, &weights)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = w.out_features();
@@ -294,21 +299,10 @@ impl Backend for CpuBackend {
         w: &ExpertLinear,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        ensure!(w.layout == WeightLayout::InOut, "expert_linear_backward: weights not prepared by the CPU backend");
-        let (rows, k) = rows_and_width(x);
+        let (rows, _) = rows_and_width(x);
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
-        fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
-            v.iter().map(Tensor::host).collect()
-        }
-        let weights = ops::expert_linear::ExpertLinearRef {
-            base_weight: w.base_weight.host()?,
-            base_bias: w.base_bias.host()?,
-            task_weights: host(&w.task_weights)?,
-            task_biases: host(&w.task_biases)?,
-            out_features: w.out_features(),
-            in_features: k,
-        };
+        let weights = host_view(w)?;
         let (dx, dc) = ops::expert_linear::expert_linear_backward(
             x.host()?,
             groups,
