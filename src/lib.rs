@@ -12,6 +12,7 @@
 //! - [`data`]: datasets and CLIP's preprocessing;
 //! - [`eval`]: accuracy of a model over tasks;
 //! - [`autograd`]: the tape and the adaptation loss's router gradients;
+//! - [`adapt`]: Adam and the routers' parameters;
 //! - [`output`]: atomic output files.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod adapt;
 pub mod autograd;
 pub mod checkpoint;
 pub mod config;

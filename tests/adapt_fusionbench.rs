@@ -45,3 +45,47 @@ fn router_gradients_match_torch_through_fusionbench() {
         }
     }
 }
+
+#[test]
+fn five_full_batch_adam_steps_match_torch() {
+    use std::collections::BTreeMap;
+    use wemoe_engine::adapt::{Adam, RouterParams};
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let expected = SafetensorsFile::open(&fixture("adapt/expected.safetensors")).unwrap();
+    for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
+        let mut model = ImageEncoder::load(&be, &dir).unwrap();
+        let mut params = RouterParams::load(&model, &dir.store).unwrap();
+        let start = params.values.clone();
+        let mut adam = Adam::new(1e-4, (0.9, 0.999), 1e-8);
+        for _ in 0..5 {
+            let grads = {
+                let classifier = heads.classifier(&model, &dir.path).unwrap();
+                let tasks: Vec<TaskBatch> = ["left", "right"]
+                    .iter()
+                    .map(|t| {
+                        let (shape, values) = reference(&format!("adapt/{t}.safetensors"), "pixel_values");
+                        TaskBatch { head: heads.head(t).unwrap(), pixels: Tensor::from_vec(&shape, values).unwrap() }
+                    })
+                    .collect();
+                entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap().1
+            };
+            let grads: BTreeMap<String, Vec<f32>> =
+                grads.into_iter().map(|(n, g)| (n, g.host().unwrap().to_vec())).collect();
+            adam.update(&mut params.values, &grads, 1e-4).unwrap();
+            params.apply(&be, &mut model).unwrap();
+        }
+        for (name, ours) in &params.values {
+            let theirs =
+                expected.f32(&format!("{mode}.adam5.{}", name.strip_prefix("vision_model.").unwrap())).unwrap();
+            let ours_update: Vec<f32> = ours.iter().zip(&start[name]).map(|(a, b)| a - b).collect();
+            let theirs_update: Vec<f32> = theirs.host().unwrap().iter().zip(&start[name]).map(|(a, b)| a - b).collect();
+            let diff =
+                ours_update.iter().zip(&theirs_update).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm = theirs_update.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(norm > 0.0, "{mode} {name}: torch moved nothing");
+            assert!(diff / norm <= 2e-3, "{mode} {name}: update off by {:.2e} relative L2", diff / norm);
+        }
+    }
+}

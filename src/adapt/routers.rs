@@ -1,0 +1,88 @@
+//! The routers' parameters as Adam sees them: canonical host tensors by name, written back into the model
+//! (re-prepared by the backend) after each step.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+
+use crate::device::Backend;
+use crate::model::{ImageEncoder, Linear, Mlp, Router, WeightSource};
+use crate::tensor::Tensor;
+
+/// Every router tensor of a WEMoE model, by canonical name, with its shape.
+pub struct RouterParams {
+    /// Values, PyTorch layout.
+    pub values: BTreeMap<String, Vec<f32>>,
+    /// Shapes.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+/// The router tensor names of layer `l` for router depth `depth`.
+fn names(l: usize, depth: usize) -> Vec<String> {
+    let gate = format!("vision_model.encoder.layers.{l}.mlp.gate");
+    let leaves: &[&str] = match depth {
+        0 => &["weight"],
+        1 => &["fc.weight", "fc.bias"],
+        _ => &["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+    };
+    leaves.iter().map(|leaf| format!("{gate}.{leaf}")).collect()
+}
+
+impl RouterParams {
+    /// Reads every router tensor of `model` from its checkpoint `src`.
+    pub fn load(model: &ImageEncoder, src: &dyn WeightSource) -> Result<Self> {
+        let mut values = BTreeMap::new();
+        let mut shapes = BTreeMap::new();
+        for (l, layer) in model.vision.layers.iter().enumerate() {
+            let Mlp::Wemoe(moe) = &layer.mlp else { bail!("layer {l} has no router: not a WEMoE model") };
+            let depth = match moe.gate {
+                Router::Constant(_) => 0,
+                Router::Linear(_) => 1,
+                Router::Mlp { .. } => 2,
+            };
+            let (d, t) = (model.vision.config.hidden_size, moe.fc1.experts());
+            for name in names(l, depth) {
+                let shape = match name.rsplit('.').next() {
+                    Some("bias") if name.ends_with("fc1.bias") => vec![d],
+                    Some("bias") => vec![t],
+                    _ if name.ends_with("fc1.weight") => vec![d, d],
+                    _ if name.ends_with("gate.weight") => vec![t],
+                    _ => vec![t, d],
+                };
+                values.insert(name.clone(), src.get(&name, &shape)?.host()?.to_vec());
+                shapes.insert(name, shape);
+            }
+        }
+        Ok(RouterParams { values, shapes })
+    }
+
+    /// Writes every value back into `model`'s routers, prepared by `be`.
+    pub fn apply(&self, be: &dyn Backend, model: &mut ImageEncoder) -> Result<()> {
+        for (l, layer) in model.vision.layers.iter_mut().enumerate() {
+            let Mlp::Wemoe(moe) = &mut layer.mlp else { bail!("layer {l} has no router") };
+            let gate = format!("vision_model.encoder.layers.{l}.mlp.gate");
+            let get = |leaf: &str| -> Result<Tensor> {
+                let name = format!("{gate}.{leaf}");
+                let v = self.values.get(&name).with_context(|| format!("no value for router tensor '{name}'"))?;
+                Tensor::from_vec(&self.shapes[&name], v.clone())
+            };
+            let set = |lin: &mut Linear, prefix: &str| -> Result<()> {
+                lin.weight = be.prepare_linear(get(&format!("{prefix}.weight"))?)?;
+                lin.bias = Some(be.upload(get(&format!("{prefix}.bias"))?)?);
+                Ok(())
+            };
+            match &mut moe.gate {
+                Router::Constant(w) => {
+                    let t = w.numel();
+                    *w = be.upload(get("weight")?.reshape(&[1, 1, t])?)?;
+                }
+                Router::Linear(fc) => set(fc, "fc")?,
+                Router::Mlp { fc1, fc2 } => {
+                    set(fc1, "fc1")?;
+                    set(fc2, "fc2")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
