@@ -56,3 +56,21 @@ pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
     write_atomic(path, &safetensors_bytes(tensors)?)
 }
+
+/// Writes f32 tensors and string metadata to a safetensors file atomically.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[NamedTensor],
+    metadata: std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.values))
+                .with_context(|| format!("tensor '{}' does not fit shape {:?}", t.name, t.shape))?;
+            Ok((t.name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata.into_iter().collect()))?;
+    write_atomic(path, &bytes)
+}

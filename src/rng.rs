@@ -12,6 +12,22 @@ impl Rng {
         Rng { state: seed }
     }
 
+    /// The whole state: `Rng::new(state)` continues the same stream.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// A uniform index in `0..n` (`n > 0`), by rejection so every index is equally likely.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -2,6 +2,10 @@
 
 mod adam;
 mod routers;
+mod run;
+mod sampler;
 
 pub use adam::Adam;
 pub use routers::RouterParams;
+pub use run::{adapt, AdaptOptions, Schedule, StepReport, CHECKPOINT};
+pub use sampler::TaskSampler;

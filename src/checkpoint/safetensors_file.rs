@@ -19,6 +19,7 @@ pub struct SafetensorsFile {
     map: Arc<Mmap>,
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl SafetensorsFile {
@@ -32,12 +33,24 @@ impl SafetensorsFile {
         let (header_len, metadata) = SafeTensors::read_metadata(&map)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let tensors = metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), map: Arc::new(map), data_start: 8 + header_len, tensors })
+        let strings = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            data_start: 8 + header_len,
+            tensors,
+            metadata: strings,
+        })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A string of the header's `__metadata__`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// Every tensor name, sorted.

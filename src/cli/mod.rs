@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use wemoe_engine::adapt::{AdaptOptions, Schedule};
 use wemoe_engine::device::DeviceRequest;
 use wemoe_engine::eval::Batching;
 use wemoe_engine::merge::{MergeMethod, MergeOptions};
@@ -52,6 +53,15 @@ enum Method {
     TaskArithmetic,
     /// The mean of the experts.
     Average,
+}
+
+/// `--schedule` of adapt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LrSchedule {
+    /// The same learning rate every step (FusionBench).
+    Constant,
+    /// Cosine annealing to zero over the run (the paper's code).
+    Cosine,
 }
 
 /// `--router-activation` of merge.
@@ -139,6 +149,45 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Adapt a WEMoE model's routers on unlabeled task data (entropy minimisation).
+    Adapt {
+        /// The WEMoE model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The heads file (safetensors with head.<TASK>).
+        #[arg(long)]
+        heads: PathBuf,
+        /// A task and its unlabeled data, NAME=DATA; repeat for each.
+        #[arg(long = "task", required = true, value_name = "NAME=DATA")]
+        tasks: Vec<String>,
+        /// The output directory: checkpoints, then the adapted model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Adaptation steps in all.
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Adam's learning rate.
+        #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
+        lr: f64,
+        /// Images per task per step.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Routing during adaptation.
+        #[arg(long, value_enum, default_value_t)]
+        routing: Routing,
+        /// Learning-rate schedule.
+        #[arg(long, value_enum, default_value = "constant")]
+        schedule: LrSchedule,
+        /// Seed of the tasks' shuffled streams.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Steps between checkpoints in --out.
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: u64,
+        /// Continue from the checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Run the whole job on the bundled suite and print the table.
     Demo {
         /// Also write the results as JSON to this file.
@@ -161,6 +210,7 @@ macro_rules! say {
     }};
 }
 
+mod adapt;
 mod demo;
 mod doctor;
 mod embed;
@@ -202,6 +252,35 @@ pub fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
+        }
+        Command::Adapt {
+            model,
+            heads,
+            tasks,
+            out,
+            steps,
+            lr,
+            batch_size,
+            routing,
+            schedule,
+            seed,
+            checkpoint_every,
+            resume,
+        } => {
+            let tasks = tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
+            let options = AdaptOptions {
+                steps,
+                lr,
+                batch_size,
+                routing: routing.batching(batch_size).routing,
+                schedule: match schedule {
+                    LrSchedule::Constant => Schedule::Constant,
+                    LrSchedule::Cosine => Schedule::Cosine,
+                },
+                seed,
+                checkpoint_every,
+            };
+            adapt::run(&adapt::Args { model, heads, tasks, out, options, resume }, device, quiet)
         }
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
         Command::Embed { model, images, out, routing, batch_size } => {

@@ -119,18 +119,29 @@ impl Dataset {
     /// Images `range` as pixel values `[b, 3, S, S]`.
     pub fn batch(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
         ensure!(range.end <= self.len && range.start < range.end, "batch {range:?} of {} images", self.len);
+        self.gather(&range.collect::<Vec<_>>())
+    }
+
+    /// Images `indices` (in that order) as pixel values `[b, 3, S, S]`.
+    pub fn gather(&self, indices: &[usize]) -> Result<Tensor> {
+        ensure!(!indices.is_empty(), "an empty batch");
+        if let Some(bad) = indices.iter().find(|&&i| i >= self.len) {
+            bail!("image {bad} of {} in {}", self.len, self.origin.display());
+        }
         let s = self.side;
         let per = 3 * s * s;
-        let n = range.len();
+        let n = indices.len();
         let values = match &self.source {
-            Source::Pixels(t) => t.host()?[range.start * per..range.end * per].to_vec(),
+            Source::Pixels(t) => {
+                let all = t.host()?;
+                indices.iter().flat_map(|&i| all[i * per..(i + 1) * per].iter().copied()).collect()
+            }
             Source::Images { file, height, width, channels } => {
                 let (_, bytes) = file.u8("images")?;
                 let one = height * width * channels;
-                let images: Vec<Vec<f32>> = range
-                    .clone()
-                    .into_par_iter()
-                    .map(|i| {
+                let images: Vec<Vec<f32>> = indices
+                    .par_iter()
+                    .map(|&i| {
                         self.preprocess
                             .apply(&bytes[i * one..(i + 1) * one], *height, *width, *channels)
                             .with_context(|| format!("{}: image {i}", self.origin.display()))
@@ -140,7 +151,7 @@ impl Dataset {
             }
             Source::Files(files) => {
                 let images: Vec<Vec<f32>> =
-                    files[range.clone()].par_iter().map(|f| self.load_file(f)).collect::<Result<_>>()?;
+                    indices.par_iter().map(|&i| self.load_file(&files[i])).collect::<Result<_>>()?;
                 images.concat()
             }
         };

@@ -1,0 +1,246 @@
+//! The adaptation loop: per step, one batch of every task, the summed entropy's router gradients, one Adam
+//! step; checkpoints every few steps; the adapted model written at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{Adam, RouterParams, TaskSampler};
+use crate::autograd::{entropy_loss_and_router_gradients, TaskBatch};
+use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
+use crate::data::Dataset;
+use crate::device::Backend;
+use crate::model::{Heads, ImageEncoder, Routing};
+use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
+
+/// The learning-rate schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// The same rate every step (FusionBench).
+    Constant,
+    /// Cosine annealing from the rate to zero over the run (the paper's code).
+    Cosine,
+}
+
+/// What `adapt` is asked to do.
+#[derive(Clone, Debug)]
+pub struct AdaptOptions {
+    /// Steps in all.
+    pub steps: u64,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Images per task per step.
+    pub batch_size: usize,
+    /// Routing during adaptation.
+    pub routing: Routing,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Seed of the task streams.
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+}
+
+/// One step's report, for progress.
+pub struct StepReport {
+    /// Steps done (1-based).
+    pub step: u64,
+    /// Steps in all.
+    pub steps: u64,
+    /// The step's loss (sum over tasks of the batch-mean entropy).
+    pub loss: f64,
+}
+
+/// The checkpoint file inside `--out`.
+pub const CHECKPOINT: &str = "adapt-checkpoint.safetensors";
+
+/// The arguments a resumed run must share with the checkpoint's.
+fn fingerprint(model: &Path, heads: &Path, tasks: &[(String, PathBuf)], o: &AdaptOptions) -> Value {
+    let tasks: Vec<Value> = tasks.iter().map(|(n, p)| json!([n, p.display().to_string()])).collect();
+    let mut f = json!({
+        "model": model.display().to_string(), "heads": heads.display().to_string(), "tasks": tasks,
+        "lr": o.lr, "batch_size": o.batch_size, "routing": format!("{:?}", o.routing),
+        "schedule": format!("{:?}", o.schedule), "seed": o.seed,
+    });
+    // The cosine schedule depends on the run's length; a constant one may be extended by resuming.
+    if o.schedule == Schedule::Cosine {
+        f["steps"] = json!(o.steps);
+    }
+    f
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    adam_step: u64,
+    fingerprint: Value,
+    samplers: Vec<TaskSampler>,
+}
+
+fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, adam: &Adam) -> Result<()> {
+    let mut tensors = Vec::new();
+    for (name, values) in &params.values {
+        let shape = params.shapes[name].clone();
+        let (m, v) =
+            adam.moments.get(name).cloned().unwrap_or_else(|| (vec![0.0; values.len()], vec![0.0; values.len()]));
+        tensors.push(NamedTensor { name: format!("router.{name}"), shape: shape.clone(), values: values.clone() });
+        tensors.push(NamedTensor { name: format!("adam.m.{name}"), shape: shape.clone(), values: m });
+        tensors.push(NamedTensor { name: format!("adam.v.{name}"), shape, values: v });
+    }
+    let meta = BTreeMap::from([("state".to_string(), serde_json::to_string(state)?)]);
+    write_safetensors_with_metadata(&out.join(CHECKPOINT), &tensors, meta)
+}
+
+fn load_checkpoint(path: &Path, params: &mut RouterParams, adam: &mut Adam) -> Result<CheckpointState> {
+    let file = SafetensorsFile::open(path)?;
+    let state: CheckpointState =
+        serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
+            .with_context(|| format!("{}: unreadable state", path.display()))?;
+    for (name, values) in params.values.iter_mut() {
+        let read = |key: String| -> Result<Vec<f32>> { Ok(file.f32(&key)?.host()?.to_vec()) };
+        *values = read(format!("router.{name}"))?;
+        adam.moments.insert(name.clone(), (read(format!("adam.m.{name}"))?, read(format!("adam.v.{name}"))?));
+    }
+    adam.step = state.adam_step;
+    Ok(state)
+}
+
+/// Writes the adapted model: every tensor of the input checkpoint, the routers replaced.
+fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path) -> Result<()> {
+    let names: Vec<String> = dir.store.names().map(str::to_string).collect();
+    let plan = names.iter().map(|n| (n.clone(), dir.store.shape(n).unwrap_or_default().to_vec())).collect();
+    let tmp = out.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut writer = StreamingWriter::create(&tmp, plan)?;
+        for name in &names {
+            match params.values.get(name) {
+                Some(values) => writer.write(name, values)?,
+                None => writer.write(name, dir.store.get_any(name)?.host()?)?,
+            }
+        }
+        writer.finish()?;
+        std::fs::rename(&tmp, out.join("model.safetensors")).with_context(|| format!("{}: cannot write", out.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    let mut config = dir.json.clone();
+    if let (Some(obj), Some(spec)) = (config.as_object_mut(), dir.wemoe.as_ref()) {
+        obj.insert("wemoe".into(), spec.to_json());
+    }
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let preprocessor = dir.path.join("preprocessor_config.json");
+    if preprocessor.exists() {
+        write_atomic(&out.join("preprocessor_config.json"), &std::fs::read(&preprocessor)?)?;
+    }
+    Ok(())
+}
+
+/// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
+/// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn adapt(
+    be: &dyn Backend,
+    dir: &ModelDir,
+    heads: &Heads,
+    tasks: &[(String, PathBuf)],
+    data: &[Dataset],
+    opts: &AdaptOptions,
+    out: &Path,
+    resume: bool,
+    progress: &mut dyn FnMut(StepReport),
+) -> Result<()> {
+    ensure!(opts.steps > 0, "--steps must be positive");
+    ensure!(opts.lr.is_finite() && opts.lr > 0.0, "--lr must be a positive number, got {}", opts.lr);
+    ensure!(opts.batch_size > 0, "--batch-size must be positive");
+    ensure!(opts.checkpoint_every > 0, "--checkpoint-every must be positive");
+    ensure!(
+        dir.wemoe.is_some(),
+        "{}: not a WEMoE model; merge one with `wemoe-engine merge` first",
+        dir.path.display()
+    );
+    for (name, _) in tasks {
+        heads.head(name)?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut model = ImageEncoder::load(be, dir)?;
+    let mut params = RouterParams::load(&model, &dir.store)?;
+    let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
+    let print = fingerprint(&dir.path, heads.path(), tasks, opts);
+    let checkpoint = out.join(CHECKPOINT);
+    let (mut step, mut samplers) = if resume && checkpoint.exists() {
+        let state = load_checkpoint(&checkpoint, &mut params, &mut adam)?;
+        if state.fingerprint != print {
+            let differs = print.as_object().and_then(|p| {
+                p.iter()
+                    .find(|(k, v)| state.fingerprint.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+            });
+            let (key, now) = differs.unwrap_or_default();
+            bail!(
+                "--resume: {} was made with other arguments ({key}: {} there, {now} now); resume with the same ones",
+                checkpoint.display(),
+                state.fingerprint.get(&key).cloned().unwrap_or(Value::Null)
+            );
+        }
+        params.apply(be, &mut model)?;
+        (state.step, state.samplers)
+    } else {
+        if !resume && checkpoint.exists() {
+            bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
+        }
+        let samplers = data
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                TaskSampler::new(d.len(), opts.batch_size, opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64))
+            })
+            .collect();
+        (0, samplers)
+    };
+    while step < opts.steps {
+        let lr = match opts.schedule {
+            Schedule::Constant => opts.lr,
+            Schedule::Cosine => opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos()),
+        };
+        let batches: Vec<TaskBatch> = tasks
+            .iter()
+            .zip(data)
+            .zip(samplers.iter_mut())
+            .map(|(((name, _), d), s)| {
+                Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
+            })
+            .collect::<Result<_>>()?;
+        let (loss, grads) = {
+            let classifier = heads.classifier(&model, &dir.path)?;
+            entropy_loss_and_router_gradients(be, &model, &classifier, &batches, opts.routing)?
+        };
+        let grads: BTreeMap<String, Vec<f32>> =
+            grads.into_iter().map(|(n, g)| Ok((n, be.to_host(&g)?))).collect::<Result<_>>()?;
+        if !loss.is_finite() || grads.values().flatten().any(|g| !g.is_finite()) {
+            bail!(
+                "the loss turned non-finite at step {} ({loss}); {}",
+                step + 1,
+                if checkpoint.exists() {
+                    format!("the last good checkpoint is kept in {}", checkpoint.display())
+                } else {
+                    "no checkpoint was written yet".into()
+                }
+            );
+        }
+        adam.update(&mut params.values, &grads, lr)?;
+        params.apply(be, &mut model)?;
+        step += 1;
+        progress(StepReport { step, steps: opts.steps, loss });
+        if step % opts.checkpoint_every == 0 || step == opts.steps {
+            let state =
+                CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: samplers.clone() };
+            save_checkpoint(out, &state, &params, &adam)?;
+        }
+    }
+    write_model(dir, &params, out)
+}

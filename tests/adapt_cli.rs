@@ -1,0 +1,177 @@
+//! `wemoe-engine adapt` end to end: the entropy goes down, only the routers change, a run killed with
+//! SIGKILL and resumed ends byte-identical to an uninterrupted one, and bad input is refused clearly.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
+
+fn base_args(out: &Path, steps: u64) -> Vec<String> {
+    let f = |p: &str| s(&fixture(p)).to_string();
+    vec![
+        "adapt".into(),
+        "--model".into(),
+        f("wemoe/fusionbench_d2"),
+        "--heads".into(),
+        f("adapt/heads.safetensors"),
+        "--task".into(),
+        format!("left={}", f("adapt/left.safetensors")),
+        "--task".into(),
+        format!("right={}", f("adapt/right.safetensors")),
+        "--out".into(),
+        s(out).into(),
+        "--steps".into(),
+        steps.to_string(),
+        "--batch-size".into(),
+        "3".into(),
+        "--lr".into(),
+        "1e-3".into(),
+        "--quiet".into(),
+    ]
+}
+
+fn run(args: &[String]) -> (bool, String) {
+    let (ok, _, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    (ok, err)
+}
+
+/// The summed entropy of the fixture's tasks (whole sets) under `model`, from `embed` and the heads.
+fn entropy(model: &Path) -> f64 {
+    use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
+    use wemoe_engine::device::CpuBackend;
+    use wemoe_engine::model::{Heads, ImageEncoder, Routing};
+    use wemoe_engine::tensor::Tensor;
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(model).unwrap();
+    let encoder = ImageEncoder::load(&be, &dir).unwrap();
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let classifier = heads.classifier(&encoder, &dir.path).unwrap();
+    let tasks: Vec<TaskBatch> = ["left", "right"]
+        .iter()
+        .map(|t| {
+            let (shape, values) = reference(&format!("adapt/{t}.safetensors"), "pixel_values");
+            TaskBatch { head: heads.head(t).unwrap(), pixels: Tensor::from_vec(&shape, values).unwrap() }
+        })
+        .collect();
+    entropy_loss_and_router_gradients(&be, &encoder, &classifier, &tasks, Routing::Sample).unwrap().0
+}
+
+#[test]
+fn adaptation_lowers_the_entropy_and_changes_only_the_routers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapted");
+    let (ok, err) = run(&base_args(&out, 40));
+    assert!(ok, "{err}");
+    let (before, after) = (entropy(&fixture("wemoe/fusionbench_d2")), entropy(&out));
+    assert!(after < before - 0.05, "entropy {before} -> {after}");
+    let (a, b) = (ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap(), ModelDir::open(&out).unwrap());
+    assert_eq!(a.store.names().collect::<Vec<_>>(), b.store.names().collect::<Vec<_>>());
+    for name in a.store.names() {
+        let same = a.store.get_any(name).unwrap().host().unwrap() == b.store.get_any(name).unwrap().host().unwrap();
+        assert_eq!(same, !name.contains(".mlp.gate."), "{name}");
+    }
+}
+
+/// The step a checkpoint holds.
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let file = SafetensorsFile::open(&out.join("adapt-checkpoint.safetensors")).ok()?;
+    let state: serde_json::Value = serde_json::from_str(file.metadata("state")?).ok()?;
+    state["step"].as_u64()
+}
+
+#[test]
+fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 1500;
+    let whole = tmp.path().join("whole");
+    let (ok, err) = run(&base_args(&whole, steps));
+    assert!(ok, "{err}");
+    let killed = tmp.path().join("killed");
+    let mut args = base_args(&killed, steps);
+    args.extend(["--checkpoint-every".to_string(), "7".to_string(), "--routing".to_string(), "sample".to_string()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wemoe-engine")).args(&args).spawn().unwrap();
+    let start = Instant::now();
+    while checkpoint_step(&killed).is_none_or(|s| s < 14) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at = checkpoint_step(&killed).unwrap();
+    assert!(at < steps, "the run finished before it could be killed (checkpoint at {at})");
+    assert!(!killed.join("model.safetensors").exists());
+    args.push("--resume".into());
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    let read = |p: &PathBuf| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert!(read(&whole) == read(&killed), "resumed from step {at}: the models differ");
+}
+
+#[test]
+fn bad_adaptation_input_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let check = |args: Vec<String>, culprit: &str| {
+        let (ok, err) = run(&args);
+        assert!(!ok && !err.contains("panicked"), "{err}");
+        let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+        assert!(line.contains(culprit), "'{culprit}' not in: {err}");
+        assert!(!out.join("model.safetensors").exists(), "no model may be written");
+    };
+    let mut a = base_args(&out, 5);
+    a[6] = format!("up={}", s(&fixture("adapt/left.safetensors")));
+    check(a, "heads.safetensors: no head for task 'up'");
+    for lr in ["0", "-1", "nan"] {
+        let mut a = base_args(&out, 5);
+        a[16] = lr.to_string();
+        check(a, "--lr must be a positive number");
+    }
+    check(base_args(&out, 0), "--steps must be positive");
+    // A task with no images.
+    let empty = tmp.path().join("empty.safetensors");
+    let bytes = safetensors::serialize(
+        vec![(
+            "pixel_values",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![0, 3, 24, 24], &[]).unwrap(),
+        )],
+        None,
+    )
+    .unwrap();
+    std::fs::write(&empty, bytes).unwrap();
+    let mut a = base_args(&out, 5);
+    a[6] = format!("left={}", s(&empty));
+    check(a, "empty.safetensors: holds no images");
+    // A logit scale whose exp overflows: the loss turns non-finite.
+    let heads = tmp.path().join("hot.safetensors");
+    let file = SafetensorsFile::open(&fixture("adapt/heads.safetensors")).unwrap();
+    let mut tensors: Vec<wemoe_engine::output::NamedTensor> = file
+        .names()
+        .map(|n| {
+            let t = file.f32(n).unwrap();
+            wemoe_engine::output::NamedTensor {
+                name: n.into(),
+                shape: t.shape().to_vec(),
+                values: t.host().unwrap().to_vec(),
+            }
+        })
+        .collect();
+    tensors.iter_mut().find(|t| t.name == "logit_scale").unwrap().values = vec![100.0];
+    wemoe_engine::output::write_safetensors(&heads, &tensors).unwrap();
+    let mut a = base_args(&out, 5);
+    a[4] = s(&heads).into();
+    check(a, "the loss turned non-finite at step 1");
+    // A checkpoint, then a resume with other arguments: refused, the checkpoint kept.
+    let (ok, err) = run(&[base_args(&out, 4), vec!["--checkpoint-every".into(), "2".into()]].concat());
+    assert!(ok, "{err}");
+    std::fs::remove_file(out.join("model.safetensors")).unwrap();
+    let mut a = base_args(&out, 8);
+    a[16] = "2e-3".into();
+    a.push("--resume".into());
+    check(a, "lr: 0.001 there, 0.002 now");
+    assert_eq!(checkpoint_step(&out), Some(4), "the last good checkpoint is kept");
+    check(base_args(&out, 8), "holds a checkpoint; pass --resume");
+}
