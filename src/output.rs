@@ -39,17 +39,21 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-/// Serialises f32 tensors to safetensors bytes.
-pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
-    let views = tensors
+/// Views of f32 tensors for safetensors' serialiser.
+fn views(tensors: &[NamedTensor]) -> Result<Vec<(String, TensorView<'_>)>> {
+    tensors
         .iter()
         .map(|t| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.values))
                 .with_context(|| format!("tensor '{}' does not fit shape {:?}", t.name, t.shape))?;
             Ok((t.name.clone(), view))
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(safetensors::serialize(views, None)?)
+        .collect()
+}
+
+/// Serialises f32 tensors to safetensors bytes.
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    Ok(safetensors::serialize(views(tensors)?, None)?)
 }
 
 /// Writes f32 tensors to a safetensors file atomically.
@@ -63,14 +67,6 @@ pub fn write_safetensors_with_metadata(
     tensors: &[NamedTensor],
     metadata: std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
-    let views = tensors
-        .iter()
-        .map(|t| {
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.values))
-                .with_context(|| format!("tensor '{}' does not fit shape {:?}", t.name, t.shape))?;
-            Ok((t.name.clone(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata.into_iter().collect()))?;
+    let bytes = safetensors::serialize(views(tensors)?, Some(metadata.into_iter().collect()))?;
     write_atomic(path, &bytes)
 }

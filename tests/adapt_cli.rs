@@ -39,24 +39,17 @@ fn run(args: &[String]) -> (bool, String) {
     (ok, err)
 }
 
-/// The summed entropy of the fixture's tasks (whole sets) under `model`, from `embed` and the heads.
+/// The summed entropy of the fixture's tasks (whole sets) under `model`.
 fn entropy(model: &Path) -> f64 {
-    use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
+    use wemoe_engine::autograd::entropy_loss_and_router_gradients;
     use wemoe_engine::device::CpuBackend;
     use wemoe_engine::model::{Heads, ImageEncoder, Routing};
-    use wemoe_engine::tensor::Tensor;
     let be = CpuBackend::new();
     let dir = ModelDir::open(model).unwrap();
     let encoder = ImageEncoder::load(&be, &dir).unwrap();
     let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
     let classifier = heads.classifier(&encoder, &dir.path).unwrap();
-    let tasks: Vec<TaskBatch> = ["left", "right"]
-        .iter()
-        .map(|t| {
-            let (shape, values) = reference(&format!("adapt/{t}.safetensors"), "pixel_values");
-            TaskBatch { head: heads.head(t).unwrap(), pixels: Tensor::from_vec(&shape, values).unwrap() }
-        })
-        .collect();
+    let tasks = adapt_tasks(&heads);
     entropy_loss_and_router_gradients(&be, &encoder, &classifier, &tasks, Routing::Sample).unwrap().0
 }
 

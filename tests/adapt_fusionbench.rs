@@ -5,11 +5,10 @@
 mod common;
 
 use common::*;
-use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
+use wemoe_engine::autograd::entropy_loss_and_router_gradients;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::{Heads, ImageEncoder, Routing};
-use wemoe_engine::tensor::Tensor;
 
 /// Gradients within this relative error of torch's (DESIGN.md section 6 allows 1e-3; the issue asks 1e-4).
 const GRADIENT_REL_TOL: f64 = 1e-4;
@@ -21,14 +20,9 @@ fn router_gradients_match_torch_through_fusionbench() {
     let model = ImageEncoder::load(&be, &dir).unwrap();
     let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
     let classifier = heads.classifier(&model, &dir.path).unwrap();
-    let pixels = |task: &str| {
-        let (shape, values) = reference(&format!("adapt/{task}.safetensors"), "pixel_values");
-        Tensor::from_vec(&shape, values).unwrap()
-    };
     let expected = SafetensorsFile::open(&fixture("adapt/expected.safetensors")).unwrap();
     for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
-        let tasks: Vec<TaskBatch> =
-            ["left", "right"].iter().map(|t| TaskBatch { head: heads.head(t).unwrap(), pixels: pixels(t) }).collect();
+        let tasks = adapt_tasks(&heads);
         let (loss, grads) = entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap();
         let want = expected.f32(&format!("{mode}.loss")).unwrap().host().unwrap()[0] as f64;
         assert!((loss - want).abs() <= 1e-5 * want.abs(), "{mode} loss {loss} vs torch {want}");
@@ -62,13 +56,7 @@ fn five_full_batch_adam_steps_match_torch() {
         for _ in 0..5 {
             let grads = {
                 let classifier = heads.classifier(&model, &dir.path).unwrap();
-                let tasks: Vec<TaskBatch> = ["left", "right"]
-                    .iter()
-                    .map(|t| {
-                        let (shape, values) = reference(&format!("adapt/{t}.safetensors"), "pixel_values");
-                        TaskBatch { head: heads.head(t).unwrap(), pixels: Tensor::from_vec(&shape, values).unwrap() }
-                    })
-                    .collect();
+                let tasks = adapt_tasks(&heads);
                 entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap().1
             };
             let grads: BTreeMap<String, Vec<f32>> =

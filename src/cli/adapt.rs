@@ -2,13 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::adapt::{adapt, AdaptOptions};
-use wemoe_engine::checkpoint::ModelDir;
-use wemoe_engine::data::{Dataset, Preprocess};
-use wemoe_engine::device::{self, DeviceRequest};
-use wemoe_engine::model::Heads;
+use wemoe_engine::device::DeviceRequest;
+
+use super::{open_task_inputs, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -20,21 +19,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, _) in &args.tasks {
-        if !seen.insert(name) {
-            bail!("--task '{name}' is given twice");
-        }
-    }
-    let dir = ModelDir::open(&args.model)?;
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), &args.heads)?;
-    let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
-    let mut data = Vec::new();
-    for (name, path) in &args.tasks {
-        heads.head(name)?;
-        data.push(Dataset::open(path, &preprocess, dir.config.image_size)?);
-    }
+    let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
+    let (names, data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(Some(args.options.steps), target);
     bar.set_style(
@@ -44,7 +30,7 @@ pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     );
     bar.set_prefix("adapt");
     let mut last = f64::NAN;
-    adapt(be.as_ref(), &dir, &heads, &args.tasks, &data, &args.options, &args.out, args.resume, &mut |r| {
+    adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {
         bar.set_position(r.step);
         bar.set_message(format!("{:.4}", r.loss));
         last = r.loss;

@@ -1,18 +1,15 @@
 //! `wemoe-engine eval`: top-1 accuracy per task through the heads, as a table and optionally JSON.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::json;
-use wemoe_engine::checkpoint::ModelDir;
-use wemoe_engine::data::{Dataset, Preprocess};
-use wemoe_engine::device::{self, DeviceRequest};
+use wemoe_engine::device::DeviceRequest;
 use wemoe_engine::eval::{Batching, Evaluator, TaskAccuracy};
-use wemoe_engine::model::{Heads, ImageEncoder};
+use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::write_atomic;
 
-use super::progress;
+use super::{open_task_inputs, progress, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -24,21 +21,10 @@ pub struct Args {
 
 pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
-    let mut seen = BTreeSet::new();
-    for (name, _) in &args.tasks {
-        if !seen.insert(name) {
-            bail!("--task '{name}' is given twice");
-        }
-    }
     // Check every input before computing anything.
-    let dir = ModelDir::open(&args.model)?;
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), &args.heads)?;
-    let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
+    let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let mut datasets = Vec::new();
-    for (name, path) in &args.tasks {
-        heads.head(name)?;
-        let data = Dataset::open(path, &preprocess, dir.config.image_size)?;
+    for (name, path, data) in tasks {
         if data.labels().is_none() {
             bail!("{}: has no labels, which eval needs (task '{name}')", path.display());
         }

@@ -1,13 +1,17 @@
 //! Argument parsing and dispatch; each command in its own file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wemoe_engine::adapt::{AdaptOptions, Schedule};
-use wemoe_engine::device::DeviceRequest;
+use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::device::Backend;
+use wemoe_engine::device::{self, DeviceRequest};
 use wemoe_engine::eval::Batching;
 use wemoe_engine::merge::{MergeMethod, MergeOptions};
+use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
 
 /// Merge fine-tuned CLIP vision models with WEMoE, adapt, evaluate and run them.
@@ -130,15 +134,8 @@ enum Command {
     },
     /// Top-1 accuracy on labelled tasks through zero-shot heads.
     Eval {
-        /// The model directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// The heads file (safetensors with head.<TASK>).
-        #[arg(long)]
-        heads: PathBuf,
-        /// A task and its data, NAME=DATA; repeat for several.
-        #[arg(long = "task", required = true, value_name = "NAME=DATA")]
-        tasks: Vec<String>,
+        #[command(flatten)]
+        inputs: TaskArgs,
         /// Routing of WEMoE layers.
         #[arg(long, value_enum, default_value_t)]
         routing: Routing,
@@ -151,15 +148,8 @@ enum Command {
     },
     /// Adapt a WEMoE model's routers on unlabeled task data (entropy minimisation).
     Adapt {
-        /// The WEMoE model directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// The heads file (safetensors with head.<TASK>).
-        #[arg(long)]
-        heads: PathBuf,
-        /// A task and its unlabeled data, NAME=DATA; repeat for each.
-        #[arg(long = "task", required = true, value_name = "NAME=DATA")]
-        tasks: Vec<String>,
+        #[command(flatten)]
+        inputs: TaskArgs,
         /// The output directory: checkpoints, then the adapted model.
         #[arg(long)]
         out: PathBuf,
@@ -219,6 +209,55 @@ mod info;
 mod merge;
 mod progress;
 
+/// A model, its heads and tasks: what eval and adapt share.
+#[derive(clap::Args, Debug)]
+struct TaskArgs {
+    /// The model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The heads file (safetensors with head.<TASK>).
+    #[arg(long)]
+    heads: PathBuf,
+    /// A task and its data, NAME=DATA; repeat for each.
+    #[arg(long = "task", required = true, value_name = "NAME=DATA")]
+    tasks: Vec<String>,
+}
+
+/// Every input of a command over tasks, checked before anything is computed.
+pub struct TaskInputs {
+    pub dir: ModelDir,
+    pub be: Box<dyn Backend>,
+    pub heads: Heads,
+    /// Each task's name, path and data, in the order given.
+    pub tasks: Vec<(String, PathBuf, Dataset)>,
+}
+
+/// Opens the model, the device, the heads (which must have every task) and each task's data.
+pub fn open_task_inputs(
+    model: &Path,
+    heads: &Path,
+    tasks: &[(String, PathBuf)],
+    device: DeviceRequest,
+    quiet: bool,
+) -> Result<TaskInputs> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, _) in tasks {
+        if !seen.insert(name) {
+            bail!("--task '{name}' is given twice");
+        }
+    }
+    let dir = ModelDir::open(model)?;
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), heads)?;
+    let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
+    let mut opened = Vec::new();
+    for (name, path) in tasks {
+        heads.head(name)?;
+        opened.push((name.clone(), path.clone(), Dataset::open(path, &preprocess, dir.config.image_size)?));
+    }
+    Ok(TaskInputs { dir, be, heads, tasks: opened })
+}
+
 /// Splits `NAME=PATH` of option `--{flag}`.
 fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     match spec.split_once('=') {
@@ -253,21 +292,9 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
         }
-        Command::Adapt {
-            model,
-            heads,
-            tasks,
-            out,
-            steps,
-            lr,
-            batch_size,
-            routing,
-            schedule,
-            seed,
-            checkpoint_every,
-            resume,
-        } => {
-            let tasks = tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
+        Command::Adapt { inputs, out, steps, lr, batch_size, routing, schedule, seed, checkpoint_every, resume } => {
+            let tasks = inputs.tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
+            let (model, heads) = (inputs.model, inputs.heads);
             let options = AdaptOptions {
                 steps,
                 lr,
@@ -286,9 +313,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed { model, images, out, routing, batch_size } => {
             embed::run(&embed::Args { model, images, out, batching: routing.batching(batch_size) }, device, quiet)
         }
-        Command::Eval { model, heads, tasks, routing, batch_size, json } => {
-            let tasks = tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
+        Command::Eval { inputs, routing, batch_size, json } => {
+            let tasks = inputs.tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
             let batching = routing.batching(batch_size);
+            let (model, heads) = (inputs.model, inputs.heads);
             eval::run(&eval::Args { model, heads, tasks, batching, json }, device, quiet)
         }
         Command::Demo { json } => demo::run(json.as_deref()),

@@ -52,3 +52,17 @@ pub fn engine(args: &[&str]) -> (bool, String, String) {
 pub fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The adaptation fixture's tasks (tests/fixtures/adapt), whole sets, with their heads.
+pub fn adapt_tasks(heads: &wemoe_engine::model::Heads) -> Vec<wemoe_engine::autograd::TaskBatch<'_>> {
+    ["left", "right"]
+        .iter()
+        .map(|t| {
+            let (shape, values) = reference(&format!("adapt/{t}.safetensors"), "pixel_values");
+            wemoe_engine::autograd::TaskBatch {
+                head: heads.head(t).unwrap(),
+                pixels: wemoe_engine::tensor::Tensor::from_vec(&shape, values).unwrap(),
+            }
+        })
+        .collect()
+}
