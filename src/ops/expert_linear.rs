@@ -315,35 +315,45 @@ pub fn expert_linear_backward(
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     ensure!(x.len() == groups * n * k && dy.len() == groups * n * o, "expert_linear_backward: shapes");
     ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
-    let per_group: Vec<(Vec<f32>, Vec<f32>)> = (0..groups)
-        .into_par_iter()
-        .map(|g| -> Result<(Vec<f32>, Vec<f32>)> {
-            let (xg, dyg) = (&x[g * n * k..(g + 1) * n * k], &dy[g * n * o..(g + 1) * n * o]);
+    // Fewer groups than threads (batch routing has one): parallelise inside each group instead.
+    let inner = groups < rayon::current_num_threads();
+    let threads = if inner { Threads::All } else { Threads::Single };
+    let group = |g: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+        let (xg, dyg) = (&x[g * n * k..(g + 1) * n * k], &dy[g * n * o..(g + 1) * n * o]);
+        let cg = &coefficients[g * t..(g + 1) * t];
+        let merged = if inner {
+            w.merged(cg).0
+        } else {
             let mut merged = vec![0.0f32; k * o];
-            w.merge_tile(&coefficients[g * t..(g + 1) * t], 0..k, 0..o, &mut merged, o);
-            let mut dx = vec![0.0f32; n * k];
-            let dyv = MatRef::row_major(dyg, n, o)?;
-            matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, Threads::Single)?;
-            // x_gᵀ·dy_g, in the weights' [in, out] layout.
-            let mut outer = vec![0.0f32; k * o];
-            matmul(MatRef::row_major(xg, n, k)?.t(), dyv, &mut outer, false, Threads::Single)?;
-            let mut colsum = vec![0.0f64; o];
-            for row in dyg.chunks_exact(o) {
-                colsum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
-            }
-            let dc = w
-                .task_weights
-                .iter()
-                .zip(&w.task_biases)
-                .map(|(tw, tb)| {
-                    let weights: f64 = tw.iter().zip(&outer).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
-                    (weights + biases) as f32
-                })
-                .collect();
-            Ok((dx, dc))
-        })
-        .collect::<Result<_>>()?;
+            w.merge_tile(cg, 0..k, 0..o, &mut merged, o);
+            merged
+        };
+        let mut dx = vec![0.0f32; n * k];
+        let dyv = MatRef::row_major(dyg, n, o)?;
+        matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, threads)?;
+        // x_gᵀ·dy_g, in the weights' [in, out] layout.
+        let mut outer = vec![0.0f32; k * o];
+        matmul(MatRef::row_major(xg, n, k)?.t(), dyv, &mut outer, false, threads)?;
+        let mut colsum = vec![0.0f64; o];
+        for row in dyg.chunks_exact(o) {
+            colsum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+        }
+        let dot = |(tw, tb): (&&[f32], &&[f32])| {
+            let weights: f64 = tw.iter().zip(&outer).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
+            (weights + biases) as f32
+        };
+        let pairs = w.task_weights.iter().zip(&w.task_biases);
+        // Each expert's dot product is summed in one fixed order either way, so results are identical.
+        let dc =
+            if inner { pairs.collect::<Vec<_>>().into_par_iter().map(dot).collect() } else { pairs.map(dot).collect() };
+        Ok((dx, dc))
+    };
+    let per_group: Vec<(Vec<f32>, Vec<f32>)> = if inner {
+        (0..groups).map(group).collect::<Result<_>>()?
+    } else {
+        (0..groups).into_par_iter().map(group).collect::<Result<_>>()?
+    };
     let mut dx = Vec::with_capacity(groups * n * k);
     let mut dc = Vec::with_capacity(groups * t);
     for (a, b) in per_group {
