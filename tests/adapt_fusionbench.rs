@@ -77,3 +77,41 @@ fn five_full_batch_adam_steps_match_torch() {
         }
     }
 }
+
+#[test]
+fn router_gradients_match_finite_differences_of_the_whole_model() {
+    // The model runs in f32, so the differences use a larger step (h = 5e-3, loss ≈ 1.9): truncation and
+    // rounding then stay near 1e-3 of the gradients' scale. Entries of every router tensor of both layers.
+    use wemoe_engine::adapt::RouterParams;
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let mut model = ImageEncoder::load(&be, &dir).unwrap();
+    let mut params = RouterParams::load(&model, &dir.store).unwrap();
+    let loss_and_grads = |model: &ImageEncoder| {
+        let classifier = heads.classifier(model, &dir.path).unwrap();
+        entropy_loss_and_router_gradients(&be, model, &classifier, &adapt_tasks(&heads), Routing::Sample).unwrap()
+    };
+    let (_, grads) = loss_and_grads(&model);
+    let h = 5e-3f32;
+    let (mut analytic, mut numeric) = (Vec::new(), Vec::new());
+    let names: Vec<String> = params.values.keys().cloned().collect();
+    for name in &names {
+        let len = params.values[name].len();
+        for i in [0, len / 3, len - 1] {
+            let original = params.values[name][i];
+            let mut at = |value: f32| {
+                params.values.get_mut(name).unwrap()[i] = value;
+                params.apply(&be, &mut model).unwrap();
+                loss_and_grads(&model).0
+            };
+            let (up, down) = (at(original + h), at(original - h));
+            at(original);
+            numeric.push((up - down) / (2.0 * h as f64));
+            analytic.push(grads[name].host().unwrap()[i] as f64);
+        }
+    }
+    let scale = numeric.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = analytic.iter().zip(&numeric).map(|(a, n)| (a - n).abs()).fold(0.0, f64::max);
+    assert!(worst <= 5e-3 * scale, "tape against finite differences: off by {:.2e} of {scale:.2e}", worst);
+}
