@@ -34,7 +34,7 @@ fn gemm(c: &mut Criterion) {
 fn vit_b32_forward(c: &mut Criterion) {
     let be = CpuBackend::new();
     let config = VisionConfig::default();
-    let model = ImageEncoder::random(&be, &config, 0).unwrap();
+    let model = ImageEncoder::random(&be, &config, None, 0).unwrap();
     let batch = 16;
     let s = config.image_size;
     let pixels =
@@ -82,5 +82,54 @@ fn wemoe_layer(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer);
+/// One adaptation step's loss and router gradients: ViT-B/32 widths with 8 experts, shortened to 4 layers,
+/// 2 tasks × 8 images, per-sample and batch routing.
+fn adapt_step(c: &mut Criterion) {
+    use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
+    use wemoe_engine::model::Heads;
+    let be = CpuBackend::new();
+    let config = VisionConfig { num_hidden_layers: 4, ..VisionConfig::default() };
+    let spec = WemoeSpec {
+        experts: (0..8).map(|t| format!("task{t}")).collect(),
+        router_layers: 2,
+        router_activation: RouterActivation::Identity,
+        init_lambda: Some(0.3),
+    };
+    let model = ImageEncoder::random(&be, &config, Some(&spec), 2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let heads_path = dir.path().join("heads.safetensors");
+    let head =
+        |seed: usize| (0..10 * 512).map(|i| (((i + seed) * 7919) % 97) as f32 / 970.0 - 0.05).collect::<Vec<_>>();
+    wemoe_engine::output::write_safetensors(
+        &heads_path,
+        &[
+            wemoe_engine::output::NamedTensor { name: "head.a".into(), shape: vec![10, 512], values: head(1) },
+            wemoe_engine::output::NamedTensor { name: "head.b".into(), shape: vec![10, 512], values: head(2) },
+        ],
+    )
+    .unwrap();
+    let heads = Heads::open(&be, &heads_path).unwrap();
+    let classifier = heads.classifier(&model, dir.path()).unwrap();
+    let s = config.image_size;
+    let pixels = |seed: usize| {
+        Tensor::from_vec(&[8, 3, s, s], (0..8 * 3 * s * s).map(|i| (((i + seed) % 255) as f32) / 128.0 - 1.0).collect())
+            .unwrap()
+    };
+    let mut group = c.benchmark_group("adapt_step_b32_4layers_8experts_2x8images");
+    group.sample_size(10);
+    for (name, routing) in [("per_sample", Routing::Sample), ("batch", Routing::Batch)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let tasks = vec![
+                    TaskBatch { head: heads.head("a").unwrap(), pixels: pixels(1) },
+                    TaskBatch { head: heads.head("b").unwrap(), pixels: pixels(2) },
+                ];
+                entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, adapt_step);
 criterion_main!(benches);

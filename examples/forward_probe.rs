@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let (batch, reps) = (args.first().copied().unwrap_or(16), args.get(1).copied().unwrap_or(3));
     let be = CpuBackend::new();
     let config = VisionConfig::default();
-    let model = ImageEncoder::random(&be, &config, 0)?;
+    let model = ImageEncoder::random(&be, &config, None, 0)?;
     let s = config.image_size;
     let pixels = Tensor::from_vec(
         &[batch, 3, s, s],

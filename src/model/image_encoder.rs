@@ -41,10 +41,16 @@ impl ImageEncoder {
         Ok(ImageEncoder { vision, projection, logit_scale: dir.logit_scale()? })
     }
 
-    /// A seeded random model of `config`'s shape, with a projection (for benchmarks and tests).
-    pub fn random(be: &dyn Backend, config: &VisionConfig, seed: u64) -> Result<Self> {
+    /// A seeded random model of `config`'s shape, with a projection (for benchmarks and tests); a WEMoE
+    /// model when `wemoe` is given.
+    pub fn random(
+        be: &dyn Backend,
+        config: &VisionConfig,
+        wemoe: Option<&super::WemoeSpec>,
+        seed: u64,
+    ) -> Result<Self> {
         let src = super::RandomWeights::new(seed);
-        let vision = ClipVision::load(be, &src, config, None)?;
+        let vision = ClipVision::load(be, &src, config, wemoe)?;
         let projection =
             be.prepare_linear(src.get("visual_projection.weight", &[config.projection_dim, config.hidden_size])?)?;
         Ok(ImageEncoder { vision, projection: Some(projection), logit_scale: Some(100f32.ln()) })
