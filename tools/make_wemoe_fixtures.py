@@ -20,6 +20,7 @@ Deterministic from the seeds below; the tests never need Python.
 import copy
 import os
 import shutil
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -27,24 +28,12 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench.models.we_moe import WeightEnsemblingMoE
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import randomize  # noqa: E402  (the same initialisation as the CLIP fixtures)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "wemoe")
 EXPERTS = ["red", "green", "blue"]
 LAMBDA = 0.3
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def fine_tune(model, seed):
