@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{ModelDir, StreamingWriter};
 use crate::config::VisionConfig;
-use crate::model::{RouterActivation, WemoeSpec};
+use crate::model::{gate_tensors, RouterActivation, WemoeSpec};
 use crate::output::write_atomic;
 use crate::rng::Rng;
 
@@ -155,19 +155,15 @@ fn plan(
         let (d, t, lambda) = (pretrained.config.hidden_size, experts, opts.scaling);
         for l in 0..pretrained.config.num_hidden_layers {
             let gate = format!("vision_model.encoder.layers.{l}.mlp.gate");
-            let tensors: Vec<(&str, Vec<usize>, GateInit)> = match opts.router_layers {
-                0 => vec![("weight", vec![t], GateInit::Constant(lambda))],
-                1 => {
-                    vec![("fc.weight", vec![t, d], GateInit::Normal), ("fc.bias", vec![t], GateInit::Constant(lambda))]
-                }
-                _ => vec![
-                    ("fc1.weight", vec![d, d], GateInit::Normal),
-                    ("fc1.bias", vec![d], GateInit::Constant(0.0)),
-                    ("fc2.weight", vec![t, d], GateInit::Normal),
-                    ("fc2.bias", vec![t], GateInit::Constant(lambda)),
-                ],
-            };
-            out.extend(tensors.into_iter().map(|(leaf, s, init)| (format!("{gate}.{leaf}"), s, Recipe::Gate(init))));
+            for (leaf, s) in gate_tensors(opts.router_layers, d, t) {
+                // FusionBench's init: matrices Normal(0, 0.01), the hidden bias 0, the output (or depth-0) λ.
+                let init = match leaf {
+                    "fc1.bias" => GateInit::Constant(0.0),
+                    _ if s.len() == 2 => GateInit::Normal,
+                    _ => GateInit::Constant(lambda),
+                };
+                out.push((format!("{gate}.{leaf}"), s, Recipe::Gate(init)));
+            }
         }
     }
     for extra in ["visual_projection.weight", "logit_scale"] {

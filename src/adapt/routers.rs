@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 
 use crate::device::Backend;
-use crate::model::{ImageEncoder, Linear, Mlp, Router, WeightSource};
+use crate::model::{gate_tensors, ImageEncoder, Linear, Mlp, Router, WeightSource};
 use crate::tensor::Tensor;
 
 /// Every router tensor of a WEMoE model, by canonical name, with its shape.
@@ -15,17 +15,6 @@ pub struct RouterParams {
     pub values: BTreeMap<String, Vec<f32>>,
     /// Shapes.
     pub shapes: BTreeMap<String, Vec<usize>>,
-}
-
-/// The router tensor names of layer `l` for router depth `depth`.
-fn names(l: usize, depth: usize) -> Vec<String> {
-    let gate = format!("vision_model.encoder.layers.{l}.mlp.gate");
-    let leaves: &[&str] = match depth {
-        0 => &["weight"],
-        1 => &["fc.weight", "fc.bias"],
-        _ => &["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
-    };
-    leaves.iter().map(|leaf| format!("{gate}.{leaf}")).collect()
 }
 
 impl RouterParams {
@@ -41,14 +30,8 @@ impl RouterParams {
                 Router::Mlp { .. } => 2,
             };
             let (d, t) = (model.vision.config.hidden_size, moe.fc1.experts());
-            for name in names(l, depth) {
-                let shape = match name.rsplit('.').next() {
-                    Some("bias") if name.ends_with("fc1.bias") => vec![d],
-                    Some("bias") => vec![t],
-                    _ if name.ends_with("fc1.weight") => vec![d, d],
-                    _ if name.ends_with("gate.weight") => vec![t],
-                    _ => vec![t, d],
-                };
+            for (leaf, shape) in gate_tensors(depth, d, t) {
+                let name = format!("vision_model.encoder.layers.{l}.mlp.gate.{leaf}");
                 values.insert(name.clone(), src.get(&name, &shape)?.host()?.to_vec());
                 shapes.insert(name, shape);
             }

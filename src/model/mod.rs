@@ -13,4 +13,4 @@ pub use clip_vision::{
 pub use heads::{Classifier, Heads};
 pub use image_encoder::{EncoderOutput, ImageEncoder};
 pub use weights::{RandomWeights, WeightSource};
-pub use wemoe::{Router, RouterActivation, Routing, WemoeMlp, WemoeSpec};
+pub use wemoe::{gate_tensors, Router, RouterActivation, Routing, WemoeMlp, WemoeSpec};

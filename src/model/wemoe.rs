@@ -56,6 +56,16 @@ pub struct WemoeSpec {
     pub init_lambda: Option<f32>,
 }
 
+/// A router's tensors at `depth` for width `d` and `t` experts: each leaf under `...mlp.gate.` (FusionBench's
+/// names) and its shape, in a fixed order.
+pub fn gate_tensors(depth: usize, d: usize, t: usize) -> Vec<(&'static str, Vec<usize>)> {
+    match depth {
+        0 => vec![("weight", vec![t])],
+        1 => vec![("fc.weight", vec![t, d]), ("fc.bias", vec![t])],
+        _ => vec![("fc1.weight", vec![d, d]), ("fc1.bias", vec![d]), ("fc2.weight", vec![t, d]), ("fc2.bias", vec![t])],
+    }
+}
+
 /// The router keys of each depth, under `...mlp.gate.`.
 const GATE_KEYS: [&str; 3] = ["weight", "fc.weight", "fc1.weight"];
 
