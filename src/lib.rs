@@ -32,6 +32,7 @@ pub mod adapt;
 pub mod autograd;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;

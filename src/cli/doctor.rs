@@ -1,26 +1,88 @@
-//! `wemoe-engine doctor`: what the engine sees.
+//! `wemoe-engine doctor`: what the engine sees: the CPU, the CUDA driver and devices, NVRTC, the kernel
+//! cache, and one row per kernel function with ptxas' registers, spills and shared memory for an
+//! architecture (the GPU's own, `--arch`, or sm_90 when there is no GPU).
 
-use anyhow::{ensure, Result};
-use wemoe_engine::device::{Backend, CpuBackend, CUDA_UNAVAILABLE};
-use wemoe_engine::kernels::KERNELS;
+use anyhow::Result;
+use wemoe_engine::cuda::{gpu, nvrtc, Executor, GpuExecutor};
+use wemoe_engine::device::{Backend, CpuBackend};
+use wemoe_engine::kernels::{self, KERNEL_FUNCTIONS};
 
 pub fn run(arch: Option<&str>) -> Result<()> {
     if let Some(a) = arch {
-        let digits = a.strip_prefix("sm_").unwrap_or("");
-        ensure!(
-            !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()),
-            "--arch '{a}': expected sm_XY, e.g. sm_90"
-        );
+        nvrtc::check_arch(a).map_err(|e| anyhow::anyhow!("--arch: {e}"))?;
     }
     say!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
     say!("cpu         {}", CpuBackend::new().describe());
-    say!("cuda        {CUDA_UNAVAILABLE}");
-    say!("kernels     {} CUDA sources embedded", KERNELS.len());
-    for k in KERNELS {
-        say!("  {:<24} {:016x}", k.name, k.hash);
+    let mut device_arch = None;
+    match gpu::driver_version() {
+        Err(e) => say!("cuda        {e:#}"),
+        Ok((major, minor)) => match gpu::device_count() {
+            Err(e) => say!("cuda        driver {major}.{minor}; {e:#}"),
+            Ok(n) => {
+                say!("cuda        driver {major}.{minor}, {n} device(s)");
+                for i in 0..n {
+                    match GpuExecutor::new(i) {
+                        Ok(g) => {
+                            say!("  cuda:{i}    {}", g.describe());
+                            device_arch.get_or_insert_with(|| g.arch().to_string());
+                        }
+                        Err(e) => say!("  cuda:{i}    {e:#}"),
+                    }
+                }
+            }
+        },
     }
-    if let Some(a) = arch {
-        say!("compile     {a}: not possible without the CUDA backend");
+    let nvrtc_version = nvrtc::version();
+    match &nvrtc_version {
+        Ok((major, minor)) => say!("nvrtc       {major}.{minor}"),
+        Err(e) => say!("nvrtc       {e:#}"),
     }
+    match nvrtc::cache_dir() {
+        Some(dir) => {
+            let modules = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cubin"))).count()
+                })
+                .unwrap_or(0);
+            say!("cache       {} ({modules} compiled modules)", dir.display());
+        }
+        None => say!("cache       none (no HOME, XDG_CACHE_HOME or WEMOE_CACHE_DIR)"),
+    }
+    let sources = kernels::sources().count();
+    let arch = arch.map(str::to_string).or(device_arch).unwrap_or_else(|| "sm_90".to_string());
+    if nvrtc_version.is_err() {
+        say!("kernels     {sources} sources, {} functions (not compiled: no NVRTC)", KERNEL_FUNCTIONS.len());
+        for f in KERNEL_FUNCTIONS {
+            say!("  {:<30} {}.cu", f.name, f.source);
+        }
+        return Ok(());
+    }
+    say!("kernels     {sources} sources, {} functions, compiled for {arch}:", KERNEL_FUNCTIONS.len());
+    say!("  {:<30} {:>9} {:>10} {:>11} {:>12}", "function", "registers", "smem bytes", "stack bytes", "spills (B)");
+    let mut failures = 0;
+    for source in kernels::sources() {
+        match nvrtc::compile(source, &arch) {
+            Err(e) => {
+                failures += 1;
+                say!("  {}: {e:#}", source.file);
+            }
+            Ok(c) => {
+                for f in KERNEL_FUNCTIONS.iter().filter(|f| f.source == source.name) {
+                    match c.resources.iter().find(|r| r.function == f.name) {
+                        Some(r) => say!(
+                            "  {:<30} {:>9} {:>10} {:>11} {:>12}",
+                            f.name,
+                            r.registers,
+                            r.shared_bytes,
+                            r.stack_bytes,
+                            format!("{}/{}", r.spill_stores, r.spill_loads)
+                        ),
+                        None => say!("  {:<30} (no ptxas report)", f.name),
+                    }
+                }
+            }
+        }
+    }
+    anyhow::ensure!(failures == 0, "{failures} kernel source(s) failed to compile for {arch}");
     Ok(())
 }

@@ -64,19 +64,32 @@ impl FromStr for DeviceRequest {
     }
 }
 
-/// Why the CUDA backend cannot be used by this build.
-pub const CUDA_UNAVAILABLE: &str = "the CUDA backend is not available in this build yet";
+/// What the CUDA side cannot do yet: the kernels run (doctor, `cargo bench --bench gpu`), the model graph
+/// does not.
+pub const CUDA_GRAPH_MISSING: &str = "the model graph (embed, eval, adapt) does not run on the CUDA backend yet";
+
+/// Why no GPU can be used here: no driver, no device, or no NVRTC (each named); `None` when one can.
+fn gpu_absence(ordinal: usize) -> Option<String> {
+    match crate::cuda::GpuExecutor::new(ordinal) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{e:#}")),
+    }
+}
 
 /// Opens the backend for `request`. `auto` falls back to the CPU and says why in one line on stderr
 /// unless `quiet`.
 pub fn open(request: DeviceRequest, quiet: bool) -> Result<Box<dyn Backend>> {
     match request {
         DeviceRequest::Cpu => Ok(Box::new(CpuBackend::new())),
-        DeviceRequest::Cuda(i) => bail!("--device cuda:{i}: {CUDA_UNAVAILABLE}; use --device cpu"),
+        DeviceRequest::Cuda(i) => match gpu_absence(i) {
+            Some(why) => bail!("--device cuda:{i}: {why}; use --device cpu"),
+            None => bail!("--device cuda:{i}: {CUDA_GRAPH_MISSING}; use --device cpu"),
+        },
         DeviceRequest::Auto => {
             let backend = CpuBackend::new();
             if !quiet {
-                eprintln!("device: {}; {CUDA_UNAVAILABLE}", backend.describe());
+                let why = gpu_absence(0).unwrap_or_else(|| format!("a GPU is present, but {CUDA_GRAPH_MISSING}"));
+                eprintln!("device: {} ({why})", backend.describe());
             }
             Ok(Box::new(backend))
         }

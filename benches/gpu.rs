@@ -1,0 +1,372 @@
+//! GPU benchmarks of the WEMoE MLP formulations (DESIGN.md section 8): CUDA events around each variant,
+//! warm-up first, the median of repeated runs, and the fraction of the dense cuBLAS SGEMMs of the same MLP
+//! on the same card in the same run. Without a GPU it says so and exits.
+//!
+//! `cargo bench --bench gpu` (or the prebuilt binary with `--bench`; `tools/gpu-check.sh` runs it).
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, CudaStream};
+use wemoe_engine::cuda::ops::{self, ExpertWeights};
+use wemoe_engine::cuda::{Executor, GpuExecutor};
+use wemoe_engine::device::Activation;
+use wemoe_engine::rng::Rng;
+
+const WARMUP: usize = 3;
+const REPEATS: usize = 15;
+
+fn median_ms(gpu: &GpuExecutor, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..WARMUP {
+        work()?;
+    }
+    gpu.synchronize()?;
+    let mut times: Vec<f64> = (0..REPEATS).map(|_| gpu.time_ms(&mut work).map(|t| t as f64)).collect::<Result<_>>()?;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(times[REPEATS / 2])
+}
+
+/// Row-major `y[rows, out] = x[rows, in] · w[out, in]ᵀ` with cuBLAS (column-major: yᵀ = w · xᵀ).
+fn sgemm_xwt(
+    blas: &CudaBlas,
+    x: &cudarc::driver::CudaView<f32>,
+    w: &CudaSlice<f32>,
+    y: &mut cudarc::driver::CudaViewMut<f32>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Result<()> {
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: out as i32,
+        n: rows as i32,
+        k: inp as i32,
+        alpha: 1.0f32,
+        lda: inp as i32,
+        ldb: inp as i32,
+        beta: 0.0f32,
+        ldc: out as i32,
+    };
+    // SAFETY: the buffers hold the extents the configuration names.
+    unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| anyhow!("cuBLAS SGEMM: {e:?}"))
+}
+
+struct Mlp {
+    w1: CudaSlice<f32>,
+    b1: CudaSlice<f32>,
+    t1: CudaSlice<f32>,
+    tb1: CudaSlice<f32>,
+    w2: CudaSlice<f32>,
+    b2: CudaSlice<f32>,
+    t2: CudaSlice<f32>,
+    tb2: CudaSlice<f32>,
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let gpu = match GpuExecutor::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("gpu benchmarks: no GPU ({e:#}); nothing measured");
+            return Ok(());
+        }
+    };
+    let stream: Arc<CudaStream> = gpu.stream().clone();
+    let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+    let (d, h, experts) = (768usize, 3072usize, 8usize);
+    let mut rng = Rng::new(7);
+    let host: Vec<Vec<f32>> = [(h * d, 0.02), (h, 0.02), (experts * h * d, 0.002), (experts * h, 0.002)]
+        .iter()
+        .chain(&[(d * h, 0.02), (d, 0.02), (experts * d * h, 0.002), (experts * d, 0.002)])
+        .map(|&(n, std)| rng.normal_vec(n, 0.0, std))
+        .collect();
+    let m = Mlp {
+        w1: gpu.upload(&host[0])?,
+        b1: gpu.upload(&host[1])?,
+        t1: gpu.upload(&host[2])?,
+        tb1: gpu.upload(&host[3])?,
+        w2: gpu.upload(&host[4])?,
+        b2: gpu.upload(&host[5])?,
+        t2: gpu.upload(&host[6])?,
+        tb2: gpu.upload(&host[7])?,
+    };
+    let mut up = |n: usize, std: f32| gpu.upload(&rng.normal_vec(n, 0.0, std));
+    // The router (depth 2, hidden = 768): Linear(768, 768) + ReLU, then Linear(768, 8).
+    let (r1, rb1, r2, rb2) = (up(d * d, 0.02)?, up(d, 0.02)?, up(experts * d, 0.02)?, up(experts, 0.3)?);
+    let router1 = ExpertWeights {
+        base: &r1,
+        base_bias: Some(&rb1),
+        tasks: None,
+        task_biases: None,
+        out_features: d,
+        in_features: d,
+        experts: 0,
+    };
+    let fc1 = |experts| ExpertWeights {
+        base: &m.w1,
+        base_bias: Some(&m.b1),
+        tasks: Some(&m.t1),
+        task_biases: Some(&m.tb1),
+        out_features: h,
+        in_features: d,
+        experts,
+    };
+    let fc2 = |experts| ExpertWeights {
+        base: &m.w2,
+        base_bias: Some(&m.b2),
+        tasks: Some(&m.t2),
+        task_biases: Some(&m.tb2),
+        out_features: d,
+        in_features: h,
+        experts,
+    };
+    println!("device: {}", gpu.describe());
+    println!(
+        "| shape | variant | median ms | TFLOP/s | fraction of dense cuBLAS |\n| --- | --- | ---: | ---: | ---: |"
+    );
+    let mut spread = Vec::new();
+    for &(tokens, batch) in &[(50usize, 16usize), (50, 64), (197, 16), (197, 64)] {
+        let rows = tokens * batch;
+        let flops = 2.0 * 2.0 * (rows * d * h) as f64;
+        let x = up(rows * d, 1.0)?;
+        let coeff = up(batch * experts, 0.3)?;
+        let coeff1 = up(experts, 0.3)?;
+        let mut hid = gpu.zeros(rows * h)?;
+        let mut y = gpu.zeros(rows * d)?;
+        let pre = gpu.zeros(rows * h)?;
+        let (mw1, mw2) = (gpu.zeros(h * d)?, gpu.zeros(d * h)?);
+        let shape = format!("B={batch} N={tokens}");
+
+        let dense_cublas = median_ms(&gpu, || {
+            sgemm_xwt(&blas, &x.as_view(), &m.w1, &mut hid.as_view_mut(), rows, d, h)?;
+            sgemm_xwt(&blas, &hid.as_view(), &m.w2, &mut y.as_view_mut(), rows, h, d)
+        })?;
+        let row = |variant: &str, ms: f64| {
+            println!("| {shape} | {variant} | {ms:.3} | {:.1} | {:.2} |", flops / ms / 1e9, dense_cublas / ms);
+        };
+        row("dense MLP, cuBLAS SGEMM (GEMMs only)", dense_cublas);
+        let dense_ours = median_ms(&gpu, || {
+            ops::expert_linear_forward(&gpu, &x, 1, rows, &fc1(0), None, Some(Activation::QuickGelu), None, &hid)?;
+            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(0), None, None, None, &y)
+        })?;
+        row("dense MLP, our kernel (bias, quick_gelu fused)", dense_ours);
+        let fused = median_ms(&gpu, || {
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                batch,
+                tokens,
+                &fc1(experts),
+                Some(&coeff),
+                Some(Activation::QuickGelu),
+                Some(&pre),
+                &hid,
+            )?;
+            ops::expert_linear_forward(&gpu, &hid, batch, tokens, &fc2(experts), Some(&coeff), None, None, &y)
+        })?;
+        row("WEMoE per-sample, fused (merge on chip)", fused);
+        // Kept for the CPU check below, before later variants overwrite y, x and the coefficients' use.
+        let fused_out = gpu.download(&y)?;
+        let (x_host, coeff_host) = (gpu.download(&x)?, gpu.download(&coeff)?);
+        let router_hidden = gpu.zeros(rows * d)?;
+        let routed = gpu.zeros(batch * experts)?;
+        let layer = median_ms(&gpu, || {
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                1,
+                rows,
+                &router1,
+                None,
+                Some(Activation::Relu),
+                None,
+                &router_hidden,
+            )?;
+            ops::router_head_forward(&gpu, &router_hidden, &r2, &rb2, batch, tokens, d, experts, false, None, &routed)?;
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                batch,
+                tokens,
+                &fc1(experts),
+                Some(&routed),
+                Some(Activation::QuickGelu),
+                None,
+                &hid,
+            )?;
+            ops::expert_linear_forward(&gpu, &hid, batch, tokens, &fc2(experts), Some(&routed), None, None, &y)
+        })?;
+        row("WEMoE layer per-sample (router + fused MLP)", layer);
+
+        let batch_fused = median_ms(&gpu, || {
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                1,
+                rows,
+                &fc1(experts),
+                Some(&coeff1),
+                Some(Activation::QuickGelu),
+                None,
+                &hid,
+            )?;
+            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(experts), Some(&coeff1), None, None, &y)
+        })?;
+        row("WEMoE batch-reduced, fused", batch_fused);
+        let batch_layer = median_ms(&gpu, || {
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                1,
+                rows,
+                &router1,
+                None,
+                Some(Activation::Relu),
+                None,
+                &router_hidden,
+            )?;
+            ops::router_head_forward(&gpu, &router_hidden, &r2, &rb2, batch, tokens, d, experts, false, None, &routed)?;
+            ops::group_mean(&gpu, &routed, batch, batch, experts, &coeff1)?;
+            ops::expert_linear_forward(
+                &gpu,
+                &x,
+                1,
+                rows,
+                &fc1(experts),
+                Some(&coeff1),
+                Some(Activation::QuickGelu),
+                None,
+                &hid,
+            )?;
+            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(experts), Some(&coeff1), None, None, &y)
+        })?;
+        row("WEMoE layer batch-reduced (router + fused MLP)", batch_layer);
+        let batch_merged = median_ms(&gpu, || {
+            ops::merge_experts(&gpu, &m.w1, &m.t1, &coeff1, h * d, experts, &mw1)?;
+            ops::merge_experts(&gpu, &m.w2, &m.t2, &coeff1, d * h, experts, &mw2)?;
+            let w1 = ExpertWeights {
+                base: &mw1,
+                base_bias: Some(&m.b1),
+                tasks: None,
+                task_biases: None,
+                out_features: h,
+                in_features: d,
+                experts: 0,
+            };
+            let w2 = ExpertWeights {
+                base: &mw2,
+                base_bias: Some(&m.b2),
+                tasks: None,
+                task_biases: None,
+                out_features: d,
+                in_features: h,
+                experts: 0,
+            };
+            ops::expert_linear_forward(&gpu, &x, 1, rows, &w1, None, Some(Activation::QuickGelu), None, &hid)?;
+            ops::expert_linear_forward(&gpu, &hid, 1, rows, &w2, None, None, None, &y)
+        })?;
+        row("WEMoE batch-reduced, merge then dense", batch_merged);
+        let batch_cublas = median_ms(&gpu, || {
+            ops::merge_experts(&gpu, &m.w1, &m.t1, &coeff1, h * d, experts, &mw1)?;
+            ops::merge_experts(&gpu, &m.w2, &m.t2, &coeff1, d * h, experts, &mw2)?;
+            sgemm_xwt(&blas, &x.as_view(), &mw1, &mut hid.as_view_mut(), rows, d, h)?;
+            sgemm_xwt(&blas, &hid.as_view(), &mw2, &mut y.as_view_mut(), rows, h, d)
+        })?;
+        row("WEMoE batch-reduced, merge then cuBLAS (GEMMs only)", batch_cublas);
+        // Per sample: materialise W_b, then cuBLAS on the sample's rows (what a framework loop does).
+        let coeffs_host = gpu.download(&coeff)?;
+        let per_sample_coeff: Vec<CudaSlice<f32>> =
+            coeffs_host.chunks(experts).map(|c| gpu.upload(c)).collect::<Result<_>>()?;
+        let materialise = median_ms(&gpu, || {
+            for (b, c) in per_sample_coeff.iter().enumerate() {
+                ops::merge_experts(&gpu, &m.w1, &m.t1, c, h * d, experts, &mw1)?;
+                ops::merge_experts(&gpu, &m.w2, &m.t2, c, d * h, experts, &mw2)?;
+                let (r0, r1) = (b * tokens, (b + 1) * tokens);
+                sgemm_xwt(&blas, &x.slice(r0 * d..r1 * d), &mw1, &mut hid.slice_mut(r0 * h..r1 * h), tokens, d, h)?;
+                sgemm_xwt(&blas, &hid.slice(r0 * h..r1 * h), &mw2, &mut y.slice_mut(r0 * d..r1 * d), tokens, h, d)?;
+            }
+            Ok(())
+        })?;
+        row("WEMoE per-sample, materialise W_b then cuBLAS (GEMMs only)", materialise);
+        let backward = median_ms(&gpu, || {
+            ops::expert_linear_backward_input(&gpu, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
+            ops::expert_linear_backward_input(&gpu, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
+        })?;
+        row("WEMoE per-sample backward, input gradient", backward);
+        let dc = gpu.zeros(batch * experts)?;
+        let router_grad = median_ms(&gpu, || {
+            ops::expert_linear_backward_coeff(&gpu, &hid, &y, batch, tokens, &fc2(experts), &dc)?;
+            ops::expert_linear_backward_coeff(&gpu, &x, &pre, batch, tokens, &fc1(experts), &dc)
+        })?;
+        row("WEMoE per-sample backward, router gradient", router_grad);
+        if batch == 16 && tokens == 50 {
+            let err = cpu_check(&x_host, &coeff_host, &fused_out, &host, batch, tokens, d, h)?;
+            println!("| {shape} | fused per-sample output against the CPU engine: max rel. error {err:.2e} | | | |");
+        }
+        spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused));
+    }
+    println!();
+    for (shape, vs_ours, vs_cublas, speedup) in &spread {
+        println!(
+            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-GEMM is {speedup:.1}× slower than fused"
+        );
+    }
+    Ok(())
+}
+
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// The same WEMoE MLP on the CPU engine: max |gpu − cpu| / max |cpu|.
+#[allow(clippy::too_many_arguments)]
+fn cpu_check(
+    x: &[f32],
+    coeff: &[f32],
+    gpu_out: &[f32],
+    host: &[Vec<f32>],
+    batch: usize,
+    tokens: usize,
+    d: usize,
+    h: usize,
+) -> Result<f64> {
+    use wemoe_engine::ops::activation::activation_in_place;
+    use wemoe_engine::ops::expert_linear::{expert_linear, ExpertLinearRef};
+    let layer = |w: &[f32], b: &[f32], t: &[f32], tb: &[f32], out: usize, inp: usize| {
+        let base_t = transpose(w, out, inp);
+        let tasks_t: Vec<Vec<f32>> = t.chunks(out * inp).map(|t| transpose(t, out, inp)).collect();
+        (base_t, b.to_vec(), tasks_t, tb.to_vec())
+    };
+    let l1 = layer(&host[0], &host[1], &host[2], &host[3], h, d);
+    let l2 = layer(&host[4], &host[5], &host[6], &host[7], d, h);
+    type HostLayer = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>, Vec<f32>);
+    fn as_ref(l: &HostLayer, out: usize, inp: usize) -> ExpertLinearRef<'_> {
+        ExpertLinearRef {
+            base_weight: &l.0,
+            base_bias: &l.1,
+            task_weights: l.2.iter().map(|t| t.as_slice()).collect(),
+            task_biases: l.3.chunks(out).collect(),
+            out_features: out,
+            in_features: inp,
+        }
+    }
+    let mut hid = expert_linear(x, batch, tokens, coeff, &as_ref(&l1, h, d))?;
+    activation_in_place(&mut hid, Activation::QuickGelu);
+    let y = expert_linear(&hid, batch, tokens, coeff, &as_ref(&l2, d, h))?;
+    let diff = y.iter().zip(gpu_out).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let scale = y.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    if gpu_out.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::INFINITY);
+    }
+    Ok(diff / scale)
+}

@@ -1,0 +1,66 @@
+// Device helpers shared by the kernels. Compiled by NVRTC for the GPU and, through host/cuda_host.h, as
+// plain C++ for the emulated tests.
+#pragma once
+
+#ifndef INFINITY  // NVRTC has no <cmath>; the host build takes it from there
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// Activation codes, as src/cuda/ops.rs passes them (`act_code`).
+#define ACT_NONE 0
+#define ACT_QUICK_GELU 1
+#define ACT_GELU 2
+#define ACT_GELU_TANH 3
+#define ACT_RELU 4
+
+static __device__ __forceinline__ float activate(float z, int act) {
+    switch (act) {
+        case ACT_QUICK_GELU: return z / (1.0f + expf(-1.702f * z));
+        case ACT_GELU: return 0.5f * z * (1.0f + erff(z * 0.70710678f));
+        case ACT_GELU_TANH: return 0.5f * z * (1.0f + tanhf(0.7978846f * (z + 0.044715f * z * z * z)));
+        case ACT_RELU: return fmaxf(z, 0.0f);
+        default: return z;
+    }
+}
+
+static __device__ __forceinline__ float activation_derivative(float z, int act) {
+    switch (act) {
+        case ACT_QUICK_GELU: {
+            float s = 1.0f / (1.0f + expf(-1.702f * z));
+            return s + 1.702f * z * s * (1.0f - s);
+        }
+        case ACT_GELU: {
+            float cdf = 0.5f * (1.0f + erff(z * 0.70710678f));
+            return cdf + z * expf(-0.5f * z * z) * 0.39894228f;
+        }
+        case ACT_GELU_TANH: {
+            float t = tanhf(0.7978846f * (z + 0.044715f * z * z * z));
+            return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * 0.7978846f * (1.0f + 3.0f * 0.044715f * z * z);
+        }
+        case ACT_RELU: return z > 0.0f ? 1.0f : 0.0f;
+        default: return 1.0f;
+    }
+}
+
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over a block of at most 1024 threads whose size is a multiple of 32; every thread gets the total.
+// `scratch` holds 32 floats of shared memory, free on entry and on return.
+static __device__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];  // the same order in every thread: one value
+    __syncthreads();
+    return total;
+}

@@ -1,0 +1,172 @@
+// The fiber scheduler behind cuda_host.h: one launch at a time per process (function-local statics stand
+// for shared memory), each block's threads as ucontext fibers run round-robin until all have returned.
+
+#include "cuda_host.h"
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace cuda_host {
+namespace {
+
+enum class Wait { None, Block, Warp };
+
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack;  // uninitialised: only the fiber's own frames touch it
+    uint3 index;
+    unsigned linear = 0;
+    Wait wait = Wait::None;
+    int site = 0;  // the source line of the barrier it waits at
+    bool done = false;
+};
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+struct Launch {
+    dim3 grid, block;
+    uint3 block_index;
+    const std::function<void()>* body = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<uint64_t> slots;  // 32 per warp
+    Fiber* current = nullptr;
+    ucontext_t scheduler;
+};
+
+Launch* g_launch = nullptr;
+std::mutex g_mutex;
+
+void fiber_entry() {
+    Launch& l = *g_launch;
+    (*l.body)();
+    l.current->done = true;
+    // Returning resumes uc_link, the scheduler.
+}
+
+void park(Wait why, int site) {
+    Launch& l = *g_launch;
+    Fiber* me = l.current;
+    me->wait = why;
+    me->site = site;
+    swapcontext(&me->context, &l.scheduler);
+}
+
+[[noreturn]] void die(const char* what) {
+    Launch& l = *g_launch;
+    std::fprintf(stderr,
+                 "cuda_host: %s in block (%u,%u,%u) of a %ux%ux%u grid with %ux%ux%u threads\n", what,
+                 l.block_index.x, l.block_index.y, l.block_index.z, l.grid.x, l.grid.y, l.grid.z, l.block.x,
+                 l.block.y, l.block.z);
+    std::abort();
+}
+
+// Runs one block to completion.
+void run_block() {
+    Launch& l = *g_launch;
+    const unsigned n = unsigned(l.fibers.size());
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = l.fibers[i];
+        f.done = false;
+        f.wait = Wait::None;
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = kStackBytes;
+        f.context.uc_link = &l.scheduler;
+        makecontext(&f.context, fiber_entry, 0);
+    }
+    const unsigned warps = (n + 31) / 32;
+    for (;;) {
+        bool ran = false;
+        for (unsigned i = 0; i < n; ++i) {
+            Fiber& f = l.fibers[i];
+            if (f.done || f.wait != Wait::None) continue;
+            l.current = &f;
+            swapcontext(&l.scheduler, &f.context);
+            ran = true;
+        }
+        // Every live fiber is now parked at a barrier (or done). Release what is complete.
+        unsigned live = 0, at_block = 0;
+        for (auto& f : l.fibers) {
+            if (f.done) continue;
+            ++live;
+            if (f.wait == Wait::Block) ++at_block;
+        }
+        if (live == 0) return;
+        bool released = false;
+        if (at_block == live) {
+            int site = -1;
+            for (auto& f : l.fibers) {
+                if (f.done) continue;
+                if (site >= 0 && f.site != site) die("__syncthreads reached at different lines by one block's threads");
+                site = f.site;
+            }
+            for (auto& f : l.fibers)
+                if (!f.done) f.wait = Wait::None;
+            released = true;
+        } else {
+            for (unsigned w = 0; w < warps; ++w) {
+                unsigned warp_live = 0, warp_waiting = 0;
+                for (unsigned i = w * 32; i < n && i < w * 32 + 32; ++i) {
+                    if (l.fibers[i].done) continue;
+                    ++warp_live;
+                    if (l.fibers[i].wait == Wait::Warp) ++warp_waiting;
+                }
+                if (warp_live > 0 && warp_waiting == warp_live) {
+                    int site = -1;
+                    for (unsigned i = w * 32; i < n && i < w * 32 + 32; ++i) {
+                        if (l.fibers[i].done) continue;
+                        if (site >= 0 && l.fibers[i].site != site)
+                            die("a warp's lanes meet at different warp-level operations (divergent shuffle or __syncwarp)");
+                        site = l.fibers[i].site;
+                    }
+                    for (unsigned i = w * 32; i < n && i < w * 32 + 32; ++i) l.fibers[i].wait = Wait::None;
+                    released = true;
+                }
+            }
+        }
+        if (!ran && !released) die("deadlock: a barrier that not every live thread reaches");
+    }
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return g_launch->current->index; }
+const uint3& block_idx() { return g_launch->block_index; }
+const dim3& block_dim() { return g_launch->block; }
+const dim3& grid_dim() { return g_launch->grid; }
+void sync_block(int site) { park(Wait::Block, site); }
+void sync_warp(int site) { park(Wait::Warp, site); }
+unsigned lane_id() { return g_launch->current->linear % 32; }
+uint64_t* warp_slots() { return &g_launch->slots[(g_launch->current->linear / 32) * 32]; }
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    Launch l;
+    l.grid = grid;
+    l.block = block;
+    l.body = &body;
+    const unsigned n = block.x * block.y * block.z;
+    l.fibers.resize(n);
+    l.slots.assign(((n + 31) / 32) * 32, 0);
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = l.fibers[i];
+        f.stack.reset(new char[kStackBytes]);
+        f.linear = i;
+        f.index = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    }
+    g_launch = &l;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                l.block_index = uint3{x, y, z};
+                run_block();
+            }
+    g_launch = nullptr;
+}
+
+}  // namespace cuda_host

@@ -1,0 +1,192 @@
+//! The GPU executor: a CUDA context on one device, one stream, every kernel source compiled by NVRTC for
+//! the device's own architecture (CUBIN) and loaded once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use super::launch::{check_args, Arg, Dims, Executor};
+use super::{library, nvrtc};
+use crate::kernels;
+
+/// The driver's CUDA version as (major, minor), e.g. (13, 0).
+pub fn driver_version() -> Result<(i32, i32)> {
+    library::driver()?;
+    let mut v = 0;
+    // SAFETY: the library is present; the out-pointer is valid.
+    let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if rc != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        bail!("cuDriverGetVersion failed: {rc:?}");
+    }
+    Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// The number of CUDA devices, or why there are none.
+pub fn device_count() -> Result<usize> {
+    library::driver()?;
+    let n = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver present but unusable: {e:?}"))?;
+    if n <= 0 {
+        bail!("CUDA driver present but no device");
+    }
+    Ok(n as usize)
+}
+
+/// Runs kernels on one GPU.
+pub struct GpuExecutor {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl GpuExecutor {
+    /// A context on device `ordinal`; NVRTC must be loadable too (kernels compile on first use).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = device_count()?;
+        if ordinal >= count {
+            bail!("cuda:{ordinal}: this machine has {count} CUDA device(s)");
+        }
+        library::nvrtc()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cuda:{ordinal}: cannot create a context: {e:?}"))?;
+        // One stream: ordering is the stream's, so cudarc's per-buffer event tracking is not needed.
+        // SAFETY: no buffers exist yet.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("cuda:{ordinal}: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let stream = ctx.default_stream();
+        Ok(GpuExecutor {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            name,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's architecture, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The context (for libraries such as cuBLAS in benchmarks).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launch goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Milliseconds of device time that `work` enqueues, between two events on the stream.
+    pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(|e| anyhow!("{e:?}"))?;
+        work()?;
+        let end = self.stream.record_event(flags).map_err(|e| anyhow!("{e:?}"))?;
+        start.elapsed_ms(&end).map_err(|e| anyhow!("event timing: {e:?}"))
+    }
+
+    fn function(&self, name: &str, source: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(source) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = kernels::sources()
+                        .find(|s| s.name == source)
+                        .with_context(|| format!("kernel source {source}.cu is not embedded"))?;
+                    let compiled = nvrtc::compile(src, &self.arch)?;
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_binary(compiled.cubin))
+                        .map_err(|e| anyhow!("loading {source}.cu's CUBIN for {}: {e:?}", self.arch))?;
+                    modules.insert(source, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).map_err(|e| anyhow!("kernel {name} in {source}.cu: {e:?}"))?;
+        self.functions.lock().unwrap().insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+impl Executor for GpuExecutor {
+    type Buffer = CudaSlice<f32>;
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.name, self.arch)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(data).map_err(|e| anyhow!("copy of {} values to the GPU: {e:?}", data.len()))
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros(len.max(1)).map_err(|e| anyhow!("GPU allocation of {len} values: {e:?}"))
+    }
+
+    fn download(&self, buffer: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(buffer).map_err(|e| anyhow!("copy from the GPU: {e:?}"))
+    }
+
+    fn len(&self, buffer: &CudaSlice<f32>) -> usize {
+        buffer.len()
+    }
+
+    fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, CudaSlice<f32>>]) -> Result<()> {
+        let signature = check_args(name, args)?;
+        let function = self.function(name, signature.source)?;
+        // Scalars must outlive the builder, which keeps pointers to them.
+        let scalars: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| match a {
+                Arg::I32(v) => {
+                    let mut s = [0u8; 8];
+                    s[..4].copy_from_slice(&v.to_ne_bytes());
+                    s
+                }
+                Arg::F32(v) => {
+                    let mut s = [0u8; 8];
+                    s[..4].copy_from_slice(&v.to_ne_bytes());
+                    s
+                }
+                Arg::F64(v) => v.to_ne_bytes(),
+                _ => [0u8; 8],
+            })
+            .collect();
+        let as_i32: Vec<i32> = scalars.iter().map(|s| i32::from_ne_bytes(s[..4].try_into().unwrap())).collect();
+        let as_f32: Vec<f32> = scalars.iter().map(|s| f32::from_ne_bytes(s[..4].try_into().unwrap())).collect();
+        let as_f64: Vec<f64> = scalars.iter().map(|s| f64::from_ne_bytes(*s)).collect();
+        let null: u64 = 0;
+        let mut builder = self.stream.launch_builder(&function);
+        for (i, a) in args.iter().enumerate() {
+            match a {
+                Arg::Buf(b) => builder.arg(*b),
+                Arg::Null => builder.arg(&null),
+                Arg::I32(_) => builder.arg(&as_i32[i]),
+                Arg::F32(_) => builder.arg(&as_f32[i]),
+                Arg::F64(_) => builder.arg(&as_f64[i]),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: dims.grid, block_dim: dims.block, shared_mem_bytes: 0 };
+        // SAFETY: the arguments match the kernel's signature (checked above); buffer extents are each op's
+        // contract, checked by its wrapper in ops.rs.
+        unsafe { builder.launch(cfg) }.map_err(|e| anyhow!("launch of {name}: {e:?}"))?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("GPU: {e:?}"))
+    }
+}

@@ -1,0 +1,99 @@
+//! The host emulation executor: every kernel of `kernels/*.cu`, compiled as C++ by `build.rs` against
+//! `kernels/host/cuda_host.h`, run on the CPU block by block (a block's threads as fibers). It is how the
+//! kernels and their launch code are proven on machines without a GPU.
+
+use std::ffi::c_void;
+
+use anyhow::{anyhow, Result};
+
+use super::launch::{check_args, Arg, Dims, Executor};
+
+type HostLauncher = unsafe extern "C" fn(*const u32, *const *mut c_void);
+
+include!(concat!(env!("OUT_DIR"), "/host_kernels.rs"));
+
+/// A buffer in host memory standing for device memory. Kernels write through raw pointers, so it is held
+/// as one (never through a Rust reference while a kernel runs).
+pub struct HostBuffer {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a HostBuffer owns its allocation exclusively, like a Box<[f32]>.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    fn from_vec(v: Vec<f32>) -> Self {
+        let boxed = v.into_boxed_slice();
+        let len = boxed.len();
+        HostBuffer { ptr: Box::into_raw(boxed) as *mut f32, len }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: ptr and len came from Box::into_raw of a boxed slice of this length.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
+/// Runs kernels on the host.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostExecutor;
+
+impl Executor for HostExecutor {
+    type Buffer = HostBuffer;
+
+    fn describe(&self) -> String {
+        "host emulation".into()
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<HostBuffer> {
+        Ok(HostBuffer::from_vec(data.to_vec()))
+    }
+
+    fn zeros(&self, len: usize) -> Result<HostBuffer> {
+        Ok(HostBuffer::from_vec(vec![0.0; len]))
+    }
+
+    fn download(&self, buffer: &HostBuffer) -> Result<Vec<f32>> {
+        // SAFETY: no kernel runs (launches are synchronous here); ptr holds len values.
+        Ok(unsafe { std::slice::from_raw_parts(buffer.ptr, buffer.len) }.to_vec())
+    }
+
+    fn len(&self, buffer: &HostBuffer) -> usize {
+        buffer.len
+    }
+
+    fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, HostBuffer>]) -> Result<()> {
+        check_args(name, args)?;
+        let launcher = HOST_LAUNCHERS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| anyhow!("kernel {name} has no host launcher"))?;
+        // One 8-byte slot per argument, holding the value the kernel parameter reads.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buf(b) => b.ptr as u64,
+                Arg::Null => 0,
+                Arg::I32(v) => *v as u32 as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+                Arg::F64(v) => v.to_bits(),
+            })
+            .collect();
+        let pointers: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let (g, b) = (dims.grid, dims.block);
+        let dims = [g.0, g.1, g.2, b.0, b.1, b.2];
+        // SAFETY: the arguments match the kernel's signature (checked above; little-endian slots), and the
+        // buffers outlive the call. Bounds within buffers are each op's contract, checked by its wrapper.
+        unsafe { launcher(dims.as_ptr(), pointers.as_ptr()) };
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! What a kernel launch is, independent of where it runs: the grid and block shape, the arguments, and
+//! the [`Executor`] that runs it (the GPU through the driver, or the host emulation). Arguments are
+//! checked against the kernel's signature, parsed from its source at build time, before either runs it.
+
+use anyhow::{bail, Context, Result};
+
+use crate::kernels::{self, KernelFunction, ParamKind};
+
+/// Grid and block dimensions (x, y, z).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Blocks in the grid.
+    pub grid: (u32, u32, u32),
+    /// Threads in a block.
+    pub block: (u32, u32, u32),
+}
+
+impl Dims {
+    /// A 1-D launch of `threads` per block over enough blocks for `n` elements (at most `max_blocks`; the
+    /// kernels use grid-stride loops).
+    pub fn elementwise(n: usize, threads: u32, max_blocks: u32) -> Self {
+        let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks as usize) as u32;
+        Dims { grid: (blocks, 1, 1), block: (threads, 1, 1) }
+    }
+}
+
+/// One kernel argument.
+pub enum Arg<'a, B> {
+    /// A device buffer.
+    Buf(&'a B),
+    /// A null pointer (optional inputs and outputs).
+    Null,
+    /// `int`.
+    I32(i32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+/// Where kernels run: the GPU, or the host emulation of the same sources.
+pub trait Executor {
+    /// A buffer of f32 on this executor's device.
+    type Buffer;
+    /// A short description, e.g. "NVIDIA H200 (sm_90)".
+    fn describe(&self) -> String;
+    /// A buffer holding `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
+    /// A zeroed buffer of `len` values.
+    fn zeros(&self, len: usize) -> Result<Self::Buffer>;
+    /// The buffer's values.
+    fn download(&self, buffer: &Self::Buffer) -> Result<Vec<f32>>;
+    /// The buffer's length in values.
+    fn len(&self, buffer: &Self::Buffer) -> usize;
+    /// Runs kernel `name` (after [`check_args`]).
+    fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, Self::Buffer>]) -> Result<()>;
+    /// Waits for every launch so far.
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Checks `args` against the signature of kernel `name`; returns the signature.
+pub fn check_args<B>(name: &str, args: &[Arg<'_, B>]) -> Result<&'static KernelFunction> {
+    let f = kernels::function(name).with_context(|| format!("no kernel function '{name}' in kernels/"))?;
+    if f.params.len() != args.len() {
+        bail!("kernel {name}: {} arguments given, its signature has {}", args.len(), f.params.len());
+    }
+    for ((kind, arg), pname) in f.params.iter().zip(args).zip(f.param_names) {
+        let ok = matches!(
+            (kind, arg),
+            (ParamKind::ConstF32Ptr | ParamKind::F32Ptr, Arg::Buf(_) | Arg::Null)
+                | (ParamKind::I32, Arg::I32(_))
+                | (ParamKind::F32, Arg::F32(_))
+                | (ParamKind::F64, Arg::F64(_))
+        );
+        if !ok {
+            bail!("kernel {name}: argument '{pname}' is not a {kind:?}");
+        }
+    }
+    Ok(f)
+}
+
+/// A size as a kernel's `int`, or an error naming it.
+pub fn int(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a kernel's int"))
+}

@@ -1,0 +1,540 @@
+//! One launch wrapper per kernel: shapes checked against the buffers, grid and block chosen, arguments in
+//! the kernel's order. Generic over the [`Executor`], so the code that the GPU runs is the code that the
+//! host emulation proves in `cargo test`.
+
+use anyhow::{ensure, Result};
+
+use super::launch::{int, Arg, Dims, Executor};
+use crate::device::Activation;
+
+/// Rows and columns of every tiled kernel's tiles (EL_BM, EL_BN, EG_TILE in kernels/).
+const TILE: usize = 64;
+const MAX_EXPERTS: usize = 64;
+
+/// The code `kernels/common.cuh` gives an activation (0: none).
+pub fn act_code(act: Option<Activation>) -> i32 {
+    match act {
+        None => 0,
+        Some(Activation::QuickGelu) => 1,
+        Some(Activation::Gelu) => 2,
+        Some(Activation::GeluTanh) => 3,
+        Some(Activation::Relu) => 4,
+    }
+}
+
+fn need<E: Executor>(e: &E, b: &E::Buffer, len: usize, what: &str) -> Result<()> {
+    ensure!(e.len(b) >= len, "{what}: buffer of {} values, {len} needed", e.len(b));
+    Ok(())
+}
+
+fn opt<'a, B>(b: Option<&'a B>) -> Arg<'a, B> {
+    b.map_or(Arg::Null, Arg::Buf)
+}
+
+/// A WEMoE linear layer's weights on a device, in PyTorch's `[out, in]` layout: `base` W0, `tasks` τ
+/// `[T, out, in]`, biases `[out]` and `[T, out]`. With `experts == 0` it is a plain linear layer.
+pub struct ExpertWeights<'a, B> {
+    /// W0 `[out, in]`.
+    pub base: &'a B,
+    /// b0 `[out]`, if the layer has a bias.
+    pub base_bias: Option<&'a B>,
+    /// τ `[T, out, in]` (ignored when `experts == 0`).
+    pub tasks: Option<&'a B>,
+    /// β `[T, out]` (with `base_bias`).
+    pub task_biases: Option<&'a B>,
+    /// Output width.
+    pub out_features: usize,
+    /// Input width.
+    pub in_features: usize,
+    /// T.
+    pub experts: usize,
+}
+
+impl<B> ExpertWeights<'_, B> {
+    fn check<E: Executor<Buffer = B>>(&self, e: &E) -> Result<()> {
+        let size = self.out_features * self.in_features;
+        ensure!(
+            self.experts <= MAX_EXPERTS,
+            "expert linear: {} experts, the kernels take at most {MAX_EXPERTS}",
+            self.experts
+        );
+        need(e, self.base, size, "expert linear W0")?;
+        if let Some(b) = self.base_bias {
+            need(e, b, self.out_features, "expert linear b0")?;
+        }
+        if self.experts > 0 {
+            let tasks =
+                self.tasks.ok_or_else(|| anyhow::anyhow!("expert linear: {} experts but no τ", self.experts))?;
+            need(e, tasks, self.experts * size, "expert linear τ")?;
+            if self.base_bias.is_some() {
+                let tb = self.task_biases.ok_or_else(|| anyhow::anyhow!("expert linear: bias but no task biases"))?;
+                need(e, tb, self.experts * self.out_features, "expert linear β")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `y = act(x·W_rᵀ + b_r)` per route of `rows_per_route` rows, W_r merged on chip from `coeff` `[routes, T]`;
+/// `pre` (if given) receives the pre-activation.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_linear_forward<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    act: Option<Activation>,
+    pre: Option<&E::Buffer>,
+    y: &E::Buffer,
+) -> Result<()> {
+    w.check(e)?;
+    let rows = routes * rows_per_route;
+    need(e, x, rows * w.in_features, "expert_linear_forward x")?;
+    need(e, y, rows * w.out_features, "expert_linear_forward y")?;
+    if let Some(p) = pre {
+        need(e, p, rows * w.out_features, "expert_linear_forward pre")?;
+    }
+    if w.experts > 0 {
+        need(
+            e,
+            coeff.ok_or_else(|| anyhow::anyhow!("expert_linear_forward: no coefficients"))?,
+            routes * w.experts,
+            "coefficients",
+        )?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let dims = Dims {
+        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.out_features.div_ceil(TILE) as u32),
+        block: (256, 1, 1),
+    };
+    let experts = if w.experts > 0 { w.experts } else { 0 };
+    e.launch(
+        "expert_linear_forward",
+        dims,
+        &[
+            Arg::Buf(x),
+            Arg::Buf(w.base),
+            opt(if experts > 0 { w.tasks } else { None }),
+            opt(w.base_bias),
+            opt(if experts > 0 { w.task_biases } else { None }),
+            opt(if experts > 0 { coeff } else { None }),
+            opt(pre),
+            Arg::Buf(y),
+            Arg::I32(int(rows_per_route, "rows per route")?),
+            Arg::I32(int(w.in_features, "in features")?),
+            Arg::I32(int(w.out_features, "out features")?),
+            Arg::I32(experts as i32),
+            Arg::I32(act_code(act)),
+        ],
+    )
+}
+
+/// `dx_r = dy_r · W_r` per route.
+pub fn expert_linear_backward_input<E: Executor>(
+    e: &E,
+    dy: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    dx: &E::Buffer,
+) -> Result<()> {
+    w.check(e)?;
+    let rows = routes * rows_per_route;
+    need(e, dy, rows * w.out_features, "expert_linear_backward_input dy")?;
+    need(e, dx, rows * w.in_features, "expert_linear_backward_input dx")?;
+    if w.experts > 0 {
+        need(
+            e,
+            coeff.ok_or_else(|| anyhow::anyhow!("expert_linear_backward_input: no coefficients"))?,
+            routes * w.experts,
+            "coefficients",
+        )?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let dims = Dims {
+        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.in_features.div_ceil(TILE) as u32),
+        block: (256, 1, 1),
+    };
+    e.launch(
+        "expert_linear_backward_input",
+        dims,
+        &[
+            Arg::Buf(dy),
+            Arg::Buf(w.base),
+            opt(if w.experts > 0 { w.tasks } else { None }),
+            opt(if w.experts > 0 { coeff } else { None }),
+            Arg::Buf(dx),
+            Arg::I32(int(rows_per_route, "rows per route")?),
+            Arg::I32(int(w.in_features, "in features")?),
+            Arg::I32(int(w.out_features, "out features")?),
+            Arg::I32(w.experts as i32),
+        ],
+    )
+}
+
+/// The router gradient `dc[r, t] = <τ_t, dy_rᵀ·x_r> + <β_t, Σ dy_r>` into `dc` `[routes, T]`.
+pub fn expert_linear_backward_coeff<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    dy: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    dc: &E::Buffer,
+) -> Result<()> {
+    w.check(e)?;
+    ensure!(w.experts > 0, "expert_linear_backward_coeff: a layer without experts has no router gradient");
+    let rows = routes * rows_per_route;
+    need(e, x, rows * w.in_features, "expert_linear_backward_coeff x")?;
+    need(e, dy, rows * w.out_features, "expert_linear_backward_coeff dy")?;
+    need(e, dc, routes * w.experts, "expert_linear_backward_coeff dc")?;
+    let (ot, it) = (w.out_features.div_ceil(TILE), w.in_features.div_ceil(TILE));
+    let partial = e.zeros(routes * ot * it * w.experts)?;
+    e.launch(
+        "expert_linear_backward_coeff",
+        Dims { grid: (routes as u32, ot as u32, it as u32), block: (256, 1, 1) },
+        &[
+            Arg::Buf(x),
+            Arg::Buf(dy),
+            opt(w.tasks),
+            opt(if w.base_bias.is_some() { w.task_biases } else { None }),
+            Arg::Buf(&partial),
+            Arg::I32(int(rows_per_route, "rows per route")?),
+            Arg::I32(int(w.in_features, "in features")?),
+            Arg::I32(int(w.out_features, "out features")?),
+            Arg::I32(w.experts as i32),
+        ],
+    )?;
+    let outputs = routes * w.experts;
+    e.launch(
+        "reduce_tiles",
+        Dims::elementwise(outputs, 128, u32::MAX),
+        &[
+            Arg::Buf(&partial),
+            Arg::Buf(dc),
+            Arg::I32(int(routes, "routes")?),
+            Arg::I32(int(ot * it, "tiles")?),
+            Arg::I32(w.experts as i32),
+        ],
+    )
+}
+
+/// `dW = dyᵀ·x` `[out, in]` and `db = Σ_rows dy` over `rows` rows (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_weight<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    dy: &E::Buffer,
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+    dw: &E::Buffer,
+    db: Option<&E::Buffer>,
+) -> Result<()> {
+    need(e, x, rows * in_features, "linear_backward_weight x")?;
+    need(e, dy, rows * out_features, "linear_backward_weight dy")?;
+    need(e, dw, out_features * in_features, "linear_backward_weight dW")?;
+    if let Some(db) = db {
+        need(e, db, out_features, "linear_backward_weight db")?;
+    }
+    e.launch(
+        "linear_backward_weight",
+        Dims { grid: (1, out_features.div_ceil(TILE) as u32, in_features.div_ceil(TILE) as u32), block: (256, 1, 1) },
+        &[
+            Arg::Buf(x),
+            Arg::Buf(dy),
+            Arg::Buf(dw),
+            opt(db),
+            Arg::I32(int(rows, "rows")?),
+            Arg::I32(int(in_features, "in features")?),
+            Arg::I32(int(out_features, "out features")?),
+        ],
+    )
+}
+
+/// `out = W0 + Σ_t coeff[t]·τ_t` for one route (`size` values per weight): the materialised merge.
+pub fn merge_experts<E: Executor>(
+    e: &E,
+    base: &E::Buffer,
+    tasks: &E::Buffer,
+    coeff: &E::Buffer,
+    size: usize,
+    experts: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    need(e, base, size, "merge_experts W0")?;
+    need(e, tasks, experts * size, "merge_experts τ")?;
+    need(e, coeff, experts, "merge_experts coefficients")?;
+    need(e, out, size, "merge_experts out")?;
+    e.launch(
+        "merge_experts",
+        Dims::elementwise(size, 256, 4096),
+        &[
+            Arg::Buf(base),
+            Arg::Buf(tasks),
+            Arg::Buf(coeff),
+            Arg::Buf(out),
+            Arg::I32(int(size, "size")?),
+            Arg::I32(experts as i32),
+        ],
+    )
+}
+
+/// The router head: `w[b] = mean_n act(h[b,n]·W2ᵀ + b2)` with `act` softmax over experts or identity;
+/// `logits` (if given) receives the per-token outputs before the activation.
+#[allow(clippy::too_many_arguments)]
+pub fn router_head_forward<E: Executor>(
+    e: &E,
+    h: &E::Buffer,
+    w2: &E::Buffer,
+    b2: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    softmax: bool,
+    logits: Option<&E::Buffer>,
+    w: &E::Buffer,
+) -> Result<()> {
+    ensure!((1..=32).contains(&experts), "router head: {experts} experts, the kernel takes 1 to 32");
+    need(e, h, batch * tokens * hidden, "router_head_forward h")?;
+    need(e, w2, experts * hidden, "router_head_forward W2")?;
+    need(e, b2, experts, "router_head_forward b2")?;
+    need(e, w, batch * experts, "router_head_forward w")?;
+    if let Some(l) = logits {
+        need(e, l, batch * tokens * experts, "router_head_forward logits")?;
+    }
+    e.launch(
+        "router_head_forward",
+        Dims { grid: (batch as u32, 1, 1), block: (256, 1, 1) },
+        &[
+            Arg::Buf(h),
+            Arg::Buf(w2),
+            Arg::Buf(b2),
+            opt(logits),
+            Arg::Buf(w),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(hidden, "hidden")?),
+            Arg::I32(experts as i32),
+            Arg::I32(softmax as i32),
+        ],
+    )
+}
+
+/// Backward of [`router_head_forward`] from `dw` `[B, T]`: `dlogits` `[B·N, T]` and `dh = dlogits·W2`.
+#[allow(clippy::too_many_arguments)]
+pub fn router_head_backward<E: Executor>(
+    e: &E,
+    logits: &E::Buffer,
+    w2: &E::Buffer,
+    dw: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    softmax: bool,
+    dlogits: &E::Buffer,
+    dh: &E::Buffer,
+) -> Result<()> {
+    ensure!((1..=32).contains(&experts), "router head: {experts} experts, the kernel takes 1 to 32");
+    need(e, logits, batch * tokens * experts, "router_head_backward logits")?;
+    need(e, w2, experts * hidden, "router_head_backward W2")?;
+    need(e, dw, batch * experts, "router_head_backward dw")?;
+    need(e, dlogits, batch * tokens * experts, "router_head_backward dlogits")?;
+    need(e, dh, batch * tokens * hidden, "router_head_backward dh")?;
+    e.launch(
+        "router_head_backward",
+        Dims { grid: (batch as u32, 1, 1), block: (256, 1, 1) },
+        &[
+            Arg::Buf(logits),
+            Arg::Buf(w2),
+            Arg::Buf(dw),
+            Arg::Buf(dlogits),
+            Arg::Buf(dh),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(hidden, "hidden")?),
+            Arg::I32(experts as i32),
+            Arg::I32(softmax as i32),
+        ],
+    )
+}
+
+/// Batch routing: means of `w` `[batch, T]` over consecutive groups of `group` samples.
+pub fn group_mean<E: Executor>(
+    e: &E,
+    w: &E::Buffer,
+    batch: usize,
+    group: usize,
+    experts: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    ensure!(group > 0, "group_mean: empty groups");
+    let groups = batch.div_ceil(group);
+    need(e, w, batch * experts, "group_mean w")?;
+    need(e, out, groups * experts, "group_mean out")?;
+    e.launch(
+        "group_mean",
+        Dims::elementwise(groups * experts, 128, u32::MAX),
+        &[
+            Arg::Buf(w),
+            Arg::Buf(out),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(group, "group")?),
+            Arg::I32(int(experts, "experts")?),
+        ],
+    )
+}
+
+/// LayerNorm of `rows` rows of `width`.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_forward<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    weight: &E::Buffer,
+    bias: &E::Buffer,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    y: &E::Buffer,
+) -> Result<()> {
+    need(e, x, rows * width, "layer_norm x")?;
+    need(e, y, rows * width, "layer_norm y")?;
+    need(e, weight, width, "layer_norm weight")?;
+    need(e, bias, width, "layer_norm bias")?;
+    e.launch(
+        "layer_norm_forward",
+        Dims { grid: (rows as u32, 1, 1), block: (256, 1, 1) },
+        &[Arg::Buf(x), Arg::Buf(weight), Arg::Buf(bias), Arg::Buf(y), Arg::I32(int(width, "width")?), Arg::F32(eps)],
+    )
+}
+
+/// The input gradient of LayerNorm with frozen affine parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    weight: &E::Buffer,
+    dy: &E::Buffer,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    dx: &E::Buffer,
+) -> Result<()> {
+    need(e, x, rows * width, "layer_norm_backward x")?;
+    need(e, dy, rows * width, "layer_norm_backward dy")?;
+    need(e, dx, rows * width, "layer_norm_backward dx")?;
+    need(e, weight, width, "layer_norm_backward weight")?;
+    e.launch(
+        "layer_norm_backward",
+        Dims { grid: (rows as u32, 1, 1), block: (256, 1, 1) },
+        &[Arg::Buf(x), Arg::Buf(weight), Arg::Buf(dy), Arg::Buf(dx), Arg::I32(int(width, "width")?), Arg::F32(eps)],
+    )
+}
+
+/// `y = act(z)` over `n` values.
+pub fn activation_forward<E: Executor>(e: &E, z: &E::Buffer, n: usize, act: Activation, y: &E::Buffer) -> Result<()> {
+    need(e, z, n, "activation z")?;
+    need(e, y, n, "activation y")?;
+    e.launch(
+        "activation_forward",
+        Dims::elementwise(n, 256, 8192),
+        &[Arg::Buf(z), Arg::Buf(y), Arg::I32(int(n, "n")?), Arg::I32(act_code(Some(act)))],
+    )
+}
+
+/// `dz = dy ∘ act'(z)` over `n` values.
+pub fn activation_backward<E: Executor>(
+    e: &E,
+    z: &E::Buffer,
+    dy: &E::Buffer,
+    n: usize,
+    act: Activation,
+    dz: &E::Buffer,
+) -> Result<()> {
+    need(e, z, n, "activation_backward z")?;
+    need(e, dy, n, "activation_backward dy")?;
+    need(e, dz, n, "activation_backward dz")?;
+    e.launch(
+        "activation_backward",
+        Dims::elementwise(n, 256, 8192),
+        &[Arg::Buf(z), Arg::Buf(dy), Arg::Buf(dz), Arg::I32(int(n, "n")?), Arg::I32(act_code(Some(act)))],
+    )
+}
+
+/// `y += x` over `n` values.
+pub fn add_in_place<E: Executor>(e: &E, y: &E::Buffer, x: &E::Buffer, n: usize) -> Result<()> {
+    need(e, y, n, "add_in_place y")?;
+    need(e, x, n, "add_in_place x")?;
+    e.launch("add_in_place", Dims::elementwise(n, 256, 8192), &[Arg::Buf(y), Arg::Buf(x), Arg::I32(int(n, "n")?)])
+}
+
+/// Each row's softmax entropy into `entropy` `[rows]`, and the gradient of their mean into `dlogits`.
+pub fn softmax_entropy<E: Executor>(
+    e: &E,
+    logits: &E::Buffer,
+    rows: usize,
+    classes: usize,
+    entropy: &E::Buffer,
+    dlogits: &E::Buffer,
+) -> Result<()> {
+    need(e, logits, rows * classes, "softmax_entropy logits")?;
+    need(e, entropy, rows, "softmax_entropy entropy")?;
+    need(e, dlogits, rows * classes, "softmax_entropy dlogits")?;
+    e.launch(
+        "softmax_entropy",
+        Dims { grid: (rows.div_ceil(8).max(1) as u32, 1, 1), block: (256, 1, 1) },
+        &[
+            Arg::Buf(logits),
+            Arg::Buf(entropy),
+            Arg::Buf(dlogits),
+            Arg::I32(int(rows, "rows")?),
+            Arg::I32(int(classes, "classes")?),
+        ],
+    )
+}
+
+/// One Adam step (torch's arithmetic) over `n` parameters at step `step` (1-based).
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step<E: Executor>(
+    e: &E,
+    params: &E::Buffer,
+    grads: &E::Buffer,
+    m: &E::Buffer,
+    v: &E::Buffer,
+    n: usize,
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    step: u64,
+) -> Result<()> {
+    ensure!(step >= 1, "adam_step: steps count from 1");
+    for (b, what) in [(params, "parameters"), (grads, "gradients"), (m, "first moments"), (v, "second moments")] {
+        need(e, b, n, what)?;
+    }
+    let t = step as i32;
+    let step_size = lr / (1.0 - betas.0.powi(t));
+    let correction2 = (1.0 - betas.1.powi(t)).sqrt();
+    e.launch(
+        "adam_step",
+        Dims::elementwise(n, 256, 4096),
+        &[
+            Arg::Buf(params),
+            Arg::Buf(grads),
+            Arg::Buf(m),
+            Arg::Buf(v),
+            Arg::I32(int(n, "n")?),
+            Arg::F64(betas.0),
+            Arg::F64(betas.1),
+            Arg::F64(step_size),
+            Arg::F64(correction2),
+            Arg::F64(eps),
+        ],
+    )
+}

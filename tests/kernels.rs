@@ -1,0 +1,379 @@
+//! Every CUDA kernel against the CPU reference on small odd shapes (token counts, widths and expert counts
+//! that are not multiples of the tiles). The `host` tests run the kernels' own sources in the host
+//! emulation (DESIGN.md section 3) in every `cargo test`; the `gpu` tests run the same cases on a GPU
+//! (`tools/gpu-check.sh` runs them there with `--ignored`). Outputs are poisoned with NaN before each
+//! launch, so an element a kernel fails to write fails the test.
+
+mod common;
+
+use wemoe_engine::adapt::Adam;
+use wemoe_engine::cuda::ops::{self, ExpertWeights};
+use wemoe_engine::cuda::{Executor, GpuExecutor, HostExecutor};
+use wemoe_engine::device::Activation;
+use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, ExpertLinearRef};
+use wemoe_engine::ops::gemm::{linear, linear_backward_input, linear_backward_weight, MatRef};
+use wemoe_engine::ops::{activation, entropy, layer_norm, router};
+use wemoe_engine::rng::Rng;
+
+use common::KERNEL_REL_TOL;
+
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    Rng::new(seed).normal_vec(n, 0.0, scale)
+}
+
+/// `[rows, cols]` to `[cols, rows]`.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// max |a − b| / max |b|, and infinite when `got` holds anything non-finite (an unwritten NaN included).
+fn error(got: &[f32], want: &[f32]) -> f64 {
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    common::rel_err(got, want)
+}
+
+fn poisoned<E: Executor>(e: &E, n: usize) -> E::Buffer {
+    e.upload(&vec![f32::NAN; n]).unwrap()
+}
+
+/// The largest of several named errors, each printed.
+fn worst(kernel: &str, errors: &[(String, f64)]) -> f64 {
+    for (what, err) in errors {
+        println!("  {kernel} [{what}]: {err:.2e}");
+    }
+    errors.iter().map(|(_, e)| *e).fold(0.0, f64::max)
+}
+
+/// A WEMoE layer's weights in PyTorch's layout, and the CPU reference's `[in, out]` view.
+struct Layer {
+    out: usize,
+    inp: usize,
+    experts: usize,
+    base: Vec<f32>,
+    bias: Vec<f32>,
+    tasks: Vec<f32>,
+    task_biases: Vec<f32>,
+    base_t: Vec<f32>,
+    tasks_t: Vec<Vec<f32>>,
+}
+
+impl Layer {
+    fn new(out: usize, inp: usize, experts: usize, seed: u64) -> Self {
+        let base = values(out * inp, seed, 0.2);
+        let tasks = values(experts * out * inp, seed + 1, 0.05);
+        let tasks_t = tasks.chunks(out * inp).map(|t| transpose(t, out, inp)).collect();
+        Layer {
+            out,
+            inp,
+            experts,
+            base_t: transpose(&base, out, inp),
+            base,
+            bias: values(out, seed + 2, 0.1),
+            tasks,
+            task_biases: values(experts * out, seed + 3, 0.05),
+            tasks_t,
+        }
+    }
+
+    fn cpu(&self) -> ExpertLinearRef<'_> {
+        ExpertLinearRef {
+            base_weight: &self.base_t,
+            base_bias: &self.bias,
+            task_weights: self.tasks_t.iter().map(|t| t.as_slice()).collect(),
+            task_biases: self.task_biases.chunks(self.out).collect(),
+            out_features: self.out,
+            in_features: self.inp,
+        }
+    }
+}
+
+struct DeviceLayer<B> {
+    base: B,
+    bias: B,
+    tasks: B,
+    task_biases: B,
+}
+
+impl<B> DeviceLayer<B> {
+    fn new<E: Executor<Buffer = B>>(e: &E, l: &Layer) -> Self {
+        let up = |v: &[f32]| e.upload(if v.is_empty() { &[0.0] } else { v }).unwrap();
+        DeviceLayer { base: up(&l.base), bias: up(&l.bias), tasks: up(&l.tasks), task_biases: up(&l.task_biases) }
+    }
+
+    fn weights(&self, l: &Layer) -> ExpertWeights<'_, B> {
+        ExpertWeights {
+            base: &self.base,
+            base_bias: Some(&self.bias),
+            tasks: Some(&self.tasks),
+            task_biases: Some(&self.task_biases),
+            out_features: l.out,
+            in_features: l.inp,
+            experts: l.experts,
+        }
+    }
+}
+
+fn expert_linear_forward<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    // (routes, rows per route, in, out, experts, activation): per-sample with odd token counts, a route
+    // taller than one 64-row tile, batch routing (one route), and a plain linear layer (no experts).
+    let cases = [
+        (3, 7, 37, 70, 3, Some(Activation::QuickGelu)),
+        (2, 67, 65, 33, 5, None),
+        (1, 45, 29, 130, 8, Some(Activation::Gelu)),
+        (4, 11, 19, 23, 0, Some(Activation::Relu)),
+        // ViT-B/32's fc1 with 8 experts, two samples: indexing at the real sizes (fc2 in the backward test).
+        (2, 50, 768, 3072, 8, Some(Activation::QuickGelu)),
+    ];
+    for (i, &(routes, n, inp, out, experts, act)) in cases.iter().enumerate() {
+        let l = Layer::new(out, inp, experts, 100 + i as u64);
+        let x = values(routes * n * inp, 200 + i as u64, 1.0);
+        let coeff = values(routes * experts.max(1), 300 + i as u64, 0.6);
+        let coeff = &coeff[..routes * experts];
+        let want_pre = if experts > 0 {
+            expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap()
+        } else {
+            linear(&x, routes * n, inp, MatRef::row_major(&l.base_t, inp, out).unwrap(), Some(&l.bias)).unwrap()
+        };
+        let mut want = want_pre.clone();
+        if let Some(a) = act {
+            activation::activation_in_place(&mut want, a);
+        }
+        let d = DeviceLayer::new(e, &l);
+        let (xb, cb) = (e.upload(&x).unwrap(), e.upload(if coeff.is_empty() { &[0.0] } else { coeff }).unwrap());
+        let (pre, y) = (poisoned(e, routes * n * out), poisoned(e, routes * n * out));
+        ops::expert_linear_forward(e, &xb, routes, n, &d.weights(&l), Some(&cb), act, Some(&pre), &y).unwrap();
+        let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}, {act:?}");
+        errors.push((format!("{label}: pre"), error(&e.download(&pre).unwrap(), &want_pre)));
+        errors.push((format!("{label}: y"), error(&e.download(&y).unwrap(), &want)));
+    }
+    worst("expert_linear_forward", &errors)
+}
+
+fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    for (i, &(routes, n, inp, out, experts)) in
+        [(3, 7, 37, 70, 3), (2, 67, 65, 33, 5), (1, 45, 29, 130, 8), (1, 50, 3072, 768, 8)].iter().enumerate()
+    {
+        let l = Layer::new(out, inp, experts, 400 + i as u64);
+        let x = values(routes * n * inp, 500 + i as u64, 1.0);
+        let dy = values(routes * n * out, 600 + i as u64, 1.0);
+        let coeff = values(routes * experts, 700 + i as u64, 0.6);
+        let (want_dx, want_dc) = cpu_expert::expert_linear_backward(&x, routes, n, &coeff, &l.cpu(), &dy).unwrap();
+        let d = DeviceLayer::new(e, &l);
+        let (xb, dyb, cb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap(), e.upload(&coeff).unwrap());
+        let (dx, dc) = (poisoned(e, routes * n * inp), poisoned(e, routes * experts));
+        ops::expert_linear_backward_input(e, &dyb, routes, n, &d.weights(&l), Some(&cb), &dx).unwrap();
+        ops::expert_linear_backward_coeff(e, &xb, &dyb, routes, n, &d.weights(&l), &dc).unwrap();
+        let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}");
+        errors.push((format!("{label}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));
+        errors.push((format!("{label}: dc"), error(&e.download(&dc).unwrap(), &want_dc)));
+    }
+    worst("expert_linear_backward_input + _coeff", &errors)
+}
+
+fn linear_weight_gradient<E: Executor>(e: &E) -> f64 {
+    let (rows, inp, out) = (83, 70, 13);
+    let x = values(rows * inp, 1, 1.0);
+    let dy = values(rows * out, 2, 1.0);
+    let (want_dw, want_db) = linear_backward_weight(&x, &dy, rows, inp, out).unwrap();
+    let (dw, db) = (poisoned(e, out * inp), poisoned(e, out));
+    ops::linear_backward_weight(e, &e.upload(&x).unwrap(), &e.upload(&dy).unwrap(), rows, inp, out, &dw, Some(&db))
+        .unwrap();
+    worst(
+        "linear_backward_weight",
+        &[
+            ("dW".into(), error(&e.download(&dw).unwrap(), &want_dw)),
+            ("db".into(), error(&e.download(&db).unwrap(), &want_db)),
+        ],
+    )
+}
+
+fn merge<E: Executor>(e: &E) -> f64 {
+    let l = Layer::new(23, 41, 5, 9);
+    let coeff = values(5, 10, 0.5);
+    let want: Vec<f32> = (0..l.base.len())
+        .map(|i| l.base[i] + (0..5).map(|t| coeff[t] * l.tasks[t * l.base.len() + i]).sum::<f32>())
+        .collect();
+    let d = DeviceLayer::new(e, &l);
+    let out = poisoned(e, l.base.len());
+    ops::merge_experts(e, &d.base, &d.tasks, &e.upload(&coeff).unwrap(), l.base.len(), 5, &out).unwrap();
+    worst("merge_experts", &[("23×41, T=5".into(), error(&e.download(&out).unwrap(), &want))])
+}
+
+fn router_head<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    for (i, &(batch, tokens, hidden, experts, softmax)) in
+        [(3, 7, 45, 5, false), (2, 50, 33, 8, true), (5, 9, 70, 3, true)].iter().enumerate()
+    {
+        let h = values(batch * tokens * hidden, 20 + i as u64, 1.0);
+        let w2 = values(experts * hidden, 30 + i as u64, 0.3);
+        let b2 = values(experts, 40 + i as u64, 0.3);
+        let w2_t = transpose(&w2, experts, hidden);
+        let logits =
+            linear(&h, batch * tokens, hidden, MatRef::row_major(&w2_t, hidden, experts).unwrap(), Some(&b2)).unwrap();
+        let want_w = router::router_reduce(&logits, batch, tokens, experts, softmax);
+        let dw = values(batch * experts, 50 + i as u64, 1.0);
+        let want_dl = router::router_reduce_backward(&logits, batch, tokens, experts, softmax, &dw);
+        let want_dh =
+            linear_backward_input(&want_dl, batch * tokens, MatRef::row_major(&w2_t, hidden, experts).unwrap())
+                .unwrap();
+
+        let (hb, w2b, b2b) = (e.upload(&h).unwrap(), e.upload(&w2).unwrap(), e.upload(&b2).unwrap());
+        let (lb, wb) = (poisoned(e, batch * tokens * experts), poisoned(e, batch * experts));
+        ops::router_head_forward(e, &hb, &w2b, &b2b, batch, tokens, hidden, experts, softmax, Some(&lb), &wb).unwrap();
+        let (dl, dh) = (poisoned(e, batch * tokens * experts), poisoned(e, batch * tokens * hidden));
+        ops::router_head_backward(
+            e,
+            &lb,
+            &w2b,
+            &e.upload(&dw).unwrap(),
+            batch,
+            tokens,
+            hidden,
+            experts,
+            softmax,
+            &dl,
+            &dh,
+        )
+        .unwrap();
+        let label = format!("B={batch} N={tokens} H={hidden} T={experts} softmax={softmax}");
+        errors.push((format!("{label}: logits"), error(&e.download(&lb).unwrap(), &logits)));
+        errors.push((format!("{label}: w"), error(&e.download(&wb).unwrap(), &want_w)));
+        errors.push((format!("{label}: dlogits"), error(&e.download(&dl).unwrap(), &want_dl)));
+        errors.push((format!("{label}: dh"), error(&e.download(&dh).unwrap(), &want_dh)));
+    }
+    // Batch routing: consecutive groups, the last one short.
+    let (batch, group, experts) = (7, 3, 4);
+    let w = values(batch * experts, 60, 1.0);
+    let want: Vec<f32> = (0..batch.div_ceil(group))
+        .flat_map(|g| {
+            let members: Vec<usize> = (g * group..((g + 1) * group).min(batch)).collect();
+            let w = &w;
+            (0..experts).map(move |t| members.iter().map(|&b| w[b * experts + t]).sum::<f32>() / members.len() as f32)
+        })
+        .collect();
+    let out = poisoned(e, want.len());
+    ops::group_mean(e, &e.upload(&w).unwrap(), batch, group, experts, &out).unwrap();
+    errors.push(("group_mean 7 in groups of 3".into(), error(&e.download(&out).unwrap(), &want)));
+    worst("router_head_forward/backward, group_mean", &errors)
+}
+
+fn layer_norms<E: Executor>(e: &E) -> f64 {
+    let (rows, width, eps) = (13, 77, 1e-5f32);
+    let x: Vec<f32> = values(rows * width, 70, 2.0).iter().map(|v| v + 0.7).collect();
+    let (w, b, dy) = (values(width, 71, 1.0), values(width, 72, 1.0), values(rows * width, 73, 1.0));
+    let want_y = layer_norm::layer_norm(&x, width, &w, &b, eps);
+    let want_dx = layer_norm::layer_norm_backward(&x, width, &w, eps, &dy);
+    let (xb, wb, bb) = (e.upload(&x).unwrap(), e.upload(&w).unwrap(), e.upload(&b).unwrap());
+    let (y, dx) = (poisoned(e, rows * width), poisoned(e, rows * width));
+    ops::layer_norm_forward(e, &xb, &wb, &bb, rows, width, eps, &y).unwrap();
+    ops::layer_norm_backward(e, &xb, &wb, &e.upload(&dy).unwrap(), rows, width, eps, &dx).unwrap();
+    worst(
+        "layer_norm_forward/backward",
+        &[
+            ("y".into(), error(&e.download(&y).unwrap(), &want_y)),
+            ("dx".into(), error(&e.download(&dx).unwrap(), &want_dx)),
+        ],
+    )
+}
+
+fn activations<E: Executor>(e: &E) -> f64 {
+    let n = 1031;
+    let z: Vec<f32> = values(n, 80, 3.0);
+    let dy = values(n, 81, 1.0);
+    let (zb, dyb) = (e.upload(&z).unwrap(), e.upload(&dy).unwrap());
+    let mut errors = Vec::new();
+    for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+        let want: Vec<f32> = z.iter().map(|&v| activation::activate(v, act)).collect();
+        let want_dz = activation::activation_backward(&z, &dy, act);
+        let (y, dz) = (poisoned(e, n), poisoned(e, n));
+        ops::activation_forward(e, &zb, n, act, &y).unwrap();
+        ops::activation_backward(e, &zb, &dyb, n, act, &dz).unwrap();
+        errors.push((format!("{act:?}"), error(&e.download(&y).unwrap(), &want)));
+        errors.push((format!("{act:?}'"), error(&e.download(&dz).unwrap(), &want_dz)));
+    }
+    let sum = e.upload(&z).unwrap();
+    ops::add_in_place(e, &sum, &dyb, n).unwrap();
+    let want: Vec<f32> = z.iter().zip(&dy).map(|(a, b)| a + b).collect();
+    errors.push(("add_in_place".into(), error(&e.download(&sum).unwrap(), &want)));
+    worst("activation_forward/backward, add_in_place", &errors)
+}
+
+fn entropy_loss<E: Executor>(e: &E) -> f64 {
+    let (rows, classes) = (37, 45);
+    let logits: Vec<f32> = values(rows * classes, 90, 3.0);
+    let want_mean = entropy::softmax_entropy(&logits, classes);
+    let want_d = entropy::softmax_entropy_backward(&logits, classes);
+    let (h, d) = (poisoned(e, rows), poisoned(e, rows * classes));
+    ops::softmax_entropy(e, &e.upload(&logits).unwrap(), rows, classes, &h, &d).unwrap();
+    let got_mean = e.download(&h).unwrap().iter().map(|&v| v as f64).sum::<f64>() / rows as f64;
+    worst(
+        "softmax_entropy",
+        &[
+            ("mean entropy".into(), ((got_mean - want_mean) / want_mean).abs()),
+            ("gradient".into(), error(&e.download(&d).unwrap(), &want_d)),
+        ],
+    )
+}
+
+fn adam<E: Executor>(e: &E) -> f64 {
+    let n = 301;
+    let mut params = std::collections::BTreeMap::from([("p".to_string(), values(n, 95, 1.0))]);
+    let (pb, mb, vb) = (e.upload(&params["p"]).unwrap(), e.zeros(n).unwrap(), e.zeros(n).unwrap());
+    let mut cpu = Adam::new(1e-3, (0.9, 0.999), 1e-8);
+    for step in 1..=3u64 {
+        let g = values(n, 96 + step, 1.0);
+        let grads = std::collections::BTreeMap::from([("p".to_string(), g.clone())]);
+        cpu.update(&mut params, &grads, 1e-3).unwrap();
+        ops::adam_step(e, &pb, &e.upload(&g).unwrap(), &mb, &vb, n, 1e-3, (0.9, 0.999), 1e-8, step).unwrap();
+    }
+    let start = values(n, 95, 1.0);
+    let want: Vec<f32> = params["p"].iter().zip(&start).map(|(p, s)| p - s).collect();
+    let got: Vec<f32> = e.download(&pb).unwrap().iter().zip(&start).map(|(p, s)| p - s).collect();
+    worst("adam_step", &[("3 steps, relative to the update".into(), error(&got, &want))])
+}
+
+fn report(kernel: &str, executor: &str, err: f64) {
+    println!("kernel-check {kernel} on {executor}: max relative error {err:.2e}");
+    assert!(err <= KERNEL_REL_TOL, "{kernel} on {executor}: relative error {err:.3e} > {KERNEL_REL_TOL:e}");
+}
+
+macro_rules! kernel_tests {
+    ($($case:ident),* $(,)?) => {
+        mod host {
+            $(#[test]
+            fn $case() {
+                super::report(stringify!($case), "host emulation", super::$case(&super::HostExecutor));
+            })*
+        }
+        mod gpu {
+            $(#[test]
+            #[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
+            fn $case() {
+                let e = super::GpuExecutor::new(0).expect("a CUDA device");
+                super::report(stringify!($case), &super::Executor::describe(&e), super::$case(&e));
+            })*
+        }
+    };
+}
+
+kernel_tests!(
+    expert_linear_forward,
+    expert_linear_backward,
+    linear_weight_gradient,
+    merge,
+    router_head,
+    layer_norms,
+    activations,
+    entropy_loss,
+    adam,
+);

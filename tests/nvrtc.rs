@@ -1,0 +1,77 @@
+//! Every kernel source compiles with NVRTC to an sm_90 CUBIN, with ptxas' resources per kernel function;
+//! compile errors name the kernel and carry NVRTC's log; the on-disk cache answers the second time.
+//! NVRTC must be loadable (CI installs it from PyPI; `tools/test.sh` does too): if it is not, these tests
+//! fail, they are not skipped.
+
+use wemoe_engine::cuda::nvrtc;
+use wemoe_engine::kernels::{self, KernelSource, KERNEL_FUNCTIONS};
+
+const ARCH: &str = "sm_90";
+
+fn with_fresh_cache() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY (of the test): this binary's tests do not read the environment concurrently with this write
+    // in a way that matters: every test sets the same kind of private folder before compiling.
+    unsafe { std::env::set_var("WEMOE_CACHE_DIR", dir.path()) };
+    dir
+}
+
+#[test]
+fn every_kernel_compiles_to_a_cubin_with_its_resources() {
+    let _cache = with_fresh_cache();
+    let (major, minor) = nvrtc::version().expect("NVRTC must be loadable: run tools/test.sh, or set WEMOE_NVRTC");
+    println!("NVRTC {major}.{minor}, {ARCH}");
+    println!("{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}", "kernel", "regs", "smem", "stack", "spillS", "spillL");
+    let mut seen = 0;
+    for source in kernels::sources() {
+        let compiled = nvrtc::compile(source, ARCH).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!compiled.from_cache);
+        assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{}: not a CUBIN (ELF) image", source.file);
+        for f in KERNEL_FUNCTIONS.iter().filter(|f| f.source == source.name) {
+            let r = compiled
+                .resources
+                .iter()
+                .find(|r| r.function == f.name)
+                .unwrap_or_else(|| panic!("{}: no ptxas report for {} in:\n{}", source.file, f.name, compiled.log));
+            println!(
+                "{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}",
+                f.name, r.registers, r.shared_bytes, r.stack_bytes, r.spill_stores, r.spill_loads
+            );
+            assert!(r.registers > 0, "{}: no registers reported", f.name);
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{} spills registers to local memory", f.name);
+            // A stack frame means a register array indexed at run time went to local memory.
+            assert_eq!(r.stack_bytes, 0, "{} has a {}-byte stack frame", f.name, r.stack_bytes);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, KERNEL_FUNCTIONS.len(), "every kernel function was compiled and reported");
+}
+
+#[test]
+fn a_compile_error_names_the_kernel_and_carries_the_log() {
+    let _cache = with_fresh_cache();
+    let bad = KernelSource {
+        name: "broken",
+        file: "broken.cu",
+        header: false,
+        source: "extern \"C\" __global__ void k(float* y) { y[0] = undeclared_thing; }\n",
+        hash: 1,
+    };
+    let err = format!("{:#}", nvrtc::compile(&bad, ARCH).unwrap_err());
+    assert!(err.contains("broken.cu"), "{err}");
+    assert!(err.contains("undeclared_thing"), "NVRTC's log is carried: {err}");
+    let err = format!("{:#}", nvrtc::compile(&bad, "90").unwrap_err());
+    assert!(err.contains("sm_XY"), "{err}");
+}
+
+#[test]
+fn the_cache_answers_the_second_compile_with_the_same_image() {
+    let _cache = with_fresh_cache();
+    let source = kernels::sources().find(|s| s.name == "elementwise").unwrap();
+    let first = nvrtc::compile(source, ARCH).unwrap();
+    let second = nvrtc::compile(source, ARCH).unwrap();
+    assert!(!first.from_cache && second.from_cache);
+    assert_eq!(first.cubin, second.cubin);
+    assert_eq!(first.resources, second.resources);
+    assert!(second.cached_at.unwrap().to_string_lossy().contains(ARCH));
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One prepared GPU check (DESIGN.md section 3, METHOD.md): the engine's view of the machine (doctor, with
+# ptxas' resources for the card's arch), every kernel against the CPU reference on the GPU, then the
+# kernel benchmarks, with their table printed last.
+#
+#   tools/gpu-check.sh                 build here (needs cargo) and run here
+#   tools/gpu-check.sh --stage DIR     build here and copy the stripped binaries to DIR (for a GPU machine
+#                                      without a Rust toolchain; same x86-64 Linux)
+#   tools/gpu-check.sh --prebuilt DIR  run binaries staged by --stage
+#
+# NVRTC: the machine's own (its CUDA toolkit or its Python's nvidia-cuda-nvrtc) unless WEMOE_NVRTC names
+# one: a CUBIN from an NVRTC newer than the driver may not load. Full logs go to $OUT (or ./gpu-check-out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+stage() {
+    local dir=$1
+    mkdir -p "$dir"
+    local json
+    cargo build --release --bin wemoe-engine
+    json=$(cargo test --release --no-run --test kernels --message-format=json 2>/dev/null)
+    local tests
+    tests=$(echo "$json" | grep -o '"executable":"[^"]*kernels-[^"]*"' | tail -1 | cut -d'"' -f4)
+    json=$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null)
+    local bench
+    bench=$(echo "$json" | grep -o '"executable":"[^"]*gpu-[^"]*"' | tail -1 | cut -d'"' -f4)
+    cp target/release/wemoe-engine "$dir/wemoe-engine"
+    cp "$tests" "$dir/kernel-tests"
+    cp "$bench" "$dir/gpu-bench"
+    strip "$dir"/* 2>/dev/null || true
+    ls -la "$dir"
+}
+
+mode=${1:-}
+case "$mode" in
+    --stage) stage "${2:?--stage needs a folder}"; exit 0 ;;
+    --prebuilt) bin=${2:?--prebuilt needs a folder} ;;
+    "") bin=target/gpu-check; stage "$bin" ;;
+    *) echo "usage: $0 [--stage DIR | --prebuilt DIR]" >&2; exit 2 ;;
+esac
+
+out=${OUT:-gpu-check-out}
+mkdir -p "$out"
+
+if [ -z "${WEMOE_NVRTC:-}" ]; then
+    for candidate in /usr/local/cuda/lib64 $(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null); do
+        if ls "$candidate"/libnvrtc.so.* >/dev/null 2>&1; then export WEMOE_NVRTC=$candidate; break; fi
+    done
+fi
+# cuBLAS (the dense reference in the benchmarks) from the same places.
+export LD_LIBRARY_PATH=${WEMOE_NVRTC:-}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export WEMOE_CACHE_DIR=$out/cache
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+echo "WEMOE_NVRTC=${WEMOE_NVRTC:-unset}"
+
+set +e  # from here on, a failing step is reported and the rest still runs
+echo "== doctor"
+"$bin/wemoe-engine" doctor 2>&1 | tee "$out/doctor.txt"
+
+echo "== kernels on the GPU against the CPU reference"
+"$bin/kernel-tests" gpu:: --ignored --nocapture --test-threads 1 2>&1 | tee "$out/kernel-tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks"
+"$bin/gpu-bench" --bench 2>&1 | tee "$out/bench.txt"
+
+echo "== FusionBench's WEMoE layer on the same card (PyTorch)"
+# fusion-bench may travel as a wheel in .whl (it is not in the GPU machines' image).
+if ls .whl/fusion_bench-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fb-site .whl/fusion_bench-*.whl \
+        && export PYTHONPATH=/tmp/fb-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+PYTHONUNBUFFERED=1 python3 tools/bench_fusionbench_gpu.py 2>&1 | tee "$out/fusionbench.txt" || true
+
+echo "== summary"
+grep -E "^kernel-check" "$out/kernel-tests.txt" || echo "no kernel-check lines: see $out/kernel-tests.txt"
+grep -E "^\| |fused per-sample /|^device" "$out/bench.txt" || true
+grep -E "^\| B=|^device" "$out/fusionbench.txt" || true
+echo "kernel tests exit status: $tests_rc"
+exit "$tests_rc"
