@@ -64,3 +64,33 @@ static __device__ float block_sum(float v, float* scratch) {
     __syncthreads();
     return total;
 }
+
+// The router's activation for the expert in this lane (lanes 0..experts−1 of a warp hold one token's
+// outputs): softmax over those lanes, or identity. Every lane must call it (warp reductions).
+static __device__ __forceinline__ float router_activation(float v, int experts, int softmax) {
+    if (!softmax) return v;
+    const int lane = threadIdx.x % 32;
+    const float m = warp_max(lane < experts ? v : -INFINITY);
+    const float e = lane < experts ? expf(v - m) : 0.0f;
+    return e / warp_sum(e);
+}
+
+// Its backward: g for identity; p∘(g − Σ_t p·g) through the softmax, p recomputed from the output v.
+static __device__ __forceinline__ float router_activation_backward(float v, float g, int experts, int softmax) {
+    if (!softmax) return g;
+    const float p = router_activation(v, experts, 1);
+    return p * (g - warp_sum(p * g));
+}
+
+// w[b, t] = (Σ_warps sums[warp][t]) / tokens for a block of `warps` warps, each lane t having put its running
+// sum in sums[warp][t]; warps in a fixed order.
+static __device__ __forceinline__ void write_token_mean(float acc, float (*sums)[32], int warps, float* w, int b,
+                                                        int experts, int tokens) {
+    sums[threadIdx.x / 32][threadIdx.x % 32] = acc;
+    __syncthreads();
+    if (threadIdx.x < experts) {
+        float s = 0.0f;
+        for (int k = 0; k < warps; ++k) s += sums[k][threadIdx.x];
+        w[(size_t)b * experts + threadIdx.x] = s / tokens;
+    }
+}

@@ -26,21 +26,10 @@ extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
             if (lane == t) mine = dot;
         }
         if (logits && lane < experts) logits[((size_t)b * tokens + n) * experts + lane] = mine;
-        float v = mine;
-        if (softmax) {
-            const float m = warp_max(lane < experts ? mine : -INFINITY);
-            const float e = lane < experts ? expf(mine - m) : 0.0f;
-            v = e / warp_sum(e);
-        }
+        const float v = router_activation(mine, experts, softmax);
         if (lane < experts) acc += v;
     }
-    sums[warp][lane] = acc;
-    __syncthreads();
-    if (threadIdx.x < experts) {
-        float s = 0.0f;
-        for (int k = 0; k < ROUTER_WARPS; ++k) s += sums[k][threadIdx.x];
-        w[(size_t)b * experts + threadIdx.x] = s / tokens;
-    }
+    write_token_mean(acc, sums, ROUTER_WARPS, w, b, experts, tokens);
 }
 
 // Backward of router_head_forward from dw [B, T]: dlogits [B·N, T] and dh [B·N, H] = dlogits·W2.
@@ -54,14 +43,8 @@ extern "C" __global__ void __launch_bounds__(ROUTER_THREADS)
     const float g = lane < experts ? dw[(size_t)b * experts + lane] / tokens : 0.0f;
     for (int n = warp; n < tokens; n += ROUTER_WARPS) {
         const size_t token = (size_t)b * tokens + n;
-        float d = g;
-        if (softmax) {
-            const float l = lane < experts ? logits[token * experts + lane] : -INFINITY;
-            const float m = warp_max(l);
-            const float e = lane < experts ? expf(l - m) : 0.0f;
-            const float p = e / warp_sum(e);
-            d = p * (g - warp_sum(p * g));
-        }
+        const float l = lane < experts ? logits[token * experts + lane] : 0.0f;
+        const float d = router_activation_backward(l, g, experts, softmax);
         if (lane < experts) dlogits[token * experts + lane] = d;
         // Through shared memory, not shuffles: the loop below is divergent when H is not a multiple of 32.
         token_dlogits[warp][lane] = d;

@@ -1,8 +1,9 @@
 //! A tensor: a shape and the storage of its f32 elements on one device.
 //!
 //! Host tensors either own their elements or borrow them, zero-copy, from a memory-mapped checkpoint.
-//! The `Storage` enum is the seam for a second backend: a device buffer variant joins `Cpu` there.
+//! Device tensors hold a range of a backend's buffer, whose type only that backend knows.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -34,10 +35,25 @@ impl HostBuffer {
     }
 }
 
+/// A range of a device buffer: `len` elements from element `offset` of `buffer`, whose concrete type belongs
+/// to the backend that made it (several tensors may share one buffer, e.g. stacked task vectors).
+pub struct DeviceBuffer {
+    /// The device.
+    pub device: Device,
+    /// The backend's buffer.
+    pub buffer: Arc<dyn Any + Send + Sync>,
+    /// First element.
+    pub offset: usize,
+    /// Element count.
+    pub len: usize,
+}
+
 /// Where a tensor's elements live.
 pub enum Storage {
     /// Host memory, used by the CPU backend.
     Cpu(HostBuffer),
+    /// A device buffer, used by the CUDA backend.
+    Device(DeviceBuffer),
 }
 
 /// A dense, row-major f32 tensor.
@@ -62,6 +78,13 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(HostBuffer::Mapped { map, offset, len }) })
     }
 
+    /// A tensor over a device buffer range; fails when the range does not hold the shape's elements.
+    pub fn on_device(shape: &[usize], buffer: DeviceBuffer) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        ensure!(numel == buffer.len, "shape {shape:?} holds {numel} elements, the device range {}", buffer.len);
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Device(buffer) })
+    }
+
     /// A host tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
         let numel = shape.iter().product();
@@ -80,8 +103,9 @@ impl Tensor {
 
     /// The device holding the elements.
     pub fn device(&self) -> Device {
-        match self.storage {
+        match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Device(d) => d.device,
         }
     }
 
@@ -94,6 +118,7 @@ impl Tensor {
     pub fn host(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(buf) => Ok(buf.as_slice()),
+            Storage::Device(d) => bail!("tensor {:?} lives on {}; copy it to the host first", self.shape, d.device),
         }
     }
 
@@ -102,6 +127,7 @@ impl Tensor {
         match self.storage {
             Storage::Cpu(HostBuffer::Owned(v)) => Ok(v),
             Storage::Cpu(buf) => Ok(buf.as_slice().to_vec()),
+            Storage::Device(d) => bail!("tensor {:?} lives on {}; copy it to the host first", self.shape, d.device),
         }
     }
 
@@ -109,6 +135,7 @@ impl Tensor {
     pub fn is_mapped(&self) -> bool {
         match &self.storage {
             Storage::Cpu(buf) => buf.is_mapped(),
+            Storage::Device(_) => false,
         }
     }
 

@@ -12,7 +12,10 @@ use wemoe_engine::cuda::{Executor, GpuExecutor, HostExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, ExpertLinearRef};
 use wemoe_engine::ops::gemm::{linear, linear_backward_input, linear_backward_weight, MatRef};
-use wemoe_engine::ops::{activation, entropy, layer_norm, router};
+use wemoe_engine::ops::patch_embed::PatchGeometry;
+use wemoe_engine::ops::{
+    activation, attention as cpu_attention, entropy, layer_norm, patch_embed as cpu_patch, router, rows,
+};
 use wemoe_engine::rng::Rng;
 
 use common::KERNEL_REL_TOL;
@@ -342,6 +345,95 @@ fn adam<E: Executor>(e: &E) -> f64 {
     worst("adam_step", &[("3 steps, relative to the update".into(), error(&got, &want))])
 }
 
+fn attention<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    // Token counts off the 8 rows per block and the 32 lanes; head widths under and over a warp.
+    for (i, &(b, n, d, heads)) in [(2, 13, 12, 3), (1, 50, 130, 2), (2, 37, 96, 1)].iter().enumerate() {
+        let seed = 110 + 10 * i as u64;
+        let (q, k, v, g) = (
+            values(b * n * d, seed, 1.0),
+            values(b * n * d, seed + 1, 1.0),
+            values(b * n * d, seed + 2, 1.0),
+            values(b * n * d, seed + 3, 1.0),
+        );
+        let want = cpu_attention::attention(&q, &k, &v, b, n, d, heads).unwrap();
+        let (wq, wk, wv) = cpu_attention::attention_backward(&q, &k, &v, &g, b, n, d, heads).unwrap();
+        let (qb, kb, vb, gb) =
+            (e.upload(&q).unwrap(), e.upload(&k).unwrap(), e.upload(&v).unwrap(), e.upload(&g).unwrap());
+        let out = poisoned(e, b * n * d);
+        ops::attention_forward(e, &qb, &kb, &vb, b, n, d, heads, &out).unwrap();
+        let (dq, dk, dv) = (poisoned(e, b * n * d), poisoned(e, b * n * d), poisoned(e, b * n * d));
+        ops::attention_backward(e, &qb, &kb, &vb, &gb, b, n, d, heads, (&dq, &dk, &dv)).unwrap();
+        let label = format!("B={b} N={n} D={d} heads={heads}");
+        errors.push((format!("{label}: out"), error(&e.download(&out).unwrap(), &want)));
+        errors.push((format!("{label}: dq"), error(&e.download(&dq).unwrap(), &wq)));
+        errors.push((format!("{label}: dk"), error(&e.download(&dk).unwrap(), &wk)));
+        errors.push((format!("{label}: dv"), error(&e.download(&dv).unwrap(), &wv)));
+    }
+    worst("attention_forward, attention_backward_rows/_columns", &errors)
+}
+
+fn token_ops<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    // Patch embedding: 3 channels, 10×10 images in 5×5 patches, width 7.
+    let g = PatchGeometry { batch: 2, channels: 3, image: 10, patch: 5, width: 7 };
+    let pixels = values(2 * 3 * 100, 130, 1.0);
+    let weight = values(7 * 3 * 25, 131, 0.2);
+    let (class, pos) = (values(7, 132, 1.0), values(g.tokens() * 7, 133, 1.0));
+    let want = cpu_patch::patch_embed(&pixels, &weight, &class, &pos, g).unwrap();
+    let out = poisoned(e, want.len());
+    let up = |v: &[f32]| e.upload(v).unwrap();
+    ops::patch_embed(e, &up(&pixels), &up(&weight), &up(&class), &up(&pos), (2, 3, 10, 5, 7), &out).unwrap();
+    errors.push(("patch_embed".into(), error(&e.download(&out).unwrap(), &want)));
+    // Token selection and its backward, L2 normalisation and its backward.
+    let (b, n, d) = (3, 5, 37);
+    let x = values(b * n * d, 134, 1.0);
+    let sel = poisoned(e, b * d);
+    ops::select_token(e, &up(&x), b, n, d, 2, false, &sel).unwrap();
+    errors.push(("select_token".into(), error(&e.download(&sel).unwrap(), &rows::select_token(&x, n, d, 2))));
+    let dy = values(b * d, 135, 1.0);
+    let back = poisoned(e, b * n * d);
+    ops::select_token(e, &up(&dy), b, n, d, 2, true, &back).unwrap();
+    let mut want = vec![0.0f32; b * n * d];
+    for s in 0..b {
+        want[(s * n + 2) * d..(s * n + 3) * d].copy_from_slice(&dy[s * d..(s + 1) * d]);
+    }
+    errors.push(("select_token_backward".into(), error(&e.download(&back).unwrap(), &want)));
+    let (xr, gr) = (values(b * d, 136, 1.0), values(b * d, 137, 1.0));
+    let y = poisoned(e, b * d);
+    ops::l2_normalize(e, &up(&xr), None, b, d, &y).unwrap();
+    errors.push(("l2_normalize".into(), error(&e.download(&y).unwrap(), &rows::l2_normalize(&xr, d))));
+    ops::l2_normalize(e, &up(&xr), Some(&up(&gr)), b, d, &y).unwrap();
+    errors.push((
+        "l2_normalize_backward".into(),
+        error(&e.download(&y).unwrap(), &rows::l2_normalize_backward(&xr, d, &gr)),
+    ));
+    // The router's reduction from logits, both activations, and its backward; mean over rows; scale; copy.
+    for softmax in [false, true] {
+        let (b, n, t) = (3, 11, 5);
+        let logits = values(b * n * t, 138, 2.0);
+        let dw = values(b * t, 139, 1.0);
+        let (w, dl) = (poisoned(e, b * t), poisoned(e, b * n * t));
+        ops::router_reduce(e, &up(&logits), b, n, t, softmax, &w).unwrap();
+        ops::router_reduce_backward(e, &up(&logits), &up(&dw), b, n, t, softmax, &dl).unwrap();
+        errors.push((
+            format!("router_reduce softmax={softmax}"),
+            error(&e.download(&w).unwrap(), &router::router_reduce(&logits, b, n, t, softmax)),
+        ));
+        let want = router::router_reduce_backward(&logits, b, n, t, softmax, &dw);
+        errors.push((format!("router_reduce_backward softmax={softmax}"), error(&e.download(&dl).unwrap(), &want)));
+    }
+    let m = poisoned(e, d);
+    ops::mean_rows(e, &up(&x), b * n, d, &m).unwrap();
+    errors.push(("mean_rows".into(), error(&e.download(&m).unwrap(), &router::mean_rows(&x, d))));
+    let sc = poisoned(e, x.len());
+    ops::scale(e, &up(&x), x.len(), -0.37, &sc).unwrap();
+    errors.push(("scale".into(), error(&e.download(&sc).unwrap(), &x.iter().map(|v| v * -0.37).collect::<Vec<_>>())));
+    ops::copy(e, &up(&x), x.len(), &sc).unwrap();
+    errors.push(("copy".into(), error(&e.download(&sc).unwrap(), &x)));
+    worst("tokens.cu", &errors)
+}
+
 fn report(kernel: &str, executor: &str, err: f64) {
     println!("kernel-check {kernel} on {executor}: max relative error {err:.2e}");
     assert!(err <= KERNEL_REL_TOL, "{kernel} on {executor}: relative error {err:.3e} > {KERNEL_REL_TOL:e}");
@@ -376,4 +468,6 @@ kernel_tests!(
     activations,
     entropy_loss,
     adam,
+    attention,
+    token_ops,
 );

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (DESIGN.md section 3, METHOD.md): the engine's view of the machine (doctor, with
-# ptxas' resources for the card's arch), every kernel against the CPU reference on the GPU, then the
-# kernel benchmarks, with their table printed last.
+# ptxas' resources for the card's arch), every kernel against the CPU reference on the GPU, the whole model
+# graph on the GPU against the fixtures' references, then the kernel benchmarks, with a summary printed last.
 #
 #   tools/gpu-check.sh                 build here (needs cargo) and run here
 #   tools/gpu-check.sh --stage DIR     build here and copy the stripped binaries to DIR (for a GPU machine
@@ -21,11 +21,15 @@ stage() {
     json=$(cargo test --release --no-run --test kernels --message-format=json 2>/dev/null)
     local tests
     tests=$(echo "$json" | grep -o '"executable":"[^"]*kernels-[^"]*"' | tail -1 | cut -d'"' -f4)
+    json=$(cargo test --release --no-run --test cuda_backend --message-format=json 2>/dev/null)
+    local graph
+    graph=$(echo "$json" | grep -o '"executable":"[^"]*cuda_backend-[^"]*"' | tail -1 | cut -d'"' -f4)
     json=$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null)
     local bench
     bench=$(echo "$json" | grep -o '"executable":"[^"]*gpu-[^"]*"' | tail -1 | cut -d'"' -f4)
     cp target/release/wemoe-engine "$dir/wemoe-engine"
     cp "$tests" "$dir/kernel-tests"
+    cp "$graph" "$dir/graph-tests"
     cp "$bench" "$dir/gpu-bench"
     strip "$dir"/* 2>/dev/null || true
     ls -la "$dir"
@@ -63,6 +67,10 @@ echo "== kernels on the GPU against the CPU reference"
 "$bin/kernel-tests" gpu:: --ignored --nocapture --test-threads 1 2>&1 | tee "$out/kernel-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
+echo "== the model graph on the GPU against transformers, FusionBench and torch autograd (fixtures)"
+WEMOE_FIXTURES=$PWD/tests/fixtures "$bin/graph-tests" gpu:: --ignored --test-threads 1 2>&1 | tee "$out/graph-tests.txt"
+graph_rc=${PIPESTATUS[0]}
+
 echo "== benchmarks"
 "$bin/gpu-bench" --bench 2>&1 | tee "$out/bench.txt"
 
@@ -78,5 +86,6 @@ echo "== summary"
 grep -E "^kernel-check" "$out/kernel-tests.txt" || echo "no kernel-check lines: see $out/kernel-tests.txt"
 grep -E "^\| |fused per-sample /|^device" "$out/bench.txt" || true
 grep -E "^\| B=|^device" "$out/fusionbench.txt" || true
-echo "kernel tests exit status: $tests_rc"
-exit "$tests_rc"
+grep -E "^test |test result" "$out/graph-tests.txt" || true
+echo "kernel tests exit status: $tests_rc; graph tests exit status: $graph_rc"
+[ "$tests_rc" = 0 ] && [ "$graph_rc" = 0 ]

@@ -189,7 +189,7 @@ pub fn mean_rows<'a>(be: &dyn Backend, tape: &mut Tape<'a>, x: &Tracked) -> Resu
             // Each row receives dy / rows: the router reduction's own backward spreads [1, T] over one "token"
             // per row, so reuse it on a [1, rows, T] view.
             let width = dy.shape()[1];
-            let logits = Tensor::zeros(&[1, rows, width]);
+            let logits = be.upload(Tensor::zeros(&[1, rows, width]))?;
             let spread = be.router_reduce_backward(&logits, false, &dy)?;
             g.add(be, xv, spread.reshape(&[rows, width])?)?;
         }

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::launch::{check_args, Arg, Dims, Executor};
@@ -147,33 +149,24 @@ impl Executor for GpuExecutor {
     fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, CudaSlice<f32>>]) -> Result<()> {
         let signature = check_args(name, args)?;
         let function = self.function(name, signature.source)?;
-        // Scalars must outlive the builder, which keeps pointers to them.
-        let scalars: Vec<[u8; 8]> = args
+        // Every argument's value in an 8-byte slot that outlives the builder (which keeps pointers to them).
+        let slots: Vec<u64> = args
             .iter()
             .map(|a| match a {
-                Arg::I32(v) => {
-                    let mut s = [0u8; 8];
-                    s[..4].copy_from_slice(&v.to_ne_bytes());
-                    s
-                }
-                Arg::F32(v) => {
-                    let mut s = [0u8; 8];
-                    s[..4].copy_from_slice(&v.to_ne_bytes());
-                    s
-                }
-                Arg::F64(v) => v.to_ne_bytes(),
-                _ => [0u8; 8],
+                Arg::Buf(b) => b.device_ptr(&self.stream).0,
+                Arg::Null => 0,
+                Arg::I32(v) => *v as u32 as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+                Arg::F64(v) => v.to_bits(),
             })
             .collect();
-        let as_i32: Vec<i32> = scalars.iter().map(|s| i32::from_ne_bytes(s[..4].try_into().unwrap())).collect();
-        let as_f32: Vec<f32> = scalars.iter().map(|s| f32::from_ne_bytes(s[..4].try_into().unwrap())).collect();
-        let as_f64: Vec<f64> = scalars.iter().map(|s| f64::from_ne_bytes(*s)).collect();
-        let null: u64 = 0;
+        let as_i32: Vec<i32> = slots.iter().map(|&s| s as u32 as i32).collect();
+        let as_f32: Vec<f32> = slots.iter().map(|&s| f32::from_bits(s as u32)).collect();
+        let as_f64: Vec<f64> = slots.iter().map(|&s| f64::from_bits(s)).collect();
         let mut builder = self.stream.launch_builder(&function);
         for (i, a) in args.iter().enumerate() {
             match a {
-                Arg::Buf(b) => builder.arg(*b),
-                Arg::Null => builder.arg(&null),
+                Arg::Buf(_) | Arg::Null => builder.arg(&slots[i]),
                 Arg::I32(_) => builder.arg(&as_i32[i]),
                 Arg::F32(_) => builder.arg(&as_f32[i]),
                 Arg::F64(_) => builder.arg(&as_f64[i]),

@@ -538,3 +538,289 @@ pub fn adam_step<E: Executor>(
         ],
     )
 }
+
+/// The most tokens the attention kernels take (their per-warp score rows live in shared memory).
+pub const ATTENTION_MAX_TOKENS: usize = 1024;
+
+fn attention_dims(batch: usize, tokens: usize, heads: usize) -> Dims {
+    Dims { grid: (tokens.div_ceil(8) as u32, heads as u32, batch as u32), block: (256, 1, 1) }
+}
+
+fn check_attention<E: Executor>(
+    e: &E,
+    bufs: &[&E::Buffer],
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+) -> Result<()> {
+    ensure!(heads > 0 && width.is_multiple_of(heads), "attention: width {width} does not split into {heads} heads");
+    ensure!(
+        tokens <= ATTENTION_MAX_TOKENS,
+        "attention: {tokens} tokens, the kernels take at most {ATTENTION_MAX_TOKENS}"
+    );
+    for b in bufs {
+        need(e, b, batch * tokens * width, "attention [B, N, D]")?;
+    }
+    Ok(())
+}
+
+/// Multi-head attention of `q`, `k`, `v` `[B, N, D]` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<E: Executor>(
+    e: &E,
+    q: &E::Buffer,
+    k: &E::Buffer,
+    v: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    check_attention(e, &[q, k, v, out], batch, tokens, width, heads)?;
+    e.launch(
+        "attention_forward",
+        attention_dims(batch, tokens, heads),
+        &[
+            Arg::Buf(q),
+            Arg::Buf(k),
+            Arg::Buf(v),
+            Arg::Buf(out),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(width, "width")?),
+            Arg::I32(heads as i32),
+        ],
+    )
+}
+
+/// Backward of [`attention_forward`]: `dq`, `dk`, `dv` from `d_out`, with scratch for the probabilities and
+/// the score gradients (`[B, heads, N, N]` each, allocated here).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<E: Executor>(
+    e: &E,
+    q: &E::Buffer,
+    k: &E::Buffer,
+    v: &E::Buffer,
+    d_out: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+    grads: (&E::Buffer, &E::Buffer, &E::Buffer),
+) -> Result<()> {
+    let (dq, dk, dv) = grads;
+    check_attention(e, &[q, k, v, d_out, dq, dk, dv], batch, tokens, width, heads)?;
+    let scratch = batch * heads * tokens * tokens;
+    let (p, ds) = (e.zeros(scratch)?, e.zeros(scratch)?);
+    let dims = attention_dims(batch, tokens, heads);
+    let (n, w, h) = (Arg::I32(int(tokens, "tokens")?), Arg::I32(int(width, "width")?), Arg::I32(heads as i32));
+    e.launch(
+        "attention_backward_rows",
+        dims,
+        &[Arg::Buf(q), Arg::Buf(k), Arg::Buf(v), Arg::Buf(d_out), Arg::Buf(&p), Arg::Buf(&ds), Arg::Buf(dq), n, w, h],
+    )?;
+    let (n, w, h) = (Arg::I32(tokens as i32), Arg::I32(width as i32), Arg::I32(heads as i32));
+    e.launch(
+        "attention_backward_columns",
+        dims,
+        &[Arg::Buf(q), Arg::Buf(d_out), Arg::Buf(&p), Arg::Buf(&ds), Arg::Buf(dk), Arg::Buf(dv), n, w, h],
+    )
+}
+
+/// CLIP's embeddings: patches of `pixels` `[B, C, S, S]` times `weight` `[D, C·P·P]`, the class token first,
+/// the position embedding `[N, D]` added; into `out` `[B, N, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn patch_embed<E: Executor>(
+    e: &E,
+    pixels: &E::Buffer,
+    weight: &E::Buffer,
+    class_embedding: &E::Buffer,
+    position: &E::Buffer,
+    geometry: (usize, usize, usize, usize, usize),
+    out: &E::Buffer,
+) -> Result<()> {
+    let (batch, channels, image, patch, width) = geometry;
+    ensure!(patch > 0 && image.is_multiple_of(patch), "patch_embed: image {image} is not a multiple of patch {patch}");
+    let grid = image / patch;
+    let (patches, patch_len, tokens) = (grid * grid, channels * patch * patch, grid * grid + 1);
+    need(e, pixels, batch * channels * image * image, "patch_embed pixels")?;
+    need(e, class_embedding, width, "patch_embed class embedding")?;
+    need(e, position, tokens * width, "patch_embed position embedding")?;
+    need(e, out, batch * tokens * width, "patch_embed out")?;
+    let rows = e.zeros(batch * patches * patch_len)?;
+    e.launch(
+        "patch_rows",
+        Dims::elementwise(batch * patches * patch_len, 256, 8192),
+        &[
+            Arg::Buf(pixels),
+            Arg::Buf(&rows),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(channels, "channels")?),
+            Arg::I32(int(image, "image")?),
+            Arg::I32(int(patch, "patch")?),
+        ],
+    )?;
+    let embedded = e.zeros(batch * patches * width)?;
+    let w = ExpertWeights {
+        base: weight,
+        base_bias: None,
+        tasks: None,
+        task_biases: None,
+        out_features: width,
+        in_features: patch_len,
+        experts: 0,
+    };
+    expert_linear_forward(e, &rows, 1, batch * patches, &w, None, None, None, &embedded)?;
+    e.launch(
+        "assemble_tokens",
+        Dims::elementwise(batch * tokens * width, 256, 8192),
+        &[
+            Arg::Buf(&embedded),
+            Arg::Buf(class_embedding),
+            Arg::Buf(position),
+            Arg::Buf(out),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(width, "width")?),
+        ],
+    )
+}
+
+/// Token `index` of `x` `[B, N, D]` into `out` `[B, D]`, or (backward) `dy` `[B, D]` scattered into zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn select_token<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    index: usize,
+    backward: bool,
+    out: &E::Buffer,
+) -> Result<()> {
+    ensure!(index < tokens, "select_token: token {index} of {tokens}");
+    let (small, large) = if backward { (x, out) } else { (out, x) };
+    need(e, small, batch * width, "select_token [B, D]")?;
+    need(e, large, batch * tokens * width, "select_token [B, N, D]")?;
+    let n = if backward { batch * tokens * width } else { batch * width };
+    e.launch(
+        if backward { "select_token_backward" } else { "select_token" },
+        Dims::elementwise(n, 256, 8192),
+        &[
+            Arg::Buf(x),
+            Arg::Buf(out),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(width, "width")?),
+            Arg::I32(int(index, "index")?),
+        ],
+    )
+}
+
+/// `y = x·factor` over `n` values.
+pub fn scale<E: Executor>(e: &E, x: &E::Buffer, n: usize, factor: f32, y: &E::Buffer) -> Result<()> {
+    need(e, x, n, "scale x")?;
+    need(e, y, n, "scale y")?;
+    e.launch(
+        "scale_values",
+        Dims::elementwise(n, 256, 8192),
+        &[Arg::Buf(x), Arg::Buf(y), Arg::I32(int(n, "n")?), Arg::F32(factor)],
+    )
+}
+
+/// `y = x` over `n` values.
+pub fn copy<E: Executor>(e: &E, x: &E::Buffer, n: usize, y: &E::Buffer) -> Result<()> {
+    need(e, x, n, "copy x")?;
+    need(e, y, n, "copy y")?;
+    e.launch("copy_values", Dims::elementwise(n, 256, 8192), &[Arg::Buf(x), Arg::Buf(y), Arg::I32(int(n, "n")?)])
+}
+
+/// The mean over the rows of `x` `[rows, width]` into `out` `[width]`.
+pub fn mean_rows<E: Executor>(e: &E, x: &E::Buffer, rows: usize, width: usize, out: &E::Buffer) -> Result<()> {
+    need(e, x, rows * width, "mean_rows x")?;
+    need(e, out, width, "mean_rows out")?;
+    e.launch(
+        "mean_rows",
+        Dims::elementwise(width, 128, 4096),
+        &[Arg::Buf(x), Arg::Buf(out), Arg::I32(int(rows, "rows")?), Arg::I32(int(width, "width")?)],
+    )
+}
+
+/// Rows of `x` divided by their L2 norms into `y`; or, with `dy`, the backward into `y`.
+pub fn l2_normalize<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    dy: Option<&E::Buffer>,
+    rows: usize,
+    width: usize,
+    y: &E::Buffer,
+) -> Result<()> {
+    need(e, x, rows * width, "l2_normalize x")?;
+    need(e, y, rows * width, "l2_normalize out")?;
+    let dims = Dims { grid: (rows.div_ceil(8).max(1) as u32, 1, 1), block: (256, 1, 1) };
+    let (r, w) = (Arg::I32(int(rows, "rows")?), Arg::I32(int(width, "width")?));
+    match dy {
+        None => e.launch("l2_normalize", dims, &[Arg::Buf(x), Arg::Buf(y), r, w]),
+        Some(dy) => {
+            need(e, dy, rows * width, "l2_normalize_backward dy")?;
+            e.launch("l2_normalize_backward", dims, &[Arg::Buf(x), Arg::Buf(dy), Arg::Buf(y), r, w])
+        }
+    }
+}
+
+/// The router's reduction of per-token outputs `[B, N, T]` into `w` `[B, T]`.
+pub fn router_reduce<E: Executor>(
+    e: &E,
+    logits: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    experts: usize,
+    softmax: bool,
+    w: &E::Buffer,
+) -> Result<()> {
+    ensure!((1..=32).contains(&experts), "router_reduce: {experts} experts, the kernel takes 1 to 32");
+    need(e, logits, batch * tokens * experts, "router_reduce logits")?;
+    need(e, w, batch * experts, "router_reduce w")?;
+    e.launch(
+        "router_reduce",
+        Dims { grid: (batch as u32, 1, 1), block: (256, 1, 1) },
+        &[
+            Arg::Buf(logits),
+            Arg::Buf(w),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(experts as i32),
+            Arg::I32(softmax as i32),
+        ],
+    )
+}
+
+/// Backward of [`router_reduce`]: `dlogits` `[B, N, T]` from `dw` `[B, T]`.
+#[allow(clippy::too_many_arguments)]
+pub fn router_reduce_backward<E: Executor>(
+    e: &E,
+    logits: &E::Buffer,
+    dw: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    experts: usize,
+    softmax: bool,
+    dlogits: &E::Buffer,
+) -> Result<()> {
+    ensure!((1..=32).contains(&experts), "router_reduce_backward: {experts} experts, the kernel takes 1 to 32");
+    need(e, logits, batch * tokens * experts, "router_reduce_backward logits")?;
+    need(e, dw, batch * experts, "router_reduce_backward dw")?;
+    need(e, dlogits, batch * tokens * experts, "router_reduce_backward dlogits")?;
+    e.launch(
+        "router_reduce_backward",
+        Dims { grid: (batch as u32, 1, 1), block: (256, 1, 1) },
+        &[
+            Arg::Buf(logits),
+            Arg::Buf(dw),
+            Arg::Buf(dlogits),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(experts as i32),
+            Arg::I32(softmax as i32),
+        ],
+    )
+}

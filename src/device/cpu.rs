@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::{Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
+use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
 use crate::tensor::Tensor;
 
@@ -15,12 +15,6 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
-}
-
-/// The last dimension and the product of the others.
-fn rows_and_width(t: &Tensor) -> (usize, usize) {
-    let width = t.shape().last().copied().unwrap_or(1);
-    (t.numel() / width.max(1), width)
 }
 
 /// The CPU reference's view of an expert linear layer prepared by this backend.

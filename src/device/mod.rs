@@ -4,15 +4,23 @@
 //! reference and the fallback; a CUDA backend plugs in beside it.
 
 mod cpu;
+mod cuda;
 mod weights;
 
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 
 pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
 pub use weights::{ExpertLinear, LinearWeight, WeightLayout};
+
+/// The last dimension and the product of the others.
+pub(crate) fn rows_and_width(t: &Tensor) -> (usize, usize) {
+    let width = t.shape().last().copied().unwrap_or(1);
+    (t.numel() / width.max(1), width)
+}
 
 use crate::tensor::Tensor;
 
@@ -64,34 +72,35 @@ impl FromStr for DeviceRequest {
     }
 }
 
-/// What the CUDA side cannot do yet: the kernels run (doctor, `cargo bench --bench gpu`), the model graph
-/// does not.
-pub const CUDA_GRAPH_MISSING: &str = "the model graph (embed, eval, adapt) does not run on the CUDA backend yet";
-
-/// Why no GPU can be used here: no driver, no device, or no NVRTC (each named); `None` when one can.
-fn gpu_absence(ordinal: usize) -> Option<String> {
-    match crate::cuda::GpuExecutor::new(ordinal) {
-        Ok(_) => None,
-        Err(e) => Some(format!("{e:#}")),
-    }
+/// The CUDA backend on GPU `ordinal`, or why there is none (no driver, no device, no NVRTC: each named).
+fn open_gpu(ordinal: usize) -> Result<Box<dyn Backend>> {
+    let executor = crate::cuda::GpuExecutor::new(ordinal)?;
+    Ok(Box::new(CudaBackend::new(executor, Device::Cuda(ordinal))))
 }
 
-/// Opens the backend for `request`. `auto` falls back to the CPU and says why in one line on stderr
-/// unless `quiet`.
+/// Opens the backend for `request`. `auto` takes GPU 0 when it is usable, else the CPU, and says which
+/// (and why not the GPU) in one line on stderr unless `quiet`.
 pub fn open(request: DeviceRequest, quiet: bool) -> Result<Box<dyn Backend>> {
     match request {
         DeviceRequest::Cpu => Ok(Box::new(CpuBackend::new())),
-        DeviceRequest::Cuda(i) => match gpu_absence(i) {
-            Some(why) => bail!("--device cuda:{i}: {why}; use --device cpu"),
-            None => bail!("--device cuda:{i}: {CUDA_GRAPH_MISSING}; use --device cpu"),
-        },
+        DeviceRequest::Cuda(i) => open_gpu(i).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu")),
         DeviceRequest::Auto => {
-            let backend = CpuBackend::new();
-            if !quiet {
-                let why = gpu_absence(0).unwrap_or_else(|| format!("a GPU is present, but {CUDA_GRAPH_MISSING}"));
-                eprintln!("device: {} ({why})", backend.describe());
-            }
-            Ok(Box::new(backend))
+            let backend: Box<dyn Backend> = match open_gpu(0) {
+                Ok(gpu) => {
+                    if !quiet {
+                        eprintln!("device: {}", gpu.describe());
+                    }
+                    gpu
+                }
+                Err(why) => {
+                    let cpu = CpuBackend::new();
+                    if !quiet {
+                        eprintln!("device: {} (no GPU: {why:#})", cpu.describe());
+                    }
+                    Box::new(cpu)
+                }
+            };
+            Ok(backend)
         }
     }
 }

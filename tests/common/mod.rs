@@ -14,9 +14,13 @@ pub const PIXEL_MAX_ABS_TOL: f64 = 1e-2;
 /// Preprocessed pixel values against CLIPImageProcessor: mean absolute difference.
 pub const PIXEL_MEAN_ABS_TOL: f64 = 2e-3;
 
-/// A file or folder under tests/fixtures.
+/// A file or folder under tests/fixtures (or under `$WEMOE_FIXTURES`, for test binaries run from another
+/// copy of the repository, as tools/gpu-check.sh does on a GPU machine).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    std::env::var_os("WEMOE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+        .join(name)
 }
 
 /// Tensor `name` of fixture file `file` as (shape, values).

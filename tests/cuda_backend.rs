@@ -1,0 +1,135 @@
+//! The whole model graph on the CUDA backend, over the host emulation of its kernels, against the same real
+//! references as the CPU backend: HF transformers' outputs for three CLIP models, FusionBench's WEMoE
+//! outputs and routing weights in both routing modes, and torch autograd's router gradients through
+//! FusionBench's module. Every operation of the forward and of the adaptation's backward runs as the CUDA
+//! kernels and launch code a GPU runs; the `gpu` tests run the same on a card (tools/gpu-check.sh, with
+//! `--ignored`).
+
+mod common;
+
+use common::*;
+use wemoe_engine::autograd::entropy_loss_and_router_gradients;
+use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
+use wemoe_engine::cuda::{GpuExecutor, HostExecutor};
+use wemoe_engine::device::{Backend, CudaBackend, Device};
+use wemoe_engine::model::{Heads, ImageEncoder, Routing};
+use wemoe_engine::tensor::Tensor;
+
+fn emulated() -> CudaBackend<HostExecutor> {
+    CudaBackend::new(HostExecutor, Device::Cuda(0))
+}
+
+fn gpu() -> CudaBackend<GpuExecutor> {
+    CudaBackend::new(GpuExecutor::new(0).expect("a CUDA device"), Device::Cuda(0))
+}
+
+fn host(be: &dyn Backend, t: &Tensor) -> Vec<f32> {
+    be.to_host(t).unwrap()
+}
+
+fn clip_models_match_transformers(be: &dyn Backend) {
+    for key in ["a", "b", "c"] {
+        let dir = ModelDir::open(&fixture(&format!("clip_{key}"))).unwrap();
+        let model = ImageEncoder::load(be, &dir).unwrap();
+        let (shape, pixels) = reference(&format!("pixels_{key}.safetensors"), "pixel_values");
+        let pixels = be.upload(Tensor::from_vec(&shape, pixels).unwrap()).unwrap();
+        let out = model.encode(be, &pixels, Routing::Sample).unwrap();
+        assert_eq!(out.pooled.device(), Device::Cuda(0), "computed on the device");
+        let expected = format!("expected_{key}.safetensors");
+        assert_close(
+            &format!("clip_{key} pooler_output"),
+            &host(be, &out.pooled),
+            &reference(&expected, "pooler_output").1,
+        );
+        if let Some(e) = &out.image_embeds {
+            assert_close(&format!("clip_{key} image_embeds"), &host(be, e), &reference(&expected, "image_embeds").1);
+        }
+        let heads = Heads::open(be, &fixture(&format!("heads_{key}.safetensors"))).unwrap();
+        let classifier = heads.classifier(&model, &dir.path).unwrap();
+        for task in heads.task_names() {
+            let logits = classifier.logits(be, &out.pooled, heads.head(task).unwrap()).unwrap();
+            let want = reference(&expected, &format!("logits.{task}")).1;
+            assert_close(&format!("clip_{key} logits {task}"), &host(be, &logits), &want);
+        }
+    }
+}
+
+fn wemoe_models_match_fusionbench_in_both_routing_modes(be: &dyn Backend) {
+    let (shape, pixels) = reference("wemoe/pixels.safetensors", "pixel_values");
+    let pixels = be.upload(Tensor::from_vec(&shape, pixels).unwrap()).unwrap();
+    for depth in 0..3 {
+        let dir = ModelDir::open(&fixture(&format!("wemoe/fusionbench_d{depth}"))).unwrap();
+        let model = ImageEncoder::load(be, &dir).unwrap();
+        for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
+            let out = model.encode(be, &pixels, routing).unwrap();
+            let key = format!("d{depth}.{mode}");
+            let want = reference("wemoe/expected.safetensors", &format!("{key}.pooler_output")).1;
+            assert_close(&format!("{key} pooler_output"), &host(be, &out.pooled), &want);
+            let routing: Vec<f32> = out
+                .routing_weights
+                .iter()
+                .flat_map(|c| {
+                    let v = host(be, c);
+                    if c.shape()[0] == 1 {
+                        v.repeat(shape[0])
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let want = reference("wemoe/expected.safetensors", &format!("{key}.routing_weights")).1;
+            assert_close(&format!("{key} routing_weights"), &routing, &want);
+        }
+    }
+}
+
+fn router_gradients_match_torch(be: &dyn Backend) {
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let model = ImageEncoder::load(be, &dir).unwrap();
+    let heads = Heads::open(be, &fixture("adapt/heads.safetensors")).unwrap();
+    let classifier = heads.classifier(&model, &dir.path).unwrap();
+    let expected = SafetensorsFile::open(&fixture("adapt/expected.safetensors")).unwrap();
+    for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
+        let mut tasks = adapt_tasks(&heads);
+        for t in &mut tasks {
+            t.pixels = be.upload(std::mem::replace(&mut t.pixels, Tensor::zeros(&[0]))).unwrap();
+        }
+        let (loss, grads) = entropy_loss_and_router_gradients(be, &model, &classifier, &tasks, routing).unwrap();
+        let want = expected.f32(&format!("{mode}.loss")).unwrap().host().unwrap()[0] as f64;
+        assert!((loss - want).abs() <= 1e-5 * want.abs(), "{mode} loss {loss} vs torch {want}");
+        let names: Vec<String> =
+            expected.names().filter_map(|n| n.strip_prefix(&format!("{mode}.grad.")).map(str::to_string)).collect();
+        assert_eq!(grads.len(), names.len(), "a gradient for every router tensor and nothing else");
+        for name in names {
+            let ours = grads.get(&format!("vision_model.{name}")).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let theirs = expected.f32(&format!("{mode}.grad.{name}")).unwrap();
+            assert_eq!(ours.shape(), theirs.shape(), "{name}");
+            let e = rel_err(&host(be, ours), theirs.host().unwrap());
+            assert!(e <= 1e-4, "{mode} {name}: gradient off by {e:.2e} relative");
+        }
+    }
+}
+
+macro_rules! on_both {
+    ($($case:ident),* $(,)?) => {
+        mod host {
+            $(#[test]
+            fn $case() {
+                super::$case(&super::emulated());
+            })*
+        }
+        mod gpu {
+            $(#[test]
+            #[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
+            fn $case() {
+                super::$case(&super::gpu());
+            })*
+        }
+    };
+}
+
+on_both!(
+    clip_models_match_transformers,
+    wemoe_models_match_fusionbench_in_both_routing_modes,
+    router_gradients_match_torch
+);
