@@ -1,5 +1,6 @@
 //! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
-//! and one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP.
+//! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
+//! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step.
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -82,6 +83,70 @@ fn wemoe_layer(c: &mut Criterion) {
     group.finish();
 }
 
+/// The WEMoE MLP's CPU formulations at ViT-B/32 widths with 8 experts (fc1, quick_gelu, fc2): per-sample
+/// fused (each weight tile merged once per sample, never a whole merged weight), batch-reduced (one merge,
+/// dense GEMMs), and per-sample materialise-then-GEMM (the whole merged weights of each sample, then dense
+/// GEMMs); B = 16 at B/32's 50 tokens and B/16's 197.
+fn wemoe_mlp_formulations(c: &mut Criterion) {
+    use wemoe_engine::device::Activation;
+    use wemoe_engine::ops::activation::activation_in_place;
+    use wemoe_engine::ops::expert_linear::{expert_linear, ExpertLinearRef};
+    use wemoe_engine::ops::gemm::linear;
+    use wemoe_engine::rng::Rng;
+    let (d, h, t) = (768usize, 3072usize, 8usize);
+    let mut rng = Rng::new(5);
+    // Weights as the CPU backend stores them: [in, out].
+    let mut layer = |inp: usize, out: usize| {
+        let base = rng.normal_vec(inp * out, 0.0, 0.02);
+        let bias = rng.normal_vec(out, 0.0, 0.02);
+        let tasks: Vec<Vec<f32>> = (0..t).map(|_| rng.normal_vec(inp * out, 0.0, 0.002)).collect();
+        let task_biases: Vec<Vec<f32>> = (0..t).map(|_| rng.normal_vec(out, 0.0, 0.002)).collect();
+        (base, bias, tasks, task_biases, inp, out)
+    };
+    let (l1, l2) = (layer(d, h), layer(h, d));
+    type HostLayer = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>, usize, usize);
+    fn view(l: &HostLayer) -> ExpertLinearRef<'_> {
+        ExpertLinearRef {
+            base_weight: &l.0,
+            base_bias: &l.1,
+            task_weights: l.2.iter().map(|v| v.as_slice()).collect(),
+            task_biases: l.3.iter().map(|v| v.as_slice()).collect(),
+            out_features: l.5,
+            in_features: l.4,
+        }
+    }
+    let (w1, w2) = (view(&l1), view(&l2));
+    let mut group = c.benchmark_group("wemoe_mlp_formulations_b32_widths_8experts");
+    group.sample_size(10);
+    let batch = 16;
+    for tokens in [50usize, 197] {
+        let x = rng.normal_vec(batch * tokens * d, 0.0, 1.0);
+        let coeff = rng.normal_vec(batch * t, 0.3, 0.1);
+        let mlp = |groups: usize, coeff: &[f32]| {
+            let mut hid = expert_linear(&x, groups, batch * tokens / groups, coeff, &w1).unwrap();
+            activation_in_place(&mut hid, Activation::QuickGelu);
+            expert_linear(&hid, groups, batch * tokens / groups, coeff, &w2).unwrap()
+        };
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("per_sample_fused", tokens), |b| b.iter(|| mlp(batch, &coeff)));
+        group.bench_function(BenchmarkId::new("batch_reduced_dense", tokens), |b| b.iter(|| mlp(1, &coeff[..t])));
+        group.bench_function(BenchmarkId::new("per_sample_materialised", tokens), |b| {
+            b.iter(|| {
+                for s in 0..batch {
+                    let c = &coeff[s * t..(s + 1) * t];
+                    let (m1, b1) = w1.merged(c);
+                    let (m2, b2) = w2.merged(c);
+                    let xs = &x[s * tokens * d..(s + 1) * tokens * d];
+                    let mut hid = linear(xs, tokens, d, MatRef::row_major(&m1, d, h).unwrap(), Some(&b1)).unwrap();
+                    activation_in_place(&mut hid, Activation::QuickGelu);
+                    linear(&hid, tokens, h, MatRef::row_major(&m2, h, d).unwrap(), Some(&b2)).unwrap();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// One adaptation step's loss and router gradients: ViT-B/32 widths with 8 experts, shortened to 4 layers,
 /// 2 tasks × 8 images, per-sample and batch routing.
 fn adapt_step(c: &mut Criterion) {
@@ -131,5 +196,5 @@ fn adapt_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, adapt_step);
+criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, wemoe_mlp_formulations, adapt_step);
 criterion_main!(benches);
