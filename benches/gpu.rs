@@ -172,6 +172,34 @@ fn main() -> Result<()> {
         // Kept for the CPU check below, before later variants overwrite y, x and the coefficients' use.
         let fused_out = gpu.download(&y)?;
         let (x_host, coeff_host) = (gpu.download(&x)?, gpu.download(&coeff)?);
+        for per_block in [2usize, 4] {
+            let grouped = median_ms(&gpu, || {
+                let act = Some(Activation::QuickGelu);
+                ops::expert_linear_forward_grouped(
+                    &gpu,
+                    &x,
+                    batch,
+                    tokens,
+                    &fc1(experts),
+                    &coeff,
+                    act,
+                    &hid,
+                    per_block,
+                )?;
+                ops::expert_linear_forward_grouped(
+                    &gpu,
+                    &hid,
+                    batch,
+                    tokens,
+                    &fc2(experts),
+                    &coeff,
+                    None,
+                    &y,
+                    per_block,
+                )
+            })?;
+            row(&format!("WEMoE per-sample, fused, {per_block} routes per block"), grouped);
+        }
         let router_hidden = gpu.zeros(rows * d)?;
         let routed = gpu.zeros(batch * experts)?;
         let layer = median_ms(&gpu, || {

@@ -161,6 +161,30 @@ fn expert_linear_forward<E: Executor>(e: &E) -> f64 {
     worst("expert_linear_forward", &errors)
 }
 
+fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    // Route counts that do not fill the last block; a route taller than one row tile.
+    for (i, &(routes, n, inp, out, experts)) in
+        [(3, 7, 37, 70, 3), (5, 67, 29, 33, 5), (4, 50, 64, 64, 8)].iter().enumerate()
+    {
+        let l = Layer::new(out, inp, experts, 800 + i as u64);
+        let x = values(routes * n * inp, 810 + i as u64, 1.0);
+        let coeff = values(routes * experts, 820 + i as u64, 0.6);
+        let mut want = expert_linear(&x, routes, n, &coeff, &l.cpu()).unwrap();
+        activation::activation_in_place(&mut want, Activation::QuickGelu);
+        let d = DeviceLayer::new(e, &l);
+        let (xb, cb) = (e.upload(&x).unwrap(), e.upload(&coeff).unwrap());
+        for per_block in [2, 4] {
+            let y = poisoned(e, routes * n * out);
+            let act = Some(Activation::QuickGelu);
+            ops::expert_linear_forward_grouped(e, &xb, routes, n, &d.weights(&l), &cb, act, &y, per_block).unwrap();
+            let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}, {per_block} routes per block");
+            errors.push((label, error(&e.download(&y).unwrap(), &want)));
+        }
+    }
+    worst("expert_linear_forward_x2/_x4", &errors)
+}
+
 fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
     let mut errors = Vec::new();
     for (i, &(routes, n, inp, out, experts)) in
@@ -460,6 +484,7 @@ macro_rules! kernel_tests {
 
 kernel_tests!(
     expert_linear_forward,
+    expert_linear_grouped,
     expert_linear_backward,
     linear_weight_gradient,
     merge,

@@ -133,6 +133,65 @@ pub fn expert_linear_forward<E: Executor>(
     )
 }
 
+/// [`expert_linear_forward`] with `routes_per_block` routes sharing each block's loads of the task vectors
+/// (1, 2 or 4; kernels/expert_linear_grouped.cu). Same results; which is fastest is the GPU benchmark's call.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_linear_forward_grouped<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: &E::Buffer,
+    act: Option<Activation>,
+    y: &E::Buffer,
+    routes_per_block: usize,
+) -> Result<()> {
+    let name = match routes_per_block {
+        1 => return expert_linear_forward(e, x, routes, rows_per_route, w, Some(coeff), act, None, y),
+        2 => "expert_linear_forward_x2",
+        4 => "expert_linear_forward_x4",
+        other => anyhow::bail!("expert_linear_forward_grouped: {other} routes per block (1, 2 or 4)"),
+    };
+    w.check(e)?;
+    ensure!(w.experts > 0, "expert_linear_forward_grouped: a layer without experts");
+    let rows = routes * rows_per_route;
+    need(e, x, rows * w.in_features, "expert_linear_forward_grouped x")?;
+    need(e, y, rows * w.out_features, "expert_linear_forward_grouped y")?;
+    need(e, coeff, routes * w.experts, "coefficients")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let dims = Dims {
+        grid: (
+            routes.div_ceil(routes_per_block) as u32,
+            rows_per_route.div_ceil(TILE) as u32,
+            w.out_features.div_ceil(TILE) as u32,
+        ),
+        block: (256, 1, 1),
+    };
+    e.launch(
+        name,
+        dims,
+        &[
+            Arg::Buf(x),
+            Arg::Buf(w.base),
+            opt(w.tasks),
+            opt(w.base_bias),
+            opt(if w.base_bias.is_some() { w.task_biases } else { None }),
+            Arg::Buf(coeff),
+            Arg::Null,
+            Arg::Buf(y),
+            Arg::I32(int(routes, "routes")?),
+            Arg::I32(int(rows_per_route, "rows per route")?),
+            Arg::I32(int(w.in_features, "in features")?),
+            Arg::I32(int(w.out_features, "out features")?),
+            Arg::I32(w.experts as i32),
+            Arg::I32(act_code(act)),
+        ],
+    )
+}
+
 /// `dx_r = dy_r · W_r` per route.
 pub fn expert_linear_backward_input<E: Executor>(
     e: &E,
