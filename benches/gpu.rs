@@ -77,6 +77,16 @@ fn main() -> Result<()> {
     };
     let stream: Arc<CudaStream> = gpu.stream().clone();
     let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+    // A second handle allowed to use TF32 tensor cores: the reference for --precision tf32.
+    let blas_tf32 = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+    // SAFETY: a live handle; setting its math mode has no other effect.
+    let rc = unsafe {
+        cudarc::cublas::sys::cublasSetMathMode(
+            *blas_tf32.handle(),
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        )
+    };
+    anyhow::ensure!(rc == cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS, "cublasSetMathMode: {rc:?}");
     let (d, h, experts) = (768usize, 3072usize, 8usize);
     let mut rng = Rng::new(7);
     let host: Vec<Vec<f32>> = [(h * d, 0.02), (h, 0.02), (experts * h * d, 0.002), (experts * h, 0.002)]
@@ -172,6 +182,22 @@ fn main() -> Result<()> {
         // Kept for the CPU check below, before later variants overwrite y, x and the coefficients' use.
         let fused_out = gpu.download(&y)?;
         let (x_host, coeff_host) = (gpu.download(&x)?, gpu.download(&coeff)?);
+        let tf32 = median_ms(&gpu, || {
+            let act = Some(Activation::QuickGelu);
+            ops::expert_linear_forward_tf32(&gpu, &x, batch, tokens, &fc1(experts), Some(&coeff), act, &hid)?;
+            ops::expert_linear_forward_tf32(&gpu, &hid, batch, tokens, &fc2(experts), Some(&coeff), None, &y)
+        })?;
+        row("WEMoE per-sample, fused, TF32 tensor cores", tf32);
+        let cublas_tf32 = median_ms(&gpu, || {
+            sgemm_xwt(&blas_tf32, &x.as_view(), &m.w1, &mut hid.as_view_mut(), rows, d, h)?;
+            sgemm_xwt(&blas_tf32, &hid.as_view(), &m.w2, &mut y.as_view_mut(), rows, h, d)
+        })?;
+        row("dense MLP, cuBLAS with TF32 tensor cores (GEMMs only)", cublas_tf32);
+        let dense_tf32 = median_ms(&gpu, || {
+            ops::expert_linear_forward_tf32(&gpu, &x, 1, rows, &fc1(0), None, Some(Activation::QuickGelu), &hid)?;
+            ops::expert_linear_forward_tf32(&gpu, &hid, 1, rows, &fc2(0), None, None, &y)
+        })?;
+        row("dense MLP, our TF32 kernel", dense_tf32);
         for per_block in [2usize, 4] {
             let grouped = median_ms(&gpu, || {
                 let act = Some(Activation::QuickGelu);

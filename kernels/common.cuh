@@ -94,3 +94,31 @@ static __device__ __forceinline__ void write_token_mean(float acc, float (*sums)
         w[(size_t)b * experts + threadIdx.x] = s / tokens;
     }
 }
+
+// TF32 tensor-core support (sm_80 and later): float to TF32 (round to nearest, ties away, as cvt.rna does)
+// and the warp-wide D += A·B of mma.sync.m16n8k8 (A 16×8 row-major, B 8×8 column-major, f32 accumulators),
+// fragments as the PTX ISA lays them out. The host emulation implements both in kernels/host/.
+#if defined(__CUDACC__)
+static __device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+static __device__ __forceinline__ void mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+static inline unsigned to_tf32(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // finite: round the low 13 bits
+    return bits;
+}
+static inline void mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2], int site = __builtin_LINE()) {
+    const float c[4] = {d[0], d[1], d[2], d[3]};
+    cuda_host::mma_m16n8k8_tf32(d, a, b, c, site);
+}
+#endif

@@ -143,6 +143,15 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
     assert!(!out.exists());
     let (ok, _, err) = run(args("tpu"));
     assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
+    // TF32 is a GPU arithmetic: refused on the CPU, and bf16 is refused as not implemented.
+    let mut tf32 = args("cpu");
+    tf32.extend(["--precision".to_string(), "tf32".to_string()]);
+    let (ok, _, err) = run(tf32);
+    assert!(!ok && err.contains("--precision tf32 needs a GPU") && !out.exists(), "{err}");
+    let mut bf16 = args("cpu");
+    bf16.extend(["--precision".to_string(), "bf16".to_string()]);
+    let (ok, _, err) = run(bf16);
+    assert!(!ok && err.contains("bf16 is not implemented"), "{err}");
 }
 
 #[test]
@@ -155,7 +164,7 @@ fn demo_and_doctor_run_on_a_fresh_clone() {
     let row =
         out.lines().find(|l| l.trim_start().starts_with("expert_linear_forward")).unwrap_or_else(|| panic!("{out}"));
     let registers: u32 = row.split_whitespace().nth(1).and_then(|r| r.parse().ok()).unwrap_or(0);
-    assert!(registers > 0, "{row}");
+    assert!(registers > 0, "no ptxas registers in doctor's row (is NVRTC loadable? run tools/test.sh): {row}");
     let (ok, _, err) = engine(&["doctor", "--arch", "90"]);
     assert!(!ok && err.contains("sm_XY"), "{err}");
 }

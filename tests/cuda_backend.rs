@@ -110,6 +110,34 @@ fn router_gradients_match_torch(be: &dyn Backend) {
     }
 }
 
+/// `--precision tf32`: the forward's linear layers on tensor cores (emulated here): close to the f32
+/// reference within TF32's precision, and really computed in TF32 (not equal to the f32 result).
+fn tf32_forward_is_within_tf32_precision_of_f32(f32_backend: &dyn Backend, tf32_backend: &dyn Backend) {
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let (shape, pixels) = reference("wemoe/pixels.safetensors", "pixel_values");
+    let mut pooled = Vec::new();
+    for be in [f32_backend, tf32_backend] {
+        let model = ImageEncoder::load(be, &dir).unwrap();
+        let pixels = be.upload(Tensor::from_vec(&shape, pixels.clone()).unwrap()).unwrap();
+        pooled.push(host(be, &model.encode(be, &pixels, Routing::Sample).unwrap().pooled));
+    }
+    let e = rel_err(&pooled[1], &pooled[0]);
+    assert!(e > 0.0 && e < 5e-3, "TF32 against f32: {e:.2e}");
+}
+
+#[test]
+fn tf32_forward_on_the_emulated_backend() {
+    let tf32 = emulated().with_precision(wemoe_engine::device::Precision::Tf32);
+    tf32_forward_is_within_tf32_precision_of_f32(&emulated(), &tf32);
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
+fn tf32_forward_on_the_gpu() {
+    let tf32 = gpu().with_precision(wemoe_engine::device::Precision::Tf32);
+    tf32_forward_is_within_tf32_precision_of_f32(&gpu(), &tf32);
+}
+
 macro_rules! on_both {
     ($($case:ident),* $(,)?) => {
         mod host {

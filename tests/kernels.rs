@@ -20,6 +20,9 @@ use wemoe_engine::rng::Rng;
 
 use common::KERNEL_REL_TOL;
 
+/// How much looser than the f32 bar ([`KERNEL_REL_TOL`]) TF32 results may be: 5e-3 of the largest output.
+const TF32_OVER_F32: f64 = 250.0;
+
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     Rng::new(seed).normal_vec(n, 0.0, scale)
 }
@@ -183,6 +186,35 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
         }
     }
     worst("expert_linear_forward_x2/_x4", &errors)
+}
+
+/// The TF32 forward against the f32 CPU reference, its error divided by [`TF32_OVER_F32`] so that one bar
+/// serves: TF32 keeps 10 mantissa bits, so its products are off by up to about 2⁻¹¹ relative.
+fn expert_linear_tf32<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    for (i, &(routes, n, inp, out, experts)) in
+        [(3, 7, 37, 70, 3), (2, 67, 65, 33, 5), (4, 11, 19, 23, 0)].iter().enumerate()
+    {
+        let l = Layer::new(out, inp, experts, 900 + i as u64);
+        let x = values(routes * n * inp, 910 + i as u64, 1.0);
+        let coeff = values((routes * experts).max(1), 920 + i as u64, 0.6);
+        let coeff = &coeff[..routes * experts];
+        let mut want = if experts > 0 {
+            expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap()
+        } else {
+            linear(&x, routes * n, inp, MatRef::row_major(&l.base_t, inp, out).unwrap(), Some(&l.bias)).unwrap()
+        };
+        activation::activation_in_place(&mut want, Activation::QuickGelu);
+        let d = DeviceLayer::new(e, &l);
+        let (xb, cb) = (e.upload(&x).unwrap(), e.upload(if coeff.is_empty() { &[0.0] } else { coeff }).unwrap());
+        let y = poisoned(e, routes * n * out);
+        let act = Some(Activation::QuickGelu);
+        ops::expert_linear_forward_tf32(e, &xb, routes, n, &d.weights(&l), Some(&cb), act, &y).unwrap();
+        let err = error(&e.download(&y).unwrap(), &want);
+        errors
+            .push((format!("{routes}×{n} rows, {inp}→{out}, T={experts} (TF32 error {err:.1e})"), err / TF32_OVER_F32));
+    }
+    worst("expert_linear_forward_tf32", &errors)
 }
 
 fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
@@ -485,6 +517,7 @@ macro_rules! kernel_tests {
 kernel_tests!(
     expert_linear_forward,
     expert_linear_grouped,
+    expert_linear_tf32,
     expert_linear_backward,
     linear_weight_gradient,
     merge,

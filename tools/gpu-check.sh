@@ -64,11 +64,11 @@ echo "== doctor"
 "$bin/wemoe-engine" doctor 2>&1 | tee "$out/doctor.txt"
 
 echo "== kernels on the GPU against the CPU reference"
-"$bin/kernel-tests" gpu:: --ignored --nocapture --test-threads 1 2>&1 | tee "$out/kernel-tests.txt"
+"$bin/kernel-tests" --ignored --nocapture --test-threads 1 2>&1 | tee "$out/kernel-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== the model graph on the GPU against transformers, FusionBench and torch autograd (fixtures)"
-WEMOE_FIXTURES=$PWD/tests/fixtures "$bin/graph-tests" gpu:: --ignored --test-threads 1 2>&1 | tee "$out/graph-tests.txt"
+WEMOE_FIXTURES=$PWD/tests/fixtures "$bin/graph-tests" --ignored --test-threads 1 2>&1 | tee "$out/graph-tests.txt"
 graph_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks"

@@ -27,6 +27,7 @@ struct Fiber {
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kMmaFloats = 16 * 8 + 8 * 8 + 16 * 8;
 
 struct Launch {
     dim3 grid, block;
@@ -34,6 +35,7 @@ struct Launch {
     const std::function<void()>* body = nullptr;
     std::vector<Fiber> fibers;
     std::vector<uint64_t> slots;  // 32 per warp
+    std::vector<float> mma;       // per warp: A 16×8, B 8×8, C 16×8 of an emulated mma.sync
     Fiber* current = nullptr;
     ucontext_t scheduler;
 };
@@ -144,6 +146,35 @@ void sync_warp(int site) { park(Wait::Warp, site); }
 unsigned lane_id() { return g_launch->current->linear % 32; }
 uint64_t* warp_slots() { return &g_launch->slots[(g_launch->current->linear / 32) * 32]; }
 
+void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], int site) {
+    float* area = &g_launch->mma[(g_launch->current->linear / 32) * kMmaFloats];
+    float *A = area, *B = area + 16 * 8, *C = area + 16 * 8 + 8 * 8;
+    const unsigned lane = lane_id(), group = lane / 4, tig = lane % 4;
+    auto as_float = [](uint32_t bits) {
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    };
+    // A row-major 16×8: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
+    A[group * 8 + tig] = as_float(a[0]);
+    A[(group + 8) * 8 + tig] = as_float(a[1]);
+    A[group * 8 + tig + 4] = as_float(a[2]);
+    A[(group + 8) * 8 + tig + 4] = as_float(a[3]);
+    // B 8×8 (k × n): b0 (k = t, n = g), b1 (k = t+4, n = g).
+    B[tig * 8 + group] = as_float(b[0]);
+    B[(tig + 4) * 8 + group] = as_float(b[1]);
+    // C/D 16×8: c_i at row g (+8 for i ≥ 2), column 2t + (i & 1).
+    for (int i = 0; i < 4; ++i) C[(group + (i >= 2 ? 8 : 0)) * 8 + 2 * tig + (i & 1)] = c[i];
+    sync_warp(site);
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = group + (i >= 2 ? 8 : 0), col = 2 * tig + (i & 1);
+        float acc = C[row * 8 + col];
+        for (int k = 0; k < 8; ++k) acc = std::fma(A[row * 8 + k], B[k * 8 + col], acc);
+        d[i] = acc;
+    }
+    sync_warp(site);  // every lane has read before the area is written again
+}
+
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     std::lock_guard<std::mutex> lock(g_mutex);
     Launch l;
@@ -153,6 +184,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     const unsigned n = block.x * block.y * block.z;
     l.fibers.resize(n);
     l.slots.assign(((n + 31) / 32) * 32, 0);
+    l.mma.assign(((n + 31) / 32) * kMmaFloats, 0.0f);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = l.fibers[i];
         f.stack.reset(new char[kStackBytes]);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::adapt::{adapt, AdaptOptions};
-use wemoe_engine::device::DeviceRequest;
+use wemoe_engine::device::DeviceChoice;
 
 use super::{open_task_inputs, TaskInputs};
 
@@ -18,7 +18,7 @@ pub struct Args {
     pub resume: bool,
 }
 
-pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
+pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let (names, data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
-use wemoe_engine::device::{self, DeviceRequest};
+use wemoe_engine::device::{self, DeviceChoice};
 use wemoe_engine::eval::{embed_dataset, Batching};
 use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::{write_safetensors, NamedTensor};
@@ -19,7 +19,7 @@ pub struct Args {
     pub batching: Batching,
 }
 
-pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
+pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     let dir = ModelDir::open(&args.model)?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;

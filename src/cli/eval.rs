@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::json;
-use wemoe_engine::device::DeviceRequest;
+use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, TaskAccuracy};
 use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::write_atomic;
@@ -19,7 +19,7 @@ pub struct Args {
     pub json: Option<PathBuf>,
 }
 
-pub fn run(args: &Args, device: DeviceRequest, quiet: bool) -> Result<()> {
+pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     // Check every input before computing anything.
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;

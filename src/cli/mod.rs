@@ -8,7 +8,7 @@ use wemoe_engine::adapt::{AdaptOptions, Schedule};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::Backend;
-use wemoe_engine::device::{self, DeviceRequest};
+use wemoe_engine::device::{self, DeviceChoice, DeviceRequest, Precision};
 use wemoe_engine::eval::Batching;
 use wemoe_engine::merge::{MergeMethod, MergeOptions};
 use wemoe_engine::model::Heads;
@@ -23,6 +23,9 @@ pub struct Cli {
     /// Where to compute: auto, cpu, cuda or cuda:N.
     #[arg(long, global = true, default_value = "auto")]
     device: DeviceRequest,
+    /// The GPU's forward arithmetic: f32 (exact) or tf32 (tensor cores, within about 1e-3).
+    #[arg(long, global = true, default_value = "f32")]
+    precision: Precision,
     /// No progress and no informational lines.
     #[arg(long, global = true)]
     quiet: bool,
@@ -237,7 +240,7 @@ pub fn open_task_inputs(
     model: &Path,
     heads: &Path,
     tasks: &[(String, PathBuf)],
-    device: DeviceRequest,
+    device: DeviceChoice,
     quiet: bool,
 ) -> Result<TaskInputs> {
     let mut seen = std::collections::BTreeSet::new();
@@ -271,7 +274,7 @@ fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
-    let (device, quiet) = (cli.device, cli.quiet);
+    let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
     match cli.command {
         Command::Info { model, json } => info::run(&model, json),
         Command::Merge { pretrained, experts, out, method, scaling, router_layers, router_activation, seed } => {

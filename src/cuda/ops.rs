@@ -31,6 +31,53 @@ fn opt<'a, B>(b: Option<&'a B>) -> Arg<'a, B> {
     b.map_or(Arg::Null, Arg::Buf)
 }
 
+/// Checks the buffers of a forward variant (`name` for errors); false when there are no rows.
+#[allow(clippy::too_many_arguments)]
+fn check_forward<E: Executor>(
+    e: &E,
+    name: &str,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    y: &E::Buffer,
+) -> Result<bool> {
+    w.check(e)?;
+    let rows = routes * rows_per_route;
+    need(e, x, rows * w.in_features, &format!("{name} x"))?;
+    need(e, y, rows * w.out_features, &format!("{name} y"))?;
+    if w.experts > 0 {
+        let c = coeff.ok_or_else(|| anyhow::anyhow!("{name}: no coefficients"))?;
+        need(e, c, routes * w.experts, &format!("{name} coefficients"))?;
+    }
+    Ok(rows > 0)
+}
+
+/// The weight arguments of every forward variant, in their order: W0, τ, b0, β, coefficients (τ, β and the
+/// coefficients null for a plain linear layer, β null without a bias).
+fn weight_args<'a, B>(w: &ExpertWeights<'a, B>, coeff: Option<&'a B>) -> [Arg<'a, B>; 5] {
+    let experts = w.experts > 0;
+    [
+        Arg::Buf(w.base),
+        opt(if experts { w.tasks } else { None }),
+        opt(w.base_bias),
+        opt(if experts && w.base_bias.is_some() { w.task_biases } else { None }),
+        opt(if experts { coeff } else { None }),
+    ]
+}
+
+/// The trailing integer arguments of every forward variant.
+fn shape_args<'a, B>(rows_per_route: usize, w: &ExpertWeights<B>, act: Option<Activation>) -> Result<[Arg<'a, B>; 5]> {
+    Ok([
+        Arg::I32(int(rows_per_route, "rows per route")?),
+        Arg::I32(int(w.in_features, "in features")?),
+        Arg::I32(int(w.out_features, "out features")?),
+        Arg::I32(w.experts as i32),
+        Arg::I32(act_code(act)),
+    ])
+}
+
 /// A WEMoE linear layer's weights on a device, in PyTorch's `[out, in]` layout: `base` W0, `tasks` τ
 /// `[T, out, in]`, biases `[out]` and `[T, out]`. With `experts == 0` it is a plain linear layer.
 pub struct ExpertWeights<'a, B> {
@@ -89,48 +136,48 @@ pub fn expert_linear_forward<E: Executor>(
     pre: Option<&E::Buffer>,
     y: &E::Buffer,
 ) -> Result<()> {
-    w.check(e)?;
-    let rows = routes * rows_per_route;
-    need(e, x, rows * w.in_features, "expert_linear_forward x")?;
-    need(e, y, rows * w.out_features, "expert_linear_forward y")?;
-    if let Some(p) = pre {
-        need(e, p, rows * w.out_features, "expert_linear_forward pre")?;
-    }
-    if w.experts > 0 {
-        need(
-            e,
-            coeff.ok_or_else(|| anyhow::anyhow!("expert_linear_forward: no coefficients"))?,
-            routes * w.experts,
-            "coefficients",
-        )?;
-    }
-    if rows == 0 {
+    if !check_forward(e, "expert_linear_forward", x, routes, rows_per_route, w, coeff, y)? {
         return Ok(());
+    }
+    if let Some(p) = pre {
+        need(e, p, routes * rows_per_route * w.out_features, "expert_linear_forward pre")?;
     }
     let dims = Dims {
         grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.out_features.div_ceil(TILE) as u32),
         block: (256, 1, 1),
     };
-    let experts = if w.experts > 0 { w.experts } else { 0 };
-    e.launch(
-        "expert_linear_forward",
-        dims,
-        &[
-            Arg::Buf(x),
-            Arg::Buf(w.base),
-            opt(if experts > 0 { w.tasks } else { None }),
-            opt(w.base_bias),
-            opt(if experts > 0 { w.task_biases } else { None }),
-            opt(if experts > 0 { coeff } else { None }),
-            opt(pre),
-            Arg::Buf(y),
-            Arg::I32(int(rows_per_route, "rows per route")?),
-            Arg::I32(int(w.in_features, "in features")?),
-            Arg::I32(int(w.out_features, "out features")?),
-            Arg::I32(experts as i32),
-            Arg::I32(act_code(act)),
-        ],
-    )
+    let mut args = vec![Arg::Buf(x)];
+    args.extend(weight_args(w, coeff));
+    args.extend([opt(pre), Arg::Buf(y)]);
+    args.extend(shape_args(rows_per_route, w, act)?);
+    e.launch("expert_linear_forward", dims, &args)
+}
+
+/// [`expert_linear_forward`] on tensor cores: operands rounded to TF32, products accumulated in f32
+/// (kernels/expert_linear_tf32.cu; sm_80 and later).
+#[allow(clippy::too_many_arguments)]
+pub fn expert_linear_forward_tf32<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    act: Option<Activation>,
+    y: &E::Buffer,
+) -> Result<()> {
+    if !check_forward(e, "expert_linear_forward_tf32", x, routes, rows_per_route, w, coeff, y)? {
+        return Ok(());
+    }
+    let dims = Dims {
+        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.out_features.div_ceil(TILE) as u32),
+        block: (128, 1, 1),
+    };
+    let mut args = vec![Arg::Buf(x)];
+    args.extend(weight_args(w, coeff));
+    args.push(Arg::Buf(y));
+    args.extend(shape_args(rows_per_route, w, act)?);
+    e.launch("expert_linear_forward_tf32", dims, &args)
 }
 
 /// [`expert_linear_forward`] with `routes_per_block` routes sharing each block's loads of the task vectors
@@ -153,13 +200,8 @@ pub fn expert_linear_forward_grouped<E: Executor>(
         4 => "expert_linear_forward_x4",
         other => anyhow::bail!("expert_linear_forward_grouped: {other} routes per block (1, 2 or 4)"),
     };
-    w.check(e)?;
     ensure!(w.experts > 0, "expert_linear_forward_grouped: a layer without experts");
-    let rows = routes * rows_per_route;
-    need(e, x, rows * w.in_features, "expert_linear_forward_grouped x")?;
-    need(e, y, rows * w.out_features, "expert_linear_forward_grouped y")?;
-    need(e, coeff, routes * w.experts, "coefficients")?;
-    if rows == 0 {
+    if !check_forward(e, "expert_linear_forward_grouped", x, routes, rows_per_route, w, Some(coeff), y)? {
         return Ok(());
     }
     let dims = Dims {
@@ -170,26 +212,11 @@ pub fn expert_linear_forward_grouped<E: Executor>(
         ),
         block: (256, 1, 1),
     };
-    e.launch(
-        name,
-        dims,
-        &[
-            Arg::Buf(x),
-            Arg::Buf(w.base),
-            opt(w.tasks),
-            opt(w.base_bias),
-            opt(if w.base_bias.is_some() { w.task_biases } else { None }),
-            Arg::Buf(coeff),
-            Arg::Null,
-            Arg::Buf(y),
-            Arg::I32(int(routes, "routes")?),
-            Arg::I32(int(rows_per_route, "rows per route")?),
-            Arg::I32(int(w.in_features, "in features")?),
-            Arg::I32(int(w.out_features, "out features")?),
-            Arg::I32(w.experts as i32),
-            Arg::I32(act_code(act)),
-        ],
-    )
+    let mut args = vec![Arg::Buf(x)];
+    args.extend(weight_args(w, Some(coeff)));
+    args.extend([Arg::Null, Arg::Buf(y), Arg::I32(int(routes, "routes")?)]);
+    args.extend(shape_args(rows_per_route, w, act)?);
+    e.launch(name, dims, &args)
 }
 
 /// `dx_r = dy_r · W_r` per route.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 
-use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
+use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
 use crate::cuda::ops::{self as k, ExpertWeights};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
@@ -21,6 +21,7 @@ use crate::tensor::{DeviceBuffer, Storage, Tensor};
 pub struct CudaBackend<E: Executor> {
     executor: E,
     device: Device,
+    precision: Precision,
 }
 
 impl<E> CudaBackend<E>
@@ -30,7 +31,33 @@ where
 {
     /// A backend over `executor`, reporting `device`.
     pub fn new(executor: E, device: Device) -> Self {
-        CudaBackend { executor, device }
+        CudaBackend { executor, device, precision: Precision::F32 }
+    }
+
+    /// The same backend computing its forward products in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        CudaBackend { precision, ..self }
+    }
+
+    /// `y = act(x·W_rᵀ + b_r)` per route in the backend's precision (forward only).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_product(
+        &self,
+        x: &E::Buffer,
+        routes: usize,
+        rows_per_route: usize,
+        w: &ExpertWeights<E::Buffer>,
+        coeff: Option<&E::Buffer>,
+        y: &E::Buffer,
+    ) -> Result<()> {
+        match self.precision {
+            Precision::F32 => {
+                k::expert_linear_forward(&self.executor, x, routes, rows_per_route, w, coeff, None, None, y)
+            }
+            Precision::Tf32 => {
+                k::expert_linear_forward_tf32(&self.executor, x, routes, rows_per_route, w, coeff, None, y)
+            }
+        }
     }
 
     /// The executor.
@@ -215,17 +242,7 @@ where
             );
         }
         let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
-        k::expert_linear_forward(
-            &self.executor,
-            self.buf(x)?,
-            1,
-            rows,
-            &self.dense(w, b)?,
-            None,
-            None,
-            None,
-            self.buf(&y)?,
-        )?;
+        self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, self.buf(&y)?)?;
         Ok(y)
     }
 
@@ -378,20 +395,9 @@ where
                 experts: 0,
                 ..weights
             };
-            k::expert_linear_forward(&self.executor, self.buf(x)?, 1, rows, &dense, None, None, None, self.buf(&y)?)?;
+            self.forward_product(self.buf(x)?, 1, rows, &dense, None, self.buf(&y)?)?;
         } else {
-            let r = rows / groups;
-            k::expert_linear_forward(
-                &self.executor,
-                self.buf(x)?,
-                groups,
-                r,
-                &weights,
-                Some(c),
-                None,
-                None,
-                self.buf(&y)?,
-            )?;
+            self.forward_product(self.buf(x)?, groups, rows / groups, &weights, Some(c), self.buf(&y)?)?;
         }
         Ok(y)
     }

@@ -10,7 +10,7 @@ mod weights;
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
@@ -72,23 +72,77 @@ impl FromStr for DeviceRequest {
     }
 }
 
-/// The CUDA backend on GPU `ordinal`, or why there is none (no driver, no device, no NVRTC: each named).
-fn open_gpu(ordinal: usize) -> Result<Box<dyn Backend>> {
-    let executor = crate::cuda::GpuExecutor::new(ordinal)?;
-    Ok(Box::new(CudaBackend::new(executor, Device::Cuda(ordinal))))
+/// The arithmetic of the GPU's forward products (`--precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Exact f32 (the default; the CPU always computes so).
+    #[default]
+    F32,
+    /// Operands rounded to TF32, products accumulated in f32 on tensor cores (sm_80 and later): the forward's
+    /// WEMoE and dense linear layers; backward stays f32. Within about 1e-3 of f32.
+    Tf32,
 }
 
-/// Opens the backend for `request`. `auto` takes GPU 0 when it is usable, else the CPU, and says which
-/// (and why not the GPU) in one line on stderr unless `quiet`.
-pub fn open(request: DeviceRequest, quiet: bool) -> Result<Box<dyn Backend>> {
+impl FromStr for Precision {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" => Err(anyhow!("--precision bf16 is not implemented yet; use f32 or tf32")),
+            _ => Err(anyhow!("unknown precision '{s}': expected f32 or tf32")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+        })
+    }
+}
+
+/// What to compute on, and how: `--device` and `--precision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DeviceChoice {
+    /// The device asked for.
+    pub request: DeviceRequest,
+    /// The GPU's arithmetic.
+    pub precision: Precision,
+}
+
+impl From<DeviceRequest> for DeviceChoice {
+    fn from(request: DeviceRequest) -> Self {
+        DeviceChoice { request, precision: Precision::F32 }
+    }
+}
+
+/// The CUDA backend on GPU `ordinal`, or why there is none (no driver, no device, no NVRTC: each named).
+fn open_gpu(ordinal: usize, precision: Precision) -> Result<Box<dyn Backend>> {
+    let executor = crate::cuda::GpuExecutor::new(ordinal)?;
+    Ok(Box::new(CudaBackend::new(executor, Device::Cuda(ordinal)).with_precision(precision)))
+}
+
+/// Opens the backend for `choice` (a [`DeviceRequest`] converts into one, in f32). `auto` takes GPU 0 when
+/// it is usable, else the CPU, and says which (and why not the GPU) in one line on stderr unless `quiet`.
+pub fn open(choice: impl Into<DeviceChoice>, quiet: bool) -> Result<Box<dyn Backend>> {
+    let DeviceChoice { request, precision } = choice.into();
     match request {
+        DeviceRequest::Cpu if precision != Precision::F32 => {
+            bail!("--precision {precision} needs a GPU; the CPU computes in f32")
+        }
         DeviceRequest::Cpu => Ok(Box::new(CpuBackend::new())),
-        DeviceRequest::Cuda(i) => open_gpu(i).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu")),
+        DeviceRequest::Cuda(i) => {
+            open_gpu(i, precision).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu"))
+        }
         DeviceRequest::Auto => {
-            let backend: Box<dyn Backend> = match open_gpu(0) {
+            let backend: Box<dyn Backend> = match open_gpu(0, precision) {
                 Ok(gpu) => {
                     if !quiet {
-                        eprintln!("device: {}", gpu.describe());
+                        eprintln!("device: {} ({precision})", gpu.describe());
                     }
                     gpu
                 }
