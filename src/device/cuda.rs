@@ -246,6 +246,44 @@ where
         Ok(y)
     }
 
+    fn linear_act(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        if self.precision != Precision::F32 {
+            return self.activation(self.linear(x, w, b)?, act);
+        }
+        let (rows, width) = rows_and_width(x);
+        ensure!(w.in_features() == width, "linear: input width {width} does not match {}", w.in_features());
+        let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
+        let dense = self.dense(w, b)?;
+        k::expert_linear_forward(&self.executor, self.buf(x)?, 1, rows, &dense, None, Some(act), None, self.buf(&y)?)?;
+        Ok(y)
+    }
+
+    fn router_head(&self, h: &Tensor, w: &LinearWeight, b: &Tensor, softmax: bool) -> Result<Tensor> {
+        let (batch, tokens, hidden) = Self::bsd("router_head", h)?;
+        ensure!(w.in_features() == hidden, "router_head: input width {hidden} does not match {}", w.in_features());
+        ensure!(w.layout() == WeightLayout::OutIn, "router_head: weight not prepared by the CUDA backend");
+        let experts = w.out_features();
+        if experts > 32 {
+            // The fused head keeps one expert per lane.
+            return self.router_reduce(&self.linear(h, w, Some(b))?, softmax);
+        }
+        let out = self.alloc(&[batch, experts])?;
+        k::router_head_forward(
+            &self.executor,
+            self.buf(h)?,
+            self.buf(w.tensor())?,
+            self.buf(b)?,
+            batch,
+            tokens,
+            hidden,
+            experts,
+            softmax,
+            None,
+            self.buf(&out)?,
+        )?;
+        Ok(out)
+    }
+
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
         let (rows, width) = rows_and_width(x);
         ensure!(

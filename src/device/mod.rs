@@ -244,6 +244,19 @@ pub trait Backend: Send + Sync {
     /// over tokens: `[B, T]`.
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor>;
 
+    /// `act(x · wᵀ + b)`: a linear layer and its activation, fused where a backend can (the CUDA backend applies
+    /// the activation in the GEMM's epilogue).
+    fn linear_act(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        self.activation(self.linear(x, w, b)?, act)
+    }
+
+    /// A router's last layer and its reduction: [`router_reduce`](Backend::router_reduce) of `h · wᵀ + b` for
+    /// `h` `[B, N, H]` and `w` `[T, H]`; one kernel on the CUDA backend (the per-token outputs never leave the
+    /// chip).
+    fn router_head(&self, h: &Tensor, w: &LinearWeight, b: &Tensor, softmax: bool) -> Result<Tensor> {
+        self.router_reduce(&self.linear(h, w, Some(b))?, softmax)
+    }
+
     /// The mean over rows: `[B, W]` to `[1, W]`.
     fn mean_rows(&self, x: &Tensor) -> Result<Tensor>;
 

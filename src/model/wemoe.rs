@@ -158,12 +158,20 @@ impl Router {
         let softmax = act == RouterActivation::Softmax;
         match self {
             Router::Constant(w) => be.router_reduce(w, softmax),
-            Router::Linear(fc) => be.router_reduce(&fc.forward(be, h)?, softmax),
+            Router::Linear(fc) => head(be, fc, h, softmax),
             Router::Mlp { fc1, fc2 } => {
-                let z = be.activation(fc1.forward(be, h)?, Activation::Relu)?;
-                be.router_reduce(&fc2.forward(be, &z)?, softmax)
+                let z = be.linear_act(h, &fc1.weight, fc1.bias.as_ref(), Activation::Relu)?;
+                head(be, fc2, &z, softmax)
             }
         }
+    }
+}
+
+/// A router's last layer and token mean, fused by the backend when the layer has a bias (FusionBench's do).
+fn head(be: &dyn Backend, fc: &Linear, h: &Tensor, softmax: bool) -> Result<Tensor> {
+    match &fc.bias {
+        Some(b) => be.router_head(h, &fc.weight, b, softmax),
+        None => be.router_reduce(&fc.forward(be, h)?, softmax),
     }
 }
 
