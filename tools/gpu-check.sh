@@ -53,7 +53,7 @@ if [ -z "${WEMOE_NVRTC:-}" ]; then
 fi
 # cuBLAS (the dense reference in the benchmarks) from the same places.
 export LD_LIBRARY_PATH=${WEMOE_NVRTC:-}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export WEMOE_CACHE_DIR=$out/cache
+export WEMOE_CACHE_DIR=${WEMOE_CACHE_DIR:-/tmp/wemoe-gpu-check-cache}  # outside $out: only logs come back
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
