@@ -1,7 +1,7 @@
 //! Devices and the backend interface the model runs on.
 //!
 //! The model is written once against [`Backend`]; each device implements it. The CPU backend is the
-//! reference and the fallback; a CUDA backend plugs in beside it.
+//! reference and the fallback; the CUDA backend ([`CudaBackend`]) runs the same operations as kernels.
 
 mod cpu;
 mod cuda;
