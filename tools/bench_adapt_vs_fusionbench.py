@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""One test-time adaptation step of the engine (CPU) against FusionBench's WEMoE module and entropy loss with
+torch.optim.Adam (PyTorch CPU), side by side in one run: ViT-B/32 shapes, 8 experts, depth-2 routers, 8 tasks
+of 16 images each per step (the summed batch-mean entropy), through the projection and each task's head.
+
+    tools/setup-venv.sh && .venv/bin/python tools/bench_adapt_vs_fusionbench.py [--steps 2] [--fb-sample-images 1]
+
+Uses the checkpoints of tools/bench_wemoe_vs_fusionbench.py (made here if missing, about 3.5 GB under
+tools/out/b32/) and writes heads8.safetensors there (8 heads of 10 classes and a 512-wide projection, random).
+Each contender runs in a process of its own, so its peak resident memory (ru_maxrss) is its own. FusionBench's
+step time is the median over steps after one warm-up step; the engine's is (time of 1 + steps) − (time of 1
+step), loading and writing cancelling out. Batch routing runs 8 × 16 on both sides; per-sample routing runs 8 × 16
+on the engine, and on FusionBench with --fb-sample-images per task, because its autograd keeps every sample's
+merged weights (the issue measured 11 GB at one image per task and out of memory at four).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_wemoe_vs_fusionbench import OUT, ROOT, make_checkpoints, run_engine  # noqa: E402
+
+TASKS, PER_TASK, CLASSES = 8, 16, 10
+
+
+def make_heads():
+    path = os.path.join(OUT, "heads8.safetensors")
+    if not os.path.exists(path):
+        import torch
+        from safetensors.torch import save_file
+        g = torch.Generator().manual_seed(8)
+        heads = {f"head.t{t}": torch.randn(CLASSES, 512, generator=g) * 0.05 for t in range(TASKS)}
+        heads["visual_projection.weight"] = torch.randn(512, 768, generator=g) * 0.02
+        save_file(heads, path)
+    return path
+
+
+def fusionbench_step_seconds(args):
+    """Child process: FusionBench's model, loss and Adam; prints JSON {seconds, peak_mib, images_per_task}."""
+    import copy
+    import importlib.util
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+    import fusion_bench
+    from fusion_bench.models.we_moe import WeightEnsemblingMoE
+    path = os.path.join(os.path.dirname(fusion_bench.__file__), "method", "we_moe", "entropy_loss.py")
+    spec = importlib.util.spec_from_file_location("fusionbench_entropy_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entropy_loss = module.entropy_loss
+
+    base = CLIPVisionModel.from_pretrained(os.path.join(OUT, "pretrained")).eval()
+    experts = [CLIPVisionModel.from_pretrained(os.path.join(OUT, f"e{t}")).eval() for t in range(8)]
+    moe = copy.deepcopy(base).requires_grad_(False)
+    with torch.no_grad():
+        sd = {k: v + 0.3 * sum(e.state_dict()[k] - v for e in experts) for k, v in base.state_dict().items()}
+        moe.load_state_dict(sd)
+    for i, layer in enumerate(moe.encoder.layers):
+        layer.mlp = WeightEnsemblingMoE(hidden_size=768, base_model=base.encoder.layers[i].mlp,
+                                        expert_models=[e.encoder.layers[i].mlp for e in experts], init_lambda=0.3,
+                                        batch_first=True, router_hidden_layers=2,
+                                        batch_reduce=args.routing == "batch")
+    del experts
+    moe.requires_grad_(False)
+    routers = [p for layer in moe.encoder.layers for p in layer.mlp.gate.parameters()]
+    for p in routers:
+        p.requires_grad_(True)
+    heads = load_file(os.path.join(OUT, "heads8.safetensors"))
+    projection = heads["visual_projection.weight"]
+    pixels = load_file(os.path.join(OUT, "pixels64.safetensors"))["pixel_values"][: args.images]
+    optimizer = torch.optim.Adam(routers, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    times = []
+    for step in range(1 + args.steps):
+        if step == 1:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # peak of the steps, not of construction
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        for t in range(TASKS):
+            pooled = moe(pixel_values=pixels).pooler_output
+            embeds = F.normalize(pooled @ projection.T, dim=-1)
+            logits = 100.0 * embeds @ heads[f"head.t{t}"].T
+            entropy_loss(logits).backward()  # gradients add up over tasks: the summed loss
+        optimizer.step()
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+    with open("/proc/self/status") as f:
+        hwm = int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+    times.sort()
+    print(json.dumps({"seconds": times[len(times) // 2], "peak_mib": hwm / 1024, "images_per_task": args.images}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--fb-sample-images", type=int, default=1)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--routing", default="batch")
+    ap.add_argument("--images", type=int, default=PER_TASK)
+    args = ap.parse_args()
+    if args.child:
+        return fusionbench_step_seconds(args)
+    make_checkpoints(8)
+    heads = make_heads()
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    engine = os.path.join(ROOT, "target", "release", "wemoe-engine")
+    moe = os.path.join(OUT, "wemoe")
+    assert os.path.exists(moe), "run tools/bench_wemoe_vs_fusionbench.py first: it merges tools/out/b32/wemoe"
+    pixels = os.path.join(OUT, "pixels64.safetensors")
+    print(f"ViT-B/32 shapes, 8 experts, {TASKS} tasks per step, {os.cpu_count()} CPUs")
+    print(f"{'routing':<8} {'FusionBench s/step':>19} {'(images/task)':>14} {'engine s/step':>14} {'speed-up':>9} "
+          f"{'FB peak MiB':>12} {'engine peak MiB':>16}")
+    for routing in ("batch", "sample"):
+        fb_images = PER_TASK if routing == "batch" else args.fb_sample_images
+        fb = subprocess.run([sys.executable, __file__, "--child", "--routing", routing, "--images", str(fb_images),
+                             "--steps", str(args.steps)], capture_output=True, text=True)
+        theirs = json.loads(fb.stdout.strip().splitlines()[-1]) if fb.returncode == 0 else None
+        base = [engine, "adapt", "--model", moe, "--heads", heads, "--batch-size", str(PER_TASK), "--routing", routing,
+                "--device", "cpu", "--quiet"]
+        for t in range(TASKS):
+            base += ["--task", f"t{t}={pixels}"]
+        one, peak1, _ = run_engine(base + ["--out", "/tmp/wemoe-bench-adapt-1", "--steps", "1"])
+        more, peak, _ = run_engine(base + ["--out", "/tmp/wemoe-bench-adapt-n", "--steps", str(1 + args.steps)])
+        ours = (more - one) / args.steps
+        if theirs is None:
+            print(f"{routing:<8} {'failed: ' + fb.stderr.strip().splitlines()[-1][:60]:>34} {ours:>14.1f}")
+            continue
+        speed = f"{theirs['seconds'] / ours:.2f}x" if fb_images == PER_TASK else "n/a"
+        print(f"{routing:<8} {theirs['seconds']:>19.1f} {fb_images:>14} {ours:>14.1f} {speed:>9} "
+              f"{theirs['peak_mib']:>12.0f} {max(peak, peak1):>16.0f}")
+
+
+if __name__ == "__main__":
+    main()
