@@ -16,6 +16,7 @@ merged weights (the issue measured 11 GB at one image per task and out of memory
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,7 @@ def main():
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--routing", default="batch")
     ap.add_argument("--images", type=int, default=PER_TASK)
+    ap.add_argument("--routings", default="batch,sample", help="which routing modes to measure")
     args = ap.parse_args()
     if args.child:
         return fusionbench_step_seconds(args)
@@ -115,7 +117,7 @@ def main():
     print(f"ViT-B/32 shapes, 8 experts, {TASKS} tasks per step, {os.cpu_count()} CPUs")
     print(f"{'routing':<8} {'FusionBench s/step':>19} {'(images/task)':>14} {'engine s/step':>14} {'speed-up':>9} "
           f"{'FB peak MiB':>12} {'engine peak MiB':>16}")
-    for routing in ("batch", "sample"):
+    for routing in args.routings.split(","):
         fb_images = PER_TASK if routing == "batch" else args.fb_sample_images
         fb = subprocess.run([sys.executable, __file__, "--child", "--routing", routing, "--images", str(fb_images),
                              "--steps", str(args.steps)], capture_output=True, text=True)
@@ -124,8 +126,11 @@ def main():
                 "--device", "cpu", "--quiet"]
         for t in range(TASKS):
             base += ["--task", f"t{t}={pixels}"]
-        one, peak1, _ = run_engine(base + ["--out", "/tmp/wemoe-bench-adapt-1", "--steps", "1"])
-        more, peak, _ = run_engine(base + ["--out", "/tmp/wemoe-bench-adapt-n", "--steps", str(1 + args.steps)])
+        outs = [f"/tmp/wemoe-bench-adapt-{routing}-{n}" for n in (1, 1 + args.steps)]
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True)  # a finished run leaves its checkpoint, which adapt won't overwrite
+        one, peak1, _ = run_engine(base + ["--out", outs[0], "--steps", "1"])
+        more, peak, _ = run_engine(base + ["--out", outs[1], "--steps", str(1 + args.steps)])
         ours = (more - one) / args.steps
         if theirs is None:
             print(f"{routing:<8} {'failed: ' + fb.stderr.strip().splitlines()[-1][:60]:>34} {ours:>14.1f}")
