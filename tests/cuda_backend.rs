@@ -138,6 +138,56 @@ fn tf32_forward_on_the_gpu() {
     tf32_forward_is_within_tf32_precision_of_f32(&gpu(), &tf32);
 }
 
+/// `adapt` itself (task streams, tape, Adam, checkpoints, the written model) on the CUDA backend against the
+/// CPU backend: 3 steps of per-sample routing, the losses and the routers' updates alike.
+fn adaptation_matches_the_cpu_backend(be: &dyn Backend) {
+    use wemoe_engine::adapt::{adapt, AdaptOptions, Schedule};
+    use wemoe_engine::data::{Dataset, Preprocess};
+    use wemoe_engine::device::CpuBackend;
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size).unwrap();
+    let tasks: Vec<(String, std::path::PathBuf)> =
+        ["left", "right"].iter().map(|t| (t.to_string(), fixture(&format!("adapt/{t}.safetensors")))).collect();
+    let opts = AdaptOptions {
+        steps: 3,
+        lr: 1e-3,
+        batch_size: 3,
+        routing: Routing::Sample,
+        schedule: Schedule::Constant,
+        seed: 7,
+        checkpoint_every: 2,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut results = Vec::new();
+    for (name, backend) in [("cpu", &CpuBackend::new() as &dyn Backend), ("cuda", be)] {
+        let heads = Heads::open(backend, &fixture("adapt/heads.safetensors")).unwrap();
+        let data: Vec<Dataset> =
+            tasks.iter().map(|(_, p)| Dataset::open(p, &preprocess, dir.config.image_size).unwrap()).collect();
+        let target = out.path().join(name);
+        let mut losses = Vec::new();
+        adapt(backend, &dir, &heads, &tasks, &data, &opts, &target, false, &mut |r| losses.push(r.loss)).unwrap();
+        results.push((losses, SafetensorsFile::open(&target.join("model.safetensors")).unwrap()));
+    }
+    let (cpu, cuda) = (&results[0], &results[1]);
+    for (a, b) in cpu.0.iter().zip(&cuda.0) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "losses {:?} against {:?}", cpu.0, cuda.0);
+    }
+    let mut routers = 0;
+    for name in cpu.1.names().filter(|n| n.contains(".mlp.gate.")) {
+        let initial = dir.store.get_any(name).unwrap();
+        let update = |f: &SafetensorsFile| -> Vec<f32> {
+            let t = f.f32(name).unwrap();
+            t.host().unwrap().iter().zip(initial.host().unwrap()).map(|(a, b)| a - b).collect()
+        };
+        let (ours, reference) = (update(&cuda.1), update(&cpu.1));
+        let diff: f64 = ours.iter().zip(&reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = reference.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0 && diff <= 2e-3 * norm, "{name}: update off by {:.2e} relative", diff / norm);
+        routers += 1;
+    }
+    assert_eq!(routers, 8, "two layers of depth-2 routers");
+}
+
 macro_rules! on_both {
     ($($case:ident),* $(,)?) => {
         mod host {
@@ -159,5 +209,6 @@ macro_rules! on_both {
 on_both!(
     clip_models_match_transformers,
     wemoe_models_match_fusionbench_in_both_routing_modes,
-    router_gradients_match_torch
+    router_gradients_match_torch,
+    adaptation_matches_the_cpu_backend,
 );
