@@ -160,11 +160,11 @@ fn demo_and_doctor_run_on_a_fresh_clone() {
     assert!(ok && out.contains("suite not built yet"), "{out}{err}");
     let (ok, out, err) = engine(&["doctor"]);
     assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");
-    // With NVRTC (tools/test.sh provides it), one row per kernel function with ptxas' registers.
+    // With NVRTC (tools/nvrtc-env.sh provides it), one row per kernel function with ptxas' registers.
     let row =
         out.lines().find(|l| l.trim_start().starts_with("expert_linear_forward")).unwrap_or_else(|| panic!("{out}"));
     let registers: u32 = row.split_whitespace().nth(1).and_then(|r| r.parse().ok()).unwrap_or(0);
-    assert!(registers > 0, "no ptxas registers in doctor's row (is NVRTC loadable? run tools/test.sh): {row}");
+    assert!(registers > 0, "no ptxas registers in doctor's row (is NVRTC loadable? source tools/nvrtc-env.sh): {row}");
     let (ok, _, err) = engine(&["doctor", "--arch", "90"]);
     assert!(!ok && err.contains("sm_XY"), "{err}");
 }

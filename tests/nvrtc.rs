@@ -1,6 +1,6 @@
 //! Every kernel source compiles with NVRTC to an sm_90 CUBIN, with ptxas' resources per kernel function;
 //! compile errors name the kernel and carry NVRTC's log; the on-disk cache answers the second time.
-//! NVRTC must be loadable (CI installs it from PyPI; `tools/test.sh` does too): if it is not, these tests
+//! NVRTC must be loadable (`. tools/nvrtc-env.sh` installs it from PyPI, as CI does): if it is not, these tests
 //! fail, they are not skipped.
 
 use wemoe_engine::cuda::nvrtc;
@@ -19,7 +19,7 @@ fn with_fresh_cache() -> tempfile::TempDir {
 #[test]
 fn every_kernel_compiles_to_a_cubin_with_its_resources() {
     let _cache = with_fresh_cache();
-    let (major, minor) = nvrtc::version().expect("NVRTC must be loadable: run tools/test.sh, or set WEMOE_NVRTC");
+    let (major, minor) = nvrtc::version().expect("NVRTC must be loadable: run `. tools/nvrtc-env.sh` first, or set WEMOE_NVRTC");
     println!("NVRTC {major}.{minor}, {ARCH}");
     println!("{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}", "kernel", "regs", "smem", "stack", "spillS", "spillL");
     let mut seen = 0;
