@@ -19,7 +19,8 @@ fn with_fresh_cache() -> tempfile::TempDir {
 #[test]
 fn every_kernel_compiles_to_a_cubin_with_its_resources() {
     let _cache = with_fresh_cache();
-    let (major, minor) = nvrtc::version().expect("NVRTC must be loadable: run `. tools/nvrtc-env.sh` first, or set WEMOE_NVRTC");
+    let (major, minor) =
+        nvrtc::version().expect("NVRTC must be loadable: run `. tools/nvrtc-env.sh` first, or set WEMOE_NVRTC");
     println!("NVRTC {major}.{minor}, {ARCH}");
     println!("{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}", "kernel", "regs", "smem", "stack", "spillS", "spillL");
     let mut seen = 0;
