@@ -159,25 +159,10 @@ fn main() -> Result<()> {
             println!("| {shape} | {variant} | {ms:.3} | {:.1} | {:.2} |", flops / ms / 1e9, dense_cublas / ms);
         };
         row("dense MLP, cuBLAS SGEMM (GEMMs only)", dense_cublas);
-        let dense_ours = median_ms(&gpu, || {
-            ops::expert_linear_forward(&gpu, &x, 1, rows, &fc1(0), None, Some(Activation::QuickGelu), None, &hid)?;
-            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(0), None, None, None, &y)
-        })?;
+        let dense_ours = median_ms(&gpu, || mlp(&gpu, (&fc1(0), &fc2(0)), (&x, &hid, &y), (1, rows), None, None))?;
         row("dense MLP, our kernel (bias, quick_gelu fused)", dense_ours);
-        let fused = median_ms(&gpu, || {
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                batch,
-                tokens,
-                &fc1(experts),
-                Some(&coeff),
-                Some(Activation::QuickGelu),
-                Some(&pre),
-                &hid,
-            )?;
-            ops::expert_linear_forward(&gpu, &hid, batch, tokens, &fc2(experts), Some(&coeff), None, None, &y)
-        })?;
+        let moe = (&fc1(experts), &fc2(experts));
+        let fused = median_ms(&gpu, || mlp(&gpu, moe, (&x, &hid, &y), (batch, tokens), Some(&coeff), Some(&pre)))?;
         row("WEMoE per-sample, fused (merge on chip)", fused);
         // Kept for the CPU check below, before later variants overwrite y, x and the coefficients' use.
         let fused_out = gpu.download(&y)?;
@@ -228,75 +213,19 @@ fn main() -> Result<()> {
         }
         let router_hidden = gpu.zeros(rows * d)?;
         let routed = gpu.zeros(batch * experts)?;
+        let router = (&router1, &r2, &rb2);
         let layer = median_ms(&gpu, || {
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                1,
-                rows,
-                &router1,
-                None,
-                Some(Activation::Relu),
-                None,
-                &router_hidden,
-            )?;
-            ops::router_head_forward(&gpu, &router_hidden, &r2, &rb2, batch, tokens, d, experts, false, None, &routed)?;
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                batch,
-                tokens,
-                &fc1(experts),
-                Some(&routed),
-                Some(Activation::QuickGelu),
-                None,
-                &hid,
-            )?;
-            ops::expert_linear_forward(&gpu, &hid, batch, tokens, &fc2(experts), Some(&routed), None, None, &y)
+            route(&gpu, router, &x, &router_hidden, &routed, (batch, tokens))?;
+            mlp(&gpu, moe, (&x, &hid, &y), (batch, tokens), Some(&routed), None)
         })?;
         row("WEMoE layer per-sample (router + fused MLP)", layer);
 
-        let batch_fused = median_ms(&gpu, || {
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                1,
-                rows,
-                &fc1(experts),
-                Some(&coeff1),
-                Some(Activation::QuickGelu),
-                None,
-                &hid,
-            )?;
-            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(experts), Some(&coeff1), None, None, &y)
-        })?;
+        let batch_fused = median_ms(&gpu, || mlp(&gpu, moe, (&x, &hid, &y), (1, rows), Some(&coeff1), None))?;
         row("WEMoE batch-reduced, fused", batch_fused);
         let batch_layer = median_ms(&gpu, || {
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                1,
-                rows,
-                &router1,
-                None,
-                Some(Activation::Relu),
-                None,
-                &router_hidden,
-            )?;
-            ops::router_head_forward(&gpu, &router_hidden, &r2, &rb2, batch, tokens, d, experts, false, None, &routed)?;
+            route(&gpu, router, &x, &router_hidden, &routed, (batch, tokens))?;
             ops::group_mean(&gpu, &routed, batch, batch, experts, &coeff1)?;
-            ops::expert_linear_forward(
-                &gpu,
-                &x,
-                1,
-                rows,
-                &fc1(experts),
-                Some(&coeff1),
-                Some(Activation::QuickGelu),
-                None,
-                &hid,
-            )?;
-            ops::expert_linear_forward(&gpu, &hid, 1, rows, &fc2(experts), Some(&coeff1), None, None, &y)
+            mlp(&gpu, moe, (&x, &hid, &y), (1, rows), Some(&coeff1), None)
         })?;
         row("WEMoE layer batch-reduced (router + fused MLP)", batch_layer);
         let batch_merged = median_ms(&gpu, || {
@@ -320,8 +249,7 @@ fn main() -> Result<()> {
                 in_features: h,
                 experts: 0,
             };
-            ops::expert_linear_forward(&gpu, &x, 1, rows, &w1, None, Some(Activation::QuickGelu), None, &hid)?;
-            ops::expert_linear_forward(&gpu, &hid, 1, rows, &w2, None, None, None, &y)
+            mlp(&gpu, (&w1, &w2), (&x, &hid, &y), (1, rows), None, None)
         })?;
         row("WEMoE batch-reduced, merge then dense", batch_merged);
         let batch_cublas = median_ms(&gpu, || {
@@ -365,12 +293,44 @@ fn main() -> Result<()> {
     }
     end_to_end()?;
     println!();
-    for (shape, vs_ours, vs_cublas, speedup) in &spread {
+    for (shape, vs_ours, vs_cublas, materialise) in &spread {
         println!(
-            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-GEMM is {speedup:.1}× slower than fused"
+            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-cuBLAS / fused = {materialise:.2}×"
         );
     }
     Ok(())
+}
+
+type Weights<'a> = ExpertWeights<'a, CudaSlice<f32>>;
+
+/// The MLP `y = fc2(quick_gelu(fc1(x)))` with the hidden layer in `hid`, over `routes` × `per_route` rows
+/// (coefficients `coeff` `[routes, T]` for WEMoE layers), the pre-activation into `pre` when given.
+fn mlp(
+    gpu: &GpuExecutor,
+    (fc1, fc2): (&Weights, &Weights),
+    (x, hid, y): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
+    (routes, per_route): (usize, usize),
+    coeff: Option<&CudaSlice<f32>>,
+    pre: Option<&CudaSlice<f32>>,
+) -> Result<()> {
+    ops::expert_linear_forward(gpu, x, routes, per_route, fc1, coeff, Some(Activation::QuickGelu), pre, hid)?;
+    ops::expert_linear_forward(gpu, hid, routes, per_route, fc2, coeff, None, None, y)
+}
+
+/// The depth-2 router of `x` `[batch·tokens, D]`: Linear with ReLU into `hidden`, then the fused head (last
+/// layer, identity, token mean) into `routed` `[batch, T]`.
+fn route(
+    gpu: &GpuExecutor,
+    (fc1, w2, b2): (&Weights, &CudaSlice<f32>, &CudaSlice<f32>),
+    x: &CudaSlice<f32>,
+    hidden: &CudaSlice<f32>,
+    routed: &CudaSlice<f32>,
+    (batch, tokens): (usize, usize),
+) -> Result<()> {
+    let rows = batch * tokens;
+    ops::expert_linear_forward(gpu, x, 1, rows, fc1, None, Some(Activation::Relu), None, hidden)?;
+    let experts = gpu.len(b2);
+    ops::router_head_forward(gpu, hidden, w2, b2, batch, tokens, fc1.out_features, experts, false, None, routed)
 }
 
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -430,8 +390,21 @@ fn cpu_check(
 /// the forward of 64 images per second in both routing modes, and one adaptation step of 8 tasks × 16
 /// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
 /// copy to the host (which waits for the GPU); medians.
+/// Wall-clock seconds of `work` (which ends by copying a result to the host, so it waits for the GPU): one
+/// warm-up run, then the median of three.
+fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+    work()?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        work()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[1])
+}
+
 fn end_to_end() -> Result<()> {
-    use std::time::Instant;
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::config::VisionConfig;
     use wemoe_engine::device::{Backend, CudaBackend, Device};
@@ -452,23 +425,13 @@ fn end_to_end() -> Result<()> {
         let v = (0..n * 3 * s * s).map(|i| (((i * 31 + seed) % 255) as f32) / 128.0 - 1.0).collect();
         be.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
     };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     println!("\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers) | routing | median | rate |\n| --- | --- | ---: | ---: |");
     let images = pixels(64, 1)?;
     for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
-        let mut times = Vec::new();
-        for i in 0..4 {
-            let t = Instant::now();
+        let t = median_wall_s(|| {
             let out = model.encode(&be, &images, routing)?;
-            be.to_host(&out.pooled)?;
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
-        let t = median(times);
+            be.to_host(&out.pooled).map(drop)
+        })?;
         println!("| forward, 64 images | {name} | {:.1} ms | {:.0} images/s |", t * 1e3, 64.0 / t);
     }
     let dir = tempfile::tempdir()?;
@@ -483,26 +446,20 @@ fn end_to_end() -> Result<()> {
     wemoe_engine::output::write_safetensors(&heads_path, &tensors)?;
     let heads = Heads::open(&be, &heads_path)?;
     let classifier = heads.classifier(&model, dir.path())?;
-    let batches: Vec<Tensor> = (0..8).map(|t| pixels(16, 100 + t)).collect::<Result<_>>()?;
+    let tasks: Vec<TaskBatch> = (0..8)
+        .map(|t| -> Result<TaskBatch> {
+            Ok(TaskBatch { head: heads.head(&format!("task{t}"))?, pixels: pixels(16, 100 + t)? })
+        })
+        .collect::<Result<_>>()?;
     for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
-        let mut times = Vec::new();
-        for i in 0..4 {
-            let tasks: Vec<TaskBatch> = (0..8)
-                .map(|t| -> Result<TaskBatch> {
-                    Ok(TaskBatch { head: heads.head(&format!("task{t}"))?, pixels: be.copy(&batches[t])? })
-                })
-                .collect::<Result<_>>()?;
-            let t = Instant::now();
+        let t = median_wall_s(|| {
             let (loss, grads) = entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing)?;
             for g in grads.values() {
                 be.to_host(g)?;
             }
             anyhow::ensure!(loss.is_finite(), "non-finite loss");
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
-        let t = median(times);
+            Ok(())
+        })?;
         println!(
             "| adaptation step, 8 tasks × 16 images | {name} | {:.1} ms | 1000 steps in {:.0} s |",
             t * 1e3,
