@@ -42,4 +42,5 @@ pub mod model;
 pub mod ops;
 pub mod output;
 pub mod rng;
+pub mod suite;
 pub mod tensor;

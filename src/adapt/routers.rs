@@ -39,6 +39,26 @@ impl RouterParams {
         Ok(RouterParams { values, shapes })
     }
 
+    /// Routers that ignore their input and give every sample the coefficients `w` (one per expert) in every
+    /// layer: the last layer's weight zero and its bias `w` (depth 1 and 2), or the free vector `w` (depth 0).
+    pub fn constant(&self, w: &[f32]) -> Result<RouterParams> {
+        let mut fixed = RouterParams { values: self.values.clone(), shapes: self.shapes.clone() };
+        for (name, values) in fixed.values.iter_mut() {
+            let leaf = name.rsplit_once(".gate.").map_or("", |(_, leaf)| leaf);
+            match leaf {
+                "fc2.weight" | "fc.weight" => values.fill(0.0),
+                "fc2.bias" | "fc.bias" | "weight" => {
+                    if values.len() != w.len() {
+                        bail!("router tensor '{name}' has {} experts, not {}", values.len(), w.len());
+                    }
+                    values.copy_from_slice(w);
+                }
+                _ => {}
+            }
+        }
+        Ok(fixed)
+    }
+
     /// Writes every value back into `model`'s routers, prepared by `be`.
     pub fn apply(&self, be: &dyn Backend, model: &mut ImageEncoder) -> Result<()> {
         for (l, layer) in model.vision.layers.iter_mut().enumerate() {

@@ -45,13 +45,15 @@ pub struct AdaptOptions {
 }
 
 /// One step's report, for progress.
-pub struct StepReport {
+pub struct StepReport<'a> {
     /// Steps done (1-based).
     pub step: u64,
     /// Steps in all.
     pub steps: u64,
     /// The step's loss (sum over tasks of the batch-mean entropy).
     pub loss: f64,
+    /// The routers after the step (for curves of accuracy against steps).
+    pub routers: &'a RouterParams,
 }
 
 /// The checkpoint file inside `--out`.
@@ -235,7 +237,7 @@ pub fn adapt(
         adam.update(&mut params.values, &grads, lr)?;
         params.apply(be, &mut model)?;
         step += 1;
-        progress(StepReport { step, steps: opts.steps, loss });
+        progress(StepReport { step, steps: opts.steps, loss, routers: &params });
         if step % opts.checkpoint_every == 0 || step == opts.steps {
             let state =
                 CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: samplers.clone() };

@@ -1,14 +1,342 @@
-//! `wemoe-engine demo`: the whole job (merge, adapt, eval of every method) on the bundled suite. The suite
-//! is not in the repository yet, so for now the command says so and succeeds without writing anything.
+//! `wemoe-engine demo`: the whole job on the bundled suite. Evaluates the pretrained model, each expert on its
+//! own task, task arithmetic, WEMoE before adaptation, WEMoE with every task routed to its own expert (the
+//! ceiling of routing) and WEMoE after test-time adaptation, with the adaptation's curve; prints a table shaped
+//! like the paper's Table 2 and optionally writes it as JSON.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+use wemoe_engine::adapt::{adapt, AdaptOptions, RouterParams, Schedule};
+use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::device::{self, Backend, DeviceChoice};
+use wemoe_engine::eval::{Batching, Evaluator};
+use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
+use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
+use wemoe_engine::output::write_atomic;
+use wemoe_engine::suite::Suite;
 
-pub fn run(json: Option<&Path>) -> Result<()> {
-    say!("suite not built yet: the bundled multi-task suite (assets/suite) and the demo land together");
-    if let Some(path) = json {
-        say!("no results, so {} was not written", path.display());
+use super::progress;
+
+/// What the demo runs; the defaults are the settings measured in BENCHMARKS.md's demo section.
+pub struct Args {
+    pub suite: PathBuf,
+    pub json: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub steps: u64,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub routing: Routing,
+    pub batch_size: usize,
+    pub router_layers: usize,
+    pub router_activation: RouterActivation,
+    pub curve_points: u64,
+}
+
+/// One method's accuracy per task, in the suite's order.
+struct Row {
+    method: String,
+    accuracy: Vec<f64>,
+}
+
+impl Row {
+    fn average(&self) -> f64 {
+        self.accuracy.iter().sum::<f64>() / self.accuracy.len() as f64
+    }
+}
+
+/// The suite's inputs, opened once.
+struct Opened {
+    suite: Suite,
+    be: Box<dyn Backend>,
+    heads: Heads,
+    data: Vec<Dataset>,
+}
+
+impl Opened {
+    fn names(&self) -> Vec<String> {
+        self.suite.task_names()
+    }
+
+    /// Accuracy of the model in `dir` on the tasks `which` (indices), each with `batching`.
+    fn evaluate(
+        &self,
+        model: &ImageEncoder,
+        dir: &Path,
+        which: &[usize],
+        batching: Batching,
+        quiet: bool,
+    ) -> Result<Vec<f64>> {
+        let evaluator = Evaluator::new(self.be.as_ref(), model, &self.heads, dir)?;
+        let mut out = Vec::new();
+        for &t in which {
+            let name = &self.suite.tasks[t].name;
+            let bar = progress::images(name, self.data[t].len(), quiet);
+            let acc = evaluator.task(name, &self.data[t], batching, &mut |done| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            out.push(acc.accuracy());
+        }
+        Ok(out)
+    }
+}
+
+/// The temporary models' folder: `--work` when given (kept), else one under the system's temporary folder,
+/// removed when the demo ends.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn new(requested: Option<&Path>) -> Result<Self> {
+        let (path, keep) = match requested {
+            Some(p) => (p.to_path_buf(), true),
+            None => (std::env::temp_dir().join(format!("wemoe-demo-{}", std::process::id())), false),
+        };
+        if path.exists() {
+            anyhow::bail!("{}: already exists; --work needs a new folder", path.display());
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        Ok(WorkDir { path, keep })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn info(quiet: bool, line: String) {
+    if !quiet {
+        eprintln!("{line}");
+    }
+}
+
+pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
+    anyhow::ensure!(args.curve_points > 0, "--curve-points must be positive");
+    let start = Instant::now();
+    let suite = Suite::open(&args.suite)?;
+    let pretrained_dir = ModelDir::open(&suite.pretrained())?;
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), &suite.heads())?;
+    let preprocess = Preprocess::for_model(&pretrained_dir.path, pretrained_dir.config.image_size)?;
+    let mut data = Vec::new();
+    for task in &suite.tasks {
+        heads.head(&task.name)?;
+        data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
+    }
+    let opened = Opened { suite, be, heads, data };
+    let names = opened.names();
+    let all: Vec<usize> = (0..names.len()).collect();
+    let plain = Batching { size: args.batch_size, routing: Routing::Sample };
+    let wemoe_batching = Batching { size: args.batch_size, routing: args.routing };
+    let work = WorkDir::new(args.work.as_deref())?;
+    info(
+        quiet,
+        format!("suite {} ({} tasks), models in {}", opened.suite.root.display(), names.len(), work.path.display()),
+    );
+    let mut rows = Vec::new();
+
+    info(quiet, "pretrained model".into());
+    let model = ImageEncoder::load(opened.be.as_ref(), &pretrained_dir)?;
+    rows.push(Row {
+        method: "pretrained".into(),
+        accuracy: opened.evaluate(&model, &pretrained_dir.path, &all, plain, quiet)?,
+    });
+
+    info(quiet, "each expert on its own task".into());
+    let mut individual = Vec::new();
+    let mut experts = Vec::new();
+    for (t, name) in names.iter().enumerate() {
+        let dir = ModelDir::open(&opened.suite.expert(name))?;
+        let model = ImageEncoder::load(opened.be.as_ref(), &dir)?;
+        individual.extend(opened.evaluate(&model, &dir.path, &[t], plain, quiet)?);
+        experts.push(Expert { name: name.clone(), model: dir });
+    }
+    rows.push(Row { method: "individual".into(), accuracy: individual });
+
+    let merged = |method: MergeMethod, router_activation: RouterActivation, out: &str| -> Result<ModelDir> {
+        let options =
+            MergeOptions { method, scaling: 0.3, router_layers: args.router_layers, router_activation, seed: 0 };
+        let path = work.path.join(out);
+        merge(&pretrained_dir, &experts, &options, &path, &mut |_, _| {})?;
+        ModelDir::open(&path)
+    };
+
+    info(quiet, "task arithmetic (λ 0.3)".into());
+    let ta = merged(MergeMethod::TaskArithmetic, RouterActivation::Identity, "task-arithmetic")?;
+    let model = ImageEncoder::load(opened.be.as_ref(), &ta)?;
+    rows.push(Row {
+        method: "task-arithmetic".into(),
+        accuracy: opened.evaluate(&model, &ta.path, &all, plain, quiet)?,
+    });
+
+    info(quiet, format!("WEMoE (routers of depth {}), before adaptation", args.router_layers));
+    let wemoe = merged(MergeMethod::Wemoe, args.router_activation, "wemoe")?;
+    let mut model = ImageEncoder::load(opened.be.as_ref(), &wemoe)?;
+    rows.push(Row {
+        method: "wemoe-unadapted".into(),
+        accuracy: opened.evaluate(&model, &wemoe.path, &all, wemoe_batching, quiet)?,
+    });
+
+    // The oracle's coefficients are exactly one-hot, so its routers pass them through (identity).
+    info(quiet, "WEMoE with each task routed to its own expert".into());
+    let fixed = merged(MergeMethod::Wemoe, RouterActivation::Identity, "wemoe-oracle")?;
+    let mut oracle_model = ImageEncoder::load(opened.be.as_ref(), &fixed)?;
+    let fixed_routers = RouterParams::load(&oracle_model, &fixed.store)?;
+    let mut oracle = Vec::new();
+    for t in 0..names.len() {
+        let one_hot: Vec<f32> = (0..names.len()).map(|k| if k == t { 1.0 } else { 0.0 }).collect();
+        fixed_routers.constant(&one_hot)?.apply(opened.be.as_ref(), &mut oracle_model)?;
+        oracle.extend(opened.evaluate(&oracle_model, &fixed.path, &[t], wemoe_batching, quiet)?);
+    }
+    drop(oracle_model);
+
+    let options = AdaptOptions {
+        steps: args.steps,
+        lr: args.lr,
+        batch_size: args.batch_size,
+        routing: args.routing,
+        schedule: args.schedule,
+        seed: 0,
+        checkpoint_every: args.steps,
+    };
+    info(
+        quiet,
+        format!(
+            "test-time adaptation: {} steps, Adam lr {}, {} schedule, {} routing, {} images per task per step",
+            args.steps,
+            args.lr,
+            schedule_name(args.schedule),
+            routing_name(args.routing),
+            args.batch_size
+        ),
+    );
+    let every = args.steps.div_ceil(args.curve_points);
+    let mut snapshots: Vec<(u64, f64, RouterParams)> = Vec::new();
+    let task_paths: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), opened.suite.data(n))).collect();
+    let bar = steps_bar(args.steps, quiet);
+    let adapted_path = work.path.join("wemoe-adapted");
+    let adapt_start = Instant::now();
+    adapt(
+        opened.be.as_ref(),
+        &wemoe,
+        &opened.heads,
+        &task_paths,
+        &opened.data,
+        &options,
+        &adapted_path,
+        false,
+        &mut |r| {
+            bar.set_position(r.step);
+            bar.set_message(format!("{:.4}", r.loss));
+            if r.step % every == 0 || r.step == r.steps {
+                snapshots.push((
+                    r.step,
+                    r.loss,
+                    RouterParams { values: r.routers.values.clone(), shapes: r.routers.shapes.clone() },
+                ));
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    let adapt_seconds = adapt_start.elapsed().as_secs_f64();
+
+    info(quiet, "the adaptation's curve (average accuracy against steps)".into());
+    let mut curve = vec![(0u64, f64::NAN, rows.last().map_or(f64::NAN, Row::average))];
+    let mut adapted = Vec::new();
+    for (step, loss, routers) in &snapshots {
+        routers.apply(opened.be.as_ref(), &mut model)?;
+        adapted = opened.evaluate(&model, &wemoe.path, &all, wemoe_batching, true)?;
+        curve.push((*step, *loss, adapted.iter().sum::<f64>() / adapted.len() as f64));
+    }
+    rows.push(Row { method: "wemoe".into(), accuracy: adapted });
+    rows.push(Row { method: "wemoe-oracle".into(), accuracy: oracle });
+
+    print_table(&names, &rows);
+    say!("");
+    say!("adaptation curve ({} routing): step, loss, average accuracy", routing_name(args.routing));
+    for (step, loss, avg) in &curve {
+        let loss = if loss.is_finite() { format!("{loss:8.4}") } else { format!("{:>8}", "-") };
+        say!("{step:>6}  {loss}  {:>6.2}%", 100.0 * avg);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    say!("");
+    say!("{:.0} s in all ({adapt_seconds:.0} s adapting), on {}", seconds, opened.be.describe());
+
+    if let Some(path) = &args.json {
+        let mut methods = Map::new();
+        for row in &rows {
+            let tasks: Map<String, Value> =
+                names.iter().zip(&row.accuracy).map(|(n, a)| (n.clone(), json!(a))).collect();
+            methods.insert(row.method.clone(), json!({"tasks": tasks, "average": row.average()}));
+        }
+        let curve: Vec<Value> = curve
+            .iter()
+            .map(|(step, loss, avg)| json!({"step": step, "loss": if loss.is_finite() { json!(loss) } else { Value::Null }, "average": avg}))
+            .collect();
+        let report = json!({
+            "methods": methods,
+            "adaptation": {
+                "steps": args.steps, "lr": args.lr, "schedule": schedule_name(args.schedule),
+                "routing": routing_name(args.routing), "batch_size": args.batch_size,
+                "router_layers": args.router_layers, "seconds": adapt_seconds, "curve": curve,
+            },
+            "seconds": seconds,
+            "device": opened.be.describe(),
+        });
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
+}
+
+fn schedule_name(s: Schedule) -> &'static str {
+    match s {
+        Schedule::Constant => "constant",
+        Schedule::Cosine => "cosine",
+    }
+}
+
+fn routing_name(r: Routing) -> &'static str {
+    match r {
+        Routing::Sample => "sample",
+        Routing::Batch => "batch",
+    }
+}
+
+fn steps_bar(steps: u64, quiet: bool) -> ProgressBar {
+    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(steps), target);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("adapt");
+    bar
+}
+
+/// Methods as rows, tasks as columns, the average last (the paper's Table 2).
+fn print_table(names: &[String], rows: &[Row]) {
+    let first = rows.iter().map(|r| r.method.len()).max().unwrap_or(6).max(6);
+    let widths: Vec<usize> = names.iter().map(|n| n.len().max(6)).collect();
+    let mut header = format!("{:<first$}", "method");
+    for (n, w) in names.iter().zip(&widths) {
+        header += &format!("  {n:>w$}");
+    }
+    say!("{header}  {:>7}", "average");
+    for row in rows {
+        let mut line = format!("{:<first$}", row.method);
+        for (a, w) in row.accuracy.iter().zip(&widths) {
+            line += &format!("  {:>w$.1}", 100.0 * a);
+        }
+        say!("{line}  {:>7.1}", 100.0 * row.average());
+    }
 }

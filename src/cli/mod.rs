@@ -13,6 +13,7 @@ use wemoe_engine::eval::Batching;
 use wemoe_engine::merge::{MergeMethod, MergeOptions};
 use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
+use wemoe_engine::suite::Suite;
 
 /// Merge fine-tuned CLIP vision models with WEMoE, adapt, evaluate and run them.
 #[derive(Parser, Debug)]
@@ -70,6 +71,29 @@ enum LrSchedule {
     /// Cosine annealing to zero over the run (the paper's code).
     Cosine,
 }
+
+impl From<LrSchedule> for Schedule {
+    fn from(s: LrSchedule) -> Self {
+        match s {
+            LrSchedule::Constant => Schedule::Constant,
+            LrSchedule::Cosine => Schedule::Cosine,
+        }
+    }
+}
+
+impl From<RouterAct> for RouterActivation {
+    fn from(a: RouterAct) -> Self {
+        match a {
+            RouterAct::Identity => RouterActivation::Identity,
+            RouterAct::Softmax => RouterActivation::Softmax,
+        }
+    }
+}
+
+/// The demo's adaptation steps by default (BENCHMARKS.md, demo section).
+const DEMO_STEPS: u64 = 300;
+/// The demo's learning rate by default.
+const DEMO_LR: f64 = 1e-3;
 
 /// `--router-activation` of merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,6 +210,36 @@ enum Command {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The suite's directory (default: $WEMOE_SUITE, else the bundled assets/suite).
+        #[arg(long)]
+        suite: Option<PathBuf>,
+        /// Keep the merged and adapted models in this new folder (default: a temporary one, removed).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Adaptation steps.
+        #[arg(long, default_value_t = DEMO_STEPS)]
+        steps: u64,
+        /// Adam's learning rate for the routers.
+        #[arg(long, default_value_t = DEMO_LR)]
+        lr: f64,
+        /// Learning-rate schedule.
+        #[arg(long, value_enum, default_value = "constant")]
+        schedule: LrSchedule,
+        /// WEMoE's routing, in adaptation and evaluation.
+        #[arg(long, value_enum, default_value = "batch")]
+        routing: Routing,
+        /// Images per task per adaptation step, and per evaluation batch (batch routing averages over it).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Router depth of the WEMoE merge.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
+        router_layers: u8,
+        /// Router activation of the WEMoE merge.
+        #[arg(long, value_enum, default_value = "identity")]
+        router_activation: RouterAct,
+        /// Points on the adaptation's curve (each an evaluation of every task).
+        #[arg(long, default_value_t = 10)]
+        curve_points: u64,
     },
     /// Report devices, versions and kernels.
     Doctor {
@@ -287,10 +341,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
                 scaling,
                 router_layers: router_layers as usize,
-                router_activation: match router_activation {
-                    RouterAct::Identity => RouterActivation::Identity,
-                    RouterAct::Softmax => RouterActivation::Softmax,
-                },
+                router_activation: router_activation.into(),
                 seed,
             };
             merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
@@ -303,10 +354,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 lr,
                 batch_size,
                 routing: routing.batching(batch_size).routing,
-                schedule: match schedule {
-                    LrSchedule::Constant => Schedule::Constant,
-                    LrSchedule::Cosine => Schedule::Cosine,
-                },
+                schedule: schedule.into(),
                 seed,
                 checkpoint_every,
             };
@@ -322,7 +370,34 @@ pub fn run(cli: Cli) -> Result<()> {
             let (model, heads) = (inputs.model, inputs.heads);
             eval::run(&eval::Args { model, heads, tasks, batching, json }, device, quiet)
         }
-        Command::Demo { json } => demo::run(json.as_deref()),
+        Command::Demo {
+            json,
+            suite,
+            work,
+            steps,
+            lr,
+            schedule,
+            routing,
+            batch_size,
+            router_layers,
+            router_activation,
+            curve_points,
+        } => {
+            let args = demo::Args {
+                suite: suite.unwrap_or_else(Suite::bundled_path),
+                json,
+                work,
+                steps,
+                lr,
+                schedule: schedule.into(),
+                routing: routing.batching(batch_size).routing,
+                batch_size,
+                router_layers: router_layers as usize,
+                router_activation: router_activation.into(),
+                curve_points,
+            };
+            demo::run(&args, device, quiet)
+        }
         Command::Doctor { arch } => doctor::run(arch.as_deref()),
     }
 }
