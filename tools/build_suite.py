@@ -8,7 +8,10 @@
 What it makes (a small, real, offline version of the paper's eight-task ViT benchmark):
   pretrained/          a tiny CLIP vision tower with a projection (CLIPVisionModelWithProjection, saved by
                        transformers), "pretrained" on a pretext: which of the eight domains an image comes from
-                       and how it was rotated (32 classes), on the tasks' training images. No class labels.
+                       and how it was rotated (32 classes), plus instance discrimination between two shifted,
+                       jittered views of each image (SimCLR's loss), on the tasks' training images. No class
+                       labels. Without the second part a domain's embeddings are nearly parallel, and so are
+                       the heads' class means (BENCHMARKS.md, the demo section).
   experts/<task>/      one CLIPVisionModel per task, the whole vision tower fine-tuned from the pretrained one
                        with cross-entropy through the frozen projection and the frozen head (as FusionBench's
                        CLIP experts were made against frozen zero-shot heads); the MLPs at --finetune-lr, every
@@ -286,6 +289,17 @@ def embed(model, x, batch=500):
     return torch.cat(out)
 
 
+def _view(x, gen):
+    """A random shift of up to 3 pixels (edges replicated) and a brightness and contrast jitter."""
+    n = len(x)
+    padded = F.pad(x, (3, 3, 3, 3), mode="replicate")
+    dx, dy = torch.randint(7, (2, n), generator=gen)
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + SIZE, dx[i] : dx[i] + SIZE] for i in range(n)])
+    scale = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
+    shift = 0.4 * torch.rand(n, 1, 1, 1, generator=gen) - 0.2
+    return out * scale + shift
+
+
 def pretrain(args, train, gen):
     """The pretext: which domain, and which of four rotations (32 classes), through a linear classifier on the
     normalised image embedding. It teaches domain and orientation, never a task's classes."""
@@ -305,8 +319,19 @@ def pretrain(args, train, gen):
         lr = args.pretrain_lr * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        emb = F.normalize(model(pixel_values=torch.cat(batch)).image_embeds, dim=-1)
-        loss = F.cross_entropy(classifier(emb) * 10.0, torch.cat(target))
+        images = torch.cat(batch)
+        if args.pretext == "domain-rotation":
+            emb = F.normalize(model(pixel_values=images).image_embeds, dim=-1)
+            loss = F.cross_entropy(classifier(emb) * 10.0, torch.cat(target))
+        else:
+            # Plus instance discrimination between two shifted, jittered views (SimCLR's NT-Xent, τ 0.1): it
+            # spreads a domain's images apart, so class means differ as CLIP's text heads do.
+            views = torch.cat([_view(images, gen), _view(images, gen)])
+            emb = F.normalize(model(pixel_values=views).image_embeds, dim=-1)
+            n = len(images)
+            sim = emb @ emb.T / 0.1 - torch.eye(2 * n) * 1e9
+            pair = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+            loss = F.cross_entropy(classifier(emb[:n]) * 10.0, torch.cat(target)) + F.cross_entropy(sim, pair)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -348,6 +373,12 @@ def sha256(path):
     return h.hexdigest()
 
 
+PRETEXTS = {
+    "domain-rotation": "which domain, which rotation",
+    "domain-rotation+instances": "which domain, which rotation, and instance discrimination between two views",
+}
+
+
 def write_readme(out, manifest):
     """Provenance and licences, next to the data."""
     b = manifest["build"]
@@ -358,8 +389,8 @@ def write_readme(out, manifest):
             seed=b["seed"], torch=manifest["torch"]),
         f"{SIZE}×{SIZE} images, a tiny CLIP vision tower (width {b['width']}, {b['layers']} layers, patch 4, 50 tokens) "
         f"pretrained for {b['pretrain_steps']} steps on a",
-        "pretext (domain and rotation, no class labels), and one expert per task fine-tuned from it for "
-        f"{b['finetune_steps']} steps (lr {b['finetune_lr']}).",
+        f"pretext ({PRETEXTS[b['pretext']]}; no class labels), and one expert per task fine-tuned from it for "
+        f"{b['finetune_steps']} steps (MLPs at lr {b['finetune_lr']}, the rest at {b['rest_lr_scale']} times that).",
         "",
         "| task | classes | test images | source | licence |",
         "| --- | --- | --- | --- | --- |",
@@ -399,6 +430,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--pretext", choices=list(PRETEXTS), default="domain-rotation+instances")
     ap.add_argument("--finetune-steps", type=int, default=800)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--rest-lr-scale", type=float, default=0.02,
