@@ -58,7 +58,7 @@ fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
 }
 
 #[test]
-fn demo_names_a_missing_suite() {
+fn demo_names_a_missing_suite_and_bad_outputs() {
     let tmp = tempfile::tempdir().unwrap();
     let (ok, _, err) = engine(&["demo", "--suite", s(tmp.path())]);
     assert!(!ok && err.contains("suite.json") && err.contains("tools/build_suite.py"), "{err}");
@@ -66,4 +66,7 @@ fn demo_names_a_missing_suite() {
     std::fs::create_dir(&work).unwrap();
     let (ok, _, err) = engine(&["demo", "--work", s(&work)]);
     assert!(!ok && err.contains("already exists"), "{err}");
+    let json = tmp.path().join("no-such-folder").join("demo.json");
+    let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
+    assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");
 }

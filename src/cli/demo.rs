@@ -121,6 +121,11 @@ fn info(quiet: bool, line: String) {
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     anyhow::ensure!(args.curve_points > 0, "--curve-points must be positive");
+    // The JSON comes last; a folder that is not there should stop the demo before minutes of work.
+    if let Some(path) = &args.json {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        anyhow::ensure!(parent.is_dir(), "--json {}: folder {} does not exist", path.display(), parent.display());
+    }
     let start = Instant::now();
     let suite = Suite::open(&args.suite)?;
     let pretrained_dir = ModelDir::open(&suite.pretrained())?;
