@@ -10,6 +10,7 @@ use crate::model::{gate_tensors, ImageEncoder, Linear, Mlp, Router, WeightSource
 use crate::tensor::Tensor;
 
 /// Every router tensor of a WEMoE model, by canonical name, with its shape.
+#[derive(Clone)]
 pub struct RouterParams {
     /// Values, PyTorch layout.
     pub values: BTreeMap<String, Vec<f32>>,
@@ -42,7 +43,7 @@ impl RouterParams {
     /// Routers that ignore their input and give every sample the coefficients `w` (one per expert) in every
     /// layer: the last layer's weight zero and its bias `w` (depth 1 and 2), or the free vector `w` (depth 0).
     pub fn constant(&self, w: &[f32]) -> Result<RouterParams> {
-        let mut fixed = RouterParams { values: self.values.clone(), shapes: self.shapes.clone() };
+        let mut fixed = self.clone();
         for (name, values) in fixed.values.iter_mut() {
             let leaf = name.rsplit_once(".gate.").map_or("", |(_, leaf)| leaf);
             match leaf {

@@ -243,11 +243,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             bar.set_position(r.step);
             bar.set_message(format!("{:.4}", r.loss));
             if r.step % every == 0 || r.step == r.steps {
-                snapshots.push((
-                    r.step,
-                    r.loss,
-                    RouterParams { values: r.routers.values.clone(), shapes: r.routers.shapes.clone() },
-                ));
+                snapshots.push((r.step, r.loss, r.routers.clone()));
             }
         },
     )?;
