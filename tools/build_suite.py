@@ -12,14 +12,18 @@ What it makes (a small, real, offline version of the paper's eight-task ViT benc
                        jittered views of each image (SimCLR's loss), on the tasks' training images. No class
                        labels. Without the second part a domain's embeddings are nearly parallel, and so are
                        the heads' class means (BENCHMARKS.md, the demo section).
-  experts/<task>/      one CLIPVisionModel per task, the whole vision tower fine-tuned from the pretrained one
-                       with cross-entropy through the frozen projection and the frozen head (as FusionBench's
+  experts/<task>/      one CLIPVisionModel per task, every encoder layer and the final LayerNorm fine-tuned from
+                       the pretrained one (the embeddings stay pretrained) with cross-entropy through the frozen projection and the frozen head (as FusionBench's
                        CLIP experts were made against frozen zero-shot heads); the MLPs at --finetune-lr, every
                        other parameter at --rest-lr-scale times it. With one rate, this tiny model keeps most of
                        a task outside the MLPs, which WEMoE merges statically (BENCHMARKS.md, the demo section).
   heads.safetensors    head.<task> [C, P]: for each class, the L2-normalised mean of the pretrained model's
                        L2-normalised image embeddings of that class's training images (a nearest-class-mean
-                       head standing in for CLIP's text embeddings); logit_scale (ln 100, HF's raw value) and
+                       head standing in for CLIP's text embeddings); logit_scale (HF's raw value, ln s), s fitted
+                       by temperature scaling: the one scale at which the pretrained heads' cross-entropy on the
+                       training images is least (12.3 at seed 0), which the experts are also fine-tuned at (at
+                       CLIP's 100 the pretrained heads are over-confident, the experts are fine-tuned to a
+                       calibrated confidence, and every foreign expert looks surer than a task's own: BENCHMARKS.md);
                        visual_projection.weight from the pretrained model.
   data/<task>.safetensors  the task's test split: images [N, 28, 28, C] u8 (C = 1 or 3), labels [N] i64.
   suite.json           tasks in order, class names, sizes, sources and licences, the build's settings.
@@ -340,20 +344,58 @@ def pretrain(args, train, gen):
     return model.eval()
 
 
-def finetune(args, pretrained, head, x, y, gen):
-    """The whole vision tower, cross-entropy through the frozen projection and the frozen head."""
+def fit_logit_scale(embs, ys, heads):
+    """Temperature scaling of the pretrained nearest-class-mean classifier: the one scale, shared by every task,
+    that minimises its cross-entropy on the training images (a golden-section search over ln scale in [0, ln 100])."""
+
+    def nll(log_scale):
+        return sum(F.cross_entropy(math.exp(log_scale) * e @ h.T, y).item() for e, y, h in zip(embs, ys, heads))
+
+    lo, hi = 0.0, math.log(100.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(40):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
+
+
+def finetune(args, pretrained, head, scale, x, y, gen):
+    """The encoder and the final LayerNorm, cross-entropy through the frozen projection and the frozen head."""
     model = CLIPVisionModelWithProjection(config(args))
     model.load_state_dict(pretrained.state_dict())
     model.visual_projection.requires_grad_(False)
-    mlp = [p for n, p in model.named_parameters() if p.requires_grad and ".mlp." in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and ".mlp." not in n]
-    groups = [{"params": mlp, "scale": 1.0}, {"params": rest, "scale": args.rest_lr_scale}]
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".layers." in n:
+            depth = int(n.split(".layers.")[1].split(".")[0])
+        else:
+            depth = -1 if "embeddings" in n or "pre_layrnorm" in n else args.layers - 1
+        # The embeddings (patch, class, position, pre-LayerNorm) stay pretrained, and so do the layers below
+        # --tune-from-layer: the embeddings barely move at the rest's rate anyway (BENCHMARKS.md, group swaps).
+        if depth < 0 or depth < args.tune_from_layer:
+            p.requires_grad_(False)
+            continue
+        # Layer-wise learning-rate decay: layer l of L at decay^(L-1-l), the final LayerNorm at 1; every
+        # parameter outside the MLPs further at --rest-lr-scale.
+        lr_scale = args.layer_decay ** (args.layers - 1 - depth) * (1.0 if ".mlp." in n else args.rest_lr_scale)
+        groups.setdefault(lr_scale, []).append(p)
+    groups = [{"params": ps, "scale": lr_scale} for lr_scale, ps in groups.items()]
     opt = torch.optim.AdamW(groups, lr=args.finetune_lr, weight_decay=0.0)
     model.train()
     for step in range(args.finetune_steps):
         idx = torch.randint(len(x), (args.batch,), generator=gen)
         emb = F.normalize(model(pixel_values=x[idx]).image_embeds, dim=-1)
-        loss = F.cross_entropy(100.0 * emb @ head.T, y[idx])
+        loss = F.cross_entropy(scale * emb @ head.T, y[idx])
         for g in opt.param_groups:
             g["lr"] = g["scale"] * args.finetune_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.finetune_steps))
         opt.zero_grad()
@@ -390,7 +432,8 @@ def write_readme(out, manifest):
         f"{SIZE}×{SIZE} images, a tiny CLIP vision tower (width {b['width']}, {b['layers']} layers, patch 4, 50 tokens) "
         f"pretrained for {b['pretrain_steps']} steps on a",
         f"pretext ({PRETEXTS[b['pretext']]}; no class labels), and one expert per task fine-tuned from it for "
-        f"{b['finetune_steps']} steps (MLPs at lr {b['finetune_lr']}, the rest at {b['rest_lr_scale']} times that).",
+        f"{b['finetune_steps']} steps (MLPs at lr {b['finetune_lr']}, the rest at {b['rest_lr_scale']} times that; "
+        "the embeddings stay pretrained).",
         "",
         "| task | classes | test images | source | licence |",
         "| --- | --- | --- | --- | --- |",
@@ -409,7 +452,9 @@ def write_readme(out, manifest):
         "",
         "Files: `pretrained/` (CLIPVisionModelWithProjection), `experts/<task>/` (CLIPVisionModel), `heads.safetensors`",
         "(`head.<task>`: class means of the pretrained model's normalised image embeddings on the task's training",
-        "images, normalised; `logit_scale`; `visual_projection.weight`), `data/<task>.safetensors` (the test split:",
+        f"images, normalised; `logit_scale`, ln {manifest['logit_scale']:.2f}: the scale at which the pretrained heads'",
+        "cross-entropy on the training images is least, which the experts were fine-tuned at;",
+        "`visual_projection.weight`), `data/<task>.safetensors` (the test split:",
         "`images` [N, 28, 28, C] u8, `labels` [N] i64), `suite.json` (tasks, classes, build settings, the builder's",
         "own PyTorch accuracies, SHA-256 of every file). The training splits are never written.",
         "",
@@ -435,6 +480,13 @@ def main():
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--rest-lr-scale", type=float, default=0.02,
                     help="learning rate of every parameter outside the MLPs, relative to --finetune-lr")
+    ap.add_argument("--layer-decay", type=float, default=1.0,
+                    help="layer-wise learning-rate decay of the fine-tuning: layer l of L learns at decay^(L-1-l)")
+    ap.add_argument("--tune-from-layer", type=int, default=0,
+                    help="fine-tune encoder layers from this one up; the layers below stay pretrained, as the embeddings do")
+    ap.add_argument("--logit-scale", default="fit",
+                    help="the heads' logit scale, also the experts' during fine-tuning: a number, or 'fit' (temperature "
+                    "scaling of the pretrained classifier on the training images)")
     ap.add_argument("--pretrained-from", help="for experiments: take this suite's pretrained model instead of pretraining")
     args = ap.parse_args()
 
@@ -463,15 +515,22 @@ def main():
         pretrained = pretrain(args, train, gen)
     pretrained.save_pretrained(os.path.join(out, "pretrained"))
 
-    heads = {}
+    heads, train_embs, train_ys = {}, [], []
     xs_test = [pixels(x) for x, _ in test]
     ys_test = [torch.from_numpy(y) for _, y in test]
     for (x, y), name in zip(train, TASKS):
         emb = embed(pretrained, pixels(x))
         y = torch.from_numpy(y)
         heads[name] = F.normalize(torch.stack([emb[y == c].mean(0) for c in range(len(classes[name]))]), dim=-1)
+        train_embs.append(emb)
+        train_ys.append(y)
+    if args.logit_scale == "fit":
+        scale = fit_logit_scale(train_embs, train_ys, [heads[n] for n in TASKS])
+    else:
+        scale = float(args.logit_scale)
+    print(f"logit scale {scale:.2f} ({args.logit_scale})", flush=True)
     head_file = {f"head.{n}": h.contiguous() for n, h in heads.items()}
-    head_file["logit_scale"] = torch.tensor([math.log(100.0)])
+    head_file["logit_scale"] = torch.tensor([math.log(scale)])
     head_file["visual_projection.weight"] = pretrained.visual_projection.weight.detach().clone()
     save_file(head_file, os.path.join(out, "heads.safetensors"))
 
@@ -482,7 +541,9 @@ def main():
 
     for t, name in enumerate(TASKS):
         x, y = pixels(train[t][0]), torch.from_numpy(train[t][1])
-        expert, loss = finetune(args, pretrained, heads[name], x, y, gen)
+        # Each expert draws from its own generator, so that it depends only on the pretrained model and the seed.
+        expert_gen = torch.Generator().manual_seed(args.seed * 1000 + 1 + t)
+        expert, loss = finetune(args, pretrained, heads[name], scale, x, y, expert_gen)
         report["individual"][name] = accuracy(expert, heads[name], xs_test[t], ys_test[t])
         vision = CLIPVisionModel(config(args))
         vision.load_state_dict(expert.vision_model.state_dict())
@@ -500,6 +561,7 @@ def main():
         ],
         "build": {k: v for k, v in vars(args).items() if k not in ("out", "fashion_mnist", "pretrained_from")},
         "torch": torch.__version__,
+        "logit_scale": scale,
         "builder_accuracy": report,
         "files": {},
     }

@@ -5,7 +5,9 @@ arithmetic (λ 0.3), the MLPs with fixed coefficients per task. Prints, per task
 
   1. the entropy matrix: each task with its MLPs routed wholly to each single expert;
   2. fixed routings: task arithmetic, the oracle (own expert), coefficient 1.0 for every expert;
-  3. group swaps: the oracle with the task's own expert also for attention, LayerNorms, embeddings or all of them.
+  3. group swaps: the oracle with the task's own expert also for attention, LayerNorms, embeddings or all of them;
+  4. layer swaps: the oracle with one layer's MLP routed to another expert, per layer the lowest-entropy such
+     expert: where one is below the oracle's entropy, the oracle is not a local minimum of the adaptation's loss.
 
     .venv/bin/python tools/suite_diagnostics.py [assets/suite]
 """
@@ -48,7 +50,8 @@ def main():
     T = len(tasks)
 
     def merged(mlp, own_groups=(), t=None):
-        """MLPs with coefficients `mlp`; groups in `own_groups` from expert t; the rest task arithmetic."""
+        """MLPs with coefficients `mlp` (one list for every layer, or one per layer); groups in `own_groups` from
+        expert t; the rest task arithmetic."""
         sd = {}
         for k, v in base.items():
             if k not in experts[0]:
@@ -56,7 +59,9 @@ def main():
             elif group(k) in own_groups:
                 sd[k] = experts[t][k]
             else:
-                c = mlp if group(k) == "mlp" else [LAMBDA] * T
+                c = [LAMBDA] * T
+                if group(k) == "mlp":
+                    c = mlp[int(k.split(".layers.")[1].split(".")[0])] if isinstance(mlp[0], list) else mlp
                 sd[k] = v + sum(c[i] * (experts[i][k] - v) for i in range(T))
         return sd
 
@@ -86,6 +91,18 @@ def main():
     print("3. the oracle with the task's own expert also for:", " ".join(tasks))
     for own in [("attn",), ("ln",), ("emb",), ("attn", "ln", "emb")]:
         row("+".join(own), [score(merged(one_hot(t), own, t), t) for t in range(T)])
+    layers = model.config.num_hidden_layers
+    print("4. the oracle with one layer's MLP routed to another expert: per layer, the lowest-entropy such expert")
+    for t in range(T):
+        entropy, acc = score(merged(one_hot(t)), t)
+        cells = []
+        for layer in range(layers):
+            (e, a), k = min(
+                (score(merged([one_hot(k) if j == layer else one_hot(t) for j in range(layers)]), t), k)
+                for k in range(T) if k != t
+            )
+            cells.append(f"L{layer} {tasks[k]:8s} {e:.2f}/{100 * a:3.0f}{' <' if e < entropy else '  '}")
+        print(f"{tasks[t]:9s} oracle {entropy:.2f}/{100 * acc:3.0f} | " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
