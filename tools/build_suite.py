@@ -13,10 +13,11 @@ What it makes (a small, real, offline version of the paper's eight-task ViT benc
                        labels. Without the second part a domain's embeddings are nearly parallel, and so are
                        the heads' class means (BENCHMARKS.md, the demo section).
   experts/<task>/      one CLIPVisionModel per task, every encoder layer and the final LayerNorm fine-tuned from
-                       the pretrained one (the embeddings stay pretrained) with cross-entropy through the frozen projection and the frozen head (as FusionBench's
-                       CLIP experts were made against frozen zero-shot heads); the MLPs at --finetune-lr, every
-                       other parameter at --rest-lr-scale times it. With one rate, this tiny model keeps most of
-                       a task outside the MLPs, which WEMoE merges statically (BENCHMARKS.md, the demo section).
+                       the pretrained one (the embeddings stay pretrained) with cross-entropy through the frozen
+                       projection and the frozen head (as FusionBench's CLIP experts were made against frozen
+                       zero-shot heads); the MLPs at --finetune-lr, every other parameter at --rest-lr-scale
+                       times it. With one rate, this tiny model keeps most of a task outside the MLPs, which
+                       WEMoE merges statically (BENCHMARKS.md, the demo section).
   heads.safetensors    head.<task> [C, P]: for each class, the L2-normalised mean of the pretrained model's
                        L2-normalised image embeddings of that class's training images (a nearest-class-mean
                        head standing in for CLIP's text embeddings); logit_scale (HF's raw value, ln s), s fitted
