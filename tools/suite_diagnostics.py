@@ -7,7 +7,8 @@ arithmetic (λ 0.3), the MLPs with fixed coefficients per task. Prints, per task
   2. fixed routings: task arithmetic, the oracle (own expert), coefficient 1.0 for every expert;
   3. group swaps: the oracle with the task's own expert also for attention, LayerNorms, embeddings or all of them;
   4. layer swaps: the oracle with one layer's MLP routed to another expert, per layer the lowest-entropy such
-     expert: where one is below the oracle's entropy, the oracle is not a local minimum of the adaptation's loss.
+     expert: where one is below the oracle's entropy, the oracle is not a local minimum of the adaptation's loss;
+     with the spread of the unit image embeddings (their mean distance from their mean), which a collapse shrinks.
 
     .venv/bin/python tools/suite_diagnostics.py [assets/suite]
 """
@@ -66,20 +67,22 @@ def main():
         return sd
 
     def score(sd, t):
+        """Mean entropy, accuracy, and the spread of the unit embeddings (mean distance from their mean)."""
         model.load_state_dict(sd)
         with torch.no_grad():
             emb = F.normalize(model(pixel_values=pixels(data[tasks[t]]["images"].numpy())).image_embeds, dim=-1)
         p = (heads["logit_scale"].exp() * emb @ heads[f"head.{tasks[t]}"].T).softmax(-1)
         entropy = -(p * (p + 1e-8).log()).sum(-1).mean().item()
-        return entropy, p.argmax(-1).eq(data[tasks[t]]["labels"]).float().mean().item()
+        spread = (emb - emb.mean(0)).norm(dim=-1).mean().item()
+        return entropy, p.argmax(-1).eq(data[tasks[t]]["labels"]).float().mean().item(), spread
 
     def one_hot(t):
         return [1.0 if i == t else 0.0 for i in range(T)]
 
     def row(name, results):
-        cells = " ".join(f"{e:.2f}/{100 * a:3.0f}" for e, a in results)
-        print(f"{name:16s} {cells}  entropy sum {sum(e for e, _ in results):.2f}, "
-              f"accuracy {100 * sum(a for _, a in results) / len(results):.1f}", flush=True)
+        cells = " ".join(f"{e:.2f}/{100 * a:3.0f}" for e, a, _ in results)
+        print(f"{name:16s} {cells}  entropy sum {sum(e for e, _, _ in results):.2f}, "
+              f"accuracy {100 * sum(a for _, a, _ in results) / len(results):.1f}", flush=True)
 
     print("1. entropy / accuracy of each task (row) with its MLPs routed to each expert (column):", " ".join(tasks))
     for t in range(T):
@@ -92,17 +95,18 @@ def main():
     for own in [("attn",), ("ln",), ("emb",), ("attn", "ln", "emb")]:
         row("+".join(own), [score(merged(one_hot(t), own, t), t) for t in range(T)])
     layers = model.config.num_hidden_layers
-    print("4. the oracle with one layer's MLP routed to another expert: per layer, the lowest-entropy such expert")
+    print("4. the oracle with one layer's MLP routed to another expert: per layer, the lowest-entropy such expert",
+          "(entropy/accuracy/spread of the unit embeddings)")
     for t in range(T):
-        entropy, acc = score(merged(one_hot(t)), t)
+        entropy, acc, spread = score(merged(one_hot(t)), t)
         cells = []
         for layer in range(layers):
-            (e, a), k = min(
+            (e, a, sp), k = min(
                 (score(merged([one_hot(k) if j == layer else one_hot(t) for j in range(layers)]), t), k)
                 for k in range(T) if k != t
             )
-            cells.append(f"L{layer} {tasks[k]:8s} {e:.2f}/{100 * a:3.0f}{' <' if e < entropy else '  '}")
-        print(f"{tasks[t]:9s} oracle {entropy:.2f}/{100 * acc:3.0f} | " + " ".join(cells), flush=True)
+            cells.append(f"L{layer} {tasks[k]:8s} {e:.2f}/{100 * a:3.0f}/{sp:.2f}{' <' if e < entropy else '  '}")
+        print(f"{tasks[t]:9s} oracle {entropy:.2f}/{100 * acc:3.0f}/{spread:.2f} | " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
