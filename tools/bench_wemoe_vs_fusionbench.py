@@ -2,14 +2,15 @@
 """WEMoE inference of the engine (CPU) against FusionBench's WeightEnsemblingMoE on PyTorch (CPU), side by side in
 one run, on a ViT-B/32-shaped model with 8 experts (random weights made here) and 64 images.
 
-    tools/setup-venv.sh && .venv/bin/python tools/bench_wemoe_vs_fusionbench.py [--images 64] [--experts 8]
+    tools/setup-venv.sh && .venv/bin/python tools/bench_wemoe_vs_fusionbench.py [--images 64] [--experts 8] [--rounds 3]
 
 Writes its checkpoints (about 3.5 GB) under tools/out/b32/. Each contender runs in a process of its own, so its
 peak resident memory (VmHWM) is its own: FusionBench's is measured from just before its first forward (the peak is
 reset after the model is built); the engine's covers its whole `embed` command, loading included. Throughput is
 the forward alone on both sides (the engine's `embed` reports its compute time apart from loading). Routing: per
 sample (FusionBench: batch_reduce=False; engine: --routing sample) and batch (batch_reduce=True; --routing batch),
-all 64 images in one batch.
+all 64 images in one batch. The machine is shared and its speed drifts, so the two alternate round by round and
+each round's ratio is printed, then the medians.
 """
 import argparse
 import copy
@@ -94,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="FusionBench-then-engine rounds; the medians are reported")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
@@ -115,22 +117,30 @@ def main():
     if not os.path.exists(pixels):
         save_file({"pixel_values": load_file(os.path.join(OUT, "pixels256.safetensors"))["pixel_values"][: args.images]
                    .contiguous()}, pixels)
-    fb = subprocess.run([sys.executable, __file__, "--child", "--images", str(args.images), "--experts",
-                         str(args.experts)], capture_output=True, text=True, check=True)
-    theirs = json.loads(fb.stdout.strip().splitlines()[-1])
-    print(f"{args.images} images, {args.experts} experts, ViT-B/32 shapes, {os.cpu_count()} CPUs")
-    print(f"{'routing':<8} {'FusionBench img/s':>18} {'engine img/s':>13} {'speed-up':>9} {'FB peak MiB':>12} "
-          f"{'engine peak MiB':>16} {'memory ratio':>13}")
-    for mode in ("sample", "batch"):
-        out = os.path.join(OUT, f"embed_{mode}.safetensors")
-        _, peak, err = run_engine([engine, "embed", "--model", moe, "--images", pixels, "--out", out, "--routing", mode,
-                                   "--batch-size", str(args.images), "--device", "cpu"])
-        ours = float(re.search(r"([0-9.]+) images/s", err).group(1))
-        load = float(re.search(r"loaded in ([0-9.]+) s", err).group(1))
-        t = theirs[mode]
-        print(f"{mode:<8} {t['images_per_s']:>18.2f} {ours:>13.2f} {ours / t['images_per_s']:>8.1f}x "
-              f"{t['peak_mib']:>12.0f} {peak:>16.0f} {peak / t['peak_mib']:>13.2f}   (engine load {load:.1f} s)")
-
+    print(f"{args.images} images, {args.experts} experts, ViT-B/32 shapes, {os.cpu_count()} CPUs, "
+          f"{args.rounds} rounds (FusionBench, then the engine, in each)")
+    print(f"{'round':<6} {'routing':<8} {'FusionBench img/s':>18} {'engine img/s':>13} {'speed-up':>9} "
+          f"{'FB peak MiB':>12} {'engine peak MiB':>16} {'memory ratio':>13}")
+    ratios = {"sample": [], "batch": []}
+    for r in range(args.rounds):
+        fb = subprocess.run([sys.executable, __file__, "--child", "--images", str(args.images), "--experts",
+                             str(args.experts)], capture_output=True, text=True, check=True)
+        theirs = json.loads(fb.stdout.strip().splitlines()[-1])
+        for mode in ("sample", "batch"):
+            out = os.path.join(OUT, f"embed_{mode}.safetensors")
+            _, peak, err = run_engine([engine, "embed", "--model", moe, "--images", pixels, "--out", out,
+                                       "--routing", mode, "--batch-size", str(args.images), "--device", "cpu"])
+            ours = float(re.search(r"([0-9.]+) images/s", err).group(1))
+            load = float(re.search(r"loaded in ([0-9.]+) s", err).group(1))
+            t = theirs[mode]
+            speed, memory = ours / t["images_per_s"], peak / t["peak_mib"]
+            ratios[mode].append((speed, memory))
+            print(f"{r + 1:<6} {mode:<8} {t['images_per_s']:>18.2f} {ours:>13.2f} {speed:>8.1f}x "
+                  f"{t['peak_mib']:>12.0f} {peak:>16.0f} {memory:>13.2f}   (engine load {load:.1f} s)", flush=True)
+    for mode, rs in ratios.items():
+        speeds, memories = sorted(s for s, _ in rs), sorted(m for _, m in rs)
+        print(f"median over rounds, {mode}: speed-up {speeds[len(rs) // 2]:.1f}x, "
+              f"memory ratio {memories[len(rs) // 2]:.2f}")
 
 if __name__ == "__main__":
     main()

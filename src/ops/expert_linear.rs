@@ -6,7 +6,9 @@
 //! once and multiplied densely. With many (per-sample routing) it is merged in tiles of 32 outputs × an
 //! input chunk small enough that the T+1 source tiles stay in L2; each tile is merged once per group and
 //! multiplied at once by an AVX-512 micro-kernel, so the task vectors are read from memory once per call,
-//! not once per sample, and no whole per-sample weight is ever materialised.
+//! not once per sample, and no whole per-sample weight is ever materialised. The per-sample backward walks
+//! the same tiles: each sample's merged tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a
+//! time, contracted with the task vectors' tiles while they are in cache.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -62,6 +64,21 @@ impl ExpertLinearRef<'_> {
             for (tw, &ct) in self.task_weights.iter().zip(c) {
                 dst.iter_mut().zip(&tw[span.clone()]).for_each(|(d, t)| *d += ct * t);
             }
+        }
+    }
+
+    /// `dots[t] = Σ_{kk ∈ ks, j ∈ cols} τ_t[kk, j] · tile[kk - ks.start, j - cols.start]`, for a tile with row
+    /// stride 32 (summed in f32: a tile holds at most 32 × 32 products).
+    fn dot_tile(&self, ks: std::ops::Range<usize>, cols: std::ops::Range<usize>, tile: &[f32], dots: &mut [f32]) {
+        let o = self.out_features;
+        for (d, tw) in dots.iter_mut().zip(&self.task_weights) {
+            let mut lanes = [0.0f32; BLOCK_ROWS];
+            for (i, kk) in ks.clone().enumerate() {
+                let src = &tw[kk * o + cols.start..kk * o + cols.end];
+                let row = &tile[i * BLOCK_ROWS..i * BLOCK_ROWS + cols.len()];
+                lanes.iter_mut().zip(src.iter().zip(row)).for_each(|(l, (a, b))| *l += a * b);
+            }
+            *d = lanes.iter().sum();
         }
     }
 
@@ -135,6 +152,10 @@ enum Kernel {
 fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, kernel: Kernel) -> Vec<f32> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     let kc = CHUNK_INPUTS.min(k);
+    // Each group's rows of each chunk, contiguous: the micro-kernel then streams them instead of touching
+    // a few floats of rows `k` apart, which costs an L1 miss per row per chunk.
+    let packed = pack_chunks(x, groups * n, k, kc);
+    let chunk_len = groups * n * kc;
     let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
     let parts: Vec<Vec<f32>> = blocks
         .par_iter()
@@ -149,7 +170,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                 w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
                 out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
             }
-            for k0 in (0..k).step_by(kc) {
+            for (ci, k0) in (0..k).step_by(kc).enumerate() {
                 let width = kc.min(k - k0);
                 let tile_len = kc * BLOCK_ROWS;
                 match kernel {
@@ -163,10 +184,11 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                         }
                     }
                 }
+                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
                 for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
-                    let xg = &x[g * n * k..(g + 1) * n * k];
+                    let xg = &chunk[g * n * kc..(g + 1) * n * kc];
                     let tile = &tiles[g * tile_len..g * tile_len + width * BLOCK_ROWS];
-                    multiply_tile(kernel, xg, n, k, k0, width, tile, out);
+                    multiply_tile(kernel, xg, n, kc, width, tile, out);
                 }
             }
             part
@@ -182,24 +204,39 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     y
 }
 
-/// `out[r, 0..32] += Σ_{kk < width} x[r, k0 + kk] · tile[kk, 0..32]` for the `n` rows of `x` (row stride `k`).
+/// A 32 × 32 tile transposed. Fixed sizes let the compiler drop the bounds checks and unroll.
+fn transpose_tile(tile: &[f32; BLOCK_ROWS * BLOCK_ROWS], out: &mut [f32; BLOCK_ROWS * BLOCK_ROWS]) {
+    for (j, row) in out.chunks_exact_mut(BLOCK_ROWS).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = tile[i * BLOCK_ROWS + j];
+        }
+    }
+}
+
+/// `x` `[rows, k]` rearranged as `[chunks, rows, kc]`: chunk `i` holds columns `i·kc..(i+1)·kc` of every
+/// row, the last chunk zero-padded.
+fn pack_chunks(x: &[f32], rows: usize, k: usize, kc: usize) -> Vec<f32> {
+    let chunks = k.div_ceil(kc);
+    let mut packed = vec![0.0f32; chunks * rows * kc];
+    packed.par_chunks_mut(rows * kc).enumerate().for_each(|(ci, chunk)| {
+        let k0 = ci * kc;
+        let width = kc.min(k - k0);
+        for (dst, src) in chunk.chunks_exact_mut(kc).zip(x.chunks_exact(k)) {
+            dst[..width].copy_from_slice(&src[k0..k0 + width]);
+        }
+    });
+    packed
+}
+
+/// `out[r, 0..32] += Σ_{kk < width} x[r, kk] · tile[kk, 0..32]` for the `n` rows of `x` (row stride `stride`).
 #[allow(clippy::too_many_arguments)]
-fn multiply_tile(
-    kernel: Kernel,
-    x: &[f32],
-    n: usize,
-    k: usize,
-    k0: usize,
-    width: usize,
-    tile: &[f32],
-    out: &mut [f32],
-) {
+fn multiply_tile(kernel: Kernel, x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
-        Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, k, k0, width, tile, out) },
+        Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, stride, width, tile, out) },
         Kernel::Portable => {
-            let xv = MatRef::strided(&x[k0..], n, width, k, 1).expect("the view lies inside x");
+            let xv = MatRef::strided(x, n, width, stride, 1).expect("the view lies inside x");
             let tv = MatRef::row_major(tile, width, BLOCK_ROWS).expect("the tile holds width rows");
             matmul(xv, tv, out, true, Threads::Single).expect("shapes agree");
         }
@@ -208,8 +245,8 @@ fn multiply_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! A 12×32 micro-kernel: 24 accumulators in zmm registers, the tile's row broadcast-multiplied by
-    //! each of 12 input rows read in place (no packing of the inputs).
+    //! A micro-kernel of up to 12 rows × 32 outputs (24 accumulators in zmm registers, the tile's row
+    //! broadcast-multiplied by each input row), and the merge of eight groups' tiles per pass.
     use std::arch::x86_64::*;
 
     use super::{ExpertLinearRef, BLOCK_ROWS};
@@ -271,39 +308,129 @@ mod avx512 {
         }
     }
 
-    /// See [`super::multiply_tile`].
+    /// See [`ExpertLinearRef::dot_tile`]: inputs `k0..k0 + width` × outputs `col0..col0 + cols`, experts in passes
+    /// of eight (16 accumulators), each row of `tile` loaded once per pass.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn multiply_tile(x: &[f32], n: usize, k: usize, k0: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-        assert!(n > 0 && x.len() >= n * k && k0 + width <= k && tile.len() >= width * BLOCK_ROWS);
-        assert!(out.len() >= n * BLOCK_ROWS);
-        for r0 in (0..n).step_by(MR) {
-            let rows = MR.min(n - r0);
-            // Rows past the end repeat the last row; their results are not stored.
-            let row: [*const f32; MR] = std::array::from_fn(|i| x.as_ptr().add((r0 + i.min(rows - 1)) * k + k0));
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            let tp = tile.as_ptr();
-            for kk in 0..width {
-                let t0 = _mm512_loadu_ps(tp.add(kk * BLOCK_ROWS));
-                let t1 = _mm512_loadu_ps(tp.add(kk * BLOCK_ROWS + 16));
-                for i in 0..MR {
-                    let xv = _mm512_set1_ps(*row[i].add(kk));
-                    acc[i][0] = _mm512_fmadd_ps(xv, t0, acc[i][0]);
-                    acc[i][1] = _mm512_fmadd_ps(xv, t1, acc[i][1]);
+    pub unsafe fn dot_tile(
+        w: &ExpertLinearRef,
+        k0: usize,
+        width: usize,
+        col0: usize,
+        cols: usize,
+        tile: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (o, t) = (w.out_features, w.task_weights.len());
+        assert!(cols > 0 && cols <= BLOCK_ROWS && col0 + cols <= o && k0 + width <= w.in_features);
+        assert!(tile.len() >= width * BLOCK_ROWS && dots.len() == t);
+        assert!(w.task_weights.iter().all(|tw| tw.len() >= w.in_features * o));
+        let m0: __mmask16 = ((1u32 << cols.min(16)) - 1) as u16;
+        let m1: __mmask16 = ((1u32 << cols.saturating_sub(16)) - 1) as u16;
+        const PASS: usize = 8;
+        for e0 in (0..t).step_by(PASS) {
+            let count = PASS.min(t - e0);
+            let mut acc = [[_mm512_setzero_ps(); 2]; PASS];
+            for i in 0..width {
+                let off = (k0 + i) * o + col0;
+                let v0 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS));
+                let v1 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS + 16));
+                for (s, a) in acc.iter_mut().enumerate().take(count) {
+                    let tw = w.task_weights[e0 + s].as_ptr().add(off);
+                    a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, tw), v0, a[0]);
+                    a[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, tw.add(16)), v1, a[1]);
                 }
             }
-            for (i, a) in acc.iter().enumerate().take(rows) {
-                let c = out.as_mut_ptr().add((r0 + i) * BLOCK_ROWS);
-                _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), a[0]));
-                _mm512_storeu_ps(c.add(16), _mm512_add_ps(_mm512_loadu_ps(c.add(16)), a[1]));
+            for (s, a) in acc.iter().enumerate().take(count) {
+                dots[e0 + s] = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
             }
+        }
+    }
+
+    /// See [`super::multiply_tile`]. The `n` rows are split as evenly as possible into runs of at most
+    /// [`MR`], so no lane computes a row that is thrown away (50 tokens run as 5 × 10, not 5 × 12).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
+        assert!(n > 0 && width <= stride && x.len() >= (n - 1) * stride + width && tile.len() >= width * BLOCK_ROWS);
+        assert!(out.len() >= n * BLOCK_ROWS);
+        let runs = n.div_ceil(MR);
+        let mut r0 = 0;
+        for run in 0..runs {
+            // The first `n % runs` runs take one row more.
+            let rows = n / runs + usize::from(run < n % runs);
+            let (xr, or) = (x.as_ptr().add(r0 * stride), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
+            if stride == BLOCK_ROWS {
+                rows_times_tile_dispatch::<true>(rows, xr, stride, width, tile.as_ptr(), or);
+            } else {
+                rows_times_tile_dispatch::<false>(rows, xr, stride, width, tile.as_ptr(), or);
+            }
+            r0 += rows;
+        }
+    }
+
+    /// [`rows_times_tile`] for `rows` ≤ [`MR`] rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_times_tile_dispatch<const PACKED: bool>(
+        rows: usize,
+        x: *const f32,
+        stride: usize,
+        width: usize,
+        tile: *const f32,
+        out: *mut f32,
+    ) {
+        match rows {
+            1 => rows_times_tile::<1, PACKED>(x, stride, width, tile, out),
+            2 => rows_times_tile::<2, PACKED>(x, stride, width, tile, out),
+            3 => rows_times_tile::<3, PACKED>(x, stride, width, tile, out),
+            4 => rows_times_tile::<4, PACKED>(x, stride, width, tile, out),
+            5 => rows_times_tile::<5, PACKED>(x, stride, width, tile, out),
+            6 => rows_times_tile::<6, PACKED>(x, stride, width, tile, out),
+            7 => rows_times_tile::<7, PACKED>(x, stride, width, tile, out),
+            8 => rows_times_tile::<8, PACKED>(x, stride, width, tile, out),
+            9 => rows_times_tile::<9, PACKED>(x, stride, width, tile, out),
+            10 => rows_times_tile::<10, PACKED>(x, stride, width, tile, out),
+            11 => rows_times_tile::<11, PACKED>(x, stride, width, tile, out),
+            _ => rows_times_tile::<MR, PACKED>(x, stride, width, tile, out),
+        }
+    }
+
+    /// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
+    /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row. `PACKED`
+    /// rows (stride 32, known at compile time) are addressed by constant offsets, which saves an address
+    /// computation per row and step.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_times_tile<const R: usize, const PACKED: bool>(
+        x: *const f32,
+        stride: usize,
+        width: usize,
+        tile: *const f32,
+        out: *mut f32,
+    ) {
+        let stride = if PACKED { BLOCK_ROWS } else { stride };
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for kk in 0..width {
+            let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
+            let t1 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS + 16));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(i * stride + kk));
+                a[0] = _mm512_fmadd_ps(xv, t0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, t1, a[1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let c = out.add(i * BLOCK_ROWS);
+            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), a[0]));
+            _mm512_storeu_ps(c.add(16), _mm512_add_ps(_mm512_loadu_ps(c.add(16)), a[1]));
         }
     }
 }
 
 /// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
 /// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
-/// This CPU reference forms each group's merged weight and `x_gᵀ·dy_g` transiently, one group per thread at
-/// a time; none is kept.
+/// With one group (batch routing) the weight is merged once and the products are dense; with several
+/// (per-sample routing) both are contracted tile by tile (`per_group_backward`), so neither a group's
+/// merged weight nor its `x_gᵀ·dy_g` is ever formed whole.
 pub fn expert_linear_backward(
     x: &[f32],
     groups: usize,
@@ -315,52 +442,157 @@ pub fn expert_linear_backward(
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     ensure!(x.len() == groups * n * k && dy.len() == groups * n * o, "expert_linear_backward: shapes");
     ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
-    // Fewer groups than threads (batch routing has one): parallelise inside each group instead.
-    let inner = groups < rayon::current_num_threads();
-    let threads = if inner { Threads::All } else { Threads::Single };
-    let group = |g: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-        let (xg, dyg) = (&x[g * n * k..(g + 1) * n * k], &dy[g * n * o..(g + 1) * n * o]);
-        let cg = &coefficients[g * t..(g + 1) * t];
-        let merged = if inner {
-            w.merged(cg).0
-        } else {
-            let mut merged = vec![0.0f32; k * o];
-            w.merge_tile(cg, 0..k, 0..o, &mut merged, o);
-            merged
-        };
-        let mut dx = vec![0.0f32; n * k];
-        let dyv = MatRef::row_major(dyg, n, o)?;
-        matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, threads)?;
-        // x_gᵀ·dy_g, in the weights' [in, out] layout.
-        let mut outer = vec![0.0f32; k * o];
-        matmul(MatRef::row_major(xg, n, k)?.t(), dyv, &mut outer, false, threads)?;
-        let mut colsum = vec![0.0f64; o];
-        for row in dyg.chunks_exact(o) {
-            colsum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+    if groups > 1 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::Avx512));
         }
-        let dot = |(tw, tb): (&&[f32], &&[f32])| {
-            let weights: f64 = tw.iter().zip(&outer).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
-            (weights + biases) as f32
-        };
-        let pairs = w.task_weights.iter().zip(&w.task_biases);
-        // Each expert's dot product is summed in one fixed order either way, so results are identical.
-        let dc =
-            if inner { pairs.collect::<Vec<_>>().into_par_iter().map(dot).collect() } else { pairs.map(dot).collect() };
-        Ok((dx, dc))
-    };
-    let per_group: Vec<(Vec<f32>, Vec<f32>)> = if inner {
-        (0..groups).map(group).collect::<Result<_>>()?
-    } else {
-        (0..groups).into_par_iter().map(group).collect::<Result<_>>()?
-    };
-    let mut dx = Vec::with_capacity(groups * n * k);
-    let mut dc = Vec::with_capacity(groups * t);
-    for (a, b) in per_group {
-        dx.extend(a);
-        dc.extend(b);
+        return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::Portable));
     }
+    let (merged, _) = w.merged(coefficients);
+    let mut dx = vec![0.0f32; n * k];
+    let dyv = MatRef::row_major(dy, n, o)?;
+    matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, Threads::All)?;
+    // xᵀ·dy, in the weights' [in, out] layout.
+    let mut outer = vec![0.0f32; k * o];
+    matmul(MatRef::row_major(x, n, k)?.t(), dyv, &mut outer, false, Threads::All)?;
+    let colsum = column_sums(dy, o);
+    let dc = w
+        .task_weights
+        .par_iter()
+        .zip(&w.task_biases)
+        .map(|(tw, tb)| {
+            let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
+            (dot_f64(tw, &outer) + biases) as f32
+        })
+        .collect();
     Ok((dx, dc))
+}
+
+/// Sums over the rows of `[rows, o]` in f64.
+fn column_sums(x: &[f32], o: usize) -> Vec<f64> {
+    let mut sums = vec![0.0f64; o];
+    for row in x.chunks_exact(o) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+    }
+    sums
+}
+
+/// `<a, b>`: runs of 256 products summed in 16 f32 lanes (which the compiler vectorises), the runs in f64.
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    a.chunks(256)
+        .zip(b.chunks(256))
+        .map(|(a, b)| {
+            let mut lanes = [0.0f32; LANES];
+            let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+            let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+            for (x, y) in ca.zip(cb) {
+                for l in 0..LANES {
+                    lanes[l] += x[l] * y[l];
+                }
+            }
+            lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
+        })
+        .sum()
+}
+
+/// Per-group backward, tile by tile. Parallel over chunks of inputs (each owns its columns of `dx`); for each
+/// block of 32 outputs, every group's merged tile is formed as in the forward and multiplied into `dx_g`
+/// (transposed), and `x_gᵀ·dy_g` is formed for that tile only and contracted with each task vector's tile
+/// while it is in cache. Per-chunk partial `dc` are summed in chunk order, so results do not depend on the
+/// thread count.
+fn per_group_backward(
+    x: &[f32],
+    groups: usize,
+    n: usize,
+    c: &[f32],
+    w: &ExpertLinearRef,
+    dy: &[f32],
+    kernel: Kernel,
+) -> (Vec<f32>, Vec<f32>) {
+    // A chunk of inputs is the output width of the transposed product into dx.
+    const _: () = assert!(CHUNK_INPUTS == BLOCK_ROWS);
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let kc = CHUNK_INPUTS;
+    let chunks = k.div_ceil(kc);
+    // dy by blocks of 32 outputs: [blocks, groups·n, 32], the last block zero-padded.
+    let dy_blocks = pack_chunks(dy, groups * n, o, BLOCK_ROWS);
+    let block_len = groups * n * BLOCK_ROWS;
+    let tile_len = kc * BLOCK_ROWS;
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = (0..chunks)
+        .into_par_iter()
+        .map(|ci| {
+            let k0 = ci * kc;
+            let width = kc.min(k - k0);
+            // This chunk's inputs of every group, transposed: [groups, width, n].
+            let mut xt = vec![0.0f32; groups * width * n];
+            for (g, dst) in xt.chunks_exact_mut(width * n).enumerate() {
+                for r in 0..n {
+                    let src = &x[(g * n + r) * k + k0..(g * n + r) * k + k0 + width];
+                    src.iter().enumerate().for_each(|(i, &v)| dst[i * n + r] = v);
+                }
+            }
+            let mut dx = vec![0.0f32; groups * n * kc];
+            let mut dc = vec![0.0f64; groups * t];
+            let mut tiles = vec![0.0f32; groups * tile_len];
+            let mut transposed = [0.0f32; BLOCK_ROWS * BLOCK_ROWS];
+            let mut outer = vec![0.0f32; tile_len];
+            let mut dots = vec![0.0f32; t];
+            for (bi, r0) in (0..o).step_by(BLOCK_ROWS).enumerate() {
+                let rows = BLOCK_ROWS.min(o - r0);
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
+                    Kernel::Avx512 => unsafe { avx512::merge_tiles(w, c, groups, k0, width, r0, rows, &mut tiles) },
+                    Kernel::Portable => {
+                        for (g, tile) in tiles.chunks_exact_mut(tile_len).enumerate() {
+                            w.merge_tile(&c[g * t..(g + 1) * t], k0..k0 + width, r0..r0 + rows, tile, BLOCK_ROWS);
+                        }
+                    }
+                }
+                let dyb = &dy_blocks[bi * block_len..(bi + 1) * block_len];
+                for g in 0..groups {
+                    let dyg = &dyb[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
+                    // dx_g[:, chunk] += dy_g[:, block] · M_gᵀ, with M_g's tile transposed to [outputs, inputs].
+                    let tile: &[f32; BLOCK_ROWS * BLOCK_ROWS] =
+                        tiles[g * tile_len..(g + 1) * tile_len].try_into().expect("a tile is 32 × 32");
+                    transpose_tile(tile, &mut transposed);
+                    let dxg = &mut dx[g * n * kc..(g + 1) * n * kc];
+                    multiply_tile(kernel, dyg, n, BLOCK_ROWS, rows, &transposed[..rows * BLOCK_ROWS], dxg);
+                    // x_g[:, chunk]ᵀ · dy_g[:, block], [width, 32], then its dot with every task vector's tile.
+                    let outer = &mut outer[..width * BLOCK_ROWS];
+                    outer.fill(0.0);
+                    multiply_tile(kernel, &xt[g * width * n..(g + 1) * width * n], width, n, n, dyg, outer);
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
+                        Kernel::Avx512 => unsafe { avx512::dot_tile(w, k0, width, r0, rows, outer, &mut dots) },
+                        Kernel::Portable => w.dot_tile(k0..k0 + width, r0..r0 + rows, outer, &mut dots),
+                    }
+                    dc[g * t..(g + 1) * t].iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
+                }
+            }
+            (dx, dc)
+        })
+        .collect();
+    let mut dx = vec![0.0f32; groups * n * k];
+    let mut dc = vec![0.0f64; groups * t];
+    for (ci, (part, part_dc)) in parts.iter().enumerate() {
+        let k0 = ci * kc;
+        let width = kc.min(k - k0);
+        for (dst, src) in dx.chunks_exact_mut(k).zip(part.chunks_exact(kc)) {
+            dst[k0..k0 + width].copy_from_slice(&src[..width]);
+        }
+        dc.iter_mut().zip(part_dc).for_each(|(s, &d)| *s += d);
+    }
+    for g in 0..groups {
+        let colsum = column_sums(&dy[g * n * o..(g + 1) * n * o], o);
+        for (e, tb) in w.task_biases.iter().enumerate() {
+            dc[g * t + e] += tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum::<f64>();
+        }
+    }
+    (dx, dc.into_iter().map(|v| v as f32).collect())
 }
 
 #[cfg(test)]
@@ -402,10 +634,11 @@ mod tests {
         }
     }
 
-    /// Odd shapes: 3 groups of 5 rows, 13 inputs, 71 outputs (several blocks and a ragged last one), 3 experts.
+    /// Odd shapes: 3 groups of 27 rows (runs of 9), 45 inputs (a chunk and a ragged one), 71 outputs (several
+    /// blocks and a ragged last one), 3 experts.
     #[test]
     fn matches_merging_then_multiplying_in_f64() {
-        let (g, n, k, o, t) = (3, 5, 13, 71, 3);
+        let (g, n, k, o, t) = (3, 27, 45, 71, 3);
         let weights = Weights::new(k, o, t);
         let (base_w, base_b, tw, tb) = (&weights.base_w, &weights.base_b, &weights.tw, &weights.tb);
         let w = weights.view();
@@ -439,6 +672,52 @@ mod tests {
         }
         // One group (batch routing): every row with the first group's coefficients.
         check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
+    }
+
+    /// The tiled per-group backward (both kernels) and the one-group path against the products in f64, on
+    /// shapes that leave ragged chunks and blocks: 37 inputs, 71 outputs, 5 rows per group, 3 experts.
+    #[test]
+    fn backward_paths_match_the_products_in_f64() {
+        let (g, n, k, o, t) = (3, 5, 37, 71, 3);
+        let weights = Weights::new(k, o, t);
+        let (base_w, tw, tb) = (&weights.base_w, &weights.tw, &weights.tb);
+        let w = weights.view();
+        let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
+        let check = |(dx, dc): (Vec<f32>, Vec<f32>), groups: usize, what: &str| {
+            for gi in 0..groups {
+                let cg = &c[gi * t..(gi + 1) * t];
+                let weight = |kk: usize, j: usize| {
+                    base_w[kk * o + j] as f64 + (0..t).map(|e| cg[e] as f64 * tw[e][kk * o + j] as f64).sum::<f64>()
+                };
+                for r in 0..n {
+                    let dyr = &dy[(gi * n + r) * o..(gi * n + r + 1) * o];
+                    for kk in 0..k {
+                        let want: f64 = (0..o).map(|j| dyr[j] as f64 * weight(kk, j)).sum();
+                        let got = dx[(gi * n + r) * k + kk] as f64;
+                        assert!((got - want).abs() < 1e-4, "{what}: dx group {gi} row {r} input {kk}: {got} vs {want}");
+                    }
+                }
+                for e in 0..t {
+                    let mut want = 0.0f64;
+                    for r in 0..n {
+                        let (xr, dyr) = (&x[(gi * n + r) * k..][..k], &dy[(gi * n + r) * o..][..o]);
+                        for j in 0..o {
+                            want += dyr[j] as f64 * tb[e][j] as f64;
+                            want +=
+                                (0..k).map(|kk| xr[kk] as f64 * tw[e][kk * o + j] as f64).sum::<f64>() * dyr[j] as f64;
+                        }
+                    }
+                    let got = dc[gi * t + e] as f64;
+                    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{what}: dc[{gi}, {e}]: {got} vs {want}");
+                }
+            }
+        };
+        check(per_group_backward(&x, g, n, &c, &w, &dy, Kernel::Portable), g, "portable");
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            check(per_group_backward(&x, g, n, &c, &w, &dy, Kernel::Avx512), g, "avx512");
+        }
+        check(expert_linear_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o]).unwrap(), 1, "one group");
     }
 
     #[test]
