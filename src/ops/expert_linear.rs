@@ -135,6 +135,9 @@ const BLOCK_ROWS: usize = 32;
 /// best; 512 to 768 are 1.4 to 1.6 times slower, with or without huge pages (so not a TLB effect).
 const CHUNK_INPUTS: usize = 32;
 
+/// Groups merged per pass over a source row (16 accumulators in the AVX-512 merge).
+const GROUPS_PER_PASS: usize = 8;
+
 /// How a block's product is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
@@ -162,33 +165,39 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
         .map(|&r0| {
             let rows = BLOCK_ROWS.min(o - r0);
             let mut part = vec![0.0f32; groups * n * BLOCK_ROWS];
-            // Every group's tile of the current chunk; columns past the last output stay zero.
-            let mut tiles = vec![0.0f32; groups * kc * BLOCK_ROWS];
+            // One pass's tiles; columns past the last output stay zero.
+            let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
             let mut bias = vec![0.0f32; BLOCK_ROWS];
             for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
                 let cg = &c[g * t..(g + 1) * t];
                 w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
                 out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
             }
+            let tile_len = kc * BLOCK_ROWS;
             for (ci, k0) in (0..k).step_by(kc).enumerate() {
                 let width = kc.min(k - k0);
-                let tile_len = kc * BLOCK_ROWS;
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
-                    Kernel::Avx512 => unsafe { avx512::merge_tiles(w, c, groups, k0, width, r0, rows, &mut tiles) },
-                    Kernel::Portable => {
-                        for (g, tile) in tiles.chunks_exact_mut(tile_len).enumerate() {
-                            let cg = &c[g * t..(g + 1) * t];
-                            w.merge_tile(cg, k0..k0 + width, r0..r0 + rows, tile, BLOCK_ROWS);
+                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
+                // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
+                for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
+                    let count = GROUPS_PER_PASS.min(groups - g0);
+                    let cs = &c[g0 * t..(g0 + count) * t];
+                    let tiles = &mut tiles[..count * tile_len];
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
+                        Kernel::Avx512 => unsafe { avx512::merge_tiles(w, cs, count, k0, width, r0, rows, tiles) },
+                        Kernel::Portable => {
+                            for (cg, tile) in cs.chunks_exact(t).zip(tiles.chunks_exact_mut(tile_len)) {
+                                w.merge_tile(cg, k0..k0 + width, r0..r0 + rows, tile, BLOCK_ROWS);
+                            }
                         }
                     }
-                }
-                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
-                for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
-                    let xg = &chunk[g * n * kc..(g + 1) * n * kc];
-                    let tile = &tiles[g * tile_len..g * tile_len + width * BLOCK_ROWS];
-                    multiply_tile(kernel, xg, n, kc, width, tile, out);
+                    for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                        let g = g0 + s;
+                        let xg = &chunk[g * n * kc..(g + 1) * n * kc];
+                        let out = &mut part[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
+                        multiply_tile(kernel, xg, n, kc, width, &tile[..width * BLOCK_ROWS], out);
+                    }
                 }
             }
             part
@@ -253,8 +262,7 @@ mod avx512 {
 
     const MR: usize = 12;
 
-    /// Groups merged per pass over a source row: 16 accumulators.
-    const GROUPS_PER_PASS: usize = 8;
+    use super::GROUPS_PER_PASS;
 
     /// For every group `g`: `tiles[g][i, 0..32] = W0[k0 + i, col0..] + Σ_t c[g,t] τ_t[k0 + i, col0..]` for
     /// `i < width` (tiles of `kc = tiles.len() / groups / 32` rows), the columns past `cols` zero (masked loads
