@@ -12,8 +12,10 @@ What it makes (a small, real, offline version of the paper's eight-task ViT benc
                        jittered views of each image (SimCLR's loss), on the tasks' training images. No class
                        labels. Without the second part a domain's embeddings are nearly parallel, and so are
                        the heads' class means (BENCHMARKS.md, the demo section).
-  experts/<task>/      one CLIPVisionModel per task, every encoder layer and the final LayerNorm fine-tuned from
-                       the pretrained one (the embeddings stay pretrained) with cross-entropy through the frozen
+  experts/<task>/      one CLIPVisionModel per task, the encoder layers from --tune-from-layer (2) up and the final
+                       LayerNorm fine-tuned from the pretrained one (the embeddings and the lower layers stay
+                       pretrained: routing an early layer to a foreign expert could map a task onto one confident
+                       class, which test-time adaptation then found; BENCHMARKS.md) with cross-entropy through the frozen
                        projection and the frozen head (as FusionBench's CLIP experts were made against frozen
                        zero-shot heads); the MLPs at --finetune-lr, every other parameter at --rest-lr-scale
                        times it. With one rate, this tiny model keeps most of a task outside the MLPs, which
@@ -434,7 +436,8 @@ def write_readme(out, manifest):
         f"pretrained for {b['pretrain_steps']} steps on a",
         f"pretext ({PRETEXTS[b['pretext']]}; no class labels), and one expert per task fine-tuned from it for "
         f"{b['finetune_steps']} steps (MLPs at lr {b['finetune_lr']}, the rest at {b['rest_lr_scale']} times that; "
-        "the embeddings stay pretrained).",
+        + ("the embeddings stay pretrained)." if b["tune_from_layer"] == 0 else
+           f"the embeddings and encoder layers below {b['tune_from_layer']} stay pretrained)."),
         "",
         "| task | classes | test images | source | licence |",
         "| --- | --- | --- | --- | --- |",
@@ -483,7 +486,7 @@ def main():
                     help="learning rate of every parameter outside the MLPs, relative to --finetune-lr")
     ap.add_argument("--layer-decay", type=float, default=1.0,
                     help="layer-wise learning-rate decay of the fine-tuning: layer l of L learns at decay^(L-1-l)")
-    ap.add_argument("--tune-from-layer", type=int, default=0,
+    ap.add_argument("--tune-from-layer", type=int, default=2,
                     help="fine-tune encoder layers from this one up; the layers below stay pretrained, as the embeddings do")
     ap.add_argument("--logit-scale", default="fit",
                     help="the heads' logit scale, also the experts' during fine-tuning: a number, or 'fit' (temperature "
