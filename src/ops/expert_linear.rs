@@ -642,11 +642,11 @@ mod tests {
         }
     }
 
-    /// Odd shapes: 3 groups of 27 rows (runs of 9), 45 inputs (a chunk and a ragged one), 71 outputs (several
-    /// blocks and a ragged last one), 3 experts.
+    /// Odd shapes: 10 groups (a pass of eight and a partial one) of 27 rows (runs of 9), 45 inputs (a chunk and
+    /// a ragged one), 71 outputs (several blocks and a ragged last one), 3 experts.
     #[test]
     fn matches_merging_then_multiplying_in_f64() {
-        let (g, n, k, o, t) = (3, 27, 45, 71, 3);
+        let (g, n, k, o, t) = (10, 27, 45, 71, 3);
         let weights = Weights::new(k, o, t);
         let (base_w, base_b, tw, tb) = (&weights.base_w, &weights.base_b, &weights.tw, &weights.tb);
         let w = weights.view();
@@ -683,10 +683,11 @@ mod tests {
     }
 
     /// The tiled per-group backward (both kernels) and the one-group path against the products in f64, on
-    /// shapes that leave ragged chunks and blocks: 37 inputs, 71 outputs, 5 rows per group, 3 experts.
+    /// shapes that leave ragged chunks, blocks and merge passes: 10 groups of 5 rows, 37 inputs, 71 outputs,
+    /// 3 experts.
     #[test]
     fn backward_paths_match_the_products_in_f64() {
-        let (g, n, k, o, t) = (3, 5, 37, 71, 3);
+        let (g, n, k, o, t) = (10, 5, 37, 71, 3);
         let weights = Weights::new(k, o, t);
         let (base_w, tw, tb) = (&weights.base_w, &weights.tw, &weights.tb);
         let w = weights.view();
