@@ -142,5 +142,6 @@ def main():
         print(f"median over rounds, {mode}: speed-up {speeds[len(rs) // 2]:.1f}x, "
               f"memory ratio {memories[len(rs) // 2]:.2f}")
 
+
 if __name__ == "__main__":
     main()
