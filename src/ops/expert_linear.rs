@@ -182,16 +182,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                     let count = GROUPS_PER_PASS.min(groups - g0);
                     let cs = &c[g0 * t..(g0 + count) * t];
                     let tiles = &mut tiles[..count * tile_len];
-                    match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
-                        Kernel::Avx512 => unsafe { avx512::merge_tiles(w, cs, count, k0, width, r0, rows, tiles) },
-                        Kernel::Portable => {
-                            for (cg, tile) in cs.chunks_exact(t).zip(tiles.chunks_exact_mut(tile_len)) {
-                                w.merge_tile(cg, k0..k0 + width, r0..r0 + rows, tile, BLOCK_ROWS);
-                            }
-                        }
-                    }
+                    merge_tiles(kernel, w, cs, k0..k0 + width, r0..r0 + rows, tiles);
                     for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
                         let g = g0 + s;
                         let xg = &chunk[g * n * kc..(g + 1) * n * kc];
@@ -211,6 +202,33 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
         }
     }
     y
+}
+
+/// Every group's merged tile, inputs `ks` × outputs `cols`, for the coefficients `c` `[groups, T]`, into
+/// `tiles` (one `[tiles.len() / groups / 32, 32]` tile per group; columns past `cols` left as they are).
+fn merge_tiles(
+    kernel: Kernel,
+    w: &ExpertLinearRef,
+    c: &[f32],
+    ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    tiles: &mut [f32],
+) {
+    let t = w.experts();
+    let groups = c.len() / t;
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
+        Kernel::Avx512 => unsafe {
+            avx512::merge_tiles(w, c, groups, ks.start, ks.len(), cols.start, cols.len(), tiles)
+        },
+        Kernel::Portable => {
+            let tile_len = tiles.len() / groups;
+            for (cg, tile) in c.chunks_exact(t).zip(tiles.chunks_exact_mut(tile_len)) {
+                w.merge_tile(cg, ks.clone(), cols.clone(), tile, BLOCK_ROWS);
+            }
+        }
+    }
 }
 
 /// A 32 × 32 tile transposed. Fixed sizes let the compiler drop the bounds checks and unroll.
@@ -238,7 +256,6 @@ fn pack_chunks(x: &[f32], rows: usize, k: usize, kc: usize) -> Vec<f32> {
 }
 
 /// `out[r, 0..32] += Σ_{kk < width} x[r, kk] · tile[kk, 0..32]` for the `n` rows of `x` (row stride `stride`).
-#[allow(clippy::too_many_arguments)]
 fn multiply_tile(kernel: Kernel, x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -258,11 +275,9 @@ mod avx512 {
     //! broadcast-multiplied by each input row), and the merge of eight groups' tiles per pass.
     use std::arch::x86_64::*;
 
-    use super::{ExpertLinearRef, BLOCK_ROWS};
+    use super::{ExpertLinearRef, BLOCK_ROWS, GROUPS_PER_PASS};
 
     const MR: usize = 12;
-
-    use super::GROUPS_PER_PASS;
 
     /// For every group `g`: `tiles[g][i, 0..32] = W0[k0 + i, col0..] + Σ_t c[g,t] τ_t[k0 + i, col0..]` for
     /// `i < width` (tiles of `kc = tiles.len() / groups / 32` rows), the columns past `cols` zero (masked loads
@@ -365,57 +380,36 @@ mod avx512 {
         for run in 0..runs {
             // The first `n % runs` runs take one row more.
             let rows = n / runs + usize::from(run < n % runs);
-            let (xr, or) = (x.as_ptr().add(r0 * stride), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
-            if stride == BLOCK_ROWS {
-                rows_times_tile_dispatch::<true>(rows, xr, stride, width, tile.as_ptr(), or);
-            } else {
-                rows_times_tile_dispatch::<false>(rows, xr, stride, width, tile.as_ptr(), or);
+            let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
+            match rows {
+                1 => rows_times_tile::<1>(xr, stride, width, tp, or),
+                2 => rows_times_tile::<2>(xr, stride, width, tp, or),
+                3 => rows_times_tile::<3>(xr, stride, width, tp, or),
+                4 => rows_times_tile::<4>(xr, stride, width, tp, or),
+                5 => rows_times_tile::<5>(xr, stride, width, tp, or),
+                6 => rows_times_tile::<6>(xr, stride, width, tp, or),
+                7 => rows_times_tile::<7>(xr, stride, width, tp, or),
+                8 => rows_times_tile::<8>(xr, stride, width, tp, or),
+                9 => rows_times_tile::<9>(xr, stride, width, tp, or),
+                10 => rows_times_tile::<10>(xr, stride, width, tp, or),
+                11 => rows_times_tile::<11>(xr, stride, width, tp, or),
+                _ => rows_times_tile::<MR>(xr, stride, width, tp, or),
             }
             r0 += rows;
         }
     }
 
-    /// [`rows_times_tile`] for `rows` ≤ [`MR`] rows.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_tile_dispatch<const PACKED: bool>(
-        rows: usize,
-        x: *const f32,
-        stride: usize,
-        width: usize,
-        tile: *const f32,
-        out: *mut f32,
-    ) {
-        match rows {
-            1 => rows_times_tile::<1, PACKED>(x, stride, width, tile, out),
-            2 => rows_times_tile::<2, PACKED>(x, stride, width, tile, out),
-            3 => rows_times_tile::<3, PACKED>(x, stride, width, tile, out),
-            4 => rows_times_tile::<4, PACKED>(x, stride, width, tile, out),
-            5 => rows_times_tile::<5, PACKED>(x, stride, width, tile, out),
-            6 => rows_times_tile::<6, PACKED>(x, stride, width, tile, out),
-            7 => rows_times_tile::<7, PACKED>(x, stride, width, tile, out),
-            8 => rows_times_tile::<8, PACKED>(x, stride, width, tile, out),
-            9 => rows_times_tile::<9, PACKED>(x, stride, width, tile, out),
-            10 => rows_times_tile::<10, PACKED>(x, stride, width, tile, out),
-            11 => rows_times_tile::<11, PACKED>(x, stride, width, tile, out),
-            _ => rows_times_tile::<MR, PACKED>(x, stride, width, tile, out),
-        }
-    }
-
     /// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
-    /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row. `PACKED`
-    /// rows (stride 32, known at compile time) are addressed by constant offsets, which saves an address
-    /// computation per row and step.
+    /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_tile<const R: usize, const PACKED: bool>(
+    unsafe fn rows_times_tile<const R: usize>(
         x: *const f32,
         stride: usize,
         width: usize,
         tile: *const f32,
         out: *mut f32,
     ) {
-        let stride = if PACKED { BLOCK_ROWS } else { stride };
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for kk in 0..width {
             let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
@@ -469,10 +463,7 @@ pub fn expert_linear_backward(
         .task_weights
         .par_iter()
         .zip(&w.task_biases)
-        .map(|(tw, tb)| {
-            let biases: f64 = tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum();
-            (dot_f64(tw, &outer) + biases) as f32
-        })
+        .map(|(tw, tb)| (dot_f64(tw, &outer) + bias_dot(tb, &colsum)) as f32)
         .collect();
     Ok((dx, dc))
 }
@@ -484,6 +475,11 @@ fn column_sums(x: &[f32], o: usize) -> Vec<f64> {
         sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
     }
     sums
+}
+
+/// `<β_t, Σ_rows dy>`: a task's bias delta against the column sums of `dy`, in f64.
+fn bias_dot(bias: &[f32], colsum: &[f64]) -> f64 {
+    bias.iter().zip(colsum).map(|(a, b)| *a as f64 * b).sum()
 }
 
 /// `<a, b>`: runs of 256 products summed in 16 f32 lanes (which the compiler vectorises), the runs in f64.
@@ -549,16 +545,7 @@ fn per_group_backward(
             let mut dots = vec![0.0f32; t];
             for (bi, r0) in (0..o).step_by(BLOCK_ROWS).enumerate() {
                 let rows = BLOCK_ROWS.min(o - r0);
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
-                    Kernel::Avx512 => unsafe { avx512::merge_tiles(w, c, groups, k0, width, r0, rows, &mut tiles) },
-                    Kernel::Portable => {
-                        for (g, tile) in tiles.chunks_exact_mut(tile_len).enumerate() {
-                            w.merge_tile(&c[g * t..(g + 1) * t], k0..k0 + width, r0..r0 + rows, tile, BLOCK_ROWS);
-                        }
-                    }
-                }
+                merge_tiles(kernel, w, c, k0..k0 + width, r0..r0 + rows, &mut tiles);
                 let dyb = &dy_blocks[bi * block_len..(bi + 1) * block_len];
                 for g in 0..groups {
                     let dyg = &dyb[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
@@ -597,7 +584,7 @@ fn per_group_backward(
     for g in 0..groups {
         let colsum = column_sums(&dy[g * n * o..(g + 1) * n * o], o);
         for (e, tb) in w.task_biases.iter().enumerate() {
-            dc[g * t + e] += tb.iter().zip(&colsum).map(|(a, b)| *a as f64 * b).sum::<f64>();
+            dc[g * t + e] += bias_dot(tb, &colsum);
         }
     }
     (dx, dc.into_iter().map(|v| v as f32).collect())
