@@ -347,6 +347,11 @@ def pretrain(args, train, gen):
     return model.eval()
 
 
+def layer_index(name):
+    """The encoder layer a parameter name belongs to (`...layers.3.mlp...` -> 3), or None outside the layers."""
+    return int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+
+
 def fit_logit_scale(embs, ys, heads):
     """Temperature scaling of the pretrained nearest-class-mean classifier: the one scale, shared by every task,
     that minimises its cross-entropy on the training images (a golden-section search over ln scale in [0, ln 100])."""
@@ -379,9 +384,8 @@ def finetune(args, pretrained, head, scale, x, y, gen):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if ".layers." in n:
-            depth = int(n.split(".layers.")[1].split(".")[0])
-        else:
+        depth = layer_index(n)
+        if depth is None:
             depth = -1 if "embeddings" in n or "pre_layrnorm" in n else args.layers - 1
         # The embeddings (patch, class, position, pre-LayerNorm) stay pretrained, and so do the layers below
         # --tune-from-layer: the embeddings barely move at the rest's rate anyway (BENCHMARKS.md, group swaps).

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionModelWithProjection
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_suite import pixels  # noqa: E402
+from build_suite import layer_index, pixels  # noqa: E402
 
 LAMBDA = 0.3
 
@@ -62,7 +62,7 @@ def main():
             else:
                 c = [LAMBDA] * T
                 if group(k) == "mlp":
-                    c = mlp[int(k.split(".layers.")[1].split(".")[0])] if isinstance(mlp[0], list) else mlp
+                    c = mlp[layer_index(k)] if isinstance(mlp[0], list) else mlp
                 sd[k] = v + sum(c[i] * (experts[i][k] - v) for i in range(T))
         return sd
 
