@@ -90,16 +90,17 @@ fn wemoe_layer(c: &mut Criterion) {
 fn wemoe_mlp_formulations(c: &mut Criterion) {
     use wemoe_engine::device::Activation;
     use wemoe_engine::ops::activation::activation_in_place;
-    use wemoe_engine::ops::expert_linear::{expert_linear, ExpertLinearRef};
+    use wemoe_engine::ops::expert_linear::{expert_linear, to_blocked, ExpertLinearRef};
     use wemoe_engine::ops::gemm::linear;
     use wemoe_engine::rng::Rng;
     let (d, h, t) = (768usize, 3072usize, 8usize);
     let mut rng = Rng::new(5);
-    // Weights as the CPU backend stores them: [in, out].
+    // Weights as the CPU backend stores them: blocked.
     let mut layer = |inp: usize, out: usize| {
-        let base = rng.normal_vec(inp * out, 0.0, 0.02);
+        let base = to_blocked(&rng.normal_vec(out * inp, 0.0, 0.02), out, inp);
         let bias = rng.normal_vec(out, 0.0, 0.02);
-        let tasks: Vec<Vec<f32>> = (0..t).map(|_| rng.normal_vec(inp * out, 0.0, 0.002)).collect();
+        let tasks: Vec<Vec<f32>> =
+            (0..t).map(|_| to_blocked(&rng.normal_vec(out * inp, 0.0, 0.002), out, inp)).collect();
         let task_biases: Vec<Vec<f32>> = (0..t).map(|_| rng.normal_vec(out, 0.0, 0.002)).collect();
         (base, bias, tasks, task_biases, inp, out)
     };

@@ -333,16 +333,6 @@ fn route(
     ops::router_head_forward(gpu, hidden, w2, b2, batch, tokens, fc1.out_features, experts, false, None, routed)
 }
 
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; a.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = a[r * cols + c];
-        }
-    }
-    t
-}
-
 /// The same WEMoE MLP on the CPU engine: max |gpu − cpu| / max |cpu|.
 #[allow(clippy::too_many_arguments)]
 fn cpu_check(
@@ -356,11 +346,11 @@ fn cpu_check(
     h: usize,
 ) -> Result<f64> {
     use wemoe_engine::ops::activation::activation_in_place;
-    use wemoe_engine::ops::expert_linear::{expert_linear, ExpertLinearRef};
+    use wemoe_engine::ops::expert_linear::{expert_linear, to_blocked, ExpertLinearRef};
     let layer = |w: &[f32], b: &[f32], t: &[f32], tb: &[f32], out: usize, inp: usize| {
-        let base_t = transpose(w, out, inp);
-        let tasks_t: Vec<Vec<f32>> = t.chunks(out * inp).map(|t| transpose(t, out, inp)).collect();
-        (base_t, b.to_vec(), tasks_t, tb.to_vec())
+        let base = to_blocked(w, out, inp);
+        let tasks: Vec<Vec<f32>> = t.chunks(out * inp).map(|t| to_blocked(t, out, inp)).collect();
+        (base, b.to_vec(), tasks, tb.to_vec())
     };
     let l1 = layer(&host[0], &host[1], &host[2], &host[3], h, d);
     let l2 = layer(&host[4], &host[5], &host[6], &host[7], d, h);

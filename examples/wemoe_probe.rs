@@ -1,5 +1,6 @@
-//! Times one WEMoE MLP layer at ViT-B/32 shapes (random weights): `wemoe_probe BATCH EXPERTS REPS`.
-//! Prints per-sample and batch routing, and the dense MLP for reference, as JSON lines.
+//! Times one WEMoE MLP layer at ViT-B/32 shapes (random weights): `wemoe_probe BATCH EXPERTS REPS [ONLY]`.
+//! Prints per-sample and batch routing, and the dense MLP for reference, as JSON lines; `ONLY` (`wemoe_sample`,
+//! `wemoe_batch` or `dense_mlp`) times that one alone, for a profile of it.
 use std::time::Instant;
 
 use wemoe_engine::config::VisionConfig;
@@ -22,6 +23,8 @@ fn median(mut f: impl FnMut(), reps: usize) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<usize> = std::env::args().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let only = std::env::args().nth(4);
+    let timed = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (batch, experts, reps) =
         (a.first().copied().unwrap_or(16), a.get(1).copied().unwrap_or(8), a.get(2).copied().unwrap_or(5));
     let be = CpuBackend::new();
@@ -44,25 +47,14 @@ fn main() -> anyhow::Result<()> {
         &[batch, n, c.hidden_size],
         (0..batch * n * c.hidden_size).map(|i| ((i % 91) as f32 - 45.0) / 30.0).collect(),
     )?;
-    let sample = median(
-        || {
-            moe.forward(&be, &h, Routing::Sample).unwrap();
-        },
-        reps,
-    );
-    let batched = median(
-        || {
-            moe.forward(&be, &h, Routing::Batch).unwrap();
-        },
-        reps,
-    );
-    let dense_t = median(
-        || {
-            dense.forward(&be, &h).unwrap();
-        },
-        reps,
-    );
-    for (name, t) in [("wemoe_sample", sample), ("wemoe_batch", batched), ("dense_mlp", dense_t)] {
+    type Run<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let runs: [Run; 3] = [
+        ("wemoe_sample", Box::new(|| drop(moe.forward(&be, &h, Routing::Sample).unwrap()))),
+        ("wemoe_batch", Box::new(|| drop(moe.forward(&be, &h, Routing::Batch).unwrap()))),
+        ("dense_mlp", Box::new(|| drop(dense.forward(&be, &h).unwrap()))),
+    ];
+    for (name, run) in runs.iter().filter(|(name, _)| timed(name)) {
+        let t = median(run, reps);
         println!("{{\"layer\": \"{name}\", \"batch\": {batch}, \"experts\": {experts}, \"ms\": {:.2}}}", t * 1e3);
     }
     Ok(())

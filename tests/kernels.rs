@@ -10,7 +10,7 @@ use wemoe_engine::adapt::Adam;
 use wemoe_engine::cuda::ops::{self, ExpertWeights};
 use wemoe_engine::cuda::{Executor, GpuExecutor, HostExecutor};
 use wemoe_engine::device::Activation;
-use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, ExpertLinearRef};
+use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, to_blocked, ExpertLinearRef};
 use wemoe_engine::ops::gemm::{linear, linear_backward_input, linear_backward_weight, MatRef};
 use wemoe_engine::ops::patch_embed::PatchGeometry;
 use wemoe_engine::ops::{
@@ -58,7 +58,7 @@ fn worst(kernel: &str, errors: &[(String, f64)]) -> f64 {
     errors.iter().map(|(_, e)| *e).fold(0.0, f64::max)
 }
 
-/// A WEMoE layer's weights in PyTorch's layout, and the CPU reference's `[in, out]` view.
+/// A WEMoE layer's weights in PyTorch's layout, and the CPU reference's blocked view.
 struct Layer {
     out: usize,
     inp: usize,
@@ -67,33 +67,33 @@ struct Layer {
     bias: Vec<f32>,
     tasks: Vec<f32>,
     task_biases: Vec<f32>,
-    base_t: Vec<f32>,
-    tasks_t: Vec<Vec<f32>>,
+    base_blocked: Vec<f32>,
+    tasks_blocked: Vec<Vec<f32>>,
 }
 
 impl Layer {
     fn new(out: usize, inp: usize, experts: usize, seed: u64) -> Self {
         let base = values(out * inp, seed, 0.2);
         let tasks = values(experts * out * inp, seed + 1, 0.05);
-        let tasks_t = tasks.chunks(out * inp).map(|t| transpose(t, out, inp)).collect();
+        let tasks_blocked = tasks.chunks(out * inp).map(|t| to_blocked(t, out, inp)).collect();
         Layer {
             out,
             inp,
             experts,
-            base_t: transpose(&base, out, inp),
+            base_blocked: to_blocked(&base, out, inp),
             base,
             bias: values(out, seed + 2, 0.1),
             tasks,
             task_biases: values(experts * out, seed + 3, 0.05),
-            tasks_t,
+            tasks_blocked,
         }
     }
 
     fn cpu(&self) -> ExpertLinearRef<'_> {
         ExpertLinearRef {
-            base_weight: &self.base_t,
+            base_weight: &self.base_blocked,
             base_bias: &self.bias,
-            task_weights: self.tasks_t.iter().map(|t| t.as_slice()).collect(),
+            task_weights: self.tasks_blocked.iter().map(|t| t.as_slice()).collect(),
             task_biases: self.task_biases.chunks(self.out).collect(),
             out_features: self.out,
             in_features: self.inp,
@@ -147,7 +147,7 @@ fn expert_linear_forward<E: Executor>(e: &E) -> f64 {
         let want_pre = if experts > 0 {
             expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap()
         } else {
-            linear(&x, routes * n, inp, MatRef::row_major(&l.base_t, inp, out).unwrap(), Some(&l.bias)).unwrap()
+            linear(&x, routes * n, inp, MatRef::row_major(&l.base, out, inp).unwrap().t(), Some(&l.bias)).unwrap()
         };
         let mut want = want_pre.clone();
         if let Some(a) = act {
@@ -202,7 +202,7 @@ fn expert_linear_tf32<E: Executor>(e: &E) -> f64 {
         let mut want = if experts > 0 {
             expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap()
         } else {
-            linear(&x, routes * n, inp, MatRef::row_major(&l.base_t, inp, out).unwrap(), Some(&l.bias)).unwrap()
+            linear(&x, routes * n, inp, MatRef::row_major(&l.base, out, inp).unwrap().t(), Some(&l.bias)).unwrap()
         };
         activation::activation_in_place(&mut want, Activation::QuickGelu);
         let d = DeviceLayer::new(e, &l);

@@ -1,6 +1,6 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
@@ -19,7 +19,7 @@ impl CpuBackend {
 
 /// The CPU reference's view of an expert linear layer prepared by this backend.
 fn host_view(w: &ExpertLinear) -> Result<ops::expert_linear::ExpertLinearRef<'_>> {
-    ensure!(w.layout == WeightLayout::InOut, "expert linear weights not prepared by the CPU backend");
+    ensure!(w.layout == WeightLayout::Blocked, "expert linear weights not prepared by the CPU backend");
     fn host(v: &[Tensor]) -> Result<Vec<&[f32]>> {
         v.iter().map(Tensor::host).collect()
     }
@@ -31,6 +31,16 @@ fn host_view(w: &ExpertLinear) -> Result<ops::expert_linear::ExpertLinearRef<'_>
         out_features: w.out_features(),
         in_features: w.in_features(),
     })
+}
+
+/// A dense Linear's weight as the `[in, out]` right-hand side of a product.
+fn dense_rhs(w: &LinearWeight) -> Result<ops::gemm::MatRef<'_>> {
+    let (k, n, data) = (w.in_features(), w.out_features(), w.tensor().host()?);
+    match w.layout() {
+        WeightLayout::InOut => ops::gemm::MatRef::row_major(data, k, n),
+        WeightLayout::OutIn => Ok(ops::gemm::MatRef::row_major(data, n, k)?.t()),
+        WeightLayout::Blocked => bail!("a dense linear weight is never stored blocked"),
+    }
 }
 
 fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -78,11 +88,7 @@ impl Backend for CpuBackend {
         if let Some(b) = b {
             ensure!(b.shape() == [n], "linear: bias {:?} does not match {n} outputs", b.shape());
         }
-        let data = w.tensor().host()?;
-        let rhs = match w.layout() {
-            WeightLayout::InOut => ops::gemm::MatRef::row_major(data, k, n)?,
-            WeightLayout::OutIn => ops::gemm::MatRef::row_major(data, n, k)?.t(),
-        };
+        let rhs = dense_rhs(w)?;
         let y = ops::gemm::linear(x.host()?, rows, k, rhs, b.map(|b| b.host()).transpose()?)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = n;
@@ -175,8 +181,8 @@ impl Backend for CpuBackend {
         Tensor::from_vec(x.shape(), x.host()?.iter().map(|v| v * factor).collect())
     }
 
-    /// Transposes every weight to `[in, out]` once: a tile of 32 outputs is then contiguous in each row,
-    /// which the per-sample merge reads without gathering (see `ops::expert_linear`).
+    /// Stores every weight blocked once (`ops::expert_linear::to_blocked`): a tile of 32 outputs × a chunk of
+    /// inputs is then one contiguous run, which the per-sample merge streams.
     fn prepare_expert_linear(
         &self,
         base_weight: Tensor,
@@ -184,13 +190,14 @@ impl Backend for CpuBackend {
         task_weights: Vec<Tensor>,
         task_biases: Vec<Tensor>,
     ) -> Result<ExpertLinear> {
-        let transposed = |w: Tensor| -> Result<Tensor> {
+        let blocked = |w: Tensor| -> Result<Tensor> {
             ensure!(w.shape().len() == 2, "expert weight must be 2-D, got {:?}", w.shape());
             let (out, inp) = (w.shape()[0], w.shape()[1]);
-            Tensor::from_vec(&[inp, out], ops::transpose::transpose(w.host()?, out, inp))
+            let data = ops::expert_linear::to_blocked(w.host()?, out, inp);
+            Tensor::from_vec(&[out.div_ceil(32), inp, 32], data)
         };
-        let task_weights = task_weights.into_iter().map(transposed).collect::<Result<_>>()?;
-        ExpertLinear::new(transposed(base_weight)?, base_bias, task_weights, task_biases, WeightLayout::InOut)
+        let task_weights = task_weights.into_iter().map(blocked).collect::<Result<_>>()?;
+        ExpertLinear::new(blocked(base_weight)?, base_bias, task_weights, task_biases, WeightLayout::Blocked)
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
@@ -230,11 +237,7 @@ impl Backend for CpuBackend {
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let k = w.in_features();
-        let data = w.tensor().host()?;
-        let rhs = match w.layout() {
-            WeightLayout::InOut => ops::gemm::MatRef::row_major(data, k, n)?,
-            WeightLayout::OutIn => ops::gemm::MatRef::row_major(data, n, k)?.t(),
-        };
+        let rhs = dense_rhs(w)?;
         let dx = ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?;
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = k;

@@ -12,6 +12,9 @@ pub enum WeightLayout {
     OutIn,
     /// Transposed, `[in, out]`.
     InOut,
+    /// Blocks of 32 outputs, `[⌈out/32⌉, in, 32]`, zero-padded: the CPU backend's expert weights (see
+    /// [`to_blocked`](crate::ops::expert_linear::to_blocked)); never a dense Linear's.
+    Blocked,
 }
 
 /// A Linear layer's weight, stored in the layout its backend multiplies fastest; made from PyTorch's
@@ -29,6 +32,7 @@ impl LinearWeight {
         let want = match layout {
             WeightLayout::OutIn => [out_features, in_features],
             WeightLayout::InOut => [in_features, out_features],
+            WeightLayout::Blocked => bail!("a dense linear weight is never stored blocked"),
         };
         if tensor.shape() != want {
             bail!("linear weight {:?} does not match {layout:?} {out_features}×{in_features}", tensor.shape());
@@ -83,13 +87,27 @@ impl ExpertLinear {
         task_biases: Vec<Tensor>,
         layout: WeightLayout,
     ) -> Result<Self> {
-        let s = base_weight.shape();
-        ensure!(s.len() == 2, "expert linear: base weight must be 2-D, got {s:?}");
+        let (s, bias) = (base_weight.shape(), base_bias.shape());
+        ensure!(bias.len() == 1, "expert linear: base bias must be 1-D, got {bias:?}");
         let (out, inp) = match layout {
-            WeightLayout::OutIn => (s[0], s[1]),
-            WeightLayout::InOut => (s[1], s[0]),
+            WeightLayout::OutIn | WeightLayout::InOut => {
+                ensure!(s.len() == 2, "expert linear: base weight must be 2-D, got {s:?}");
+                if layout == WeightLayout::OutIn {
+                    (s[0], s[1])
+                } else {
+                    (s[1], s[0])
+                }
+            }
+            WeightLayout::Blocked => {
+                let out = bias[0];
+                ensure!(
+                    s.len() == 3 && s[0] == out.div_ceil(32) && s[2] == 32,
+                    "expert linear: blocked base weight {s:?} for {out} outputs"
+                );
+                (out, s[1])
+            }
         };
-        ensure!(base_bias.shape() == [out], "expert linear: base bias {:?} for {out} outputs", base_bias.shape());
+        ensure!(bias == [out], "expert linear: base bias {bias:?} for {out} outputs");
         ensure!(
             !task_weights.is_empty() && task_weights.len() == task_biases.len(),
             "expert linear: needs T ≥ 1 task vectors"
