@@ -264,6 +264,7 @@ mod demo;
 mod doctor;
 mod embed;
 mod eval;
+pub mod heap;
 mod info;
 mod merge;
 mod progress;

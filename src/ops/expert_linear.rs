@@ -231,7 +231,13 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                 let width = kc.min(k - k0);
                 let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
                 // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
-                for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
+                let passes = groups.div_ceil(GROUPS_PER_PASS);
+                for (pass, g0) in (0..groups).step_by(GROUPS_PER_PASS).enumerate() {
+                    #[cfg(target_arch = "x86_64")]
+                    if kernel == Kernel::Avx512 {
+                        // SAFETY: AVX-512F was detected; a prefetch reads nothing and never faults.
+                        unsafe { avx512::prefetch_next_tiles(w, k0 + width, r0, kc, pass, passes) };
+                    }
                     let count = GROUPS_PER_PASS.min(groups - g0);
                     let cs = &c[g0 * t..(g0 + count) * t];
                     let tiles = &mut tiles[..count * tile_len];
@@ -383,6 +389,30 @@ mod avx512 {
                     _mm512_storeu_ps(dst, a[0]);
                     _mm512_storeu_ps(dst.add(16), a[1]);
                 }
+            }
+        }
+    }
+
+    /// Part `part` of `parts` of the source tiles that follow the current ones (inputs `k0..k0 + kc` of the block
+    /// at `col0`; past a block's last input, the next block's first), fetched into L2 while this chunk's passes
+    /// run. Each tile is one 4 KiB page of a blocked weight, and the hardware prefetcher does not cross pages,
+    /// so without this the first pass over every chunk waited for memory on each source (measured: BENCHMARKS.md).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn prefetch_next_tiles(
+        w: &ExpertLinearRef,
+        k0: usize,
+        col0: usize,
+        kc: usize,
+        part: usize,
+        parts: usize,
+    ) {
+        let bytes = kc * BLOCK_ROWS * std::mem::size_of::<f32>();
+        let (from, to) = (bytes * part / parts / 64 * 64, bytes * (part + 1) / parts);
+        let off = w.offset(k0, col0);
+        for src in std::iter::once(&w.base_weight).chain(&w.task_weights) {
+            let start = src.as_ptr().wrapping_add(off).cast::<i8>();
+            for line in (from..to).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(line));
             }
         }
     }
