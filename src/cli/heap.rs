@@ -4,7 +4,7 @@
 //! unmaps it when freed, so each forward pass faulted in and zeroed its largest activations again: in a
 //! 64-image per-sample forward of a ViT-B/32 WEMoE model, 12% of the CPU time went to the kernel clearing
 //! pages. Serving them from the heap and keeping what is freed there makes the next layer reuse the same
-//! pages (BENCHMARKS.md: 10.5 → 11.8 images/s, peak memory +1%). The library leaves the allocator alone;
+//! pages (BENCHMARKS.md: 10.4 → 11.7 images/s, peak memory +1.3%). The library leaves the allocator alone;
 //! this is the command line's choice.
 
 /// Raises glibc's mmap and trim thresholds to 1 GiB (no-op off glibc).
