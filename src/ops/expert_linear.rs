@@ -476,58 +476,40 @@ mod avx512 {
                     _mm_prefetch::<_MM_HINT_T0>(xn.wrapping_add(line));
                     _mm_prefetch::<_MM_HINT_T0>(on.wrapping_add(line));
                 }
-                rows_times_tile_dispatch::<PACKED_STRIDE>(rows, xr, stride, width, tp, or);
-            } else {
-                rows_times_tile_dispatch::<0>(rows, xr, stride, width, tp, or);
+            }
+            match rows {
+                1 => rows_times_tile::<1>(xr, stride, width, tp, or),
+                2 => rows_times_tile::<2>(xr, stride, width, tp, or),
+                3 => rows_times_tile::<3>(xr, stride, width, tp, or),
+                4 => rows_times_tile::<4>(xr, stride, width, tp, or),
+                5 => rows_times_tile::<5>(xr, stride, width, tp, or),
+                6 => rows_times_tile::<6>(xr, stride, width, tp, or),
+                7 => rows_times_tile::<7>(xr, stride, width, tp, or),
+                8 => rows_times_tile::<8>(xr, stride, width, tp, or),
+                9 => rows_times_tile::<9>(xr, stride, width, tp, or),
+                10 => rows_times_tile::<10>(xr, stride, width, tp, or),
+                11 => rows_times_tile::<11>(xr, stride, width, tp, or),
+                _ => rows_times_tile::<MR>(xr, stride, width, tp, or),
             }
             r0 += rows;
         }
     }
 
-    /// The stride of packed inputs (a chunk of 32 inputs, or a block of 32 outputs of `dy`), compiled in so that
-    /// each row's broadcast is one load at a constant offset instead of a chain of pointer additions.
+    /// The row stride of packed inputs (a chunk of 32 inputs, or a block of 32 outputs of `dy`) and of the
+    /// outputs: at it, the next run's rows follow this run's in memory.
     const PACKED_STRIDE: usize = BLOCK_ROWS;
 
-    /// [`rows_times_tile`] for `rows` (1 to [`MR`]) rows; `S` is the row stride when it is not 0.
+    /// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
+    /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_tile_dispatch<const S: usize>(
-        rows: usize,
+    unsafe fn rows_times_tile<const R: usize>(
         x: *const f32,
         stride: usize,
         width: usize,
         tile: *const f32,
         out: *mut f32,
     ) {
-        match rows {
-            1 => rows_times_tile::<1, S>(x, stride, width, tile, out),
-            2 => rows_times_tile::<2, S>(x, stride, width, tile, out),
-            3 => rows_times_tile::<3, S>(x, stride, width, tile, out),
-            4 => rows_times_tile::<4, S>(x, stride, width, tile, out),
-            5 => rows_times_tile::<5, S>(x, stride, width, tile, out),
-            6 => rows_times_tile::<6, S>(x, stride, width, tile, out),
-            7 => rows_times_tile::<7, S>(x, stride, width, tile, out),
-            8 => rows_times_tile::<8, S>(x, stride, width, tile, out),
-            9 => rows_times_tile::<9, S>(x, stride, width, tile, out),
-            10 => rows_times_tile::<10, S>(x, stride, width, tile, out),
-            11 => rows_times_tile::<11, S>(x, stride, width, tile, out),
-            _ => rows_times_tile::<MR, S>(x, stride, width, tile, out),
-        }
-    }
-
-    /// `R` rows of `x` (stride `S`, or `stride` when `S` is 0) times the `[width, 32]` tile, added into `R` rows
-    /// of `out` (stride 32): 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each
-    /// input row.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_tile<const R: usize, const S: usize>(
-        x: *const f32,
-        stride: usize,
-        width: usize,
-        tile: *const f32,
-        out: *mut f32,
-    ) {
-        let stride = if S > 0 { S } else { stride };
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for kk in 0..width {
             let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
