@@ -165,11 +165,7 @@ pub fn expert_linear(
     if groups == 1 {
         return single_merge(x, rows_per_group, coefficients, w);
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::Avx512));
-    }
-    Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::Portable))
+    Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::detect()))
 }
 
 /// One merge serves every row (batch routing): the whole weight merged once, in parallel, then one
@@ -199,6 +195,17 @@ enum Kernel {
     Avx512,
     /// The `gemm` crate on the tile (any CPU).
     Portable,
+}
+
+impl Kernel {
+    /// The fastest this CPU runs.
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            return Kernel::Avx512;
+        }
+        Kernel::Portable
+    }
 }
 
 /// Per-group merged weights (per-sample routing). For each block of 32 outputs and each chunk of inputs:
@@ -546,11 +553,7 @@ pub fn expert_linear_backward(
     ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
     if groups > 1 {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::Avx512));
-        }
-        return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::Portable));
+        return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::detect()));
     }
     let (merged, _) = w.merged(coefficients);
     let mut dx = vec![0.0f32; n * k];
