@@ -559,7 +559,7 @@ pub fn expert_linear_backward(
     let mut dx = vec![0.0f32; n * k];
     let dyv = MatRef::row_major(dy, n, o)?;
     matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, Threads::All)?;
-    // xᵀ·dy, in the weights' [in, out] layout.
+    // xᵀ·dy, [in, out].
     let mut outer = vec![0.0f32; k * o];
     matmul(MatRef::row_major(x, n, k)?.t(), dyv, &mut outer, false, Threads::All)?;
     let colsum = column_sums(dy, o);
