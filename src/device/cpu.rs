@@ -194,7 +194,7 @@ impl Backend for CpuBackend {
             ensure!(w.shape().len() == 2, "expert weight must be 2-D, got {:?}", w.shape());
             let (out, inp) = (w.shape()[0], w.shape()[1]);
             let data = ops::expert_linear::to_blocked(w.host()?, out, inp);
-            Tensor::from_vec(&[out.div_ceil(32), inp, 32], data)
+            Tensor::from_vec(&ops::expert_linear::blocked_shape(out, inp), data)
         };
         let task_weights = task_weights.into_iter().map(blocked).collect::<Result<_>>()?;
         ExpertLinear::new(blocked(base_weight)?, base_bias, task_weights, task_biases, WeightLayout::Blocked)

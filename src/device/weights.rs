@@ -3,6 +3,7 @@
 
 use anyhow::{bail, ensure, Result};
 
+use crate::ops::expert_linear::blocked_shape;
 use crate::tensor::Tensor;
 
 /// How a prepared linear weight is stored.
@@ -89,23 +90,11 @@ impl ExpertLinear {
     ) -> Result<Self> {
         let (s, bias) = (base_weight.shape(), base_bias.shape());
         ensure!(bias.len() == 1, "expert linear: base bias must be 1-D, got {bias:?}");
-        let (out, inp) = match layout {
-            WeightLayout::OutIn | WeightLayout::InOut => {
-                ensure!(s.len() == 2, "expert linear: base weight must be 2-D, got {s:?}");
-                if layout == WeightLayout::OutIn {
-                    (s[0], s[1])
-                } else {
-                    (s[1], s[0])
-                }
-            }
-            WeightLayout::Blocked => {
-                let out = bias[0];
-                ensure!(
-                    s.len() == 3 && s[0] == out.div_ceil(32) && s[2] == 32,
-                    "expert linear: blocked base weight {s:?} for {out} outputs"
-                );
-                (out, s[1])
-            }
+        let (out, inp) = match (layout, s) {
+            (WeightLayout::OutIn, &[out, inp]) => (out, inp),
+            (WeightLayout::InOut, &[inp, out]) => (out, inp),
+            (WeightLayout::Blocked, &[_, inp, _]) if s == blocked_shape(bias[0], inp) => (bias[0], inp),
+            _ => bail!("expert linear: base weight {s:?} is not {layout:?} for {} outputs", bias[0]),
         };
         ensure!(bias == [out], "expert linear: base bias {bias:?} for {out} outputs");
         ensure!(

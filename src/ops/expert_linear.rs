@@ -32,9 +32,14 @@ pub struct ExpertLinearRef<'a> {
     pub in_features: usize,
 }
 
+/// The shape of a blocked weight of `out` outputs and `inp` inputs (see [`to_blocked`]).
+pub fn blocked_shape(out: usize, inp: usize) -> [usize; 3] {
+    [out.div_ceil(BLOCK_ROWS), inp, BLOCK_ROWS]
+}
+
 /// The elements a blocked weight of `out` outputs and `inp` inputs holds.
-pub fn blocked_len(out: usize, inp: usize) -> usize {
-    out.div_ceil(BLOCK_ROWS) * inp * BLOCK_ROWS
+fn blocked_len(out: usize, inp: usize) -> usize {
+    blocked_shape(out, inp).iter().product()
 }
 
 /// PyTorch's `[out, in]` weight in the blocked layout `[⌈out/32⌉, in, 32]`: block `b` holds outputs
@@ -260,16 +265,23 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
             part
         })
         .collect();
-    // Gathered in parallel, 16 rows of y at a time: the rows' block columns are then written while in cache,
-    // and each part is read in runs of 2 KiB.
+    gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o)
+}
+
+/// `[rows, width]` from column stripes: stripe `i` holds columns `i·stride..(i+1)·stride` of every row, as
+/// `[rows, stride]` (the last stripe's columns past `width` are padding). Gathered in parallel, 16 rows at a
+/// time, so that the rows being written stay in cache and each stripe is read in runs of 16 rows (one thread
+/// copying stripe by stripe wrote 128 bytes at a time, a row apart; BENCHMARKS.md).
+fn gather_stripes(stripes: &[&[f32]], stride: usize, width: usize) -> Vec<f32> {
     const GATHER_ROWS: usize = 16;
-    let mut y = vec![0.0f32; groups * n * o];
-    y.par_chunks_mut(GATHER_ROWS * o).enumerate().for_each(|(i, dst)| {
-        let first = i * GATHER_ROWS * BLOCK_ROWS;
-        for (&r0, part) in blocks.iter().zip(&parts) {
-            let rows = BLOCK_ROWS.min(o - r0);
-            for (d, src) in dst.chunks_exact_mut(o).zip(part[first..].chunks_exact(BLOCK_ROWS)) {
-                d[r0..r0 + rows].copy_from_slice(&src[..rows]);
+    let rows = stripes.first().map_or(0, |s| s.len() / stride);
+    let mut y = vec![0.0f32; rows * width];
+    y.par_chunks_mut(GATHER_ROWS * width).enumerate().for_each(|(i, dst)| {
+        let first = i * GATHER_ROWS * stride;
+        for (si, stripe) in stripes.iter().enumerate() {
+            let (c0, cols) = (si * stride, stride.min(width - si * stride));
+            for (d, src) in dst.chunks_exact_mut(width).zip(stripe[first..].chunks_exact(stride)) {
+                d[c0..c0 + cols].copy_from_slice(&src[..cols]);
             }
         }
     });
@@ -675,18 +687,7 @@ fn per_group_backward(
             (dx, dc)
         })
         .collect();
-    // Gathered in parallel, 16 rows of dx at a time (see `per_group`).
-    const GATHER_ROWS: usize = 16;
-    let mut dx = vec![0.0f32; groups * n * k];
-    dx.par_chunks_mut(GATHER_ROWS * k).enumerate().for_each(|(i, dst)| {
-        let first = i * GATHER_ROWS * kc;
-        for (ci, (part, _)) in parts.iter().enumerate() {
-            let (k0, width) = (ci * kc, kc.min(k - ci * kc));
-            for (d, src) in dst.chunks_exact_mut(k).zip(part[first..].chunks_exact(kc)) {
-                d[k0..k0 + width].copy_from_slice(&src[..width]);
-            }
-        }
-    });
+    let dx = gather_stripes(&parts.iter().map(|(part, _)| part.as_slice()).collect::<Vec<_>>(), kc, k);
     let mut dc = vec![0.0f64; groups * t];
     for (_, part_dc) in &parts {
         dc.iter_mut().zip(part_dc).for_each(|(s, &d)| *s += d);
