@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
-use wemoe_engine::cuda::ops::{self, ExpertWeights};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands};
 use wemoe_engine::cuda::{Executor, GpuExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::rng::Rng;
@@ -167,22 +167,45 @@ fn main() -> Result<()> {
         // Kept for the CPU check below, before later variants overwrite y, x and the coefficients' use.
         let fused_out = gpu.download(&y)?;
         let (x_host, coeff_host) = (gpu.download(&x)?, gpu.download(&coeff)?);
-        let tf32 = median_ms(&gpu, || {
-            let act = Some(Activation::QuickGelu);
-            ops::expert_linear_forward_tf32(&gpu, &x, batch, tokens, &fc1(experts), Some(&coeff), act, &hid)?;
-            ops::expert_linear_forward_tf32(&gpu, &hid, batch, tokens, &fc2(experts), Some(&coeff), None, &y)
-        })?;
-        row("WEMoE per-sample, fused, TF32 tensor cores", tf32);
+        for (operands, label) in [(MmaOperands::Tf32, "TF32"), (MmaOperands::Bf16, "bf16")] {
+            let fused_mma = median_ms(&gpu, || {
+                let act = Some(Activation::QuickGelu);
+                ops::expert_linear_forward_mma(
+                    &gpu,
+                    operands,
+                    &x,
+                    batch,
+                    tokens,
+                    &fc1(experts),
+                    Some(&coeff),
+                    act,
+                    &hid,
+                )?;
+                ops::expert_linear_forward_mma(
+                    &gpu,
+                    operands,
+                    &hid,
+                    batch,
+                    tokens,
+                    &fc2(experts),
+                    Some(&coeff),
+                    None,
+                    &y,
+                )
+            })?;
+            row(&format!("WEMoE per-sample, fused, {label} tensor cores"), fused_mma);
+            let dense_mma = median_ms(&gpu, || {
+                let act = Some(Activation::QuickGelu);
+                ops::expert_linear_forward_mma(&gpu, operands, &x, 1, rows, &fc1(0), None, act, &hid)?;
+                ops::expert_linear_forward_mma(&gpu, operands, &hid, 1, rows, &fc2(0), None, None, &y)
+            })?;
+            row(&format!("dense MLP, our {label} kernel"), dense_mma);
+        }
         let cublas_tf32 = median_ms(&gpu, || {
             sgemm_xwt(&blas_tf32, &x.as_view(), &m.w1, &mut hid.as_view_mut(), rows, d, h)?;
             sgemm_xwt(&blas_tf32, &hid.as_view(), &m.w2, &mut y.as_view_mut(), rows, h, d)
         })?;
         row("dense MLP, cuBLAS with TF32 tensor cores (GEMMs only)", cublas_tf32);
-        let dense_tf32 = median_ms(&gpu, || {
-            ops::expert_linear_forward_tf32(&gpu, &x, 1, rows, &fc1(0), None, Some(Activation::QuickGelu), &hid)?;
-            ops::expert_linear_forward_tf32(&gpu, &hid, 1, rows, &fc2(0), None, None, &y)
-        })?;
-        row("dense MLP, our TF32 kernel", dense_tf32);
         for per_block in [2usize, 4] {
             let grouped = median_ms(&gpu, || {
                 let act = Some(Activation::QuickGelu);

@@ -95,30 +95,65 @@ static __device__ __forceinline__ void write_token_mean(float acc, float (*sums)
     }
 }
 
-// TF32 tensor-core support (sm_80 and later): float to TF32 (round to nearest, ties away, as cvt.rna does)
-// and the warp-wide D += A·B of mma.sync.m16n8k8 (A 16×8 row-major, B 8×8 column-major, f32 accumulators),
-// fragments as the PTX ISA lays them out. The host emulation implements both in kernels/host/.
+// Tensor-core operands (sm_80 and later) for the forward's `--precision tf32|bf16`. A 32-bit register holds
+// one TF32 operand or two bf16 ones (the lower-indexed element in the low half), and `mma` is the warp-wide
+// D += A·B of mma.sync.m16n8k8 (TF32) or m16n8k16 (bf16): A 16×k row-major, B k×8 column-major, f32
+// accumulators. Counted in registers the two fragment layouts are the same (a0 (g, t), a1 (g+8, t),
+// a2 (g, t+4), a3 (g+8, t+4); b0 (t, g), b1 (t+4, g); g = lane / 4, t = lane % 4), which lets one kernel
+// serve both. `pack` rounds as the hardware's cvt does: TF32 to nearest with ties away (cvt.rna), bf16 to
+// nearest even (cvt.rn). The host emulation implements `mma` in kernels/host/.
 #if defined(__CUDACC__)
-static __device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-static __device__ __forceinline__ void mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// d += a·b by one warp-wide mma.sync of `shape_and_types`, the accumulators in place.
+#define MMA_SYNC(shape_and_types, d, a, b)                                                                 \
+    asm volatile("mma.sync.aligned." shape_and_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+struct Tf32Operands {
+    static constexpr int per_register = 1;
+    static __device__ __forceinline__ unsigned pack(const float* v) {
+        unsigned r;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v[0]));
+        return r;
+    }
+    static __device__ __forceinline__ void mma(float d[4], const unsigned a[4], const unsigned b[2]) {
+        MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32", d, a, b);
+    }
+};
+struct Bf16Operands {
+    static constexpr int per_register = 2;
+    static __device__ __forceinline__ unsigned pack(const float* v) {
+        unsigned r;  // cvt.rn.bf16x2.f32 d, a, b puts a in the high half
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(v[1]), "f"(v[0]));
+        return r;
+    }
+    static __device__ __forceinline__ void mma(float d[4], const unsigned a[4], const unsigned b[2]) {
+        MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", d, a, b);
+    }
+};
 #else
-static inline unsigned to_tf32(float x) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, 4);
-    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // finite: round the low 13 bits
-    return bits;
-}
-static inline void mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2], int site = __builtin_LINE()) {
-    const float c[4] = {d[0], d[1], d[2], d[3]};
-    cuda_host::mma_m16n8k8_tf32(d, a, b, c, site);
-}
+struct Tf32Operands {
+    static constexpr int per_register = 1;
+    static unsigned pack(const float* v) {
+        uint32_t bits;
+        std::memcpy(&bits, v, 4);
+        if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // finite: round 13 bits
+        return bits;
+    }
+    static void mma(float d[4], const unsigned a[4], const unsigned b[2], int site = __builtin_LINE()) {
+        cuda_host::mma_m16n8(d, a, b, per_register, site);
+    }
+};
+struct Bf16Operands {
+    static constexpr int per_register = 2;
+    static uint32_t to_bf16(float x) {
+        uint32_t bits;
+        std::memcpy(&bits, &x, 4);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;     // NaN stays NaN
+        return (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
+    }
+    static unsigned pack(const float* v) { return to_bf16(v[0]) | (to_bf16(v[1]) << 16); }
+    static void mma(float d[4], const unsigned a[4], const unsigned b[2], int site = __builtin_LINE()) {
+        cuda_host::mma_m16n8(d, a, b, per_register, site);
+    }
+};
 #endif

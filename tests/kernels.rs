@@ -7,7 +7,7 @@
 mod common;
 
 use wemoe_engine::adapt::Adam;
-use wemoe_engine::cuda::ops::{self, ExpertWeights};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands};
 use wemoe_engine::cuda::{Executor, GpuExecutor, HostExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, to_blocked, ExpertLinearRef};
@@ -19,9 +19,6 @@ use wemoe_engine::ops::{
 use wemoe_engine::rng::Rng;
 
 use common::KERNEL_REL_TOL;
-
-/// How much looser than the f32 bar ([`KERNEL_REL_TOL`]) TF32 results may be: 5e-3 of the largest output.
-const TF32_OVER_F32: f64 = 250.0;
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     Rng::new(seed).normal_vec(n, 0.0, scale)
@@ -188,9 +185,21 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
     worst("expert_linear_forward_x2/_x4", &errors)
 }
 
-/// The TF32 forward against the f32 CPU reference, its error divided by [`TF32_OVER_F32`] so that one bar
-/// serves: TF32 keeps 10 mantissa bits, so its products are off by up to about 2⁻¹¹ relative.
-fn expert_linear_tf32<E: Executor>(e: &E) -> f64 {
+/// An f32 rounded to a tensor-core operand as the kernels' `pack` does: TF32 to nearest with ties away from
+/// zero (cvt.rna), bf16 to nearest even (cvt.rn).
+fn rounded(v: f32, operands: MmaOperands) -> f32 {
+    match operands {
+        MmaOperands::Tf32 => f32::from_bits((v.to_bits() + 0x1000) & 0xffff_e000),
+        MmaOperands::Bf16 => half::bf16::from_f32(v).to_f32(),
+    }
+}
+
+/// The tensor-core forward against a reference on the same rounded operands: `x` and each merged weight
+/// (formed in f32 by the kernel's chain of fused multiply-adds) rounded to the format, products summed in
+/// f64, bias and activation after. What is left between the two is f32 accumulation, so the f32 bar
+/// applies. The distance to the unrounded f32 result is printed, and must not be zero (the operands really
+/// were rounded).
+fn expert_linear_mma<E: Executor>(e: &E, operands: MmaOperands) -> f64 {
     let mut errors = Vec::new();
     for (i, &(routes, n, inp, out, experts)) in
         [(3, 7, 37, 70, 3), (2, 67, 65, 33, 5), (4, 11, 19, 23, 0)].iter().enumerate()
@@ -199,22 +208,58 @@ fn expert_linear_tf32<E: Executor>(e: &E) -> f64 {
         let x = values(routes * n * inp, 910 + i as u64, 1.0);
         let coeff = values((routes * experts).max(1), 920 + i as u64, 0.6);
         let coeff = &coeff[..routes * experts];
-        let mut want = if experts > 0 {
+        let mut want = vec![0.0f32; routes * n * out];
+        for r in 0..routes {
+            let c = &coeff[r * experts..(r + 1) * experts];
+            for o in 0..out {
+                let merged: Vec<f32> = (0..inp)
+                    .map(|k| {
+                        let at = o * inp + k;
+                        let w = c
+                            .iter()
+                            .enumerate()
+                            .fold(l.base[at], |v, (t, &ct)| ct.mul_add(l.tasks[t * out * inp + at], v));
+                        rounded(w, operands)
+                    })
+                    .collect();
+                let bias =
+                    c.iter().enumerate().fold(l.bias[o], |b, (t, &ct)| ct.mul_add(l.task_biases[t * out + o], b));
+                for row in r * n..(r + 1) * n {
+                    let xr = &x[row * inp..(row + 1) * inp];
+                    let z: f64 = xr.iter().zip(&merged).map(|(&a, &w)| rounded(a, operands) as f64 * w as f64).sum();
+                    want[row * out + o] = z as f32 + bias;
+                }
+            }
+        }
+        activation::activation_in_place(&mut want, Activation::QuickGelu);
+        let mut unrounded = if experts > 0 {
             expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap()
         } else {
             linear(&x, routes * n, inp, MatRef::row_major(&l.base, out, inp).unwrap().t(), Some(&l.bias)).unwrap()
         };
-        activation::activation_in_place(&mut want, Activation::QuickGelu);
+        activation::activation_in_place(&mut unrounded, Activation::QuickGelu);
         let d = DeviceLayer::new(e, &l);
         let (xb, cb) = (e.upload(&x).unwrap(), e.upload(if coeff.is_empty() { &[0.0] } else { coeff }).unwrap());
         let y = poisoned(e, routes * n * out);
         let act = Some(Activation::QuickGelu);
-        ops::expert_linear_forward_tf32(e, &xb, routes, n, &d.weights(&l), Some(&cb), act, &y).unwrap();
-        let err = error(&e.download(&y).unwrap(), &want);
-        errors
-            .push((format!("{routes}×{n} rows, {inp}→{out}, T={experts} (TF32 error {err:.1e})"), err / TF32_OVER_F32));
+        ops::expert_linear_forward_mma(e, operands, &xb, routes, n, &d.weights(&l), Some(&cb), act, &y).unwrap();
+        let got = e.download(&y).unwrap();
+        let off = error(&got, &unrounded);
+        assert!(off > 0.0, "{operands:?}: the result equals the unrounded f32 one; were the operands rounded?");
+        errors.push((
+            format!("{routes}×{n} rows, {inp}→{out}, T={experts} ({off:.1e} from unrounded f32)"),
+            error(&got, &want),
+        ));
     }
-    worst("expert_linear_forward_tf32", &errors)
+    worst(&format!("expert_linear_forward ({operands:?} operands)"), &errors)
+}
+
+fn expert_linear_tf32<E: Executor>(e: &E) -> f64 {
+    expert_linear_mma(e, MmaOperands::Tf32)
+}
+
+fn expert_linear_bf16<E: Executor>(e: &E) -> f64 {
+    expert_linear_mma(e, MmaOperands::Bf16)
 }
 
 fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
@@ -518,6 +563,7 @@ kernel_tests!(
     expert_linear_forward,
     expert_linear_grouped,
     expert_linear_tf32,
+    expert_linear_bf16,
     expert_linear_backward,
     linear_weight_gradient,
     merge,

@@ -27,7 +27,7 @@ struct Fiber {
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
-constexpr size_t kMmaFloats = 16 * 8 + 8 * 8 + 16 * 8;
+constexpr size_t kMmaFloats = 16 * 16 + 16 * 8 + 16 * 8;  // A 16×16, B 16×8, C 16×8
 
 struct Launch {
     dim3 grid, block;
@@ -35,7 +35,7 @@ struct Launch {
     const std::function<void()>* body = nullptr;
     std::vector<Fiber> fibers;
     std::vector<uint64_t> slots;  // 32 per warp
-    std::vector<float> mma;       // per warp: A 16×8, B 8×8, C 16×8 of an emulated mma.sync
+    std::vector<float> mma;       // per warp: A, B, C of an emulated mma.sync
     Fiber* current = nullptr;
     ucontext_t scheduler;
 };
@@ -146,30 +146,36 @@ void sync_warp(int site) { park(Wait::Warp, site); }
 unsigned lane_id() { return g_launch->current->linear % 32; }
 uint64_t* warp_slots() { return &g_launch->slots[(g_launch->current->linear / 32) * 32]; }
 
-void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], int site) {
+void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], int per_register, int site) {
     float* area = &g_launch->mma[(g_launch->current->linear / 32) * kMmaFloats];
-    float *A = area, *B = area + 16 * 8, *C = area + 16 * 8 + 8 * 8;
+    const int k = 8 * per_register;  // 8 (TF32) or 16 (bf16)
+    float *A = area, *B = area + 16 * 16, *C = area + 16 * 16 + 16 * 8;
     const unsigned lane = lane_id(), group = lane / 4, tig = lane % 4;
-    auto as_float = [](uint32_t bits) {
+    // Element j of a register: the whole word (TF32), or its low or high half (bf16, widened exactly).
+    auto element = [per_register](uint32_t word, int j) {
+        const uint32_t bits = per_register == 1 ? word : (j == 0 ? word << 16 : word & 0xffff0000u);
         float f;
         std::memcpy(&f, &bits, 4);
         return f;
     };
-    // A row-major 16×8: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4).
-    A[group * 8 + tig] = as_float(a[0]);
-    A[(group + 8) * 8 + tig] = as_float(a[1]);
-    A[group * 8 + tig + 4] = as_float(a[2]);
-    A[(group + 8) * 8 + tig + 4] = as_float(a[3]);
-    // B 8×8 (k × n): b0 (k = t, n = g), b1 (k = t+4, n = g).
-    B[tig * 8 + group] = as_float(b[0]);
-    B[(tig + 4) * 8 + group] = as_float(b[1]);
-    // C/D 16×8: c_i at row g (+8 for i ≥ 2), column 2t + (i & 1).
-    for (int i = 0; i < 4; ++i) C[(group + (i >= 2 ? 8 : 0)) * 8 + 2 * tig + (i & 1)] = c[i];
+    for (int j = 0; j < per_register; ++j) {
+        const int col = per_register * tig + j, half = k / 2;
+        // A 16×k row-major: a0 (g, col), a1 (g+8, col), a2 (g, col + k/2), a3 (g+8, col + k/2).
+        A[group * k + col] = element(a[0], j);
+        A[(group + 8) * k + col] = element(a[1], j);
+        A[group * k + col + half] = element(a[2], j);
+        A[(group + 8) * k + col + half] = element(a[3], j);
+        // B k×8 (k × n): b0 (col, g), b1 (col + k/2, g).
+        B[col * 8 + group] = element(b[0], j);
+        B[(col + half) * 8 + group] = element(b[1], j);
+    }
+    // C/D 16×8: d_i at row g (+8 for i ≥ 2), column 2t + (i & 1).
+    for (int i = 0; i < 4; ++i) C[(group + (i >= 2 ? 8 : 0)) * 8 + 2 * tig + (i & 1)] = d[i];
     sync_warp(site);
     for (int i = 0; i < 4; ++i) {
         const unsigned row = group + (i >= 2 ? 8 : 0), col = 2 * tig + (i & 1);
         float acc = C[row * 8 + col];
-        for (int k = 0; k < 8; ++k) acc = std::fma(A[row * 8 + k], B[k * 8 + col], acc);
+        for (int kk = 0; kk < k; ++kk) acc = std::fma(A[row * k + kk], B[kk * 8 + col], acc);
         d[i] = acc;
     }
     sync_warp(site);  // every lane has read before the area is written again

@@ -39,9 +39,10 @@ void sync_warp(int site);
 uint64_t* warp_slots();
 unsigned lane_id();
 
-// The warp-collective mma.sync.m16n8k8 with TF32 operands and f32 accumulation, on the fragment layout of the
-// PTX ISA: every lane of the warp contributes its fragments and receives its part of D = A·B + C.
-void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], int site);
+// The warp-collective mma.sync.m16n8k8 on TF32 operands (`per_register` 1) or m16n8k16 on bf16 ones (2, the
+// lower-indexed element in the low half), f32 accumulation, on the fragment layouts of the PTX ISA: every lane
+// of the warp contributes its fragments and D, and receives its part of D + A·B.
+void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], int per_register, int site);
 
 // Runs `body` for every thread of every block of the launch.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);

@@ -153,11 +153,31 @@ pub fn expert_linear_forward<E: Executor>(
     e.launch("expert_linear_forward", dims, &args)
 }
 
-/// [`expert_linear_forward`] on tensor cores: operands rounded to TF32, products accumulated in f32
-/// (kernels/expert_linear_tf32.cu; sm_80 and later).
+/// The operands of the tensor-core forward (`--precision tf32|bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaOperands {
+    /// TF32, 10 mantissa bits (`mma.sync.m16n8k8`).
+    Tf32,
+    /// bf16, 7 mantissa bits (`mma.sync.m16n8k16`).
+    Bf16,
+}
+
+impl MmaOperands {
+    /// The kernel of kernels/expert_linear_mma.cu.
+    fn kernel(self) -> &'static str {
+        match self {
+            MmaOperands::Tf32 => "expert_linear_forward_tf32",
+            MmaOperands::Bf16 => "expert_linear_forward_bf16",
+        }
+    }
+}
+
+/// [`expert_linear_forward`] on tensor cores: `x` and each merged weight rounded to `operands` on chip,
+/// products accumulated in f32 (kernels/expert_linear_mma.cu; sm_80 and later).
 #[allow(clippy::too_many_arguments)]
-pub fn expert_linear_forward_tf32<E: Executor>(
+pub fn expert_linear_forward_mma<E: Executor>(
     e: &E,
+    operands: MmaOperands,
     x: &E::Buffer,
     routes: usize,
     rows_per_route: usize,
@@ -166,7 +186,8 @@ pub fn expert_linear_forward_tf32<E: Executor>(
     act: Option<Activation>,
     y: &E::Buffer,
 ) -> Result<()> {
-    if !check_forward(e, "expert_linear_forward_tf32", x, routes, rows_per_route, w, coeff, y)? {
+    let kernel = operands.kernel();
+    if !check_forward(e, kernel, x, routes, rows_per_route, w, coeff, y)? {
         return Ok(());
     }
     let dims = Dims {
@@ -177,7 +198,7 @@ pub fn expert_linear_forward_tf32<E: Executor>(
     args.extend(weight_args(w, coeff));
     args.push(Arg::Buf(y));
     args.extend(shape_args(rows_per_route, w, act)?);
-    e.launch("expert_linear_forward_tf32", dims, &args)
+    e.launch(kernel, dims, &args)
 }
 
 /// [`expert_linear_forward`] with `routes_per_block` routes sharing each block's loads of the task vectors

@@ -3,8 +3,8 @@
 //! runs the same kernels and launch code on the CPU, which is how `cargo test` proves the whole graph
 //! (forward and backward) against the CPU backend on machines without a GPU.
 //!
-//! Exact f32 by default; with [`Precision::Tf32`] the forward's linear layers run on tensor cores (the
-//! backward stays f32). Plain dense products use the kernels' dense mode (`experts = 0`). Per-sample
+//! Exact f32 by default; with [`Precision::Tf32`] or [`Precision::Bf16`] the forward's linear layers run on
+//! tensor cores (the backward stays f32). Plain dense products use the kernels' dense mode (`experts = 0`). Per-sample
 //! routing runs the fused kernel, one route per sample, never storing a sample's merged weight; a single
 //! group (batch routing) merges its one weight and multiplies densely.
 
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, ensure, Result};
 
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
-use crate::cuda::ops::{self as k, ExpertWeights};
+use crate::cuda::ops::{self as k, ExpertWeights, MmaOperands};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
 
@@ -51,14 +51,14 @@ where
         coeff: Option<&E::Buffer>,
         y: &E::Buffer,
     ) -> Result<()> {
-        match self.precision {
+        let operands = match self.precision {
             Precision::F32 => {
-                k::expert_linear_forward(&self.executor, x, routes, rows_per_route, w, coeff, None, None, y)
+                return k::expert_linear_forward(&self.executor, x, routes, rows_per_route, w, coeff, None, None, y)
             }
-            Precision::Tf32 => {
-                k::expert_linear_forward_tf32(&self.executor, x, routes, rows_per_route, w, coeff, None, y)
-            }
-        }
+            Precision::Tf32 => MmaOperands::Tf32,
+            Precision::Bf16 => MmaOperands::Bf16,
+        };
+        k::expert_linear_forward_mma(&self.executor, operands, x, routes, rows_per_route, w, coeff, None, y)
     }
 
     /// The executor.

@@ -81,6 +81,9 @@ pub enum Precision {
     /// Operands rounded to TF32, products accumulated in f32 on tensor cores (sm_80 and later): the forward's
     /// WEMoE and dense linear layers; backward stays f32. Within about 1e-3 of f32.
     Tf32,
+    /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32 on tensor cores (sm_80 and
+    /// later), the same layers as [`Precision::Tf32`]. Within about 1e-2 of f32.
+    Bf16,
 }
 
 impl FromStr for Precision {
@@ -90,8 +93,8 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "tf32" => Ok(Precision::Tf32),
-            "bf16" => Err(anyhow!("--precision bf16 is not implemented yet; use f32 or tf32")),
-            _ => Err(anyhow!("unknown precision '{s}': expected f32 or tf32")),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(anyhow!("unknown precision '{s}': expected f32, tf32 or bf16")),
         }
     }
 }
@@ -101,6 +104,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
         })
     }
 }
