@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
-use wemoe_engine::device::CpuBackend;
+use wemoe_engine::device::{CpuBackend, Precision};
 use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
 use wemoe_engine::model::{ImageEncoder, RouterActivation, Routing};
 use wemoe_engine::tensor::Tensor;
@@ -52,6 +52,30 @@ fn fusionbench_models_run_like_fusionbench_in_both_routing_modes() {
             let want = reference("wemoe/expected.safetensors", &format!("{key}.routing_weights")).1;
             assert_close(&format!("{key} routing_weights"), &stacked(&out.routing_weights, shape[0]), &want);
         }
+    }
+}
+
+/// `--precision bf16` on the CPU: where the CPU has AMX, both routing modes within the bf16 tolerance of
+/// FusionBench's f32 outputs, and really rounded (further from them than f32 is); elsewhere refused with a
+/// message that names what is missing.
+#[test]
+fn bf16_on_the_cpu_is_within_its_tolerance_or_refused() {
+    let be = match CpuBackend::with_precision(Precision::Bf16) {
+        Ok(be) => be,
+        Err(e) => {
+            assert!(!wemoe_engine::ops::amx::available() && format!("{e}").contains("needs AMX"), "{e}");
+            return;
+        }
+    };
+    let (shape, pixels) = reference("wemoe/pixels.safetensors", "pixel_values");
+    let pixels = Tensor::from_vec(&shape, pixels).unwrap();
+    let model = ImageEncoder::load(&be, &ModelDir::open(&wemoe("fusionbench_d2")).unwrap()).unwrap();
+    for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
+        let out = model.encode(&be, &pixels, routing).unwrap();
+        let want = reference("wemoe/expected.safetensors", &format!("d2.{mode}.pooler_output")).1;
+        let e = rel_err(out.pooled.host().unwrap(), &want);
+        println!("bf16 {mode}: {e:.2e} from FusionBench's f32");
+        assert!(e > FORWARD_REL_TOL && e < BF16_REL_TOL, "bf16 {mode}: {e:.2e} from FusionBench's f32");
     }
 }
 

@@ -3,6 +3,7 @@
 one run, on a ViT-B/32-shaped model with 8 experts (random weights made here) and 64 images.
 
     tools/setup-venv.sh && .venv/bin/python tools/bench_wemoe_vs_fusionbench.py [--images 64] [--experts 8] [--rounds 3]
+        [--precision f32|bf16]
 
 Writes its checkpoints (about 3.5 GB) under tools/out/b32/. Each contender runs in a process of its own, so its
 peak resident memory (VmHWM) is its own: FusionBench's is measured from just before its first forward (the peak is
@@ -10,7 +11,9 @@ reset after the model is built); the engine's covers its whole `embed` command, 
 the forward alone on both sides (the engine's `embed` reports its compute time apart from loading). Routing: per
 sample (FusionBench: batch_reduce=False; engine: --routing sample) and batch (batch_reduce=True; --routing batch),
 all 64 images in one batch. The machine is shared and its speed drifts, so the two alternate round by round and
-each round's ratio is printed, then the medians.
+each round's ratio is printed, then the medians. With `--precision bf16` both sides multiply bf16 operands with
+f32 accumulation: the engine with `--precision bf16` (AMX tiles), FusionBench's forward under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (oneDNN, which uses AMX where the CPU has it).
 """
 import argparse
 import copy
@@ -73,7 +76,7 @@ def fusionbench(args):
             layer.mlp.batch_reduce = reduce
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM: measure inference, not construction
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             t = time.perf_counter()
             moe(pixel_values=pixels)
             seconds = time.perf_counter() - t
@@ -96,6 +99,8 @@ def main():
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="FusionBench-then-engine rounds; the medians are reported")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="both sides' products: f32, or bf16 operands (engine --precision bf16, torch autocast)")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
@@ -117,19 +122,21 @@ def main():
     if not os.path.exists(pixels):
         save_file({"pixel_values": load_file(os.path.join(OUT, "pixels256.safetensors"))["pixel_values"][: args.images]
                    .contiguous()}, pixels)
-    print(f"{args.images} images, {args.experts} experts, ViT-B/32 shapes, {os.cpu_count()} CPUs, "
+    print(f"{args.images} images, {args.experts} experts, ViT-B/32 shapes, {args.precision}, {os.cpu_count()} CPUs, "
           f"{args.rounds} rounds (FusionBench, then the engine, in each)")
     print(f"{'round':<6} {'routing':<8} {'FusionBench img/s':>18} {'engine img/s':>13} {'speed-up':>9} "
           f"{'FB peak MiB':>12} {'engine peak MiB':>16} {'memory ratio':>13}")
     ratios = {"sample": [], "batch": []}
     for r in range(args.rounds):
         fb = subprocess.run([sys.executable, __file__, "--child", "--images", str(args.images), "--experts",
-                             str(args.experts)], capture_output=True, text=True, check=True)
+                             str(args.experts), "--precision", args.precision], capture_output=True, text=True,
+                            check=True)
         theirs = json.loads(fb.stdout.strip().splitlines()[-1])
         for mode in ("sample", "batch"):
             out = os.path.join(OUT, f"embed_{mode}.safetensors")
             _, peak, err = run_engine([engine, "embed", "--model", moe, "--images", pixels, "--out", out,
-                                       "--routing", mode, "--batch-size", str(args.images), "--device", "cpu"])
+                                       "--routing", mode, "--batch-size", str(args.images), "--device", "cpu",
+                                       "--precision", args.precision])
             ours = float(re.search(r"([0-9.]+) images/s", err).group(1))
             load = float(re.search(r"loaded in ([0-9.]+) s", err).group(1))
             t = theirs[mode]

@@ -1,19 +1,45 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
+//! With `--precision bf16` (on CPUs with AMX) the forward's dense linear layers and batch routing's merged
+//! WEMoE layers multiply bf16 operands on AMX tiles (`ops::amx`); per-sample WEMoE layers and every backward
+//! product stay f32.
 
 use anyhow::{bail, ensure, Result};
 
-use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, WeightLayout};
+use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
 use crate::tensor::Tensor;
 
 /// The CPU backend; it computes with the rayon global pool.
 #[derive(Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// The forward's products in bf16 on AMX tiles.
+    bf16: bool,
+}
 
 impl CpuBackend {
-    /// A CPU backend on the rayon global thread pool.
+    /// A CPU backend on the rayon global thread pool, in f32.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { bf16: false }
+    }
+
+    /// A CPU backend computing its forward products in `precision`: f32, or bf16 where the CPU has AMX.
+    pub fn with_precision(precision: Precision) -> Result<Self> {
+        match precision {
+            Precision::F32 => Ok(CpuBackend::new()),
+            Precision::Tf32 => bail!("--precision tf32 needs a GPU; the CPU computes in f32 or bf16"),
+            Precision::Bf16 if ops::amx::available() => Ok(CpuBackend { bf16: true }),
+            Precision::Bf16 => {
+                bail!("--precision bf16 on the CPU needs AMX (Intel Sapphire Rapids or later), which this CPU lacks")
+            }
+        }
+    }
+
+    /// `x·w + bias` for `x` `[rows, k]` and `w` `[k, n]` (row-major) in the backend's precision.
+    fn product(&self, x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        if self.bf16 {
+            return ops::amx::linear(x, rows, k, &ops::amx::pack_rhs(w, k, n)?, bias);
+        }
+        ops::gemm::linear(x, rows, k, ops::gemm::MatRef::row_major(w, k, n)?, bias)
     }
 }
 
@@ -61,7 +87,8 @@ impl Backend for CpuBackend {
         } else {
             "portable"
         };
-        format!("cpu ({} threads, {isa})", rayon::current_num_threads())
+        let precision = if self.bf16 { ", bf16 on AMX" } else { "" };
+        format!("cpu ({} threads, {isa}{precision})", rayon::current_num_threads())
     }
 
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {
@@ -88,8 +115,11 @@ impl Backend for CpuBackend {
         if let Some(b) = b {
             ensure!(b.shape() == [n], "linear: bias {:?} does not match {n} outputs", b.shape());
         }
-        let rhs = dense_rhs(w)?;
-        let y = ops::gemm::linear(x.host()?, rows, k, rhs, b.map(|b| b.host()).transpose()?)?;
+        let bias = b.map(|b| b.host()).transpose()?;
+        let y = match w.layout() {
+            WeightLayout::InOut => self.product(x.host()?, rows, k, w.tensor().host()?, n, bias)?,
+            _ => ops::gemm::linear(x.host()?, rows, k, dense_rhs(w)?, bias)?,
+        };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = n;
         Tensor::from_vec(&shape, y)
@@ -212,7 +242,12 @@ impl Backend for CpuBackend {
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
         let weights = host_view(w)?;
-        let y = ops::expert_linear::expert_linear(x.host()?, groups, rows / groups, coefficients.host()?, &weights)?;
+        let y = if self.bf16 && groups == 1 {
+            let (merged, bias) = weights.merged(coefficients.host()?);
+            self.product(x.host()?, rows, k, &merged, w.out_features(), Some(&bias))?
+        } else {
+            ops::expert_linear::expert_linear(x.host()?, groups, rows / groups, coefficients.host()?, &weights)?
+        };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = w.out_features();
         Tensor::from_vec(&shape, y)

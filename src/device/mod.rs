@@ -10,7 +10,7 @@ mod weights;
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
@@ -72,17 +72,18 @@ impl FromStr for DeviceRequest {
     }
 }
 
-/// The arithmetic of the GPU's forward products (`--precision`).
+/// The arithmetic of the forward's products (`--precision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// Exact f32 (the default; the CPU always computes so).
+    /// Exact f32 (the default).
     #[default]
     F32,
     /// Operands rounded to TF32, products accumulated in f32 on tensor cores (sm_80 and later): the forward's
     /// WEMoE and dense linear layers; backward stays f32. Within about 1e-3 of f32.
     Tf32,
-    /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32 on tensor cores (sm_80 and
-    /// later), the same layers as [`Precision::Tf32`]. Within about 1e-2 of f32.
+    /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32: on the GPU's tensor cores
+    /// (sm_80 and later) the same layers as [`Precision::Tf32`]; on the CPU's AMX tiles the dense layers and
+    /// batch routing's merged WEMoE layers (per-sample WEMoE layers stay f32). Within about 1e-2 of f32.
     Bf16,
 }
 
@@ -135,10 +136,7 @@ fn open_gpu(ordinal: usize, precision: Precision) -> Result<Box<dyn Backend>> {
 pub fn open(choice: impl Into<DeviceChoice>, quiet: bool) -> Result<Box<dyn Backend>> {
     let DeviceChoice { request, precision } = choice.into();
     match request {
-        DeviceRequest::Cpu if precision != Precision::F32 => {
-            bail!("--precision {precision} needs a GPU; the CPU computes in f32")
-        }
-        DeviceRequest::Cpu => Ok(Box::new(CpuBackend::new())),
+        DeviceRequest::Cpu => Ok(Box::new(CpuBackend::with_precision(precision)?)),
         DeviceRequest::Cuda(i) => {
             open_gpu(i, precision).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu"))
         }
@@ -151,7 +149,8 @@ pub fn open(choice: impl Into<DeviceChoice>, quiet: bool) -> Result<Box<dyn Back
                     gpu
                 }
                 Err(why) => {
-                    let cpu = CpuBackend::new();
+                    // The CPU in the precision asked for where it can, else in f32 (the line says which).
+                    let cpu = CpuBackend::with_precision(precision).unwrap_or_default();
                     if !quiet {
                         eprintln!("device: {} (no GPU: {why:#})", cpu.describe());
                     }

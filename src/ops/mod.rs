@@ -5,6 +5,7 @@
 //! tested against; each backward is proven against finite differences of an independent f64 forward.
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod entropy;
 pub mod expert_linear;

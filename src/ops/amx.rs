@@ -1,0 +1,349 @@
+//! Matrix products on AMX tiles, bf16 operands and f32 accumulation: `--precision bf16` on the CPU (Intel
+//! Sapphire Rapids and later). Each operand is rounded to bf16 (to nearest even) once, into the order the
+//! tiles load it, and every product of two bf16 values is exact in f32, so the result is the f32 sum of the
+//! rounded operands' products: what the tests check, and what the GPU's bf16 path computes.
+//!
+//! A block of 32 × 32 outputs lives in four accumulator tiles for the whole reduction; each step of 32
+//! inputs loads two tiles of the left operand (16 rows × 32 inputs) and two of the right (16 pairs of inputs ×
+//! 16 outputs, the pairs interleaved as `tdpbf16ps` takes them) and issues four `tdpbf16ps`.
+
+use std::sync::OnceLock;
+
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// Whether this CPU and OS run AMX bf16 products (checked once: CPUID, then the Linux permission to use the
+/// tile data state, which the kernel grants per process).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7 (present wherever AVX-512 is): EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the packing needs
+    // AVX-512 BF16 and BW.
+    let leaf7 = std::is_x86_feature_detected!("avx512f").then(|| std::arch::x86_64::__cpuid_count(7, 0));
+    let amx = leaf7.is_some_and(|l| l.edx & (1 << 22) != 0 && l.edx & (1 << 24) != 0);
+    if !(amx && std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")) {
+        return false;
+    }
+    unsafe extern "C" {
+        fn syscall(number: std::ffi::c_long, ...) -> std::ffi::c_long;
+    }
+    const SYS_ARCH_PRCTL: std::ffi::c_long = 158;
+    const ARCH_REQ_XCOMP_PERM: std::ffi::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: std::ffi::c_long = 18;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only asks the kernel for permission; it fails cleanly where
+    // the kernel (before 5.16) or the hypervisor does not offer the state.
+    unsafe { syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Rows of a tile, and its bytes per row.
+const TILE_ROWS: usize = 16;
+/// Inputs per step: a tile row of bf16.
+const STEP: usize = 32;
+/// Outputs and rows per block (two tiles each way).
+const BLOCK: usize = 32;
+
+/// A right-hand side `[k, n]` rounded to bf16 in `tdpbf16ps` order: panels of 16 outputs, each
+/// `[k/2][16][2]` (inputs 2i and 2i+1 of an output side by side), inputs and outputs zero-padded to
+/// multiples of 32.
+pub struct PackedRhs {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    fn padded_k(&self) -> usize {
+        self.k.next_multiple_of(STEP)
+    }
+}
+
+/// Packs `w` `[k, n]` (row-major f32, the CPU backend's `[in, out]`) for [`linear`].
+pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
+    ensure!(w.len() == k * n, "pack_rhs: {} elements for {k}×{n}", w.len());
+    ensure!(available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    let (kp, np) = (k.next_multiple_of(STEP), n.next_multiple_of(BLOCK));
+    let mut data = vec![0u16; kp * np];
+    data.par_chunks_mut(kp * TILE_ROWS).enumerate().for_each(|(p, panel)| {
+        let cols = p * TILE_ROWS..((p + 1) * TILE_ROWS).min(n);
+        if cols.is_empty() {
+            return;
+        }
+        let mut pair = [[0.0f32; TILE_ROWS]; 2];
+        for (i, out) in panel.chunks_exact_mut(2 * TILE_ROWS).take(k.div_ceil(2)).enumerate() {
+            for (r, row) in pair.iter_mut().enumerate() {
+                let kk = 2 * i + r;
+                row.fill(0.0);
+                if kk < k {
+                    row[..cols.len()].copy_from_slice(&w[kk * n + cols.start..kk * n + cols.end]);
+                }
+            }
+            // SAFETY: `available()` checked AVX-512 BF16 and BW.
+            unsafe { kernels::interleave_pair(&pair[0], &pair[1], out) };
+        }
+    });
+    Ok(PackedRhs { data, k, n })
+}
+
+/// The left-hand side `[m, k]` rounded to bf16 in tile order: `[m/16][k/32][16][32]`, zero-padded.
+fn pack_lhs(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    let (mp, kp) = (m.next_multiple_of(BLOCK), k.next_multiple_of(STEP));
+    let mut data = vec![0u16; mp * kp];
+    data.par_chunks_mut(TILE_ROWS * kp).enumerate().for_each(|(g, group)| {
+        for (s, tile) in group.chunks_exact_mut(TILE_ROWS * STEP).enumerate() {
+            let k0 = s * STEP;
+            let width = STEP.min(k - k0);
+            for (i, out) in tile.chunks_exact_mut(STEP).enumerate() {
+                let row = g * TILE_ROWS + i;
+                if row < m {
+                    let mut src = [0.0f32; STEP];
+                    src[..width].copy_from_slice(&x[row * k + k0..row * k + k0 + width]);
+                    // SAFETY: `available()` checked AVX-512 BF16.
+                    unsafe { kernels::round_32(&src, out) };
+                }
+            }
+        }
+    });
+    data
+}
+
+/// `y = x·w + bias` for `x` `[m, k]` and `w` packed by [`pack_rhs`], on AMX tiles; `[m, n]`.
+pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    ensure!(w.k == k, "amx linear: weight takes {} inputs, got {k}", w.k);
+    ensure!(x.len() == m * k, "amx linear: input does not hold {m}×{k}");
+    let n = w.n;
+    let np = n.next_multiple_of(BLOCK);
+    let mut bias_padded = vec![0.0f32; np];
+    if let Some(b) = bias {
+        ensure!(b.len() == n, "amx linear: bias has {} elements, {n} needed", b.len());
+        bias_padded[..n].copy_from_slice(b);
+    }
+    let a = pack_lhs(x, m, k);
+    let kp = w.padded_k();
+    let mut y = vec![0.0f32; m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    // Outputs in chunks whose right-hand panels (`kp · chunk` bf16) stay in L2 while every row block passes.
+    let chunk = ((768 * 1024 / (2 * kp)) / BLOCK * BLOCK).max(BLOCK);
+    for n0 in (0..np).step_by(chunk) {
+        let cols = n0..(n0 + chunk).min(np);
+        (0..m.div_ceil(BLOCK)).into_par_iter().for_each(|mb| {
+            let out = &out;
+            // SAFETY: `available()` (checked by `pack_rhs`, which made `w`) granted the tile state; each row
+            // block writes only its own rows of `y`.
+            unsafe {
+                kernels::configure_tiles();
+                for nb in cols.clone().step_by(BLOCK) {
+                    kernels::block(&a, w, kp, &bias_padded, mb, nb, m, n, out.0);
+                }
+                kernels::release_tiles();
+            }
+        });
+    }
+    Ok(y)
+}
+
+/// The output's base pointer, shared by the row blocks, which write disjoint rows.
+struct SharedOut(*mut f32);
+// SAFETY: only ever used for disjoint writes, one row block per task.
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+mod kernels {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    use super::{PackedRhs, BLOCK, STEP, TILE_ROWS};
+
+    /// Rounds 32 floats to bf16 (to nearest even).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn round_32(src: &[f32; STEP], out: &mut [u16]) {
+        assert!(out.len() >= STEP);
+        let lo = _mm512_loadu_ps(src.as_ptr());
+        let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+        let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), packed);
+    }
+
+    /// Rounds rows `a` and `b` (16 outputs of inputs 2i and 2i+1) to bf16, interleaved: a0 b0 a1 b1 ...
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub unsafe fn interleave_pair(a: &[f32; TILE_ROWS], b: &[f32; TILE_ROWS], out: &mut [u16]) {
+        assert!(out.len() >= 2 * TILE_ROWS);
+        let both: __m512i =
+            std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(a.as_ptr())));
+        // Lanes 0..16 hold a, 16..32 hold b: take a0, b0, a1, b1, ...
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(order, both));
+    }
+
+    /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Loads the tile configuration on this thread (it is per thread, and zeroes the tiles).
+    pub unsafe fn configure_tiles() {
+        let mut config =
+            TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
+        config.bytes_per_row[..8].fill(64);
+        config.rows[..8].fill(TILE_ROWS as u8);
+        asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+    }
+
+    /// Returns the tile state to its initial state, so context switches no longer save it.
+    pub unsafe fn release_tiles() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// One 32 × 32 block of outputs, rows from `32·mb` and columns from `nb`: accumulators start at the
+    /// bias (a tile loaded with row stride 0), then every step of 32 inputs, then the block is stored into
+    /// `y` (through a scratch block where it overhangs `m` or `n`).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(
+        a: &[u16],
+        w: &PackedRhs,
+        kp: usize,
+        bias: &[f32],
+        mb: usize,
+        nb: usize,
+        m: usize,
+        n: usize,
+        y: *mut f32,
+    ) {
+        let steps = kp / STEP;
+        let a_group = |g: usize| a.as_ptr().add(g * TILE_ROWS * kp);
+        let (a0, a1) = (a_group(2 * mb), a_group(2 * mb + 1));
+        let panel = |p: usize| w.data.as_ptr().add(p * kp * TILE_ROWS);
+        let (b0, b1) = (panel(nb / TILE_ROWS), panel(nb / TILE_ROWS + 1));
+        let bias = bias.as_ptr().add(nb);
+        asm!(
+            "tileloadd tmm0, [{bias} + {zero}*1]",
+            "tileloadd tmm1, [{bias1} + {zero}*1]",
+            "tileloadd tmm2, [{bias} + {zero}*1]",
+            "tileloadd tmm3, [{bias1} + {zero}*1]",
+            bias = in(reg) bias, bias1 = in(reg) bias.add(16), zero = in(reg) 0usize,
+            options(nostack, readonly),
+        );
+        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
+        for s in 0..steps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {stride}*1]",
+                "tileloadd tmm6, [{b0} + {stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {stride}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {stride}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(s * TILE),
+                a1 = in(reg) a1.add(s * TILE),
+                b0 = in(reg) b0.add(s * TILE),
+                b1 = in(reg) b1.add(s * TILE),
+                stride = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        let row0 = mb * BLOCK;
+        let full = row0 + BLOCK <= m && nb + BLOCK <= n;
+        let mut scratch = [0.0f32; BLOCK * BLOCK];
+        let (c, stride) = if full { (y.add(row0 * n + nb), n) } else { (scratch.as_mut_ptr(), BLOCK) };
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * stride),
+            c3 = in(reg) c.add(16 * stride + 16),
+            s = in(reg) stride * 4,
+            options(nostack),
+        );
+        if !full {
+            let (rows, cols) = (BLOCK.min(m.saturating_sub(row0)), BLOCK.min(n.saturating_sub(nb)));
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * BLOCK), y.add((row0 + r) * n + nb), cols);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernels {
+    use super::PackedRhs;
+
+    pub unsafe fn round_32(_: &[f32; 32], _: &mut [u16]) {
+        unreachable!("AMX is x86-64 only; available() is false here")
+    }
+    pub unsafe fn interleave_pair(_: &[f32; 16], _: &[f32; 16], _: &mut [u16]) {
+        unreachable!("AMX is x86-64 only; available() is false here")
+    }
+    pub unsafe fn configure_tiles() {}
+    pub unsafe fn release_tiles() {}
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(
+        _: &[u16],
+        _: &PackedRhs,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: *mut f32,
+    ) {
+        unreachable!("AMX is x86-64 only; available() is false here")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::values;
+
+    fn bf16(v: f32) -> f64 {
+        half::bf16::from_f32(v).to_f64()
+    }
+
+    /// Odd shapes (rows, inputs and outputs that are not multiples of 16 or 32, and whole blocks) against
+    /// the f64 sum of the rounded operands' products: what is left is f32 accumulation.
+    #[test]
+    fn products_equal_the_rounded_operands_products() {
+        if !available() {
+            // Nothing to run; the backend refuses bf16 here (tested in device::cpu).
+            return;
+        }
+        for &(m, k, n) in &[(37, 70, 45), (64, 96, 64), (5, 33, 17), (70, 300, 100)] {
+            let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+            let y = linear(&x, m, k, &pack_rhs(&w, k, n).unwrap(), Some(&b)).unwrap();
+            let mut worst = 0.0f64;
+            let mut scale = 0.0f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let want = b[j] as f64 + (0..k).map(|kk| bf16(x[i * k + kk]) * bf16(w[kk * n + j])).sum::<f64>();
+                    worst = worst.max((y[i * n + j] as f64 - want).abs());
+                    scale = scale.max(want.abs());
+                }
+            }
+            assert!(worst <= 1e-6 * scale, "{m}×{k}×{n}: off by {worst:e} of {scale:e}");
+            // And really rounded: the f32 product differs.
+            let exact: f64 = b[0] as f64 + (0..k).map(|kk| x[kk] as f64 * w[kk * n] as f64).sum::<f64>();
+            assert!((y[0] as f64 - exact).abs() > 1e-6 * scale, "{m}×{k}×{n}: not rounded to bf16");
+        }
+    }
+}
