@@ -1,4 +1,4 @@
-//! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
+//! CPU benchmarks: the GEMM at the ViT MLP shapes (f32, and bf16 on AMX where the CPU has it), the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
 //! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step.
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
@@ -9,6 +9,7 @@ use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::{
     ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
 };
+use wemoe_engine::ops::amx;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 use wemoe_engine::tensor::Tensor;
 
@@ -27,6 +28,13 @@ fn gemm(c: &mut Criterion) {
             let id = BenchmarkId::new(layout, format!("{m}x{k}x{n}"));
             let lhs = MatRef::row_major(&a, m, k).unwrap();
             group.bench_function(id, |bench| bench.iter(|| matmul(lhs, rhs, &mut out, false, Threads::All).unwrap()));
+        }
+        // --precision bf16 on AMX, the right side packed per call as the CPU backend does.
+        if amx::available() {
+            let id = BenchmarkId::new("bf16_amx", format!("{m}x{k}x{n}"));
+            group.bench_function(id, |bench| {
+                bench.iter(|| amx::linear(&a, m, k, &amx::pack_rhs(&b, k, n).unwrap(), None))
+            });
         }
     }
     group.finish();

@@ -2,11 +2,13 @@
 //! run with PyTorch (criterion's `cargo bench` covers the same products for regressions).
 //!
 //! `gemm_probe M K N REPS LAYOUT` prints the median seconds of `[M,K]·[K,N]`, where LAYOUT is `nn`
-//! (both row-major, like `a @ b`) or `nt` (the right side stored `[N,K]`, like `F.linear`).
+//! (both row-major, like `a @ b`), `nt` (the right side stored `[N,K]`, like `F.linear`) or `bf16` (`nn` with
+//! bf16 operands on AMX, the right side packed in each product, as `--precision bf16` runs it).
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use wemoe_engine::ops::amx;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 
 fn main() -> Result<()> {
@@ -17,18 +19,25 @@ fn main() -> Result<()> {
     let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
     let mut c = vec![0f32; m * n];
     let rhs = match layout.as_str() {
-        "nn" => MatRef::row_major(&b, k, n)?,
+        "nn" | "bf16" => MatRef::row_major(&b, k, n)?,
         "nt" => MatRef::row_major(&b, n, k)?.t(),
-        other => bail!("layout '{other}': expected nn or nt"),
+        other => bail!("layout '{other}': expected nn, nt or bf16"),
     };
     let lhs = MatRef::row_major(&a, m, k)?;
+    let mut product = || -> Result<()> {
+        if layout == "bf16" {
+            c = amx::linear(&a, m, k, &amx::pack_rhs(&b, k, n)?, None)?;
+            return Ok(());
+        }
+        matmul(lhs, rhs, &mut c, false, Threads::All)
+    };
     for _ in 0..3 {
-        matmul(lhs, rhs, &mut c, false, Threads::All)?;
+        product()?;
     }
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
-            matmul(lhs, rhs, &mut c, false, Threads::All).map(|_| t.elapsed().as_secs_f64())
+            product().map(|_| t.elapsed().as_secs_f64())
         })
         .collect::<Result<_>>()?;
     times.sort_by(f64::total_cmp);
