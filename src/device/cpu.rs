@@ -1,7 +1,7 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
-//! With `--precision bf16` (on CPUs with AMX) the forward's dense linear layers and batch routing's merged
-//! WEMoE layers multiply bf16 operands on AMX tiles (`ops::amx`); per-sample WEMoE layers and every backward
-//! product stay f32.
+//! With `--precision bf16` (on CPUs with AMX) the forward's linear layers multiply bf16 operands on AMX
+//! tiles (`ops::amx`): dense ones, batch routing's merged WEMoE weight, and per-sample routing's merged tiles
+//! (`ops::expert_linear::expert_linear_bf16`); every backward product stays f32.
 
 use anyhow::{bail, ensure, Result};
 
@@ -242,11 +242,14 @@ impl Backend for CpuBackend {
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
         let weights = host_view(w)?;
-        let y = if self.bf16 && groups == 1 {
-            let (merged, bias) = weights.merged(coefficients.host()?);
-            self.product(x.host()?, rows, k, &merged, w.out_features(), Some(&bias))?
-        } else {
-            ops::expert_linear::expert_linear(x.host()?, groups, rows / groups, coefficients.host()?, &weights)?
+        let (xs, c) = (x.host()?, coefficients.host()?);
+        let y = match (self.bf16, groups) {
+            (true, 1) => {
+                let (merged, bias) = weights.merged(c);
+                self.product(xs, rows, k, &merged, w.out_features(), Some(&bias))?
+            }
+            (true, _) => ops::expert_linear::expert_linear_bf16(xs, groups, rows / groups, c, &weights)?,
+            (false, _) => ops::expert_linear::expert_linear(xs, groups, rows / groups, c, &weights)?,
         };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = w.out_features();

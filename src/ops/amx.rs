@@ -93,8 +93,10 @@ pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
     Ok(PackedRhs { data, k, n })
 }
 
-/// The left-hand side `[m, k]` rounded to bf16 in tile order: `[m/16][k/32][16][32]`, zero-padded.
-fn pack_lhs(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+/// Rows `[m, k]` (a product's left-hand side) rounded to bf16 in tile order: `[m/16][k/32][16][32]`, `m`
+/// and `k` zero-padded to multiples of 32.
+pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    assert!(available() && x.len() == m * k, "pack_rows: AMX and [{m}, {k}] rows");
     let (mp, kp) = (m.next_multiple_of(BLOCK), k.next_multiple_of(STEP));
     // Not zeroed first: every element is written below, padding included.
     let mut data = Vec::<u16>::with_capacity(mp * kp);
@@ -129,31 +131,133 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>
         ensure!(b.len() == n, "amx linear: bias has {} elements, {n} needed", b.len());
         bias_padded[..n].copy_from_slice(b);
     }
-    let a = pack_lhs(x, m, k);
+    let a = pack_rows(x, m, k);
     let kp = w.padded_k();
     // Not zeroed: the blocks below write every element (a zeroed 39 MB output cost a memset per product).
     let mut y = Vec::<f32>::with_capacity(m * n);
     let out = SharedOut(y.as_mut_ptr());
     // Outputs in chunks whose right-hand panels (`kp · chunk` bf16) stay in L2 while every row block passes.
     let chunk = ((768 * 1024 / (2 * kp)) / BLOCK * BLOCK).max(BLOCK);
+    let group_len = TILE_ROWS * kp; // bf16 elements of 16 packed rows
+    let panel_len = TILE_ROWS * kp; // bf16 elements of a panel of 16 outputs
     for n0 in (0..np).step_by(chunk) {
         let cols = n0..(n0 + chunk).min(np);
         (0..m.div_ceil(BLOCK)).into_par_iter().for_each(|mb| {
             let out = &out;
-            // SAFETY: `available()` (checked by `pack_rhs`, which made `w`) granted the tile state; each row
-            // block writes only its own rows of `y`.
-            unsafe {
-                kernels::configure_tiles();
-                for nb in cols.clone().step_by(BLOCK) {
-                    kernels::block(&a, w, kp, &bias_padded, mb, nb, m, n, out.0);
-                }
-                kernels::release_tiles();
+            let _tiles = TileSession::start();
+            let a0 = &a[2 * mb * group_len..];
+            let a1 = &a[(2 * mb + 1) * group_len..];
+            for nb in cols.clone().step_by(BLOCK) {
+                let b0 = &w.data[(nb / TILE_ROWS) * panel_len..];
+                let b1 = &w.data[(nb / TILE_ROWS + 1) * panel_len..];
+                let (rows, width) = (BLOCK.min(m - mb * BLOCK), BLOCK.min(n.saturating_sub(nb)));
+                // SAFETY: the tile state was granted (`pack_rhs` checked `available()`) and configured by the
+                // session; each operand slice holds `kp / 32` tiles from its start; each row block writes only
+                // its own rows of `y`, within `m × n`.
+                unsafe {
+                    kernels::multiply_block(
+                        [a0, a1],
+                        [b0, b1],
+                        kp / STEP,
+                        &bias_padded[nb..],
+                        out.0.add(mb * BLOCK * n + nb),
+                        n,
+                        rows,
+                        width,
+                    )
+                };
             }
         });
     }
     // SAFETY: every row below m and column below n was written by exactly one block.
     unsafe { y.set_len(m * n) };
     Ok(y)
+}
+
+/// The tile state configured on this thread while it lives (the configuration is per thread; dropping it
+/// returns the tiles to their initial state, so context switches stop saving them).
+pub(crate) struct TileSession(());
+
+impl TileSession {
+    /// Configures the tiles. Panics unless [`available`] (the tile state must have been granted).
+    pub(crate) fn start() -> Self {
+        assert!(available(), "AMX tiles used where available() is false");
+        // SAFETY: the tile state was granted to this process (available()).
+        unsafe { kernels::configure_tiles() };
+        TileSession(())
+    }
+}
+
+impl Drop for TileSession {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured by `start`.
+        unsafe { kernels::release_tiles() };
+    }
+}
+
+/// Bf16 elements of the panel of 32 outputs [`multiply_panel`] takes for `k` inputs.
+pub(crate) fn panel_len(k: usize) -> usize {
+    k.next_multiple_of(STEP) * BLOCK
+}
+
+/// Writes inputs `k0..k0 + width` of a panel of 32 outputs (`panel`, [`panel_len`] elements) from `tile`
+/// `[width, 32]` (row-major, f32), rounded to bf16; inputs past `width` up to the next multiple of 32 become 0.
+pub(crate) fn fill_panel(panel: &mut [u16], k0: usize, tile: &[f32], width: usize) {
+    assert!(available(), "fill_panel: AMX (and with it AVX-512 BF16) is not available");
+    assert!(
+        k0.is_multiple_of(STEP) && width <= STEP && tile.len() >= width * BLOCK,
+        "fill_panel: a chunk of 32 inputs"
+    );
+    let half = panel.len() / 2;
+    let at = k0 * TILE_ROWS; // input pair k0/2 of a half panel, 32 bf16 per pair
+    assert!(at + STEP * TILE_ROWS <= half, "fill_panel: inputs past the panel");
+    let (lo, hi) = panel.split_at_mut(half);
+    // SAFETY: `available()` implies AVX-512 BF16 and BW; the bounds are asserted above.
+    unsafe {
+        kernels::interleave_tile(tile, width, &mut lo[at..at + STEP * TILE_ROWS], &mut hi[at..at + STEP * TILE_ROWS])
+    };
+}
+
+/// `out[r, 0..cols] = bias + rows[r]·panel` for the `m` rows packed by [`pack_rows`] (`k` inputs) and a panel of
+/// 32 outputs filled by [`fill_panel`]; `out` has row stride `stride`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn multiply_panel(
+    _tiles: &TileSession,
+    rows: &[u16],
+    m: usize,
+    k: usize,
+    panel: &[u16],
+    bias: &[f32; BLOCK],
+    out: &mut [f32],
+    stride: usize,
+    cols: usize,
+) {
+    let kp = k.next_multiple_of(STEP);
+    let group_len = TILE_ROWS * kp;
+    assert!(rows.len() >= m.next_multiple_of(BLOCK) * kp && panel.len() == panel_len(k), "multiply_panel: operands");
+    assert!(
+        cols <= BLOCK && stride >= cols && out.len() >= m.saturating_sub(1) * stride + cols,
+        "multiply_panel: output"
+    );
+    let (b0, b1) = panel.split_at(panel.len() / 2);
+    for mb in 0..m.div_ceil(BLOCK) {
+        let (a0, a1) = (&rows[2 * mb * group_len..], &rows[(2 * mb + 1) * group_len..]);
+        let valid = BLOCK.min(m - mb * BLOCK);
+        // SAFETY: the session configured the tiles; the operands hold kp / 32 tiles each (asserted above); the
+        // block writes rows mb·32.. of `out` (valid of them) and `cols` columns, within its length.
+        unsafe {
+            kernels::multiply_block(
+                [a0, a1],
+                [b0, b1],
+                kp / STEP,
+                bias,
+                out.as_mut_ptr().add(mb * BLOCK * stride),
+                stride,
+                valid,
+                cols,
+            )
+        };
+    }
 }
 
 /// The output's base pointer, shared by the row blocks, which write disjoint rows.
@@ -166,7 +270,7 @@ mod kernels {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{PackedRhs, BLOCK, STEP, TILE_ROWS};
+    use super::{BLOCK, STEP, TILE_ROWS};
 
     /// Rounds 32 floats to bf16 (to nearest even), writing all of `out[..32]`.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -190,6 +294,35 @@ mod kernels {
             1, 16, 0,
         );
         _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(order, both));
+    }
+
+    /// A `[width, 32]` f32 tile (inputs × outputs, rows past `width` taken as 0) rounded to bf16 into the
+    /// input pairs of two half panels: outputs 0..16 into `lo`, 16..32 into `hi`, 16 pairs × 32 bf16 each.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub unsafe fn interleave_tile(tile: &[f32], width: usize, lo: &mut [u16], hi: &mut [u16]) {
+        assert!(
+            width <= STEP
+                && tile.len() >= width * BLOCK
+                && lo.len() >= STEP * TILE_ROWS
+                && hi.len() >= STEP * TILE_ROWS
+        );
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        let row = |kk: usize, half: usize| {
+            if kk < width {
+                _mm512_loadu_ps(tile.as_ptr().add(kk * BLOCK + half * TILE_ROWS))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for i in 0..STEP / 2 {
+            for (half, out) in [(0, lo.as_mut_ptr()), (1, hi.as_mut_ptr())] {
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(row(2 * i + 1, half), row(2 * i, half)));
+                _mm512_storeu_si512(out.add(i * 2 * TILE_ROWS).cast(), _mm512_permutexvar_epi16(order, both));
+            }
+        }
     }
 
     /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -216,27 +349,25 @@ mod kernels {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// One 32 × 32 block of outputs, rows from `32·mb` and columns from `nb`: accumulators start at the
-    /// bias (a tile loaded with row stride 0), then every step of 32 inputs, then the block is stored into
-    /// `y` (through a scratch block where it overhangs `m` or `n`).
+    /// One block of 32 × 32 outputs: accumulators start at `bias[0..32]` (a tile loaded with row stride 0),
+    /// then `steps` steps of 32 inputs over the two row tiles `a` and the two output tiles `b`, then the block is
+    /// stored at `y` (row stride `stride`), its first `rows` rows and `cols` columns (through a scratch block
+    /// where that is not all of it).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block(
-        a: &[u16],
-        w: &PackedRhs,
-        kp: usize,
+    pub unsafe fn multiply_block(
+        a: [&[u16]; 2],
+        b: [&[u16]; 2],
+        steps: usize,
         bias: &[f32],
-        mb: usize,
-        nb: usize,
-        m: usize,
-        n: usize,
         y: *mut f32,
+        stride: usize,
+        rows: usize,
+        cols: usize,
     ) {
-        let steps = kp / STEP;
-        let a_group = |g: usize| a.as_ptr().add(g * TILE_ROWS * kp);
-        let (a0, a1) = (a_group(2 * mb), a_group(2 * mb + 1));
-        let panel = |p: usize| w.data.as_ptr().add(p * kp * TILE_ROWS);
-        let (b0, b1) = (panel(nb / TILE_ROWS), panel(nb / TILE_ROWS + 1));
-        let bias = bias.as_ptr().add(nb);
+        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
+        assert!(a.iter().chain(&b).all(|o| o.len() >= steps * TILE) && bias.len() >= BLOCK, "multiply_block: operands");
+        let ([a0, a1], [b0, b1]) = (a.map(<[u16]>::as_ptr), b.map(<[u16]>::as_ptr));
+        let bias = bias.as_ptr();
         asm!(
             "tileloadd tmm0, [{bias} + {zero}*1]",
             "tileloadd tmm1, [{bias1} + {zero}*1]",
@@ -245,7 +376,6 @@ mod kernels {
             bias = in(reg) bias, bias1 = in(reg) bias.add(16), zero = in(reg) 0usize,
             options(nostack, readonly),
         );
-        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
         for s in 0..steps {
             asm!(
                 "tileloadd tmm4, [{a0} + {stride}*1]",
@@ -264,10 +394,9 @@ mod kernels {
                 options(nostack, readonly),
             );
         }
-        let row0 = mb * BLOCK;
-        let full = row0 + BLOCK <= m && nb + BLOCK <= n;
+        let full = rows == BLOCK && cols == BLOCK;
         let mut scratch = std::mem::MaybeUninit::<[f32; BLOCK * BLOCK]>::uninit();
-        let (c, stride) = if full { (y.add(row0 * n + nb), n) } else { (scratch.as_mut_ptr().cast::<f32>(), BLOCK) };
+        let (c, c_stride) = if full { (y, stride) } else { (scratch.as_mut_ptr().cast::<f32>(), BLOCK) };
         asm!(
             "tilestored [{c0} + {s}*1], tmm0",
             "tilestored [{c1} + {s}*1], tmm1",
@@ -275,16 +404,15 @@ mod kernels {
             "tilestored [{c3} + {s}*1], tmm3",
             c0 = in(reg) c,
             c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * stride),
-            c3 = in(reg) c.add(16 * stride + 16),
-            s = in(reg) stride * 4,
+            c2 = in(reg) c.add(16 * c_stride),
+            c3 = in(reg) c.add(16 * c_stride + 16),
+            s = in(reg) c_stride * 4,
             options(nostack),
         );
         if !full {
-            let (rows, cols) = (BLOCK.min(m.saturating_sub(row0)), BLOCK.min(n.saturating_sub(nb)));
             let scratch = scratch.as_ptr().cast::<f32>(); // written whole by the stores above
             for r in 0..rows {
-                std::ptr::copy_nonoverlapping(scratch.add(r * BLOCK), y.add((row0 + r) * n + nb), cols);
+                std::ptr::copy_nonoverlapping(scratch.add(r * BLOCK), y.add(r * stride), cols);
             }
         }
     }
@@ -292,12 +420,14 @@ mod kernels {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
-    use super::PackedRhs;
 
     pub unsafe fn round_32(_: &[f32; 32], _: &mut [std::mem::MaybeUninit<u16>]) {
         unreachable!("AMX is x86-64 only; available() is false here")
     }
     pub unsafe fn interleave_pair(_: &[f32; 16], _: &[f32; 16], _: &mut [u16]) {
+        unreachable!("AMX is x86-64 only; available() is false here")
+    }
+    pub unsafe fn interleave_tile(_: &[f32], _: usize, _: &mut [u16], _: &mut [u16]) {
         unreachable!("AMX is x86-64 only; available() is false here")
     }
     pub unsafe fn configure_tiles() {}
