@@ -1,11 +1,12 @@
-//! CPU benchmarks: the GEMM at the ViT MLP shapes (f32, and bf16 on AMX where the CPU has it), the ViT-B/32-shaped forward (random weights, batch 16),
+//! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
-//! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step.
+//! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step. The GEMM
+//! and the WEMoE layer also with bf16 products on AMX tiles, where the CPU has them (`--precision bf16`).
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wemoe_engine::config::VisionConfig;
-use wemoe_engine::device::CpuBackend;
+use wemoe_engine::device::{CpuBackend, Precision};
 use wemoe_engine::model::{
     ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
 };
@@ -87,6 +88,17 @@ fn wemoe_layer(c: &mut Criterion) {
             b.iter(|| moe.forward(&be, &h, Routing::Batch).unwrap())
         });
         group.bench_function(BenchmarkId::new("dense_mlp", batch), |b| b.iter(|| dense.forward(&be, &h).unwrap()));
+        // --precision bf16 on AMX (the CPU backend prepares weights alike in both precisions).
+        if let Ok(bf16) = CpuBackend::with_precision(Precision::Bf16) {
+            for (id, routing) in [("per_sample_bf16", Routing::Sample), ("batch_bf16", Routing::Batch)] {
+                group.bench_function(BenchmarkId::new(id, batch), |b| {
+                    b.iter(|| moe.forward(&bf16, &h, routing).unwrap())
+                });
+            }
+            group.bench_function(BenchmarkId::new("dense_mlp_bf16", batch), |b| {
+                b.iter(|| dense.forward(&bf16, &h).unwrap())
+            });
+        }
     }
     group.finish();
 }
