@@ -269,7 +269,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
 }
 
 /// [`expert_linear`] with bf16 products on AMX tiles (`--precision bf16` on the CPU; the caller checks
-/// [`super::amx::available`]). As [`per_group`], every group's merged tile is formed in f32 from the
+/// [`super::amx::available`]). As in the f32 per-group path, every group's merged tile is formed in f32 from the
 /// cache-resident source tiles, eight groups per pass over them; here each is rounded into that group's bf16
 /// panel of the block's 32 outputs over all inputs (48 KiB at 768 inputs, so eight stay in L2), and once a
 /// pass's panels are whole, each group's rows (rounded once per call) are multiplied with its panel, the
