@@ -44,7 +44,7 @@ fn detect() -> bool {
     false
 }
 
-/// Rows of a tile, and its bytes per row.
+/// Rows of a tile (each 64 bytes: 32 bf16 or 16 f32).
 const TILE_ROWS: usize = 16;
 /// Inputs per step: a tile row of bf16.
 const STEP: usize = 32;
@@ -282,18 +282,23 @@ mod kernels {
         _mm512_storeu_si512(out.as_mut_ptr().cast(), packed);
     }
 
+    /// The 16-bit lanes that interleave two rows converted together (row a in lanes 0..16, row b in 16..32)
+    /// as `tdpbf16ps` takes input pairs: a0 b0 a1 b1 ...
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pair_order() -> __m512i {
+        _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        )
+    }
+
     /// Rounds rows `a` and `b` (16 outputs of inputs 2i and 2i+1) to bf16, interleaved: a0 b0 a1 b1 ...
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     pub unsafe fn interleave_pair(a: &[f32; TILE_ROWS], b: &[f32; TILE_ROWS], out: &mut [u16]) {
         assert!(out.len() >= 2 * TILE_ROWS);
         let both: __m512i =
             std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(a.as_ptr())));
-        // Lanes 0..16 hold a, 16..32 hold b: take a0, b0, a1, b1, ...
-        let order = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-            1, 16, 0,
-        );
-        _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(order, both));
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(pair_order(), both));
     }
 
     /// A `[width, 32]` f32 tile (inputs × outputs, rows past `width` taken as 0) rounded to bf16 into the
@@ -306,10 +311,7 @@ mod kernels {
                 && lo.len() >= STEP * TILE_ROWS
                 && hi.len() >= STEP * TILE_ROWS
         );
-        let order = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-            1, 16, 0,
-        );
+        let order = pair_order();
         let row = |kk: usize, half: usize| {
             if kk < width {
                 _mm512_loadu_ps(tile.as_ptr().add(kk * BLOCK + half * TILE_ROWS))
