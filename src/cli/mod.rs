@@ -24,7 +24,8 @@ pub struct Cli {
     /// Where to compute: auto, cpu, cuda or cuda:N.
     #[arg(long, global = true, default_value = "auto")]
     device: DeviceRequest,
-    /// The GPU's forward arithmetic: f32 (exact), tf32 or bf16 (tensor cores, within about 1e-3 or 1e-2).
+    /// The forward's arithmetic: f32 (exact), tf32 (GPU tensor cores, within about 1e-3) or bf16 (GPU tensor
+    /// cores or CPU AMX tiles, within about 1e-2).
     #[arg(long, global = true, default_value = "f32")]
     precision: Precision,
     /// No progress and no informational lines.

@@ -4,9 +4,9 @@
 //! (forward and backward) against the CPU backend on machines without a GPU.
 //!
 //! Exact f32 by default; with [`Precision::Tf32`] or [`Precision::Bf16`] the forward's linear layers run on
-//! tensor cores (the backward stays f32). Plain dense products use the kernels' dense mode (`experts = 0`). Per-sample
-//! routing runs the fused kernel, one route per sample, never storing a sample's merged weight; a single
-//! group (batch routing) merges its one weight and multiplies densely.
+//! tensor cores (the backward stays f32). Plain dense products use the kernels' dense mode (`experts = 0`).
+//! Per-sample routing runs the fused kernel, one route per sample, never storing a sample's merged weight; a
+//! single group (batch routing) merges its one weight and multiplies densely.
 
 use std::any::Any;
 use std::sync::Arc;

@@ -287,7 +287,9 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
     let panel_len = super::amx::panel_len(k);
     let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
     // A pass's tiles and panels (1.5 MiB at 3072 inputs) made once per rayon job, not per block: freed and
-    // made again per block, their pages were faulted in afresh each time.
+    // made again per block, their pages were faulted in afresh each time. In a last, narrower block the tiles'
+    // columns past its outputs keep an earlier block's values; they reach only output columns that the
+    // gather leaves out.
     let scratch = || (vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS], vec![0u16; GROUPS_PER_PASS * panel_len]);
     let parts: Vec<Vec<f32>> = blocks
         .par_iter()
