@@ -195,31 +195,15 @@ impl Drop for TileSession {
     }
 }
 
-/// Bf16 elements of the panel of 32 outputs [`multiply_panel`] takes for `k` inputs.
+/// Bf16 elements of the panel of 32 outputs [`multiply_panel`] takes for `k` inputs: two halves of 16
+/// outputs, each `[kp/2][16][2]` (kp = `k` rounded up to 32; inputs 2i and 2i+1 of an output side by side,
+/// as [`store_pair`] writes them, inputs past `k` zero).
 pub(crate) fn panel_len(k: usize) -> usize {
     k.next_multiple_of(STEP) * BLOCK
 }
 
-/// Writes inputs `k0..k0 + width` of a panel of 32 outputs (`panel`, [`panel_len`] elements) from `tile`
-/// `[width, 32]` (row-major, f32), rounded to bf16; inputs past `width` up to the next multiple of 32 become 0.
-pub(crate) fn fill_panel(panel: &mut [u16], k0: usize, tile: &[f32], width: usize) {
-    assert!(available(), "fill_panel: AMX (and with it AVX-512 BF16) is not available");
-    assert!(
-        k0.is_multiple_of(STEP) && width <= STEP && tile.len() >= width * BLOCK,
-        "fill_panel: a chunk of 32 inputs"
-    );
-    let half = panel.len() / 2;
-    let at = k0 * TILE_ROWS; // input pair k0/2 of a half panel, 32 bf16 per pair
-    assert!(at + STEP * TILE_ROWS <= half, "fill_panel: inputs past the panel");
-    let (lo, hi) = panel.split_at_mut(half);
-    // SAFETY: `available()` implies AVX-512 BF16 and BW; the bounds are asserted above.
-    unsafe {
-        kernels::interleave_tile(tile, width, &mut lo[at..at + STEP * TILE_ROWS], &mut hi[at..at + STEP * TILE_ROWS])
-    };
-}
-
 /// `out[r, 0..cols] = bias + rows[r]·panel` for the `m` rows packed by [`pack_rows`] (`k` inputs) and a panel of
-/// 32 outputs filled by [`fill_panel`]; `out` has row stride `stride`.
+/// 32 outputs ([`panel_len`]); `out` has row stride `stride`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn multiply_panel(
     _tiles: &TileSession,
@@ -260,6 +244,19 @@ pub(crate) fn multiply_panel(
     }
 }
 
+/// Rounds one input pair of 16 outputs (`even`: input 2i, `odd`: input 2i+1) to bf16 and stores it at `out`
+/// (32 bf16) in the order `tdpbf16ps` takes: how a merge writes a panel ([`panel_len`]).
+///
+/// # Safety
+/// The CPU must have AVX-512 BF16 and BW ([`available`] implies both), and `out` must be valid for 32 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+pub(crate) unsafe fn store_pair(out: *mut u16, even: std::arch::x86_64::__m512, odd: std::arch::x86_64::__m512) {
+    use std::arch::x86_64::*;
+    let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+    _mm512_storeu_si512(out.cast(), _mm512_permutexvar_epi16(kernels::pair_order(), both));
+}
+
 /// The output's base pointer, shared by the row blocks, which write disjoint rows.
 struct SharedOut(*mut f32);
 // SAFETY: only ever used for disjoint writes, one row block per task.
@@ -285,7 +282,7 @@ mod kernels {
     /// The 16-bit lanes that interleave two rows converted together (row a in lanes 0..16, row b in 16..32)
     /// as `tdpbf16ps` takes input pairs: a0 b0 a1 b1 ...
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn pair_order() -> __m512i {
+    pub fn pair_order() -> __m512i {
         _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
             1, 16, 0,
@@ -299,32 +296,6 @@ mod kernels {
         let both: __m512i =
             std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(a.as_ptr())));
         _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(pair_order(), both));
-    }
-
-    /// A `[width, 32]` f32 tile (inputs × outputs, rows past `width` taken as 0) rounded to bf16 into the
-    /// input pairs of two half panels: outputs 0..16 into `lo`, 16..32 into `hi`, 16 pairs × 32 bf16 each.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub unsafe fn interleave_tile(tile: &[f32], width: usize, lo: &mut [u16], hi: &mut [u16]) {
-        assert!(
-            width <= STEP
-                && tile.len() >= width * BLOCK
-                && lo.len() >= STEP * TILE_ROWS
-                && hi.len() >= STEP * TILE_ROWS
-        );
-        let order = pair_order();
-        let row = |kk: usize, half: usize| {
-            if kk < width {
-                _mm512_loadu_ps(tile.as_ptr().add(kk * BLOCK + half * TILE_ROWS))
-            } else {
-                _mm512_setzero_ps()
-            }
-        };
-        for i in 0..STEP / 2 {
-            for (half, out) in [(0, lo.as_mut_ptr()), (1, hi.as_mut_ptr())] {
-                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(row(2 * i + 1, half), row(2 * i, half)));
-                _mm512_storeu_si512(out.add(i * 2 * TILE_ROWS).cast(), _mm512_permutexvar_epi16(order, both));
-            }
-        }
     }
 
     /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -427,9 +398,6 @@ mod kernels {
         unreachable!("AMX is x86-64 only; available() is false here")
     }
     pub unsafe fn interleave_pair(_: &[f32; 16], _: &[f32; 16], _: &mut [u16]) {
-        unreachable!("AMX is x86-64 only; available() is false here")
-    }
-    pub unsafe fn interleave_tile(_: &[f32], _: usize, _: &mut [u16], _: &mut [u16]) {
         unreachable!("AMX is x86-64 only; available() is false here")
     }
     pub unsafe fn configure_tiles() {}

@@ -268,32 +268,29 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o)
 }
 
-/// [`expert_linear`] with bf16 products on AMX tiles (`--precision bf16` on the CPU; the caller checks
-/// [`super::amx::available`]). As in the f32 per-group path, every group's merged tile is formed in f32 from the
-/// cache-resident source tiles, eight groups per pass over them; here each is rounded into that group's bf16
-/// panel of the block's 32 outputs over all inputs (48 KiB at 768 inputs, so eight stay in L2), and once a
-/// pass's panels are whole, each group's rows (rounded once per call) are multiplied with its panel, the
-/// accumulators in tiles for the whole reduction. Each group's weight is rounded to bf16 after merging, as
-/// on the GPU.
+/// [`expert_linear`] with bf16 products on AMX tiles (`--precision bf16` on the CPU; refused unless
+/// [`super::amx::available`]). As in the f32 per-group path, every group's merged tile is formed in f32 from
+/// the cache-resident source tiles, eight groups per pass over them; here each is rounded straight into that
+/// group's bf16 panel of the block's 32 outputs over all inputs (48 KiB at 768 inputs, so eight stay in L2),
+/// and once a pass's panels are whole, each group's rows (rounded once per call) are multiplied with its
+/// panel, the accumulators in tiles for the whole reduction. Each group's weight is rounded to bf16 after
+/// merging, as on the GPU.
 pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef) -> Result<Vec<f32>> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     ensure!(x.len() == groups * n * k, "expert_linear_bf16: input does not hold {groups}×{n}×{k}");
     ensure!(c.len() == groups * t, "expert_linear_bf16: coefficients are not [{groups}, {t}]");
     ensure!(super::amx::available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
     w.assert_blocked();
-    let kernel = Kernel::detect();
     let kc = CHUNK_INPUTS;
     let rows: Vec<Vec<u16>> = x.par_chunks(n * k).map(|xg| super::amx::pack_rows(xg, n, k)).collect();
     let panel_len = super::amx::panel_len(k);
     let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
-    // A pass's tiles and panels (1.5 MiB at 3072 inputs) made once per rayon job, not per block: freed and
-    // made again per block, their pages were faulted in afresh each time. In a last, narrower block the tiles'
-    // columns past its outputs keep an earlier block's values; they reach only output columns that the
-    // gather leaves out.
-    let scratch = || (vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS], vec![0u16; GROUPS_PER_PASS * panel_len]);
+    // A pass's panels (1.5 MiB at 3072 inputs) made once per rayon job, not per block: freed and made again
+    // per block, their pages were faulted in afresh each time.
+    let scratch = || vec![0u16; GROUPS_PER_PASS * panel_len];
     let parts: Vec<Vec<f32>> = blocks
         .par_iter()
-        .map_init(scratch, |(tiles, panels), &r0| {
+        .map_init(scratch, |panels, &r0| {
             let cols = BLOCK_ROWS.min(o - r0);
             let mut part = vec![0.0f32; groups * n * BLOCK_ROWS];
             let session = super::amx::TileSession::start();
@@ -301,12 +298,13 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
                 let count = GROUPS_PER_PASS.min(groups - g0);
                 let cs = &c[g0 * t..(g0 + count) * t];
                 for k0 in (0..k).step_by(kc) {
-                    let width = kc.min(k - k0);
-                    let tiles = &mut tiles[..count * kc * BLOCK_ROWS];
-                    merge_tiles(kernel, w, cs, k0..k0 + width, r0..r0 + cols, tiles);
-                    for (tile, panel) in tiles.chunks_exact(kc * BLOCK_ROWS).zip(panels.chunks_exact_mut(panel_len)) {
-                        super::amx::fill_panel(panel, k0, tile, width);
-                    }
+                    // (x86-64 only, as AMX is: elsewhere `available()` refused this call above.)
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AMX is available (checked above), and with it AVX-512 BF16 and BW; bounds are
+                    // asserted inside.
+                    unsafe {
+                        avx512::merge_panels_bf16(w, cs, k0, kc.min(k - k0), r0, panels, panel_len)
+                    };
                 }
                 for (s, panel) in panels.chunks_exact(panel_len).take(count).enumerate() {
                     let g = g0 + s;
@@ -461,6 +459,68 @@ mod avx512 {
                     let dst = tiles.as_mut_ptr().add(((g0 + s) * kc + i) * BLOCK_ROWS);
                     _mm512_storeu_ps(dst, a[0]);
                     _mm512_storeu_ps(dst.add(16), a[1]);
+                }
+            }
+        }
+    }
+
+    /// The merge of [`merge_tiles`] for up to eight groups, written straight into each group's bf16 panel
+    /// (`panels`, one of `panel_len` per group, the layout of [`crate::ops::amx::panel_len`]) instead of f32
+    /// tiles: inputs `k0..k0 + width` (past `width`, up to 32, zeros), outputs `col0..col0 + 32`. Two input
+    /// rows at a time (an input pair), four groups per sub-pass (16 accumulators); the same fused
+    /// multiply-adds in the same order as [`merge_tiles`], so the same f32 values are rounded.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub unsafe fn merge_panels_bf16(
+        w: &ExpertLinearRef,
+        c: &[f32],
+        k0: usize,
+        width: usize,
+        col0: usize,
+        panels: &mut [u16],
+        panel_len: usize,
+    ) {
+        const SUB: usize = 4;
+        let t = w.task_weights.len();
+        let groups = c.len() / t;
+        assert!(col0.is_multiple_of(BLOCK_ROWS) && col0 < w.out_features && k0 + width <= w.in_features);
+        assert!(groups > 0 && groups <= GROUPS_PER_PASS && c.len() == groups * t && width <= BLOCK_ROWS);
+        assert!(panels.len() >= groups * panel_len && (k0 / 2 + BLOCK_ROWS / 2) * BLOCK_ROWS <= panel_len / 2);
+        w.assert_blocked();
+        let load = |src: &[f32], i: usize, half: usize| {
+            if i < width {
+                _mm512_loadu_ps(src.as_ptr().add(w.offset(k0 + i, col0) + 16 * half))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for pair in 0..BLOCK_ROWS / 2 {
+            let rows = [2 * pair, 2 * pair + 1];
+            for g0 in (0..groups).step_by(SUB) {
+                let count = SUB.min(groups - g0);
+                let base = [
+                    [load(w.base_weight, rows[0], 0), load(w.base_weight, rows[0], 1)],
+                    [load(w.base_weight, rows[1], 0), load(w.base_weight, rows[1], 1)],
+                ];
+                let mut acc = [base; SUB];
+                for (e, tw) in w.task_weights.iter().enumerate() {
+                    let v =
+                        [[load(tw, rows[0], 0), load(tw, rows[0], 1)], [load(tw, rows[1], 0), load(tw, rows[1], 1)]];
+                    for (s, a) in acc.iter_mut().enumerate().take(count) {
+                        let cv = _mm512_set1_ps(*c.get_unchecked((g0 + s) * t + e));
+                        for (ar, vr) in a.iter_mut().zip(&v) {
+                            for (x, y) in ar.iter_mut().zip(vr) {
+                                *x = _mm512_fmadd_ps(cv, *y, *x);
+                            }
+                        }
+                    }
+                }
+                for (s, a) in acc.iter().enumerate().take(count) {
+                    let panel = panels.as_mut_ptr().add((g0 + s) * panel_len);
+                    for (h, (&even, &odd)) in a[0].iter().zip(&a[1]).enumerate() {
+                        let out = panel.add(h * panel_len / 2 + (k0 / 2 + pair) * BLOCK_ROWS);
+                        crate::ops::amx::store_pair(out, even, odd);
+                    }
                 }
             }
         }
