@@ -293,9 +293,7 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     pub unsafe fn interleave_pair(a: &[f32; TILE_ROWS], b: &[f32; TILE_ROWS], out: &mut [u16]) {
         assert!(out.len() >= 2 * TILE_ROWS);
-        let both: __m512i =
-            std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(a.as_ptr())));
-        _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutexvar_epi16(pair_order(), both));
+        super::store_pair(out.as_mut_ptr(), _mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(b.as_ptr()));
     }
 
     /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
