@@ -211,6 +211,43 @@ fn embed_writes_fusionbenchs_routing_weights() {
     }
 }
 
+/// `WEMOE_MAX_CPU_ISA` caps the per-sample kernels (AVX-512, AVX2, portable): under each cap this CPU allows,
+/// `doctor` names the set in use and per-sample `embed` still gives FusionBench's outputs; a value it does not
+/// know is named in a warning and ignored.
+#[test]
+fn every_cpu_kernel_set_runs_like_fusionbench() {
+    let has = |f: &str| match f {
+        #[cfg(target_arch = "x86_64")]
+        "avx512" => std::is_x86_feature_detected!("avx512f"),
+        #[cfg(target_arch = "x86_64")]
+        "avx2" => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+        _ => false,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for (cap, name) in [("avx512", "AVX-512"), ("avx2", "AVX2"), ("portable", "portable")] {
+        if cap != "portable" && !has(cap) {
+            continue; // a cap above what this CPU has falls back to what it has, tested below by the others
+        }
+        let env = [("WEMOE_MAX_CPU_ISA", cap)];
+        let (ok, text, err) = engine_with_env(&env, &["doctor"]);
+        let cpu = text.lines().find(|l| l.starts_with("cpu")).unwrap_or_else(|| panic!("{text}{err}"));
+        assert!(ok && cpu.contains(&format!("threads, {name}")), "{cap}: {cpu}");
+        let out = tmp.path().join(format!("{cap}.safetensors"));
+        let (model, images) = (wemoe("fusionbench_d2"), wemoe("pixels.safetensors"));
+        let args =
+            ["embed", "--model", s(&model), "--images", s(&images), "--out", s(&out), "--device", "cpu", "--quiet"];
+        let (ok, _, err) = engine_with_env(&env, &args);
+        assert!(ok && err.is_empty(), "{cap}: {err}");
+        let file = SafetensorsFile::open(&out).unwrap();
+        for tensor in ["pooler_output", "routing_weights"] {
+            let want = reference("wemoe/expected.safetensors", &format!("d2.sample.{tensor}")).1;
+            assert_close(&format!("{cap} {tensor}"), file.f32(tensor).unwrap().host().unwrap(), &want);
+        }
+    }
+    let (ok, _, err) = engine_with_env(&[("WEMOE_MAX_CPU_ISA", "sse9")], &["doctor"]);
+    assert!(ok && err.contains("WEMOE_MAX_CPU_ISA=sse9 ignored"), "{err}");
+}
+
 #[test]
 fn merge_and_info_on_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();

@@ -80,15 +80,9 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        let isa = if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f") {
-            "AVX-512"
-        } else if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
-            "AVX2"
-        } else {
-            "portable"
-        };
         let precision = if self.bf16 { ", bf16 on AMX" } else { "" };
-        format!("cpu ({} threads, {isa}{precision})", rayon::current_num_threads())
+        let kernels = ops::expert_linear::Kernel::detect().name();
+        format!("cpu ({} threads, {kernels}{precision})", rayon::current_num_threads())
     }
 
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {

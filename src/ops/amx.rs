@@ -389,30 +389,36 @@ mod kernels {
     }
 }
 
+/// Elsewhere [`available`] is false, so nothing below is ever called; the signatures keep the callers
+/// architecture-neutral.
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
+    const UNREACHABLE: &str = "AMX is x86-64 only; available() is false here";
 
-    pub unsafe fn round_32(_: &[f32; 32], _: &mut [std::mem::MaybeUninit<u16>]) {
-        unreachable!("AMX is x86-64 only; available() is false here")
+    pub unsafe fn round_32(_: &[f32; super::STEP], _: &mut [std::mem::MaybeUninit<u16>]) {
+        unreachable!("{UNREACHABLE}")
     }
-    pub unsafe fn interleave_pair(_: &[f32; 16], _: &[f32; 16], _: &mut [u16]) {
-        unreachable!("AMX is x86-64 only; available() is false here")
+    pub unsafe fn interleave_pair(_: &[f32; super::TILE_ROWS], _: &[f32; super::TILE_ROWS], _: &mut [u16]) {
+        unreachable!("{UNREACHABLE}")
     }
-    pub unsafe fn configure_tiles() {}
-    pub unsafe fn release_tiles() {}
+    pub unsafe fn configure_tiles() {
+        unreachable!("{UNREACHABLE}")
+    }
+    pub unsafe fn release_tiles() {
+        unreachable!("{UNREACHABLE}")
+    }
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block(
-        _: &[u16],
-        _: &PackedRhs,
+    pub unsafe fn multiply_block(
+        _: [&[u16]; 2],
+        _: [&[u16]; 2],
         _: usize,
         _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
         _: *mut f32,
+        _: usize,
+        _: usize,
+        _: usize,
     ) {
-        unreachable!("AMX is x86-64 only; available() is false here")
+        unreachable!("{UNREACHABLE}")
     }
 }
 

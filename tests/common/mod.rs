@@ -50,7 +50,16 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 
 /// The engine binary, run with `args`: (success, stdout, stderr).
 pub fn engine(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wemoe-engine")).args(args).output().unwrap();
+    engine_with_env(&[], args)
+}
+
+/// [`engine`] with extra environment variables.
+pub fn engine_with_env(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wemoe-engine"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -192,24 +192,82 @@ const CHUNK_INPUTS: usize = 32;
 /// Groups merged per pass over a source row (16 accumulators in the AVX-512 merge).
 const GROUPS_PER_PASS: usize = 8;
 
-/// How a block's product is computed.
+/// The instruction set of the per-sample kernels (merge, micro-kernel, router-gradient contraction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
-    /// The AVX-512 micro-kernel (x86-64 with AVX-512F).
+pub(crate) enum Kernel {
+    /// 16-lane kernels (x86-64 with AVX-512F).
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// The `gemm` crate on the tile (any CPU).
+    /// The same algorithms on 8 lanes (x86-64 with AVX2 and FMA: AMD Zen 2 and 3, Intel client cores).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Plain Rust for the merges and the `gemm` crate on each tile (any CPU).
     Portable,
 }
 
+/// Caps the kernels' instruction set below what the CPU offers (`avx2` or `portable`), to reproduce on
+/// one machine what another runs, as oneDNN's `ONEDNN_MAX_CPU_ISA` does.
+pub const MAX_ISA_ENV: &str = "WEMOE_MAX_CPU_ISA";
+
 impl Kernel {
-    /// The fastest this CPU runs.
-    fn detect() -> Self {
+    /// The widest this CPU runs, within [`MAX_ISA_ENV`] (read once).
+    pub(crate) fn detect() -> Self {
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let cap = std::env::var(MAX_ISA_ENV).ok();
+            let widest = Kernel::widest();
+            match cap.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("") | Some("avx512") => widest,
+                #[cfg(target_arch = "x86_64")]
+                Some("avx2") if widest == Kernel::Avx512 => Kernel::Avx2,
+                Some("avx2") => widest,
+                Some("portable") => Kernel::Portable,
+                Some(other) => {
+                    eprintln!("warning: {MAX_ISA_ENV}={other} ignored (expected avx512, avx2 or portable)");
+                    widest
+                }
+            }
+        })
+    }
+
+    fn widest() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            return Kernel::Avx512;
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
         }
         Kernel::Portable
+    }
+
+    /// Every kernel set this CPU can run (for tests that compare them).
+    #[cfg(test)]
+    fn all_available() -> Vec<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            let avx512 = std::is_x86_feature_detected!("avx512f");
+            [(true, Kernel::Portable), (avx2, Kernel::Avx2), (avx512, Kernel::Avx512)]
+                .into_iter()
+                .filter_map(|(has, kernel)| has.then_some(kernel))
+                .collect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Kernel::Portable]
+    }
+
+    /// The name `describe` and `doctor` print.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => "AVX-512",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "AVX2",
+            Kernel::Portable => "portable",
+        }
     }
 }
 
@@ -245,11 +303,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                 // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
                 let passes = groups.div_ceil(GROUPS_PER_PASS);
                 for (pass, g0) in (0..groups).step_by(GROUPS_PER_PASS).enumerate() {
-                    #[cfg(target_arch = "x86_64")]
-                    if kernel == Kernel::Avx512 {
-                        // SAFETY: AVX-512F was detected; a prefetch reads nothing and never faults.
-                        unsafe { avx512::prefetch_next_tiles(w, k0 + width, r0, kc, pass, passes) };
-                    }
+                    prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
                     let count = GROUPS_PER_PASS.min(groups - g0);
                     let cs = &c[g0 * t..(g0 + count) * t];
                     let tiles = &mut tiles[..count * tile_len];
@@ -298,13 +352,7 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
                 let count = GROUPS_PER_PASS.min(groups - g0);
                 let cs = &c[g0 * t..(g0 + count) * t];
                 for k0 in (0..k).step_by(kc) {
-                    // (x86-64 only, as AMX is: elsewhere `available()` refused this call above.)
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AMX is available (checked above), and with it AVX-512 BF16 and BW; bounds are
-                    // asserted inside.
-                    unsafe {
-                        avx512::merge_panels_bf16(w, cs, k0, kc.min(k - k0), r0, panels, panel_len)
-                    };
+                    merge_panels_bf16(w, cs, k0, kc.min(k - k0), r0, panels, panel_len);
                 }
                 for (s, panel) in panels.chunks_exact(panel_len).take(count).enumerate() {
                     let g = g0 + s;
@@ -318,6 +366,60 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
         })
         .collect();
     Ok(gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o))
+}
+
+/// The merge of a pass's bf16 panels (the AVX-512 path's `merge_panels_bf16`). AMX implies x86-64;
+/// elsewhere [`expert_linear_bf16`] refuses before coming here.
+fn merge_panels_bf16(
+    w: &ExpertLinearRef,
+    c: &[f32],
+    k0: usize,
+    width: usize,
+    r0: usize,
+    panels: &mut [u16],
+    panel_len: usize,
+) {
+    assert!(super::amx::available(), "bf16 panels merged without AMX");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
+    unsafe {
+        avx512::merge_panels_bf16(w, c, k0, width, r0, panels, panel_len)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, c, k0, width, r0, panels, panel_len);
+}
+
+/// Part `part` of `parts` of the source tiles that follow the current ones (inputs `k0..k0 + kc` of the block
+/// at `col0`; past a block's last input, the next block's first), fetched into L2 while this chunk's passes
+/// run. Each tile is one 4 KiB page of a blocked weight, and the hardware prefetcher does not cross pages,
+/// so without this the first pass over every chunk waited for memory on each source (measured: BENCHMARKS.md).
+/// The portable path leaves it to the hardware.
+fn prefetch_next_tiles(
+    kernel: Kernel,
+    w: &ExpertLinearRef,
+    k0: usize,
+    col0: usize,
+    kc: usize,
+    part: usize,
+    parts: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let bytes = kc * BLOCK_ROWS * std::mem::size_of::<f32>();
+        let (from, to) = (bytes * part / parts / 64 * 64, bytes * (part + 1) / parts);
+        let off = w.offset(k0, col0);
+        for src in std::iter::once(&w.base_weight).chain(&w.task_weights) {
+            let start = src.as_ptr().wrapping_add(off).cast::<i8>();
+            for line in (from..to).step_by(64) {
+                // SAFETY: SSE is part of x86-64; a prefetch reads nothing and never faults, so addresses past
+                // the weights are harmless.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(line)) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (kernel, w, k0, col0, kc, part, parts);
 }
 
 /// `[rows, width]` from column stripes: stripe `i` holds columns `i·stride..(i+1)·stride` of every row, as
@@ -350,19 +452,131 @@ fn merge_tiles(
     cols: std::ops::Range<usize>,
     tiles: &mut [f32],
 ) {
-    let t = w.experts();
-    let groups = c.len() / t;
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
-        Kernel::Avx512 => unsafe {
-            avx512::merge_tiles(w, c, groups, ks.start, ks.len(), cols.start, cols.len(), tiles)
-        },
+        // SAFETY: chosen only when AVX-512F was detected; the span was checked and the rest is checked inside.
+        Kernel::Avx512 => unsafe { avx512::merge_tiles(w, c, TileSpan::new(w, ks, cols), tiles) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX2 and FMA were detected; the span was checked and the rest is checked
+        // inside.
+        Kernel::Avx2 => unsafe { avx2::merge_tiles(w, c, TileSpan::new(w, ks, cols), tiles) },
         Kernel::Portable => {
-            let tile_len = tiles.len() / groups;
+            let t = w.experts();
+            let tile_len = tiles.len() / (c.len() / t);
             for (cg, tile) in c.chunks_exact(t).zip(tiles.chunks_exact_mut(tile_len)) {
                 w.merge_tile(cg, ks.clone(), cols.clone(), tile, BLOCK_ROWS);
             }
+        }
+    }
+}
+
+/// [`ExpertLinearRef::dot_tile`] on the kernel set's lanes.
+fn dot_tile(
+    kernel: Kernel,
+    w: &ExpertLinearRef,
+    ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    tile: &[f32],
+    dots: &mut [f32],
+) {
+    assert!(tile.len() >= ks.len() * BLOCK_ROWS && dots.len() == w.experts(), "dot_tile: tile or dots too short");
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX-512F was detected; the span and the slices were checked.
+        Kernel::Avx512 => unsafe { avx512::dot_tile(w, TileSpan::new(w, ks, cols), tile, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX2 and FMA were detected; the span and the slices were checked.
+        Kernel::Avx2 => unsafe { avx2::dot_tile(w, TileSpan::new(w, ks, cols), tile, dots) },
+        Kernel::Portable => w.dot_tile(ks, cols, tile, dots),
+    }
+}
+
+/// A tile's place in a blocked weight: inputs `k0..k0 + width` × outputs `col0..col0 + cols`, within one block
+/// of 32 outputs.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+struct TileSpan {
+    k0: usize,
+    width: usize,
+    col0: usize,
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileSpan {
+    /// Inputs `ks` × outputs `cols`; panics unless they lie in one block of `w` (the SIMD kernels read
+    /// unchecked).
+    #[inline]
+    fn new(w: &ExpertLinearRef, ks: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Self {
+        let span = TileSpan { k0: ks.start, width: ks.len(), col0: cols.start, cols: cols.len() };
+        assert!(span.col0.is_multiple_of(BLOCK_ROWS) && span.cols > 0 && span.cols <= BLOCK_ROWS);
+        assert!(span.col0 + span.cols <= w.out_features && ks.end <= w.in_features);
+        w.assert_blocked();
+        span
+    }
+
+    /// Where input `k0 + i`'s outputs of this tile start in a blocked weight.
+    #[inline]
+    fn offset(&self, w: &ExpertLinearRef, i: usize) -> usize {
+        w.offset(self.k0 + i, self.col0)
+    }
+}
+
+/// The preconditions of the SIMD merges: coefficients `[groups, T]` and one tile of `kc` rows per group,
+/// at least `span.width`. Returns `(groups, kc)`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn merge_shape(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles: &[f32]) -> (usize, usize) {
+    let t = w.experts();
+    let groups = c.len() / t;
+    assert!(groups > 0 && c.len() == groups * t && tiles.len().is_multiple_of(groups * BLOCK_ROWS));
+    let kc = tiles.len() / groups / BLOCK_ROWS;
+    assert!(span.width <= kc);
+    (groups, kc)
+}
+
+/// The preconditions of the SIMD `multiply_tile`s (`n` rows of `x` at stride `stride`, a `[width, 32]` tile,
+/// `n` output rows of 32), and the `n` rows split as evenly as possible into runs of at most `most`, as
+/// `(first row, rows)`: no lane computes a row that is thrown away (50 tokens run as 5 × 10, not 5 × 12).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn row_runs(
+    x: &[f32],
+    n: usize,
+    stride: usize,
+    width: usize,
+    tile: &[f32],
+    out: &[f32],
+    most: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    assert!(n > 0 && width <= stride && x.len() >= (n - 1) * stride + width && tile.len() >= width * BLOCK_ROWS);
+    assert!(out.len() >= n * BLOCK_ROWS);
+    let runs = n.div_ceil(most);
+    // The first `n % runs` runs take one row more.
+    (0..runs).scan(0, move |r0, run| {
+        let rows = n / runs + usize::from(run < n % runs);
+        let first = *r0;
+        *r0 += rows;
+        Some((first, rows))
+    })
+}
+
+/// For the SIMD micro-kernels on packed rows (row stride 32: a chunk of 32 inputs, or a block of 32 outputs
+/// of `dy`, and the outputs): the next run's inputs and outputs follow this run's `rows` (past the last run:
+/// the next group's, in `per_group`'s packed chunk and part); fetched into L1 now, they are there when it
+/// starts instead of stalling its first broadcasts and its final load-add-store. Measured: 10% off the
+/// per-sample layer (BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_next_run(x: *const f32, out: *const f32, rows: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let next = rows * BLOCK_ROWS * std::mem::size_of::<f32>();
+    let (xn, on) = (x.cast::<i8>().wrapping_add(next), out.cast::<i8>().wrapping_add(next));
+    for line in (0..next).step_by(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch never faults, so addresses past the slices are harmless.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(xn.wrapping_add(line));
+            _mm_prefetch::<_MM_HINT_T0>(on.wrapping_add(line));
         }
     }
 }
@@ -397,6 +611,9 @@ fn multiply_tile(kernel: Kernel, x: &[f32], n: usize, stride: usize, width: usiz
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
         Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, stride, width, tile, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when AVX2 and FMA were detected; the slices bound every access (checked inside).
+        Kernel::Avx2 => unsafe { avx2::multiply_tile(x, n, stride, width, tile, out) },
         Kernel::Portable => {
             let xv = MatRef::strided(x, n, width, stride, 1).expect("the view lies inside x");
             let tv = MatRef::row_major(tile, width, BLOCK_ROWS).expect("the tile holds width rows");
@@ -406,260 +623,9 @@ fn multiply_tile(kernel: Kernel, x: &[f32], n: usize, stride: usize, width: usiz
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    //! A micro-kernel of up to 12 rows × 32 outputs (24 accumulators in zmm registers, the tile's row
-    //! broadcast-multiplied by each input row), and the merge of eight groups' tiles per pass.
-    use std::arch::x86_64::*;
-
-    use super::{ExpertLinearRef, BLOCK_ROWS, GROUPS_PER_PASS};
-
-    const MR: usize = 12;
-
-    /// For every group `g`: `tiles[g][i, 0..32] = W0[k0 + i, col0..] + Σ_t c[g,t] τ_t[k0 + i, col0..]` for
-    /// `i < width` (tiles of `kc = tiles.len() / groups / 32` rows), the columns past `cols` zero (the blocked
-    /// layout's padding). Each source row is loaded once per eight groups.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn merge_tiles(
-        w: &ExpertLinearRef,
-        c: &[f32],
-        groups: usize,
-        k0: usize,
-        width: usize,
-        col0: usize,
-        cols: usize,
-        tiles: &mut [f32],
-    ) {
-        let t = w.task_weights.len();
-        assert!(col0.is_multiple_of(BLOCK_ROWS) && cols > 0 && cols <= BLOCK_ROWS && col0 + cols <= w.out_features);
-        assert!(k0 + width <= w.in_features);
-        assert!(groups > 0 && c.len() == groups * t && tiles.len().is_multiple_of(groups * BLOCK_ROWS));
-        let kc = tiles.len() / groups / BLOCK_ROWS;
-        assert!(width <= kc);
-        w.assert_blocked();
-        for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
-            let count = GROUPS_PER_PASS.min(groups - g0);
-            // Groups past the end repeat the last; their tiles are not stored.
-            let group: [usize; GROUPS_PER_PASS] = std::array::from_fn(|s| g0 + s.min(count - 1));
-            for i in 0..width {
-                let off = w.offset(k0 + i, col0);
-                let b0 = _mm512_loadu_ps(w.base_weight.as_ptr().add(off));
-                let b1 = _mm512_loadu_ps(w.base_weight.as_ptr().add(off + 16));
-                let mut acc = [[b0, b1]; GROUPS_PER_PASS];
-                for (e, tw) in w.task_weights.iter().enumerate() {
-                    let v0 = _mm512_loadu_ps(tw.as_ptr().add(off));
-                    let v1 = _mm512_loadu_ps(tw.as_ptr().add(off + 16));
-                    for s in 0..GROUPS_PER_PASS {
-                        let cv = _mm512_set1_ps(*c.get_unchecked(group[s] * t + e));
-                        acc[s][0] = _mm512_fmadd_ps(cv, v0, acc[s][0]);
-                        acc[s][1] = _mm512_fmadd_ps(cv, v1, acc[s][1]);
-                    }
-                }
-                for (s, a) in acc.iter().enumerate().take(count) {
-                    let dst = tiles.as_mut_ptr().add(((g0 + s) * kc + i) * BLOCK_ROWS);
-                    _mm512_storeu_ps(dst, a[0]);
-                    _mm512_storeu_ps(dst.add(16), a[1]);
-                }
-            }
-        }
-    }
-
-    /// The merge of [`merge_tiles`] for up to eight groups, written straight into each group's bf16 panel
-    /// (`panels`, one of `panel_len` per group, the layout of [`crate::ops::amx::panel_len`]) instead of f32
-    /// tiles: inputs `k0..k0 + width` (past `width`, up to 32, zeros), outputs `col0..col0 + 32`. Two input
-    /// rows at a time (an input pair), four groups per sub-pass (16 accumulators); the same fused
-    /// multiply-adds in the same order as [`merge_tiles`], so the same f32 values are rounded.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub unsafe fn merge_panels_bf16(
-        w: &ExpertLinearRef,
-        c: &[f32],
-        k0: usize,
-        width: usize,
-        col0: usize,
-        panels: &mut [u16],
-        panel_len: usize,
-    ) {
-        const SUB: usize = 4;
-        let t = w.task_weights.len();
-        let groups = c.len() / t;
-        assert!(col0.is_multiple_of(BLOCK_ROWS) && col0 < w.out_features && k0 + width <= w.in_features);
-        assert!(groups > 0 && groups <= GROUPS_PER_PASS && c.len() == groups * t && width <= BLOCK_ROWS);
-        assert!(panels.len() >= groups * panel_len && (k0 / 2 + BLOCK_ROWS / 2) * BLOCK_ROWS <= panel_len / 2);
-        w.assert_blocked();
-        let load = |src: &[f32], i: usize, half: usize| {
-            if i < width {
-                _mm512_loadu_ps(src.as_ptr().add(w.offset(k0 + i, col0) + 16 * half))
-            } else {
-                _mm512_setzero_ps()
-            }
-        };
-        for pair in 0..BLOCK_ROWS / 2 {
-            let rows = [2 * pair, 2 * pair + 1];
-            for g0 in (0..groups).step_by(SUB) {
-                let count = SUB.min(groups - g0);
-                let base = [
-                    [load(w.base_weight, rows[0], 0), load(w.base_weight, rows[0], 1)],
-                    [load(w.base_weight, rows[1], 0), load(w.base_weight, rows[1], 1)],
-                ];
-                let mut acc = [base; SUB];
-                for (e, tw) in w.task_weights.iter().enumerate() {
-                    let v =
-                        [[load(tw, rows[0], 0), load(tw, rows[0], 1)], [load(tw, rows[1], 0), load(tw, rows[1], 1)]];
-                    for (s, a) in acc.iter_mut().enumerate().take(count) {
-                        let cv = _mm512_set1_ps(*c.get_unchecked((g0 + s) * t + e));
-                        for (ar, vr) in a.iter_mut().zip(&v) {
-                            for (x, y) in ar.iter_mut().zip(vr) {
-                                *x = _mm512_fmadd_ps(cv, *y, *x);
-                            }
-                        }
-                    }
-                }
-                for (s, a) in acc.iter().enumerate().take(count) {
-                    let panel = panels.as_mut_ptr().add((g0 + s) * panel_len);
-                    for (h, (&even, &odd)) in a[0].iter().zip(&a[1]).enumerate() {
-                        let out = panel.add(h * panel_len / 2 + (k0 / 2 + pair) * BLOCK_ROWS);
-                        crate::ops::amx::store_pair(out, even, odd);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Part `part` of `parts` of the source tiles that follow the current ones (inputs `k0..k0 + kc` of the block
-    /// at `col0`; past a block's last input, the next block's first), fetched into L2 while this chunk's passes
-    /// run. Each tile is one 4 KiB page of a blocked weight, and the hardware prefetcher does not cross pages,
-    /// so without this the first pass over every chunk waited for memory on each source (measured: BENCHMARKS.md).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn prefetch_next_tiles(
-        w: &ExpertLinearRef,
-        k0: usize,
-        col0: usize,
-        kc: usize,
-        part: usize,
-        parts: usize,
-    ) {
-        let bytes = kc * BLOCK_ROWS * std::mem::size_of::<f32>();
-        let (from, to) = (bytes * part / parts / 64 * 64, bytes * (part + 1) / parts);
-        let off = w.offset(k0, col0);
-        for src in std::iter::once(&w.base_weight).chain(&w.task_weights) {
-            let start = src.as_ptr().wrapping_add(off).cast::<i8>();
-            for line in (from..to).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(line));
-            }
-        }
-    }
-
-    /// See [`ExpertLinearRef::dot_tile`]: inputs `k0..k0 + width` × outputs `col0..col0 + cols`, experts in passes
-    /// of eight (16 accumulators), each row of `tile` loaded once per pass.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_tile(
-        w: &ExpertLinearRef,
-        k0: usize,
-        width: usize,
-        col0: usize,
-        cols: usize,
-        tile: &[f32],
-        dots: &mut [f32],
-    ) {
-        let t = w.task_weights.len();
-        assert!(col0.is_multiple_of(BLOCK_ROWS) && cols > 0 && cols <= BLOCK_ROWS && col0 + cols <= w.out_features);
-        assert!(k0 + width <= w.in_features && tile.len() >= width * BLOCK_ROWS && dots.len() == t);
-        w.assert_blocked();
-        const PASS: usize = 8;
-        for e0 in (0..t).step_by(PASS) {
-            let count = PASS.min(t - e0);
-            let mut acc = [[_mm512_setzero_ps(); 2]; PASS];
-            for i in 0..width {
-                let off = w.offset(k0 + i, col0);
-                let v0 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS));
-                let v1 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS + 16));
-                for (s, a) in acc.iter_mut().enumerate().take(count) {
-                    let tw = w.task_weights[e0 + s].as_ptr().add(off);
-                    a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(tw), v0, a[0]);
-                    a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(tw.add(16)), v1, a[1]);
-                }
-            }
-            for (s, a) in acc.iter().enumerate().take(count) {
-                dots[e0 + s] = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-            }
-        }
-    }
-
-    /// See [`super::multiply_tile`]. The `n` rows are split as evenly as possible into runs of at most
-    /// [`MR`], so no lane computes a row that is thrown away (50 tokens run as 5 × 10, not 5 × 12).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-        assert!(n > 0 && width <= stride && x.len() >= (n - 1) * stride + width && tile.len() >= width * BLOCK_ROWS);
-        assert!(out.len() >= n * BLOCK_ROWS);
-        let runs = n.div_ceil(MR);
-        let mut r0 = 0;
-        for run in 0..runs {
-            // The first `n % runs` runs take one row more.
-            let rows = n / runs + usize::from(run < n % runs);
-            let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
-            if stride == PACKED_STRIDE {
-                // The next run's inputs and outputs follow this run's (past the last run: the next group's, in
-                // `per_group`'s packed chunk and part); fetched into L1 now, they are there when it starts instead
-                // of stalling its first broadcasts and its final load-add-store. Measured: 10% off the per-sample
-                // layer (BENCHMARKS.md). A prefetch never faults, so addresses past the slices are harmless.
-                let next = rows * PACKED_STRIDE * std::mem::size_of::<f32>();
-                let (xn, on) = (xr.cast::<i8>().wrapping_add(next), or.cast::<i8>().cast_const().wrapping_add(next));
-                for line in (0..next).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(xn.wrapping_add(line));
-                    _mm_prefetch::<_MM_HINT_T0>(on.wrapping_add(line));
-                }
-            }
-            match rows {
-                1 => rows_times_tile::<1>(xr, stride, width, tp, or),
-                2 => rows_times_tile::<2>(xr, stride, width, tp, or),
-                3 => rows_times_tile::<3>(xr, stride, width, tp, or),
-                4 => rows_times_tile::<4>(xr, stride, width, tp, or),
-                5 => rows_times_tile::<5>(xr, stride, width, tp, or),
-                6 => rows_times_tile::<6>(xr, stride, width, tp, or),
-                7 => rows_times_tile::<7>(xr, stride, width, tp, or),
-                8 => rows_times_tile::<8>(xr, stride, width, tp, or),
-                9 => rows_times_tile::<9>(xr, stride, width, tp, or),
-                10 => rows_times_tile::<10>(xr, stride, width, tp, or),
-                11 => rows_times_tile::<11>(xr, stride, width, tp, or),
-                _ => rows_times_tile::<MR>(xr, stride, width, tp, or),
-            }
-            r0 += rows;
-        }
-    }
-
-    /// The row stride of packed inputs (a chunk of 32 inputs, or a block of 32 outputs of `dy`) and of the
-    /// outputs: at it, the next run's rows follow this run's in memory.
-    const PACKED_STRIDE: usize = BLOCK_ROWS;
-
-    /// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
-    /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn rows_times_tile<const R: usize>(
-        x: *const f32,
-        stride: usize,
-        width: usize,
-        tile: *const f32,
-        out: *mut f32,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for kk in 0..width {
-            let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
-            let t1 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS + 16));
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*x.add(i * stride + kk));
-                a[0] = _mm512_fmadd_ps(xv, t0, a[0]);
-                a[1] = _mm512_fmadd_ps(xv, t1, a[1]);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            let c = out.add(i * BLOCK_ROWS);
-            _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), a[0]));
-            _mm512_storeu_ps(c.add(16), _mm512_add_ps(_mm512_loadu_ps(c.add(16)), a[1]));
-        }
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
 /// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
@@ -789,12 +755,7 @@ fn per_group_backward(
                     let outer = &mut outer[..width * BLOCK_ROWS];
                     outer.fill(0.0);
                     multiply_tile(kernel, &xt[g * width * n..(g + 1) * width * n], width, n, n, dyg, outer);
-                    match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: chosen only when AVX-512F was detected; bounds are checked inside.
-                        Kernel::Avx512 => unsafe { avx512::dot_tile(w, k0, width, r0, rows, outer, &mut dots) },
-                        Kernel::Portable => w.dot_tile(k0..k0 + width, r0..r0 + rows, outer, &mut dots),
-                    }
+                    dot_tile(kernel, w, k0..k0 + width, r0..r0 + rows, outer, &mut dots);
                     dc[g * t..(g + 1) * t].iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
                 }
             }
@@ -900,10 +861,8 @@ mod tests {
             }
         };
         check(&expert_linear(&x, g, n, &c, &w).unwrap(), g);
-        check(&per_group(&x, g, n, &c, &w, Kernel::Portable), g);
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            check(&per_group(&x, g, n, &c, &w, Kernel::Avx512), g);
+        for kernel in Kernel::all_available() {
+            check(&per_group(&x, g, n, &c, &w, kernel), g);
         }
         // One group (batch routing): every row with the first group's coefficients.
         check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
@@ -922,6 +881,11 @@ mod tests {
         let w = weights.view();
         let (x, c) = (values(g * n * k, 3), values(g * t, 4));
         let y = expert_linear_bf16(&x, g, n, &c, &w).unwrap();
+        // The merge whose fused multiply-adds the bf16 path repeats (AMX implies AVX-512).
+        #[cfg(target_arch = "x86_64")]
+        let merge_kernel = Kernel::Avx512;
+        #[cfg(not(target_arch = "x86_64"))]
+        let merge_kernel = Kernel::Portable;
         let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
         let (mut worst, mut scale) = (0.0f64, 0.0f64);
         for gi in 0..g {
@@ -933,7 +897,7 @@ mod tests {
                 for k0 in (0..k).step_by(CHUNK_INPUTS) {
                     let width = CHUNK_INPUTS.min(k - k0);
                     let mut tile = vec![0.0f32; CHUNK_INPUTS * BLOCK_ROWS];
-                    merge_tiles(Kernel::detect(), &w, cg, k0..k0 + width, r0..r0 + cols, &mut tile);
+                    merge_tiles(merge_kernel, &w, cg, k0..k0 + width, r0..r0 + cols, &mut tile);
                     for kk in 0..width {
                         merged[(k0 + kk) * o + r0..][..cols].copy_from_slice(&tile[kk * BLOCK_ROWS..][..cols]);
                     }
@@ -996,10 +960,8 @@ mod tests {
                 }
             }
         };
-        check(per_group_backward(&x, g, n, &c, &w, &dy, Kernel::Portable), g, "portable");
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            check(per_group_backward(&x, g, n, &c, &w, &dy, Kernel::Avx512), g, "avx512");
+        for kernel in Kernel::all_available() {
+            check(per_group_backward(&x, g, n, &c, &w, &dy, kernel), g, kernel.name());
         }
         check(expert_linear_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o]).unwrap(), 1, "one group");
     }

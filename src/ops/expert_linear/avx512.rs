@@ -1,0 +1,175 @@
+//! A micro-kernel of up to 12 rows × 32 outputs (24 accumulators in zmm registers, the tile's row
+//! broadcast-multiplied by each input row), and the merge of eight groups' tiles per pass.
+use std::arch::x86_64::*;
+
+use super::{ExpertLinearRef, TileSpan, BLOCK_ROWS, GROUPS_PER_PASS};
+
+const MR: usize = 12;
+
+/// For every group `g` of the coefficients `c` `[groups, T]`: `tiles[g][i, 0..32] = W0[k0 + i, col0..] +
+/// Σ_t c[g,t] τ_t[k0 + i, col0..]` for the span's inputs `k0 + i` (tiles of `kc = tiles.len() / groups / 32`
+/// rows), the columns past the span's zero (the blocked layout's padding). Each source row is loaded once per
+/// eight groups.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn merge_tiles(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles: &mut [f32]) {
+    let t = w.task_weights.len();
+    let (groups, kc) = super::merge_shape(w, c, span, tiles);
+    for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
+        let count = GROUPS_PER_PASS.min(groups - g0);
+        // Groups past the end repeat the last; their tiles are not stored.
+        let group: [usize; GROUPS_PER_PASS] = std::array::from_fn(|s| g0 + s.min(count - 1));
+        for i in 0..span.width {
+            let off = span.offset(w, i);
+            let b0 = _mm512_loadu_ps(w.base_weight.as_ptr().add(off));
+            let b1 = _mm512_loadu_ps(w.base_weight.as_ptr().add(off + 16));
+            let mut acc = [[b0, b1]; GROUPS_PER_PASS];
+            for (e, tw) in w.task_weights.iter().enumerate() {
+                let v0 = _mm512_loadu_ps(tw.as_ptr().add(off));
+                let v1 = _mm512_loadu_ps(tw.as_ptr().add(off + 16));
+                for s in 0..GROUPS_PER_PASS {
+                    let cv = _mm512_set1_ps(*c.get_unchecked(group[s] * t + e));
+                    acc[s][0] = _mm512_fmadd_ps(cv, v0, acc[s][0]);
+                    acc[s][1] = _mm512_fmadd_ps(cv, v1, acc[s][1]);
+                }
+            }
+            for (s, a) in acc.iter().enumerate().take(count) {
+                let dst = tiles.as_mut_ptr().add(((g0 + s) * kc + i) * BLOCK_ROWS);
+                _mm512_storeu_ps(dst, a[0]);
+                _mm512_storeu_ps(dst.add(16), a[1]);
+            }
+        }
+    }
+}
+
+/// The merge of [`merge_tiles`] for up to eight groups, written straight into each group's bf16 panel
+/// (`panels`, one of `panel_len` per group, the layout of [`crate::ops::amx::panel_len`]) instead of f32
+/// tiles: inputs `k0..k0 + width` (past `width`, up to 32, zeros), outputs `col0..col0 + 32`. Two input
+/// rows at a time (an input pair), four groups per sub-pass (16 accumulators); the same fused
+/// multiply-adds in the same order as [`merge_tiles`], so the same f32 values are rounded.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+pub unsafe fn merge_panels_bf16(
+    w: &ExpertLinearRef,
+    c: &[f32],
+    k0: usize,
+    width: usize,
+    col0: usize,
+    panels: &mut [u16],
+    panel_len: usize,
+) {
+    const SUB: usize = 4;
+    let t = w.task_weights.len();
+    let groups = c.len() / t;
+    assert!(col0.is_multiple_of(BLOCK_ROWS) && col0 < w.out_features && k0 + width <= w.in_features);
+    assert!(groups > 0 && groups <= GROUPS_PER_PASS && c.len() == groups * t && width <= BLOCK_ROWS);
+    assert!(panels.len() >= groups * panel_len && (k0 / 2 + BLOCK_ROWS / 2) * BLOCK_ROWS <= panel_len / 2);
+    w.assert_blocked();
+    let load = |src: &[f32], i: usize, half: usize| {
+        if i < width {
+            _mm512_loadu_ps(src.as_ptr().add(w.offset(k0 + i, col0) + 16 * half))
+        } else {
+            _mm512_setzero_ps()
+        }
+    };
+    for pair in 0..BLOCK_ROWS / 2 {
+        let rows = [2 * pair, 2 * pair + 1];
+        for g0 in (0..groups).step_by(SUB) {
+            let count = SUB.min(groups - g0);
+            let base = [
+                [load(w.base_weight, rows[0], 0), load(w.base_weight, rows[0], 1)],
+                [load(w.base_weight, rows[1], 0), load(w.base_weight, rows[1], 1)],
+            ];
+            let mut acc = [base; SUB];
+            for (e, tw) in w.task_weights.iter().enumerate() {
+                let v = [[load(tw, rows[0], 0), load(tw, rows[0], 1)], [load(tw, rows[1], 0), load(tw, rows[1], 1)]];
+                for (s, a) in acc.iter_mut().enumerate().take(count) {
+                    let cv = _mm512_set1_ps(*c.get_unchecked((g0 + s) * t + e));
+                    for (ar, vr) in a.iter_mut().zip(&v) {
+                        for (x, y) in ar.iter_mut().zip(vr) {
+                            *x = _mm512_fmadd_ps(cv, *y, *x);
+                        }
+                    }
+                }
+            }
+            for (s, a) in acc.iter().enumerate().take(count) {
+                let panel = panels.as_mut_ptr().add((g0 + s) * panel_len);
+                for (h, (&even, &odd)) in a[0].iter().zip(&a[1]).enumerate() {
+                    let out = panel.add(h * panel_len / 2 + (k0 / 2 + pair) * BLOCK_ROWS);
+                    crate::ops::amx::store_pair(out, even, odd);
+                }
+            }
+        }
+    }
+}
+
+/// See [`ExpertLinearRef::dot_tile`], over the span: experts in passes of eight (16 accumulators), each row
+/// of `tile` loaded once per pass.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_tile(w: &ExpertLinearRef, span: TileSpan, tile: &[f32], dots: &mut [f32]) {
+    let t = w.task_weights.len();
+    const PASS: usize = 8;
+    for e0 in (0..t).step_by(PASS) {
+        let count = PASS.min(t - e0);
+        let mut acc = [[_mm512_setzero_ps(); 2]; PASS];
+        for i in 0..span.width {
+            let off = span.offset(w, i);
+            let v0 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS));
+            let v1 = _mm512_loadu_ps(tile.as_ptr().add(i * BLOCK_ROWS + 16));
+            for (s, a) in acc.iter_mut().enumerate().take(count) {
+                let tw = w.task_weights[e0 + s].as_ptr().add(off);
+                a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(tw), v0, a[0]);
+                a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(tw.add(16)), v1, a[1]);
+            }
+        }
+        for (s, a) in acc.iter().enumerate().take(count) {
+            dots[e0 + s] = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+/// See [`super::multiply_tile`]: the rows in even runs of at most [`MR`] ([`super::row_runs`]).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
+    for (r0, rows) in super::row_runs(x, n, stride, width, tile, out, MR) {
+        let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
+        if stride == BLOCK_ROWS {
+            super::prefetch_next_run(xr, or, rows);
+        }
+        match rows {
+            1 => rows_times_tile::<1>(xr, stride, width, tp, or),
+            2 => rows_times_tile::<2>(xr, stride, width, tp, or),
+            3 => rows_times_tile::<3>(xr, stride, width, tp, or),
+            4 => rows_times_tile::<4>(xr, stride, width, tp, or),
+            5 => rows_times_tile::<5>(xr, stride, width, tp, or),
+            6 => rows_times_tile::<6>(xr, stride, width, tp, or),
+            7 => rows_times_tile::<7>(xr, stride, width, tp, or),
+            8 => rows_times_tile::<8>(xr, stride, width, tp, or),
+            9 => rows_times_tile::<9>(xr, stride, width, tp, or),
+            10 => rows_times_tile::<10>(xr, stride, width, tp, or),
+            11 => rows_times_tile::<11>(xr, stride, width, tp, or),
+            _ => rows_times_tile::<MR>(xr, stride, width, tp, or),
+        }
+    }
+}
+
+/// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
+/// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_times_tile<const R: usize>(x: *const f32, stride: usize, width: usize, tile: *const f32, out: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for kk in 0..width {
+        let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
+        let t1 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS + 16));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*x.add(i * stride + kk));
+            a[0] = _mm512_fmadd_ps(xv, t0, a[0]);
+            a[1] = _mm512_fmadd_ps(xv, t1, a[1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let c = out.add(i * BLOCK_ROWS);
+        _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), a[0]));
+        _mm512_storeu_ps(c.add(16), _mm512_add_ps(_mm512_loadu_ps(c.add(16)), a[1]));
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the crate for 64-bit ARM Linux (Graviton, Ampere, Apple silicon under Linux) and runs its
+# library-level tests there under QEMU's user-mode emulation: the x86-only code (AVX-512, AVX2, AMX) must stay
+# behind its cfgs, and the portable kernels must give the same results.
+#
+# Needs: rustup's aarch64-unknown-linux-gnu target, an aarch64 C/C++ cross compiler (libjpeg-turbo and the
+# kernels' host emulation are C/C++), and qemu-aarch64 to run the tests. On Debian:
+#   rustup target add aarch64-unknown-linux-gnu
+#   apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
+#
+# The command-line tests are left out (they spawn the binary, which needs binfmt_misc to run under QEMU), and
+# so are the NVRTC and CUDA-emulation suites (NVRTC's PyPI wheel is x86-64 only; the emulation runs every
+# kernel's blocks on host threads, which takes hours under QEMU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=aarch64-unknown-linux-gnu
+missing=()
+rustup target list --installed 2>/dev/null | grep -qx "$target" || missing+=("rustup target $target")
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=("aarch64-linux-gnu-gcc")
+command -v aarch64-linux-gnu-g++ >/dev/null || missing+=("aarch64-linux-gnu-g++")
+command -v qemu-aarch64 >/dev/null || missing+=("qemu-aarch64")
+if ((${#missing[@]})); then
+    echo "check-aarch64: missing ${missing[*]} (see the top of $0)" >&2
+    exit 1
+fi
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+
+echo "== clippy for $target"
+cargo clippy --target "$target" --all-targets -- -D warnings
+
+echo "== library tests on $target under QEMU"
+cargo test --target "$target" --lib --test adapt_fusionbench --test wemoe_fusionbench --test parity_transformers
