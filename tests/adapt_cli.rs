@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -86,7 +85,7 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     let killed = tmp.path().join("killed");
     let mut args = base_args(&killed, steps);
     args.extend(["--checkpoint-every".to_string(), "7".to_string(), "--routing".to_string(), "sample".to_string()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wemoe-engine")).args(&args).spawn().unwrap();
+    let mut child = engine_command().args(&args).spawn().unwrap();
     let start = Instant::now();
     while checkpoint_step(&killed).is_none_or(|s| s < 14) {
         assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Builds the crate for 64-bit ARM Linux (Graviton, Ampere, Apple silicon under Linux) and runs its
-# library-level tests there under QEMU's user-mode emulation: the x86-only code (AVX-512, AVX2, AMX) must stay
-# behind its cfgs, and the portable kernels must give the same results.
+# Builds the crate for 64-bit ARM Linux (Graviton, Ampere, Apple silicon under Linux) and runs its CPU tests
+# there under QEMU's user-mode emulation: the x86-only code (AVX-512, AVX2, AMX) must stay behind its cfgs,
+# and the portable kernels must match the same references.
 #
 # Needs: rustup's aarch64-unknown-linux-gnu target, an aarch64 C/C++ cross compiler (libjpeg-turbo and the
 # kernels' host emulation are C/C++), and qemu-aarch64 to run the tests. On Debian:
 #   rustup target add aarch64-unknown-linux-gnu
 #   apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
 #
-# The command-line tests are left out (they spawn the binary, which needs binfmt_misc to run under QEMU), and
-# so are the NVRTC and CUDA-emulation suites (NVRTC's PyPI wheel is x86-64 only; the emulation runs every
-# kernel's blocks on host threads, which takes hours under QEMU).
+# The command-line tests run the cross-compiled binary through QEMU too (`WEMOE_TEST_RUNNER`, read by
+# tests/common). Left out: the NVRTC suites and `doctor`'s kernel table (NVRTC's PyPI wheel is x86-64 only),
+# the CUDA emulation (every kernel's blocks on host threads: hours under QEMU) and the demo (minutes natively).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,5 +31,7 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 echo "== clippy for $target"
 cargo clippy --target "$target" --all-targets -- -D warnings
 
-echo "== library tests on $target under QEMU"
-cargo test --target "$target" --lib --test adapt_fusionbench --test wemoe_fusionbench --test parity_transformers
+echo "== tests on $target under QEMU"
+export WEMOE_TEST_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+cargo test --target "$target" --lib --test adapt_fusionbench --test wemoe_fusionbench --test parity_transformers \
+    --test cli --test bad_input --test adapt_cli -- --skip doctor_runs_on_a_fresh_clone

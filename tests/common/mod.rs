@@ -55,16 +55,27 @@ pub fn engine(args: &[&str]) -> (bool, String, String) {
 
 /// [`engine`] with extra environment variables.
 pub fn engine_with_env(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wemoe-engine"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+    let out = engine_command().args(args).envs(env.iter().copied()).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The command that runs the binary under test: directly, or through `$WEMOE_TEST_RUNNER` (a command and
+/// its arguments, such as `qemu-aarch64 -L /usr/aarch64-linux-gnu` for a cross-compiled binary).
+pub fn engine_command() -> std::process::Command {
+    let binary = env!("CARGO_BIN_EXE_wemoe-engine");
+    match std::env::var("WEMOE_TEST_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
+        Some(runner) => {
+            let mut words = runner.split_whitespace();
+            let mut command = std::process::Command::new(words.next().expect("a non-empty runner"));
+            command.args(words).arg(binary);
+            command
+        }
+        None => std::process::Command::new(binary),
+    }
 }
 
 /// A path as &str.
