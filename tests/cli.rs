@@ -167,6 +167,8 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
 fn doctor_runs_on_a_fresh_clone() {
     let (ok, out, err) = engine(&["doctor"]);
     assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");
+    let amx = if wemoe_engine::ops::amx::available() { "AMX: --precision bf16 runs" } else { "no AMX" };
+    assert!(out.contains(amx), "{out}");
     // With NVRTC (tools/nvrtc-env.sh provides it), one row per kernel function with ptxas' registers.
     let row =
         out.lines().find(|l| l.trim_start().starts_with("expert_linear_forward")).unwrap_or_else(|| panic!("{out}"));

@@ -13,6 +13,11 @@ pub fn run(arch: Option<&str>) -> Result<()> {
     }
     say!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
     say!("cpu         {}", CpuBackend::new().describe());
+    if wemoe_engine::ops::amx::available() {
+        say!("            AMX: --precision bf16 runs on this CPU");
+    } else {
+        say!("            no AMX: --precision bf16 needs a GPU here");
+    }
     let mut device_arch = None;
     match gpu::driver_version() {
         Err(e) => say!("cuda        {e:#}"),
