@@ -148,14 +148,50 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage: self.storage })
     }
 
-    /// The first position and value of a NaN or infinity, if any.
+    /// The first position and value of a NaN or infinity, if any. Every model tensor passes through this at
+    /// load, so the common case is a scan that finds nothing: blocks of 4096 values in parallel, each
+    /// reduced without an early exit (which the compiler vectorises, where `find` compares one value at a
+    /// time), and only a block that holds one searched in order.
     pub fn first_non_finite(&self) -> Result<Option<(usize, f32)>> {
-        Ok(self.host()?.iter().copied().enumerate().find(|(_, v)| !v.is_finite()))
+        use rayon::prelude::*;
+        const BLOCK: usize = 4096;
+        let values = self.host()?;
+        let block_has_one = |block: &[f32]| block.iter().fold(false, |any, v| any | !v.is_finite());
+        Ok(values.par_chunks(BLOCK).position_first(block_has_one).map(|b| {
+            let (at, v) =
+                values[b * BLOCK..].iter().enumerate().find(|(_, v)| !v.is_finite()).expect("the block has one");
+            (b * BLOCK + at, *v)
+        }))
     }
 }
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tensor({:?} on {})", self.shape, self.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tensor;
+
+    /// The first non-finite value is found wherever it lies: none, in the first block, deep in a later one
+    /// with another after it (the earlier wins, across blocks and threads), and in a ragged last block.
+    #[test]
+    fn first_non_finite_finds_the_earliest() {
+        let n = 3 * 4096 + 100;
+        let at = |marks: &[(usize, f32)]| {
+            let mut v: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 7.0).collect();
+            marks.iter().for_each(|&(i, x)| v[i] = x);
+            Tensor::from_vec(&[n], v).unwrap().first_non_finite().unwrap()
+        };
+        assert_eq!(at(&[]), None);
+        assert_eq!(at(&[(5, f32::INFINITY)]), Some((5, f32::INFINITY)));
+        assert_eq!(
+            at(&[(2 * 4096 + 9, f32::NEG_INFINITY), (n - 1, f32::INFINITY)]),
+            Some((2 * 4096 + 9, f32::NEG_INFINITY))
+        );
+        let (i, v) = at(&[(n - 3, f32::NAN)]).unwrap();
+        assert!(i == n - 3 && v.is_nan());
     }
 }
