@@ -1,5 +1,6 @@
-//! A micro-kernel of up to 12 rows × 32 outputs (24 accumulators in zmm registers, the tile's row
-//! broadcast-multiplied by each input row), and the merge of eight groups' tiles per pass.
+//! The AVX-512 kernels of the per-sample layer: a micro-kernel of up to 12 rows × 32 outputs (24 accumulators
+//! in zmm registers, the tile's row broadcast-multiplied by each input row), the merge of eight groups' tiles
+//! per pass (and its variant that writes bf16 panels for AMX), and the router-gradient contraction.
 use std::arch::x86_64::*;
 
 use super::{ExpertLinearRef, TileSpan, BLOCK_ROWS, GROUPS_PER_PASS};

@@ -5,10 +5,12 @@
 //! Formulation, chosen by measurement (BENCHMARKS.md): with one group (batch routing) the weight is merged
 //! once and multiplied densely. With many (per-sample routing) it is merged in tiles of 32 outputs × an
 //! input chunk small enough that the T+1 source tiles stay in L2; each tile is merged once per group and
-//! multiplied at once by an AVX-512 micro-kernel, so the task vectors are read from memory once per call,
-//! not once per sample, and no whole per-sample weight is ever materialised. The per-sample backward walks
-//! the same tiles: each sample's merged tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a
-//! time, contracted with the task vectors' tiles while they are in cache.
+//! multiplied at once by a micro-kernel, so the task vectors are read from memory once per call, not once
+//! per sample, and no whole per-sample weight is ever materialised. The merges and the micro-kernel exist for
+//! AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at run time (`Kernel`;
+//! `WEMOE_MAX_CPU_ISA` caps it). The per-sample backward walks the same tiles: each sample's merged tile
+//! feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task vectors'
+//! tiles while they are in cache.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
