@@ -15,12 +15,17 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a branch.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // n + 1.5·2^23 holds the integer n in its low mantissa bits (|n| < 2^22).
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from those bits, not from `n as i32`: Rust's float-to-int cast saturates and maps NaN to 0, which
+    // the compiler does one lane at a time, and that conversion was most of the loop (BENCHMARKS.md).
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits((n_int.wrapping_add(127) << 23) as u32)
 }
 
 /// The activation of one value.
