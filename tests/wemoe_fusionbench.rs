@@ -211,27 +211,23 @@ fn embed_writes_fusionbenchs_routing_weights() {
     }
 }
 
-/// `WEMOE_MAX_CPU_ISA` caps the per-sample kernels (AVX-512, AVX2, portable): under each cap this CPU allows,
-/// `doctor` names the set in use and per-sample `embed` still gives FusionBench's outputs; a value it does not
-/// know is named in a warning and ignored.
+/// `WEMOE_MAX_CPU_ISA` caps the per-sample kernels (AVX-512, AVX2, portable): under each cap `doctor` names
+/// the narrower of the cap and what this CPU has (what it names without a cap), and per-sample `embed` still
+/// gives FusionBench's outputs; a value it does not know is named in a warning and ignored.
 #[test]
 fn every_cpu_kernel_set_runs_like_fusionbench() {
-    let has = |f: &str| match f {
-        #[cfg(target_arch = "x86_64")]
-        "avx512" => std::is_x86_feature_detected!("avx512f"),
-        #[cfg(target_arch = "x86_64")]
-        "avx2" => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
-        _ => false,
+    const SETS: [(&str, &str); 3] = [("portable", "portable"), ("avx2", "AVX2"), ("avx512", "AVX-512")];
+    let kernels_named = |env: &[(&str, &str)]| {
+        let (ok, text, err) = engine_with_env(env, &["doctor"]);
+        let cpu = text.lines().find(|l| l.starts_with("cpu")).unwrap_or_else(|| panic!("{text}{err}")).to_string();
+        assert!(ok, "{err}");
+        SETS.iter().position(|(_, name)| cpu.contains(&format!("threads, {name}"))).unwrap_or_else(|| panic!("{cpu}"))
     };
+    let widest = kernels_named(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    for (cap, name) in [("avx512", "AVX-512"), ("avx2", "AVX2"), ("portable", "portable")] {
-        if cap != "portable" && !has(cap) {
-            continue; // a cap above what this CPU has falls back to what it has, tested below by the others
-        }
-        let env = [("WEMOE_MAX_CPU_ISA", cap)];
-        let (ok, text, err) = engine_with_env(&env, &["doctor"]);
-        let cpu = text.lines().find(|l| l.starts_with("cpu")).unwrap_or_else(|| panic!("{text}{err}"));
-        assert!(ok && cpu.contains(&format!("threads, {name}")), "{cap}: {cpu}");
+    for (i, (cap, _)) in SETS.iter().enumerate() {
+        let env = [("WEMOE_MAX_CPU_ISA", *cap)];
+        assert_eq!(kernels_named(&env), i.min(widest), "{cap} on a CPU whose widest is {}", SETS[widest].1);
         let out = tmp.path().join(format!("{cap}.safetensors"));
         let (model, images) = (wemoe("fusionbench_d2"), wemoe("pixels.safetensors"));
         let args =

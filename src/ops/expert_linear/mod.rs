@@ -195,16 +195,17 @@ const CHUNK_INPUTS: usize = 32;
 const GROUPS_PER_PASS: usize = 8;
 
 /// The instruction set of the per-sample kernels (merge, micro-kernel, router-gradient contraction).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered by width: a cap keeps the narrower of itself and what the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kernel {
+    /// Plain Rust for the merges and the `gemm` crate on each tile (any CPU).
+    Portable,
+    /// The AVX-512 algorithms on 8 lanes (x86-64 with AVX2 and FMA: AMD Zen 2 and 3, Intel client cores).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// 16-lane kernels (x86-64 with AVX-512F).
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// The same algorithms on 8 lanes (x86-64 with AVX2 and FMA: AMD Zen 2 and 3, Intel client cores).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// Plain Rust for the merges and the `gemm` crate on each tile (any CPU).
-    Portable,
 }
 
 /// Caps the kernels' instruction set below what the CPU offers (`avx2` or `portable`), to reproduce on
@@ -221,7 +222,8 @@ impl Kernel {
             match cap.as_deref().map(str::to_ascii_lowercase).as_deref() {
                 None | Some("") | Some("avx512") => widest,
                 #[cfg(target_arch = "x86_64")]
-                Some("avx2") if widest == Kernel::Avx512 => Kernel::Avx2,
+                Some("avx2") => widest.min(Kernel::Avx2),
+                #[cfg(not(target_arch = "x86_64"))]
                 Some("avx2") => widest,
                 Some("portable") => Kernel::Portable,
                 Some(other) => {
@@ -245,20 +247,14 @@ impl Kernel {
         Kernel::Portable
     }
 
-    /// Every kernel set this CPU can run (for tests that compare them).
+    /// Every kernel set this CPU can run (for tests that compare them): those up to the widest.
     #[cfg(test)]
     fn all_available() -> Vec<Self> {
+        let mut all = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-            let avx512 = std::is_x86_feature_detected!("avx512f");
-            [(true, Kernel::Portable), (avx2, Kernel::Avx2), (avx512, Kernel::Avx512)]
-                .into_iter()
-                .filter_map(|(has, kernel)| has.then_some(kernel))
-                .collect()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        vec![Kernel::Portable]
+        all.extend([Kernel::Avx2, Kernel::Avx512]);
+        all.retain(|&k| k <= Kernel::widest());
+        all
     }
 
     /// The name `describe` and `doctor` print.
@@ -493,15 +489,14 @@ fn dot_tile(
     }
 }
 
-/// A tile's place in a blocked weight: inputs `k0..k0 + width` × outputs `col0..col0 + cols`, within one block
-/// of 32 outputs.
+/// A tile's place in a blocked weight: inputs `k0..k0 + width` of the block of 32 outputs from `col0` (the
+/// SIMD kernels read all 32; past the last output the blocked layout holds zeros).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug)]
 struct TileSpan {
     k0: usize,
     width: usize,
     col0: usize,
-    cols: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -510,9 +505,9 @@ impl TileSpan {
     /// unchecked).
     #[inline]
     fn new(w: &ExpertLinearRef, ks: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Self {
-        let span = TileSpan { k0: ks.start, width: ks.len(), col0: cols.start, cols: cols.len() };
-        assert!(span.col0.is_multiple_of(BLOCK_ROWS) && span.cols > 0 && span.cols <= BLOCK_ROWS);
-        assert!(span.col0 + span.cols <= w.out_features && ks.end <= w.in_features);
+        assert!(cols.start.is_multiple_of(BLOCK_ROWS) && !cols.is_empty() && cols.len() <= BLOCK_ROWS);
+        assert!(cols.end <= w.out_features && ks.end <= w.in_features);
+        let span = TileSpan { k0: ks.start, width: ks.len(), col0: cols.start };
         w.assert_blocked();
         span
     }
