@@ -8,9 +8,9 @@
 //! multiplied at once by a micro-kernel, so the task vectors are read from memory once per call, not once
 //! per sample, and no whole per-sample weight is ever materialised. The merges and the micro-kernel exist for
 //! AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at run time (`Kernel`;
-//! `WEMOE_MAX_CPU_ISA` caps it). The per-sample backward walks the same tiles: each sample's merged tile
-//! feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task vectors'
-//! tiles while they are in cache.
+//! `WEMOE_MAX_CPU_ISA` caps it). The backward, for any number of groups, walks the same tiles: each group's
+//! merged tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task
+//! vectors' tiles while they are in cache.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -626,9 +626,10 @@ mod avx512;
 
 /// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
 /// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
-/// With one group (batch routing) the weight is merged once and the products are dense; with several
-/// (per-sample routing) both are contracted tile by tile (`per_group_backward`), so neither a group's
-/// merged weight nor its `x_gᵀ·dy_g` is ever formed whole.
+/// Both are contracted tile by tile (`per_group_backward`), so neither a group's merged weight nor its
+/// `x_gᵀ·dy_g` is ever formed whole; for one group (batch routing) too, where forming them would read the
+/// T + 1 sources and write two full matrices per call, then read the product once per task vector
+/// (measured: a batch-routing adaptation step about 9% faster this way, BENCHMARKS.md).
 pub fn expert_linear_backward(
     x: &[f32],
     groups: usize,
@@ -641,24 +642,7 @@ pub fn expert_linear_backward(
     ensure!(x.len() == groups * n * k && dy.len() == groups * n * o, "expert_linear_backward: shapes");
     ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
-    if groups > 1 {
-        return Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::detect()));
-    }
-    let (merged, _) = w.merged(coefficients);
-    let mut dx = vec![0.0f32; n * k];
-    let dyv = MatRef::row_major(dy, n, o)?;
-    matmul(dyv, MatRef::row_major(&merged, k, o)?.t(), &mut dx, false, Threads::All)?;
-    // xᵀ·dy, [in, out].
-    let mut outer = vec![0.0f32; k * o];
-    matmul(MatRef::row_major(x, n, k)?.t(), dyv, &mut outer, false, Threads::All)?;
-    let colsum = column_sums(dy, o);
-    let dc = w
-        .task_weights
-        .par_iter()
-        .zip(&w.task_biases)
-        .map(|(tw, tb)| (dot_blocked_f64(w, tw, &outer) + bias_dot(tb, &colsum)) as f32)
-        .collect();
-    Ok((dx, dc))
+    Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::detect()))
 }
 
 /// Sums over the rows of `[rows, o]` in f64.
@@ -673,25 +657,6 @@ fn column_sums(x: &[f32], o: usize) -> Vec<f64> {
 /// `<β_t, Σ_rows dy>`: a task's bias delta against the column sums of `dy`, in f64.
 fn bias_dot(bias: &[f32], colsum: &[f64]) -> f64 {
     bias.iter().zip(colsum).map(|(a, b)| *a as f64 * b).sum()
-}
-
-/// `<τ, m>` for a task vector `τ` in `w`'s blocked layout and `m` `[in, out]`: runs of 8 inputs × 32 outputs
-/// (256 products) summed in f32 lanes, which the compiler vectorises, the runs in f64.
-fn dot_blocked_f64(w: &ExpertLinearRef, tau: &[f32], m: &[f32]) -> f64 {
-    let (k, o) = (w.in_features, w.out_features);
-    let mut total = 0.0f64;
-    for r0 in (0..o).step_by(BLOCK_ROWS) {
-        let cols = BLOCK_ROWS.min(o - r0);
-        for k0 in (0..k).step_by(8) {
-            let mut lanes = [0.0f32; BLOCK_ROWS];
-            for kk in k0..(k0 + 8).min(k) {
-                let (a, b) = (&tau[w.offset(kk, r0)..][..cols], &m[kk * o + r0..][..cols]);
-                lanes.iter_mut().zip(a.iter().zip(b)).for_each(|(l, (x, y))| *l += x * y);
-            }
-            total += lanes.iter().map(|&v| v as f64).sum::<f64>();
-        }
-    }
-    total
 }
 
 /// Per-group backward, tile by tile. Parallel over chunks of inputs (each owns its columns of `dx`); for each
@@ -959,8 +924,11 @@ mod tests {
         };
         for kernel in Kernel::all_available() {
             check(per_group_backward(&x, g, n, &c, &w, &dy, kernel), g, kernel.name());
+            // One group: batch routing's backward.
+            let one = per_group_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o], kernel);
+            check(one, 1, &format!("{}, one group", kernel.name()));
         }
-        check(expert_linear_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o]).unwrap(), 1, "one group");
+        check(expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap(), g, "expert_linear_backward");
     }
 
     #[test]
