@@ -7,7 +7,7 @@ use anyhow::{bail, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
-use crate::model::{Classifier, EncoderOutput, Heads, ImageEncoder, Routing};
+use crate::model::{Classifier, EncoderOutput, Heads, ImageEncoder, Routing, StreamedEncoder};
 use crate::tensor::Tensor;
 
 /// How a dataset is cut into forward passes.
@@ -19,22 +19,64 @@ pub struct Batching {
     pub routing: Routing,
 }
 
+/// The encoder a pass over a dataset runs.
+#[derive(Clone, Copy)]
+pub enum Encoder<'a> {
+    /// Every layer loaded before the pass.
+    Resident(&'a ImageEncoder),
+    /// Layers loaded one at a time, once per span of batches ([`StreamedEncoder`]).
+    Streamed(&'a StreamedEncoder<'a>),
+}
+
+impl<'a> Encoder<'a> {
+    /// The encoder's resident parts (all of it when resident): projection, `logit_scale`, config.
+    pub fn resident_parts(self) -> &'a ImageEncoder {
+        match self {
+            Encoder::Resident(model) => model,
+            Encoder::Streamed(streamed) => &streamed.shell,
+        }
+    }
+}
+
 /// Encodes `data` in consecutive batches on `be`, handing each batch's image range and output to
-/// `each`, then telling `progress` the images done so far.
+/// `each`, then telling `progress` the images done so far (for a streamed encoder, the images' share of
+/// the span's layers done).
 fn for_each_batch(
     be: &dyn Backend,
-    model: &ImageEncoder,
+    model: Encoder<'_>,
     data: &Dataset,
     batching: Batching,
     progress: &mut dyn FnMut(usize),
     mut each: impl FnMut(Range<usize>, EncoderOutput) -> Result<()>,
 ) -> Result<()> {
     ensure!(batching.size > 0, "--batch-size must be positive");
-    for start in (0..data.len()).step_by(batching.size) {
-        let end = (start + batching.size).min(data.len());
-        let pixels: Tensor = be.upload(data.batch(start..end)?)?;
-        each(start..end, model.encode(be, &pixels, batching.routing)?)?;
-        progress(end);
+    let batches: Vec<Range<usize>> =
+        (0..data.len()).step_by(batching.size).map(|start| start..(start + batching.size).min(data.len())).collect();
+    match model {
+        Encoder::Resident(model) => {
+            for range in batches {
+                let pixels: Tensor = be.upload(data.batch(range.clone())?)?;
+                let end = range.end;
+                each(range, model.encode(be, &pixels, batching.routing)?)?;
+                progress(end);
+            }
+        }
+        Encoder::Streamed(streamed) => {
+            let layers = streamed.shell.vision.config.num_hidden_layers;
+            for span in batches.chunks(streamed.batches_per_span(batching.size)) {
+                let pixels: Vec<Tensor> =
+                    span.iter().map(|r| be.upload(data.batch(r.clone())?)).collect::<Result<_>>()?;
+                let (first, images) = (span[0].start, span.last().expect("a span is not empty").end - span[0].start);
+                let steps = layers * span.len();
+                let outputs = streamed.encode(be, &pixels, batching.routing, &mut |done| {
+                    progress(first + images * done / steps.max(1));
+                })?;
+                for (range, out) in span.iter().zip(outputs) {
+                    each(range.clone(), out)?;
+                }
+                progress(first + images);
+            }
+        }
     }
     Ok(())
 }
@@ -53,13 +95,13 @@ pub struct DatasetEmbeddings {
 /// Embeds `data`, calling `progress` with the images done so far.
 pub fn embed_dataset(
     be: &dyn Backend,
-    model: &ImageEncoder,
+    model: Encoder<'_>,
     data: &Dataset,
     batching: Batching,
     progress: &mut dyn FnMut(usize),
 ) -> Result<DatasetEmbeddings> {
     let mut pooled = Vec::new();
-    let mut embeds = model.projection.as_ref().map(|_| Vec::new());
+    let mut embeds = model.resident_parts().projection.as_ref().map(|_| Vec::new());
     let mut routing: Vec<Vec<f32>> = Vec::new();
     for_each_batch(be, model, data, batching, progress, |range, out| {
         pooled.extend(be.to_host(&out.pooled)?);
@@ -110,15 +152,15 @@ pub fn argmax_rows(values: &[f32], width: usize) -> Vec<usize> {
 /// Top-1 accuracy of a model through a set of heads.
 pub struct Evaluator<'a> {
     be: &'a dyn Backend,
-    model: &'a ImageEncoder,
+    model: Encoder<'a>,
     heads: &'a Heads,
     classifier: Classifier<'a>,
 }
 
 impl<'a> Evaluator<'a> {
     /// Checks that `heads` fit `model` (`model_path` names it in errors) and prepares the classifier.
-    pub fn new(be: &'a dyn Backend, model: &'a ImageEncoder, heads: &'a Heads, model_path: &Path) -> Result<Self> {
-        Ok(Evaluator { be, model, heads, classifier: heads.classifier(model, model_path)? })
+    pub fn new(be: &'a dyn Backend, model: Encoder<'a>, heads: &'a Heads, model_path: &Path) -> Result<Self> {
+        Ok(Evaluator { be, model, heads, classifier: heads.classifier(model.resident_parts(), model_path)? })
     }
 
     /// Top-1 accuracy on one task's labelled `data`, calling `progress` with the images done so far.

@@ -8,9 +8,11 @@ use std::path::Path;
 
 use common::*;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
+use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{CpuBackend, Precision};
+use wemoe_engine::eval::{embed_dataset, Batching, Encoder};
 use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
-use wemoe_engine::model::{ImageEncoder, RouterActivation, Routing};
+use wemoe_engine::model::{ImageEncoder, RouterActivation, Routing, StreamedEncoder};
 use wemoe_engine::tensor::Tensor;
 
 const EXPERTS: [&str; 3] = ["red", "green", "blue"];
@@ -53,6 +55,35 @@ fn fusionbench_models_run_like_fusionbench_in_both_routing_modes() {
             assert_close(&format!("{key} routing_weights"), &stacked(&out.routing_weights, shape[0]), &want);
         }
     }
+}
+
+/// A streamed pass (each layer loaded once per span of batches, then dropped) gives the resident pass's
+/// outputs bit for bit in both routing modes, over two spans and a ragged last batch, and its progress
+/// rises to every image.
+#[test]
+fn streamed_layers_give_the_resident_outputs_exactly() {
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&wemoe("fusionbench_d2")).unwrap();
+    let side = dir.config.image_size;
+    let data = Dataset::open(&wemoe("pixels.safetensors"), &Preprocess::clip(side), side).unwrap();
+    assert_eq!(data.len(), 5);
+    let resident = ImageEncoder::load(&be, &dir).unwrap();
+    // An image's hidden states are 10 tokens × 32 × 4 bytes: two batches of two images per span, so the
+    // spans are images [0, 4) and [4, 5).
+    let streamed = StreamedEncoder::load(&be, &dir).unwrap().with_span_bytes(2 * 2 * 10 * 32 * 4);
+    assert_eq!(streamed.batches_per_span(2), 2);
+    for routing in [Routing::Sample, Routing::Batch] {
+        let batching = Batching { size: 2, routing };
+        let want = embed_dataset(&be, Encoder::Resident(&resident), &data, batching, &mut |_| {}).unwrap();
+        let mut seen = Vec::new();
+        let got = embed_dataset(&be, Encoder::Streamed(&streamed), &data, batching, &mut |n| seen.push(n)).unwrap();
+        assert_eq!(got.pooled, want.pooled, "{routing:?} pooled");
+        assert_eq!(got.image_embeds, want.image_embeds, "{routing:?} image_embeds");
+        assert_eq!(got.routing_weights, want.routing_weights, "{routing:?} routing_weights");
+        assert_eq!(got.routing_weights.len(), 2);
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen.last() == Some(&5), "{routing:?} progress {seen:?}");
+    }
+    assert!(streamed.layer_load_seconds() > 0.0);
 }
 
 /// `--precision bf16` on the CPU: where the CPU has AMX, both routing modes within the bf16 tolerance of
@@ -181,33 +212,45 @@ fn task_arithmetic_and_average_merge_every_tensor() {
     }
 }
 
+/// `embed` on the command line, with the layers streamed (the CPU's default) and resident.
 #[test]
 fn embed_writes_fusionbenchs_routing_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    for (mode, key) in [("sample", "d2.sample"), ("batch", "d1.batch")] {
-        let model = wemoe(&format!("fusionbench_{}", &key[..2]));
-        let out = tmp.path().join(format!("{mode}.safetensors"));
-        let (ok, _, err) = engine(&[
-            "embed",
-            "--model",
-            s(&model),
-            "--images",
-            s(&wemoe("pixels.safetensors")),
-            "--out",
-            s(&out),
-            "--routing",
-            mode,
-            "--batch-size",
-            "5",
-            "--device",
-            "cpu",
-        ]);
-        assert!(ok, "{err}");
-        let file = SafetensorsFile::open(&out).unwrap();
-        let got = file.f32("routing_weights").unwrap();
-        assert_eq!(got.shape(), &[2, 5, 3]);
-        let want = reference("wemoe/expected.safetensors", &format!("{key}.routing_weights")).1;
-        assert_close(&format!("{key} routing_weights"), got.host().unwrap(), &want);
+    for weights in ["streamed", "resident"] {
+        for (mode, key) in [("sample", "d2.sample"), ("batch", "d1.batch")] {
+            let model = wemoe(&format!("fusionbench_{}", &key[..2]));
+            let out = tmp.path().join(format!("{mode}-{weights}.safetensors"));
+            let (ok, _, err) = engine(&[
+                "embed",
+                "--model",
+                s(&model),
+                "--images",
+                s(&wemoe("pixels.safetensors")),
+                "--out",
+                s(&out),
+                "--routing",
+                mode,
+                "--batch-size",
+                "5",
+                "--device",
+                "cpu",
+                "--weights",
+                weights,
+            ]);
+            assert!(ok, "{err}");
+            assert_eq!(err.contains("layer by layer"), weights == "streamed", "{weights}: {err}");
+            let file = SafetensorsFile::open(&out).unwrap();
+            let got = file.f32("routing_weights").unwrap();
+            assert_eq!(got.shape(), &[2, 5, 3]);
+            let want = reference("wemoe/expected.safetensors", &format!("{key}.routing_weights")).1;
+            assert_close(&format!("{key} {weights} routing_weights"), got.host().unwrap(), &want);
+            let want = reference("wemoe/expected.safetensors", &format!("{key}.pooler_output")).1;
+            assert_close(
+                &format!("{key} {weights} pooler_output"),
+                file.f32("pooler_output").unwrap().host().unwrap(),
+                &want,
+            );
+        }
     }
 }
 

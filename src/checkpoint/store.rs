@@ -158,6 +158,11 @@ impl TensorStore {
         }
     }
 
+    /// [`Self::release`] for every tensor whose canonical name starts with `prefix`.
+    pub fn release_prefix(&self, prefix: &str) {
+        self.index.keys().filter(|name| name.starts_with(prefix)).for_each(|name| self.release(name));
+    }
+
     /// Total number of elements over the tensors whose canonical name starts with `prefix`.
     pub fn count_params(&self, prefix: &str) -> usize {
         self.index

@@ -13,7 +13,7 @@ use wemoe_engine::adapt::{adapt, AdaptOptions, RouterParams, Schedule};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, Backend, DeviceChoice};
-use wemoe_engine::eval::{Batching, Evaluator};
+use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
 use wemoe_engine::output::write_atomic;
@@ -70,7 +70,7 @@ impl Opened {
         batching: Batching,
         quiet: bool,
     ) -> Result<Vec<f64>> {
-        let evaluator = Evaluator::new(self.be.as_ref(), model, &self.heads, dir)?;
+        let evaluator = Evaluator::new(self.be.as_ref(), Encoder::Resident(model), &self.heads, dir)?;
         let mut out = Vec::new();
         for &t in which {
             let name = &self.suite.tasks[t].name;

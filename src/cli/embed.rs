@@ -7,16 +7,17 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceChoice};
 use wemoe_engine::eval::{embed_dataset, Batching};
-use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::{write_safetensors, NamedTensor};
 
 use super::progress;
+use super::weights::{LoadedEncoder, Weights};
 
 pub struct Args {
     pub model: PathBuf,
     pub images: PathBuf,
     pub out: PathBuf,
     pub batching: Batching,
+    pub weights: Weights,
 }
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
@@ -26,13 +27,20 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
     let be = device::open(device, quiet)?;
     let loading = std::time::Instant::now();
-    let model = ImageEncoder::load(be.as_ref(), &dir)?;
-    let loaded = loading.elapsed().as_secs_f64();
+    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;
+    let mut loaded = loading.elapsed().as_secs_f64();
     let computing = std::time::Instant::now();
     let bar = progress::images("embed", data.len(), quiet);
-    let result = embed_dataset(be.as_ref(), &model, &data, args.batching, &mut |done| bar.set_position(done as u64))?;
+    let result =
+        embed_dataset(be.as_ref(), model.encoder(), &data, args.batching, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
-    let computed = computing.elapsed().as_secs_f64();
+    // A streamed pass loads the layers as it goes: that time is loading, not the forward's.
+    let computed = computing.elapsed().as_secs_f64() - model.layer_load_seconds();
+    loaded += model.layer_load_seconds();
+    let how = match model {
+        LoadedEncoder::Resident(_) => "",
+        LoadedEncoder::Streamed(_) => ", layer by layer",
+    };
     let n = data.len();
     let mut tensors = vec![NamedTensor {
         name: "pooler_output".into(),
@@ -55,7 +63,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     write_safetensors(&args.out, &tensors)?;
     if !quiet {
         eprintln!(
-            "wrote {} ({n} images in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s)",
+            "wrote {} ({n} images in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
             args.out.display(),
             n as f64 / computed
         );

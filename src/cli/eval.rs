@@ -6,9 +6,9 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, TaskAccuracy};
-use wemoe_engine::model::ImageEncoder;
 use wemoe_engine::output::write_atomic;
 
+use super::weights::{LoadedEncoder, Weights};
 use super::{open_task_inputs, progress, TaskInputs};
 
 pub struct Args {
@@ -17,6 +17,7 @@ pub struct Args {
     pub tasks: Vec<(String, PathBuf)>,
     pub batching: Batching,
     pub json: Option<PathBuf>,
+    pub weights: Weights,
 }
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
@@ -30,8 +31,8 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         }
         datasets.push((name, data));
     }
-    let model = ImageEncoder::load(be.as_ref(), &dir)?;
-    let evaluator = Evaluator::new(be.as_ref(), &model, &heads, &dir.path)?;
+    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;
+    let evaluator = Evaluator::new(be.as_ref(), model.encoder(), &heads, &dir.path)?;
     let mut results: Vec<TaskAccuracy> = Vec::new();
     for (name, data) in &datasets {
         let bar = progress::images(name, data.len(), quiet);

@@ -160,6 +160,10 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// Where the encoder layers live: `streamed` loads one at a time per span of batches (peak memory
+        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU.
+        #[arg(long, value_enum, default_value_t)]
+        weights: weights::Weights,
     },
     /// Top-1 accuracy on labelled tasks through zero-shot heads.
     Eval {
@@ -174,6 +178,10 @@ enum Command {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Where the encoder layers live: `streamed` loads one at a time per span of batches (peak memory
+        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU.
+        #[arg(long, value_enum, default_value_t)]
+        weights: weights::Weights,
     },
     /// Adapt a WEMoE model's routers on unlabeled task data (entropy minimisation).
     Adapt {
@@ -269,6 +277,7 @@ pub mod heap;
 mod info;
 mod merge;
 mod progress;
+mod weights;
 
 /// A model, its heads and tasks: what eval and adapt share.
 #[derive(clap::Args, Debug)]
@@ -365,14 +374,15 @@ pub fn run(cli: Cli) -> Result<()> {
             adapt::run(&adapt::Args { model, heads, tasks, out, options, resume }, device, quiet)
         }
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
-        Command::Embed { model, images, out, routing, batch_size } => {
-            embed::run(&embed::Args { model, images, out, batching: routing.batching(batch_size) }, device, quiet)
+        Command::Embed { model, images, out, routing, batch_size, weights } => {
+            let batching = routing.batching(batch_size);
+            embed::run(&embed::Args { model, images, out, batching, weights }, device, quiet)
         }
-        Command::Eval { inputs, routing, batch_size, json } => {
+        Command::Eval { inputs, routing, batch_size, json, weights } => {
             let tasks = inputs.tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
             let batching = routing.batching(batch_size);
             let (model, heads) = (inputs.model, inputs.heads);
-            eval::run(&eval::Args { model, heads, tasks, batching, json }, device, quiet)
+            eval::run(&eval::Args { model, heads, tasks, batching, json, weights }, device, quiet)
         }
         Command::Demo {
             json,

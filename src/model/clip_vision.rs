@@ -229,6 +229,16 @@ impl ClipVision {
         config: &VisionConfig,
         wemoe: Option<&WemoeSpec>,
     ) -> Result<Self> {
+        let mut vision = Self::load_without_layers(be, src, config)?;
+        vision.layers = (0..config.num_hidden_layers)
+            .map(|l| Self::load_layer(be, src, config, wemoe, l))
+            .collect::<Result<_>>()?;
+        Ok(vision)
+    }
+
+    /// Everything but the encoder layers (`layers` left empty): the embeddings and both LayerNorms, for a
+    /// pass that loads the layers one at a time ([`Self::load_layer`]).
+    pub fn load_without_layers(be: &dyn Backend, src: &dyn WeightSource, config: &VisionConfig) -> Result<Self> {
         let c = config;
         let (d, p) = (c.hidden_size, c.patch_size);
         let embeddings = Embeddings {
@@ -242,26 +252,49 @@ impl ClipVision {
             position_embedding: load(be, src, "vision_model.embeddings.position_embedding.weight", &[c.tokens(), d])?,
         };
         let pre_layrnorm = LayerNorm::load(be, src, "vision_model.pre_layrnorm", d, c.layer_norm_eps)?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|l| ClipEncoderLayer::load(be, src, &format!("vision_model.encoder.layers.{l}"), c, wemoe))
-            .collect::<Result<_>>()?;
         let post_layernorm = LayerNorm::load(be, src, "vision_model.post_layernorm", d, c.layer_norm_eps)?;
-        Ok(ClipVision { config: config.clone(), embeddings, pre_layrnorm, layers, post_layernorm })
+        Ok(ClipVision { config: config.clone(), embeddings, pre_layrnorm, layers: Vec::new(), post_layernorm })
+    }
+
+    /// The name prefix of encoder layer `l`'s tensors.
+    pub fn layer_prefix(l: usize) -> String {
+        format!("vision_model.encoder.layers.{l}")
+    }
+
+    /// Encoder layer `l` (a WEMoE layer with `wemoe`), its shapes checked against `config`.
+    pub fn load_layer(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        config: &VisionConfig,
+        wemoe: Option<&WemoeSpec>,
+        l: usize,
+    ) -> Result<ClipEncoderLayer> {
+        ClipEncoderLayer::load(be, src, &Self::layer_prefix(l), config, wemoe)
+    }
+
+    /// The encoder's input for `pixels` `[B, C, S, S]`: patch, class and position embeddings, then
+    /// `pre_layrnorm`; `[B, N, D]`.
+    pub fn embed(&self, be: &dyn Backend, pixels: &Tensor) -> Result<Tensor> {
+        let e = &self.embeddings;
+        let x = be.patch_embed(pixels, &e.patch_embedding, &e.class_embedding, &e.position_embedding)?;
+        self.pre_layrnorm.forward(be, &x)
+    }
+
+    /// The pooled output of the last layer's `x` `[B, N, D]`: `post_layernorm` of the class token, `[B, D]`.
+    pub fn pool(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(be, &be.select_token(x, 0)?)
     }
 
     /// The pooled output (`post_layernorm` of the class token) of `pixels` `[B, C, S, S]`, and the WEMoE
     /// layers' merge coefficients under `routing`.
     pub fn forward(&self, be: &dyn Backend, pixels: &Tensor, routing: Routing) -> Result<VisionOutput> {
-        let e = &self.embeddings;
-        let mut x = be.patch_embed(pixels, &e.patch_embedding, &e.class_embedding, &e.position_embedding)?;
-        x = self.pre_layrnorm.forward(be, &x)?;
+        let mut x = self.embed(be, pixels)?;
         let mut routing_weights = Vec::new();
         for layer in &self.layers {
             let (y, coefficients) = layer.forward(be, &x, routing)?;
             x = y;
             routing_weights.extend(coefficients);
         }
-        let cls = be.select_token(&x, 0)?;
-        Ok(VisionOutput { pooled: self.post_layernorm.forward(be, &cls)?, routing_weights })
+        Ok(VisionOutput { pooled: self.pool(be, &x)?, routing_weights })
     }
 }

@@ -31,7 +31,17 @@ pub struct EncoderOutput {
 impl ImageEncoder {
     /// Loads the vision tower and, if present, the projection and `logit_scale` of a model directory.
     pub fn load(be: &dyn Backend, dir: &ModelDir) -> Result<Self> {
-        let vision = ClipVision::load(be, &dir.store, &dir.config, dir.wemoe.as_ref())?;
+        let mut encoder = Self::load_without_layers(be, dir)?;
+        encoder.vision.layers = (0..dir.config.num_hidden_layers)
+            .map(|l| ClipVision::load_layer(be, &dir.store, &dir.config, dir.wemoe.as_ref(), l))
+            .collect::<Result<_>>()?;
+        Ok(encoder)
+    }
+
+    /// [`Self::load`] without the encoder layers, for [`crate::model::StreamedEncoder`], which loads them one at a
+    /// time.
+    pub fn load_without_layers(be: &dyn Backend, dir: &ModelDir) -> Result<Self> {
+        let vision = ClipVision::load_without_layers(be, &dir.store, &dir.config)?;
         let projection = if dir.has_projection() {
             let shape = [dir.config.projection_dim, dir.config.hidden_size];
             Some(be.prepare_linear(dir.store.get("visual_projection.weight", &shape)?)?)
@@ -59,6 +69,14 @@ impl ImageEncoder {
     /// Pooled output and, with a projection, the image embeddings of `pixels` `[B, C, S, S]`; WEMoE layers
     /// route under `routing` (batch routing averages over this call's batch).
     pub fn encode(&self, be: &dyn Backend, pixels: &Tensor, routing: Routing) -> Result<EncoderOutput> {
+        self.check_pixels(pixels)?;
+        let out = self.vision.forward(be, pixels, routing)?;
+        let image_embeds = self.projection.as_ref().map(|p| be.linear(&out.pooled, p, None)).transpose()?;
+        Ok(EncoderOutput { pooled: out.pooled, image_embeds, routing_weights: out.routing_weights })
+    }
+
+    /// An error unless `pixels` is `[B, C, S, S]` with the model's channels and image size.
+    pub fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
         let c = &self.vision.config;
         let s = pixels.shape();
         ensure!(
@@ -68,8 +86,6 @@ impl ImageEncoder {
             c.image_size,
             c.image_size
         );
-        let out = self.vision.forward(be, pixels, routing)?;
-        let image_embeds = self.projection.as_ref().map(|p| be.linear(&out.pooled, p, None)).transpose()?;
-        Ok(EncoderOutput { pooled: out.pooled, image_embeds, routing_weights: out.routing_weights })
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 mod clip_vision;
 mod heads;
 mod image_encoder;
+mod streamed;
 mod weights;
 mod wemoe;
 
@@ -12,5 +13,6 @@ pub use clip_vision::{
 };
 pub use heads::{Classifier, Heads};
 pub use image_encoder::{EncoderOutput, ImageEncoder};
+pub use streamed::StreamedEncoder;
 pub use weights::{RandomWeights, WeightSource};
 pub use wemoe::{gate_tensors, Router, RouterActivation, Routing, WemoeMlp, WemoeSpec};

@@ -1,0 +1,98 @@
+//! An image encoder whose encoder layers are loaded one at a time: for a span of batches, layer `l` is loaded
+//! from the model directory's memory maps, runs every batch of the span, and is dropped (its pages of the
+//! map with it) before layer `l + 1` is loaded. Peak memory is then one layer's weights and the span's
+//! activations instead of the whole model: for a WEMoE model, whose task vectors are most of its size, a
+//! fraction of it. The arithmetic is the resident forward's, op for op, so the outputs are identical.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::{ClipVision, EncoderOutput, ImageEncoder, Routing};
+use crate::checkpoint::ModelDir;
+use crate::device::Backend;
+use crate::tensor::Tensor;
+
+/// A model directory's encoder with only its small parts resident (embeddings, LayerNorms, projection).
+pub struct StreamedEncoder<'a> {
+    /// The encoder without its layers.
+    pub shell: ImageEncoder,
+    dir: &'a ModelDir,
+    span_bytes: usize,
+    layer_load_seconds: Cell<f64>,
+}
+
+/// The activations a pass keeps at once by default (a span's hidden states, `[images, tokens, hidden]` in
+/// f32): 256 MiB is about 1,700 ViT-B/32 or 430 ViT-B/16 images, so a 2-core CPU loads each layer about
+/// once per 100 s of forward.
+pub const DEFAULT_SPAN_BYTES: usize = 256 << 20;
+
+impl<'a> StreamedEncoder<'a> {
+    /// Loads everything of `dir`'s encoder but its layers.
+    pub fn load(be: &dyn Backend, dir: &'a ModelDir) -> Result<Self> {
+        let shell = ImageEncoder::load_without_layers(be, dir)?;
+        Ok(StreamedEncoder { shell, dir, span_bytes: DEFAULT_SPAN_BYTES, layer_load_seconds: Cell::new(0.0) })
+    }
+
+    /// The same encoder with at most `bytes` of hidden states per span (at least one batch).
+    pub fn with_span_bytes(mut self, bytes: usize) -> Self {
+        self.span_bytes = bytes;
+        self
+    }
+
+    /// How many batches of `batch_size` images one span holds: as many as fit [`Self::with_span_bytes`]'s
+    /// bound, at least one.
+    pub fn batches_per_span(&self, batch_size: usize) -> usize {
+        let c = &self.shell.vision.config;
+        let image_bytes = c.tokens() * c.hidden_size * std::mem::size_of::<f32>();
+        (self.span_bytes / (image_bytes * batch_size.max(1))).max(1)
+    }
+
+    /// The time spent loading layers so far, in seconds (reported apart from the forward's).
+    pub fn layer_load_seconds(&self) -> f64 {
+        self.layer_load_seconds.get()
+    }
+
+    /// The encoder outputs of `batches` (pixel values `[B, C, S, S]` each; batch routing averages over each
+    /// batch), every layer loaded once for all of them. `progress` is told the (layer, batch) steps done out
+    /// of `layers × batches`.
+    pub fn encode(
+        &self,
+        be: &dyn Backend,
+        batches: &[Tensor],
+        routing: Routing,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<EncoderOutput>> {
+        let vision = &self.shell.vision;
+        let (config, store) = (&self.dir.config, &self.dir.store);
+        batches.iter().try_for_each(|pixels| self.shell.check_pixels(pixels))?;
+        let mut hidden: Vec<Tensor> = batches.iter().map(|pixels| vision.embed(be, pixels)).collect::<Result<_>>()?;
+        let mut routing_weights: Vec<Vec<Tensor>> = batches.iter().map(|_| Vec::new()).collect();
+        let mut done = 0;
+        for l in 0..config.num_hidden_layers {
+            let loading = Instant::now();
+            let layer = ClipVision::load_layer(be, store, config, self.dir.wemoe.as_ref(), l)?;
+            self.layer_load_seconds.set(self.layer_load_seconds.get() + loading.elapsed().as_secs_f64());
+            for (x, weights) in hidden.iter_mut().zip(&mut routing_weights) {
+                let (y, coefficients) = layer.forward(be, x, routing)?;
+                *x = y;
+                weights.extend(coefficients);
+                done += 1;
+                progress(done);
+            }
+            drop(layer);
+            // The biases and LayerNorms were views of the map; the prepared weights are gone with the layer.
+            store.release_prefix(&format!("{}.", ClipVision::layer_prefix(l)));
+        }
+        hidden
+            .iter()
+            .zip(routing_weights)
+            .map(|(x, routing_weights)| {
+                let pooled = vision.pool(be, x)?;
+                let image_embeds = self.shell.projection.as_ref().map(|p| be.linear(&pooled, p, None)).transpose()?;
+                Ok(EncoderOutput { pooled, image_embeds, routing_weights })
+            })
+            .collect()
+    }
+}
