@@ -7,11 +7,12 @@ of 16 images each per step (the summed batch-mean entropy), through the projecti
 
 Uses the checkpoints of tools/bench_wemoe_vs_fusionbench.py (made here if missing, about 3.5 GB under
 tools/out/b32/) and writes heads8.safetensors there (8 heads of 10 classes and a 512-wide projection, random).
-Each contender runs in a process of its own, so its peak resident memory (ru_maxrss) is its own. FusionBench's
-step time is the median over steps after one warm-up step; the engine's is (time of 1 + steps) − (time of 1
-step), loading and writing cancelling out. Batch routing runs 8 × 16 on both sides; per-sample routing runs 8 × 16
-on the engine, and on FusionBench with --fb-sample-images per task, because its autograd keeps every sample's
-merged weights (the issue measured 11 GB at one image per task and out of memory at four).
+Each contender runs in a process of its own, so its peak resident memory is its own (FusionBench's its process's
+ru_maxrss, the engine's from GNU time, see run_engine). FusionBench's step time is the median over steps after one
+warm-up step; the engine's is (time of 1 + steps) − (time of 1 step), loading and writing cancelling out. Batch
+routing runs 8 × 16 on both sides; per-sample routing runs 8 × 16 on the engine, and on FusionBench with
+--fb-sample-images per task, because its autograd keeps every sample's merged weights (the issue measured 11 GB
+at one image per task and out of memory at four).
 """
 import argparse
 import json

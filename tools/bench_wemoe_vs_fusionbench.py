@@ -7,7 +7,8 @@ one run, on a ViT-B/32-shaped model with 8 experts (random weights made here) an
 
 Writes its checkpoints (about 3.5 GB) under tools/out/b32/. Each contender runs in a process of its own, so its
 peak resident memory (VmHWM) is its own: FusionBench's is measured from just before its first forward (the peak is
-reset after the model is built); the engine's covers its whole `embed` command, loading included. Throughput is
+reset after the model is built); the engine's covers its whole `embed` command, loading included (measured by GNU
+time, /usr/bin/time, since this script's own peak would otherwise show through). Throughput is
 the forward alone on both sides (the engine's `embed` reports its compute time apart from loading). Routing: per
 sample (FusionBench: batch_reduce=False; engine: --routing sample) and batch (batch_reduce=True; --routing batch),
 all 64 images in one batch. The machine is shared and its speed drifts, so the two alternate round by round and
@@ -84,14 +85,27 @@ def fusionbench(args):
     print(json.dumps(result))
 
 
+TIME = "/usr/bin/time"
+PEAK = "engine peak KiB: "
+
+
 def run_engine(cmd):
-    """(wall seconds, peak MiB, stderr) of an engine command."""
+    """(wall seconds, peak MiB, stderr) of an engine command. The peak comes from GNU time, whose own child it
+    is: a child of this process would report at least this process's peak (Linux keeps ru_maxrss across
+    fork and exec, and this process holds torch), which hid an engine smaller than it."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    wrapped = os.access(TIME, os.X_OK)
+    proc = subprocess.Popen(([TIME, "-f", PEAK + "%M"] if wrapped else []) + cmd, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     assert status == 0, f"{cmd} failed: {err}"
-    return time.perf_counter() - t, usage.ru_maxrss / 1024, err
+    seconds = time.perf_counter() - t
+    if not wrapped:
+        print(f"warning: no {TIME}; the engine's peak is at least this script's own", file=sys.stderr)
+        return seconds, usage.ru_maxrss / 1024, err
+    lines = err.splitlines()
+    peak = next(int(line[len(PEAK):]) for line in reversed(lines) if line.startswith(PEAK))
+    return seconds, peak / 1024, "\n".join(line for line in lines if not line.startswith(PEAK))
 
 
 def main():
