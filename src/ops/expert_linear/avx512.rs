@@ -133,22 +133,22 @@ pub unsafe fn dot_tile(w: &ExpertLinearRef, span: TileSpan, tile: &[f32], dots: 
 pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
     for (r0, rows) in super::row_runs(x, n, stride, width, tile, out, MR) {
         let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
-        if stride == BLOCK_ROWS {
-            super::prefetch_next_run(xr, or, rows);
-        }
+        // Packed rows (stride 32): the next run's inputs and outputs follow this run's, so they are fetched
+        // into L1 while this one computes.
+        let pf = stride == BLOCK_ROWS;
         match rows {
-            1 => rows_times_tile::<1>(xr, stride, width, tp, or),
-            2 => rows_times_tile::<2>(xr, stride, width, tp, or),
-            3 => rows_times_tile::<3>(xr, stride, width, tp, or),
-            4 => rows_times_tile::<4>(xr, stride, width, tp, or),
-            5 => rows_times_tile::<5>(xr, stride, width, tp, or),
-            6 => rows_times_tile::<6>(xr, stride, width, tp, or),
-            7 => rows_times_tile::<7>(xr, stride, width, tp, or),
-            8 => rows_times_tile::<8>(xr, stride, width, tp, or),
-            9 => rows_times_tile::<9>(xr, stride, width, tp, or),
-            10 => rows_times_tile::<10>(xr, stride, width, tp, or),
-            11 => rows_times_tile::<11>(xr, stride, width, tp, or),
-            _ => rows_times_tile::<MR>(xr, stride, width, tp, or),
+            1 => rows_times_tile::<1>(xr, stride, width, tp, or, pf),
+            2 => rows_times_tile::<2>(xr, stride, width, tp, or, pf),
+            3 => rows_times_tile::<3>(xr, stride, width, tp, or, pf),
+            4 => rows_times_tile::<4>(xr, stride, width, tp, or, pf),
+            5 => rows_times_tile::<5>(xr, stride, width, tp, or, pf),
+            6 => rows_times_tile::<6>(xr, stride, width, tp, or, pf),
+            7 => rows_times_tile::<7>(xr, stride, width, tp, or, pf),
+            8 => rows_times_tile::<8>(xr, stride, width, tp, or, pf),
+            9 => rows_times_tile::<9>(xr, stride, width, tp, or, pf),
+            10 => rows_times_tile::<10>(xr, stride, width, tp, or, pf),
+            11 => rows_times_tile::<11>(xr, stride, width, tp, or, pf),
+            _ => rows_times_tile::<MR>(xr, stride, width, tp, or, pf),
         }
     }
 }
@@ -157,9 +157,25 @@ pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, ti
 /// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_times_tile<const R: usize>(x: *const f32, stride: usize, width: usize, tile: *const f32, out: *mut f32) {
+unsafe fn rows_times_tile<const R: usize>(
+    x: *const f32,
+    stride: usize,
+    width: usize,
+    tile: *const f32,
+    out: *mut f32,
+    prefetch_next: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // The next run's 2·R lines of inputs and of outputs, one of each per step, spread over the loop rather
+    // than issued at once (a burst of 4·R prefetches outran the line fill buffers and stalled).
+    let lines = if prefetch_next { 2 * R } else { 0 };
+    let (next_x, next_out) =
+        (x.wrapping_add(R * BLOCK_ROWS).cast::<i8>(), out.wrapping_add(R * BLOCK_ROWS).cast::<i8>());
     for kk in 0..width {
+        if kk < lines {
+            _mm_prefetch::<_MM_HINT_T0>(next_x.wrapping_add(kk * 64));
+            _mm_prefetch::<_MM_HINT_T0>(next_out.wrapping_add(kk * 64));
+        }
         let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
         let t1 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS + 16));
         for (i, a) in acc.iter_mut().enumerate() {

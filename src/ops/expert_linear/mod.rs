@@ -558,11 +558,11 @@ fn row_runs(
     })
 }
 
-/// For the SIMD micro-kernels on packed rows (row stride 32: a chunk of 32 inputs, or a block of 32 outputs
+/// For the AVX2 micro-kernel on packed rows (row stride 32: a chunk of 32 inputs, or a block of 32 outputs
 /// of `dy`, and the outputs): the next run's inputs and outputs follow this run's `rows` (past the last run:
 /// the next group's, in `per_group`'s packed chunk and part); fetched into L1 now, they are there when it
 /// starts instead of stalling its first broadcasts and its final load-add-store. Measured: 10% off the
-/// per-sample layer (BENCHMARKS.md).
+/// per-sample layer (BENCHMARKS.md). The AVX-512 kernel issues the same prefetches spread over its loop.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_next_run(x: *const f32, out: *const f32, rows: usize) {
