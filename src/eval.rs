@@ -64,11 +64,10 @@ fn for_each_batch(
         Encoder::Streamed(streamed) => {
             let layers = streamed.shell.vision.config.num_hidden_layers;
             for span in batches.chunks(streamed.batches_per_span(batching.size)) {
-                let pixels: Vec<Tensor> =
-                    span.iter().map(|r| be.upload(data.batch(r.clone())?)).collect::<Result<_>>()?;
                 let (first, images) = (span[0].start, span.last().expect("a span is not empty").end - span[0].start);
                 let steps = layers * span.len();
-                let outputs = streamed.encode(be, &pixels, batching.routing, &mut |done| {
+                let mut pixels = |i: usize| be.upload(data.batch(span[i].clone())?);
+                let outputs = streamed.encode(be, span.len(), &mut pixels, batching.routing, &mut |done| {
                     progress(first + images * done / steps.max(1));
                 })?;
                 for (range, out) in span.iter().zip(outputs) {

@@ -54,21 +54,27 @@ impl<'a> StreamedEncoder<'a> {
         self.layer_load_seconds.get()
     }
 
-    /// The encoder outputs of `batches` (pixel values `[B, C, S, S]` each; batch routing averages over each
-    /// batch), every layer loaded once for all of them. `progress` is told the (layer, batch) steps done out
-    /// of `layers × batches`.
+    /// The encoder outputs of `batches` batches, batch `i`'s pixel values `[B, C, S, S]` from `pixels(i)`
+    /// (batch routing averages over each batch), every layer loaded once for all of them. Each batch's pixels
+    /// are dropped once embedded, so only the hidden states stay. `progress` is told the (layer, batch) steps
+    /// done out of `layers × batches`.
     pub fn encode(
         &self,
         be: &dyn Backend,
-        batches: &[Tensor],
+        batches: usize,
+        pixels: &mut dyn FnMut(usize) -> Result<Tensor>,
         routing: Routing,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<EncoderOutput>> {
         let vision = &self.shell.vision;
         let (config, store) = (&self.dir.config, &self.dir.store);
-        batches.iter().try_for_each(|pixels| self.shell.check_pixels(pixels))?;
-        let mut hidden: Vec<Tensor> = batches.iter().map(|pixels| vision.embed(be, pixels)).collect::<Result<_>>()?;
-        let mut routing_weights: Vec<Vec<Tensor>> = batches.iter().map(|_| Vec::new()).collect();
+        let mut hidden = Vec::with_capacity(batches);
+        for i in 0..batches {
+            let batch = pixels(i)?;
+            self.shell.check_pixels(&batch)?;
+            hidden.push(vision.embed(be, &batch)?);
+        }
+        let mut routing_weights: Vec<Vec<Tensor>> = (0..batches).map(|_| Vec::new()).collect();
         let mut done = 0;
         for l in 0..config.num_hidden_layers {
             let loading = Instant::now();
