@@ -12,7 +12,7 @@ use wemoe_engine::autograd::entropy_loss_and_router_gradients;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::cuda::{GpuExecutor, HostExecutor};
 use wemoe_engine::device::{Backend, CudaBackend, Device, Precision};
-use wemoe_engine::model::{Heads, ImageEncoder, Routing};
+use wemoe_engine::model::{Heads, ImageEncoder, Routing, StreamedEncoder};
 use wemoe_engine::tensor::Tensor;
 
 fn emulated() -> CudaBackend<HostExecutor> {
@@ -54,14 +54,24 @@ fn clip_models_match_transformers(be: &dyn Backend) {
     }
 }
 
+/// Resident, and with the layers streamed (`StreamedEncoder`, each layer uploaded, used and dropped), whose
+/// outputs must equal the resident pass's exactly.
 fn wemoe_models_match_fusionbench_in_both_routing_modes(be: &dyn Backend) {
-    let (shape, pixels) = reference("wemoe/pixels.safetensors", "pixel_values");
-    let pixels = be.upload(Tensor::from_vec(&shape, pixels).unwrap()).unwrap();
+    let (shape, values) = reference("wemoe/pixels.safetensors", "pixel_values");
+    let upload = || be.upload(Tensor::from_vec(&shape, values.clone()).unwrap());
+    let pixels = upload().unwrap();
     for depth in 0..3 {
         let dir = ModelDir::open(&fixture(&format!("wemoe/fusionbench_d{depth}"))).unwrap();
         let model = ImageEncoder::load(be, &dir).unwrap();
+        let streamed = StreamedEncoder::load(be, &dir).unwrap();
         for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
             let out = model.encode(be, &pixels, routing).unwrap();
+            let layered = streamed.encode(be, 1, &mut |_| upload(), routing, &mut |_| {}).unwrap();
+            assert_eq!(host(be, &layered[0].pooled), host(be, &out.pooled), "d{depth} {mode}: streamed pooled");
+            assert_eq!(layered[0].routing_weights.len(), out.routing_weights.len());
+            for (a, b) in layered[0].routing_weights.iter().zip(&out.routing_weights) {
+                assert_eq!(host(be, a), host(be, b), "d{depth} {mode}: streamed routing weights");
+            }
             let key = format!("d{depth}.{mode}");
             let want = reference("wemoe/expected.safetensors", &format!("{key}.pooler_output")).1;
             assert_close(&format!("{key} pooler_output"), &host(be, &out.pooled), &want);
