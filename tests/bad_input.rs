@@ -156,6 +156,35 @@ fn wrong_shape() {
     t.embed(&dir, &fixture("pixels_b.safetensors"), &format!("tensor '{FC1}' has shape [36, 100], expected [100, 36]"));
 }
 
+/// A later layer's missing or misshapen tensor is found from the metadata when a streamed pass starts
+/// (`StreamedEncoder::load`), not when the pass reaches that layer; a resident load names the same tensor.
+#[test]
+fn a_streamed_pass_checks_every_layer_before_it_starts() {
+    use wemoe_engine::checkpoint::ModelDir;
+    use wemoe_engine::device::CpuBackend;
+    use wemoe_engine::model::StreamedEncoder;
+    type Edit = fn(&mut Vec<NamedTensor>);
+    let cases: [(Edit, String); 2] = [
+        (|ts| ts.retain(|x| x.name != FC1), format!("missing tensor '{FC1}'")),
+        (
+            |ts| ts.iter_mut().find(|x| x.name == FC1).unwrap().shape = vec![36, 100],
+            format!("tensor '{FC1}' has shape [36, 100], expected [100, 36]"),
+        ),
+    ];
+    for (edit, culprit) in cases {
+        let t = Scratch::new();
+        let dir = t.edited("clip_b", edit);
+        let model = ModelDir::open(&dir).unwrap();
+        let err = StreamedEncoder::load(&CpuBackend::new(), &model).err().expect("the load fails");
+        assert!(format!("{err:#}").contains(&culprit), "{err:#}");
+        let out = dir.join("out.safetensors");
+        let images = fixture("pixels_b.safetensors");
+        let args = ["embed", "--model", s(&dir), "--images", s(&images), "--out", s(&out), "--weights", "resident"];
+        fails(&args, &culprit);
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn non_finite_weights() {
     let t = Scratch::new();

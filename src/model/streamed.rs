@@ -7,10 +7,10 @@
 use std::cell::Cell;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::{ClipVision, EncoderOutput, ImageEncoder, Routing};
-use crate::checkpoint::ModelDir;
+use crate::checkpoint::{ModelDir, TensorStore};
 use crate::device::Backend;
 use crate::tensor::Tensor;
 
@@ -29,8 +29,11 @@ pub struct StreamedEncoder<'a> {
 pub const DEFAULT_SPAN_BYTES: usize = 256 << 20;
 
 impl<'a> StreamedEncoder<'a> {
-    /// Loads everything of `dir`'s encoder but its layers.
+    /// Loads everything of `dir`'s encoder but its layers, and checks from the checkpoint's metadata that
+    /// every later layer has layer 0's tensors with layer 0's shapes, so that a fault there is an error now
+    /// rather than when the pass reaches it.
     pub fn load(be: &dyn Backend, dir: &'a ModelDir) -> Result<Self> {
+        check_layers_alike(&dir.store, dir.config.num_hidden_layers)?;
         let shell = ImageEncoder::load_without_layers(be, dir)?;
         Ok(StreamedEncoder { shell, dir, span_bytes: DEFAULT_SPAN_BYTES, layer_load_seconds: Cell::new(0.0) })
     }
@@ -101,4 +104,32 @@ impl<'a> StreamedEncoder<'a> {
             })
             .collect()
     }
+}
+
+/// An error naming the first tensor of layers 1.. that layer 0 has and that is missing or shaped otherwise.
+/// The layers of a CLIP or WEMoE encoder all hold the same tensors, and layer 0's are checked against the
+/// config when it loads, first in every pass; so a later layer's missing or misshapen tensor is found from
+/// the metadata before the pass instead of when the pass reaches it. (A NaN in a later layer's values is
+/// still found when that layer loads.)
+fn check_layers_alike(store: &TensorStore, layers: usize) -> Result<()> {
+    let first = format!("{}.", ClipVision::layer_prefix(0));
+    let reference: Vec<(&str, &[usize])> = store
+        .names()
+        .filter_map(|name| Some((name.strip_prefix(&first)?, store.shape(name).expect("an indexed tensor"))))
+        .collect();
+    for l in 1..layers {
+        let prefix = format!("{}.", ClipVision::layer_prefix(l));
+        for (suffix, shape) in &reference {
+            let name = format!("{prefix}{suffix}");
+            match store.shape(&name) {
+                None => bail!("{}: missing tensor '{name}' (layer 0 has '{first}{suffix}')", store.origin().display()),
+                Some(found) if found != *shape => bail!(
+                    "{}: tensor '{name}' has shape {found:?}, expected {shape:?} as in layer 0",
+                    store.origin().display()
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
