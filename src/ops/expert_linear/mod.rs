@@ -629,7 +629,7 @@ mod avx512;
 /// Both are contracted tile by tile (`per_group_backward`), so neither a group's merged weight nor its
 /// `x_gᵀ·dy_g` is ever formed whole; for one group (batch routing) too, where forming them would read the
 /// T + 1 sources and write two full matrices per call, then read the product once per task vector
-/// (measured: a batch-routing adaptation step about 9% faster this way, BENCHMARKS.md).
+/// (measured: one batch-routing adaptation step, loading included, about 8% faster this way; BENCHMARKS.md).
 pub fn expert_linear_backward(
     x: &[f32],
     groups: usize,
