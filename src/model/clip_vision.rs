@@ -230,10 +230,18 @@ impl ClipVision {
         wemoe: Option<&WemoeSpec>,
     ) -> Result<Self> {
         let mut vision = Self::load_without_layers(be, src, config)?;
-        vision.layers = (0..config.num_hidden_layers)
-            .map(|l| Self::load_layer(be, src, config, wemoe, l))
-            .collect::<Result<_>>()?;
+        vision.layers = Self::load_layers(be, src, config, wemoe)?;
         Ok(vision)
+    }
+
+    /// Every encoder layer, in order ([`Self::load_layer`] for each).
+    pub fn load_layers(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        config: &VisionConfig,
+        wemoe: Option<&WemoeSpec>,
+    ) -> Result<Vec<ClipEncoderLayer>> {
+        (0..config.num_hidden_layers).map(|l| Self::load_layer(be, src, config, wemoe, l)).collect()
     }
 
     /// Everything but the encoder layers (`layers` left empty): the embeddings and both LayerNorms, for a

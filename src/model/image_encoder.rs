@@ -32,9 +32,7 @@ impl ImageEncoder {
     /// Loads the vision tower and, if present, the projection and `logit_scale` of a model directory.
     pub fn load(be: &dyn Backend, dir: &ModelDir) -> Result<Self> {
         let mut encoder = Self::load_without_layers(be, dir)?;
-        encoder.vision.layers = (0..dir.config.num_hidden_layers)
-            .map(|l| ClipVision::load_layer(be, &dir.store, &dir.config, dir.wemoe.as_ref(), l))
-            .collect::<Result<_>>()?;
+        encoder.vision.layers = ClipVision::load_layers(be, &dir.store, &dir.config, dir.wemoe.as_ref())?;
         Ok(encoder)
     }
 
