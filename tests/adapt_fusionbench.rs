@@ -123,3 +123,40 @@ fn router_gradients_match_finite_differences_of_the_whole_model() {
     assert!(worst <= 5e-3 * scale, "tape against finite differences: off by {:.2e} of {scale:.2e}", worst);
     eprintln!("tape against finite differences: within {:.2e} of the gradients' scale", worst / scale);
 }
+
+/// `--precision bf16` on the CPU: where the CPU has AMX, the router gradients (the forward's products and the
+/// backward's through frozen weights in bf16) within [`BF16_GRADIENT_REL_L2_TOL`] of torch's f32 ones in both
+/// routing modes, tensor by tensor, and really rounded (further from them than f32 is); elsewhere refused.
+#[test]
+fn bf16_router_gradients_are_within_their_tolerance_or_refused() {
+    use wemoe_engine::device::Precision;
+    let be = match CpuBackend::with_precision(Precision::Bf16) {
+        Ok(be) => be,
+        Err(e) => {
+            assert!(!wemoe_engine::ops::amx::available() && format!("{e}").contains("needs AMX"), "{e}");
+            return;
+        }
+    };
+    let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let model = ImageEncoder::load(&be, &dir).unwrap();
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let classifier = heads.classifier(&model, &dir.path).unwrap();
+    let expected = SafetensorsFile::open(&fixture("adapt/expected.safetensors")).unwrap();
+    let l2 = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    for (mode, routing) in [("sample", Routing::Sample), ("batch", Routing::Batch)] {
+        let tasks = adapt_tasks(&heads);
+        let (_, grads) = entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap();
+        assert_eq!(grads.len(), 8, "two layers of depth-2 routers");
+        let mut worst = 0.0f64;
+        for (name, ours) in &grads {
+            let theirs = expected.f32(&format!("{mode}.grad.{}", name.strip_prefix("vision_model.").unwrap())).unwrap();
+            let (ours, theirs) = (ours.host().unwrap(), theirs.host().unwrap());
+            let diff: Vec<f32> = ours.iter().zip(theirs).map(|(a, b)| a - b).collect();
+            let e = l2(&diff) / l2(theirs);
+            assert!(e < BF16_GRADIENT_REL_L2_TOL, "bf16 {mode} {name}: gradient off by {e:.2e} relative L2");
+            worst = worst.max(e);
+        }
+        eprintln!("bf16 {mode}: router gradients within {worst:.2e} relative L2 of torch's f32");
+        assert!(worst > GRADIENT_REL_TOL, "bf16 {mode}: gradients as close as f32's ({worst:.2e}): not rounded?");
+    }
+}

@@ -4,6 +4,7 @@ torch.optim.Adam (PyTorch CPU), side by side in one run: ViT-B/32 shapes, 8 expe
 of 16 images each per step (the summed batch-mean entropy), through the projection and each task's head.
 
     tools/setup-venv.sh && .venv/bin/python tools/bench_adapt_vs_fusionbench.py [--steps 2] [--fb-sample-images 1]
+        [--routings batch,sample] [--precision f32|bf16]
 
 Uses the checkpoints of tools/bench_wemoe_vs_fusionbench.py (made here if missing, about 3.5 GB under
 tools/out/b32/) and writes heads8.safetensors there (8 heads of 10 classes and a 512-wide projection, random).
@@ -12,7 +13,11 @@ ru_maxrss, the engine's from GNU time, see run_engine). FusionBench's step time 
 warm-up step; the engine's is (time of 1 + steps) − (time of 1 step), loading and writing cancelling out. Batch
 routing runs 8 × 16 on both sides; per-sample routing runs 8 × 16 on the engine, and on FusionBench with
 --fb-sample-images per task, because its autograd keeps every sample's merged weights (the issue measured 11 GB
-at one image per task and out of memory at four).
+at one image per task and out of memory at four). With `--precision bf16` both sides multiply bf16 operands with
+f32 accumulation: the engine with `--precision bf16` (AMX tiles: the forward's products, and the backward's
+through frozen weights where its path has them), FusionBench's forward and loss under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (oneDNN on AMX; autograd runs each product's backward in its
+forward's dtype).
 """
 import argparse
 import json
@@ -84,10 +89,12 @@ def fusionbench_step_seconds(args):
         t0 = time.perf_counter()
         optimizer.zero_grad()
         for t in range(TASKS):
-            pooled = moe(pixel_values=pixels).pooler_output
-            embeds = F.normalize(pooled @ projection.T, dim=-1)
-            logits = 100.0 * embeds @ heads[f"head.t{t}"].T
-            entropy_loss(logits).backward()  # gradients add up over tasks: the summed loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                pooled = moe(pixel_values=pixels).pooler_output
+                embeds = F.normalize(pooled @ projection.T, dim=-1)
+                logits = 100.0 * embeds @ heads[f"head.t{t}"].T
+                loss = entropy_loss(logits)
+            loss.backward()  # gradients add up over tasks: the summed loss
         optimizer.step()
         if step > 0:
             times.append(time.perf_counter() - t0)
@@ -105,6 +112,8 @@ def main():
     ap.add_argument("--routing", default="batch")
     ap.add_argument("--images", type=int, default=PER_TASK)
     ap.add_argument("--routings", default="batch,sample", help="which routing modes to measure")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="both sides' products: f32, or bf16 operands (engine --precision bf16, torch autocast)")
     args = ap.parse_args()
     if args.child:
         return fusionbench_step_seconds(args)
@@ -115,16 +124,17 @@ def main():
     moe = os.path.join(OUT, "wemoe")
     assert os.path.exists(moe), "run tools/bench_wemoe_vs_fusionbench.py first: it merges tools/out/b32/wemoe"
     pixels = os.path.join(OUT, "pixels64.safetensors")
-    print(f"ViT-B/32 shapes, 8 experts, {TASKS} tasks per step, {os.cpu_count()} CPUs")
+    print(f"ViT-B/32 shapes, 8 experts, {TASKS} tasks per step, {args.precision}, {os.cpu_count()} CPUs")
     print(f"{'routing':<8} {'FusionBench s/step':>19} {'(images/task)':>14} {'engine s/step':>14} {'speed-up':>9} "
           f"{'FB peak MiB':>12} {'engine peak MiB':>16}")
     for routing in args.routings.split(","):
         fb_images = PER_TASK if routing == "batch" else args.fb_sample_images
         fb = subprocess.run([sys.executable, __file__, "--child", "--routing", routing, "--images", str(fb_images),
-                             "--steps", str(args.steps)], capture_output=True, text=True)
+                             "--steps", str(args.steps), "--precision", args.precision],
+                            capture_output=True, text=True)
         theirs = json.loads(fb.stdout.strip().splitlines()[-1]) if fb.returncode == 0 else None
         base = [engine, "adapt", "--model", moe, "--heads", heads, "--batch-size", str(PER_TASK), "--routing", routing,
-                "--device", "cpu", "--quiet"]
+                "--device", "cpu", "--quiet", "--precision", args.precision]
         for t in range(TASKS):
             base += ["--task", f"t{t}={pixels}"]
         outs = [f"/tmp/wemoe-bench-adapt-{routing}-{n}" for n in (1, 1 + args.steps)]

@@ -24,8 +24,9 @@ pub struct Cli {
     /// Where to compute: auto, cpu, cuda or cuda:N.
     #[arg(long, global = true, default_value = "auto")]
     device: DeviceRequest,
-    /// The forward's arithmetic: f32 (exact), tf32 (GPU tensor cores, within about 1e-3) or bf16 (GPU tensor
-    /// cores or CPU AMX tiles, within about 1e-2).
+    /// The products' arithmetic: f32 (exact), tf32 (GPU tensor cores, the forward's, within about 1e-3) or
+    /// bf16 (GPU tensor cores or CPU AMX tiles, within about 1e-2; on AMX the backward's through frozen weights
+    /// too).
     #[arg(long, global = true, default_value = "f32")]
     precision: Precision,
     /// No progress and no informational lines.

@@ -1,7 +1,10 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
 //! With `--precision bf16` (on CPUs with AMX) the forward's linear layers multiply bf16 operands on AMX
 //! tiles (`ops::amx`): dense ones, batch routing's merged WEMoE weight, and per-sample routing's merged tiles
-//! (`ops::expert_linear::expert_linear_bf16`); every backward product stays f32.
+//! (`ops::expert_linear::expert_linear_bf16`); and so do the backward's products through frozen weights where
+//! the layout allows: dense layers' input gradients and batch routing's WEMoE backward
+//! (`ops::expert_linear::expert_linear_backward_bf16`). Per-sample routing's WEMoE backward, the attention
+//! products and the routers' own weight gradients stay f32.
 
 use anyhow::{bail, ensure, Result};
 
@@ -238,10 +241,6 @@ impl Backend for CpuBackend {
         let weights = host_view(w)?;
         let (xs, c) = (x.host()?, coefficients.host()?);
         let y = match (self.bf16, groups) {
-            (true, 1) => {
-                let (merged, bias) = weights.merged(c);
-                self.product(xs, rows, k, &merged, w.out_features(), Some(&bias))?
-            }
             (true, _) => ops::expert_linear::expert_linear_bf16(xs, groups, rows / groups, c, &weights)?,
             (false, _) => ops::expert_linear::expert_linear(xs, groups, rows / groups, c, &weights)?,
         };
@@ -270,7 +269,11 @@ impl Backend for CpuBackend {
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let k = w.in_features();
         let rhs = dense_rhs(w)?;
-        let dx = ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?;
+        let dx = if self.bf16 {
+            ops::amx::linear(dy.host()?, rows, n, &ops::amx::pack_rhs_view(rhs.t())?, None)?
+        } else {
+            ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?
+        };
         let mut shape = dy.shape().to_vec();
         *shape.last_mut().expect("rows_and_width saw a last dimension") = k;
         Tensor::from_vec(&shape, dx)
@@ -332,14 +335,12 @@ impl Backend for CpuBackend {
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = host_view(w)?;
-        let (dx, dc) = ops::expert_linear::expert_linear_backward(
-            x.host()?,
-            groups,
-            rows / groups,
-            coefficients.host()?,
-            &weights,
-            dy.host()?,
-        )?;
+        let (xs, c, dys) = (x.host()?, coefficients.host()?, dy.host()?);
+        let (dx, dc) = if self.bf16 && groups == 1 {
+            ops::expert_linear::expert_linear_backward_bf16(xs, rows, c, &weights, dys)?
+        } else {
+            ops::expert_linear::expert_linear_backward(xs, groups, rows / groups, c, &weights, dys)?
+        };
         Ok((Tensor::from_vec(x.shape(), dx)?, Tensor::from_vec(coefficients.shape(), dc)?))
     }
 

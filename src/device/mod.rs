@@ -83,7 +83,8 @@ pub enum Precision {
     Tf32,
     /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32: on the GPU's tensor cores
     /// (sm_80 and later) or the CPU's AMX tiles (Sapphire Rapids and later), the same layers as
-    /// [`Precision::Tf32`]. Within about 1e-2 of f32.
+    /// [`Precision::Tf32`]; on AMX also the backward's products through frozen weights (dense layers' input
+    /// gradients, batch routing's WEMoE backward). Within about 1e-2 of f32.
     Bf16,
 }
 

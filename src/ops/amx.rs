@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use super::gemm::MatRef;
+
 /// Whether this CPU and OS run AMX bf16 products (checked once: CPUID, then the Linux permission to use the
 /// tile data state, which the kernel grants per process).
 pub fn available() -> bool {
@@ -64,12 +66,36 @@ impl PackedRhs {
     fn padded_k(&self) -> usize {
         self.k.next_multiple_of(STEP)
     }
+
+    /// A right-hand side `[k, n]` whose panels were written elsewhere (a merge writing them directly), in
+    /// [`pack_rhs`]'s layout: [`rhs_panel_len`]`(k)` elements per panel of 16 outputs, `n` padded to 32.
+    pub(crate) fn from_panels(data: Vec<u16>, k: usize, n: usize) -> Self {
+        assert_eq!(data.len(), rhs_panel_len(k) * n.div_ceil(BLOCK) * 2, "PackedRhs::from_panels: {k}×{n}");
+        PackedRhs { data, k, n }
+    }
+
+    /// Outputs `32b..32b + 32` (two panels of 16), as [`multiply_panel`] takes them.
+    pub(crate) fn block_panel(&self, b: usize) -> &[u16] {
+        let len = panel_len(self.k);
+        &self.data[b * len..(b + 1) * len]
+    }
+}
+
+/// Bf16 elements of one panel of 16 outputs of a packed right-hand side with `k` inputs.
+pub(crate) fn rhs_panel_len(k: usize) -> usize {
+    k.next_multiple_of(STEP) * TILE_ROWS
 }
 
 /// Packs `w` `[k, n]` (row-major f32, the CPU backend's `[in, out]`) for [`linear`].
 pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
     ensure!(w.len() == k * n, "pack_rhs: {} elements for {k}×{n}", w.len());
+    pack_rhs_view(MatRef::row_major(w, k, n)?)
+}
+
+/// Packs the `[k, n]` view `w` for [`linear`]: a transposed view packs `Wᵀ` for a backward product.
+pub fn pack_rhs_view(w: MatRef) -> Result<PackedRhs> {
     ensure!(available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    let (k, n) = (w.rows(), w.cols());
     let (kp, np) = (k.next_multiple_of(STEP), n.next_multiple_of(BLOCK));
     let mut data = vec![0u16; kp * np];
     data.par_chunks_mut(kp * TILE_ROWS).enumerate().for_each(|(p, panel)| {
@@ -83,7 +109,7 @@ pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
                 let kk = 2 * i + r;
                 row.fill(0.0);
                 if kk < k {
-                    row[..cols.len()].copy_from_slice(&w[kk * n + cols.start..kk * n + cols.end]);
+                    w.copy_row_into(kk, cols.clone(), &mut row[..cols.len()]);
                 }
             }
             // SAFETY: `available()` checked AVX-512 BF16 and BW.
@@ -96,7 +122,14 @@ pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
 /// Rows `[m, k]` (a product's left-hand side) rounded to bf16 in tile order: `[m/16][k/32][16][32]`, `m`
 /// and `k` zero-padded to multiples of 32.
 pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
-    assert!(available() && x.len() == m * k, "pack_rows: AMX and [{m}, {k}] rows");
+    assert!(x.len() == m * k, "pack_rows: [{m}, {k}] rows");
+    pack_rows_view(MatRef::row_major(x, m, k).expect("length checked"))
+}
+
+/// [`pack_rows`] of a view: a transposed one packs `xᵀ`, its 16 rows of a tile read from the same 32 lines.
+pub(crate) fn pack_rows_view(x: MatRef) -> Vec<u16> {
+    let (m, k) = (x.rows(), x.cols());
+    assert!(available(), "pack_rows: AMX");
     let (mp, kp) = (m.next_multiple_of(BLOCK), k.next_multiple_of(STEP));
     // Not zeroed first: every element is written below, padding included.
     let mut data = Vec::<u16>::with_capacity(mp * kp);
@@ -108,7 +141,7 @@ pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
                 let row = g * TILE_ROWS + i;
                 let mut src = [0.0f32; STEP];
                 if row < m {
-                    src[..width].copy_from_slice(&x[row * k + k0..row * k + k0 + width]);
+                    x.copy_row_into(row, k0..k0 + width, &mut src[..width]);
                 }
                 // SAFETY: `available()` checked AVX-512 BF16.
                 unsafe { kernels::round_32(&src, out) };
@@ -122,8 +155,14 @@ pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
 
 /// `y = x·w + bias` for `x` `[m, k]` and `w` packed by [`pack_rhs`], on AMX tiles; `[m, n]`.
 pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
-    ensure!(w.k == k, "amx linear: weight takes {} inputs, got {k}", w.k);
     ensure!(x.len() == m * k, "amx linear: input does not hold {m}×{k}");
+    linear_view(MatRef::row_major(x, m, k)?, w, bias)
+}
+
+/// [`linear`] for the `[m, k]` view `x`: a transposed view multiplies `xᵀ` (a weight gradient's `xᵀ·dy`).
+pub fn linear_view(x: MatRef, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let (m, k) = (x.rows(), x.cols());
+    ensure!(w.k == k, "amx linear: weight takes {} inputs, got {k}", w.k);
     let n = w.n;
     let np = n.next_multiple_of(BLOCK);
     let mut bias_padded = vec![0.0f32; np];
@@ -131,7 +170,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>
         ensure!(b.len() == n, "amx linear: bias has {} elements, {n} needed", b.len());
         bias_padded[..n].copy_from_slice(b);
     }
-    let a = pack_rows(x, m, k);
+    let a = pack_rows_view(x);
     let kp = w.padded_k();
     // Not zeroed: the blocks below write every element (a zeroed 39 MB output cost a memset per product).
     let mut y = Vec::<f32>::with_capacity(m * n);
@@ -455,6 +494,11 @@ mod tests {
             // And really rounded: the f32 product differs.
             let exact: f64 = b[0] as f64 + (0..k).map(|kk| x[kk] as f64 * w[kk * n] as f64).sum::<f64>();
             assert!((y[0] as f64 - exact).abs() > 1e-6 * scale, "{m}×{k}×{n}: not rounded to bf16");
+            // Transposed views of both operands (how the backward packs `Wᵀ` and `xᵀ`) give the same product.
+            let (xt, wt) = (crate::ops::transpose::transpose(&x, m, k), crate::ops::transpose::transpose(&w, k, n));
+            let x_view = MatRef::row_major(&xt, k, m).unwrap().t();
+            let w_view = MatRef::row_major(&wt, n, k).unwrap().t();
+            assert_eq!(linear_view(x_view, &pack_rhs_view(w_view).unwrap(), Some(&b)).unwrap(), y, "{m}×{k}×{n} views");
         }
     }
 }

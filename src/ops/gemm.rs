@@ -52,6 +52,18 @@ impl<'a> MatRef<'a> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// Copies row `i`'s elements `cols` into `out` (`cols.len()` long): a slice copy where the row is
+    /// contiguous, a gather where the view is transposed. Panics outside the view.
+    pub(crate) fn copy_row_into(&self, i: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        assert!(i < self.rows && cols.end <= self.cols && out.len() == cols.len(), "copy_row_into: outside the view");
+        let start = i * self.row_stride + cols.start * self.col_stride;
+        if self.col_stride == 1 {
+            out.copy_from_slice(&self.data[start..start + out.len()]);
+        } else {
+            out.iter_mut().enumerate().for_each(|(j, o)| *o = self.data[start + j * self.col_stride]);
+        }
+    }
 }
 
 /// How many threads a product may use.

@@ -103,6 +103,55 @@ pub unsafe fn merge_panels_bf16(
     }
 }
 
+/// One panel of the merged weight transposed, `Mᵀ` `[out, in]` in [`crate::ops::amx::pack_rhs`]'s layout
+/// (what `dy·Mᵀ` multiplies): inputs `c0..c0 + 16` (past the last input, zeros) over every output pair, merged
+/// with the fused multiply-adds of [`merge_panels_bf16`] in the same order. A block's 16 inputs × 32 outputs
+/// are merged eight inputs at a time (16 accumulators) from the blocked sources, where an input's 32 outputs
+/// lie side by side; each input's outputs rounded to bf16 are 16 output pairs, and the panel wants each pair's
+/// 16 inputs side by side, so the 16 × 16 pairs are transposed on the way out.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+pub unsafe fn merge_transposed_panel(w: &ExpertLinearRef, c: &[f32], c0: usize, panel: &mut [u16]) {
+    const INPUTS: usize = 16;
+    const PASS: usize = 8;
+    let (k, o, t) = (w.in_features, w.out_features, w.task_weights.len());
+    let blocks = o.div_ceil(BLOCK_ROWS);
+    assert!(c.len() == t && c0 < k && panel.len() == blocks * BLOCK_ROWS * INPUTS, "merge_transposed_panel");
+    w.assert_blocked();
+    let valid = INPUTS.min(k - c0);
+    let panel = panel.as_mut_ptr().cast::<u32>(); // a pair of bf16 per u32: one output pair of one input
+    for b in 0..blocks {
+        // words[i][p]: input c0 + i, outputs 32b + 2p and 32b + 2p + 1.
+        let mut words = [[0u32; INPUTS]; INPUTS];
+        for i0 in (0..valid).step_by(PASS) {
+            let rows = PASS.min(valid - i0);
+            let at = |src: &[f32], i: usize, half: usize| {
+                src.as_ptr().add(w.offset(c0 + i0 + i, b * BLOCK_ROWS) + 16 * half)
+            };
+            let mut acc = [[_mm512_setzero_ps(); 2]; PASS];
+            for (i, a) in acc.iter_mut().enumerate().take(rows) {
+                *a = [_mm512_loadu_ps(at(w.base_weight, i, 0)), _mm512_loadu_ps(at(w.base_weight, i, 1))];
+            }
+            for (tw, &ct) in w.task_weights.iter().zip(c) {
+                let cv = _mm512_set1_ps(ct);
+                for (i, a) in acc.iter_mut().enumerate().take(rows) {
+                    a[0] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(at(tw, i, 0)), a[0]);
+                    a[1] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(at(tw, i, 1)), a[1]);
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(rows) {
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(a[1], a[0]));
+                _mm512_storeu_si512(words[i0 + i].as_mut_ptr().cast(), pairs);
+            }
+        }
+        for p in 0..INPUTS {
+            let out = panel.add((b * INPUTS + p) * INPUTS);
+            for (i, row) in words.iter().enumerate() {
+                *out.add(i) = row[p];
+            }
+        }
+    }
+}
+
 /// See [`ExpertLinearRef::dot_tile`], over the span: experts in passes of eight (16 accumulators), each row
 /// of `tile` loaded once per pass.
 #[target_feature(enable = "avx512f")]
