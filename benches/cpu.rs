@@ -169,7 +169,7 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
 }
 
 /// One adaptation step's loss and router gradients: ViT-B/32 widths with 8 experts, shortened to 4 layers,
-/// 2 tasks × 8 images, per-sample and batch routing.
+/// 2 tasks × 8 images, per-sample and batch routing, in f32 and (with AMX) bf16.
 fn adapt_step(c: &mut Criterion) {
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::model::Heads;
@@ -203,16 +203,21 @@ fn adapt_step(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("adapt_step_b32_4layers_8experts_2x8images");
     group.sample_size(10);
-    for (name, routing) in [("per_sample", Routing::Sample), ("batch", Routing::Batch)] {
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let tasks = vec![
-                    TaskBatch { head: heads.head("a").unwrap(), pixels: pixels(1) },
-                    TaskBatch { head: heads.head("b").unwrap(), pixels: pixels(2) },
-                ];
-                entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing).unwrap()
-            })
-        });
+    // --precision bf16 on AMX as well (the CPU backend prepares weights alike in both precisions).
+    let bf16 = CpuBackend::with_precision(Precision::Bf16).ok();
+    let backends = std::iter::once(("", &be)).chain(bf16.as_ref().map(|b| ("_bf16", b)));
+    for (suffix, be) in backends {
+        for (name, routing) in [("per_sample", Routing::Sample), ("batch", Routing::Batch)] {
+            group.bench_function(format!("{name}{suffix}"), |b| {
+                b.iter(|| {
+                    let tasks = vec![
+                        TaskBatch { head: heads.head("a").unwrap(), pixels: pixels(1) },
+                        TaskBatch { head: heads.head("b").unwrap(), pixels: pixels(2) },
+                    ];
+                    entropy_loss_and_router_gradients(be, &model, &classifier, &tasks, routing).unwrap()
+                })
+            });
+        }
     }
     group.finish();
 }
