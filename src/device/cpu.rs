@@ -1,10 +1,10 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
 //! With `--precision bf16` (on CPUs with AMX) the forward's linear layers multiply bf16 operands on AMX
 //! tiles (`ops::amx`): dense ones, batch routing's merged WEMoE weight, and per-sample routing's merged tiles
-//! (`ops::expert_linear::expert_linear_bf16`); and so do the backward's products through frozen weights where
-//! the layout allows: dense layers' input gradients and batch routing's WEMoE backward
-//! (`ops::expert_linear::expert_linear_backward_bf16`). Per-sample routing's WEMoE backward, the attention
-//! products and the routers' own weight gradients stay f32.
+//! (`ops::expert_linear::expert_linear_bf16`); and so do the backward's products through frozen weights: dense
+//! layers' input gradients and the WEMoE layers' backward in either routing
+//! (`ops::expert_linear::expert_linear_backward_bf16`). The attention products and the routers' own weight
+//! gradients stay f32.
 
 use anyhow::{bail, ensure, Result};
 
@@ -336,8 +336,8 @@ impl Backend for CpuBackend {
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = host_view(w)?;
         let (xs, c, dys) = (x.host()?, coefficients.host()?, dy.host()?);
-        let (dx, dc) = if self.bf16 && groups == 1 {
-            ops::expert_linear::expert_linear_backward_bf16(xs, rows, c, &weights, dys)?
+        let (dx, dc) = if self.bf16 {
+            ops::expert_linear::expert_linear_backward_bf16(xs, groups, rows / groups, c, &weights, dys)?
         } else {
             ops::expert_linear::expert_linear_backward(xs, groups, rows / groups, c, &weights, dys)?
         };

@@ -84,7 +84,7 @@ pub enum Precision {
     /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32: on the GPU's tensor cores
     /// (sm_80 and later) or the CPU's AMX tiles (Sapphire Rapids and later), the same layers as
     /// [`Precision::Tf32`]; on AMX also the backward's products through frozen weights (dense layers' input
-    /// gradients, batch routing's WEMoE backward). Within about 1e-2 of f32.
+    /// gradients, the WEMoE layers' backward). Within about 1e-2 of f32.
     Bf16,
 }
 

@@ -98,25 +98,40 @@ pub fn pack_rhs_view(w: MatRef) -> Result<PackedRhs> {
     let (k, n) = (w.rows(), w.cols());
     let (kp, np) = (k.next_multiple_of(STEP), n.next_multiple_of(BLOCK));
     let mut data = vec![0u16; kp * np];
-    data.par_chunks_mut(kp * TILE_ROWS).enumerate().for_each(|(p, panel)| {
-        let cols = p * TILE_ROWS..((p + 1) * TILE_ROWS).min(n);
-        if cols.is_empty() {
-            return;
-        }
-        let mut pair = [[0.0f32; TILE_ROWS]; 2];
-        for (i, out) in panel.chunks_exact_mut(2 * TILE_ROWS).take(k.div_ceil(2)).enumerate() {
-            for (r, row) in pair.iter_mut().enumerate() {
-                let kk = 2 * i + r;
-                row.fill(0.0);
-                if kk < k {
-                    w.copy_row_into(kk, cols.clone(), &mut row[..cols.len()]);
-                }
-            }
-            // SAFETY: `available()` checked AVX-512 BF16 and BW.
-            unsafe { kernels::interleave_pair(&pair[0], &pair[1], out) };
-        }
-    });
+    data.par_chunks_mut(kp * TILE_ROWS).enumerate().for_each(|(p, panel)| pack_rhs_panel(w, p, panel));
     Ok(PackedRhs { data, k, n })
+}
+
+/// Packs a small `[k, n]` right-hand side (a block of a gradient) into `out` on this thread, in [`pack_rhs`]'s
+/// layout: `rhs_panel_len(k)` elements per panel of 16 outputs, `n` padded to 32.
+pub(crate) fn pack_rhs_into(w: &[f32], k: usize, n: usize, out: &mut [u16]) {
+    assert!(available() && w.len() == k * n, "pack_rhs_into: AMX and [{k}, {n}]");
+    let view = MatRef::row_major(w, k, n).expect("length checked");
+    let len = rhs_panel_len(k);
+    assert_eq!(out.len(), len * n.next_multiple_of(BLOCK) / TILE_ROWS, "pack_rhs_into: output");
+    out.chunks_exact_mut(len).enumerate().for_each(|(p, panel)| pack_rhs_panel(view, p, panel));
+}
+
+/// Panel `p` (outputs `16p..16p + 16`) of [`pack_rhs_view`]; outputs and inputs past the view's are zeros.
+fn pack_rhs_panel(w: MatRef, p: usize, panel: &mut [u16]) {
+    let (k, n) = (w.rows(), w.cols());
+    let cols = p * TILE_ROWS..((p + 1) * TILE_ROWS).min(n);
+    if cols.is_empty() {
+        panel.fill(0);
+        return;
+    }
+    let mut pair = [[0.0f32; TILE_ROWS]; 2];
+    for (i, out) in panel.chunks_exact_mut(2 * TILE_ROWS).enumerate() {
+        for (r, row) in pair.iter_mut().enumerate() {
+            let kk = 2 * i + r;
+            row.fill(0.0);
+            if kk < k {
+                w.copy_row_into(kk, cols.clone(), &mut row[..cols.len()]);
+            }
+        }
+        // SAFETY: `available()` (checked by every caller) implies AVX-512 BF16 and BW.
+        unsafe { kernels::interleave_pair(&pair[0], &pair[1], out) };
+    }
 }
 
 /// Rows `[m, k]` (a product's left-hand side) rounded to bf16 in tile order: `[m/16][k/32][16][32]`, `m`
@@ -133,24 +148,42 @@ pub(crate) fn pack_rows_view(x: MatRef) -> Vec<u16> {
     let (mp, kp) = (m.next_multiple_of(BLOCK), k.next_multiple_of(STEP));
     // Not zeroed first: every element is written below, padding included.
     let mut data = Vec::<u16>::with_capacity(mp * kp);
-    data.spare_capacity_mut()[..mp * kp].par_chunks_mut(TILE_ROWS * kp).enumerate().for_each(|(g, group)| {
-        for (s, tile) in group.chunks_exact_mut(TILE_ROWS * STEP).enumerate() {
-            let k0 = s * STEP;
-            let width = STEP.min(k - k0);
-            for (i, out) in tile.chunks_exact_mut(STEP).enumerate() {
-                let row = g * TILE_ROWS + i;
-                let mut src = [0.0f32; STEP];
-                if row < m {
-                    x.copy_row_into(row, k0..k0 + width, &mut src[..width]);
-                }
-                // SAFETY: `available()` checked AVX-512 BF16.
-                unsafe { kernels::round_32(&src, out) };
-            }
-        }
-    });
+    data.spare_capacity_mut()[..mp * kp]
+        .par_chunks_mut(TILE_ROWS * kp)
+        .enumerate()
+        .for_each(|(g, group)| pack_row_group(x, g, group));
     // SAFETY: every tile row of every group was written above.
     unsafe { data.set_len(mp * kp) };
     data
+}
+
+/// [`pack_rows`] of a small `[m, k]` (a block of a gradient) into `out` (`m` and `k` padded to 32) on this thread.
+pub(crate) fn pack_rows_into(x: &[f32], m: usize, k: usize, out: &mut [u16]) {
+    assert!(available() && x.len() == m * k, "pack_rows_into: AMX and [{m}, {k}]");
+    let view = MatRef::row_major(x, m, k).expect("length checked");
+    let kp = k.next_multiple_of(STEP);
+    assert_eq!(out.len(), m.next_multiple_of(BLOCK) * kp, "pack_rows_into: output");
+    // SAFETY: a `u16` slice viewed as possibly uninitialised `u16`s, only ever written with initialised values.
+    let out = unsafe { &mut *(out as *mut [u16] as *mut [std::mem::MaybeUninit<u16>]) };
+    out.chunks_exact_mut(TILE_ROWS * kp).enumerate().for_each(|(g, group)| pack_row_group(view, g, group));
+}
+
+/// Rows `16g..16g + 16` of [`pack_rows_view`] (`kp / 32` tiles), rows and inputs past the view's zeros.
+fn pack_row_group(x: MatRef, g: usize, group: &mut [std::mem::MaybeUninit<u16>]) {
+    let (m, k) = (x.rows(), x.cols());
+    for (s, tile) in group.chunks_exact_mut(TILE_ROWS * STEP).enumerate() {
+        let k0 = s * STEP;
+        let width = STEP.min(k - k0);
+        for (i, out) in tile.chunks_exact_mut(STEP).enumerate() {
+            let row = g * TILE_ROWS + i;
+            let mut src = [0.0f32; STEP];
+            if row < m {
+                x.copy_row_into(row, k0..k0 + width, &mut src[..width]);
+            }
+            // SAFETY: `available()` (checked by every caller) implies AVX-512 BF16.
+            unsafe { kernels::round_32(&src, out) };
+        }
+    }
 }
 
 /// `y = x·w + bias` for `x` `[m, k]` and `w` packed by [`pack_rhs`], on AMX tiles; `[m, n]`.
@@ -283,6 +316,47 @@ pub(crate) fn multiply_panel(
     }
 }
 
+/// `c[0..32, 0..32] += a·b` for one block: `a` two row tiles and `b` two output tiles of `steps` tiles each (as
+/// [`pack_rows_into`] and [`pack_rhs_into`] or [`pack_transposed_tile`] lay them out), `c` with row stride
+/// `stride` (a gradient block accumulated over calls, in memory between them).
+pub(crate) fn accumulate_block(
+    _tiles: &TileSession,
+    a: [&[u16]; 2],
+    b: [&[u16]; 2],
+    steps: usize,
+    c: &mut [f32],
+    stride: usize,
+) {
+    assert!(a.iter().chain(&b).all(|o| o.len() >= steps * TILE_ROWS * STEP), "accumulate_block: operands");
+    assert!(stride >= BLOCK && c.len() >= (BLOCK - 1) * stride + BLOCK, "accumulate_block: output");
+    // SAFETY: the session configured the tiles; the operands hold `steps` tiles each and `c` the whole block
+    // (asserted above).
+    unsafe { kernels::accumulate_block(a, b, steps, c.as_mut_ptr(), stride) };
+}
+
+/// `out = a·b` for one 32 × 32 block (row stride 32), operands as for [`accumulate_block`].
+pub(crate) fn multiply_block_into(
+    _tiles: &TileSession,
+    a: [&[u16]; 2],
+    b: [&[u16]; 2],
+    steps: usize,
+    out: &mut [f32; BLOCK * BLOCK],
+) {
+    const ZERO: [f32; BLOCK] = [0.0; BLOCK];
+    // SAFETY: the session configured the tiles; `multiply_block` asserts the operands' lengths, and `out` holds
+    // the whole block at row stride 32.
+    unsafe { kernels::multiply_block(a, b, steps, &ZERO, out.as_mut_ptr(), BLOCK, BLOCK, BLOCK) };
+}
+
+/// A 32 × 32 f32 tile (row stride 32) transposed and rounded to bf16 as the right-hand operand of one step:
+/// its 32 columns are the step's inputs, its rows the outputs, rows `16h..16h + 16` in `out[h]` (512 bf16,
+/// input pairs interleaved as `tdpbf16ps` takes them). How a merged weight tile `M` multiplies as `Mᵀ`.
+pub(crate) fn pack_transposed_tile(tile: &[f32], out: [&mut [u16]; 2]) {
+    assert!(available(), "pack_transposed_tile: AMX");
+    // SAFETY: `available()` implies AVX-512 BF16; the kernel asserts the lengths.
+    unsafe { kernels::pack_transposed_tile(tile, out) };
+}
+
 /// Rounds one input pair of 16 outputs (`even`: input 2i, `odd`: input 2i+1) to bf16 and stores it at `out`
 /// (32 bf16) in the order `tdpbf16ps` takes: how a merge writes a panel ([`panel_len`]).
 ///
@@ -386,24 +460,7 @@ mod kernels {
             bias = in(reg) bias, bias1 = in(reg) bias.add(16), zero = in(reg) 0usize,
             options(nostack, readonly),
         );
-        for s in 0..steps {
-            asm!(
-                "tileloadd tmm4, [{a0} + {stride}*1]",
-                "tileloadd tmm6, [{b0} + {stride}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {stride}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {stride}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0.add(s * TILE),
-                a1 = in(reg) a1.add(s * TILE),
-                b0 = in(reg) b0.add(s * TILE),
-                b1 = in(reg) b1.add(s * TILE),
-                stride = in(reg) 64usize,
-                options(nostack, readonly),
-            );
-        }
+        run_steps([a0, a1], [b0, b1], steps);
         let full = rows == BLOCK && cols == BLOCK;
         let mut scratch = std::mem::MaybeUninit::<[f32; BLOCK * BLOCK]>::uninit();
         let (c, c_stride) = if full { (y, stride) } else { (scratch.as_mut_ptr().cast::<f32>(), BLOCK) };
@@ -426,6 +483,74 @@ mod kernels {
             }
         }
     }
+
+    /// `steps` steps of 32 inputs into the accumulators tmm0..tmm3 (tiles of `a` and `b` consecutive from
+    /// their starts, 1 KiB each).
+    #[inline(always)]
+    unsafe fn run_steps(a: [*const u16; 2], b: [*const u16; 2], steps: usize) {
+        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
+        let ([a0, a1], [b0, b1]) = (a, b);
+        for s in 0..steps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {stride}*1]",
+                "tileloadd tmm6, [{b0} + {stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {stride}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {stride}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.add(s * TILE),
+                a1 = in(reg) a1.add(s * TILE),
+                b0 = in(reg) b0.add(s * TILE),
+                b1 = in(reg) b1.add(s * TILE),
+                stride = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// `c[0..32, 0..32] += a·b` over `steps` steps (row stride `stride` floats): the accumulators loaded from
+    /// `c` and stored back.
+    pub unsafe fn accumulate_block(a: [&[u16]; 2], b: [&[u16]; 2], steps: usize, c: *mut f32, stride: usize) {
+        let tiles = [c, c.add(16), c.add(16 * stride), c.add(16 * stride + 16)];
+        asm!(
+            "tileloadd tmm0, [{c0} + {s}*1]",
+            "tileloadd tmm1, [{c1} + {s}*1]",
+            "tileloadd tmm2, [{c2} + {s}*1]",
+            "tileloadd tmm3, [{c3} + {s}*1]",
+            c0 = in(reg) tiles[0], c1 = in(reg) tiles[1], c2 = in(reg) tiles[2], c3 = in(reg) tiles[3],
+            s = in(reg) stride * 4,
+            options(nostack, readonly),
+        );
+        run_steps(a.map(<[u16]>::as_ptr), b.map(<[u16]>::as_ptr), steps);
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) tiles[0], c1 = in(reg) tiles[1], c2 = in(reg) tiles[2], c3 = in(reg) tiles[3],
+            s = in(reg) stride * 4,
+            options(nostack),
+        );
+    }
+
+    /// See [`super::pack_transposed_tile`].
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pack_transposed_tile(tile: &[f32], out: [&mut [u16]; 2]) {
+        assert!(tile.len() >= BLOCK * BLOCK && out.iter().all(|o| o.len() >= TILE_ROWS * STEP));
+        let out = out.map(|o| o.as_mut_ptr().cast::<u32>());
+        for r in 0..BLOCK {
+            let (lo, hi) =
+                (_mm512_loadu_ps(tile.as_ptr().add(r * BLOCK)), _mm512_loadu_ps(tile.as_ptr().add(r * BLOCK + 16)));
+            // Word p: the row's columns 2p and 2p + 1 rounded, the even one low.
+            let words: [u32; 16] = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            let (h, c) = (r / TILE_ROWS, r % TILE_ROWS);
+            for (p, &word) in words.iter().enumerate() {
+                out[h].add(p * TILE_ROWS + c).write_unaligned(word);
+            }
+        }
+    }
 }
 
 /// Elsewhere [`available`] is false, so nothing below is ever called; the signatures keep the callers
@@ -444,6 +569,12 @@ mod kernels {
         unreachable!("{UNREACHABLE}")
     }
     pub unsafe fn release_tiles() {
+        unreachable!("{UNREACHABLE}")
+    }
+    pub unsafe fn accumulate_block(_: [&[u16]; 2], _: [&[u16]; 2], _: usize, _: *mut f32, _: usize) {
+        unreachable!("{UNREACHABLE}")
+    }
+    pub unsafe fn pack_transposed_tile(_: &[f32], _: [&mut [u16]; 2]) {
         unreachable!("{UNREACHABLE}")
     }
     #[allow(clippy::too_many_arguments)]

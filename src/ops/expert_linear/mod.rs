@@ -623,6 +623,8 @@ fn multiply_tile(kernel: Kernel, x: &[f32], n: usize, stride: usize, width: usiz
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod backward_bf16;
+pub use backward_bf16::expert_linear_backward_bf16;
 
 /// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
 /// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
@@ -638,94 +640,26 @@ pub fn expert_linear_backward(
     w: &ExpertLinearRef,
     dy: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    ensure!(x.len() == groups * n * k && dy.len() == groups * n * o, "expert_linear_backward: shapes");
-    ensure!(coefficients.len() == groups * t, "expert_linear_backward: coefficients are not [{groups}, {t}]");
-    w.assert_blocked();
+    check_backward("expert_linear_backward", x, groups, n, coefficients, w, dy)?;
     Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::detect()))
 }
 
-/// Batch routing's backward (one group of `n` rows) with bf16 products on AMX tiles (`--precision bf16` on the
-/// CPU; refused unless [`super::amx::available`]): `dx = dy·Mᵀ` with `Mᵀ` merged and packed panel by panel
-/// from the blocked sources (`pack_merged_transposed`), and the router gradient
-/// `dc[t] = <τ_t, xᵀ·dy> + <β_t, Σ_rows dy>` block by block: each block of 32 outputs of `xᵀ·dy` is
-/// multiplied on the tiles into the blocked layout (`[in, 32]`, 96 KiB at 768 inputs, so it stays in L2) and
-/// contracted with every task vector's block while there, as the f32 path's tiles are; never formed whole.
-pub fn expert_linear_backward_bf16(
+/// The shapes a backward of [`expert_linear`] takes, checked (`op` names the caller in the error).
+fn check_backward(
+    op: &str,
     x: &[f32],
+    groups: usize,
     n: usize,
     coefficients: &[f32],
     w: &ExpertLinearRef,
     dy: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<()> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    ensure!(x.len() == n * k && dy.len() == n * o, "expert_linear_backward_bf16: shapes");
-    ensure!(coefficients.len() == t, "expert_linear_backward_bf16: coefficients are not [1, {t}]");
-    ensure!(super::amx::available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    ensure!(x.len() == groups * n * k, "{op}: input does not hold {groups}×{n}×{k}");
+    ensure!(dy.len() == groups * n * o, "{op}: gradient does not hold {groups}×{n}×{o}");
+    ensure!(coefficients.len() == groups * t, "{op}: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
-    let dx = super::amx::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?;
-    let xt = super::amx::pack_rows_view(MatRef::row_major(x, n, k)?.t());
-    let dy_packed = super::amx::pack_rhs(dy, n, o)?;
-    let kernel = Kernel::detect();
-    let blocks: Vec<Vec<f64>> = (0..o.div_ceil(BLOCK_ROWS))
-        .into_par_iter()
-        .map_init(
-            || vec![0.0f32; k * BLOCK_ROWS],
-            |outer, b| {
-                let session = super::amx::TileSession::start();
-                let panel = dy_packed.block_panel(b);
-                super::amx::multiply_panel(
-                    &session,
-                    &xt,
-                    k,
-                    n,
-                    panel,
-                    &[0.0; BLOCK_ROWS],
-                    outer,
-                    BLOCK_ROWS,
-                    BLOCK_ROWS,
-                );
-                let cols = b * BLOCK_ROWS..(b * BLOCK_ROWS + BLOCK_ROWS).min(o);
-                let (mut dc, mut dots) = (vec![0.0f64; t], vec![0.0f32; t]);
-                for k0 in (0..k).step_by(CHUNK_INPUTS) {
-                    let ks = k0..(k0 + CHUNK_INPUTS).min(k);
-                    dot_tile(kernel, w, ks, cols.clone(), &outer[k0 * BLOCK_ROWS..], &mut dots);
-                    dc.iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
-                }
-                dc
-            },
-        )
-        .collect();
-    let colsum = column_sums(dy, o);
-    let dc = (0..t)
-        .map(|e| (blocks.iter().map(|dc| dc[e]).sum::<f64>() + bias_dot(w.task_biases[e], &colsum)) as f32)
-        .collect();
-    Ok((dx, dc))
-}
-
-/// The merged weight for coefficients `c` (one group), transposed and packed for the bf16 product `dy·Mᵀ`:
-/// merged and rounded panel by panel straight from the blocked sources (the AVX-512 path's
-/// `merge_transposed_panel`), never formed whole in f32. AMX implies x86-64; elsewhere
-/// [`expert_linear_backward_bf16`] refuses before coming here.
-fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> super::amx::PackedRhs {
-    assert!(super::amx::available(), "bf16 panels merged without AMX");
-    let (k, o) = (w.in_features, w.out_features);
-    let panel_len = super::amx::rhs_panel_len(o);
-    let mut data = vec![0u16; panel_len * k.div_ceil(BLOCK_ROWS) * 2];
-    data.par_chunks_mut(panel_len).enumerate().for_each(|(p, panel)| {
-        let c0 = p * 16;
-        if c0 >= k {
-            return; // the padding past the last input stays zero
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AMX is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
-        unsafe {
-            avx512::merge_transposed_panel(w, c, c0, panel)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (w, c, c0, panel);
-    });
-    super::amx::PackedRhs::from_panels(data, o, k)
+    Ok(())
 }
 
 /// Sums over the rows of `[rows, o]` in f64.
@@ -807,9 +741,23 @@ fn per_group_backward(
             (dx, dc)
         })
         .collect();
-    let dx = gather_stripes(&parts.iter().map(|(part, _)| part.as_slice()).collect::<Vec<_>>(), kc, k);
+    combine_chunks(&parts, w, groups, n, dy)
+}
+
+/// The per-chunk results of a per-group backward, `(dx stripe [groups·n, 32], partial dc [groups, T] in f64)` in
+/// chunk order: `dx` gathered from the stripes, and `dc` summed in chunk order (so that results do not depend
+/// on the thread count) plus each task's bias term `<β_t, Σ_rows dy_g>`.
+fn combine_chunks(
+    parts: &[(Vec<f32>, Vec<f64>)],
+    w: &ExpertLinearRef,
+    groups: usize,
+    n: usize,
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let dx = gather_stripes(&parts.iter().map(|(part, _)| part.as_slice()).collect::<Vec<_>>(), CHUNK_INPUTS, k);
     let mut dc = vec![0.0f64; groups * t];
-    for (_, part_dc) in &parts {
+    for (_, part_dc) in parts {
         dc.iter_mut().zip(part_dc).for_each(|(s, &d)| *s += d);
     }
     dc.par_chunks_mut(t).enumerate().for_each(|(g, dcg)| {
@@ -1014,50 +962,64 @@ mod tests {
         check(expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap(), g, "expert_linear_backward");
     }
 
-    /// Batch routing's bf16 backward (AMX) against the f64 sums of the rounded operands' products: `dx` from
-    /// `dy` and the merged weight (merged with the kernel's fused multiply-adds) rounded, `dc` from `x` and
-    /// `dy` rounded against the f32 task vectors; 45 rows, 37 inputs, 71 outputs (ragged tiles), 3 experts.
+    /// The bf16 backward (AMX) against the f64 sums of the rounded operands' products: `dx` from `dy` and each
+    /// group's merged weight (merged with the kernels' fused multiply-adds, in their order) rounded, `dc` from `x`
+    /// and `dy` rounded against the f32 task vectors. Per-sample routing's path on 10 groups of 27 rows and
+    /// batch routing's on one group of 45 rows; 37 inputs, 171 outputs (ragged chunks, blocks and row tiles, and
+    /// a whole span of blocks and a partial one), 3 experts. And really rounded: the f32 path differs.
     #[test]
-    fn bf16_batch_backward_equals_the_rounded_operands_products() {
+    fn bf16_backward_equals_the_rounded_operands_products() {
         if !crate::ops::amx::available() {
             return; // the CPU backend refuses bf16 here (tests/wemoe_fusionbench.rs checks the refusal)
         }
-        let (n, k, o, t) = (45, 37, 71, 3);
+        let (k, o, t) = (37, 171, 3);
         let weights = Weights::new(k, o, t);
         let (tw, tb) = (&weights.tw, &weights.tb);
         let w = weights.view();
-        let (x, c, dy) = (values(n * k, 3), values(t, 4), values(n * o, 5));
-        let (dx, dc) = expert_linear_backward_bf16(&x, n, &c, &w, &dy).unwrap();
         let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
-        // The merged weight [k, o] with the kernel's fused multiply-adds, in its order.
-        let merged: Vec<f32> = (0..k * o)
-            .map(|i| tw.iter().zip(&c).fold(weights.base_w[i], |acc, (tau, &ct)| ct.mul_add(tau[i], acc)))
-            .collect();
-        let (mut worst, mut scale) = (0.0f64, 0.0f64);
-        for r in 0..n {
-            for kk in 0..k {
-                let want: f64 = (0..o).map(|j| bf16(dy[r * o + j]) * bf16(merged[kk * o + j])).sum();
-                worst = worst.max((dx[r * k + kk] as f64 - want).abs());
-                scale = scale.max(want.abs());
-            }
-        }
-        assert!(worst <= 1e-6 * scale, "dx off by {worst:e} of {scale:e}");
-        let exact = expert_linear_backward(&x, 1, n, &c, &w, &dy).unwrap();
-        let off = dx.iter().zip(&exact.0).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-        assert!(off > 1e-4 * scale, "dx equals the f32 path's: not rounded?");
-        for e in 0..t {
-            let mut want = 0.0f64;
-            for j in 0..o {
-                let column: f64 = (0..n).map(|r| dy[r * o + j] as f64).sum();
-                want += column * tb[e][j] as f64;
-                for kk in 0..k {
-                    let g: f64 = (0..n).map(|r| bf16(x[r * k + kk]) * bf16(dy[r * o + j])).sum();
-                    want += g * tw[e][kk * o + j] as f64;
+        for (g, n) in [(10, 27), (1, 45)] {
+            let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
+            let (dx, dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy).unwrap();
+            let exact = expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap();
+            let (mut worst, mut scale) = (0.0f64, 0.0f64);
+            for gi in 0..g {
+                let cg = &c[gi * t..(gi + 1) * t];
+                let merged: Vec<f32> = (0..k * o)
+                    .map(|i| tw.iter().zip(cg).fold(weights.base_w[i], |acc, (tau, &ct)| ct.mul_add(tau[i], acc)))
+                    .collect();
+                let (xg, dyg) = (&x[gi * n * k..(gi + 1) * n * k], &dy[gi * n * o..(gi + 1) * n * o]);
+                for r in 0..n {
+                    for kk in 0..k {
+                        let want: f64 = (0..o).map(|j| bf16(dyg[r * o + j]) * bf16(merged[kk * o + j])).sum();
+                        worst = worst.max((dx[(gi * n + r) * k + kk] as f64 - want).abs());
+                        scale = scale.max(want.abs());
+                    }
+                }
+                for e in 0..t {
+                    let mut want = 0.0f64;
+                    for j in 0..o {
+                        let column: f64 = (0..n).map(|r| dyg[r * o + j] as f64).sum();
+                        want += column * tb[e][j] as f64;
+                        for kk in 0..k {
+                            let outer: f64 = (0..n).map(|r| bf16(xg[r * k + kk]) * bf16(dyg[r * o + j])).sum();
+                            want += outer * tw[e][kk * o + j] as f64;
+                        }
+                    }
+                    let got = dc[gi * t + e] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{g} groups: dc[{gi}, {e}]: {got} vs {want}"
+                    );
+                    let f32_path = exact.1[gi * t + e] as f64;
+                    assert!(
+                        (got - f32_path).abs() > 1e-6 * want.abs(),
+                        "{g} groups: dc[{gi}, {e}] equals the f32 path's"
+                    );
                 }
             }
-            assert!((dc[e] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "dc[{e}]: {} vs {want}", dc[e]);
-            let f32_path = exact.1[e] as f64;
-            assert!((dc[e] as f64 - f32_path).abs() > 1e-6 * want.abs(), "dc[{e}] equals the f32 path's");
+            assert!(worst <= 1e-6 * scale, "{g} groups: dx off by {worst:e} of {scale:e}");
+            let off = dx.iter().zip(&exact.0).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+            assert!(off > 1e-4 * scale, "{g} groups: dx equals the f32 path's: not rounded?");
         }
     }
 

@@ -1,0 +1,197 @@
+//! The backward of the WEMoE linear layer with bf16 products on AMX tiles (`--precision bf16` on the CPU): the
+//! f32 paths' algorithms ([`super::expert_linear_backward`]), their products on the tiles. Batch routing (one
+//! group) merges each weight panel once; per-sample routing keeps the f32 path's tiles, merged in f32 for
+//! every group while the source tiles are in cache, and multiplies each group's tile on the tiles.
+
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
+use super::{
+    bias_dot, check_backward, column_sums, combine_chunks, dot_tile, merge_tiles, pack_chunks, ExpertLinearRef, Kernel,
+    BLOCK_ROWS, CHUNK_INPUTS,
+};
+use crate::ops::amx;
+use crate::ops::gemm::MatRef;
+
+/// Backward of [`super::expert_linear`] as [`super::expert_linear_backward`] computes it, `(dx, dc)`, with
+/// bf16 operands (rounded to nearest even) and f32 accumulation: `dx_g = dy_g · M_gᵀ` from each group's merged
+/// weight rounded after merging, and the router gradient's `x_gᵀ·dy_g` from `x` and `dy` rounded, contracted
+/// with the f32 task vectors. Refused unless [`amx::available`].
+pub fn expert_linear_backward_bf16(
+    x: &[f32],
+    groups: usize,
+    n: usize,
+    coefficients: &[f32],
+    w: &ExpertLinearRef,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_backward("expert_linear_backward_bf16", x, groups, n, coefficients, w, dy)?;
+    ensure!(amx::available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    if groups == 1 {
+        return one_group(x, n, coefficients, w, dy);
+    }
+    Ok(per_group(x, groups, n, coefficients, w, dy))
+}
+
+/// Per-sample routing's backward: the f32 path's loop (`per_group_backward`: parallel over chunks of 32
+/// inputs, each owning its columns of `dx`; for each block of 32 outputs every group's merged tile formed in
+/// f32 from the cache-resident source tiles) with each group's two products on the tiles.
+/// `x_g[:, chunk]ᵀ·dy_g[:, block]` reduces over the group's rows into a 32 × 32 tile that is contracted with
+/// every task vector's tile as in f32. `dx_g[:, chunk] += dy_g[:, blocks]·tilesᵀ` takes [`SPAN`] blocks' merged
+/// tiles, transposed and rounded, as the steps of one product, its accumulators (rows padded to 32) loaded from
+/// and stored to the chunk's `dx` once per span. `dy` is rounded once per call: each group's rows as a left
+/// operand, and each group's block as a right one.
+fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    const TILE: usize = BLOCK_ROWS * BLOCK_ROWS;
+    const HALF: usize = TILE / 2; // bf16 elements of one AMX tile
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let (kc, np) = (CHUNK_INPUTS, n.next_multiple_of(BLOCK_ROWS));
+    let blocks = o.div_ceil(BLOCK_ROWS);
+    // Each group's dy rounded as the left operand of `dy·Mᵀ`: [np/16 row tiles][blocks][16][32].
+    let rows_len = np * blocks * BLOCK_ROWS;
+    let mut dy_rows = vec![0u16; groups * rows_len];
+    dy_rows
+        .par_chunks_mut(rows_len)
+        .zip(dy.par_chunks(n * o))
+        .for_each(|(out, dyg)| amx::pack_rows_into(dyg, n, o, out));
+    // Each group's block of 32 outputs as the right operand of `xᵀ·dy` (its rows reduced over): [blocks, groups].
+    let dy_blocks = pack_chunks(dy, groups * n, o, BLOCK_ROWS);
+    let len = np * BLOCK_ROWS;
+    let mut dy_rhs = vec![0u16; blocks * groups * len];
+    dy_rhs.par_chunks_mut(len).zip(dy_blocks.par_chunks(n * BLOCK_ROWS)).for_each(|(out, block)| {
+        amx::pack_rhs_into(block, n, BLOCK_ROWS, out);
+    });
+    let kernel = Kernel::detect();
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = (0..k.div_ceil(kc))
+        .into_par_iter()
+        .map(|ci| {
+            let session = amx::TileSession::start();
+            let (k0, width) = (ci * kc, kc.min(k - ci * kc));
+            // This chunk's inputs of every group, transposed ([width, n]) and rounded as a left operand.
+            let mut xt = vec![0.0f32; width * n];
+            let mut x_rows = vec![0u16; groups * BLOCK_ROWS * np];
+            for (g, dst) in x_rows.chunks_exact_mut(BLOCK_ROWS * np).enumerate() {
+                for r in 0..n {
+                    let src = &x[(g * n + r) * k + k0..][..width];
+                    src.iter().enumerate().for_each(|(i, &v)| xt[i * n + r] = v);
+                }
+                amx::pack_rows_into(&xt, width, n, dst);
+            }
+            let mut dx = vec![0.0f32; groups * np * kc];
+            let mut dc = vec![0.0f64; groups * t];
+            let mut tiles = vec![0.0f32; groups * TILE];
+            // Each group's span of transposed tiles: [2 halves of 16 inputs][SPAN steps][512].
+            let mut spans = vec![0u16; groups * SPAN * TILE];
+            let (mut outer, mut dots) = ([0.0f32; TILE], vec![0.0f32; t]);
+            for b0 in (0..blocks).step_by(SPAN) {
+                let steps = SPAN.min(blocks - b0);
+                for s in 0..steps {
+                    let (bi, r0) = (b0 + s, (b0 + s) * BLOCK_ROWS);
+                    let cols = r0..(r0 + BLOCK_ROWS).min(o);
+                    merge_tiles(kernel, w, c, k0..k0 + width, cols.clone(), &mut tiles);
+                    for (g, span) in spans.chunks_exact_mut(SPAN * TILE).enumerate() {
+                        let tile = &tiles[g * TILE..(g + 1) * TILE];
+                        let (h0, h1) = span.split_at_mut(SPAN * HALF);
+                        amx::pack_transposed_tile(tile, [&mut h0[s * HALF..][..HALF], &mut h1[s * HALF..][..HALF]]);
+                        // x_g[:, chunk]ᵀ · dy_g[:, block] over the group's rows, then its dot with every task vector.
+                        let xr = &x_rows[g * BLOCK_ROWS * np..(g + 1) * BLOCK_ROWS * np];
+                        let at = (bi * groups + g) * len;
+                        let (r_lo, r_hi) = dy_rhs[at..at + len].split_at(len / 2);
+                        let a = [xr, &xr[BLOCK_ROWS / 2 * np..]];
+                        amx::multiply_block_into(&session, a, [r_lo, r_hi], np / BLOCK_ROWS, &mut outer);
+                        dot_tile(kernel, w, k0..k0 + width, cols.clone(), &outer, &mut dots);
+                        dc[g * t..(g + 1) * t].iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
+                    }
+                }
+                // dx_g[:, chunk] += dy_g[:, span's blocks] · tilesᵀ, 32 rows at a time.
+                for (g, span) in spans.chunks_exact(SPAN * TILE).enumerate() {
+                    let (h0, h1) = span.split_at(SPAN * HALF);
+                    let dyr = &dy_rows[g * rows_len..(g + 1) * rows_len];
+                    let dxg = &mut dx[g * np * kc..(g + 1) * np * kc];
+                    for (rb, block) in dxg.chunks_exact_mut(BLOCK_ROWS * kc).enumerate() {
+                        let a = [2 * rb, 2 * rb + 1].map(|j| &dyr[(j * blocks + b0) * HALF..]);
+                        amx::accumulate_block(&session, a, [h0, h1], steps, block, kc);
+                    }
+                }
+            }
+            // The padded rows dropped: [groups·n, 32].
+            let dx: Vec<f32> = dx.chunks_exact(np * kc).flat_map(|group| group[..n * kc].iter().copied()).collect();
+            (dx, dc)
+        })
+        .collect();
+    combine_chunks(&parts, w, groups, n, dy)
+}
+
+/// Output blocks whose transposed merged tiles one accumulation of `dx` takes as its steps: each load and store
+/// of a group's accumulators then serves this many blocks.
+const SPAN: usize = 4;
+
+/// Batch routing's backward (one group of `n` rows): `dx = dy·Mᵀ` with `Mᵀ` merged and packed panel by panel
+/// from the blocked sources (`pack_merged_transposed`), and the router gradient
+/// `dc[t] = <τ_t, xᵀ·dy> + <β_t, Σ_rows dy>` block by block: each block of 32 outputs of `xᵀ·dy` is
+/// multiplied on the tiles into the blocked layout (`[in, 32]`, 96 KiB at 768 inputs, so it stays in L2) and
+/// contracted with every task vector's block while there, as the f32 path's tiles are; never formed whole.
+fn one_group(
+    x: &[f32],
+    n: usize,
+    coefficients: &[f32],
+    w: &ExpertLinearRef,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    let dx = amx::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?;
+    let xt = amx::pack_rows_view(MatRef::row_major(x, n, k)?.t());
+    let dy_packed = amx::pack_rhs(dy, n, o)?;
+    let kernel = Kernel::detect();
+    let blocks: Vec<Vec<f64>> = (0..o.div_ceil(BLOCK_ROWS))
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; k * BLOCK_ROWS],
+            |outer, b| {
+                let session = amx::TileSession::start();
+                let panel = dy_packed.block_panel(b);
+                amx::multiply_panel(&session, &xt, k, n, panel, &[0.0; BLOCK_ROWS], outer, BLOCK_ROWS, BLOCK_ROWS);
+                let cols = b * BLOCK_ROWS..(b * BLOCK_ROWS + BLOCK_ROWS).min(o);
+                let (mut dc, mut dots) = (vec![0.0f64; t], vec![0.0f32; t]);
+                for k0 in (0..k).step_by(CHUNK_INPUTS) {
+                    let ks = k0..(k0 + CHUNK_INPUTS).min(k);
+                    dot_tile(kernel, w, ks, cols.clone(), &outer[k0 * BLOCK_ROWS..], &mut dots);
+                    dc.iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
+                }
+                dc
+            },
+        )
+        .collect();
+    let colsum = column_sums(dy, o);
+    let dc = (0..t)
+        .map(|e| (blocks.iter().map(|dc| dc[e]).sum::<f64>() + bias_dot(w.task_biases[e], &colsum)) as f32)
+        .collect();
+    Ok((dx, dc))
+}
+
+/// The merged weight for coefficients `c` (one group), transposed and packed for the bf16 product `dy·Mᵀ`:
+/// merged and rounded panel by panel straight from the blocked sources (the AVX-512 path's
+/// `merge_transposed_panel`), never formed whole in f32. AMX implies x86-64; elsewhere
+/// [`expert_linear_backward_bf16`] refuses before coming here.
+fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> amx::PackedRhs {
+    assert!(amx::available(), "bf16 panels merged without AMX");
+    let (k, o) = (w.in_features, w.out_features);
+    let panel_len = amx::rhs_panel_len(o);
+    let mut data = vec![0u16; panel_len * k.div_ceil(BLOCK_ROWS) * 2];
+    data.par_chunks_mut(panel_len).enumerate().for_each(|(p, panel)| {
+        let c0 = p * 16;
+        if c0 >= k {
+            return; // the padding past the last input stays zero
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
+        unsafe {
+            avx512::merge_transposed_panel(w, c, c0, panel)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (w, c, c0, panel);
+    });
+    amx::PackedRhs::from_panels(data, o, k)
+}
