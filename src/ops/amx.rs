@@ -370,6 +370,52 @@ pub(crate) unsafe fn store_pair(out: *mut u16, even: std::arch::x86_64::__m512, 
     _mm512_storeu_si512(out.cast(), _mm512_permutexvar_epi16(kernels::pair_order(), both));
 }
 
+/// The 16 × 16 matrix of 32-bit words in `rows` transposed (row `p` of the result holds word `p` of every
+/// input row): two rounds of unpacks transpose each 128-bit lane's 4 × 4 blocks, then two rounds of lane
+/// shuffles move the blocks.
+///
+/// # Safety
+/// The CPU must have AVX-512F ([`available`] implies it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose_16x16(
+    rows: [std::arch::x86_64::__m512i; TILE_ROWS],
+) -> [std::arch::x86_64::__m512i; TILE_ROWS] {
+    use std::arch::x86_64::*;
+    let r = rows;
+    // a[4i..4i + 4]: rows 4i..4i + 4 interleaved in pairs; b[4i + j]: column 4L + j of those rows in lane L.
+    let a: [__m512i; 16] = std::array::from_fn(|x| {
+        let (pair, hi) = (x / 2, x % 2 == 1);
+        let (u, v) = (r[2 * pair], r[2 * pair + 1]);
+        if hi {
+            _mm512_unpackhi_epi32(u, v)
+        } else {
+            _mm512_unpacklo_epi32(u, v)
+        }
+    });
+    let b: [__m512i; 16] = std::array::from_fn(|x| {
+        let (i, j) = (x / 4, x % 4);
+        let (u, v) = (a[4 * i + j / 2], a[4 * i + 2 + j / 2]);
+        if j % 2 == 1 {
+            _mm512_unpackhi_epi64(u, v)
+        } else {
+            _mm512_unpacklo_epi64(u, v)
+        }
+    });
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x44>(b[j], b[4 + j]);
+        let c1 = _mm512_shuffle_i32x4::<0xEE>(b[j], b[4 + j]);
+        let d0 = _mm512_shuffle_i32x4::<0x44>(b[8 + j], b[12 + j]);
+        let d1 = _mm512_shuffle_i32x4::<0xEE>(b[8 + j], b[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(c0, d0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0xDD>(c0, d0);
+        out[8 + j] = _mm512_shuffle_i32x4::<0x88>(c1, d1);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(c1, d1);
+    }
+    out
+}
+
 /// The output's base pointer, shared by the row blocks, which write disjoint rows.
 struct SharedOut(*mut f32);
 // SAFETY: only ever used for disjoint writes, one row block per task.
@@ -539,15 +585,14 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_transposed_tile(tile: &[f32], out: [&mut [u16]; 2]) {
         assert!(tile.len() >= BLOCK * BLOCK && out.iter().all(|o| o.len() >= TILE_ROWS * STEP));
-        let out = out.map(|o| o.as_mut_ptr().cast::<u32>());
-        for r in 0..BLOCK {
-            let (lo, hi) =
-                (_mm512_loadu_ps(tile.as_ptr().add(r * BLOCK)), _mm512_loadu_ps(tile.as_ptr().add(r * BLOCK + 16)));
-            // Word p: the row's columns 2p and 2p + 1 rounded, the even one low.
-            let words: [u32; 16] = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            let (h, c) = (r / TILE_ROWS, r % TILE_ROWS);
-            for (p, &word) in words.iter().enumerate() {
-                out[h].add(p * TILE_ROWS + c).write_unaligned(word);
+        for (h, out) in out.into_iter().enumerate() {
+            // Row r's word p: its columns 2p and 2p + 1 rounded, the even one low; transposed, word p's row.
+            let rows: [__m512i; TILE_ROWS] = std::array::from_fn(|i| {
+                let row = tile.as_ptr().add((h * TILE_ROWS + i) * BLOCK);
+                std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row.add(16)), _mm512_loadu_ps(row)))
+            });
+            for (p, pair) in super::transpose_16x16(rows).iter().enumerate() {
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * 2 * TILE_ROWS).cast(), *pair);
             }
         }
     }

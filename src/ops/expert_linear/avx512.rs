@@ -118,10 +118,9 @@ pub unsafe fn merge_transposed_panel(w: &ExpertLinearRef, c: &[f32], c0: usize, 
     assert!(c.len() == t && c0 < k && panel.len() == blocks * BLOCK_ROWS * INPUTS, "merge_transposed_panel");
     w.assert_blocked();
     let valid = INPUTS.min(k - c0);
-    let panel = panel.as_mut_ptr().cast::<u32>(); // a pair of bf16 per u32: one output pair of one input
     for b in 0..blocks {
-        // words[i][p]: input c0 + i, outputs 32b + 2p and 32b + 2p + 1.
-        let mut words = [[0u32; INPUTS]; INPUTS];
+        // words[i] word p: input c0 + i, outputs 32b + 2p and 32b + 2p + 1 (a pair of bf16 per 32-bit word).
+        let mut words = [_mm512_setzero_si512(); INPUTS];
         for i0 in (0..valid).step_by(PASS) {
             let rows = PASS.min(valid - i0);
             let at = |src: &[f32], i: usize, half: usize| {
@@ -139,15 +138,11 @@ pub unsafe fn merge_transposed_panel(w: &ExpertLinearRef, c: &[f32], c0: usize, 
                 }
             }
             for (i, a) in acc.iter().enumerate().take(rows) {
-                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(a[1], a[0]));
-                _mm512_storeu_si512(words[i0 + i].as_mut_ptr().cast(), pairs);
+                words[i0 + i] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(a[1], a[0]));
             }
         }
-        for p in 0..INPUTS {
-            let out = panel.add((b * INPUTS + p) * INPUTS);
-            for (i, row) in words.iter().enumerate() {
-                *out.add(i) = row[p];
-            }
+        for (p, pair) in crate::ops::amx::transpose_16x16(words).iter().enumerate() {
+            _mm512_storeu_si512(panel.as_mut_ptr().add((b * INPUTS + p) * 2 * INPUTS).cast(), *pair);
         }
     }
 }
