@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The engine's CPU GEMM against PyTorch's CPU matmul, side by side in one run.
 
-    tools/setup-venv.sh && .venv/bin/python tools/bench_gemm_vs_torch.py [--rounds 5] [--reps 10]
+    tools/setup-venv.sh && .venv/bin/python tools/bench_gemm_vs_torch.py [--rounds 5] [--reps 10] [--layouts nt,nn]
 
 Both use every core of this machine (torch's default threads, rayon's default pool). Rounds alternate
 between the two so that drift of the machine hits both alike; each round reports a median over --reps
-products after warm-up, and the table gives the median of the rounds.
+products after warm-up, and the table gives the median of the rounds. Layout `bf16` (on CPUs with AMX) multiplies
+bf16 operands: torch on tensors already in bf16 (oneDNN, a bf16 output), the engine as `--precision bf16` runs a
+product (both operands rounded from f32 and packed in each product, an f32 output).
 """
 import argparse
 import os
@@ -21,10 +23,11 @@ SHAPES = [(3200, 768, 3072), (3200, 3072, 768)]
 
 
 def torch_median(m, k, n, layout, reps):
-    a = torch.rand(m, k)
-    b = torch.rand(k, n) if layout == "nn" else torch.rand(n, k)
-    c = torch.empty(m, n)
-    run = (lambda: torch.matmul(a, b, out=c)) if layout == "nn" else (lambda: torch.mm(a, b.t(), out=c))
+    dtype = torch.bfloat16 if layout == "bf16" else torch.float32
+    a = torch.rand(m, k, dtype=dtype)
+    b = torch.rand(k, n, dtype=dtype) if layout != "nt" else torch.rand(n, k)
+    c = torch.empty(m, n, dtype=dtype)
+    run = (lambda: torch.mm(a, b.t(), out=c)) if layout == "nt" else (lambda: torch.matmul(a, b, out=c))
     for _ in range(3):
         run()
     times = []
@@ -39,6 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--layouts", default="nt,nn", help="nt, nn and/or bf16 (AMX), comma-separated")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "gemm_probe"], cwd=ROOT, check=True)
     probe = os.path.join(ROOT, "target", "release", "examples", "gemm_probe")
@@ -46,7 +50,7 @@ def main():
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs")
     print(f"{'shape':<22} {'layout':<6} {'torch GFLOP/s':>14} {'engine GFLOP/s':>15} {'ratio':>6}")
     for m, k, n in SHAPES:
-        for layout in ("nt", "nn"):
+        for layout in args.layouts.split(","):
             ours, theirs = [], []
             for _ in range(args.rounds):
                 theirs.append(torch_median(m, k, n, layout, args.reps))

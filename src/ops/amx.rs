@@ -157,10 +157,11 @@ pub(crate) fn pack_rows_view(x: MatRef) -> Vec<u16> {
     data
 }
 
-/// [`pack_rows`] of a small `[m, k]` (a block of a gradient) into `out` (`m` and `k` padded to 32) on this thread.
-pub(crate) fn pack_rows_into(x: &[f32], m: usize, k: usize, out: &mut [u16]) {
-    assert!(available() && x.len() == m * k, "pack_rows_into: AMX and [{m}, {k}]");
-    let view = MatRef::row_major(x, m, k).expect("length checked");
+/// [`pack_rows_view`] of a small `[m, k]` view (a block of a gradient, or of an input transposed) into `out`
+/// (`m` and `k` padded to 32) on this thread.
+pub(crate) fn pack_rows_into(view: MatRef, out: &mut [u16]) {
+    let (m, k) = (view.rows(), view.cols());
+    assert!(available(), "pack_rows_into: AMX");
     let kp = k.next_multiple_of(STEP);
     assert_eq!(out.len(), m.next_multiple_of(BLOCK) * kp, "pack_rows_into: output");
     // SAFETY: a `u16` slice viewed as possibly uninitialised `u16`s, only ever written with initialised values.

@@ -55,7 +55,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     dy_rows
         .par_chunks_mut(rows_len)
         .zip(dy.par_chunks(n * o))
-        .for_each(|(out, dyg)| amx::pack_rows_into(dyg, n, o, out));
+        .for_each(|(out, dyg)| amx::pack_rows_into(MatRef::row_major(dyg, n, o).expect("a group's rows"), out));
     // Each group's block of 32 outputs as the right operand of `xᵀ·dy` (its rows reduced over): [blocks, groups].
     let dy_blocks = pack_chunks(dy, groups * n, o, BLOCK_ROWS);
     let len = np * BLOCK_ROWS;
@@ -69,15 +69,12 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
         .map(|ci| {
             let session = amx::TileSession::start();
             let (k0, width) = (ci * kc, kc.min(k - ci * kc));
-            // This chunk's inputs of every group, transposed ([width, n]) and rounded as a left operand.
-            let mut xt = vec![0.0f32; width * n];
+            // This chunk's inputs of every group, transposed ([width, n]: a strided view) and rounded as a left
+            // operand.
             let mut x_rows = vec![0u16; groups * BLOCK_ROWS * np];
             for (g, dst) in x_rows.chunks_exact_mut(BLOCK_ROWS * np).enumerate() {
-                for r in 0..n {
-                    let src = &x[(g * n + r) * k + k0..][..width];
-                    src.iter().enumerate().for_each(|(i, &v)| xt[i * n + r] = v);
-                }
-                amx::pack_rows_into(&xt, width, n, dst);
+                let xt = MatRef::strided(&x[g * n * k + k0..], width, n, 1, k).expect("the group's rows");
+                amx::pack_rows_into(xt, dst);
             }
             let mut dx = vec![0.0f32; groups * np * kc];
             let mut dc = vec![0.0f64; groups * t];
