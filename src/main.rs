@@ -9,7 +9,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     cli::heap::keep_freed_memory();
     let args = cli::Cli::parse();
-    match cli::run(args) {
+    let result = cli::run(args);
+    if let Some(table) = wemoe_engine::device::op_times::report() {
+        eprint!("{table}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line naming the input at fault: anyhow's chain, outermost context first.

@@ -8,6 +8,7 @@
 
 use anyhow::{bail, ensure, Result};
 
+use super::op_times::OpTimer;
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
 use crate::tensor::Tensor;
@@ -89,16 +90,19 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("upload");
         Ok(tensor)
     }
 
     fn to_host(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        let _timer = OpTimer::start("to_host");
         Ok(tensor.host()?.to_vec())
     }
 
     /// Transposes to `[in, out]` once: the GEMM runs 15–20% faster with a row-major right-hand side
     /// than with PyTorch's layout (BENCHMARKS.md), and every forward pays for the difference.
     fn prepare_linear(&self, weight: Tensor) -> Result<LinearWeight> {
+        let _timer = OpTimer::start("prepare_linear");
         ensure!(weight.shape().len() == 2, "linear weight must be 2-D, got {:?}", weight.shape());
         let (out, inp) = (weight.shape()[0], weight.shape()[1]);
         let t = ops::transpose::transpose(weight.host()?, out, inp);
@@ -106,6 +110,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>) -> Result<Tensor> {
+        let _timer = OpTimer::start("linear");
         let (rows, k) = rows_and_width(x);
         let n = w.out_features();
         ensure!(w.in_features() == k, "linear: input width {k} does not match weight {n}×{}", w.in_features());
@@ -123,6 +128,7 @@ impl Backend for CpuBackend {
     }
 
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+        let _timer = OpTimer::start("layer_norm");
         let (_, width) = rows_and_width(x);
         ensure!(
             weight.shape() == [width] && bias.shape() == [width],
@@ -135,6 +141,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start("attention");
         same_shape("attention", q, k)?;
         same_shape("attention", q, v)?;
         ensure!(q.shape().len() == 3, "attention: expected [B, N, D], got {:?}", q.shape());
@@ -145,6 +152,7 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start("activation");
         let shape = x.shape().to_vec();
         let mut values = x.into_host_vec()?;
         ops::activation::activation_in_place(&mut values, act);
@@ -152,6 +160,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("add");
         same_shape("add", &a, b)?;
         let shape = a.shape().to_vec();
         let mut values = a.into_host_vec()?;
@@ -166,6 +175,7 @@ impl Backend for CpuBackend {
         class_embedding: &Tensor,
         position_embedding: &Tensor,
     ) -> Result<Tensor> {
+        let _timer = OpTimer::start("patch_embed");
         let ps = pixels.shape();
         let ws = weight.shape();
         ensure!(ps.len() == 4 && ps[2] == ps[3], "patch_embed: pixels must be [B, C, S, S], got {ps:?}");
@@ -193,6 +203,7 @@ impl Backend for CpuBackend {
     }
 
     fn select_token(&self, x: &Tensor, index: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start("select_token");
         ensure!(x.shape().len() == 3, "select_token: expected [B, N, D], got {:?}", x.shape());
         let (b, n, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         ensure!(index < n, "select_token: token {index} of {n}");
@@ -200,11 +211,13 @@ impl Backend for CpuBackend {
     }
 
     fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("l2_normalize");
         let (_, width) = rows_and_width(x);
         Tensor::from_vec(x.shape(), ops::rows::l2_normalize(x.host()?, width))
     }
 
     fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor> {
+        let _timer = OpTimer::start("scale");
         Tensor::from_vec(x.shape(), x.host()?.iter().map(|v| v * factor).collect())
     }
 
@@ -217,6 +230,7 @@ impl Backend for CpuBackend {
         task_weights: Vec<Tensor>,
         task_biases: Vec<Tensor>,
     ) -> Result<ExpertLinear> {
+        let _timer = OpTimer::start("prepare_expert_linear");
         let blocked = |w: Tensor| -> Result<Tensor> {
             ensure!(w.shape().len() == 2, "expert weight must be 2-D, got {:?}", w.shape());
             let (out, inp) = (w.shape()[0], w.shape()[1]);
@@ -228,6 +242,7 @@ impl Backend for CpuBackend {
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
+        let _timer = OpTimer::start("expert_linear");
         let (rows, k) = rows_and_width(x);
         ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
         let t = w.experts();
@@ -250,21 +265,25 @@ impl Backend for CpuBackend {
     }
 
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor> {
+        let _timer = OpTimer::start("router_reduce");
         ensure!(logits.shape().len() == 3, "router_reduce: expected [B, N, T], got {:?}", logits.shape());
         let (b, n, t) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
         Tensor::from_vec(&[b, t], ops::router::router_reduce(logits.host()?, b, n, t, softmax))
     }
 
     fn mean_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("mean_rows");
         let (_, width) = rows_and_width(x);
         Tensor::from_vec(&[1, width], ops::router::mean_rows(x.host()?, width))
     }
 
     fn copy(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("copy");
         Tensor::from_vec(x.shape(), x.host()?.to_vec())
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+        let _timer = OpTimer::start("linear_backward_input");
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let k = w.in_features();
@@ -280,6 +299,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _timer = OpTimer::start("linear_backward_weight");
         let ((m, k), (m2, n)) = (rows_and_width(x), rows_and_width(dy));
         ensure!(m == m2, "linear_backward_weight: {m} input rows, {m2} gradient rows");
         let (dw, db) = ops::gemm::linear_backward_weight(x.host()?, dy.host()?, m, k, n)?;
@@ -287,6 +307,7 @@ impl Backend for CpuBackend {
     }
 
     fn layer_norm_backward(&self, x: &Tensor, weight: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("layer_norm_backward");
         same_shape("layer_norm_backward", x, dy)?;
         let (_, width) = rows_and_width(x);
         Tensor::from_vec(
@@ -296,6 +317,7 @@ impl Backend for CpuBackend {
     }
 
     fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start("activation_backward");
         same_shape("activation_backward", z, dy)?;
         Tensor::from_vec(z.shape(), ops::activation::activation_backward(z.host()?, dy.host()?, act))
     }
@@ -308,6 +330,7 @@ impl Backend for CpuBackend {
         d_out: &Tensor,
         heads: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _timer = OpTimer::start("attention_backward");
         same_shape("attention_backward", q, d_out)?;
         let (b, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let (dq, dk, dv) =
@@ -316,6 +339,7 @@ impl Backend for CpuBackend {
     }
 
     fn router_reduce_backward(&self, logits: &Tensor, softmax: bool, dw: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("router_reduce_backward");
         let (b, n, t) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
         ensure!(dw.shape() == [b, t], "router_reduce_backward: gradient {:?} for [{b}, {t}]", dw.shape());
         Tensor::from_vec(
@@ -331,6 +355,7 @@ impl Backend for CpuBackend {
         w: &ExpertLinear,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let _timer = OpTimer::start("expert_linear_backward");
         let (rows, _) = rows_and_width(x);
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
@@ -345,18 +370,21 @@ impl Backend for CpuBackend {
     }
 
     fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start("l2_normalize_backward");
         same_shape("l2_normalize_backward", x, dy)?;
         let (_, width) = rows_and_width(x);
         Tensor::from_vec(x.shape(), ops::rows::l2_normalize_backward(x.host()?, width, dy.host()?))
     }
 
     fn softmax_entropy(&self, logits: &Tensor) -> Result<(f64, Tensor)> {
+        let _timer = OpTimer::start("softmax_entropy");
         let (_, classes) = rows_and_width(logits);
         let h = ops::entropy::softmax_entropy(logits.host()?, classes);
         Ok((h, Tensor::from_vec(logits.shape(), ops::entropy::softmax_entropy_backward(logits.host()?, classes))?))
     }
 
     fn select_token_backward(&self, dy: &Tensor, tokens: usize, index: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start("select_token_backward");
         let (b, d) = (dy.shape()[0], dy.shape()[1]);
         let mut dx = vec![0.0f32; b * tokens * d];
         for (sample, g) in dx.chunks_exact_mut(tokens * d).zip(dy.host()?.chunks_exact(d)) {

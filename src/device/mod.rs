@@ -5,6 +5,7 @@
 
 mod cpu;
 mod cuda;
+pub mod op_times;
 mod weights;
 
 use std::fmt;

@@ -89,67 +89,88 @@ pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool, threads: Th
         }
         return Ok(());
     }
+    // SAFETY: MatRef's constructors proved every (i, j) of a and b lies inside its slice, and c holds
+    // exactly m×n initialised elements.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), accumulate, threads) };
+    Ok(())
+}
+
+/// The `gemm` crate's product `c (+)= a · b` into `c`, row-major `a.rows × b.cols` with row stride `b.cols`.
+///
+/// # Safety
+/// Every (i, j) of `a` and `b` must lie inside its slice (what `MatRef`'s constructors prove), the inner
+/// dimensions must agree and be non-zero, and `c` must be valid for `a.rows × b.cols` writes, and initialised
+/// when `accumulate`.
+unsafe fn gemm_raw(a: MatRef, b: MatRef, c: *mut f32, accumulate: bool, threads: Threads) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let parallelism = match threads {
         Threads::Single => gemm::Parallelism::None,
         Threads::All => gemm::Parallelism::Rayon(rayon::current_num_threads()),
     };
-    // SAFETY: MatRef's constructors proved every (i, j) of a and b lies inside its slice, and c holds
-    // exactly m×n elements addressed with row stride n and column stride 1.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.data.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// `y = x · w + bias` for `x` `[m, k]` and the right-hand side `w` viewed as `k × n`; returns `[m, n]`.
 pub fn linear(x: &[f32], m: usize, k: usize, w: MatRef, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     ensure!(w.rows == k, "linear: weight view {}×{} does not take {k} inputs", w.rows, w.cols);
     let n = w.cols;
-    let mut y = vec![0.0f32; m * n];
-    if let Some(b) = bias {
-        ensure!(b.len() == n, "linear: bias has {} elements, {n} needed", b.len());
-        for row in y.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
-    matmul(MatRef::row_major(x, m, k)?, w, &mut y, bias.is_some(), Threads::All)?;
+    let x = MatRef::row_major(x, m, k)?;
+    let Some(b) = bias else { return product(x, w) };
+    ensure!(b.len() == n, "linear: bias has {} elements, {n} needed", b.len());
+    let mut y = Vec::with_capacity(m * n);
+    (0..m).for_each(|_| y.extend_from_slice(b));
+    matmul(x, w, &mut y, true, Threads::All)?;
     Ok(y)
+}
+
+/// `a · b` into a new vector, written by the product alone: not zeroed first, which for the large outputs
+/// here was a pass over memory of its own (glibc's `calloc` clears reused memory).
+pub fn product(a: MatRef, b: MatRef) -> Result<Vec<f32>> {
+    let (m, n) = (a.rows, b.cols);
+    ensure!(b.rows == a.cols, "product: inner dimensions differ ({m}×{} · {}×{n})", a.cols, b.rows);
+    if m == 0 || n == 0 || a.cols == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: as in `matmul`, with `c`'s m×n elements of capacity as the output; with `read_dst` false the
+    // product writes every one of them and reads none (k > 0), so all are initialised before `set_len`.
+    unsafe {
+        gemm_raw(a, b, c.as_mut_ptr(), false, Threads::All);
+        c.set_len(m * n);
+    }
+    Ok(c)
 }
 
 /// Backward of [`linear`] with respect to its input: `dx = dy · wᵀ` for `dy` `[m, n]` and the same
 /// right-hand side view `w` (`k × n`) as the forward; returns `[m, k]`.
 pub fn linear_backward_input(dy: &[f32], m: usize, w: MatRef) -> Result<Vec<f32>> {
-    let (k, n) = (w.rows, w.cols);
-    let mut dx = vec![0.0f32; m * k];
-    matmul(MatRef::row_major(dy, m, n)?, w.t(), &mut dx, false, Threads::All)?;
-    Ok(dx)
+    product(MatRef::row_major(dy, m, w.cols)?, w.t())
 }
 
 /// Backward of [`linear`] with respect to the weight and bias, in PyTorch's layout: `dw = dyᵀ · x` `[n, k]`
 /// and `db = Σ_rows dy` `[n]`, for `x` `[m, k]` and `dy` `[m, n]` (a trainable router layer's gradients).
 pub fn linear_backward_weight(x: &[f32], dy: &[f32], m: usize, k: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-    let mut dw = vec![0.0f32; n * k];
-    matmul(MatRef::row_major(dy, m, n)?.t(), MatRef::row_major(x, m, k)?, &mut dw, false, Threads::All)?;
+    let dw = product(MatRef::row_major(dy, m, n)?.t(), MatRef::row_major(x, m, k)?)?;
     let mut db = vec![0.0f64; n];
     for row in dy.chunks_exact(n) {
         db.iter_mut().zip(row).for_each(|(d, &g)| *d += g as f64);
