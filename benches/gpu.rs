@@ -68,6 +68,19 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
+    // Only the whole model, then where its time went (tools/gpu-check.sh runs this with WEMOE_OP_TIMES=1,
+    // which makes every backend operation wait for the GPU: the main run leaves it unset).
+    if std::env::args().any(|a| a == "--end-to-end-only") {
+        if let Err(e) = GpuExecutor::new(0) {
+            println!("gpu benchmarks: no GPU ({e:#}); nothing measured");
+            return Ok(());
+        }
+        end_to_end()?;
+        if let Some(table) = wemoe_engine::device::op_times::report() {
+            println!("\n{table}");
+        }
+        return Ok(());
+    }
     let gpu = match GpuExecutor::new(0) {
         Ok(g) => g,
         Err(e) => {

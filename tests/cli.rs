@@ -40,25 +40,19 @@ fn info_reports_what_transformers_counts() {
     assert!(ok && text.contains("30620") && text.contains("36 -> 20"), "{text}");
 }
 
+/// `embed` of fixture `clip_{key}` on its pixels into `out`, on the CPU, quietly, with `env` set.
+fn embed_fixture(env: &[(&str, &str)], key: &str, out: &std::path::Path) -> (bool, String, String) {
+    let (model, images) = (fixture(&format!("clip_{key}")), fixture(&format!("pixels_{key}.safetensors")));
+    let args = ["--model", s(&model), "--images", s(&images), "--out", s(out), "--batch-size", "2"];
+    engine_with_env(env, &[&["embed"][..], &args, &["--device", "cpu", "--quiet"]].concat())
+}
+
 #[test]
 fn embed_writes_the_reference_embeddings() {
     let tmp = tempfile::tempdir().unwrap();
     for (key, has_projection) in [("b", true), ("c", false)] {
         let out = tmp.path().join(format!("{key}.safetensors"));
-        let (ok, _, err) = engine(&[
-            "embed",
-            "--model",
-            s(&fixture(&format!("clip_{key}"))),
-            "--images",
-            s(&fixture(&format!("pixels_{key}.safetensors"))),
-            "--out",
-            s(&out),
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-            "--quiet",
-        ]);
+        let (ok, _, err) = embed_fixture(&[], key, &out);
         assert!(ok, "{err}");
         assert!(err.is_empty(), "--quiet printed: {err}");
         let file = SafetensorsFile::open(&out).unwrap();
@@ -71,6 +65,32 @@ fn embed_writes_the_reference_embeddings() {
             assert_close("image_embeds", got.host().unwrap(), &reference(&expected, "image_embeds").1);
         }
     }
+}
+
+/// `WEMOE_OP_TIMES=1` prints the backend's operations when the command exits, each counted as often as the
+/// forward runs it: per batch one patch embedding, per layer one attention and two LayerNorms, plus the
+/// pre- and post-LayerNorms; and the "all" row sums the rows.
+#[test]
+fn op_times_count_every_backend_operation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = embed_fixture(&[("WEMOE_OP_TIMES", "1")], "b", &tmp.path().join("b.safetensors"));
+    assert!(ok && err.starts_with("backend operation"), "{err}");
+    let rows: Vec<(String, u64, f64)> = err
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    let calls = |op: &str| rows.iter().find(|r| r.0 == op).map_or(0, |r| r.1);
+    let (batches, layers) = (calls("patch_embed"), calls("attention") / calls("patch_embed").max(1));
+    assert!(batches > 0 && layers > 0, "{err}");
+    assert_eq!(calls("layer_norm"), batches * (2 * layers + 2), "{err}");
+    let (all, parts) = rows.split_last().unwrap();
+    assert_eq!(all.0, "all");
+    assert_eq!(all.1, parts.iter().map(|r| r.1).sum::<u64>(), "{err}");
+    assert!((all.2 - parts.iter().map(|r| r.2).sum::<f64>()).abs() < 1e-3 * parts.len() as f64, "{err}");
 }
 
 /// Top-1 accuracy of reference logits against labels.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (DESIGN.md section 3, METHOD.md): the engine's view of the machine (doctor, with
 # ptxas' resources for the card's arch), every kernel against the CPU reference on the GPU, the whole model
-# graph on the GPU against the fixtures' references, then the kernel benchmarks, with a summary printed last.
+# graph on the GPU against the fixtures' references, then the kernel benchmarks and where the whole model's
+# GPU time goes (each backend operation timed), with a summary printed last.
 #
 #   tools/gpu-check.sh                 build here (needs cargo) and run here
 #   tools/gpu-check.sh --stage DIR     build here and copy the stripped binaries to DIR (for a GPU machine
@@ -74,6 +75,9 @@ graph_rc=${PIPESTATUS[0]}
 echo "== benchmarks"
 "$bin/gpu-bench" --bench 2>&1 | tee "$out/bench.txt"
 
+echo "== where the whole model's GPU time goes: each backend operation timed (WEMOE_OP_TIMES)"
+WEMOE_OP_TIMES=1 "$bin/gpu-bench" --bench --end-to-end-only 2>&1 | tee "$out/op-times.txt"
+
 echo "== FusionBench's WEMoE layer on the same card (PyTorch)"
 # fusion-bench may travel as a wheel in .whl (it is not in the GPU machines' image).
 if ls .whl/fusion_bench-*.whl >/dev/null 2>&1; then
@@ -86,6 +90,7 @@ echo "== summary"
 grep -E "^kernel-check" "$out/kernel-tests.txt" || echo "no kernel-check lines: see $out/kernel-tests.txt"
 grep -E "^\| |fused per-sample /|^device" "$out/bench.txt" || true
 grep -E "^\| B=|^device" "$out/fusionbench.txt" || true
+grep -A12 "^backend operation" "$out/op-times.txt" || true
 grep -E "^test |test result" "$out/graph-tests.txt" || true
 echo "kernel tests exit status: $tests_rc; graph tests exit status: $graph_rc"
 [ "$tests_rc" = 0 ] && [ "$graph_rc" = 0 ]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 
+use super::op_times::{DeviceQueue, OpTimer};
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
 use crate::cuda::ops::{self as k, ExpertWeights, MmaOperands};
 use crate::cuda::Executor;
@@ -195,6 +196,7 @@ where
     }
 
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("upload", &self.executor);
         if let Storage::Device(_) = tensor.storage() {
             self.buf(&tensor)?;
             return Ok(tensor);
@@ -208,6 +210,7 @@ where
     }
 
     fn to_host(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        let _timer = OpTimer::start_queued("to_host", &self.executor);
         match tensor.storage() {
             Storage::Cpu(_) => Ok(tensor.host()?.to_vec()),
             Storage::Device(d) => {
@@ -221,12 +224,14 @@ where
 
     /// Keeps PyTorch's `[out, in]`: the kernels read it in that layout.
     fn prepare_linear(&self, weight: Tensor) -> Result<LinearWeight> {
+        let _timer = OpTimer::start_queued("prepare_linear", &self.executor);
         ensure!(weight.shape().len() == 2, "linear weight must be 2-D, got {:?}", weight.shape());
         let (out, inp) = (weight.shape()[0], weight.shape()[1]);
         LinearWeight::new(self.upload(weight)?, WeightLayout::OutIn, out, inp)
     }
 
     fn linear(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("linear", &self.executor);
         let (rows, width) = rows_and_width(x);
         ensure!(
             w.in_features() == width,
@@ -248,6 +253,7 @@ where
     }
 
     fn linear_act(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("linear_act", &self.executor);
         if self.precision != Precision::F32 {
             return self.activation(self.linear(x, w, b)?, act);
         }
@@ -260,6 +266,7 @@ where
     }
 
     fn router_head(&self, h: &Tensor, w: &LinearWeight, b: &Tensor, softmax: bool) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("router_head", &self.executor);
         let (batch, tokens, hidden) = Self::bsd("router_head", h)?;
         ensure!(w.in_features() == hidden, "router_head: input width {hidden} does not match {}", w.in_features());
         ensure!(w.layout() == WeightLayout::OutIn, "router_head: weight not prepared by the CUDA backend");
@@ -286,6 +293,7 @@ where
     }
 
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("layer_norm", &self.executor);
         let (rows, width) = rows_and_width(x);
         ensure!(
             weight.shape() == [width] && bias.shape() == [width],
@@ -306,6 +314,7 @@ where
     }
 
     fn attention(&self, q: &Tensor, kk: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("attention", &self.executor);
         Self::same_shape("attention", q, kk)?;
         Self::same_shape("attention", q, v)?;
         let (b, n, d) = Self::bsd("attention", q)?;
@@ -325,12 +334,14 @@ where
     }
 
     fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("activation", &self.executor);
         let y = self.alloc(x.shape())?;
         k::activation_forward(&self.executor, self.buf(&x)?, x.numel(), act, self.buf(&y)?)?;
         Ok(y)
     }
 
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("add", &self.executor);
         Self::same_shape("add", &a, b)?;
         k::add_in_place(&self.executor, self.buf(&a)?, self.buf(b)?, a.numel())?;
         Ok(a)
@@ -343,6 +354,7 @@ where
         class_embedding: &Tensor,
         position: &Tensor,
     ) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("patch_embed", &self.executor);
         let (ps, ws) = (pixels.shape(), weight.shape());
         ensure!(ps.len() == 4 && ps[2] == ps[3], "patch_embed: pixels must be [B, C, S, S], got {ps:?}");
         ensure!(
@@ -372,6 +384,7 @@ where
     }
 
     fn select_token(&self, x: &Tensor, index: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("select_token", &self.executor);
         let (b, n, d) = Self::bsd("select_token", x)?;
         let out = self.alloc(&[b, d])?;
         k::select_token(&self.executor, self.buf(x)?, b, n, d, index, false, self.buf(&out)?)?;
@@ -379,6 +392,7 @@ where
     }
 
     fn l2_normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("l2_normalize", &self.executor);
         let (rows, width) = rows_and_width(x);
         let y = self.alloc(x.shape())?;
         k::l2_normalize(&self.executor, self.buf(x)?, None, rows, width, self.buf(&y)?)?;
@@ -386,6 +400,7 @@ where
     }
 
     fn scale(&self, x: &Tensor, factor: f32) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("scale", &self.executor);
         let y = self.alloc(x.shape())?;
         k::scale(&self.executor, self.buf(x)?, x.numel(), factor, self.buf(&y)?)?;
         Ok(y)
@@ -400,6 +415,7 @@ where
         task_weights: Vec<Tensor>,
         task_biases: Vec<Tensor>,
     ) -> Result<ExpertLinear> {
+        let _timer = OpTimer::start_queued("prepare_expert_linear", &self.executor);
         ensure!(base_weight.shape().len() == 2, "expert weight must be 2-D, got {:?}", base_weight.shape());
         let weight_shape = base_weight.shape().to_vec();
         let bias_shape = base_bias.shape().to_vec();
@@ -409,6 +425,7 @@ where
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("expert_linear", &self.executor);
         let (rows, width) = rows_and_width(x);
         ensure!(width == w.in_features(), "expert_linear: input width {width} does not match {}", w.in_features());
         let cs = coefficients.shape();
@@ -442,6 +459,7 @@ where
     }
 
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("router_reduce", &self.executor);
         let (b, n, t) = Self::bsd("router_reduce", logits)?;
         let w = self.alloc(&[b, t])?;
         k::router_reduce(&self.executor, self.buf(logits)?, b, n, t, softmax, self.buf(&w)?)?;
@@ -449,6 +467,7 @@ where
     }
 
     fn mean_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("mean_rows", &self.executor);
         let (rows, width) = rows_and_width(x);
         let out = self.alloc(&[1, width])?;
         k::mean_rows(&self.executor, self.buf(x)?, rows, width, self.buf(&out)?)?;
@@ -456,12 +475,14 @@ where
     }
 
     fn copy(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("copy", &self.executor);
         let y = self.alloc(x.shape())?;
         k::copy(&self.executor, self.buf(x)?, x.numel(), self.buf(&y)?)?;
         Ok(y)
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("linear_backward_input", &self.executor);
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let dx = self.alloc(&Self::with_last(dy.shape(), w.in_features()))?;
@@ -478,6 +499,7 @@ where
     }
 
     fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _timer = OpTimer::start_queued("linear_backward_weight", &self.executor);
         let ((m, inp), (m2, out)) = (rows_and_width(x), rows_and_width(dy));
         ensure!(m == m2, "linear_backward_weight: {m} input rows, {m2} gradient rows");
         let (dw, db) = (self.alloc(&[out, inp])?, self.alloc(&[out])?);
@@ -495,6 +517,7 @@ where
     }
 
     fn layer_norm_backward(&self, x: &Tensor, weight: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("layer_norm_backward", &self.executor);
         Self::same_shape("layer_norm_backward", x, dy)?;
         let (rows, width) = rows_and_width(x);
         let dx = self.alloc(x.shape())?;
@@ -512,6 +535,7 @@ where
     }
 
     fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("activation_backward", &self.executor);
         Self::same_shape("activation_backward", z, dy)?;
         let dz = self.alloc(z.shape())?;
         k::activation_backward(&self.executor, self.buf(z)?, self.buf(dy)?, z.numel(), act, self.buf(&dz)?)?;
@@ -526,6 +550,7 @@ where
         d_out: &Tensor,
         heads: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _timer = OpTimer::start_queued("attention_backward", &self.executor);
         Self::same_shape("attention_backward", q, d_out)?;
         let (b, n, d) = Self::bsd("attention_backward", q)?;
         let (dq, dk, dv) = (self.alloc(q.shape())?, self.alloc(q.shape())?, self.alloc(q.shape())?);
@@ -545,6 +570,7 @@ where
     }
 
     fn router_reduce_backward(&self, logits: &Tensor, softmax: bool, dw: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("router_reduce_backward", &self.executor);
         let (b, n, t) = Self::bsd("router_reduce_backward", logits)?;
         ensure!(dw.shape() == [b, t], "router_reduce_backward: gradient {:?} for [{b}, {t}]", dw.shape());
         let dl = self.alloc(logits.shape())?;
@@ -559,6 +585,7 @@ where
         w: &ExpertLinear,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let _timer = OpTimer::start_queued("expert_linear_backward", &self.executor);
         let (rows, _) = rows_and_width(x);
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
@@ -595,6 +622,7 @@ where
     }
 
     fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("l2_normalize_backward", &self.executor);
         Self::same_shape("l2_normalize_backward", x, dy)?;
         let (rows, width) = rows_and_width(x);
         let dx = self.alloc(x.shape())?;
@@ -603,6 +631,7 @@ where
     }
 
     fn softmax_entropy(&self, logits: &Tensor) -> Result<(f64, Tensor)> {
+        let _timer = OpTimer::start_queued("softmax_entropy", &self.executor);
         let (rows, classes) = rows_and_width(logits);
         let (h, d) = (self.alloc(&[rows])?, self.alloc(logits.shape())?);
         k::softmax_entropy(&self.executor, self.buf(logits)?, rows, classes, self.buf(&h)?, self.buf(&d)?)?;
@@ -611,10 +640,17 @@ where
     }
 
     fn select_token_backward(&self, dy: &Tensor, tokens: usize, index: usize) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("select_token_backward", &self.executor);
         ensure!(dy.shape().len() == 2, "select_token_backward: expected [B, D], got {:?}", dy.shape());
         let (b, d) = (dy.shape()[0], dy.shape()[1]);
         let dx = self.alloc(&[b, tokens, d])?;
         k::select_token(&self.executor, self.buf(dy)?, b, tokens, d, index, true, self.buf(&dx)?)?;
         Ok(dx)
+    }
+}
+
+impl<E: Executor> DeviceQueue for E {
+    fn wait(&self) {
+        let _ = self.synchronize();
     }
 }

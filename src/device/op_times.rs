@@ -1,12 +1,15 @@
-//! Where a command's time goes, operation by operation: with `WEMOE_OP_TIMES=1` in the environment the CPU
-//! backend times each operation it runs (wall time, its threads included), and [`report`] tabulates them;
-//! the command line prints that table to stderr when it exits. Without the variable an operation costs one
-//! check of a flag read once.
+//! Where a command's time goes, operation by operation: with `WEMOE_OP_TIMES=1` in the environment each
+//! backend operation is timed (wall time, its threads included), and [`report`] tabulates them; the command
+//! line prints that table to stderr when it exits. Without the variable an operation costs one check of a
+//! flag read once.
 //!
-//! The CPU backend's operations do not call one another, so the rows add up to the time spent in the backend;
-//! the rest of a command (loading, writing, the tape's bookkeeping) is not in the table. The CUDA backend's
-//! operations return before their kernels finish, so it is not timed.
+//! An operation that runs others (the CUDA backend's `linear_act` runs `linear` when it has no fused kernel)
+//! counts once, as itself, so the rows add up to the time spent in the backend; the rest of a command (loading,
+//! writing, the tape's bookkeeping) is not in the table. On a GPU, whose operations return before their
+//! kernels finish, each timed operation first waits for the work queued before it and then for its own: the
+//! table then shows each operation's device time, and the command runs slower than untimed.
 
+use std::cell::Cell;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -22,22 +25,60 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var(ENV).is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// Times one operation from its creation to its drop, when [`enabled`].
-pub(crate) struct OpTimer {
-    name: &'static str,
-    start: Option<Instant>,
+/// A device whose operations return before their work ends: what a timer waits for.
+pub(crate) trait DeviceQueue {
+    /// Waits for all work queued so far (errors are left for the next real wait to report).
+    fn wait(&self);
 }
 
-impl OpTimer {
-    /// Starts timing operation `name`.
+thread_local! {
+    /// Operations running on this thread: only the outermost is timed.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Times one operation from its creation to its drop, when [`enabled`] and not inside another timed one.
+pub(crate) struct OpTimer<'a> {
+    name: &'static str,
+    start: Option<Instant>,
+    queue: Option<&'a dyn DeviceQueue>,
+}
+
+impl<'a> OpTimer<'a> {
+    /// Starts timing operation `name` (a CPU backend's: its work is done when it returns).
     pub(crate) fn start(name: &'static str) -> Self {
-        OpTimer { name, start: enabled().then(Instant::now) }
+        Self::start_on(name, None)
+    }
+
+    /// Starts timing operation `name` of a device whose work `queue` holds until it ends.
+    pub(crate) fn start_queued(name: &'static str, queue: &'a dyn DeviceQueue) -> Self {
+        Self::start_on(name, Some(queue))
+    }
+
+    fn start_on(name: &'static str, queue: Option<&'a dyn DeviceQueue>) -> Self {
+        if !enabled() {
+            return OpTimer { name, start: None, queue: None };
+        }
+        let outermost = DEPTH.with(|depth| {
+            depth.set(depth.get() + 1);
+            depth.get() == 1
+        });
+        if outermost {
+            queue.inspect(|q| q.wait());
+        }
+        OpTimer { name, start: outermost.then(Instant::now), queue }
     }
 }
 
-impl Drop for OpTimer {
+impl Drop for OpTimer<'_> {
     fn drop(&mut self) {
+        if !enabled() {
+            return;
+        }
+        DEPTH.with(|depth| depth.set(depth.get() - 1));
         let Some(start) = self.start else { return };
+        if let Some(queue) = self.queue {
+            queue.wait();
+        }
         let seconds = start.elapsed().as_secs_f64();
         // A poisoned lock only means another thread panicked while adding; the table is still whole.
         let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
@@ -65,7 +106,7 @@ fn table(mut rows: Vec<(&'static str, f64, u64)>) -> Option<String> {
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = rows.iter().map(|r| r.1).sum();
     let mut out =
-        format!("{:<28} {:>8} {:>10} {:>10} {:>6}\n", "CPU backend operation", "calls", "total s", "mean ms", "share");
+        format!("{:<28} {:>8} {:>10} {:>10} {:>6}\n", "backend operation", "calls", "total s", "mean ms", "share");
     for (name, seconds, calls) in &rows {
         out += &format!(
             "{name:<28} {calls:>8} {seconds:>10.3} {:>10.3} {:>5.1}%\n",
