@@ -152,8 +152,10 @@ pub fn product(a: MatRef, b: MatRef) -> Result<Vec<f32>> {
         return Ok(vec![0.0; m * n]);
     }
     let mut c = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: as in `matmul`, with `c`'s m×n elements of capacity as the output; with `read_dst` false the
-    // product writes every one of them and reads none (k > 0), so all are initialised before `set_len`.
+    // SAFETY: as in `matmul`, with `c`'s m×n elements of capacity as the output. With `read_dst` false the
+    // `gemm` crate sets its alpha to zero, and every kernel it has for these features (x86 micro-kernels,
+    // gemv, gevv; 0.19) then stores `beta·acc` without reading the destination: all m×n are written before
+    // `set_len`, none read.
     unsafe {
         gemm_raw(a, b, c.as_mut_ptr(), false, Threads::All);
         c.set_len(m * n);
