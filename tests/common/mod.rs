@@ -58,9 +58,12 @@ pub fn engine(args: &[&str]) -> (bool, String, String) {
     engine_with_env(&[], args)
 }
 
-/// [`engine`] with extra environment variables.
+/// [`engine`] with extra environment variables (and without a `WEMOE_OP_TIMES` of the caller's shell, whose
+/// table on stderr would break the tests that read it).
 pub fn engine_with_env(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
-    let out = engine_command().args(args).envs(env.iter().copied()).output().unwrap();
+    let mut command = engine_command();
+    command.args(args).env_remove(wemoe_engine::device::op_times::ENV).envs(env.iter().copied());
+    let out = command.output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
