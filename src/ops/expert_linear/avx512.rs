@@ -172,6 +172,48 @@ pub unsafe fn dot_tile(w: &ExpertLinearRef, span: TileSpan, tile: &[f32], dots: 
     }
 }
 
+/// [`dot_tile`](super::dot_tile) for the tiles of several groups (`tiles`: one tile per group, `tile_len` apart, row stride 32):
+/// `dots[g·T + t]`. Two groups per pass over the task vectors' rows, so each row of a task vector is loaded once
+/// for both (16 accumulators: two groups × eight experts, each summing both halves of a row): half the reads of
+/// the task vectors' tiles, which by then have left L1, and fewer loads per multiply-add than one group's.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_tiles(w: &ExpertLinearRef, span: TileSpan, tiles: &[f32], tile_len: usize, dots: &mut [f32]) {
+    const GROUPS: usize = 2;
+    const PASS: usize = 8;
+    let t = w.task_weights.len();
+    let groups = dots.len() / t;
+    assert!(dots.len() == groups * t && tile_len >= span.width * BLOCK_ROWS && tiles.len() >= groups * tile_len);
+    for g0 in (0..groups).step_by(GROUPS) {
+        let count = GROUPS.min(groups - g0);
+        // A group past the end repeats the last; its sums are not stored.
+        let tile: [*const f32; GROUPS] =
+            std::array::from_fn(|s| tiles.as_ptr().add((g0 + s.min(count - 1)) * tile_len));
+        for e0 in (0..t).step_by(PASS) {
+            let experts = PASS.min(t - e0);
+            let mut acc = [[_mm512_setzero_ps(); PASS]; GROUPS];
+            for i in 0..span.width {
+                let off = span.offset(w, i);
+                let rows =
+                    tile.map(|p| [_mm512_loadu_ps(p.add(i * BLOCK_ROWS)), _mm512_loadu_ps(p.add(i * BLOCK_ROWS + 16))]);
+                for e in 0..PASS {
+                    if e < experts {
+                        let tw = w.task_weights.get_unchecked(e0 + e).as_ptr().add(off);
+                        let (lo, hi) = (_mm512_loadu_ps(tw), _mm512_loadu_ps(tw.add(16)));
+                        for (a, r) in acc.iter_mut().zip(&rows) {
+                            a[e] = _mm512_fmadd_ps(hi, r[1], _mm512_fmadd_ps(lo, r[0], a[e]));
+                        }
+                    }
+                }
+            }
+            for (s, a) in acc.iter().enumerate().take(count) {
+                for (e, v) in a.iter().enumerate().take(experts) {
+                    dots[(g0 + s) * t + e0 + e] = _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+    }
+}
+
 /// See [`super::multiply_tile`]: the rows in even runs of at most [`MR`] ([`super::row_runs`]).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {

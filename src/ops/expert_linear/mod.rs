@@ -491,6 +491,31 @@ fn dot_tile(
     }
 }
 
+/// [`dot_tile`] for each of `groups` tiles (`tiles`: one per group, `tiles.len() / groups` apart), into
+/// `dots` `[groups, T]`: with AVX-512 several groups per pass over the task vectors' tiles.
+fn dot_tiles(
+    kernel: Kernel,
+    w: &ExpertLinearRef,
+    ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    tiles: &[f32],
+    dots: &mut [f32],
+) {
+    let t = w.experts();
+    let groups = dots.len() / t;
+    assert!(groups > 0 && dots.len() == groups * t, "dot_tiles: dots are not [groups, T]");
+    let tile_len = tiles.len() / groups;
+    assert!(tile_len >= ks.len() * BLOCK_ROWS, "dot_tiles: tiles too short");
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 {
+        // SAFETY: chosen only when AVX-512F was detected; the span and the slices were checked.
+        return unsafe { avx512::dot_tiles(w, TileSpan::new(w, ks, cols), tiles, tile_len, dots) };
+    }
+    for (tile, d) in tiles.chunks_exact(tile_len).zip(dots.chunks_exact_mut(t)) {
+        dot_tile(kernel, w, ks.clone(), cols.clone(), tile, d);
+    }
+}
+
 /// A tile's place in a blocked weight: inputs `k0..k0 + width` of the block of 32 outputs from `col0` (the
 /// SIMD kernels read all 32; past the last output the blocked layout holds zeros).
 #[cfg(target_arch = "x86_64")]
@@ -680,9 +705,10 @@ fn bias_dot(bias: &[f32], colsum: &[f64]) -> f64 {
 
 /// Per-group backward, tile by tile. Parallel over chunks of inputs (each owns its columns of `dx`); for each
 /// block of 32 outputs, every group's merged tile is formed as in the forward and multiplied into `dx_g`
-/// (transposed), and `x_gᵀ·dy_g` is formed for that tile only and contracted with each task vector's tile
-/// while it is in cache. Per-chunk partial `dc` are summed in chunk order, so results do not depend on the
-/// thread count.
+/// (transposed), and `x_gᵀ·dy_g` is formed for that tile only; then every group's such tile is contracted with
+/// each task vector's tile while it is in cache, several groups per pass (`dot_tiles`: per sample, one group at
+/// a time read the task vectors' tiles once per group, a fifth of the backward at B/32 shapes; BENCHMARKS.md).
+/// Per-chunk partial `dc` are summed in chunk order, so results do not depend on the thread count.
 fn per_group_backward(
     x: &[f32],
     groups: usize,
@@ -718,8 +744,8 @@ fn per_group_backward(
             let mut dc = vec![0.0f64; groups * t];
             let mut tiles = vec![0.0f32; groups * tile_len];
             let mut transposed = [0.0f32; BLOCK_ROWS * BLOCK_ROWS];
-            let mut outer = vec![0.0f32; tile_len];
-            let mut dots = vec![0.0f32; t];
+            let mut outers = vec![0.0f32; groups * tile_len];
+            let mut dots = vec![0.0f32; groups * t];
             for (bi, r0) in (0..o).step_by(BLOCK_ROWS).enumerate() {
                 let rows = BLOCK_ROWS.min(o - r0);
                 merge_tiles(kernel, w, c, k0..k0 + width, r0..r0 + rows, &mut tiles);
@@ -732,13 +758,14 @@ fn per_group_backward(
                     transpose_tile(tile, &mut transposed);
                     let dxg = &mut dx[g * n * kc..(g + 1) * n * kc];
                     multiply_tile(kernel, dyg, n, BLOCK_ROWS, rows, &transposed[..rows * BLOCK_ROWS], dxg);
-                    // x_g[:, chunk]ᵀ · dy_g[:, block], [width, 32], then its dot with every task vector's tile.
-                    let outer = &mut outer[..width * BLOCK_ROWS];
+                    // x_g[:, chunk]ᵀ · dy_g[:, block], [width, 32].
+                    let outer = &mut outers[g * tile_len..g * tile_len + width * BLOCK_ROWS];
                     outer.fill(0.0);
                     multiply_tile(kernel, &xt[g * width * n..(g + 1) * width * n], width, n, n, dyg, outer);
-                    dot_tile(kernel, w, k0..k0 + width, r0..r0 + rows, outer, &mut dots);
-                    dc[g * t..(g + 1) * t].iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
                 }
+                // Every group's x_gᵀ·dy_g tile against every task vector's tile.
+                dot_tiles(kernel, w, k0..k0 + width, r0..r0 + rows, &outers, &mut dots);
+                dc.iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
             }
             (dx, dc)
         })
@@ -821,6 +848,32 @@ mod tests {
             for kk in 0..k {
                 let want = if j < o { w[j * k + kk] } else { 0.0 };
                 assert_eq!(b[((j / 32) * k + kk) * 32 + j % 32], want, "output {j} input {kk}");
+            }
+        }
+    }
+
+    /// Several groups' contractions at once equal each group's own: odd group and expert counts (a partial pass
+    /// of each), a ragged chunk of inputs and a partial block of outputs.
+    #[test]
+    fn dot_tiles_equal_each_groups_dot_tile() {
+        let (k, o, t, groups) = (45, 71, 11, 5);
+        let w = Weights::new(k, o, t);
+        let view = w.view();
+        let (ks, cols, tile_len) = (32..45, 64..71, CHUNK_INPUTS * BLOCK_ROWS);
+        let tiles = values(groups * tile_len, 7);
+        for kernel in Kernel::all_available() {
+            let mut all = vec![0.0f32; groups * t];
+            dot_tiles(kernel, &view, ks.clone(), cols.clone(), &tiles, &mut all);
+            for (g, got) in all.chunks_exact(t).enumerate() {
+                let mut want = vec![0.0f32; t];
+                dot_tile(kernel, &view, ks.clone(), cols.clone(), &tiles[g * tile_len..], &mut want);
+                for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{} group {g} expert {e}: {a} {b}",
+                        kernel.name()
+                    );
+                }
             }
         }
     }
