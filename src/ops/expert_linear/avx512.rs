@@ -172,8 +172,8 @@ pub unsafe fn dot_tile(w: &ExpertLinearRef, span: TileSpan, tile: &[f32], dots: 
     }
 }
 
-/// [`dot_tile`](super::dot_tile) for the tiles of several groups (`tiles`: one tile per group, `tile_len` apart, row stride 32):
-/// `dots[g·T + t]`. Two groups per pass over the task vectors' rows, so each row of a task vector is loaded once
+/// [`dot_tile`](super::dot_tile) for the tiles of several groups (`tiles`: one tile per group, `tile_len` apart,
+/// row stride 32): `dots[g·T + t]`. Two groups per pass over the task vectors' rows, so each row of a task vector is loaded once
 /// for both (16 accumulators: two groups × eight experts, each summing both halves of a row): half the reads of
 /// the task vectors' tiles, which by then have left L1, and fewer loads per multiply-add than one group's.
 #[target_feature(enable = "avx512f")]

@@ -502,6 +502,9 @@ fn dot_tiles(
     dots: &mut [f32],
 ) {
     let t = w.experts();
+    if t == 0 {
+        return; // no task vector, nothing to contract
+    }
     let groups = dots.len() / t;
     assert!(groups > 0 && dots.len() == groups * t, "dot_tiles: dots are not [groups, T]");
     let tile_len = tiles.len() / groups;
