@@ -68,19 +68,6 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    // Only the whole model, then where its time went (tools/gpu-check.sh runs this with WEMOE_OP_TIMES=1,
-    // which makes every backend operation wait for the GPU: the main run leaves it unset).
-    if std::env::args().any(|a| a == "--end-to-end-only") {
-        if let Err(e) = GpuExecutor::new(0) {
-            println!("gpu benchmarks: no GPU ({e:#}); nothing measured");
-            return Ok(());
-        }
-        end_to_end()?;
-        if let Some(table) = wemoe_engine::device::op_times::report() {
-            println!("\n{table}");
-        }
-        return Ok(());
-    }
     let gpu = match GpuExecutor::new(0) {
         Ok(g) => g,
         Err(e) => {
@@ -88,6 +75,16 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
+    // Only the whole model, then where its time went (tools/gpu-check.sh runs this with WEMOE_OP_TIMES=1,
+    // which makes every backend operation wait for the GPU: the main run leaves it unset).
+    if std::env::args().any(|a| a == "--end-to-end-only") {
+        drop(gpu); // end_to_end opens its own
+        end_to_end()?;
+        if let Some(table) = wemoe_engine::device::op_times::report() {
+            println!("\n{table}");
+        }
+        return Ok(());
+    }
     let stream: Arc<CudaStream> = gpu.stream().clone();
     let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
     // A second handle allowed to use TF32 tensor cores: the reference for --precision tf32.

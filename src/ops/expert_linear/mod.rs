@@ -709,8 +709,8 @@ fn bias_dot(bias: &[f32], colsum: &[f64]) -> f64 {
 /// Per-group backward, tile by tile. Parallel over chunks of inputs (each owns its columns of `dx`); for each
 /// block of 32 outputs, every group's merged tile is formed as in the forward and multiplied into `dx_g`
 /// (transposed), and `x_gᵀ·dy_g` is formed for that tile only; then every group's such tile is contracted with
-/// each task vector's tile while it is in cache, several groups per pass (`dot_tiles`: per sample, one group at
-/// a time read the task vectors' tiles once per group, a fifth of the backward at B/32 shapes; BENCHMARKS.md).
+/// each task vector's tile while it is in cache, several groups per pass (`dot_tiles`: one group at a time read
+/// the task vectors' tiles again for every group; BENCHMARKS.md).
 /// Per-chunk partial `dc` are summed in chunk order, so results do not depend on the thread count.
 fn per_group_backward(
     x: &[f32],
