@@ -125,7 +125,7 @@ fn main() {
             let call: Vec<_> = (0..k.params.len()).map(|i| format!("a{i}")).collect();
             writeln!(
                 launcher,
-                "    cuda_host::launch(dim3{{dims[0], dims[1], dims[2]}}, dim3{{dims[3], dims[4], dims[5]}}, [&] {{ {}({}); }});\n}}\n",
+                "    cuda_host::launch(dim3{{dims[0], dims[1], dims[2]}}, dim3{{dims[3], dims[4], dims[5]}}, cuda_host::CopyLanding(dims[6]), [&] {{ {}({}); }});\n}}\n",
                 k.name,
                 call.join(", ")
             )

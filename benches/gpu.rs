@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
-use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands, SourceLoads};
 use wemoe_engine::cuda::{Executor, GpuExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::rng::Rng;
@@ -79,9 +79,11 @@ fn main() -> Result<()> {
     // which makes every backend operation wait for the GPU: the main run leaves it unset).
     if std::env::args().any(|a| a == "--end-to-end-only") {
         drop(gpu); // end_to_end opens its own
-        end_to_end()?;
-        if let Some(table) = wemoe_engine::device::op_times::report() {
-            println!("\n{table}");
+        for staged in [false, true] {
+            end_to_end(staged)?;
+            if let Some(table) = wemoe_engine::device::op_times::take_report() {
+                println!("\n{table}");
+            }
         }
         return Ok(());
     }
@@ -160,6 +162,7 @@ fn main() -> Result<()> {
         let pre = gpu.zeros(rows * h)?;
         let (mw1, mw2) = (gpu.zeros(h * d)?, gpu.zeros(d * h)?);
         let shape = format!("B={batch} N={tokens}");
+        let mut staged_best = f64::INFINITY;
 
         let dense_cublas = median_ms(&gpu, || {
             sgemm_xwt(&blas, &x.as_view(), &m.w1, &mut hid.as_view_mut(), rows, d, h)?;
@@ -244,6 +247,47 @@ fn main() -> Result<()> {
             })?;
             row(&format!("WEMoE per-sample, fused, {per_block} routes per block"), grouped);
         }
+        for per_block in [1usize, 2] {
+            let staged = median_ms(&gpu, || {
+                let act = Some(Activation::QuickGelu);
+                let (w1, w2) = (fc1(experts), fc2(experts));
+                ops::expert_linear_forward_staged(
+                    &gpu,
+                    &x,
+                    batch,
+                    tokens,
+                    &w1,
+                    Some(&coeff),
+                    act,
+                    None,
+                    &hid,
+                    per_block,
+                )?;
+                ops::expert_linear_forward_staged(
+                    &gpu,
+                    &hid,
+                    batch,
+                    tokens,
+                    &w2,
+                    Some(&coeff),
+                    None,
+                    None,
+                    &y,
+                    per_block,
+                )
+            })?;
+            row(
+                &format!("WEMoE per-sample, fused, sources staged by cp.async, {per_block} route(s) per block"),
+                staged,
+            );
+            staged_best = staged_best.min(staged);
+        }
+        let dense_staged = median_ms(&gpu, || {
+            let act = Some(Activation::QuickGelu);
+            ops::expert_linear_forward_staged(&gpu, &x, 1, rows, &fc1(0), None, act, None, &hid, 1)?;
+            ops::expert_linear_forward_staged(&gpu, &hid, 1, rows, &fc2(0), None, None, None, &y, 1)
+        })?;
+        row("dense MLP, our staged kernel", dense_staged);
         let router_hidden = gpu.zeros(rows * d)?;
         let routed = gpu.zeros(batch * experts)?;
         let router = (&router1, &r2, &rb2);
@@ -307,11 +351,13 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         row("WEMoE per-sample, materialise W_b then cuBLAS (GEMMs only)", materialise);
-        let backward = median_ms(&gpu, || {
-            ops::expert_linear_backward_input(&gpu, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
-            ops::expert_linear_backward_input(&gpu, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
-        })?;
-        row("WEMoE per-sample backward, input gradient", backward);
+        for (loads, label) in [(SourceLoads::Direct, ""), (SourceLoads::Staged, ", staged by cp.async")] {
+            let backward = median_ms(&gpu, || {
+                ops::expert_linear_backward_input(&gpu, loads, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
+                ops::expert_linear_backward_input(&gpu, loads, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
+            })?;
+            row(&format!("WEMoE per-sample backward, input gradient{label}"), backward);
+        }
         let dc = gpu.zeros(batch * experts)?;
         let router_grad = median_ms(&gpu, || {
             ops::expert_linear_backward_coeff(&gpu, &hid, &y, batch, tokens, &fc2(experts), &dc)?;
@@ -322,13 +368,16 @@ fn main() -> Result<()> {
             let err = cpu_check(&x_host, &coeff_host, &fused_out, &host, batch, tokens, d, h)?;
             println!("| {shape} | fused per-sample output against the CPU engine: max rel. error {err:.2e} | | | |");
         }
-        spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused));
+        let staged = staged_best / dense_cublas;
+        spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused, staged));
     }
-    end_to_end()?;
+    for staged in [false, true] {
+        end_to_end(staged)?;
+    }
     println!();
-    for (shape, vs_ours, vs_cublas, materialise) in &spread {
+    for (shape, vs_ours, vs_cublas, materialise, staged) in &spread {
         println!(
-            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-cuBLAS / fused = {materialise:.2}×"
+            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-cuBLAS / fused = {materialise:.2}×; best staged / dense cuBLAS = {staged:.2}×"
         );
     }
     Ok(())
@@ -409,10 +458,6 @@ fn cpu_check(
     Ok(diff / scale)
 }
 
-/// The whole model on the CUDA backend: a ViT-B/32 WEMoE model with 8 experts (random weights, 12 layers),
-/// the forward of 64 images per second in both routing modes, and one adaptation step of 8 tasks × 16
-/// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
-/// copy to the host (which waits for the GPU); medians.
 /// Wall-clock seconds of `work` (which ends by copying a result to the host, so it waits for the GPU): one
 /// warm-up run, then the median of three.
 fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -427,14 +472,19 @@ fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[1])
 }
 
-fn end_to_end() -> Result<()> {
+/// The whole model on the CUDA backend: a ViT-B/32 WEMoE model with 8 experts (random weights, 12 layers),
+/// the forward of 64 images per second in both routing modes, and one adaptation step of 8 tasks × 16
+/// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
+/// copy to the host (which waits for the GPU); medians. `staged`: the backend's f32 products through
+/// the kernels that stage their sources by cp.async.
+fn end_to_end(staged: bool) -> Result<()> {
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::config::VisionConfig;
     use wemoe_engine::device::{Backend, CudaBackend, Device};
     use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing, WemoeSpec};
     use wemoe_engine::tensor::Tensor;
 
-    let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0));
+    let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0)).with_staged_sources(staged);
     let config = VisionConfig::default();
     let spec = WemoeSpec {
         experts: (0..8).map(|t| format!("task{t}")).collect(),
@@ -448,7 +498,10 @@ fn end_to_end() -> Result<()> {
         let v = (0..n * 3 * s * s).map(|i| (((i * 31 + seed) % 255) as f32) / 128.0 - 1.0).collect();
         be.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
     };
-    println!("\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers) | routing | median | rate |\n| --- | --- | ---: | ---: |");
+    let kernels = if staged { "staged by cp.async" } else { "plain kernels" };
+    println!(
+        "\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers, {kernels}) | routing | median | rate |\n| --- | --- | ---: | ---: |"
+    );
     let images = pixels(64, 1)?;
     for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
         let t = median_wall_s(|| {

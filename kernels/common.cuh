@@ -157,3 +157,43 @@ struct Bf16Operands {
     }
 };
 #endif
+
+// Asynchronous copies from global to shared memory (cp.async, sm_80 and later). `copy_async_16` copies 4
+// floats (both addresses 16-byte aligned), of which the first `valid` come from `global` and the rest are
+// zero; `copy_async_4` copies one float, or a zero. Each thread's copies form groups (`copy_async_commit`);
+// `copy_async_wait<P>` returns once at most the newest P of its groups are still in flight, and only then are
+// that thread's copies visible to it (to other threads after a barrier as well). The host emulation lands a
+// thread's copies either at that wait or at once (kernels/host/), so a read that misses its wait and a copy
+// that overwrites data still being read both show up as wrong results.
+#if defined(__CUDACC__)
+static __device__ __forceinline__ unsigned shared_address(const float* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+static __device__ __forceinline__ void copy_async_16(float* shared, const float* global, int valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(shared)), "l"(global),
+                 "r"(4 * valid)
+                 : "memory");
+}
+static __device__ __forceinline__ void copy_async_4(float* shared, const float* global, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(shared)), "l"(global),
+                 "r"(valid ? 4 : 0)
+                 : "memory");
+}
+static __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+static __device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+#else
+static void copy_async_16(float* shared, const float* global, int valid) {
+    cuda_host::copy_async(shared, global, 16, 4 * valid);
+}
+static void copy_async_4(float* shared, const float* global, bool valid) {
+    cuda_host::copy_async(shared, global, 4, valid ? 4 : 0);
+}
+static void copy_async_commit() { cuda_host::copy_async_commit(); }
+template <int PENDING>
+static void copy_async_wait() {
+    cuda_host::copy_async_wait(PENDING);
+}
+#endif

@@ -7,7 +7,7 @@
 // One 64×64 output tile per block of 256 threads, each thread 4×4 outputs, k in steps of 16 (a plain
 // FP32 SIMT tile: the exact mode; see BENCHMARKS.md for how it compares with cuBLAS).
 
-#include "common.cuh"
+#include "simt_tile.cuh"
 
 #define EL_BM 64
 #define EL_BN 64
@@ -92,26 +92,7 @@ extern "C" __global__ void __launch_bounds__(EL_THREADS)
     float acc[4][4];
     merged_weight_gemm_tile<true>(x + row0 * in_features, rows, in_features, out_features, w0, tau, c, experts, n0,
                                   acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int n = n0 + tx + 16 * j;
-        if (n >= out_features) continue;
-        float bias = 0.0f;
-        if (b0) {
-            bias = b0[n];
-            for (int t = 0; t < experts; ++t) bias += c[t] * tau_b[(size_t)t * out_features + n];
-        }
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int m = ty + 16 * i;
-            if (m >= rows) continue;
-            const float z = acc[i][j] + bias;
-            const size_t at = (row0 + m) * out_features + n;
-            if (pre) pre[at] = z;
-            y[at] = activate(z, act);
-        }
-    }
+    store_forward_tile(acc, c, experts, b0, tau_b, pre, y, row0, rows, n0, out_features, act);
 }
 
 // The input gradient: dx_r = dy_r · W_r, dy [rows, out], dx [rows, in]. Grid (routes, ⌈rows/64⌉, ⌈in/64⌉).
@@ -128,17 +109,7 @@ extern "C" __global__ void __launch_bounds__(EL_THREADS)
     float acc[4][4];
     merged_weight_gemm_tile<false>(dy + row0 * out_features, rows, out_features, in_features, w0, tau, c, experts,
                                    n0, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = ty + 16 * i;
-        if (m >= rows) continue;
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx + 16 * j;
-            if (n < in_features) dx[(row0 + m) * in_features + n] = acc[i][j];
-        }
-    }
+    store_tile(acc, dx, row0, rows, n0, in_features);
 }
 
 // W = W0 + Σ_t c[t]·τ_t for one route, materialised: what the fused kernels avoid, kept for the batch-reduced

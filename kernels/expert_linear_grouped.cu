@@ -4,7 +4,7 @@
 // R-fold, at the price of R accumulator tiles per thread and ⌈routes/R⌉ blocks per tile column. Which R is
 // fastest is for the GPU benchmark to say; the launch wrapper takes it as a parameter.
 
-#include "common.cuh"
+#include "simt_tile.cuh"
 
 #define ELG_BM 64
 #define ELG_BN 64
@@ -86,25 +86,7 @@ static __device__ __forceinline__ void grouped_forward(const float* __restrict__
     for (int r = 0; r < R; ++r) {
         if (r >= here) break;
         const size_t row0 = (size_t)(first + r) * rows_per_route + m0;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx + 16 * j;
-            if (n >= N) continue;
-            float bias = 0.0f;
-            if (b0) {
-                bias = b0[n];
-                for (int t = 0; t < experts; ++t) bias += c[r][t] * tau_b[(size_t)t * N + n];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int m = ty + 16 * i;
-                if (m >= rows) continue;
-                const float z = acc[r][i][j] + bias;
-                const size_t at = (row0 + m) * N + n;
-                if (pre) pre[at] = z;
-                y[at] = activate(z, act);
-            }
-        }
+        store_forward_tile(acc[r], c[r], experts, b0, tau_b, pre, y, row0, rows, n0, N, act);
     }
 }
 

@@ -225,6 +225,24 @@ fn adaptation_matches_the_cpu_backend(be: &dyn Backend) {
     assert_eq!(routers, 8, "two layers of depth-2 routers");
 }
 
+/// The backend with its f32 products staged by `cp.async` (`with_staged_sources`; the emulation lands the
+/// copies at their waits): the same references as the plain kernels, forward and router gradients.
+fn staged_sources_match_fusionbench_and_torch(be: &dyn Backend) {
+    wemoe_models_match_fusionbench_in_both_routing_modes(be);
+    router_gradients_match_torch(be);
+}
+
+#[test]
+fn staged_sources_on_the_emulated_backend() {
+    staged_sources_match_fusionbench_and_torch(&emulated().with_staged_sources(true));
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
+fn staged_sources_on_the_gpu() {
+    staged_sources_match_fusionbench_and_torch(&gpu().with_staged_sources(true));
+}
+
 macro_rules! on_both {
     ($($case:ident),* $(,)?) => {
         mod host {

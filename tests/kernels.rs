@@ -7,8 +7,8 @@
 mod common;
 
 use wemoe_engine::adapt::Adam;
-use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands};
-use wemoe_engine::cuda::{Executor, GpuExecutor, HostExecutor};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands, SourceLoads};
+use wemoe_engine::cuda::{with_copy_landing, Arg, CopyLanding, Dims, Executor, GpuExecutor, HostExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, to_blocked, ExpertLinearRef};
 use wemoe_engine::ops::gemm::{linear, linear_backward_input, linear_backward_weight, MatRef};
@@ -185,6 +185,94 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
     worst("expert_linear_forward_x2/_x4", &errors)
 }
 
+/// The kernels that stage their weight sources by `cp.async`, each under both of the emulation's landings
+/// (on a GPU the landing setting does nothing and the cases simply run twice). Shapes: widths that are and
+/// are not multiples of 4 (16-byte pieces, or 4-byte copies), a last k-step that is partly past the width,
+/// ragged row and column tiles, route counts that leave the last pair half empty, and a plain linear layer.
+fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    let cases = [
+        (3, 7, 37, 70, 3, Some(Activation::QuickGelu)),
+        (5, 67, 64, 33, 5, None),
+        (3, 50, 132, 96, 8, Some(Activation::QuickGelu)),
+        (4, 11, 19, 23, 0, Some(Activation::Relu)),
+        (1, 20, 40, 12, 0, None),
+    ];
+    for landing in [CopyLanding::AtWait, CopyLanding::AtIssue] {
+        with_copy_landing(landing, || {
+            for (i, &(routes, n, inp, out, experts, act)) in cases.iter().enumerate() {
+                let l = Layer::new(out, inp, experts, 900 + i as u64);
+                let x = values(routes * n * inp, 910 + i as u64, 1.0);
+                let dy = values(routes * n * out, 920 + i as u64, 1.0);
+                let coeff = values(routes * experts.max(1), 930 + i as u64, 0.6);
+                let coeff = &coeff[..routes * experts];
+                let w_t = MatRef::row_major(&l.base, out, inp).unwrap().t();
+                let (want_pre, want_dx) = if experts > 0 {
+                    let pre = expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap();
+                    (pre, cpu_expert::expert_linear_backward(&x, routes, n, coeff, &l.cpu(), &dy).unwrap().0)
+                } else {
+                    let pre = linear(&x, routes * n, inp, w_t, Some(&l.bias)).unwrap();
+                    (pre, linear_backward_input(&dy, routes * n, w_t).unwrap())
+                };
+                let mut want = want_pre.clone();
+                if let Some(a) = act {
+                    activation::activation_in_place(&mut want, a);
+                }
+                let d = DeviceLayer::new(e, &l);
+                let (xb, dyb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap());
+                let cb = e.upload(if coeff.is_empty() { &[0.0] } else { coeff }).unwrap();
+                let label = format!("{landing:?}, {routes}×{n} rows, {inp}→{out}, T={experts}");
+                for per_block in [1, 2] {
+                    let (pre, y) = (poisoned(e, routes * n * out), poisoned(e, routes * n * out));
+                    let w = d.weights(&l);
+                    ops::expert_linear_forward_staged(e, &xb, routes, n, &w, Some(&cb), act, Some(&pre), &y, per_block)
+                        .unwrap();
+                    errors.push((
+                        format!("{label}, {per_block} per block: pre"),
+                        error(&e.download(&pre).unwrap(), &want_pre),
+                    ));
+                    errors.push((format!("{label}, {per_block} per block: y"), error(&e.download(&y).unwrap(), &want)));
+                }
+                let dx = poisoned(e, routes * n * inp);
+                ops::expert_linear_backward_input(
+                    e,
+                    SourceLoads::Staged,
+                    &dyb,
+                    routes,
+                    n,
+                    &d.weights(&l),
+                    Some(&cb),
+                    &dx,
+                )
+                .unwrap();
+                errors.push((format!("{label}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));
+            }
+        });
+    }
+    worst("expert_linear_forward_staged/_x2, expert_linear_backward_input_staged", &errors)
+}
+
+/// The emulation's own landings are what they claim: a read between a `cp.async` and its wait sees the old
+/// value when copies land at the wait and the new one when they land at issue; after the wait, the new one.
+/// (Were they not, `expert_linear_staged`'s two runs would prove nothing about the kernels' waits.)
+#[test]
+fn host_copy_landings_differ_before_the_wait() {
+    let e = HostExecutor;
+    let n = 45;
+    let src: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+    for (landing, before_is_new) in [(CopyLanding::AtWait, false), (CopyLanding::AtIssue, true)] {
+        let (before, after) = (poisoned(&e, n), poisoned(&e, n));
+        with_copy_landing(landing, || {
+            let args = [Arg::Buf(&e.upload(&src).unwrap()), Arg::Buf(&before), Arg::Buf(&after), Arg::I32(n as i32)];
+            let dims = Dims { grid: (1, 1, 1), block: (64, 1, 1) };
+            e.launch("copy_async_probe", dims, &args).unwrap();
+        });
+        let want_before = if before_is_new { src.clone() } else { vec![-1.0; n] };
+        assert_eq!(e.download(&before).unwrap(), want_before, "{landing:?}: before the wait");
+        assert_eq!(e.download(&after).unwrap(), src, "{landing:?}: after the wait");
+    }
+}
+
 /// An f32 rounded to a tensor-core operand as the kernels' `pack` does: TF32 to nearest with ties away from
 /// zero (cvt.rna), bf16 to nearest even (cvt.rn).
 fn rounded(v: f32, operands: MmaOperands) -> f32 {
@@ -275,7 +363,8 @@ fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
         let d = DeviceLayer::new(e, &l);
         let (xb, dyb, cb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap(), e.upload(&coeff).unwrap());
         let (dx, dc) = (poisoned(e, routes * n * inp), poisoned(e, routes * experts));
-        ops::expert_linear_backward_input(e, &dyb, routes, n, &d.weights(&l), Some(&cb), &dx).unwrap();
+        ops::expert_linear_backward_input(e, SourceLoads::Direct, &dyb, routes, n, &d.weights(&l), Some(&cb), &dx)
+            .unwrap();
         ops::expert_linear_backward_coeff(e, &xb, &dyb, routes, n, &d.weights(&l), &dc).unwrap();
         let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}");
         errors.push((format!("{label}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));
@@ -562,6 +651,7 @@ macro_rules! kernel_tests {
 kernel_tests!(
     expert_linear_forward,
     expert_linear_grouped,
+    expert_linear_staged,
     expert_linear_tf32,
     expert_linear_bf16,
     expert_linear_backward,

@@ -22,7 +22,7 @@ fn every_kernel_compiles_to_a_cubin_with_its_resources() {
     let (major, minor) =
         nvrtc::version().expect("NVRTC must be loadable: run `. tools/nvrtc-env.sh` first, or set WEMOE_NVRTC");
     println!("NVRTC {major}.{minor}, {ARCH}");
-    println!("{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}", "kernel", "regs", "smem", "stack", "spillS", "spillL");
+    println!("{:<36} {:>5} {:>7} {:>7} {:>6} {:>6}", "kernel", "regs", "smem", "stack", "spillS", "spillL");
     let mut seen = 0;
     for source in kernels::sources() {
         let compiled = nvrtc::compile(source, ARCH).unwrap_or_else(|e| panic!("{e:#}"));
@@ -35,7 +35,7 @@ fn every_kernel_compiles_to_a_cubin_with_its_resources() {
                 .find(|r| r.function == f.name)
                 .unwrap_or_else(|| panic!("{}: no ptxas report for {} in:\n{}", source.file, f.name, compiled.log));
             println!(
-                "{:<32} {:>5} {:>7} {:>7} {:>6} {:>6}",
+                "{:<36} {:>5} {:>7} {:>7} {:>6} {:>6}",
                 f.name, r.registers, r.shared_bytes, r.stack_bytes, r.spill_stores, r.spill_loads
             );
             assert!(r.registers > 0, "{}: no registers reported", f.name);

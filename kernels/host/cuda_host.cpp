@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -16,6 +17,13 @@ namespace {
 
 enum class Wait { None, Block, Warp };
 
+// One cp.async in flight: its bytes were read at issue (global memory is read-only while a kernel runs).
+struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+    int size;
+};
+
 struct Fiber {
     ucontext_t context;
     std::unique_ptr<char[]> stack;  // uninitialised: only the fiber's own frames touch it
@@ -24,6 +32,8 @@ struct Fiber {
     Wait wait = Wait::None;
     int site = 0;  // the source line of the barrier it waits at
     bool done = false;
+    std::vector<AsyncCopy> open;              // copies not yet committed
+    std::deque<std::vector<AsyncCopy>> groups;  // committed, not yet landed; oldest first
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -31,6 +41,7 @@ constexpr size_t kMmaFloats = 16 * 16 + 16 * 8 + 16 * 8;  // A 16×16, B 16×8, 
 
 struct Launch {
     dim3 grid, block;
+    CopyLanding landing = CopyLanding::AtWait;
     uint3 block_index;
     const std::function<void()>* body = nullptr;
     std::vector<Fiber> fibers;
@@ -75,6 +86,8 @@ void run_block() {
         Fiber& f = l.fibers[i];
         f.done = false;
         f.wait = Wait::None;
+        f.open.clear();  // shared memory is the next block's now: copies the last one never waited for are void
+        f.groups.clear();
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.get();
         f.context.uc_stack.ss_size = kStackBytes;
@@ -181,11 +194,39 @@ void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], int per_reg
     sync_warp(site);  // every lane has read before the area is written again
 }
 
-void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+void copy_async(void* dst, const void* src, int size, int src_size) {
+    if ((size != 4 && size != 16) || src_size < 0 || src_size > size) die("cp.async of an unsupported size");
+    if (reinterpret_cast<uintptr_t>(dst) % size != 0 || (src_size > 0 && reinterpret_cast<uintptr_t>(src) % size != 0))
+        die("cp.async with an address not aligned to its size");
+    AsyncCopy c{dst, {}, size};
+    std::memcpy(c.bytes, src, size_t(src_size));  // the rest stays zero
+    if (g_launch->landing == CopyLanding::AtIssue) {
+        std::memcpy(dst, c.bytes, size_t(size));
+        return;
+    }
+    g_launch->current->open.push_back(c);
+}
+
+void copy_async_commit() {
+    Fiber& f = *g_launch->current;
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void copy_async_wait(int pending) {
+    Fiber& f = *g_launch->current;
+    while (f.groups.size() > size_t(pending)) {
+        for (const AsyncCopy& c : f.groups.front()) std::memcpy(c.dst, c.bytes, size_t(c.size));
+        f.groups.pop_front();
+    }
+}
+
+void launch(dim3 grid, dim3 block, CopyLanding landing, const std::function<void()>& body) {
     std::lock_guard<std::mutex> lock(g_mutex);
     Launch l;
     l.grid = grid;
     l.block = block;
+    l.landing = landing;
     l.body = &body;
     const unsigned n = block.x * block.y * block.z;
     l.fibers.resize(n);

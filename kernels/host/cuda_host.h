@@ -44,8 +44,20 @@ unsigned lane_id();
 // of the warp contributes its fragments and D, and receives its part of D + A·B.
 void mma_m16n8(float d[4], const uint32_t a[4], const uint32_t b[2], int per_register, int site);
 
+// cp.async: copy `size` bytes (4 or 16) to shared memory at `dst`, the first `src_size` of them from `src` and
+// the rest zeros; commit this thread's copies so far as a group; wait until at most `pending` of its groups
+// are in flight. Where a copy lands is the launch's `CopyLanding`.
+void copy_async(void* dst, const void* src, int size, int src_size);
+void copy_async_commit();
+void copy_async_wait(int pending);
+
+// When a thread's asynchronous copies reach shared memory: at the latest moment CUDA allows (the wait that
+// covers them), which turns a read before that wait into a wrong result; or at once, which turns a copy
+// into a buffer that other threads still read into one. A kernel must pass under both.
+enum class CopyLanding : unsigned { AtWait = 0, AtIssue = 1 };
+
 // Runs `body` for every thread of every block of the launch.
-void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+void launch(dim3 grid, dim3 block, CopyLanding landing, const std::function<void()>& body);
 
 template <typename T>
 T shuffle(T value, unsigned src_lane, int site) {

@@ -55,15 +55,16 @@ pub fn run(arch: Option<&str>) -> Result<()> {
     }
     let sources = kernels::sources().count();
     let arch = arch.map(str::to_string).or(device_arch).unwrap_or_else(|| "sm_90".to_string());
+    let w = KERNEL_FUNCTIONS.iter().map(|f| f.name.len()).max().unwrap_or(0).max("function".len());
     if nvrtc_version.is_err() {
         say!("kernels     {sources} sources, {} functions (not compiled: no NVRTC)", KERNEL_FUNCTIONS.len());
         for f in KERNEL_FUNCTIONS {
-            say!("  {:<30} {}.cu", f.name, f.source);
+            say!("  {:<w$} {}.cu", f.name, f.source);
         }
         return Ok(());
     }
     say!("kernels     {sources} sources, {} functions, compiled for {arch}:", KERNEL_FUNCTIONS.len());
-    say!("  {:<30} {:>9} {:>10} {:>11} {:>12}", "function", "registers", "smem bytes", "stack bytes", "spills (B)");
+    say!("  {:<w$} {:>9} {:>10} {:>11} {:>12}", "function", "registers", "smem bytes", "stack bytes", "spills (B)");
     let mut failures = 0;
     for source in kernels::sources() {
         match nvrtc::compile(source, &arch) {
@@ -75,14 +76,14 @@ pub fn run(arch: Option<&str>) -> Result<()> {
                 for f in KERNEL_FUNCTIONS.iter().filter(|f| f.source == source.name) {
                     match c.resources.iter().find(|r| r.function == f.name) {
                         Some(r) => say!(
-                            "  {:<30} {:>9} {:>10} {:>11} {:>12}",
+                            "  {:<w$} {:>9} {:>10} {:>11} {:>12}",
                             f.name,
                             r.registers,
                             r.shared_bytes,
                             r.stack_bytes,
                             format!("{}/{}", r.spill_stores, r.spill_loads)
                         ),
-                        None => say!("  {:<30} (no ptxas report)", f.name),
+                        None => say!("  {:<w$} (no ptxas report)", f.name),
                     }
                 }
             }

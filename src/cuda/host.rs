@@ -2,6 +2,7 @@
 //! `kernels/host/cuda_host.h`, run on the CPU block by block (a block's threads as fibers). It is how the
 //! kernels and their launch code are proven on machines without a GPU.
 
+use std::cell::Cell;
 use std::ffi::c_void;
 
 use anyhow::{anyhow, Result};
@@ -36,6 +37,37 @@ impl Drop for HostBuffer {
         // SAFETY: ptr and len came from Box::into_raw of a boxed slice of this length.
         drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
     }
+}
+
+/// When the emulation lands a thread's asynchronous copies (`cp.async`) in shared memory: at the latest
+/// moment CUDA allows, the wait that covers them (the default: a read that misses its wait sees stale data),
+/// or at once (a copy into a buffer other threads still read overwrites it early). A kernel that stages
+/// through `cp.async` must give the same result under both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyLanding {
+    /// At the `cp.async.wait_group` that covers the copy.
+    #[default]
+    AtWait,
+    /// When the copy is issued.
+    AtIssue,
+}
+
+thread_local! {
+    static LANDING: Cell<CopyLanding> = const { Cell::new(CopyLanding::AtWait) };
+}
+
+/// Runs `f` with this thread's host launches landing asynchronous copies as `landing` says.
+pub fn with_copy_landing<R>(landing: CopyLanding, f: impl FnOnce() -> R) -> R {
+    let before = LANDING.with(|l| l.replace(landing));
+    // Restored however `f` ends, so a failing check cannot leak its mode into the thread's next test.
+    struct Restore(CopyLanding);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LANDING.with(|l| l.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 /// Runs kernels on the host.
@@ -86,7 +118,8 @@ impl Executor for HostExecutor {
             .collect();
         let pointers: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         let (g, b) = (dims.grid, dims.block);
-        let dims = [g.0, g.1, g.2, b.0, b.1, b.2];
+        let landing = LANDING.with(Cell::get) as u32;
+        let dims = [g.0, g.1, g.2, b.0, b.1, b.2, landing];
         // SAFETY: the arguments match the kernel's signature (checked above; little-endian slots), and the
         // buffers outlive the call. Bounds within buffers are each op's contract, checked by its wrapper.
         unsafe { launcher(dims.as_ptr(), pointers.as_ptr()) };

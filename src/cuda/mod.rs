@@ -11,5 +11,5 @@ pub mod nvrtc;
 pub mod ops;
 
 pub use gpu::GpuExecutor;
-pub use host::{HostBuffer, HostExecutor};
+pub use host::{with_copy_landing, CopyLanding, HostBuffer, HostExecutor};
 pub use launch::{Arg, Dims, Executor};

@@ -240,9 +240,64 @@ pub fn expert_linear_forward_grouped<E: Executor>(
     e.launch(name, dims, &args)
 }
 
-/// `dx_r = dy_r · W_r` per route.
+/// [`expert_linear_forward`] with the weight sources staged into shared memory by `cp.async`, several tiles
+/// ahead (kernels/expert_linear_staged.cu; sm_80 and later), `routes_per_block` routes (1 or 2) sharing each
+/// staged tile. Same results; which is fastest is the GPU benchmark's call.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_linear_forward_staged<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    act: Option<Activation>,
+    pre: Option<&E::Buffer>,
+    y: &E::Buffer,
+    routes_per_block: usize,
+) -> Result<()> {
+    let name = match routes_per_block {
+        1 => "expert_linear_forward_staged",
+        2 => "expert_linear_forward_staged_x2",
+        other => anyhow::bail!("expert_linear_forward_staged: {other} routes per block (1 or 2)"),
+    };
+    if !check_forward(e, name, x, routes, rows_per_route, w, coeff, y)? {
+        return Ok(());
+    }
+    if let Some(p) = pre {
+        need(e, p, routes * rows_per_route * w.out_features, &format!("{name} pre"))?;
+    }
+    let dims = Dims {
+        grid: (
+            routes.div_ceil(routes_per_block) as u32,
+            rows_per_route.div_ceil(TILE) as u32,
+            w.out_features.div_ceil(TILE) as u32,
+        ),
+        block: (256, 1, 1),
+    };
+    let mut args = vec![Arg::Buf(x)];
+    args.extend(weight_args(w, coeff));
+    args.extend([opt(pre), Arg::Buf(y), Arg::I32(int(routes, "routes")?)]);
+    args.extend(shape_args(rows_per_route, w, act)?);
+    e.launch(name, dims, &args)
+}
+
+/// How a fused WEMoE product reads its weight sources W0 and τ_t.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SourceLoads {
+    /// Loaded as they are merged (kernels/expert_linear.cu): the kernels measured on a card.
+    #[default]
+    Direct,
+    /// Staged into shared memory by `cp.async` several tiles ahead (kernels/expert_linear_staged.cu; sm_80
+    /// and later).
+    Staged,
+}
+
+/// `dx_r = dy_r · W_r` per route, the sources read as `loads` says.
+#[allow(clippy::too_many_arguments)]
 pub fn expert_linear_backward_input<E: Executor>(
     e: &E,
+    loads: SourceLoads,
     dy: &E::Buffer,
     routes: usize,
     rows_per_route: usize,
@@ -269,21 +324,27 @@ pub fn expert_linear_backward_input<E: Executor>(
         grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.in_features.div_ceil(TILE) as u32),
         block: (256, 1, 1),
     };
-    e.launch(
-        "expert_linear_backward_input",
-        dims,
-        &[
-            Arg::Buf(dy),
-            Arg::Buf(w.base),
-            opt(if w.experts > 0 { w.tasks } else { None }),
-            opt(if w.experts > 0 { coeff } else { None }),
-            Arg::Buf(dx),
-            Arg::I32(int(rows_per_route, "rows per route")?),
-            Arg::I32(int(w.in_features, "in features")?),
-            Arg::I32(int(w.out_features, "out features")?),
-            Arg::I32(w.experts as i32),
-        ],
-    )
+    let mut args = vec![
+        Arg::Buf(dy),
+        Arg::Buf(w.base),
+        opt(if w.experts > 0 { w.tasks } else { None }),
+        opt(if w.experts > 0 { coeff } else { None }),
+        Arg::Buf(dx),
+    ];
+    if loads == SourceLoads::Staged {
+        args.push(Arg::I32(int(routes, "routes")?));
+    }
+    args.extend([
+        Arg::I32(int(rows_per_route, "rows per route")?),
+        Arg::I32(int(w.in_features, "in features")?),
+        Arg::I32(int(w.out_features, "out features")?),
+        Arg::I32(w.experts as i32),
+    ]);
+    let name = match loads {
+        SourceLoads::Direct => "expert_linear_backward_input",
+        SourceLoads::Staged => "expert_linear_backward_input_staged",
+    };
+    e.launch(name, dims, &args)
 }
 
 /// The router gradient `dc[r, t] = <τ_t, dy_rᵀ·x_r> + <β_t, Σ dy_r>` into `dc` `[routes, T]`.

@@ -15,7 +15,7 @@ use anyhow::{anyhow, ensure, Result};
 
 use super::op_times::{DeviceQueue, OpTimer};
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
-use crate::cuda::ops::{self as k, ExpertWeights, MmaOperands};
+use crate::cuda::ops::{self as k, ExpertWeights, MmaOperands, SourceLoads};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
 
@@ -24,6 +24,7 @@ pub struct CudaBackend<E: Executor> {
     executor: E,
     device: Device,
     precision: Precision,
+    staged: bool,
 }
 
 impl<E> CudaBackend<E>
@@ -33,12 +34,20 @@ where
 {
     /// A backend over `executor`, reporting `device`.
     pub fn new(executor: E, device: Device) -> Self {
-        CudaBackend { executor, device, precision: Precision::F32 }
+        CudaBackend { executor, device, precision: Precision::F32, staged: false }
     }
 
     /// The same backend computing its forward products in `precision`.
     pub fn with_precision(self, precision: Precision) -> Self {
         CudaBackend { precision, ..self }
+    }
+
+    /// The same backend running its f32 products (every forward product in f32, and the input gradients)
+    /// through the kernels that stage their weight sources by `cp.async` (kernels/expert_linear_staged.cu,
+    /// sm_80 and later) instead of loading them as they merge. Off by default until a card has measured it
+    /// against the plain kernels (`benches/gpu.rs` runs the whole model both ways).
+    pub fn with_staged_sources(self, staged: bool) -> Self {
+        CudaBackend { staged, ..self }
     }
 
     /// `y = act(x·W_rᵀ + b_r)` per route in the backend's precision (forward only).
@@ -50,16 +59,28 @@ where
         rows_per_route: usize,
         w: &ExpertWeights<E::Buffer>,
         coeff: Option<&E::Buffer>,
+        act: Option<Activation>,
         y: &E::Buffer,
     ) -> Result<()> {
+        let e = &self.executor;
         let operands = match self.precision {
-            Precision::F32 => {
-                return k::expert_linear_forward(&self.executor, x, routes, rows_per_route, w, coeff, None, None, y)
+            Precision::F32 if self.staged => {
+                return k::expert_linear_forward_staged(e, x, routes, rows_per_route, w, coeff, act, None, y, 1)
             }
+            Precision::F32 => return k::expert_linear_forward(e, x, routes, rows_per_route, w, coeff, act, None, y),
             Precision::Tf32 => MmaOperands::Tf32,
             Precision::Bf16 => MmaOperands::Bf16,
         };
-        k::expert_linear_forward_mma(&self.executor, operands, x, routes, rows_per_route, w, coeff, None, y)
+        k::expert_linear_forward_mma(e, operands, x, routes, rows_per_route, w, coeff, act, y)
+    }
+
+    /// How the f32 products read their weight sources.
+    fn loads(&self) -> SourceLoads {
+        if self.staged {
+            SourceLoads::Staged
+        } else {
+            SourceLoads::Direct
+        }
     }
 
     /// The executor.
@@ -248,7 +269,7 @@ where
             );
         }
         let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
-        self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, self.buf(&y)?)?;
+        self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, None, self.buf(&y)?)?;
         Ok(y)
     }
 
@@ -260,8 +281,7 @@ where
         let (rows, width) = rows_and_width(x);
         ensure!(w.in_features() == width, "linear: input width {width} does not match {}", w.in_features());
         let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
-        let dense = self.dense(w, b)?;
-        k::expert_linear_forward(&self.executor, self.buf(x)?, 1, rows, &dense, None, Some(act), None, self.buf(&y)?)?;
+        self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, Some(act), self.buf(&y)?)?;
         Ok(y)
     }
 
@@ -451,9 +471,9 @@ where
                 experts: 0,
                 ..weights
             };
-            self.forward_product(self.buf(x)?, 1, rows, &dense, None, self.buf(&y)?)?;
+            self.forward_product(self.buf(x)?, 1, rows, &dense, None, None, self.buf(&y)?)?;
         } else {
-            self.forward_product(self.buf(x)?, groups, rows / groups, &weights, Some(c), self.buf(&y)?)?;
+            self.forward_product(self.buf(x)?, groups, rows / groups, &weights, Some(c), None, self.buf(&y)?)?;
         }
         Ok(y)
     }
@@ -488,6 +508,7 @@ where
         let dx = self.alloc(&Self::with_last(dy.shape(), w.in_features()))?;
         k::expert_linear_backward_input(
             &self.executor,
+            self.loads(),
             self.buf(dy)?,
             1,
             rows,
@@ -596,14 +617,23 @@ where
             let (mw, _) = self.merged(&weights, c)?;
             let dense =
                 ExpertWeights { base: &mw, base_bias: None, tasks: None, task_biases: None, experts: 0, ..weights };
-            k::expert_linear_backward_input(&self.executor, self.buf(dy)?, 1, rows, &dense, None, self.buf(&dx)?)?;
-        } else {
-            let r = rows / groups;
             k::expert_linear_backward_input(
                 &self.executor,
+                self.loads(),
+                self.buf(dy)?,
+                1,
+                rows,
+                &dense,
+                None,
+                self.buf(&dx)?,
+            )?;
+        } else {
+            k::expert_linear_backward_input(
+                &self.executor,
+                self.loads(),
                 self.buf(dy)?,
                 groups,
-                r,
+                rows / groups,
                 &weights,
                 Some(c),
                 self.buf(&dx)?,

@@ -98,6 +98,11 @@ pub fn report() -> Option<String> {
     table(TIMES.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
+/// [`report`], then forgets what was timed: one table for each of several runs in one program.
+pub fn take_report() -> Option<String> {
+    table(std::mem::take(&mut *TIMES.lock().unwrap_or_else(|e| e.into_inner())))
+}
+
 /// [`report`]'s table of `rows` (name, seconds, calls).
 fn table(mut rows: Vec<(&'static str, f64, u64)>) -> Option<String> {
     if rows.is_empty() {
