@@ -79,8 +79,8 @@ fn main() -> Result<()> {
     // which makes every backend operation wait for the GPU: the main run leaves it unset).
     if std::env::args().any(|a| a == "--end-to-end-only") {
         drop(gpu); // end_to_end opens its own
-        for staged in [false, true] {
-            end_to_end(staged)?;
+        for variant in END_TO_END {
+            end_to_end(variant)?;
             if let Some(table) = wemoe_engine::device::op_times::take_report() {
                 println!("\n{table}");
             }
@@ -371,8 +371,8 @@ fn main() -> Result<()> {
         let staged = staged_best / dense_cublas;
         spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused, staged));
     }
-    for staged in [false, true] {
-        end_to_end(staged)?;
+    for variant in END_TO_END {
+        end_to_end(variant)?;
     }
     println!();
     for (shape, vs_ours, vs_cublas, materialise, staged) in &spread {
@@ -460,6 +460,14 @@ fn cpu_check(
 
 /// Wall-clock seconds of `work` (which ends by copying a result to the host, so it waits for the GPU): one
 /// warm-up run, then the median of three.
+/// The whole model's f32 paths on the CUDA backend: (label, plain dense products on cuBLAS, WEMoE products'
+/// sources staged by cp.async). The first is the backend's default.
+const END_TO_END: [(&str, bool, bool); 3] = [
+    ("dense products on cuBLAS", true, false),
+    ("dense on cuBLAS, WEMoE sources staged by cp.async", true, true),
+    ("the engine's own kernels only", false, false),
+];
+
 fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     work()?;
     let mut times = Vec::new();
@@ -475,16 +483,18 @@ fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
 /// The whole model on the CUDA backend: a ViT-B/32 WEMoE model with 8 experts (random weights, 12 layers),
 /// the forward of 64 images per second in both routing modes, and one adaptation step of 8 tasks × 16
 /// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
-/// copy to the host (which waits for the GPU); medians. `staged`: the backend's f32 products through
-/// the kernels that stage their sources by cp.async.
-fn end_to_end(staged: bool) -> Result<()> {
+/// copy to the host (which waits for the GPU); medians. `variant`: which of the backend's f32 paths
+/// (`END_TO_END`).
+fn end_to_end((kernels, vendor, staged): (&str, bool, bool)) -> Result<()> {
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::config::VisionConfig;
     use wemoe_engine::device::{Backend, CudaBackend, Device};
     use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing, WemoeSpec};
     use wemoe_engine::tensor::Tensor;
 
-    let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0)).with_staged_sources(staged);
+    let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0))
+        .with_vendor_products(vendor)
+        .with_staged_sources(staged);
     let config = VisionConfig::default();
     let spec = WemoeSpec {
         experts: (0..8).map(|t| format!("task{t}")).collect(),
@@ -498,7 +508,6 @@ fn end_to_end(staged: bool) -> Result<()> {
         let v = (0..n * 3 * s * s).map(|i| (((i * 31 + seed) % 255) as f32) / 128.0 - 1.0).collect();
         be.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
     };
-    let kernels = if staged { "staged by cp.async" } else { "plain kernels" };
     println!(
         "\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers, {kernels}) | routing | median | rate |\n| --- | --- | ---: | ---: |"
     );

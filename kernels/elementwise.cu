@@ -1,4 +1,5 @@
-// Element-wise kernels: activations and their backward, residual adds. Grid-stride loops.
+// Element-wise kernels: activations and their backward, residual adds, a product's bias and activation.
+// Grid-stride loops.
 
 #include "common.cuh"
 
@@ -19,4 +20,11 @@ extern "C" __global__ void activation_backward(const float* __restrict__ z, cons
 // y += x.
 extern "C" __global__ void add_in_place(float* __restrict__ y, const float* __restrict__ x, int n) {
     FOR_EACH_ELEMENT(i, n) y[i] += x[i];
+}
+
+// y [rows, width] = act(y + b) in place, b [width] (may be null): the epilogue of a dense product computed
+// without one (cuBLAS's, src/device/cuda.rs).
+extern "C" __global__ void bias_activation(float* __restrict__ y, const float* __restrict__ b, int rows, int width,
+                                           int act) {
+    FOR_EACH_ELEMENT(i, (size_t)rows * width) y[i] = activate(b ? y[i] + b[i % width] : y[i], act);
 }

@@ -2,8 +2,9 @@
 //! references as the CPU backend: HF transformers' outputs for three CLIP models, FusionBench's WEMoE
 //! outputs and routing weights in both routing modes, and torch autograd's router gradients through
 //! FusionBench's module. Every operation of the forward and of the adaptation's backward runs as the CUDA
-//! kernels and launch code a GPU runs; the `gpu` tests run the same on a card (tools/gpu-check.sh, with
-//! `--ignored`).
+//! kernels and launch code a GPU runs (plain dense products on the executor's vendor GEMM, as cuBLAS runs
+//! them on a card, or on the engine's own kernels); the `gpu` tests run the same on a card
+//! (tools/gpu-check.sh, with `--ignored`).
 
 mod common;
 
@@ -225,22 +226,35 @@ fn adaptation_matches_the_cpu_backend(be: &dyn Backend) {
     assert_eq!(routers, 8, "two layers of depth-2 routers");
 }
 
-/// The backend with its f32 products staged by `cp.async` (`with_staged_sources`; the emulation lands the
-/// copies at their waits): the same references as the plain kernels, forward and router gradients.
-fn staged_sources_match_fusionbench_and_torch(be: &dyn Backend) {
+/// The backend on the engine's own kernels alone (the default runs plain dense products on the executor's
+/// vendor GEMM: cuBLAS, or the CPU GEMM in the emulation), with the WEMoE products' sources loaded as they
+/// merge or staged by `cp.async` (the emulation lands the copies at their waits): the same references,
+/// forward and router gradients.
+fn own_kernels_match_fusionbench_and_torch(be: &dyn Backend) {
     wemoe_models_match_fusionbench_in_both_routing_modes(be);
     router_gradients_match_torch(be);
 }
 
 #[test]
-fn staged_sources_on_the_emulated_backend() {
-    staged_sources_match_fusionbench_and_torch(&emulated().with_staged_sources(true));
+fn own_kernels_on_the_emulated_backend() {
+    own_kernels_match_fusionbench_and_torch(&emulated().with_vendor_products(false));
+}
+
+#[test]
+fn own_staged_kernels_on_the_emulated_backend() {
+    own_kernels_match_fusionbench_and_torch(&emulated().with_vendor_products(false).with_staged_sources(true));
 }
 
 #[test]
 #[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
-fn staged_sources_on_the_gpu() {
-    staged_sources_match_fusionbench_and_torch(&gpu().with_staged_sources(true));
+fn own_kernels_on_the_gpu() {
+    own_kernels_match_fusionbench_and_torch(&gpu().with_vendor_products(false));
+}
+
+#[test]
+#[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
+fn own_staged_kernels_on_the_gpu() {
+    own_kernels_match_fusionbench_and_torch(&gpu().with_vendor_products(false).with_staged_sources(true));
 }
 
 macro_rules! on_both {

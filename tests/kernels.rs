@@ -498,7 +498,24 @@ fn activations<E: Executor>(e: &E) -> f64 {
     ops::add_in_place(e, &sum, &dyb, n).unwrap();
     let want: Vec<f32> = z.iter().zip(&dy).map(|(a, b)| a + b).collect();
     errors.push(("add_in_place".into(), error(&e.download(&sum).unwrap(), &want)));
-    worst("activation_forward/backward, add_in_place", &errors)
+    // A product's epilogue: 31 rows of 29, with and without a bias.
+    let (rows, width) = (31, 29);
+    let b = values(width, 82, 1.0);
+    for (bias, act) in [(true, Some(Activation::QuickGelu)), (false, Some(Activation::Relu)), (true, None)] {
+        let want: Vec<f32> = z[..rows * width]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let v = if bias { v + b[i % width] } else { v };
+                act.map_or(v, |a| activation::activate(v, a))
+            })
+            .collect();
+        let y = e.upload(&z[..rows * width]).unwrap();
+        let bb = e.upload(&b).unwrap();
+        ops::bias_activation(e, &y, bias.then_some(&bb), rows, width, act).unwrap();
+        errors.push((format!("bias_activation, bias {bias}, {act:?}"), error(&e.download(&y).unwrap(), &want)));
+    }
+    worst("activation_forward/backward, add_in_place, bias_activation", &errors)
 }
 
 fn entropy_loss<E: Executor>(e: &E) -> f64 {

@@ -1,5 +1,5 @@
-//! `wemoe-engine doctor`: what the engine sees: the CPU, the CUDA driver and devices, NVRTC, the kernel
-//! cache, and one row per kernel function with ptxas' registers, spills and shared memory for an
+//! `wemoe-engine doctor`: what the engine sees: the CPU, the CUDA driver and devices (with cuBLAS), NVRTC,
+//! the kernel cache, and one row per kernel function with ptxas' registers, spills and shared memory for an
 //! architecture (the GPU's own, `--arch`, or sm_90 when there is no GPU).
 
 use anyhow::Result;
@@ -29,6 +29,12 @@ pub fn run(arch: Option<&str>) -> Result<()> {
                     match GpuExecutor::new(i) {
                         Ok(g) => {
                             say!("  cuda:{i}    {}", g.describe());
+                            match g.blas() {
+                                Ok(_) => say!("            cuBLAS: plain dense products run on it"),
+                                Err(why) => {
+                                    say!("            cuBLAS: {why}; dense products run on the engine's kernels")
+                                }
+                            }
                             device_arch.get_or_insert_with(|| g.arch().to_string());
                         }
                         Err(e) => say!("  cuda:{i}    {e:#}"),

@@ -2,15 +2,17 @@
 //! the device's own architecture (CUBIN) and loaded once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
-use super::launch::{check_args, Arg, Dims, Executor};
+use super::launch::{check_args, int, Arg, Dims, Executor};
 use super::{library, nvrtc};
 use crate::kernels;
 
@@ -44,6 +46,9 @@ pub struct GpuExecutor {
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// cuBLAS on the stream, made on first use: `Err` says why there is none (the products then run on
+    /// the engine's own kernels).
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
 }
 
 impl GpuExecutor {
@@ -68,6 +73,7 @@ impl GpuExecutor {
             name,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
         })
     }
 
@@ -93,6 +99,21 @@ impl GpuExecutor {
         work()?;
         let end = self.stream.record_event(flags).map_err(|e| anyhow!("{e:?}"))?;
         start.elapsed_ms(&end).map_err(|e| anyhow!("event timing: {e:?}"))
+    }
+
+    /// cuBLAS on this executor's stream, or why it cannot be had (no libcublas on the loader's path, or no
+    /// handle). Plain dense products go to it (`Executor::vendor_product`).
+    pub fn blas(&self) -> std::result::Result<&CudaBlas, &str> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only dlopen attempts.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("no libcublas on the loader's path".into());
+                }
+                CudaBlas::new(self.stream.clone()).map_err(|e| format!("cuBLAS handle: {e:?}"))
+            })
+            .as_ref()
+            .map_err(String::as_str)
     }
 
     fn function(&self, name: &str, source: &'static str) -> Result<CudaFunction> {
@@ -181,5 +202,62 @@ impl Executor for GpuExecutor {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("GPU: {e:?}"))
+    }
+
+    /// cuBLAS's SGEMM in its default math mode (exact f32: no TF32). Read column-major, row-major `c` is the
+    /// `n × m` matrix `cᵀ = bᵀ·aᵀ`: cuBLAS multiplies `b`'s column-major view (`n × k` when stored `[k, n]`,
+    /// transposed when stored `[n, k]`) by `a`'s (`k × m`).
+    fn vendor_product(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> Result<bool> {
+        let Ok(blas) = self.blas() else { return Ok(false) };
+        ensure!(
+            a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+            "vendor_product: buffers of {}, {} and {} values for [{m}, {k}]·[{k}, {n}]",
+            a.len(),
+            b.len(),
+            c.len()
+        );
+        if m == 0 || n == 0 {
+            return Ok(true);
+        }
+        let (mi, ki, ni) = (int(m, "rows")?, int(k, "inner size")?, int(n, "columns")?);
+        // b stored [n, k] is column-major k × n: transposed to n × k. Stored [k, n] it is n × k already.
+        let (op_b, ld_b) =
+            if b_transposed { (cublasOperation_t::CUBLAS_OP_T, ki) } else { (cublasOperation_t::CUBLAS_OP_N, ni) };
+        let (pa, _ga) = a.device_ptr(&self.stream);
+        let (pb, _gb) = b.device_ptr(&self.stream);
+        let (pc, _gc) = c.device_ptr(&self.stream);
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("cuBLAS: binding the context: {e:?}"))?;
+        let (one, zero) = (1.0f32, 0.0f32);
+        // SAFETY: the three buffers are live device allocations holding the extents checked above; the
+        // handle runs on this executor's stream, so the product is ordered with every launch.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *blas.handle(),
+                op_b,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                &one,
+                pb as *const f32,
+                ld_b,
+                pa as *const f32,
+                ki,
+                &zero,
+                pc as *mut f32,
+                ni,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLAS SGEMM [{m}, {k}]·[{k}, {n}]: {e:?}"))?;
+        Ok(true)
     }
 }

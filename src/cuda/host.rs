@@ -5,9 +5,10 @@
 use std::cell::Cell;
 use std::ffi::c_void;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Result};
 
 use super::launch::{check_args, Arg, Dims, Executor};
+use crate::ops::gemm::{matmul, MatRef, Threads};
 
 type HostLauncher = unsafe extern "C" fn(*const u32, *const *mut c_void);
 
@@ -128,5 +129,39 @@ impl Executor for HostExecutor {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The emulation's stand-in for cuBLAS is the CPU GEMM, so that the CUDA backend's vendor path (the
+    /// product, then its bias and activation as a kernel) runs in `cargo test` as it runs on a GPU.
+    fn vendor_product(
+        &self,
+        a: &HostBuffer,
+        b: &HostBuffer,
+        c: &HostBuffer,
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> Result<bool> {
+        ensure!(
+            a.len >= m * k && b.len >= k * n && c.len >= m * n,
+            "vendor_product: buffers of {}, {} and {} values for [{m}, {k}]·[{k}, {n}]",
+            a.len,
+            b.len,
+            c.len
+        );
+        ensure!(c.ptr != a.ptr && c.ptr != b.ptr, "vendor_product: the output is one of the inputs");
+        // SAFETY: no kernel runs (launches are synchronous here); the lengths were checked above and the
+        // output is a distinct allocation from both inputs (HostBuffers never overlap but by being the same).
+        let (a, b, c) = unsafe {
+            (
+                std::slice::from_raw_parts(a.ptr, m * k),
+                std::slice::from_raw_parts(b.ptr, k * n),
+                std::slice::from_raw_parts_mut(c.ptr, m * n),
+            )
+        };
+        let rhs = if b_transposed { MatRef::row_major(b, n, k)?.t() } else { MatRef::row_major(b, k, n)? };
+        matmul(MatRef::row_major(a, m, k)?, rhs, c, false, Threads::All)?;
+        Ok(true)
     }
 }

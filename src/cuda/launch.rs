@@ -56,6 +56,25 @@ pub trait Executor {
     fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, Self::Buffer>]) -> Result<()>;
     /// Waits for every launch so far.
     fn synchronize(&self) -> Result<()>;
+
+    /// `c [m, n] = a [m, k] · b` (row-major), `b` stored `[k, n]` or, with `b_transposed`, `[n, k]`, by a
+    /// vendor library's f32 GEMM where this executor has one (cuBLAS on a GPU); `Ok(false)` where it has
+    /// none, and the caller runs its own kernel. Plain dense products only: WEMoE's merged weights never
+    /// pass here per sample.
+    #[allow(clippy::too_many_arguments)]
+    fn vendor_product(
+        &self,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        c: &Self::Buffer,
+        m: usize,
+        k: usize,
+        n: usize,
+        b_transposed: bool,
+    ) -> Result<bool> {
+        let _ = (a, b, c, m, k, n, b_transposed);
+        Ok(false)
+    }
 }
 
 /// Checks `args` against the signature of kernel `name`; returns the signature.

@@ -637,6 +637,31 @@ pub fn activation_backward<E: Executor>(
 }
 
 /// `y += x` over `n` values.
+/// `y = act(y + b)` in place over `rows` rows of `width` (`b` `[width]` optional): the bias and activation of
+/// a dense product computed without them.
+pub fn bias_activation<E: Executor>(
+    e: &E,
+    y: &E::Buffer,
+    b: Option<&E::Buffer>,
+    rows: usize,
+    width: usize,
+    act: Option<Activation>,
+) -> Result<()> {
+    let n = rows * width;
+    need(e, y, n, "bias_activation y")?;
+    if let Some(b) = b {
+        need(e, b, width, "bias_activation b")?;
+    }
+    if n == 0 || (b.is_none() && act.is_none()) {
+        return Ok(());
+    }
+    e.launch(
+        "bias_activation",
+        Dims::elementwise(n, 256, 8192),
+        &[Arg::Buf(y), opt(b), Arg::I32(int(rows, "rows")?), Arg::I32(int(width, "width")?), Arg::I32(act_code(act))],
+    )
+}
+
 pub fn add_in_place<E: Executor>(e: &E, y: &E::Buffer, x: &E::Buffer, n: usize) -> Result<()> {
     need(e, y, n, "add_in_place y")?;
     need(e, x, n, "add_in_place x")?;

@@ -25,6 +25,7 @@ pub struct CudaBackend<E: Executor> {
     device: Device,
     precision: Precision,
     staged: bool,
+    vendor: bool,
 }
 
 impl<E> CudaBackend<E>
@@ -34,7 +35,7 @@ where
 {
     /// A backend over `executor`, reporting `device`.
     pub fn new(executor: E, device: Device) -> Self {
-        CudaBackend { executor, device, precision: Precision::F32, staged: false }
+        CudaBackend { executor, device, precision: Precision::F32, staged: false, vendor: true }
     }
 
     /// The same backend computing its forward products in `precision`.
@@ -50,6 +51,13 @@ where
         CudaBackend { staged, ..self }
     }
 
+    /// The same backend with its plain dense f32 products (attention and router projections, batch routing's
+    /// merged layers, and their input gradients) on the executor's vendor GEMM (cuBLAS on a GPU, the CPU
+    /// GEMM in the host emulation) when `on` (the default), or all on the engine's own kernels.
+    pub fn with_vendor_products(self, on: bool) -> Self {
+        CudaBackend { vendor: on, ..self }
+    }
+
     /// `y = act(x·W_rᵀ + b_r)` per route in the backend's precision (forward only).
     #[allow(clippy::too_many_arguments)]
     fn forward_product(
@@ -63,6 +71,15 @@ where
         y: &E::Buffer,
     ) -> Result<()> {
         let e = &self.executor;
+        let rows = routes * rows_per_route;
+        let (inp, out) = (w.in_features, w.out_features);
+        if self.precision == Precision::F32
+            && self.vendor
+            && w.experts == 0
+            && e.vendor_product(x, w.base, y, rows, inp, out, true)?
+        {
+            return k::bias_activation(e, y, w.base_bias, rows, out, act);
+        }
         let operands = match self.precision {
             Precision::F32 if self.staged => {
                 return k::expert_linear_forward_staged(e, x, routes, rows_per_route, w, coeff, act, None, y, 1)
@@ -72,6 +89,27 @@ where
             Precision::Bf16 => MmaOperands::Bf16,
         };
         k::expert_linear_forward_mma(e, operands, x, routes, rows_per_route, w, coeff, act, y)
+    }
+
+    /// `dx_r = dy_r · W_r` per route (f32): plain dense ones on the vendor GEMM when it is on and there.
+    fn input_product(
+        &self,
+        dy: &E::Buffer,
+        routes: usize,
+        rows_per_route: usize,
+        w: &ExpertWeights<E::Buffer>,
+        coeff: Option<&E::Buffer>,
+        dx: &E::Buffer,
+    ) -> Result<()> {
+        let e = &self.executor;
+        let rows = routes * rows_per_route;
+        if self.vendor
+            && w.experts == 0
+            && e.vendor_product(dy, w.base, dx, rows, w.out_features, w.in_features, false)?
+        {
+            return Ok(());
+        }
+        k::expert_linear_backward_input(e, self.loads(), dy, routes, rows_per_route, w, coeff, dx)
     }
 
     /// How the f32 products read their weight sources.
@@ -506,16 +544,7 @@ where
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let dx = self.alloc(&Self::with_last(dy.shape(), w.in_features()))?;
-        k::expert_linear_backward_input(
-            &self.executor,
-            self.loads(),
-            self.buf(dy)?,
-            1,
-            rows,
-            &self.dense(w, None)?,
-            None,
-            self.buf(&dx)?,
-        )?;
+        self.input_product(self.buf(dy)?, 1, rows, &self.dense(w, None)?, None, self.buf(&dx)?)?;
         Ok(dx)
     }
 
@@ -617,27 +646,9 @@ where
             let (mw, _) = self.merged(&weights, c)?;
             let dense =
                 ExpertWeights { base: &mw, base_bias: None, tasks: None, task_biases: None, experts: 0, ..weights };
-            k::expert_linear_backward_input(
-                &self.executor,
-                self.loads(),
-                self.buf(dy)?,
-                1,
-                rows,
-                &dense,
-                None,
-                self.buf(&dx)?,
-            )?;
+            self.input_product(self.buf(dy)?, 1, rows, &dense, None, self.buf(&dx)?)?;
         } else {
-            k::expert_linear_backward_input(
-                &self.executor,
-                self.loads(),
-                self.buf(dy)?,
-                groups,
-                rows / groups,
-                &weights,
-                Some(c),
-                self.buf(&dx)?,
-            )?;
+            self.input_product(self.buf(dy)?, groups, rows / groups, &weights, Some(c), self.buf(&dx)?)?;
         }
         k::expert_linear_backward_coeff(
             &self.executor,
