@@ -11,7 +11,7 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
 use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands, SourceLoads};
 use wemoe_engine::cuda::{Executor, GpuExecutor};
-use wemoe_engine::device::Activation;
+use wemoe_engine::device::{Activation, WemoeKernels};
 use wemoe_engine::rng::Rng;
 
 const WARMUP: usize = 3;
@@ -460,12 +460,13 @@ fn cpu_check(
 
 /// Wall-clock seconds of `work` (which ends by copying a result to the host, so it waits for the GPU): one
 /// warm-up run, then the median of three.
-/// The whole model's f32 paths on the CUDA backend: (label, plain dense products on cuBLAS, WEMoE products'
-/// sources staged by cp.async). The first is the backend's default.
-const END_TO_END: [(&str, bool, bool); 3] = [
-    ("dense products on cuBLAS", true, false),
-    ("dense on cuBLAS, WEMoE sources staged by cp.async", true, true),
-    ("the engine's own kernels only", false, false),
+/// The whole model's f32 paths on the CUDA backend: (label, plain dense products on cuBLAS, the per-sample
+/// WEMoE kernels). The first is the backend's default, which times each shape's candidate kernels and prints
+/// what it chose.
+const END_TO_END: [(&str, bool, WemoeKernels); 3] = [
+    ("dense products on cuBLAS, WEMoE kernels tuned per shape", true, WemoeKernels::Tuned),
+    ("dense on cuBLAS, WEMoE sources staged by cp.async", true, WemoeKernels::Staged),
+    ("the engine's own kernels only, sources loaded as merged", false, WemoeKernels::Direct),
 ];
 
 fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -485,7 +486,7 @@ fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
 /// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
 /// copy to the host (which waits for the GPU); medians. `variant`: which of the backend's f32 paths
 /// (`END_TO_END`).
-fn end_to_end((kernels, vendor, staged): (&str, bool, bool)) -> Result<()> {
+fn end_to_end((label, vendor, kernels): (&str, bool, WemoeKernels)) -> Result<()> {
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::config::VisionConfig;
     use wemoe_engine::device::{Backend, CudaBackend, Device};
@@ -494,7 +495,7 @@ fn end_to_end((kernels, vendor, staged): (&str, bool, bool)) -> Result<()> {
 
     let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0))
         .with_vendor_products(vendor)
-        .with_staged_sources(staged);
+        .with_wemoe_kernels(kernels);
     let config = VisionConfig::default();
     let spec = WemoeSpec {
         experts: (0..8).map(|t| format!("task{t}")).collect(),
@@ -509,7 +510,7 @@ fn end_to_end((kernels, vendor, staged): (&str, bool, bool)) -> Result<()> {
         be.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
     };
     println!(
-        "\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers, {kernels}) | routing | median | rate |\n| --- | --- | ---: | ---: |"
+        "\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers, {label}) | routing | median | rate |\n| --- | --- | ---: | ---: |"
     );
     let images = pixels(64, 1)?;
     for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
@@ -550,6 +551,13 @@ fn end_to_end((kernels, vendor, staged): (&str, bool, bool)) -> Result<()> {
             t * 1e3,
             t * 1e3
         );
+    }
+    let (forward, input) = be.kernel_choices();
+    for c in &forward {
+        println!("tuned WEMoE forward, {c}");
+    }
+    for c in &input {
+        println!("tuned WEMoE input gradient, {c}");
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use common::*;
 use wemoe_engine::autograd::entropy_loss_and_router_gradients;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::cuda::{GpuExecutor, HostExecutor};
-use wemoe_engine::device::{Backend, CudaBackend, Device, Precision};
+use wemoe_engine::device::{Backend, CudaBackend, Device, Precision, WemoeKernels};
 use wemoe_engine::model::{Heads, ImageEncoder, Routing, StreamedEncoder};
 use wemoe_engine::tensor::Tensor;
 
@@ -227,34 +227,63 @@ fn adaptation_matches_the_cpu_backend(be: &dyn Backend) {
 }
 
 /// The backend on the engine's own kernels alone (the default runs plain dense products on the executor's
-/// vendor GEMM: cuBLAS, or the CPU GEMM in the emulation), with the WEMoE products' sources loaded as they
-/// merge or staged by `cp.async` (the emulation lands the copies at their waits): the same references,
-/// forward and router gradients.
+/// vendor GEMM: cuBLAS, or the CPU GEMM in the emulation; and times every WEMoE candidate kernel per shape,
+/// so the `host` tests above run them all), with each WEMoE product's sources loaded as they merge, or
+/// staged by `cp.async` (the emulation lands the copies at their waits): the same references, forward and
+/// router gradients.
 fn own_kernels_match_fusionbench_and_torch(be: &dyn Backend) {
     wemoe_models_match_fusionbench_in_both_routing_modes(be);
     router_gradients_match_torch(be);
 }
 
+/// The default backend times every candidate WEMoE kernel for each per-sample shape it meets and keeps one:
+/// here all of them ran (on a card, one it cannot run is reported and passed over), and the gradients that
+/// the chosen kernels give still match torch's.
+#[test]
+fn the_default_backend_times_every_candidate_per_shape() {
+    let be = emulated();
+    router_gradients_match_torch(&be);
+    let (forward, input) = be.kernel_choices();
+    assert!(!forward.is_empty() && !input.is_empty(), "per-sample products were timed");
+    for c in &forward {
+        assert_eq!(c.timings.len(), 5, "{c}");
+        assert!(c.timings.iter().all(|(_, t)| t.is_ok()), "{c}");
+    }
+    for c in &input {
+        assert_eq!(c.timings.len(), 2, "{c}");
+        assert!(c.timings.iter().all(|(_, t)| t.is_ok()), "{c}");
+    }
+    println!("{}", forward.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("\n"));
+}
+
 #[test]
 fn own_kernels_on_the_emulated_backend() {
-    own_kernels_match_fusionbench_and_torch(&emulated().with_vendor_products(false));
+    own_kernels_match_fusionbench_and_torch(
+        &emulated().with_vendor_products(false).with_wemoe_kernels(WemoeKernels::Direct),
+    );
 }
 
 #[test]
 fn own_staged_kernels_on_the_emulated_backend() {
-    own_kernels_match_fusionbench_and_torch(&emulated().with_vendor_products(false).with_staged_sources(true));
+    own_kernels_match_fusionbench_and_torch(
+        &emulated().with_vendor_products(false).with_wemoe_kernels(WemoeKernels::Staged),
+    );
 }
 
 #[test]
 #[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
 fn own_kernels_on_the_gpu() {
-    own_kernels_match_fusionbench_and_torch(&gpu().with_vendor_products(false));
+    own_kernels_match_fusionbench_and_torch(
+        &gpu().with_vendor_products(false).with_wemoe_kernels(WemoeKernels::Direct),
+    );
 }
 
 #[test]
 #[ignore = "needs a GPU: tools/gpu-check.sh runs these with --ignored"]
 fn own_staged_kernels_on_the_gpu() {
-    own_kernels_match_fusionbench_and_torch(&gpu().with_vendor_products(false).with_staged_sources(true));
+    own_kernels_match_fusionbench_and_torch(
+        &gpu().with_vendor_products(false).with_wemoe_kernels(WemoeKernels::Staged),
+    );
 }
 
 macro_rules! on_both {

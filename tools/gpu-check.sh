@@ -88,7 +88,7 @@ PYTHONUNBUFFERED=1 python3 tools/bench_fusionbench_gpu.py 2>&1 | tee "$out/fusio
 
 echo "== summary"
 grep -E "^kernel-check" "$out/kernel-tests.txt" || echo "no kernel-check lines: see $out/kernel-tests.txt"
-grep -E "^\| |fused per-sample /|^device" "$out/bench.txt" || true
+grep -E "^\| |fused per-sample /|^device|^tuned" "$out/bench.txt" || true
 grep -E "^\| B=|^device" "$out/fusionbench.txt" || true
 grep -A12 "^backend operation" "$out/op-times.txt" || true
 grep -E "^test |test result" "$out/graph-tests.txt" || true

@@ -204,6 +204,10 @@ impl Executor for GpuExecutor {
         self.stream.synchronize().map_err(|e| anyhow!("GPU: {e:?}"))
     }
 
+    fn measure_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.time_ms(work).map(f64::from)
+    }
+
     /// cuBLAS's SGEMM in its default math mode (exact f32: no TF32). Read column-major, row-major `c` is the
     /// `n × m` matrix `cᵀ = bᵀ·aᵀ`: cuBLAS multiplies `b`'s column-major view (`n × k` when stored `[k, n]`,
     /// transposed when stored `[n, k]`) by `a`'s (`k × m`).

@@ -131,6 +131,12 @@ impl Executor for HostExecutor {
         Ok(())
     }
 
+    fn measure_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let start = std::time::Instant::now();
+        work()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// The emulation's stand-in for cuBLAS is the CPU GEMM, so that the CUDA backend's vendor path (the
     /// product, then its bias and activation as a kernel) runs in `cargo test` as it runs on a GPU.
     fn vendor_product(

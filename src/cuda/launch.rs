@@ -57,6 +57,10 @@ pub trait Executor {
     /// Waits for every launch so far.
     fn synchronize(&self) -> Result<()>;
 
+    /// Milliseconds that `work` takes here: device time between two events on a GPU, wall time in the
+    /// emulation. For choosing among kernels that compute the same thing.
+    fn measure_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+
     /// `c [m, n] = a [m, k] · b` (row-major), `b` stored `[k, n]` or, with `b_transposed`, `[n, k]`, by a
     /// vendor library's f32 GEMM where this executor has one (cuBLAS on a GPU); `Ok(false)` where it has
     /// none, and the caller runs its own kernel. Plain dense products only: WEMoE's merged weights never

@@ -282,6 +282,54 @@ pub fn expert_linear_forward_staged<E: Executor>(
     e.launch(name, dims, &args)
 }
 
+/// The kernels that compute [`expert_linear_forward`] per route in f32: the same products, interchangeable;
+/// which is fastest depends on the card and the shape (the CUDA backend measures them, `WemoeKernels::Tuned`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardKernel {
+    /// kernels/expert_linear.cu: one route per block, sources loaded as they merge.
+    Direct,
+    /// kernels/expert_linear_grouped.cu: 2 or 4 routes per block sharing each load of the sources.
+    Grouped(usize),
+    /// kernels/expert_linear_staged.cu: 1 or 2 routes per block, sources staged by `cp.async` (sm_80+).
+    Staged(usize),
+}
+
+impl ForwardKernel {
+    /// Every candidate for a per-sample (several routes) product with experts.
+    pub const CANDIDATES: [ForwardKernel; 5] = [
+        ForwardKernel::Direct,
+        ForwardKernel::Grouped(2),
+        ForwardKernel::Grouped(4),
+        ForwardKernel::Staged(1),
+        ForwardKernel::Staged(2),
+    ];
+}
+
+/// [`expert_linear_forward`] (without the pre-activation) by `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_linear_forward_by<E: Executor>(
+    e: &E,
+    kernel: ForwardKernel,
+    x: &E::Buffer,
+    routes: usize,
+    rows_per_route: usize,
+    w: &ExpertWeights<E::Buffer>,
+    coeff: Option<&E::Buffer>,
+    act: Option<Activation>,
+    y: &E::Buffer,
+) -> Result<()> {
+    match kernel {
+        ForwardKernel::Direct => expert_linear_forward(e, x, routes, rows_per_route, w, coeff, act, None, y),
+        ForwardKernel::Grouped(per_block) => {
+            let coeff = coeff.ok_or_else(|| anyhow::anyhow!("expert_linear_forward_grouped: no coefficients"))?;
+            expert_linear_forward_grouped(e, x, routes, rows_per_route, w, coeff, act, y, per_block)
+        }
+        ForwardKernel::Staged(per_block) => {
+            expert_linear_forward_staged(e, x, routes, rows_per_route, w, coeff, act, None, y, per_block)
+        }
+    }
+}
+
 /// How a fused WEMoE product reads its weight sources W0 and τ_t.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SourceLoads {

@@ -4,18 +4,21 @@
 //! (forward and backward) against the CPU backend on machines without a GPU.
 //!
 //! Exact f32 by default; with [`Precision::Tf32`] or [`Precision::Bf16`] the forward's linear layers run on
-//! tensor cores (the backward stays f32). Plain dense products use the kernels' dense mode (`experts = 0`).
-//! Per-sample routing runs the fused kernel, one route per sample, never storing a sample's merged weight; a
-//! single group (batch routing) merges its one weight and multiplies densely.
+//! tensor cores (the backward stays f32). Plain dense f32 products go to the executor's vendor GEMM (cuBLAS)
+//! where it has one, else to the kernels' dense mode (`experts = 0`). Per-sample routing runs a fused kernel,
+//! never storing a sample's merged weight: of the interchangeable ones, each shape's fastest, timed on the
+//! device the first time the shape runs ([`WemoeKernels`]); a single group (batch routing) merges its one
+//! weight and multiplies densely.
 
 use std::any::Any;
 use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 
+use super::kernel_choice::{Choice, KernelChoices, WemoeKernels};
 use super::op_times::{DeviceQueue, OpTimer};
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
-use crate::cuda::ops::{self as k, ExpertWeights, MmaOperands, SourceLoads};
+use crate::cuda::ops::{self as k, ExpertWeights, ForwardKernel, MmaOperands, SourceLoads};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
 
@@ -24,8 +27,10 @@ pub struct CudaBackend<E: Executor> {
     executor: E,
     device: Device,
     precision: Precision,
-    staged: bool,
+    kernels: WemoeKernels,
     vendor: bool,
+    forward_choices: KernelChoices<ForwardKernel>,
+    input_choices: KernelChoices<SourceLoads>,
 }
 
 impl<E> CudaBackend<E>
@@ -35,7 +40,15 @@ where
 {
     /// A backend over `executor`, reporting `device`.
     pub fn new(executor: E, device: Device) -> Self {
-        CudaBackend { executor, device, precision: Precision::F32, staged: false, vendor: true }
+        CudaBackend {
+            executor,
+            device,
+            precision: Precision::F32,
+            kernels: WemoeKernels::Tuned,
+            vendor: true,
+            forward_choices: KernelChoices::default(),
+            input_choices: KernelChoices::default(),
+        }
     }
 
     /// The same backend computing its forward products in `precision`.
@@ -43,12 +56,15 @@ where
         CudaBackend { precision, ..self }
     }
 
-    /// The same backend running its f32 products (every forward product in f32, and the input gradients)
-    /// through the kernels that stage their weight sources by `cp.async` (kernels/expert_linear_staged.cu,
-    /// sm_80 and later) instead of loading them as they merge. Off by default until a card has measured it
-    /// against the plain kernels (`benches/gpu.rs` runs the whole model both ways).
-    pub fn with_staged_sources(self, staged: bool) -> Self {
-        CudaBackend { staged, ..self }
+    /// The same backend running its per-sample WEMoE products (f32) on `kernels` (default: each shape's
+    /// fastest, timed on the device).
+    pub fn with_wemoe_kernels(self, kernels: WemoeKernels) -> Self {
+        CudaBackend { kernels, ..self }
+    }
+
+    /// The kernels chosen so far by timing, forward then input gradient (for benchmarks and reports).
+    pub fn kernel_choices(&self) -> (Vec<Choice<ForwardKernel>>, Vec<Choice<SourceLoads>>) {
+        (self.forward_choices.made(), self.input_choices.made())
     }
 
     /// The same backend with its plain dense f32 products (attention and router projections, batch routing's
@@ -81,10 +97,19 @@ where
             return k::bias_activation(e, y, w.base_bias, rows, out, act);
         }
         let operands = match self.precision {
-            Precision::F32 if self.staged => {
-                return k::expert_linear_forward_staged(e, x, routes, rows_per_route, w, coeff, act, None, y, 1)
+            Precision::F32 => {
+                let shape = [routes, rows_per_route, inp, out, w.experts];
+                let run = |kernel| k::expert_linear_forward_by(e, kernel, x, routes, rows_per_route, w, coeff, act, y);
+                let kernel = match (self.kernels, w.experts) {
+                    (_, 0) | (WemoeKernels::Direct, _) => ForwardKernel::Direct,
+                    (WemoeKernels::Staged, _) => ForwardKernel::Staged(1),
+                    (WemoeKernels::Tuned, _) => {
+                        self.forward_choices
+                            .choose(shape, &ForwardKernel::CANDIDATES, |c| e.measure_ms(&mut || run(c)))?
+                    }
+                };
+                return run(kernel);
             }
-            Precision::F32 => return k::expert_linear_forward(e, x, routes, rows_per_route, w, coeff, act, None, y),
             Precision::Tf32 => MmaOperands::Tf32,
             Precision::Bf16 => MmaOperands::Bf16,
         };
@@ -109,16 +134,17 @@ where
         {
             return Ok(());
         }
-        k::expert_linear_backward_input(e, self.loads(), dy, routes, rows_per_route, w, coeff, dx)
-    }
-
-    /// How the f32 products read their weight sources.
-    fn loads(&self) -> SourceLoads {
-        if self.staged {
-            SourceLoads::Staged
-        } else {
-            SourceLoads::Direct
-        }
+        let run = |loads| k::expert_linear_backward_input(e, loads, dy, routes, rows_per_route, w, coeff, dx);
+        let loads = match (self.kernels, w.experts) {
+            (_, 0) | (WemoeKernels::Direct, _) => SourceLoads::Direct,
+            (WemoeKernels::Staged, _) => SourceLoads::Staged,
+            (WemoeKernels::Tuned, experts) => {
+                let shape = [routes, rows_per_route, w.in_features, w.out_features, experts];
+                let candidates = [SourceLoads::Direct, SourceLoads::Staged];
+                self.input_choices.choose(shape, &candidates, |c| e.measure_ms(&mut || run(c)))?
+            }
+        };
+        run(loads)
     }
 
     /// The executor.

@@ -5,6 +5,7 @@
 
 mod cpu;
 mod cuda;
+pub mod kernel_choice;
 pub mod op_times;
 mod weights;
 
@@ -15,6 +16,7 @@ use anyhow::{anyhow, Result};
 
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
+pub use kernel_choice::WemoeKernels;
 pub use weights::{ExpertLinear, LinearWeight, WeightLayout};
 
 /// The last dimension and the product of the others.
