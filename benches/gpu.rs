@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
-use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands, SourceLoads};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
 use wemoe_engine::cuda::{Executor, GpuExecutor};
 use wemoe_engine::device::{Activation, WemoeKernels};
 use wemoe_engine::rng::Rng;
@@ -219,75 +219,27 @@ fn main() -> Result<()> {
             sgemm_xwt(&blas_tf32, &hid.as_view(), &m.w2, &mut y.as_view_mut(), rows, h, d)
         })?;
         row("dense MLP, cuBLAS with TF32 tensor cores (GEMMs only)", cublas_tf32);
-        for per_block in [2usize, 4] {
-            let grouped = median_ms(&gpu, || {
+        // The other candidates the backend times per shape (the plain kernel's row is "fused" above).
+        for kernel in ForwardKernel::CANDIDATES.into_iter().filter(|k| *k != ForwardKernel::Direct) {
+            let ms = median_ms(&gpu, || {
                 let act = Some(Activation::QuickGelu);
-                ops::expert_linear_forward_grouped(
-                    &gpu,
-                    &x,
-                    batch,
-                    tokens,
-                    &fc1(experts),
-                    &coeff,
-                    act,
-                    &hid,
-                    per_block,
-                )?;
-                ops::expert_linear_forward_grouped(
-                    &gpu,
-                    &hid,
-                    batch,
-                    tokens,
-                    &fc2(experts),
-                    &coeff,
-                    None,
-                    &y,
-                    per_block,
-                )
+                let (w1, w2, c) = (fc1(experts), fc2(experts), Some(&coeff));
+                ops::expert_linear_forward_by(&gpu, kernel, &x, batch, tokens, &w1, c, act, None, &hid)?;
+                ops::expert_linear_forward_by(&gpu, kernel, &hid, batch, tokens, &w2, c, None, None, &y)
             })?;
-            row(&format!("WEMoE per-sample, fused, {per_block} routes per block"), grouped);
+            row(&format!("WEMoE per-sample, fused, {}", describe(kernel)), ms);
+            if !matches!(kernel, ForwardKernel::Grouped(_)) {
+                staged_best = staged_best.min(ms);
+            }
         }
-        for per_block in [1usize, 2] {
-            let staged = median_ms(&gpu, || {
+        for kernel in [ForwardKernel::Staged(1), ForwardKernel::Wide] {
+            let ms = median_ms(&gpu, || {
                 let act = Some(Activation::QuickGelu);
-                let (w1, w2) = (fc1(experts), fc2(experts));
-                ops::expert_linear_forward_staged(
-                    &gpu,
-                    &x,
-                    batch,
-                    tokens,
-                    &w1,
-                    Some(&coeff),
-                    act,
-                    None,
-                    &hid,
-                    per_block,
-                )?;
-                ops::expert_linear_forward_staged(
-                    &gpu,
-                    &hid,
-                    batch,
-                    tokens,
-                    &w2,
-                    Some(&coeff),
-                    None,
-                    None,
-                    &y,
-                    per_block,
-                )
+                ops::expert_linear_forward_by(&gpu, kernel, &x, 1, rows, &fc1(0), None, act, None, &hid)?;
+                ops::expert_linear_forward_by(&gpu, kernel, &hid, 1, rows, &fc2(0), None, None, None, &y)
             })?;
-            row(
-                &format!("WEMoE per-sample, fused, sources staged by cp.async, {per_block} route(s) per block"),
-                staged,
-            );
-            staged_best = staged_best.min(staged);
+            row(&format!("dense MLP, our kernel, {}", describe(kernel)), ms);
         }
-        let dense_staged = median_ms(&gpu, || {
-            let act = Some(Activation::QuickGelu);
-            ops::expert_linear_forward_staged(&gpu, &x, 1, rows, &fc1(0), None, act, None, &hid, 1)?;
-            ops::expert_linear_forward_staged(&gpu, &hid, 1, rows, &fc2(0), None, None, None, &y, 1)
-        })?;
-        row("dense MLP, our staged kernel", dense_staged);
         let router_hidden = gpu.zeros(rows * d)?;
         let routed = gpu.zeros(batch * experts)?;
         let router = (&router1, &r2, &rb2);
@@ -351,7 +303,11 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         row("WEMoE per-sample, materialise W_b then cuBLAS (GEMMs only)", materialise);
-        for (loads, label) in [(SourceLoads::Direct, ""), (SourceLoads::Staged, ", staged by cp.async")] {
+        for (loads, label) in [
+            (InputGradientKernel::Direct, ""),
+            (InputGradientKernel::Staged, ", staged by cp.async"),
+            (InputGradientKernel::Wide, ", 64×128 tile, staged"),
+        ] {
             let backward = median_ms(&gpu, || {
                 ops::expert_linear_backward_input(&gpu, loads, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
                 ops::expert_linear_backward_input(&gpu, loads, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
@@ -377,13 +333,23 @@ fn main() -> Result<()> {
     println!();
     for (shape, vs_ours, vs_cublas, materialise, staged) in &spread {
         println!(
-            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-cuBLAS / fused = {materialise:.2}×; best staged / dense cuBLAS = {staged:.2}×"
+            "{shape}: fused per-sample / dense (ours) = {vs_ours:.2}×, / dense cuBLAS = {vs_cublas:.2}×; materialise-then-cuBLAS / fused = {materialise:.2}×; best staged or wide / dense cuBLAS = {staged:.2}×"
         );
     }
     Ok(())
 }
 
 type Weights<'a> = ExpertWeights<'a, CudaSlice<f32>>;
+
+/// A candidate kernel in words, for the table.
+fn describe(kernel: ForwardKernel) -> String {
+    match kernel {
+        ForwardKernel::Direct => "sources loaded as merged".into(),
+        ForwardKernel::Grouped(n) => format!("{n} routes per block"),
+        ForwardKernel::Staged(n) => format!("sources staged by cp.async, {n} route(s) per block"),
+        ForwardKernel::Wide => "64×128 tile read as float4, sources staged".into(),
+    }
+}
 
 /// The MLP `y = fc2(quick_gelu(fc1(x)))` with the hidden layer in `hid`, over `routes` × `per_route` rows
 /// (coefficients `coeff` `[routes, T]` for WEMoE layers), the pre-activation into `pre` when given.

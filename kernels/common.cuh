@@ -165,6 +165,10 @@ struct Bf16Operands {
 // that thread's copies visible to it (to other threads after a barrier as well). The host emulation lands a
 // thread's copies either at that wait or at once (kernels/host/), so a read that misses its wait and a copy
 // that overwrites data still being read both show up as wrong results.
+static __device__ __forceinline__ bool aligned16(const float* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
 #if defined(__CUDACC__)
 static __device__ __forceinline__ unsigned shared_address(const float* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -197,3 +201,25 @@ static void copy_async_wait() {
     cuda_host::copy_async_wait(PENDING);
 }
 #endif
+
+// Copies the piece (row, col..col+3) of a row-major matrix `m` of `rows` rows and `ld` columns into `slot`
+// (16-byte aligned) asynchronously: the part inside the matrix, zeros for the rest. `vector`: the matrix's
+// rows start 16-byte aligned (one 16-byte copy); otherwise four 4-byte ones.
+static __device__ __forceinline__ void copy_piece_async(float* slot, const float* m, int row, int col, int rows,
+                                                        int ld, bool vector) {
+    const int valid = row < rows ? max(0, min(4, ld - col)) : 0;
+    const float* from = valid > 0 ? m + (size_t)row * ld + col : m;  // an address even when nothing is read
+    if (vector) {
+        copy_async_16(slot, from, valid);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) copy_async_4(slot + q, q < valid ? from + q : m, q < valid);
+    }
+}
+
+// Loads one route's coefficients c[route, 0..experts) into shared memory `out`.
+static __device__ __forceinline__ void load_coefficients(const float* __restrict__ coeff, int route, int experts,
+                                                         float* out) {
+    for (int t = threadIdx.x; t < experts; t += blockDim.x) out[t] = coeff[(size_t)route * experts + t];
+    __syncthreads();
+}

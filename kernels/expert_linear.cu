@@ -70,12 +70,6 @@ static __device__ __forceinline__ void merged_weight_gemm_tile(const float* __re
     }
 }
 
-// Loads the route's coefficients into shared memory.
-static __device__ void load_coefficients(const float* __restrict__ coeff, int route, int experts, float* out) {
-    for (int t = threadIdx.x; t < experts; t += blockDim.x) out[t] = coeff[(size_t)route * experts + t];
-    __syncthreads();
-}
-
 // x [routes·rows_per_route, in], w0 [out, in], tau [experts, out, in], b0 [out] (may be null),
 // tau_b [experts, out] (may be null), coeff [routes, experts]; writes y [rows, out] = act(z) and, when
 // `pre` is not null, the pre-activation z. Grid (routes, ⌈rows_per_route/64⌉, ⌈out/64⌉), 256 threads.

@@ -18,10 +18,6 @@
 #define ES_MAX_EXPERTS 64
 #define ES_A_STRIDE (ES_BK + 4)  // rows of 20 floats: 16-byte aligned, two rows per warp read in different banks
 
-static __device__ __forceinline__ bool aligned16(const float* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
-
 // acc[r] = A_r · B_r over the whole k range for R routes' row tiles, B_r(k, n) the route's merged weight:
 // W[n, k] when FORWARD (W [out, in], k = in, n = out), else W[k, n] (the input gradient: W [out, in],
 // k = out, n = in). `a` holds R routes' tiles `route_stride` floats apart, each `rows` × K row-major (a route
@@ -51,15 +47,7 @@ static __device__ __forceinline__ void staged_product(const float* __restrict__ 
             const int k0 = (j / sources) * ES_BK, t = j % sources;
             const float* src = t == 0 ? w0 : tau + (size_t)(t - 1) * weight_size;
             const int row = (FORWARD ? n0 : k0) + piece_row, col = (FORWARD ? k0 : n0) + piece_col;
-            const int valid = row < row_limit ? max(0, min(4, ld - col)) : 0;
-            const float* from = valid > 0 ? src + (size_t)row * ld + col : src;  // an address even when unread
-            float* slot = &ring[j % DEPTH][tid * 4];
-            if (vector) {
-                copy_async_16(slot, from, valid);
-            } else {
-#pragma unroll
-                for (int q = 0; q < 4; ++q) copy_async_4(slot + q, q < valid ? from + q : src, q < valid);
-            }
+            copy_piece_async(&ring[j % DEPTH][tid * 4], src, row, col, row_limit, ld, vector);
         }
         copy_async_commit();
     };

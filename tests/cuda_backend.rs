@@ -246,11 +246,11 @@ fn the_default_backend_times_every_candidate_per_shape() {
     let (forward, input) = be.kernel_choices();
     assert!(!forward.is_empty() && !input.is_empty(), "per-sample products were timed");
     for c in &forward {
-        assert_eq!(c.timings.len(), 5, "{c}");
+        assert_eq!(c.timings.len(), 6, "{c}");
         assert!(c.timings.iter().all(|(_, t)| t.is_ok()), "{c}");
     }
     for c in &input {
-        assert_eq!(c.timings.len(), 2, "{c}");
+        assert_eq!(c.timings.len(), 3, "{c}");
         assert!(c.timings.iter().all(|(_, t)| t.is_ok()), "{c}");
     }
     println!("{}", forward.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("\n"));

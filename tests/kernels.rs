@@ -7,7 +7,7 @@
 mod common;
 
 use wemoe_engine::adapt::Adam;
-use wemoe_engine::cuda::ops::{self, ExpertWeights, MmaOperands, SourceLoads};
+use wemoe_engine::cuda::ops::{self, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
 use wemoe_engine::cuda::{with_copy_landing, Arg, CopyLanding, Dims, Executor, GpuExecutor, HostExecutor};
 use wemoe_engine::device::Activation;
 use wemoe_engine::ops::expert_linear::{self as cpu_expert, expert_linear, to_blocked, ExpertLinearRef};
@@ -177,7 +177,8 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
         for per_block in [2, 4] {
             let y = poisoned(e, routes * n * out);
             let act = Some(Activation::QuickGelu);
-            ops::expert_linear_forward_grouped(e, &xb, routes, n, &d.weights(&l), &cb, act, &y, per_block).unwrap();
+            let kernel = ForwardKernel::Grouped(per_block);
+            ops::expert_linear_forward_by(e, kernel, &xb, routes, n, &d.weights(&l), Some(&cb), act, None, &y).unwrap();
             let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}, {per_block} routes per block");
             errors.push((label, error(&e.download(&y).unwrap(), &want)));
         }
@@ -185,10 +186,11 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
     worst("expert_linear_forward_x2/_x4", &errors)
 }
 
-/// The kernels that stage their weight sources by `cp.async`, each under both of the emulation's landings
-/// (on a GPU the landing setting does nothing and the cases simply run twice). Shapes: widths that are and
-/// are not multiples of 4 (16-byte pieces, or 4-byte copies), a last k-step that is partly past the width,
-/// ragged row and column tiles, route counts that leave the last pair half empty, and a plain linear layer.
+/// The kernels that stage their weight sources by `cp.async` (expert_linear_staged.cu, expert_linear_wide.cu),
+/// each under both of the emulation's landings (on a GPU the landing setting does nothing and the cases
+/// simply run twice). Shapes: widths that are and are not multiples of 4 (16-byte pieces, or 4-byte copies),
+/// a last k-step that is partly past the width, ragged row and column tiles (wider than one 128-column tile
+/// too), route counts that leave the last pair half empty, and a plain linear layer.
 fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
     let mut errors = Vec::new();
     let cases = [
@@ -197,6 +199,8 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
         (3, 50, 132, 96, 8, Some(Activation::QuickGelu)),
         (4, 11, 19, 23, 0, Some(Activation::Relu)),
         (1, 20, 40, 12, 0, None),
+        (2, 9, 44, 200, 4, Some(Activation::Gelu)),
+        (1, 70, 150, 131, 2, None),
     ];
     for landing in [CopyLanding::AtWait, CopyLanding::AtIssue] {
         with_copy_landing(landing, || {
@@ -222,34 +226,24 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
                 let (xb, dyb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap());
                 let cb = e.upload(if coeff.is_empty() { &[0.0] } else { coeff }).unwrap();
                 let label = format!("{landing:?}, {routes}×{n} rows, {inp}→{out}, T={experts}");
-                for per_block in [1, 2] {
+                for kernel in [ForwardKernel::Staged(1), ForwardKernel::Staged(2), ForwardKernel::Wide] {
                     let (pre, y) = (poisoned(e, routes * n * out), poisoned(e, routes * n * out));
                     let w = d.weights(&l);
-                    ops::expert_linear_forward_staged(e, &xb, routes, n, &w, Some(&cb), act, Some(&pre), &y, per_block)
+                    ops::expert_linear_forward_by(e, kernel, &xb, routes, n, &w, Some(&cb), act, Some(&pre), &y)
                         .unwrap();
-                    errors.push((
-                        format!("{label}, {per_block} per block: pre"),
-                        error(&e.download(&pre).unwrap(), &want_pre),
-                    ));
-                    errors.push((format!("{label}, {per_block} per block: y"), error(&e.download(&y).unwrap(), &want)));
+                    errors.push((format!("{label}, {kernel:?}: pre"), error(&e.download(&pre).unwrap(), &want_pre)));
+                    errors.push((format!("{label}, {kernel:?}: y"), error(&e.download(&y).unwrap(), &want)));
                 }
-                let dx = poisoned(e, routes * n * inp);
-                ops::expert_linear_backward_input(
-                    e,
-                    SourceLoads::Staged,
-                    &dyb,
-                    routes,
-                    n,
-                    &d.weights(&l),
-                    Some(&cb),
-                    &dx,
-                )
-                .unwrap();
-                errors.push((format!("{label}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));
+                for kernel in [InputGradientKernel::Staged, InputGradientKernel::Wide] {
+                    let dx = poisoned(e, routes * n * inp);
+                    let w = d.weights(&l);
+                    ops::expert_linear_backward_input(e, kernel, &dyb, routes, n, &w, Some(&cb), &dx).unwrap();
+                    errors.push((format!("{label}, {kernel:?}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));
+                }
             }
         });
     }
-    worst("expert_linear_forward_staged/_x2, expert_linear_backward_input_staged", &errors)
+    worst("expert_linear_forward_staged/_x2/_wide, expert_linear_backward_input_staged/_wide", &errors)
 }
 
 /// The emulation's own landings are what they claim: a read between a `cp.async` and its wait sees the old
@@ -363,8 +357,17 @@ fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
         let d = DeviceLayer::new(e, &l);
         let (xb, dyb, cb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap(), e.upload(&coeff).unwrap());
         let (dx, dc) = (poisoned(e, routes * n * inp), poisoned(e, routes * experts));
-        ops::expert_linear_backward_input(e, SourceLoads::Direct, &dyb, routes, n, &d.weights(&l), Some(&cb), &dx)
-            .unwrap();
+        ops::expert_linear_backward_input(
+            e,
+            InputGradientKernel::Direct,
+            &dyb,
+            routes,
+            n,
+            &d.weights(&l),
+            Some(&cb),
+            &dx,
+        )
+        .unwrap();
         ops::expert_linear_backward_coeff(e, &xb, &dyb, routes, n, &d.weights(&l), &dc).unwrap();
         let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}");
         errors.push((format!("{label}: dx"), error(&e.download(&dx).unwrap(), &want_dx)));

@@ -9,6 +9,8 @@ use crate::device::Activation;
 
 /// Rows and columns of every tiled kernel's tiles (EL_BM, EL_BN, EG_TILE in kernels/).
 const TILE: usize = 64;
+/// Columns of expert_linear_wide.cu's tiles (EW_BN).
+const WIDE_TILE: usize = 128;
 const MAX_EXPERTS: usize = 64;
 
 /// The code `kernels/common.cuh` gives an activation (0: none).
@@ -136,21 +138,7 @@ pub fn expert_linear_forward<E: Executor>(
     pre: Option<&E::Buffer>,
     y: &E::Buffer,
 ) -> Result<()> {
-    if !check_forward(e, "expert_linear_forward", x, routes, rows_per_route, w, coeff, y)? {
-        return Ok(());
-    }
-    if let Some(p) = pre {
-        need(e, p, routes * rows_per_route * w.out_features, "expert_linear_forward pre")?;
-    }
-    let dims = Dims {
-        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.out_features.div_ceil(TILE) as u32),
-        block: (256, 1, 1),
-    };
-    let mut args = vec![Arg::Buf(x)];
-    args.extend(weight_args(w, coeff));
-    args.extend([opt(pre), Arg::Buf(y)]);
-    args.extend(shape_args(rows_per_route, w, act)?);
-    e.launch("expert_linear_forward", dims, &args)
+    expert_linear_forward_by(e, ForwardKernel::Direct, x, routes, rows_per_route, w, coeff, act, pre, y)
 }
 
 /// The operands of the tensor-core forward (`--precision tf32|bf16`).
@@ -201,87 +189,6 @@ pub fn expert_linear_forward_mma<E: Executor>(
     e.launch(kernel, dims, &args)
 }
 
-/// [`expert_linear_forward`] with `routes_per_block` routes sharing each block's loads of the task vectors
-/// (1, 2 or 4; kernels/expert_linear_grouped.cu). Same results; which is fastest is the GPU benchmark's call.
-#[allow(clippy::too_many_arguments)]
-pub fn expert_linear_forward_grouped<E: Executor>(
-    e: &E,
-    x: &E::Buffer,
-    routes: usize,
-    rows_per_route: usize,
-    w: &ExpertWeights<E::Buffer>,
-    coeff: &E::Buffer,
-    act: Option<Activation>,
-    y: &E::Buffer,
-    routes_per_block: usize,
-) -> Result<()> {
-    let name = match routes_per_block {
-        1 => return expert_linear_forward(e, x, routes, rows_per_route, w, Some(coeff), act, None, y),
-        2 => "expert_linear_forward_x2",
-        4 => "expert_linear_forward_x4",
-        other => anyhow::bail!("expert_linear_forward_grouped: {other} routes per block (1, 2 or 4)"),
-    };
-    ensure!(w.experts > 0, "expert_linear_forward_grouped: a layer without experts");
-    if !check_forward(e, "expert_linear_forward_grouped", x, routes, rows_per_route, w, Some(coeff), y)? {
-        return Ok(());
-    }
-    let dims = Dims {
-        grid: (
-            routes.div_ceil(routes_per_block) as u32,
-            rows_per_route.div_ceil(TILE) as u32,
-            w.out_features.div_ceil(TILE) as u32,
-        ),
-        block: (256, 1, 1),
-    };
-    let mut args = vec![Arg::Buf(x)];
-    args.extend(weight_args(w, Some(coeff)));
-    args.extend([Arg::Null, Arg::Buf(y), Arg::I32(int(routes, "routes")?)]);
-    args.extend(shape_args(rows_per_route, w, act)?);
-    e.launch(name, dims, &args)
-}
-
-/// [`expert_linear_forward`] with the weight sources staged into shared memory by `cp.async`, several tiles
-/// ahead (kernels/expert_linear_staged.cu; sm_80 and later), `routes_per_block` routes (1 or 2) sharing each
-/// staged tile. Same results; which is fastest is the GPU benchmark's call.
-#[allow(clippy::too_many_arguments)]
-pub fn expert_linear_forward_staged<E: Executor>(
-    e: &E,
-    x: &E::Buffer,
-    routes: usize,
-    rows_per_route: usize,
-    w: &ExpertWeights<E::Buffer>,
-    coeff: Option<&E::Buffer>,
-    act: Option<Activation>,
-    pre: Option<&E::Buffer>,
-    y: &E::Buffer,
-    routes_per_block: usize,
-) -> Result<()> {
-    let name = match routes_per_block {
-        1 => "expert_linear_forward_staged",
-        2 => "expert_linear_forward_staged_x2",
-        other => anyhow::bail!("expert_linear_forward_staged: {other} routes per block (1 or 2)"),
-    };
-    if !check_forward(e, name, x, routes, rows_per_route, w, coeff, y)? {
-        return Ok(());
-    }
-    if let Some(p) = pre {
-        need(e, p, routes * rows_per_route * w.out_features, &format!("{name} pre"))?;
-    }
-    let dims = Dims {
-        grid: (
-            routes.div_ceil(routes_per_block) as u32,
-            rows_per_route.div_ceil(TILE) as u32,
-            w.out_features.div_ceil(TILE) as u32,
-        ),
-        block: (256, 1, 1),
-    };
-    let mut args = vec![Arg::Buf(x)];
-    args.extend(weight_args(w, coeff));
-    args.extend([opt(pre), Arg::Buf(y), Arg::I32(int(routes, "routes")?)]);
-    args.extend(shape_args(rows_per_route, w, act)?);
-    e.launch(name, dims, &args)
-}
-
 /// The kernels that compute [`expert_linear_forward`] per route in f32: the same products, interchangeable;
 /// which is fastest depends on the card and the shape (the CUDA backend measures them, `WemoeKernels::Tuned`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,22 +197,26 @@ pub enum ForwardKernel {
     Direct,
     /// kernels/expert_linear_grouped.cu: 2 or 4 routes per block sharing each load of the sources.
     Grouped(usize),
-    /// kernels/expert_linear_staged.cu: 1 or 2 routes per block, sources staged by `cp.async` (sm_80+).
+    /// kernels/expert_linear_staged.cu: 1 or 2 routes per block, each thread staging its pieces of the
+    /// coming source tiles by `cp.async` into its own ring of shared-memory slots (sm_80+).
     Staged(usize),
+    /// kernels/expert_linear_wide.cu: 64 × 128 tiles, float4 operand reads, sources staged (sm_80+).
+    Wide,
 }
 
 impl ForwardKernel {
     /// Every candidate for a per-sample (several routes) product with experts.
-    pub const CANDIDATES: [ForwardKernel; 5] = [
+    pub const CANDIDATES: [ForwardKernel; 6] = [
         ForwardKernel::Direct,
         ForwardKernel::Grouped(2),
         ForwardKernel::Grouped(4),
         ForwardKernel::Staged(1),
         ForwardKernel::Staged(2),
+        ForwardKernel::Wide,
     ];
 }
 
-/// [`expert_linear_forward`] (without the pre-activation) by `kernel`.
+/// [`expert_linear_forward`] by `kernel`.
 #[allow(clippy::too_many_arguments)]
 pub fn expert_linear_forward_by<E: Executor>(
     e: &E,
@@ -316,36 +227,65 @@ pub fn expert_linear_forward_by<E: Executor>(
     w: &ExpertWeights<E::Buffer>,
     coeff: Option<&E::Buffer>,
     act: Option<Activation>,
+    pre: Option<&E::Buffer>,
     y: &E::Buffer,
 ) -> Result<()> {
-    match kernel {
-        ForwardKernel::Direct => expert_linear_forward(e, x, routes, rows_per_route, w, coeff, act, None, y),
-        ForwardKernel::Grouped(per_block) => {
-            let coeff = coeff.ok_or_else(|| anyhow::anyhow!("expert_linear_forward_grouped: no coefficients"))?;
-            expert_linear_forward_grouped(e, x, routes, rows_per_route, w, coeff, act, y, per_block)
-        }
-        ForwardKernel::Staged(per_block) => {
-            expert_linear_forward_staged(e, x, routes, rows_per_route, w, coeff, act, None, y, per_block)
-        }
+    // The kernel, the routes each block takes (`None`: one, and no route count among its arguments) and the
+    // width of its tiles (64 rows each).
+    let (name, routes_per_block, width) = match kernel {
+        ForwardKernel::Direct => ("expert_linear_forward", None, TILE),
+        ForwardKernel::Grouped(2) => ("expert_linear_forward_x2", Some(2), TILE),
+        ForwardKernel::Grouped(4) => ("expert_linear_forward_x4", Some(4), TILE),
+        ForwardKernel::Staged(1) => ("expert_linear_forward_staged", Some(1), TILE),
+        ForwardKernel::Staged(2) => ("expert_linear_forward_staged_x2", Some(2), TILE),
+        ForwardKernel::Wide => ("expert_linear_forward_wide", None, WIDE_TILE),
+        other => anyhow::bail!("{other:?}: no such kernel (grouped: 2 or 4 routes per block; staged: 1 or 2)"),
+    };
+    if let ForwardKernel::Grouped(_) = kernel {
+        ensure!(w.experts > 0, "{name}: a layer without experts");
     }
+    if !check_forward(e, name, x, routes, rows_per_route, w, coeff, y)? {
+        return Ok(());
+    }
+    if let Some(p) = pre {
+        need(e, p, routes * rows_per_route * w.out_features, &format!("{name} pre"))?;
+    }
+    let dims = Dims {
+        grid: (
+            routes.div_ceil(routes_per_block.unwrap_or(1)) as u32,
+            rows_per_route.div_ceil(TILE) as u32,
+            w.out_features.div_ceil(width) as u32,
+        ),
+        block: (256, 1, 1),
+    };
+    // x, the weights, pre, y, the route count (kernels taking several routes per block), the shape.
+    let mut args = vec![Arg::Buf(x)];
+    args.extend(weight_args(w, coeff));
+    args.extend([opt(pre), Arg::Buf(y)]);
+    if routes_per_block.is_some() {
+        args.push(Arg::I32(int(routes, "routes")?));
+    }
+    args.extend(shape_args(rows_per_route, w, act)?);
+    e.launch(name, dims, &args)
 }
 
-/// How a fused WEMoE product reads its weight sources W0 and τ_t.
+/// The kernels that compute [`expert_linear_backward_input`] per route: the same products, interchangeable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum SourceLoads {
-    /// Loaded as they are merged (kernels/expert_linear.cu): the kernels measured on a card.
+pub enum InputGradientKernel {
+    /// kernels/expert_linear.cu: sources loaded as they merge (the kernel measured on a card).
     #[default]
     Direct,
-    /// Staged into shared memory by `cp.async` several tiles ahead (kernels/expert_linear_staged.cu; sm_80
-    /// and later).
+    /// kernels/expert_linear_staged.cu: sources staged by `cp.async` several tiles ahead (sm_80 and later).
     Staged,
+    /// kernels/expert_linear_wide.cu: 64 × 128 tiles, float4 operand reads, sources staged (sm_80 and later).
+    Wide,
 }
 
-/// `dx_r = dy_r · W_r` per route, the sources read as `loads` says.
+/// `dx_r = dy_r · W_r` per route, by `kernel`.
 #[allow(clippy::too_many_arguments)]
 pub fn expert_linear_backward_input<E: Executor>(
     e: &E,
-    loads: SourceLoads,
+    kernel: InputGradientKernel,
     dy: &E::Buffer,
     routes: usize,
     rows_per_route: usize,
@@ -368,8 +308,9 @@ pub fn expert_linear_backward_input<E: Executor>(
     if rows == 0 {
         return Ok(());
     }
+    let width = if kernel == InputGradientKernel::Wide { WIDE_TILE } else { TILE };
     let dims = Dims {
-        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.in_features.div_ceil(TILE) as u32),
+        grid: (routes as u32, rows_per_route.div_ceil(TILE) as u32, w.in_features.div_ceil(width) as u32),
         block: (256, 1, 1),
     };
     let mut args = vec![
@@ -379,7 +320,7 @@ pub fn expert_linear_backward_input<E: Executor>(
         opt(if w.experts > 0 { coeff } else { None }),
         Arg::Buf(dx),
     ];
-    if loads == SourceLoads::Staged {
+    if kernel == InputGradientKernel::Staged {
         args.push(Arg::I32(int(routes, "routes")?));
     }
     args.extend([
@@ -388,9 +329,10 @@ pub fn expert_linear_backward_input<E: Executor>(
         Arg::I32(int(w.out_features, "out features")?),
         Arg::I32(w.experts as i32),
     ]);
-    let name = match loads {
-        SourceLoads::Direct => "expert_linear_backward_input",
-        SourceLoads::Staged => "expert_linear_backward_input_staged",
+    let name = match kernel {
+        InputGradientKernel::Direct => "expert_linear_backward_input",
+        InputGradientKernel::Staged => "expert_linear_backward_input_staged",
+        InputGradientKernel::Wide => "expert_linear_backward_input_wide",
     };
     e.launch(name, dims, &args)
 }

@@ -18,7 +18,7 @@ use anyhow::{anyhow, ensure, Result};
 use super::kernel_choice::{Choice, KernelChoices, WemoeKernels};
 use super::op_times::{DeviceQueue, OpTimer};
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
-use crate::cuda::ops::{self as k, ExpertWeights, ForwardKernel, MmaOperands, SourceLoads};
+use crate::cuda::ops::{self as k, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
 
@@ -30,7 +30,7 @@ pub struct CudaBackend<E: Executor> {
     kernels: WemoeKernels,
     vendor: bool,
     forward_choices: KernelChoices<ForwardKernel>,
-    input_choices: KernelChoices<SourceLoads>,
+    input_choices: KernelChoices<InputGradientKernel>,
 }
 
 impl<E> CudaBackend<E>
@@ -63,7 +63,7 @@ where
     }
 
     /// The kernels chosen so far by timing, forward then input gradient (for benchmarks and reports).
-    pub fn kernel_choices(&self) -> (Vec<Choice<ForwardKernel>>, Vec<Choice<SourceLoads>>) {
+    pub fn kernel_choices(&self) -> (Vec<Choice<ForwardKernel>>, Vec<Choice<InputGradientKernel>>) {
         (self.forward_choices.made(), self.input_choices.made())
     }
 
@@ -99,7 +99,8 @@ where
         let operands = match self.precision {
             Precision::F32 => {
                 let shape = [routes, rows_per_route, inp, out, w.experts];
-                let run = |kernel| k::expert_linear_forward_by(e, kernel, x, routes, rows_per_route, w, coeff, act, y);
+                let run =
+                    |kernel| k::expert_linear_forward_by(e, kernel, x, routes, rows_per_route, w, coeff, act, None, y);
                 let kernel = match (self.kernels, w.experts) {
                     (_, 0) | (WemoeKernels::Direct, _) => ForwardKernel::Direct,
                     (WemoeKernels::Staged, _) => ForwardKernel::Staged(1),
@@ -134,17 +135,17 @@ where
         {
             return Ok(());
         }
-        let run = |loads| k::expert_linear_backward_input(e, loads, dy, routes, rows_per_route, w, coeff, dx);
-        let loads = match (self.kernels, w.experts) {
-            (_, 0) | (WemoeKernels::Direct, _) => SourceLoads::Direct,
-            (WemoeKernels::Staged, _) => SourceLoads::Staged,
+        let run = |kernel| k::expert_linear_backward_input(e, kernel, dy, routes, rows_per_route, w, coeff, dx);
+        let kernel = match (self.kernels, w.experts) {
+            (_, 0) | (WemoeKernels::Direct, _) => InputGradientKernel::Direct,
+            (WemoeKernels::Staged, _) => InputGradientKernel::Staged,
             (WemoeKernels::Tuned, experts) => {
                 let shape = [routes, rows_per_route, w.in_features, w.out_features, experts];
-                let candidates = [SourceLoads::Direct, SourceLoads::Staged];
+                let candidates = [InputGradientKernel::Direct, InputGradientKernel::Staged, InputGradientKernel::Wide];
                 self.input_choices.choose(shape, &candidates, |c| e.measure_ms(&mut || run(c)))?
             }
         };
-        run(loads)
+        run(kernel)
     }
 
     /// The executor.

@@ -17,7 +17,8 @@ pub enum WemoeKernels {
     Tuned,
     /// kernels/expert_linear.cu: the sources loaded as they merge.
     Direct,
-    /// kernels/expert_linear_staged.cu: the sources staged by `cp.async` (sm_80 and later).
+    /// kernels/expert_linear_staged.cu: the sources staged by `cp.async` (sm_80 and later), one route per
+    /// block.
     Staged,
 }
 
