@@ -36,16 +36,7 @@ pub fn attention(
                 false,
                 Threads::Single,
             )?;
-            for row in scores.chunks_exact_mut(tokens) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                let mut sum = 0.0f32;
-                for s in row.iter_mut() {
-                    *s = exp_f32(*s * scale - max);
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            softmax_rows(&mut scores, tokens, scale);
             let probs = MatRef::row_major(&scores, tokens, tokens)?;
             matmul(probs, view(v, at, tokens, head_dim, width)?, &mut head_out, false, Threads::Single)?;
             for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
@@ -55,6 +46,40 @@ pub fn attention(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Each row of `scores` (rows of `n`) replaced by softmax(scale · row), in place. In passes whose reductions
+/// keep one partial per lane: a running f32 sum or maximum is a dependency chain no loop vectorises.
+fn softmax_rows(scores: &mut [f32], n: usize, scale: f32) {
+    for row in scores.chunks_exact_mut(n) {
+        // scale > 0, and rounding is monotonic: max(row)·scale is max(row·scale) exactly.
+        let max = lanes(row, None, f32::NEG_INFINITY, f32::max) * scale;
+        row.iter_mut().for_each(|s| *s = exp_f32(*s * scale - max));
+        let inv = 1.0 / lanes(row, None, 0.0, |a, b| a + b);
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+/// Σ a∘b.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    lanes(a, Some(b), 0.0, |a, b| a + b)
+}
+
+/// `a` (times `b` element-wise, when given) folded by `f` into 8 lane partials, element i into lane i mod 8,
+/// then the partials folded in order.
+fn lanes(a: &[f32], b: Option<&[f32]>, init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let value = |i: usize| b.map_or(a[i], |b| a[i] * b[i]);
+    let mut acc = [init; 8];
+    let whole = a.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        for (l, slot) in acc.iter_mut().enumerate() {
+            *slot = f(*slot, value(i + l));
+        }
+    }
+    for i in whole..a.len() {
+        acc[i % 8] = f(acc[i % 8], value(i));
+    }
+    acc.into_iter().fold(init, f)
 }
 
 /// Backward of [`attention`]: `(dq, dk, dv)` for the output gradient `d_out`, all `[batch, tokens, width]`.
@@ -74,8 +99,11 @@ pub fn attention_backward(
     let head_dim = width / heads;
     let scale = (head_dim as f32).powf(-0.5);
     let sample = tokens * width;
-    let mut grads = vec![(vec![0.0f32; sample], vec![0.0f32; sample], vec![0.0f32; sample]); batch];
-    grads.par_iter_mut().enumerate().try_for_each(|(b, (dq_b, dk_b, dv_b))| -> Result<()> {
+    // Written in place, sample by sample: no per-sample buffers to concatenate afterwards.
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0f32; batch * sample], vec![0.0f32; batch * sample], vec![0.0f32; batch * sample]);
+    let samples = dq.par_chunks_mut(sample).zip(dk.par_chunks_mut(sample)).zip(dv.par_chunks_mut(sample));
+    samples.enumerate().try_for_each(|(b, ((dq_b, dk_b), dv_b))| -> Result<()> {
         let (n, hd) = (tokens, head_dim);
         let mut p = vec![0.0f32; n * n];
         let mut dp = vec![0.0f32; n * n];
@@ -92,15 +120,7 @@ pub fn attention_backward(
                 view(d_out, at, n, hd, width)?,
             );
             matmul(qv, kv.t(), &mut p, false, Threads::Single)?;
-            for row in p.chunks_exact_mut(n) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-                let mut sum = 0.0f32;
-                row.iter_mut().for_each(|s| {
-                    *s = exp_f32(*s * scale - max);
-                    sum += *s;
-                });
-                row.iter_mut().for_each(|s| *s /= sum);
-            }
+            softmax_rows(&mut p, n, scale);
             let scatter = |src: &[f32], dst: &mut [f32]| {
                 for (t, row) in src.chunks_exact(hd).enumerate() {
                     dst[t * width + h * hd..][..hd].copy_from_slice(row);
@@ -112,7 +132,7 @@ pub fn attention_backward(
             // dP = dO Vᵀ, then dS in place.
             matmul(gv, vv.t(), &mut dp, false, Threads::Single)?;
             for (drow, prow) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                let dot: f32 = drow.iter().zip(prow).map(|(d, p)| d * p).sum();
+                let dot = dot(drow, prow);
                 drow.iter_mut().zip(prow).for_each(|(d, p)| *d = p * (*d - dot) * scale);
             }
             let ds = MatRef::row_major(&dp, n, n)?;
@@ -123,13 +143,6 @@ pub fn attention_backward(
         }
         Ok(())
     })?;
-    let (mut dq, mut dk, mut dv) =
-        (Vec::with_capacity(batch * sample), Vec::with_capacity(batch * sample), Vec::with_capacity(batch * sample));
-    for (a, b, c) in grads {
-        dq.extend(a);
-        dk.extend(b);
-        dv.extend(c);
-    }
     Ok((dq, dk, dv))
 }
 
@@ -162,6 +175,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows longer than the 8 lane partials (two runs of 8 and a remainder), against f64.
+    #[test]
+    fn softmax_rows_and_dot_match_f64_past_the_lane_count() {
+        let (n, scale) = (19, 0.37);
+        let rows: Vec<f32> = (0..3 * n).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let mut got = rows.clone();
+        softmax_rows(&mut got, n, scale);
+        for (row, probs) in rows.chunks(n).zip(got.chunks(n)) {
+            let m = row.iter().map(|&v| v as f64 * scale as f64).fold(f64::MIN, f64::max);
+            let z: f64 = row.iter().map(|&v| (v as f64 * scale as f64 - m).exp()).sum();
+            for (&v, &p) in row.iter().zip(probs) {
+                let want = (v as f64 * scale as f64 - m).exp() / z;
+                assert!((p as f64 - want).abs() < 1e-6, "{p} against {want}");
+            }
+        }
+        let (a, b) = (&rows[..n], &rows[n..2 * n]);
+        let want: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(a, b) as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "{} against {want}", dot(a, b));
     }
 
     #[test]
