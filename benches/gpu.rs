@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
+use wemoe_engine::config::VisionConfig;
 use wemoe_engine::cuda::ops::{self, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
 use wemoe_engine::cuda::{Executor, GpuExecutor};
 use wemoe_engine::device::{Activation, WemoeKernels};
@@ -68,6 +69,21 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
+    // The whole-model run on the host emulation at a tiny size: proves this program's own code path on a
+    // machine without a GPU (its timings mean nothing).
+    if std::env::args().any(|a| a == "--emulated") {
+        let tiny = VisionConfig {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 32,
+            patch_size: 16,
+            projection_dim: 16,
+            ..VisionConfig::default()
+        };
+        return end_to_end(wemoe_engine::cuda::HostExecutor, &tiny, (2, 1), true);
+    }
     let gpu = match GpuExecutor::new(0) {
         Ok(g) => g,
         Err(e) => {
@@ -78,14 +94,7 @@ fn main() -> Result<()> {
     // Only the whole model, then where its time went (tools/gpu-check.sh runs this with WEMOE_OP_TIMES=1,
     // which makes every backend operation wait for the GPU: the main run leaves it unset).
     if std::env::args().any(|a| a == "--end-to-end-only") {
-        drop(gpu); // end_to_end opens its own
-        for variant in END_TO_END {
-            end_to_end(variant)?;
-            if let Some(table) = wemoe_engine::device::op_times::take_report() {
-                println!("\n{table}");
-            }
-        }
-        return Ok(());
+        return end_to_end(gpu, &VisionConfig::default(), (64, 16), true);
     }
     let stream: Arc<CudaStream> = gpu.stream().clone();
     let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
@@ -327,9 +336,7 @@ fn main() -> Result<()> {
         let staged = staged_best / dense_cublas;
         spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused, staged));
     }
-    for variant in END_TO_END {
-        end_to_end(variant)?;
-    }
+    end_to_end(gpu, &VisionConfig::default(), (64, 16), false)?;
     println!();
     for (shape, vs_ours, vs_cublas, materialise, staged) in &spread {
         println!(
@@ -427,8 +434,8 @@ fn cpu_check(
 /// Wall-clock seconds of `work` (which ends by copying a result to the host, so it waits for the GPU): one
 /// warm-up run, then the median of three.
 /// The whole model's f32 paths on the CUDA backend: (label, plain dense products on cuBLAS, the per-sample
-/// WEMoE kernels). The first is the backend's default, which times each shape's candidate kernels and prints
-/// what it chose.
+/// WEMoE kernels). The first is the backend's default, which times each shape's candidate kernels (the
+/// choices are printed).
 const END_TO_END: [(&str, bool, WemoeKernels); 3] = [
     ("dense products on cuBLAS, WEMoE kernels tuned per shape", true, WemoeKernels::Tuned),
     ("dense on cuBLAS, WEMoE sources staged by cp.async", true, WemoeKernels::Staged),
@@ -447,83 +454,100 @@ fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[1])
 }
 
-/// The whole model on the CUDA backend: a ViT-B/32 WEMoE model with 8 experts (random weights, 12 layers),
-/// the forward of 64 images per second in both routing modes, and one adaptation step of 8 tasks × 16
-/// images (the 1000-step budget is 2 minutes on an H100). Wall clock around work that ends in a
-/// copy to the host (which waits for the GPU); medians. `variant`: which of the backend's f32 paths
-/// (`END_TO_END`).
-fn end_to_end((label, vendor, kernels): (&str, bool, WemoeKernels)) -> Result<()> {
+/// The whole model on the CUDA backend: a WEMoE model of `config` with 8 experts (random weights; ViT-B/32
+/// on a card), the forward of `images` images in both routing modes, and one adaptation step of 8 tasks ×
+/// `per_task` images (64 and 16 on a card: the 1000-step budget is 2 minutes on an H100), for each
+/// of the backend's f32 paths
+/// (`END_TO_END`). Wall clock around work that ends in a copy to the host (which waits for the GPU);
+/// medians. With `op_tables`, each path's backend operations are tabulated after it (WEMOE_OP_TIMES).
+fn end_to_end<E>(executor: E, config: &VisionConfig, (images, per_task): (usize, usize), op_tables: bool) -> Result<()>
+where
+    E: Executor + Send + Sync,
+    E::Buffer: Send + Sync + 'static,
+{
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
-    use wemoe_engine::config::VisionConfig;
-    use wemoe_engine::device::{Backend, CudaBackend, Device};
+    use wemoe_engine::device::{op_times, Backend, CudaBackend, Device};
     use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing, WemoeSpec};
     use wemoe_engine::tensor::Tensor;
 
-    let be = CudaBackend::new(GpuExecutor::new(0)?, Device::Cuda(0))
-        .with_vendor_products(vendor)
-        .with_wemoe_kernels(kernels);
-    let config = VisionConfig::default();
+    // The model, heads and inputs are made once (drawing the random weights takes the host seconds) and
+    // shared by the paths: a backend is rebuilt around the same executor, whose buffers they live in.
+    let setup = CudaBackend::new(executor, Device::Cuda(0));
     let spec = WemoeSpec {
         experts: (0..8).map(|t| format!("task{t}")).collect(),
         router_layers: 2,
         router_activation: RouterActivation::Identity,
         init_lambda: Some(0.3),
     };
-    let model = ImageEncoder::random(&be, &config, Some(&spec), 3)?;
+    let model = ImageEncoder::random(&setup, config, Some(&spec), 3)?;
     let s = config.image_size;
     let pixels = |n: usize, seed: usize| -> Result<Tensor> {
         let v = (0..n * 3 * s * s).map(|i| (((i * 31 + seed) % 255) as f32) / 128.0 - 1.0).collect();
-        be.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
+        setup.upload(Tensor::from_vec(&[n, 3, s, s], v)?)
     };
-    println!(
-        "\n| end to end (ViT-B/32 WEMoE, 8 experts, 12 layers, {label}) | routing | median | rate |\n| --- | --- | ---: | ---: |"
-    );
-    let images = pixels(64, 1)?;
-    for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
-        let t = median_wall_s(|| {
-            let out = model.encode(&be, &images, routing)?;
-            be.to_host(&out.pooled).map(drop)
-        })?;
-        println!("| forward, 64 images | {name} | {:.1} ms | {:.0} images/s |", t * 1e3, 64.0 / t);
-    }
+    let batch = images;
+    let images = pixels(batch, 1)?;
     let dir = tempfile::tempdir()?;
     let heads_path = dir.path().join("heads.safetensors");
     let tensors: Vec<wemoe_engine::output::NamedTensor> = (0..8)
         .map(|t| wemoe_engine::output::NamedTensor {
             name: format!("head.task{t}"),
-            shape: vec![10, 512],
-            values: (0..10 * 512).map(|i| (((i + t) * 7919) % 97) as f32 / 970.0 - 0.05).collect(),
+            shape: vec![10, config.projection_dim],
+            values: (0..10 * config.projection_dim).map(|i| (((i + t) * 7919) % 97) as f32 / 970.0 - 0.05).collect(),
         })
         .collect();
     wemoe_engine::output::write_safetensors(&heads_path, &tensors)?;
-    let heads = Heads::open(&be, &heads_path)?;
+    let heads = Heads::open(&setup, &heads_path)?;
     let classifier = heads.classifier(&model, dir.path())?;
     let tasks: Vec<TaskBatch> = (0..8)
         .map(|t| -> Result<TaskBatch> {
-            Ok(TaskBatch { head: heads.head(&format!("task{t}"))?, pixels: pixels(16, 100 + t)? })
+            Ok(TaskBatch { head: heads.head(&format!("task{t}"))?, pixels: pixels(per_task, 100 + t)? })
         })
         .collect::<Result<_>>()?;
-    for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
-        let t = median_wall_s(|| {
-            let (loss, grads) = entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing)?;
-            for g in grads.values() {
-                be.to_host(g)?;
-            }
-            anyhow::ensure!(loss.is_finite(), "non-finite loss");
-            Ok(())
-        })?;
+    let mut executor = setup.into_executor();
+    op_times::take_report(); // the uploads above are not any path's
+    for (label, vendor, kernels) in END_TO_END {
+        let be = CudaBackend::new(executor, Device::Cuda(0)).with_vendor_products(vendor).with_wemoe_kernels(kernels);
         println!(
-            "| adaptation step, 8 tasks × 16 images | {name} | {:.1} ms | 1000 steps in {:.0} s |",
-            t * 1e3,
-            t * 1e3
+            "\n| end to end ({} WEMoE, 8 experts, {} layers, {label}) | routing | median | rate |\n| --- | --- | ---: | ---: |",
+            if config.hidden_size == 768 { "ViT-B/32" } else { "a small" },
+            config.num_hidden_layers
         );
-    }
-    let (forward, input) = be.kernel_choices();
-    for c in &forward {
-        println!("tuned WEMoE forward, {c}");
-    }
-    for c in &input {
-        println!("tuned WEMoE input gradient, {c}");
+        for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
+            let t = median_wall_s(|| {
+                let out = model.encode(&be, &images, routing)?;
+                be.to_host(&out.pooled).map(drop)
+            })?;
+            println!("| forward, {batch} images | {name} | {:.1} ms | {:.0} images/s |", t * 1e3, batch as f64 / t);
+        }
+        for (name, routing) in [("per-sample", Routing::Sample), ("batch", Routing::Batch)] {
+            let t = median_wall_s(|| {
+                let (loss, grads) = entropy_loss_and_router_gradients(&be, &model, &classifier, &tasks, routing)?;
+                for g in grads.values() {
+                    be.to_host(g)?;
+                }
+                anyhow::ensure!(loss.is_finite(), "non-finite loss");
+                Ok(())
+            })?;
+            println!(
+                "| adaptation step, 8 tasks × {per_task} images | {name} | {:.1} ms | 1000 steps in {:.0} s |",
+                t * 1e3,
+                t * 1e3
+            );
+        }
+        let (forward, input) = be.kernel_choices();
+        for c in &forward {
+            println!("tuned WEMoE forward, {c}");
+        }
+        for c in &input {
+            println!("tuned WEMoE input gradient, {c}");
+        }
+        if op_tables {
+            if let Some(table) = op_times::take_report() {
+                println!("\n{label}:\n{table}");
+            }
+        }
+        executor = be.into_executor();
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 # GPU time goes (each backend operation timed), with a summary printed last.
 #
 #   tools/gpu-check.sh                 build here (needs cargo) and run here
-#   tools/gpu-check.sh --stage DIR     build here and copy the stripped binaries to DIR (for a GPU machine
+#   tools/gpu-check.sh --stage DIR     build here, run the benchmark's whole-model path on the host emulation
+#                                      (a tiny model), and copy the stripped binaries to DIR (for a GPU machine
 #                                      without a Rust toolchain; same x86-64 Linux)
 #   tools/gpu-check.sh --prebuilt DIR  run binaries staged by --stage
 #
@@ -28,6 +29,9 @@ stage() {
     json=$(cargo bench --no-run --bench gpu --message-format=json 2>/dev/null)
     local bench
     bench=$(echo "$json" | grep -o '"executable":"[^"]*gpu-[^"]*"' | tail -1 | cut -d'"' -f4)
+    # The benchmark's whole-model path, run here on the host emulation at a tiny size before any card's
+    # minutes are spent on it.
+    "$bench" --bench --emulated >/dev/null || { echo "gpu-bench --emulated failed: not staging" >&2; return 1; }
     cp target/release/wemoe-engine "$dir/wemoe-engine"
     cp "$tests" "$dir/kernel-tests"
     cp "$graph" "$dir/graph-tests"

@@ -153,6 +153,12 @@ where
         &self.executor
     }
 
+    /// The executor back, for a backend with other settings around it: tensors made by this one live in
+    /// the executor's buffers and stay usable there.
+    pub fn into_executor(self) -> E {
+        self.executor
+    }
+
     /// A new device tensor of `shape` (zeros).
     fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
         let len: usize = shape.iter().product();
