@@ -312,14 +312,14 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         row("WEMoE per-sample, materialise W_b then cuBLAS (GEMMs only)", materialise);
-        for (loads, label) in [
+        for (kernel, label) in [
             (InputGradientKernel::Direct, ""),
             (InputGradientKernel::Staged, ", staged by cp.async"),
             (InputGradientKernel::Wide, ", 64×128 tile, staged"),
         ] {
             let backward = median_ms(&gpu, || {
-                ops::expert_linear_backward_input(&gpu, loads, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
-                ops::expert_linear_backward_input(&gpu, loads, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
+                ops::expert_linear_backward_input(&gpu, kernel, &y, batch, tokens, &fc2(experts), Some(&coeff), &hid)?;
+                ops::expert_linear_backward_input(&gpu, kernel, &hid, batch, tokens, &fc1(experts), Some(&coeff), &x)
             })?;
             row(&format!("WEMoE per-sample backward, input gradient{label}"), backward);
         }
@@ -457,9 +457,9 @@ fn median_wall_s(mut work: impl FnMut() -> Result<()>) -> Result<f64> {
 /// The whole model on the CUDA backend: a WEMoE model of `config` with 8 experts (random weights; ViT-B/32
 /// on a card), the forward of `images` images in both routing modes, and one adaptation step of 8 tasks ×
 /// `per_task` images (64 and 16 on a card: the 1000-step budget is 2 minutes on an H100), for each
-/// of the backend's f32 paths
-/// (`END_TO_END`). Wall clock around work that ends in a copy to the host (which waits for the GPU);
-/// medians. With `op_tables`, each path's backend operations are tabulated after it (WEMOE_OP_TIMES).
+/// of the backend's f32 paths (`END_TO_END`). Wall clock around work that ends in a copy to the host (which
+/// waits for the GPU); medians. With `op_tables`, each path's backend operations are tabulated after it
+/// (WEMOE_OP_TIMES).
 fn end_to_end<E>(executor: E, config: &VisionConfig, (images, per_task): (usize, usize), op_tables: bool) -> Result<()>
 where
     E: Executor + Send + Sync,

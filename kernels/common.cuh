@@ -165,10 +165,6 @@ struct Bf16Operands {
 // that thread's copies visible to it (to other threads after a barrier as well). The host emulation lands a
 // thread's copies either at that wait or at once (kernels/host/), so a read that misses its wait and a copy
 // that overwrites data still being read both show up as wrong results.
-static __device__ __forceinline__ bool aligned16(const float* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
-
 #if defined(__CUDACC__)
 static __device__ __forceinline__ unsigned shared_address(const float* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -201,6 +197,11 @@ static void copy_async_wait() {
     cuda_host::copy_async_wait(PENDING);
 }
 #endif
+
+// Whether a pointer is 16-byte aligned (a 16-byte copy's requirement).
+static __device__ __forceinline__ bool aligned16(const float* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
 
 // Copies the piece (row, col..col+3) of a row-major matrix `m` of `rows` rows and `ld` columns into `slot`
 // (16-byte aligned) asynchronously: the part inside the matrix, zeros for the rest. `vector`: the matrix's
