@@ -7,7 +7,7 @@
 // its own ring of shared-memory slots, EW_DEPTH − 1 tiles ahead, and merges them as they land (no barrier
 // guards the ring: a thread reads only what it copied). Forward and input gradient, one route per block, f32.
 
-#include "common.cuh"
+#include "simt_tile.cuh"
 
 #define EW_BM 64
 #define EW_BN 128
@@ -139,10 +139,13 @@ static __device__ __forceinline__ WideTile wide_tile(int rows_per_route) {
                     (size_t)route * rows_per_route + m0};
 }
 
-// Output column of acc[·][jj] for thread tx in a tile starting at n0.
-static __device__ __forceinline__ int wide_column(int n0, int tx, int jj) {
-    return n0 + (jj < 4 ? 4 * tx + jj : 64 + 4 * tx + jj - 4);
-}
+// Where this file's accumulators land: 64×128 tiles, 4×8 per thread, rows 4·ty + i, columns 4·tx + j and
+// 64 + 4·tx + j (the float4 reads of wide_product).
+struct Wide4x8 {
+    static constexpr int COLS = 8;
+    static __device__ __forceinline__ int row(int ty, int i) { return 4 * ty + i; }
+    static __device__ __forceinline__ int col(int tx, int j) { return j < 4 ? 4 * tx + j : 64 + 4 * tx + j - 4; }
+};
 
 // As expert_linear_forward (x [routes·rows_per_route, in], W0 [out, in], τ [T, out, in], b0 [out] or null,
 // β [T, out] or null, coeff [routes, T] or null when T = 0; y = act(z), pre = z when not null) on 64 × 128
@@ -155,31 +158,12 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
                                int out_features, int experts, int act) {
     __shared__ float c[EW_MAX_EXPERTS];
     const WideTile tile = wide_tile(rows_per_route);
-    const int n0 = tile.n0, rows = tile.rows;
-    const size_t row0 = tile.row0;
     load_coefficients(coeff, tile.route, experts, c);
     float acc[4][8];
-    wide_product<true>(x + row0 * in_features, rows, w0, tau, c, experts, in_features, out_features, n0, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int jj = 0; jj < 8; ++jj) {
-        const int n = wide_column(n0, tx, jj);
-        if (n >= out_features) continue;
-        float bias = 0.0f;
-        if (b0) {
-            bias = b0[n];
-            for (int t = 0; t < experts; ++t) bias += c[t] * tau_b[(size_t)t * out_features + n];
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int m = 4 * ty + i;
-            if (m >= rows) continue;
-            const float z = acc[i][jj] + bias;
-            const size_t at = (row0 + m) * out_features + n;
-            if (pre) pre[at] = z;
-            y[at] = activate(z, act);
-        }
-    }
+    wide_product<true>(x + tile.row0 * in_features, tile.rows, w0, tau, c, experts, in_features, out_features,
+                       tile.n0, acc);
+    store_forward_tile<Wide4x8>(acc, c, experts, b0, tau_b, pre, y, tile.row0, tile.rows, tile.n0, out_features,
+                                act);
 }
 
 // As expert_linear_backward_input (dx_r = dy_r · W_r, dy [rows, out], dx [rows, in]) on 64 × 128 tiles.
@@ -195,17 +179,5 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
     float acc[4][8];
     wide_product<false>(dy + tile.row0 * out_features, tile.rows, w0, tau, c, experts, out_features, in_features,
                         tile.n0, acc);
-    const int n0 = tile.n0, rows = tile.rows;
-    const size_t row0 = tile.row0;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = 4 * ty + i;
-        if (m >= rows) continue;
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-            const int n = wide_column(n0, tx, jj);
-            if (n < in_features) dx[(row0 + m) * in_features + n] = acc[i][jj];
-        }
-    }
+    store_tile<Wide4x8>(acc, dx, tile.row0, tile.rows, tile.n0, in_features);
 }

@@ -626,7 +626,6 @@ pub fn activation_backward<E: Executor>(
     )
 }
 
-/// `y += x` over `n` values.
 /// `y = act(y + b)` in place over `rows` rows of `width` (`b` `[width]` optional): the bias and activation of
 /// a dense product computed without them.
 pub fn bias_activation<E: Executor>(
@@ -652,6 +651,7 @@ pub fn bias_activation<E: Executor>(
     )
 }
 
+/// `y += x` over `n` values.
 pub fn add_in_place<E: Executor>(e: &E, y: &E::Buffer, x: &E::Buffer, n: usize) -> Result<()> {
     need(e, y, n, "add_in_place y")?;
     need(e, x, n, "add_in_place x")?;
