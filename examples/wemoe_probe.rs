@@ -1,10 +1,11 @@
 //! Times one WEMoE MLP layer at ViT-B/32 shapes (random weights): `wemoe_probe BATCH EXPERTS REPS [ONLY]`.
-//! Prints per-sample and batch routing, and the dense MLP for reference, as JSON lines; `ONLY` (`wemoe_sample`,
-//! `wemoe_batch` or `dense_mlp`) times that one alone, for a profile of it.
+//! Prints per-sample and batch routing, the per-sample MLP of the class tokens alone (the last layer's, the
+//! router still reading every token), and the dense MLP for reference, as JSON lines; `ONLY` (`wemoe_sample`,
+//! `wemoe_batch`, `wemoe_sample_class` or `dense_mlp`) times that one alone, for a profile of it.
 use std::time::Instant;
 
 use wemoe_engine::config::VisionConfig;
-use wemoe_engine::device::CpuBackend;
+use wemoe_engine::device::{Backend, CpuBackend};
 use wemoe_engine::model::{ClipMlp, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec};
 use wemoe_engine::tensor::Tensor;
 
@@ -47,10 +48,13 @@ fn main() -> anyhow::Result<()> {
         &[batch, n, c.hidden_size],
         (0..batch * n * c.hidden_size).map(|i| ((i % 91) as f32 - 45.0) / 30.0).collect(),
     )?;
+    let class_tokens = be.select_token(&h, 0)?;
+    let coefficients = moe.coefficients(&be, &h, Routing::Sample)?;
     type Run<'a> = (&'static str, Box<dyn Fn() + 'a>);
-    let runs: [Run; 3] = [
+    let runs: [Run; 4] = [
         ("wemoe_sample", Box::new(|| drop(moe.forward(&be, &h, Routing::Sample).unwrap()))),
         ("wemoe_batch", Box::new(|| drop(moe.forward(&be, &h, Routing::Batch).unwrap()))),
+        ("wemoe_sample_class", Box::new(|| drop(moe.mix(&be, &class_tokens, &coefficients).unwrap()))),
         ("dense_mlp", Box::new(|| drop(dense.forward(&be, &h).unwrap()))),
     ];
     for (name, run) in runs.iter().filter(|(name, _)| timed(name)) {

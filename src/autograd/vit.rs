@@ -45,9 +45,18 @@ fn forward<'a>(
         let o = ops::linear(be, tape, &a, &attn.out_proj.weight, attn.out_proj.bias.as_ref())?;
         let h = ops::add(be, tape, o, &x)?;
         let n2 = ops::layer_norm(be, tape, &h, &layer.layer_norm2)?;
+        // The pooled output reads the last layer at the class token only: its MLP runs on those rows (as
+        // `ClipEncoderLayer::forward_class_token`), while its router still reads every token.
+        let class_rows;
+        let (mlp_in, residual) = if l + 1 == vision.layers.len() {
+            class_rows = (ops::select_token(be, tape, &n2, 0)?, ops::select_token(be, tape, &h, 0)?);
+            (&class_rows.0, &class_rows.1)
+        } else {
+            (&n2, &h)
+        };
         let m = match &layer.mlp {
             Mlp::Dense(mlp) => {
-                let y = ops::linear(be, tape, &n2, &mlp.fc1.weight, mlp.fc1.bias.as_ref())?;
+                let y = ops::linear(be, tape, mlp_in, &mlp.fc1.weight, mlp.fc1.bias.as_ref())?;
                 let y = ops::activation(be, tape, y, mlp.activation)?;
                 ops::linear(be, tape, &y, &mlp.fc2.weight, mlp.fc2.bias.as_ref())?
             }
@@ -67,15 +76,17 @@ fn forward<'a>(
                 if routing == Routing::Batch && c.value.shape()[0] > 1 {
                     c = ops::mean_rows(be, tape, &c)?;
                 }
-                let y = ops::expert_linear(be, tape, &n2, &c, &moe.fc1)?;
+                let y = ops::expert_linear(be, tape, mlp_in, &c, &moe.fc1)?;
                 let y = ops::activation(be, tape, y, moe.activation)?;
                 ops::expert_linear(be, tape, &y, &c, &moe.fc2)?
             }
         };
-        x = ops::add(be, tape, m, &h)?;
+        x = ops::add(be, tape, m, residual)?;
     }
-    let cls = ops::select_token(be, tape, &x, 0)?;
-    ops::layer_norm(be, tape, &cls, &vision.post_layernorm)
+    if vision.layers.is_empty() {
+        x = ops::select_token(be, tape, &x, 0)?;
+    }
+    ops::layer_norm(be, tape, &x, &vision.post_layernorm)
 }
 
 /// The adaptation loss, the sum over tasks of the batch-mean entropy of softmax(logits), and its gradient

@@ -142,6 +142,25 @@ impl Mlp {
             Mlp::Wemoe(moe) => moe.forward(be, x, routing).map(|(y, c)| (y, Some(c))),
         }
     }
+
+    /// The block's output at token `index` of `x` `[B, N, D]` alone, `[B, D]`, and the merge coefficients:
+    /// a WEMoE router still reads every token, but the products run on `B` rows instead of `B·N`.
+    pub fn forward_token(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        index: usize,
+        routing: Routing,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let token = be.select_token(x, index)?;
+        match self {
+            Mlp::Dense(mlp) => Ok((mlp.forward(be, &token)?, None)),
+            Mlp::Wemoe(moe) => {
+                let coefficients = moe.coefficients(be, x, routing)?;
+                Ok((moe.mix(be, &token, &coefficients)?, Some(coefficients)))
+            }
+        }
+    }
 }
 
 /// HF `CLIPEncoderLayer` (pre-norm).
@@ -194,6 +213,21 @@ impl ClipEncoderLayer {
         let h = be.add(a, x)?;
         let (m, coefficients) = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?, routing)?;
         Ok((be.add(m, &h)?, coefficients))
+    }
+
+    /// [`Self::forward`]'s output at the class token alone, `[B, D]`: all the last layer's output the pooled
+    /// output reads. Attention and a WEMoE router see every token as before; the MLP, two thirds of the
+    /// layer's products, runs on the class tokens only.
+    pub fn forward_class_token(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        routing: Routing,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
+        let h = be.add(a, x)?;
+        let (m, coefficients) = self.mlp.forward_token(be, &self.layer_norm2.forward(be, &h)?, 0, routing)?;
+        Ok((be.add(m, &be.select_token(&h, 0)?)?, coefficients))
     }
 }
 
@@ -288,18 +322,27 @@ impl ClipVision {
         self.pre_layrnorm.forward(be, &x)
     }
 
-    /// The pooled output of the last layer's `x` `[B, N, D]`: `post_layernorm` of the class token, `[B, D]`.
-    pub fn pool(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
-        self.post_layernorm.forward(be, &be.select_token(x, 0)?)
+    /// The pooled output: `post_layernorm` of the class token `[B, D]` that the last layer gave
+    /// ([`ClipEncoderLayer::forward_class_token`]).
+    pub fn pool(&self, be: &dyn Backend, class_token: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(be, class_token)
     }
 
     /// The pooled output (`post_layernorm` of the class token) of `pixels` `[B, C, S, S]`, and the WEMoE
     /// layers' merge coefficients under `routing`.
     pub fn forward(&self, be: &dyn Backend, pixels: &Tensor, routing: Routing) -> Result<VisionOutput> {
         let mut x = self.embed(be, pixels)?;
+        if self.layers.is_empty() {
+            // A config made in code (files need a positive count): pool the embeddings' class token.
+            x = be.select_token(&x, 0)?;
+        }
         let mut routing_weights = Vec::new();
-        for layer in &self.layers {
-            let (y, coefficients) = layer.forward(be, &x, routing)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, coefficients) = if l + 1 == self.layers.len() {
+                layer.forward_class_token(be, &x, routing)?
+            } else {
+                layer.forward(be, &x, routing)?
+            };
             x = y;
             routing_weights.extend(coefficients);
         }

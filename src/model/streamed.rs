@@ -84,7 +84,11 @@ impl<'a> StreamedEncoder<'a> {
             let layer = ClipVision::load_layer(be, store, config, self.dir.wemoe.as_ref(), l)?;
             self.layer_load_seconds.set(self.layer_load_seconds.get() + loading.elapsed().as_secs_f64());
             for (x, weights) in hidden.iter_mut().zip(&mut routing_weights) {
-                let (y, coefficients) = layer.forward(be, x, routing)?;
+                let (y, coefficients) = if l + 1 == config.num_hidden_layers {
+                    layer.forward_class_token(be, x, routing)?
+                } else {
+                    layer.forward(be, x, routing)?
+                };
                 *x = y;
                 weights.extend(coefficients);
                 done += 1;

@@ -226,13 +226,24 @@ impl WemoeMlp {
     /// The MLP of `h` `[B, N, D]` with merged weights, and the coefficients used: `[B, T]` per sample, or
     /// `[1, T]` when one merge served the batch (batch routing, or a depth-0 router).
     pub fn forward(&self, be: &dyn Backend, h: &Tensor, routing: Routing) -> Result<(Tensor, Tensor)> {
-        let mut coefficients = self.gate.coefficients(be, h, self.router_activation)?;
+        let coefficients = self.coefficients(be, h, routing)?;
+        Ok((self.mix(be, h, &coefficients)?, coefficients))
+    }
+
+    /// The merge coefficients for `h` `[B, N, D]` under `routing`: `[B, T]`, or `[1, T]` for one merge.
+    pub fn coefficients(&self, be: &dyn Backend, h: &Tensor, routing: Routing) -> Result<Tensor> {
+        let coefficients = self.gate.coefficients(be, h, self.router_activation)?;
         if routing == Routing::Batch && coefficients.shape()[0] > 1 {
-            coefficients = be.mean_rows(&coefficients)?;
+            return be.mean_rows(&coefficients);
         }
-        let y = be.expert_linear(h, &coefficients, &self.fc1)?;
+        Ok(coefficients)
+    }
+
+    /// The MLP of `x` (`[B, N, D]`, or `[B, D]` for one token per sample) with the weights that `coefficients`
+    /// merge: sample `b`'s rows with row `b`'s, or every row with the one row of `[1, T]`.
+    pub fn mix(&self, be: &dyn Backend, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+        let y = be.expert_linear(x, coefficients, &self.fc1)?;
         let y = be.activation(y, self.activation)?;
-        let y = be.expert_linear(&y, &coefficients, &self.fc2)?;
-        Ok((y, coefficients))
+        be.expert_linear(&y, coefficients, &self.fc2)
     }
 }
