@@ -140,18 +140,20 @@ pub fn add<'a>(be: &dyn Backend, tape: &mut Tape<'a>, a: Tracked, b: &Tracked) -
     Ok(Tracked { value, var: Some(out) })
 }
 
+/// Self-attention of `q`, `k` and `v`, which it takes: the forward uses them nowhere else, so the backward
+/// keeps them as they are instead of copies.
 pub fn attention<'a>(
     be: &dyn Backend,
     tape: &mut Tape<'a>,
-    q: &Tracked,
-    k: &Tracked,
-    v: &Tracked,
+    q: Tracked,
+    k: Tracked,
+    v: Tracked,
     heads: usize,
 ) -> Result<Tracked> {
     let value = be.attention(&q.value, &k.value, &v.value, heads)?;
     let Some(out) = output_var(tape, &[q.var, k.var, v.var]) else { return Ok(Tracked::constant(value)) };
-    let (qs, ks, vs) = (save(be, q)?, save(be, k)?, save(be, v)?);
     let vars = [q.var, k.var, v.var];
+    let (qs, ks, vs) = (q.value, k.value, v.value);
     tape.record(Box::new(move |be, g| {
         if let Some(dy) = g.take(out) {
             let (dq, dk, dv) = be.attention_backward(&qs, &ks, &vs, &dy, heads)?;
@@ -198,16 +200,18 @@ pub fn mean_rows<'a>(be: &dyn Backend, tape: &mut Tape<'a>, x: &Tracked) -> Resu
     Ok(Tracked { value, var: Some(out) })
 }
 
+/// A WEMoE linear layer of `x`, which it takes (kept for the backward as it is, not copied), merged by `c`.
 pub fn expert_linear<'a>(
     be: &dyn Backend,
     tape: &mut Tape<'a>,
-    x: &Tracked,
+    x: Tracked,
     c: &Tracked,
     w: &'a ExpertLinear,
 ) -> Result<Tracked> {
     let value = be.expert_linear(&x.value, &c.value, w)?;
     let Some(out) = output_var(tape, &[x.var, c.var]) else { return Ok(Tracked::constant(value)) };
-    let (xs, cs, xv, cv) = (save(be, x)?, save(be, c)?, x.var, c.var);
+    let (xv, cv) = (x.var, c.var);
+    let (xs, cs) = (x.value, save(be, c)?);
     tape.record(Box::new(move |be, g| {
         if let Some(dy) = g.take(out) {
             let (dx, dc) = be.expert_linear_backward(&xs, &cs, w, &dy)?;

@@ -41,22 +41,24 @@ fn forward<'a>(
         let q = ops::linear(be, tape, &h, &attn.q_proj.weight, attn.q_proj.bias.as_ref())?;
         let k = ops::linear(be, tape, &h, &attn.k_proj.weight, attn.k_proj.bias.as_ref())?;
         let v = ops::linear(be, tape, &h, &attn.v_proj.weight, attn.v_proj.bias.as_ref())?;
-        let a = ops::attention(be, tape, &q, &k, &v, attn.heads)?;
+        let a = ops::attention(be, tape, q, k, v, attn.heads)?;
         let o = ops::linear(be, tape, &a, &attn.out_proj.weight, attn.out_proj.bias.as_ref())?;
         let h = ops::add(be, tape, o, &x)?;
         let n2 = ops::layer_norm(be, tape, &h, &layer.layer_norm2)?;
-        // The pooled output reads the last layer at the class token only: its MLP runs on those rows (as
-        // `ClipEncoderLayer::forward_class_token`), while its router still reads every token.
-        let class_rows;
-        let (mlp_in, residual) = if l + 1 == vision.layers.len() {
-            class_rows = (ops::select_token(be, tape, &n2, 0)?, ops::select_token(be, tape, &h, 0)?);
-            (&class_rows.0, &class_rows.1)
-        } else {
-            (&n2, &h)
+        // The pooled output reads the last layer at the class token only: its MLP and residual run on those
+        // rows (as `ClipEncoderLayer::forward_class_token`), while its router still reads every token.
+        let last = l + 1 == vision.layers.len();
+        let class_rows = |tape: &mut Tape<'a>, x: Tracked| -> Result<Tracked> {
+            if last {
+                ops::select_token(be, tape, &x, 0)
+            } else {
+                Ok(x)
+            }
         };
         let m = match &layer.mlp {
             Mlp::Dense(mlp) => {
-                let y = ops::linear(be, tape, mlp_in, &mlp.fc1.weight, mlp.fc1.bias.as_ref())?;
+                let input = class_rows(tape, n2)?;
+                let y = ops::linear(be, tape, &input, &mlp.fc1.weight, mlp.fc1.bias.as_ref())?;
                 let y = ops::activation(be, tape, y, mlp.activation)?;
                 ops::linear(be, tape, &y, &mlp.fc2.weight, mlp.fc2.bias.as_ref())?
             }
@@ -76,12 +78,15 @@ fn forward<'a>(
                 if routing == Routing::Batch && c.value.shape()[0] > 1 {
                     c = ops::mean_rows(be, tape, &c)?;
                 }
-                let y = ops::expert_linear(be, tape, mlp_in, &c, &moe.fc1)?;
+                // The router has read `n2`; the expert layer takes it.
+                let input = class_rows(tape, n2)?;
+                let y = ops::expert_linear(be, tape, input, &c, &moe.fc1)?;
                 let y = ops::activation(be, tape, y, moe.activation)?;
-                ops::expert_linear(be, tape, &y, &c, &moe.fc2)?
+                ops::expert_linear(be, tape, y, &c, &moe.fc2)?
             }
         };
-        x = ops::add(be, tape, m, residual)?;
+        let residual = class_rows(tape, h)?;
+        x = ops::add(be, tape, m, &residual)?;
     }
     if vision.layers.is_empty() {
         x = ops::select_token(be, tape, &x, 0)?;
