@@ -109,7 +109,7 @@ pub fn parameter<'a>(be: &dyn Backend, tape: &mut Tape<'a>, value: &Tensor, name
 
 pub fn activation<'a>(be: &dyn Backend, tape: &mut Tape<'a>, x: Tracked, act: Activation) -> Result<Tracked> {
     let Some(xv) = x.var else { return Ok(Tracked::constant(be.activation(x.value, act)?)) };
-    let value = be.activation(be.copy(&x.value)?, act)?;
+    let value = be.activated(&x.value, act)?;
     let out = tape.var();
     let z = x.value;
     tape.record(Box::new(move |be, g| {

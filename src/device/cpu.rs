@@ -159,6 +159,11 @@ impl Backend for CpuBackend {
         Tensor::from_vec(&shape, values)
     }
 
+    fn activated(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let _timer = OpTimer::start("activation");
+        Tensor::from_vec(x.shape(), ops::activation::activation(x.host()?, act))
+    }
+
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
         let _timer = OpTimer::start("add");
         same_shape("add", &a, b)?;

@@ -210,6 +210,12 @@ pub trait Backend: Send + Sync {
     /// An element-wise activation; takes `x` so that its buffer can be reused.
     fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor>;
 
+    /// The activation of `x` into a new tensor, `x` kept (the tape saves it for the backward). By default a
+    /// copy activated in place; a backend with an out-of-place pass saves one read and write of every value.
+    fn activated(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.activation(self.copy(x)?, act)
+    }
+
     /// Element-wise `a + b` of equal shapes; takes `a` so that its buffer can be reused.
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor>;
 

@@ -41,11 +41,37 @@ pub fn activate(z: f32, act: Activation) -> f32 {
     }
 }
 
+/// Elements per parallel task of the element-wise loops.
+const CHUNK: usize = 16 * 1024;
+
 /// Applies the activation to every element in place.
 pub fn activation_in_place(x: &mut [f32], act: Activation) {
     // One monomorphic loop per activation, so each vectorises on its own.
     fn apply(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-        x.par_chunks_mut(16 * 1024).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+    }
+    match act {
+        Activation::QuickGelu => apply(x, |z| activate(z, Activation::QuickGelu)),
+        Activation::Gelu => apply(x, |z| activate(z, Activation::Gelu)),
+        Activation::GeluTanh => apply(x, |z| activate(z, Activation::GeluTanh)),
+        Activation::Relu => apply(x, |z| z.max(0.0)),
+    }
+}
+
+/// The activation of every element of `x` into a new vector, `x` left as it is: one pass, where a copy
+/// activated in place reads and writes every element twice (the tape keeps the pre-activation for the
+/// backward). The same values as [`activation_in_place`].
+pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
+    fn apply(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+        let mut y = Vec::with_capacity(x.len());
+        y.spare_capacity_mut()[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, inp)| {
+            out.iter_mut().zip(inp).for_each(|(o, &v)| {
+                o.write(f(v));
+            })
+        });
+        // SAFETY: the loop above wrote each of the first `x.len()` elements (the chunks cover them all).
+        unsafe { y.set_len(x.len()) };
+        y
     }
     match act {
         Activation::QuickGelu => apply(x, |z| activate(z, Activation::QuickGelu)),
@@ -118,6 +144,20 @@ mod tests {
         assert_eq!(activate(-3.0, Activation::Relu), 0.0);
         assert!(activate(-200.0, Activation::QuickGelu).abs() < 1e-30);
         assert_eq!(activate(200.0, Activation::QuickGelu), 200.0);
+    }
+
+    #[test]
+    fn out_of_place_equals_in_place() {
+        // Past one parallel chunk, with a ragged end.
+        let x: Vec<f32> = (0..CHUNK * 2 + 37).map(|i| ((i % 997) as f32 - 498.0) / 61.0).collect();
+        for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            let mut want = x.clone();
+            activation_in_place(&mut want, act);
+            let got = activation(&x, act);
+            assert_eq!(got.len(), x.len());
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{act:?}: the out-of-place values differ");
+        }
     }
 
     #[test]
