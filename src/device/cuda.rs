@@ -425,9 +425,14 @@ where
     }
 
     fn activation(&self, x: Tensor, act: Activation) -> Result<Tensor> {
+        self.activated(&x, act)
+    }
+
+    /// The kernel writes a new buffer anyway, so the input needs no copy.
+    fn activated(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let _timer = OpTimer::start_queued("activation", &self.executor);
         let y = self.alloc(x.shape())?;
-        k::activation_forward(&self.executor, self.buf(&x)?, x.numel(), act, self.buf(&y)?)?;
+        k::activation_forward(&self.executor, self.buf(x)?, x.numel(), act, self.buf(&y)?)?;
         Ok(y)
     }
 
