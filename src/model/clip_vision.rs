@@ -1,7 +1,7 @@
 //! HF `CLIPVisionTransformer`: embeddings, `pre_layrnorm`, pre-norm encoder layers, `post_layernorm`
 //! of the class token.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use super::wemoe::{Routing, WemoeMlp, WemoeSpec};
 use super::WeightSource;
@@ -325,6 +325,12 @@ impl ClipVision {
     /// The pooled output: `post_layernorm` of the class token `[B, D]` that the last layer gave
     /// ([`ClipEncoderLayer::forward_class_token`]).
     pub fn pool(&self, be: &dyn Backend, class_token: &Tensor) -> Result<Tensor> {
+        let shape = class_token.shape();
+        ensure!(
+            shape.len() == 2 && shape[1] == self.config.hidden_size,
+            "pool: expected the class tokens [B, {}], got {shape:?}",
+            self.config.hidden_size
+        );
         self.post_layernorm.forward(be, class_token)
     }
 
@@ -347,5 +353,35 @@ impl ClipVision {
             routing_weights.extend(coefficients);
         }
         Ok(VisionOutput { pooled: self.pool(be, &x)?, routing_weights })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::CpuBackend;
+    use crate::model::ImageEncoder;
+
+    #[test]
+    fn pool_takes_the_class_tokens_the_last_layer_gave() {
+        let config = VisionConfig {
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 8,
+            patch_size: 4,
+            projection_dim: 4,
+            ..VisionConfig::default()
+        };
+        let be = CpuBackend::new();
+        let vision = ImageEncoder::random(&be, &config, None, 3).unwrap().vision;
+        let pixels = Tensor::from_vec(&[2, 3, 8, 8], (0..384).map(|i| (i % 7) as f32 * 0.1).collect()).unwrap();
+        let hidden = vision.embed(&be, &pixels).unwrap();
+        // The whole hidden state, as `pool` took it before the last layer gave its class tokens alone.
+        let err = vision.pool(&be, &hidden).unwrap_err().to_string();
+        assert!(err.contains("expected the class tokens [B, 8], got [2, 5, 8]"), "{err}");
+        let pooled = vision.forward(&be, &pixels, Routing::Sample).unwrap().pooled;
+        assert_eq!(pooled.shape(), [2, 8]);
     }
 }
