@@ -281,6 +281,12 @@ pub enum InputGradientKernel {
     Wide,
 }
 
+impl InputGradientKernel {
+    /// Every candidate for a per-sample (several routes) input gradient with experts.
+    pub const CANDIDATES: [InputGradientKernel; 3] =
+        [InputGradientKernel::Direct, InputGradientKernel::Staged, InputGradientKernel::Wide];
+}
+
 /// `dx_r = dy_r · W_r` per route, by `kernel`.
 #[allow(clippy::too_many_arguments)]
 pub fn expert_linear_backward_input<E: Executor>(

@@ -141,8 +141,7 @@ where
             (WemoeKernels::Staged, _) => InputGradientKernel::Staged,
             (WemoeKernels::Tuned, experts) => {
                 let shape = [routes, rows_per_route, w.in_features, w.out_features, experts];
-                let candidates = [InputGradientKernel::Direct, InputGradientKernel::Staged, InputGradientKernel::Wide];
-                self.input_choices.choose(shape, &candidates, |c| e.measure_ms(&mut || run(c)))?
+                self.input_choices.choose(shape, &InputGradientKernel::CANDIDATES, |c| e.measure_ms(&mut || run(c)))?
             }
         };
         run(kernel)

@@ -208,11 +208,16 @@ impl ClipEncoderLayer {
 
     /// `h = x + attn(ln1(x)); h + mlp(ln2(h))`, and the MLP's merge coefficients for WEMoE.
     pub fn forward(&self, be: &dyn Backend, x: &Tensor, routing: Routing) -> Result<(Tensor, Option<Tensor>)> {
-        let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
-        // attn(...) + x rather than x + attn(...): the sum reuses the fresh buffer, not the input.
-        let h = be.add(a, x)?;
+        let h = self.attention_residual(be, x)?;
         let (m, coefficients) = self.mlp.forward(be, &self.layer_norm2.forward(be, &h)?, routing)?;
         Ok((be.add(m, &h)?, coefficients))
+    }
+
+    /// `x + attn(ln1(x))`, every token.
+    fn attention_residual(&self, be: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
+        // attn(...) + x rather than x + attn(...): the sum reuses the fresh buffer, not the input.
+        be.add(a, x)
     }
 
     /// [`Self::forward`]'s output at the class token alone, `[B, D]`: all the last layer's output the pooled
@@ -224,8 +229,7 @@ impl ClipEncoderLayer {
         x: &Tensor,
         routing: Routing,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let a = self.self_attn.forward(be, &self.layer_norm1.forward(be, x)?)?;
-        let h = be.add(a, x)?;
+        let h = self.attention_residual(be, x)?;
         let (m, coefficients) = self.mlp.forward_token(be, &self.layer_norm2.forward(be, &h)?, 0, routing)?;
         Ok((be.add(m, &be.select_token(&h, 0)?)?, coefficients))
     }
