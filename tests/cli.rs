@@ -184,6 +184,44 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
 }
 
 #[test]
+fn threads_sizes_the_pool_and_changes_no_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let embed = |threads: &str, routing: &str| {
+        let out = tmp.path().join(format!("{threads}-{routing}.safetensors"));
+        let (model, images) = (fixture("wemoe/fusionbench_d2"), fixture("adapt/left.safetensors"));
+        let (ok, _, err) = engine(&[
+            "embed",
+            "--model",
+            s(&model),
+            "--images",
+            s(&images),
+            "--out",
+            s(&out),
+            "--routing",
+            routing,
+            "--device",
+            "cpu",
+            "--threads",
+            threads,
+        ]);
+        (ok, err, std::fs::read(&out).ok())
+    };
+    for routing in ["sample", "batch"] {
+        let (ok, err, one) = embed("1", routing);
+        assert!(ok, "{err}");
+        let (ok, err, three) = embed("3", routing);
+        assert!(ok, "{err}");
+        assert!(one.is_some() && one == three, "{routing}: the outputs differ between 1 and 3 threads");
+    }
+    for (threads, says) in [("1", "cpu (1 thread,"), ("3", "cpu (3 threads,")] {
+        let (ok, out, err) = engine(&["doctor", "--threads", threads]);
+        assert!(ok && out.contains(says), "{out}{err}");
+    }
+    let (ok, err, written) = embed("0", "sample");
+    assert!(!ok && err.contains("invalid value '0' for '--threads") && written.is_none(), "{err}");
+}
+
+#[test]
 fn doctor_runs_on_a_fresh_clone() {
     let (ok, out, err) = engine(&["doctor"]);
     assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");

@@ -32,6 +32,10 @@ pub struct Cli {
     /// No progress and no informational lines.
     #[arg(long, global = true)]
     quiet: bool,
+    /// CPU threads for the products, merges and image decoding [default: RAYON_NUM_THREADS if set, else every
+    /// logical CPU]. The CPU's results do not depend on it: every sum runs in the same order whatever the count.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
 }
 
 /// How WEMoE layers route: each sample its own coefficients, or the batch's average.
@@ -342,6 +346,13 @@ fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        // Before anything runs on rayon's global pool, which would otherwise start with its default size.
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n as usize)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {n}: cannot start the thread pool: {e}"))?;
+    }
     let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
     match cli.command {
         Command::Info { model, json } => info::run(&model, json),

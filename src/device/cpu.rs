@@ -86,7 +86,11 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         let precision = if self.bf16 { ", bf16 on AMX" } else { "" };
         let kernels = ops::expert_linear::Kernel::detect().name();
-        format!("cpu ({} threads, {kernels}{precision})", rayon::current_num_threads())
+        let threads = match rayon::current_num_threads() {
+            1 => "1 thread".to_string(),
+            n => format!("{n} threads"),
+        };
+        format!("cpu ({threads}, {kernels}{precision})")
     }
 
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {

@@ -3,9 +3,13 @@
 use rayon::prelude::*;
 
 /// Mean over rows of `H(softmax(row))` for `[rows, classes]` logits, in f64, with PyTorch's log-softmax.
+/// The rows' entropies are computed in parallel and summed in row order: rayon's own `sum` would add them
+/// in a tree shaped by the thread count and by work stealing, and the loss would change in its last bits
+/// from one machine to another.
 pub fn softmax_entropy(logits: &[f32], classes: usize) -> f64 {
     let rows = logits.len() / classes;
-    logits.par_chunks(classes).map(|row| row_entropy(row).0).sum::<f64>() / rows as f64
+    let entropies: Vec<f64> = logits.par_chunks(classes).map(|row| row_entropy(row).0).collect();
+    entropies.iter().sum::<f64>() / rows as f64
 }
 
 /// The entropy of one row and its log-probabilities.
@@ -53,5 +57,17 @@ mod tests {
             &numeric_gradient(&loss, &f64s(&logits)),
             1e-6,
         );
+    }
+
+    #[test]
+    fn the_mean_adds_the_rows_in_order_whatever_the_thread_count() {
+        let (rows, classes) = (1000, 7);
+        let logits: Vec<f32> = values(rows * classes, 3).iter().map(|v| v * 5.0).collect();
+        let in_order = logits.chunks(classes).map(|row| row_entropy(row).0).sum::<f64>() / rows as f64;
+        for threads in 1..=4 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mean = pool.install(|| softmax_entropy(&logits, classes));
+            assert_eq!(mean.to_bits(), in_order.to_bits(), "{threads} threads: {mean} against {in_order}");
+        }
     }
 }
