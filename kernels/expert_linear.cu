@@ -49,7 +49,9 @@ static __device__ __forceinline__ void merged_weight_gemm_tile(const float* __re
             if (n0 + n < N && k0 + k < K) {
                 const size_t at = WEIGHT_IS_N_BY_K ? (size_t)(n0 + n) * K + k0 + k : (size_t)(k0 + k) * N + n0 + n;
                 v = w0[at];
-                for (int t = 0; t < experts; ++t) v += coeff[t] * tau[t * weight_size + at];
+                // fmaf written out, as in every merge: NVRTC fuses `v += c·τ` anyway, the host compiler of the
+                // emulation does not, and every candidate kernel must round as the others do.
+                for (int t = 0; t < experts; ++t) v = fmaf(coeff[t], tau[t * weight_size + at], v);
             }
             bs[k][n] = v;
         }
@@ -114,7 +116,7 @@ extern "C" __global__ void merge_experts(const float* __restrict__ w0, const flo
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)size;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = w0[i];
-        for (int t = 0; t < experts; ++t) v += coeff[t] * tau[(size_t)t * size + i];
+        for (int t = 0; t < experts; ++t) v = fmaf(coeff[t], tau[(size_t)t * size + i], v);
         out[i] = v;
     }
 }

@@ -29,7 +29,7 @@ static __device__ __forceinline__ void store_forward_tile(const float acc[4][Lay
         float bias = 0.0f;
         if (b0) {
             bias = b0[n];
-            for (int t = 0; t < experts; ++t) bias += c[t] * tau_b[(size_t)t * N + n];
+            for (int t = 0; t < experts; ++t) bias = fmaf(c[t], tau_b[(size_t)t * N + n], bias);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {

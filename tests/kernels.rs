@@ -246,6 +246,65 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
     worst("expert_linear_forward_staged/_x2/_wide, expert_linear_backward_input_staged/_wide", &errors)
 }
 
+/// Every candidate the CUDA backend may choose between, by timing, for a per-sample product gives the same
+/// bits as the others: each output is the same chain of fused multiply-adds (the merge from W0 through the
+/// experts in order, then the products over the inputs in order), whatever the tile. Were they to differ,
+/// which one wins the timing on a card would change a run's results, and `adapt --resume` would not end
+/// where an uninterrupted run does. (NVRTC fused the direct kernel's `v += c·τ` merge on its own; the
+/// emulation's host compiler did not, until the kernel said `fmaf`.) Returns the largest relative difference
+/// (zero).
+fn expert_linear_candidates_agree<E: Executor>(e: &E) -> f64 {
+    let mut errors = Vec::new();
+    for (i, &(routes, n, inp, out, experts)) in
+        [(3, 7, 37, 70, 3), (5, 67, 132, 33, 8), (2, 9, 44, 200, 4)].iter().enumerate()
+    {
+        let l = Layer::new(out, inp, experts, 1000 + i as u64);
+        let x = values(routes * n * inp, 1010 + i as u64, 1.0);
+        let dy = values(routes * n * out, 1020 + i as u64, 1.0);
+        let coeff = values(routes * experts, 1030 + i as u64, 0.6);
+        let d = DeviceLayer::new(e, &l);
+        let (xb, dyb, cb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap(), e.upload(&coeff).unwrap());
+        let (w, act) = (d.weights(&l), Some(Activation::QuickGelu));
+        let label = format!("{routes}×{n} rows, {inp}→{out}, T={experts}");
+        let forward = |kernel| {
+            let (pre, y) = (poisoned(e, routes * n * out), poisoned(e, routes * n * out));
+            ops::expert_linear_forward_by(e, kernel, &xb, routes, n, &w, Some(&cb), act, Some(&pre), &y).unwrap();
+            [e.download(&pre).unwrap(), e.download(&y).unwrap()].concat()
+        };
+        let first = forward(ForwardKernel::CANDIDATES[0]);
+        for &kernel in &ForwardKernel::CANDIDATES[1..] {
+            errors.push((
+                format!("{label}: {kernel:?} against {:?}", ForwardKernel::CANDIDATES[0]),
+                bits_apart(&forward(kernel), &first),
+            ));
+        }
+        let input_gradient = |kernel| {
+            let dx = poisoned(e, routes * n * inp);
+            ops::expert_linear_backward_input(e, kernel, &dyb, routes, n, &w, Some(&cb), &dx).unwrap();
+            e.download(&dx).unwrap()
+        };
+        let first = input_gradient(InputGradientKernel::CANDIDATES[0]);
+        for &kernel in &InputGradientKernel::CANDIDATES[1..] {
+            errors.push((
+                format!("{label}: {kernel:?} against {:?}", InputGradientKernel::CANDIDATES[0]),
+                bits_apart(&input_gradient(kernel), &first),
+            ));
+        }
+    }
+    worst("every forward and input-gradient candidate against the first", &errors)
+}
+
+/// Zero when `got` and `want` hold the same bits, else their relative error (or 1 where that rounds to zero),
+/// so that a difference in the last place fails [`report`]'s bar too.
+fn bits_apart(got: &[f32], want: &[f32]) -> f64 {
+    let same = got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+    if same {
+        0.0
+    } else {
+        error(got, want).max(1.0)
+    }
+}
+
 /// The emulation's own landings are what they claim: a read between a `cp.async` and its wait sees the old
 /// value when copies land at the wait and the new one when they land at issue; after the wait, the new one.
 /// (Were they not, `expert_linear_staged`'s two runs would prove nothing about the kernels' waits.)
@@ -672,6 +731,7 @@ kernel_tests!(
     expert_linear_forward,
     expert_linear_grouped,
     expert_linear_staged,
+    expert_linear_candidates_agree,
     expert_linear_tf32,
     expert_linear_bf16,
     expert_linear_backward,

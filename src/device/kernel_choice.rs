@@ -1,5 +1,5 @@
 //! Which of several interchangeable kernels runs a product on this device. The CUDA backend's per-sample
-//! WEMoE products have candidates that compute the same values (kernels/expert_linear*.cu) and whose speed
+//! WEMoE products have candidates that compute the same bits (kernels/expert_linear*.cu) and whose speed
 //! depends on the card and the shape; by default each shape's candidates are timed on the device the first
 //! time the shape runs, and the fastest is kept for the backend's life.
 
