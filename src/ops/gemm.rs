@@ -2,6 +2,7 @@
 //! AVX-512/AVX2 micro-kernels, rayon-parallel).
 
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 
 /// A read-only strided matrix view over a slice: element `(i, j)` is `data[i*row_stride + j*col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -137,8 +138,16 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatRef, bias: Option<&[f32]>) ->
     let x = MatRef::row_major(x, m, k)?;
     let Some(b) = bias else { return product(x, w) };
     ensure!(b.len() == n, "linear: bias has {} elements, {n} needed", b.len());
+    // The bias rows written in parallel, then the product added onto them: one thread filling the output
+    // alone took 3–4 ms of a 50 ms fc1 product at B/32's 3200 rows.
     let mut y = Vec::with_capacity(m * n);
-    (0..m).for_each(|_| y.extend_from_slice(b));
+    y.spare_capacity_mut()[..m * n].par_chunks_mut(n).for_each(|row| {
+        row.iter_mut().zip(b).for_each(|(o, &v)| {
+            o.write(v);
+        })
+    });
+    // SAFETY: the loop above wrote every one of the m rows of n elements.
+    unsafe { y.set_len(m * n) };
     matmul(x, w, &mut y, true, Threads::All)?;
     Ok(y)
 }
