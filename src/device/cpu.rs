@@ -319,6 +319,11 @@ impl Backend for CpuBackend {
         let _timer = OpTimer::start("layer_norm_backward");
         same_shape("layer_norm_backward", x, dy)?;
         let (_, width) = rows_and_width(x);
+        ensure!(
+            weight.shape() == [width],
+            "layer_norm_backward: weight {:?} does not match width {width}",
+            weight.shape()
+        );
         Tensor::from_vec(
             x.shape(),
             ops::layer_norm::layer_norm_backward(x.host()?, width, weight.host()?, eps, dy.host()?),

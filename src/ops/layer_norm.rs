@@ -3,7 +3,15 @@
 use rayon::prelude::*;
 
 /// Normalises each row of `x` (`rows × width`, row-major) and applies `weight` and `bias`.
+/// Panics unless `weight` and `bias` have `width` elements and `x` whole rows of it.
 pub fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    assert!(
+        weight.len() == width && bias.len() == width && x.len().is_multiple_of(width),
+        "layer_norm: weight {}, bias {} and {} inputs do not make rows of {width}",
+        weight.len(),
+        bias.len(),
+        x.len()
+    );
     let mut y = Vec::with_capacity(x.len());
     y.spare_capacity_mut()[..x.len()].par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(out, row)| {
         let (mean, inv) = statistics(row, eps);
@@ -11,14 +19,22 @@ pub fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f3
             o.write(((v as f64 - mean) * inv) as f32 * w + b);
         }
     });
-    // SAFETY: the rows cover all of `x.len()` elements, and each row wrote every one of its own.
+    // SAFETY: `x` is whole rows of `width` (asserted), each written in full: `weight` and `bias` are as wide.
     unsafe { y.set_len(x.len()) };
     y
 }
 
 /// Backward of [`layer_norm`] with respect to its input (the affine parameters are frozen):
 /// `dx = (1/σ)·(ĝ − mean(ĝ) − x̂·mean(ĝ∘x̂))` with `ĝ = dy∘weight`, per row, in f64.
+/// Panics unless `weight` has `width` elements and `x` and `dy` the same whole rows of it.
 pub fn layer_norm_backward(x: &[f32], width: usize, weight: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
+    assert!(
+        weight.len() == width && dy.len() == x.len() && x.len().is_multiple_of(width),
+        "layer_norm_backward: weight {}, {} inputs and {} gradients do not make rows of {width}",
+        weight.len(),
+        x.len(),
+        dy.len()
+    );
     let mut dx = Vec::with_capacity(x.len());
     dx.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(width)
@@ -33,7 +49,7 @@ pub fn layer_norm_backward(x: &[f32], width: usize, weight: &[f32], eps: f32, dy
                 o.write((inv * (gh - mean_g - xh * mean_gx)) as f32);
             }
         });
-    // SAFETY: as in `layer_norm`: every row wrote all of its elements.
+    // SAFETY: as in `layer_norm`: whole rows (asserted), `dy` and `weight` as wide, each row written in full.
     unsafe { dx.set_len(x.len()) };
     dx
 }
