@@ -217,8 +217,13 @@ fn threads_sizes_the_pool_and_changes_no_byte() {
         let (ok, out, err) = engine(&["doctor", "--threads", threads]);
         assert!(ok && out.contains(says), "{out}{err}");
     }
-    let (ok, err, written) = embed("0", "sample");
-    assert!(!ok && err.contains("invalid value '0' for '--threads") && written.is_none(), "{err}");
+    for refused in ["0", "1025"] {
+        let (ok, err, written) = embed(refused, "sample");
+        assert!(
+            !ok && err.contains(&format!("invalid value '{refused}' for '--threads")) && written.is_none(),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -32,11 +32,16 @@ pub struct Cli {
     /// No progress and no informational lines.
     #[arg(long, global = true)]
     quiet: bool,
-    /// CPU threads for the products, merges and image decoding [default: RAYON_NUM_THREADS if set, else every
-    /// logical CPU]. The CPU's results do not depend on it: every sum runs in the same order whatever the count.
-    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..))]
+    /// CPU threads for the products, merges and image decoding, 1 to 1024 [default: RAYON_NUM_THREADS if set,
+    /// else every logical CPU]. The CPU's results do not depend on it: every sum runs in the same order whatever
+    /// the count.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=MAX_THREADS as i64))]
     threads: Option<u32>,
 }
+
+/// The most `--threads` takes: past a few thousand, starting the pool alone takes many seconds (100000 took
+/// minutes), which a typo should not cost.
+const MAX_THREADS: u32 = 1024;
 
 /// How WEMoE layers route: each sample its own coefficients, or the batch's average.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -352,6 +357,12 @@ pub fn run(cli: Cli) -> Result<()> {
             .num_threads(n as usize)
             .build_global()
             .map_err(|e| anyhow::anyhow!("--threads {n}: cannot start the thread pool: {e}"))?;
+        let cpus = std::thread::available_parallelism().map_or(1, |p| p.get());
+        if n as usize > cpus && !cli.quiet {
+            eprintln!(
+                "note: --threads {n} is more than this machine's {cpus} logical CPUs; the threads will share them"
+            );
+        }
     }
     let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
     match cli.command {
