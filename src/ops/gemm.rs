@@ -138,8 +138,8 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatRef, bias: Option<&[f32]>) ->
     let x = MatRef::row_major(x, m, k)?;
     let Some(b) = bias else { return product(x, w) };
     ensure!(b.len() == n, "linear: bias has {} elements, {n} needed", b.len());
-    // The bias rows written in parallel, then the product added onto them: one thread filling the output
-    // alone took 3–4 ms of a 50 ms fc1 product at B/32's 3200 rows.
+    // The bias rows written in parallel, then the product added onto them. Filled on one thread, they cost
+    // 2–3 ms of each 55 ms WEMoE call of a 64-image B/32 `embed` (BENCHMARKS.md).
     let mut y = Vec::with_capacity(m * n);
     y.spare_capacity_mut()[..m * n].par_chunks_mut(n).for_each(|row| {
         row.iter_mut().zip(b).for_each(|(o, &v)| {

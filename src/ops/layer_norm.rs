@@ -66,9 +66,8 @@ fn statistics(row: &[f32], eps: f32) -> (f64, f64) {
 const LANES: usize = 8;
 
 /// `Σ_i f(a_i, b_i, c_i)` in f64 over three rows of one length, in [`LANES`] interleaved partial sums combined
-/// in a fixed order, then the tail. One running sum is a chain of dependent adds (four cycles each, most of
-/// what a LayerNorm cost); eight independent ones vectorise, and the order, so the result, is the same on
-/// every machine and thread count.
+/// in a fixed order, then the tail. One running sum is a chain of dependent adds, which no loop vectorises;
+/// eight independent ones do, and the order, so the result, is the same on every machine and thread count.
 fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f64, f64, f64) -> f64) -> f64 {
     let ((ac, at), (bc, bt), (cc, ct)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>(), c.as_chunks::<LANES>());
     let mut lanes = [0.0f64; LANES];

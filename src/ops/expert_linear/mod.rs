@@ -57,8 +57,9 @@ pub fn to_blocked(weight: &[f32], out: usize, inp: usize) -> Vec<f32> {
     assert_eq!(weight.len(), out * inp, "to_blocked: the weight is not {out}×{inp}");
     let len = blocked_len(out, inp);
     // Tile by tile: 32 rows gathered, transposed in a local array, stored as one contiguous 4 KiB run, and
-    // nothing zeroed first. Scattering element by element into a zeroed vector took 2.7–2.8 ms per B/32 MLP
-    // weight against 1.2 now, most of the time `embed` spent loading a WEMoE model (BENCHMARKS.md).
+    // nothing zeroed first. Scattered element by element into a zeroed vector, the 9 weights of a B/32 WEMoE
+    // linear (8 experts) took 22–23 ms against 12–13 now, most of the time `embed` spent loading a WEMoE model
+    // (`prepare_expert_linear` in BENCHMARKS.md).
     let mut blocked = Vec::with_capacity(len);
     blocked.spare_capacity_mut()[..len].par_chunks_mut(inp * BLOCK_ROWS).enumerate().for_each(|(bi, block)| {
         let (j0, rows) = (bi * BLOCK_ROWS, BLOCK_ROWS.min(out - bi * BLOCK_ROWS));
