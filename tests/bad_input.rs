@@ -232,6 +232,19 @@ fn a_corrupt_jpeg_and_an_empty_file() {
     t.embed(&fixture("clip_b"), &root, "empty.jpg: cannot decode image");
 }
 
+#[test]
+fn an_image_format_the_engine_does_not_read_is_refused_not_skipped() {
+    let t = Scratch::new();
+    let root = folder_with(&t, "photo.webp", b"RIFF\0\0\0\0WEBPVP8 ");
+    t.embed(&fixture("clip_b"), &root, "1 image(s) in formats other than PNG and JPEG, first");
+    // Files that are not images stay ignored.
+    let t = Scratch::new();
+    let root = folder_with(&t, "notes.txt", b"not an image");
+    let out = t.out();
+    let (ok, _, err) = engine(&["embed", "--model", s(&fixture("clip_b")), "--images", s(&root), "--out", s(&out)]);
+    assert!(ok && out.exists(), "{err}");
+}
+
 fn eval(t: &Scratch, model: &str, heads: &str, task: &str) -> Vec<String> {
     let json = t.path("out.json");
     vec![

@@ -86,6 +86,63 @@ fn photographs_preprocess_like_clip_image_processor() {
     }
 }
 
+#[test]
+fn transparent_and_16_bit_pngs_preprocess_like_clip_image_processor() {
+    // Each file unconverted, as FusionBench gives a dataset's image to the processor: an alpha channel, a
+    // palette's and a colour key's transparency composited onto white, 16-bit samples read by their high byte.
+    let data = Dataset::open(&fixture("image_modes/folder"), &Preprocess::clip(32), 32).unwrap();
+    let names = [
+        "grey16_55x46.png",
+        "grey_alpha_47x70.png",
+        "grey_key_44x41.png",
+        "palette_alpha_57x49.png",
+        "rgb16_59x45.png",
+        "rgb_key_52x60.png",
+        "rgba16_43x50.png",
+        "rgba_61x53.png",
+    ];
+    assert_eq!(data.len(), names.len());
+    let got = data.batch(0..data.len()).unwrap();
+    let per = 3 * 32 * 32;
+    for (i, name) in names.iter().enumerate() {
+        let (_, want) = reference("image_modes/folder_expected_32.safetensors", name);
+        let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
+        assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{name}: max {max:.4} mean {mean:.5}");
+    }
+}
+
+#[test]
+fn every_value_and_alpha_composites_onto_white_as_transformers_does() {
+    // 256 × 256 RGBA: value across, alpha down; no resize, no normalisation, so the pixels are the composite.
+    let unscaled = Preprocess {
+        shortest_edge: None,
+        crop: Some((256, 256)),
+        rescale: 1.0,
+        mean_std: None,
+        ..Preprocess::clip(256)
+    };
+    let data = Dataset::open(&fixture("image_modes/composite"), &unscaled, 256).unwrap();
+    let got = data.batch(0..1).unwrap();
+    let want = image::open(fixture("image_modes/composite_expected.png")).unwrap().to_rgb8();
+    let got = got.host().unwrap();
+    let plane = 256 * 256;
+    for (i, p) in want.pixels().enumerate() {
+        for c in 0..3 {
+            let (value, alpha) = (i % 256, i / 256);
+            assert_eq!(got[c * plane + i], p[c] as f32, "value {value}, alpha {alpha}, channel {c}");
+        }
+    }
+}
+
+#[test]
+fn rgba_arrays_preprocess_like_clip_image_processor() {
+    let data = Dataset::open(&fixture("image_modes/rgba_u8.safetensors"), &Preprocess::clip(32), 32).unwrap();
+    let got = data.batch(0..data.len()).unwrap();
+    let (_, want) = reference("image_modes/rgba_u8_expected_32.safetensors", "pixel_values");
+    let (max, mean) = abs_diffs(got.host().unwrap(), &want);
+    assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "max {max:.4} mean {mean:.5}");
+}
+
 /// Pixels, pooled output and logits of a dataset through clip_a (which has a preprocessor_config.json).
 fn check_dataset_through_clip_a(path: &std::path::Path, tag: &str) {
     let be = CpuBackend::new();

@@ -77,8 +77,9 @@ impl Dataset {
             (Source::Pixels(pixels), shape[0], labels)
         } else if let Some(shape) = shape_of("images") {
             ensure!(
-                shape.len() == 4 && matches!(shape[3], 1 | 3 | 4) && shape[1] > 0 && shape[2] > 0,
-                "{}: images have shape {shape:?}, expected [N, H, W, C] with C = 1 or 3",
+                shape.len() == 4 && (1..=4).contains(&shape[3]) && shape[1] > 0 && shape[2] > 0,
+                "{}: images have shape {shape:?}, expected [N, H, W, C] with C = 1 (grey), 2 (grey, alpha), 3 (RGB) \
+                 or 4 (RGBA)",
                 path.display()
             );
             file.u8("images")?;
@@ -184,11 +185,27 @@ fn decode_image(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
     }
     let decoded = image::load_from_memory(&bytes).map_err(|e| fail(&e))?;
     let (w, h) = (decoded.width() as usize, decoded.height() as usize);
-    if decoded.color().has_color() {
-        Ok((decoded.to_rgb8().into_raw(), h, w, 3))
-    } else {
-        Ok((decoded.to_luma8().into_raw(), h, w, 1))
-    }
+    // The decoder expands palettes, and a tRNS chunk into an alpha channel, as Pillow's convert("RGBA")
+    // does; the preprocessing composites alpha onto white.
+    use image::DynamicImage as D;
+    let (pixels, channels) = match decoded {
+        D::ImageLuma8(p) => (p.into_raw(), 1),
+        D::ImageLumaA8(p) => (p.into_raw(), 2),
+        D::ImageRgb8(p) => (p.into_raw(), 3),
+        D::ImageRgba8(p) => (p.into_raw(), 4),
+        D::ImageLuma16(p) => (high_bytes(&p), 1),
+        D::ImageLumaA16(p) => (high_bytes(&p), 2),
+        D::ImageRgb16(p) => (high_bytes(&p), 3),
+        D::ImageRgba16(p) => (high_bytes(&p), 4),
+        other => return Err(fail(&format!("unsupported pixel format {:?}", other.color()))),
+    };
+    Ok((pixels, h, w, channels))
+}
+
+/// 16-bit samples as 8-bit ones the way Pillow reads 16-bit PNGs: the high byte. (Pillow keeps 16-bit grey
+/// as mode I;16, which transformers' RGB conversion clips to 255; the high byte keeps the picture.)
+fn high_bytes(samples: &[u16]) -> Vec<u8> {
+    samples.iter().map(|&v| (v >> 8) as u8).collect()
 }
 
 /// libjpeg-turbo's decoding with its defaults (integer IDCT, fancy upsampling), as Pillow decodes.

@@ -4,9 +4,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+fn extension(path: &Path) -> Option<String> {
+    path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
+}
+
 fn is_image(path: &Path) -> bool {
-    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
+    matches!(extension(path).as_deref(), Some("png" | "jpg" | "jpeg"))
+}
+
+/// Image formats torchvision's ImageFolder also reads, which the engine does not decode: refused rather than
+/// skipped, so that a task is never silently smaller than the user's.
+fn is_other_image(path: &Path) -> bool {
+    matches!(extension(path).as_deref(), Some("bmp" | "gif" | "webp" | "tif" | "tiff" | "ppm" | "pgm" | "pbm" | "pnm"))
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -32,12 +41,24 @@ pub struct ImageFolder {
 pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
     let classes: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     let mut files = Vec::new();
+    let mut others = Vec::new();
     for (id, class) in classes.iter().enumerate() {
         for file in sorted_entries(class)? {
             if file.is_file() && is_image(&file) {
                 files.push((file, id as i64));
+            } else if file.is_file() && is_other_image(&file) {
+                others.push(file);
             }
         }
+    }
+    if let Some(first) = others.first() {
+        bail!(
+            "{}: {} image(s) in formats other than PNG and JPEG, first {}; convert them (the engine reads PNG and \
+             JPEG) or move them out",
+            root.display(),
+            others.len(),
+            first.display()
+        );
     }
     if files.is_empty() {
         bail!("{}: no class subfolders holding PNG or JPEG images", root.display());

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use super::resample::{resize, Filter};
@@ -116,20 +116,22 @@ impl Preprocess {
         }
     }
 
-    /// Preprocesses an interleaved 8-bit image (`channels` 1 = grey, 3 = RGB, 4 = RGBA with alpha
-    /// dropped) to planar `[3, H, W]` f32.
+    /// Preprocesses an interleaved 8-bit image (`channels` 1 = grey, 2 = grey and alpha, 3 = RGB, 4 = RGBA)
+    /// to planar `[3, H, W]` f32. Transparency is composited onto white first, as transformers' `convert_to_rgb`
+    /// does before the processor resizes.
     pub fn apply(&self, pixels: &[u8], height: usize, width: usize, channels: usize) -> Result<Vec<f32>> {
         if height == 0 || width == 0 {
             bail!("image of size {width}×{height} is empty");
         }
-        if !matches!(channels, 1 | 3 | 4) {
-            bail!("image with {channels} channels (expected 1, 3 or 4)");
+        if !(1..=4).contains(&channels) {
+            bail!("image with {channels} channels (expected 1 to 4: grey, grey and alpha, RGB, RGBA)");
         }
-        let rgb: Vec<u8> = match channels {
-            3 => pixels.to_vec(),
-            1 => pixels.iter().flat_map(|&g| [g, g, g]).collect(),
-            _ => pixels.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        };
+        ensure!(
+            pixels.len() == height * width * channels,
+            "image of {width}×{height}×{channels} given {} bytes",
+            pixels.len()
+        );
+        let rgb = to_rgb(pixels, channels);
         let (rh, rw) = self.resized_size(height, width);
         let resized =
             if (rh, rw) != (height, width) { resize(&rgb, height, width, 3, rh, rw, self.filter) } else { rgb };
@@ -154,6 +156,24 @@ impl Preprocess {
         }
         Ok(out)
     }
+}
+
+/// Interleaved 8-bit RGB from 1 to 4 channels: grey repeated, alpha composited onto white.
+fn to_rgb(pixels: &[u8], channels: usize) -> Vec<u8> {
+    match channels {
+        1 => pixels.iter().flat_map(|&g| [g, g, g]).collect(),
+        2 => pixels.chunks_exact(2).flat_map(|p| [over_white(p[0], p[1]); 3]).collect(),
+        3 => pixels.to_vec(),
+        _ => pixels.chunks_exact(4).flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3]))).collect(),
+    }
+}
+
+/// A sample of value `value` and opacity `alpha` over an opaque white background, rounded to nearest:
+/// `(value·alpha + 255·(255 − alpha)) / 255`. That is what Pillow's `Image.alpha_composite` (which
+/// transformers' `convert_to_rgb` calls) gives for every pair, checked in tests/parity_transformers.rs.
+fn over_white(value: u8, alpha: u8) -> u8 {
+    let (value, alpha) = (u32::from(value), u32::from(alpha));
+    ((value * alpha + 255 * (255 - alpha) + 127) / 255) as u8
 }
 
 #[cfg(test)]
