@@ -4,15 +4,21 @@
 //! of Experts (WEMoE), adapts its routers at test time, and runs the result, on the CPU or a GPU.
 //!
 //! The library is layered:
+//! - [`tensor`]: a shape and f32 storage on one device, host tensors borrowed from memory maps where they can be;
 //! - [`checkpoint`]: HF CLIP directories and safetensors, memory-mapped and validated;
 //! - [`config`]: the vision tower's dimensions from `config.json`;
-//! - [`device`]: the [`Backend`](device::Backend) interface and its CPU implementation;
+//! - [`device`]: the [`Backend`](device::Backend) interface, its CPU and CUDA implementations;
 //! - [`ops`]: the CPU reference of every operation;
-//! - [`model`]: the CLIP vision model, its projection, the classification heads;
+//! - [`kernels`] and [`cuda`]: the CUDA sources, their NVRTC compilation and cache, and the executors that run
+//!   them on a GPU or in the host emulation;
+//! - [`model`]: the CLIP vision model, WEMoE layers, the projection, the classification heads;
+//! - [`merge`]: WEMoE, task arithmetic and averaging, streamed into the output file;
 //! - [`data`]: datasets and CLIP's preprocessing;
 //! - [`eval`]: accuracy of a model over tasks;
 //! - [`autograd`]: the tape and the adaptation loss's router gradients;
-//! - [`adapt`]: Adam and the routers' parameters;
+//! - [`adapt`]: Adam, the routers' parameters, the task samplers and the checkpointed adaptation run;
+//! - [`suite`]: the bundled multi-task suite the demo runs on;
+//! - [`rng`]: the seeded generator of every initialisation and shuffle;
 //! - [`output`]: atomic output files.
 //!
 //! ```no_run

@@ -87,11 +87,13 @@ fn photographs_preprocess_like_clip_image_processor() {
 }
 
 #[test]
-fn transparent_and_16_bit_pngs_preprocess_like_clip_image_processor() {
+fn transparent_16_bit_and_cmyk_images_preprocess_like_clip_image_processor() {
     // Each file unconverted, as FusionBench gives a dataset's image to the processor: an alpha channel, a
-    // palette's and a colour key's transparency composited onto white, 16-bit samples read by their high byte.
+    // palette's and a colour key's transparency composited onto white, 16-bit samples read by their high byte,
+    // a CMYK JPEG's inks made RGB as Pillow does.
     let data = Dataset::open(&fixture("image_modes/folder"), &Preprocess::clip(32), 32).unwrap();
     let names = [
+        "cmyk_63x51.jpg",
         "grey16_55x46.png",
         "grey_alpha_47x70.png",
         "grey_key_44x41.png",

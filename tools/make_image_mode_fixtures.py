@@ -6,12 +6,13 @@ Run once (tools/setup-venv.sh first): .venv/bin/python tools/make_image_mode_fix
 Deterministic; the tests never need Python. The images are crops of scikit-learn's flower.jpg (as in
 make_fixtures.py) with made-up alpha channels, palettes and 16-bit samples.
 
-- folder/c/*.png: one class folder, each file given to the processor as FusionBench gives a dataset's
+- folder/c/*.png, *.jpg: one class folder, each file given to the processor as FusionBench gives a dataset's
   image: `Image.open(path)` unconverted, so transformers' convert_to_rgb composites any transparency (an
   alpha channel, or a tRNS chunk on a palette, grey or RGB image) onto white. 16-bit samples are read by
   Pillow as their high byte, except 16-bit grey, which Pillow keeps as mode I;16 and transformers then
   clips to 255 (a white image): the engine takes the high byte there too, so that file's expected pixels
-  come from the high-byte 8-bit image.
+  come from the high-byte 8-bit image. A CMYK JPEG: Pillow inverts its samples (Adobe's convention) and
+  converts them to RGB.
 - composite/c/pairs.png and composite_expected.png: every (value, alpha) pair of 8-bit samples, and
   transformers' convert_to_rgb of it at full size (no resize), so the compositing itself is checked
   exactly.
@@ -88,6 +89,12 @@ def main():
     png16(os.path.join(folder, "rgba16_43x50.png"), rgba16, 6)
     grey16 = np.asarray(crop(400, 100, 55, 46).convert("L")).astype(np.uint16) * 257 + rng.integers(0, 257, (46, 55))
     png16(os.path.join(folder, "grey16_55x46.png"), grey16.astype(np.uint16), 0)
+
+    # CMYK JPEG (Pillow writes the samples inverted, with an Adobe marker, as Photoshop does), every ink
+    # including black varying.
+    cmyk = np.dstack([255 - np.asarray(crop(60, 220, 63, 51)), rng.integers(0, 256, (51, 63)).astype(np.uint8)])
+    Image.frombytes("CMYK", (63, 51), np.ascontiguousarray(cmyk).tobytes()).save(
+        os.path.join(folder, "cmyk_63x51.jpg"), quality=92)
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
     expected = {}

@@ -208,15 +208,30 @@ fn high_bytes(samples: &[u16]) -> Vec<u8> {
     samples.iter().map(|&v| (v >> 8) as u8).collect()
 }
 
+/// A CMYK JPEG's pixel as Pillow reads it: the samples inverted (Pillow assumes Adobe's convention, which
+/// stores them so), then `(255 − k)·(1 − c/255)` per ink, rounded to nearest. In the file's own samples,
+/// `255 − k` is `k` and `c/255` is `1 − c/255`.
+fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
+    let white = u32::from(k);
+    [c, m, y].map(|ink| {
+        let ink = 255 - u32::from(ink);
+        (white - (ink * white + 127) / 255) as u8
+    })
+}
+
 /// libjpeg-turbo's decoding with its defaults (integer IDCT, fancy upsampling), as Pillow decodes.
 fn decode_jpeg(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
     // libjpeg reports errors by unwinding out of its callback (without the panic hook); catch it here.
     std::panic::catch_unwind(|| -> Result<_, String> {
         let jpeg = mozjpeg::Decompress::new_mem(bytes).map_err(|e| e.to_string())?;
-        if matches!(jpeg.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
-            return Err("CMYK JPEG images are not supported; convert them to RGB".into());
-        }
         let (w, h) = (jpeg.width(), jpeg.height());
+        if matches!(jpeg.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            // libjpeg turns YCCK into CMYK; the inks become RGB as Pillow's convert("RGB") makes them.
+            let mut cmyk = jpeg.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK).map_err(|e| e.to_string())?;
+            let inks: Vec<[u8; 4]> = cmyk.read_scanlines().map_err(|e| e.to_string())?;
+            cmyk.finish().map_err(|e| e.to_string())?;
+            return Ok((inks.into_iter().flat_map(cmyk_to_rgb).collect(), h, w, 3));
+        }
         let mut rgb = jpeg.rgb().map_err(|e| e.to_string())?;
         let rows: Vec<[u8; 3]> = rgb.read_scanlines().map_err(|e| e.to_string())?;
         rgb.finish().map_err(|e| e.to_string())?;
