@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Makes tests/fixtures/image_modes/: PNG files in the pixel formats that need more than decoding to become
-RGB (transparency, 16-bit samples), and what transformers' CLIPImageProcessorPil makes of them.
+"""Makes tests/fixtures/image_modes/: image files in the pixel formats that need more than decoding to become
+RGB (transparency, 16-bit samples, CMYK), and what transformers' CLIPImageProcessorPil makes of them.
 
 Run once (tools/setup-venv.sh first): .venv/bin/python tools/make_image_mode_fixtures.py
 Deterministic; the tests never need Python. The images are crops of scikit-learn's flower.jpg (as in
-make_fixtures.py) with made-up alpha channels, palettes and 16-bit samples.
+make_fixtures.py) with made-up alpha channels, palettes, 16-bit samples and inks.
 
 - folder/c/*.png, *.jpg: one class folder, each file given to the processor as FusionBench gives a dataset's
   image: `Image.open(path)` unconverted, so transformers' convert_to_rgb composites any transparency (an
