@@ -67,6 +67,23 @@ pub fn write_safetensors_with_metadata(
     tensors: &[NamedTensor],
     metadata: std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
-    let bytes = safetensors::serialize(views(tensors)?, Some(metadata.into_iter().collect()))?;
-    write_atomic(path, &bytes)
+    write_safetensors_with_integers(path, tensors, &[], metadata)
+}
+
+/// Writes f32 tensors, one-dimensional i64 tensors (labels, say) and string metadata to a safetensors file
+/// atomically; no metadata header when `metadata` is empty.
+pub fn write_safetensors_with_integers(
+    path: &Path,
+    tensors: &[NamedTensor],
+    integers: &[(&str, &[i64])],
+    metadata: std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let mut all = views(tensors)?;
+    for &(name, values) in integers {
+        let view = TensorView::new(Dtype::I64, vec![values.len()], bytemuck::cast_slice(values))
+            .with_context(|| format!("tensor '{name}'"))?;
+        all.push((name.to_string(), view));
+    }
+    let metadata = (!metadata.is_empty()).then(|| metadata.into_iter().collect());
+    write_atomic(path, &safetensors::serialize(all, metadata)?)
 }

@@ -67,6 +67,41 @@ fn embed_writes_the_reference_embeddings() {
     }
 }
 
+#[test]
+fn embed_keeps_the_labels_and_class_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("photos.safetensors");
+    let (model, photos) = (fixture("clip_a"), fixture("photos"));
+    let (ok, _, err) = engine(&[
+        "embed",
+        "--model",
+        s(&model),
+        "--images",
+        s(&photos),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let classes = header.metadata().as_ref().and_then(|m| m.get("classes")).cloned();
+    assert_eq!(classes.as_deref(), Some(r#"["class_0","class_1"]"#));
+    let file = SafetensorsFile::open(&out).unwrap();
+    assert_eq!(file.integers("labels").unwrap(), [0, 0, 1, 1]);
+    assert_eq!(file.info("pooler_output").unwrap().shape, [4, 48]);
+    // Labelled pixel values: their labels, and no class names (no metadata at all).
+    let (ok, _, err) = embed_fixture(&[], "c", &out);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let want = SafetensorsFile::open(&fixture("pixels_c.safetensors")).unwrap().integers("labels").unwrap();
+    assert_eq!(SafetensorsFile::open(&out).unwrap().integers("labels").unwrap(), want);
+    assert!(header.metadata().is_none());
+}
+
 /// `WEMOE_OP_TIMES=1` prints the backend's operations when the command exits, each counted as often as the
 /// forward runs it: per batch one patch embedding, per layer one attention and two LayerNorms, plus the
 /// pre- and post-LayerNorms; and the "all" row sums the rows.

@@ -1,5 +1,7 @@
-//! `wemoe-engine embed`: pooled outputs and image embeddings of a dataset, to safetensors.
+//! `wemoe-engine embed`: pooled outputs and image embeddings of a dataset (with its labels and class names
+//! when it has them), to safetensors.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -7,7 +9,7 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceChoice};
 use wemoe_engine::eval::{embed_dataset, Batching};
-use wemoe_engine::output::{write_safetensors, NamedTensor};
+use wemoe_engine::output::{write_safetensors_with_integers, NamedTensor};
 
 use super::progress;
 use super::weights::{LoadedEncoder, Weights};
@@ -60,7 +62,14 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             values: result.routing_weights.concat(),
         });
     }
-    write_safetensors(&args.out, &tensors)?;
+    // The labels and class names, when the data has them, so that rows can be matched to classes (an
+    // ImageFolder's rows are its files in sorted order).
+    let labels: Vec<(&str, &[i64])> = data.labels().map(|l| ("labels", l)).into_iter().collect();
+    let mut metadata = BTreeMap::new();
+    if let Some(classes) = data.classes() {
+        metadata.insert("classes".to_string(), serde_json::to_string(classes)?);
+    }
+    write_safetensors_with_integers(&args.out, &tensors, &labels, metadata)?;
     if !quiet {
         eprintln!(
             "wrote {} ({n} images in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
