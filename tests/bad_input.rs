@@ -140,6 +140,17 @@ fn missing_config_json() {
 }
 
 #[test]
+fn pytorch_pickles_instead_of_safetensors() {
+    let t = Scratch::new();
+    let dir = t.model("clip_b");
+    std::fs::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).unwrap();
+    let err = t.embed(&dir, &fixture("pixels_b.safetensors"), "holds pytorch_model.bin (a PyTorch pickle)");
+    assert!(err.contains("safetensors.torch") && err.contains("clip_b/model.safetensors"), "{err}");
+    std::fs::rename(dir.join("pytorch_model.bin"), dir.join("pytorch_model.bin.index.json")).unwrap();
+    t.embed(&dir, &fixture("pixels_b.safetensors"), "holds sharded PyTorch pickles");
+}
+
+#[test]
 fn missing_tensor() {
     let t = Scratch::new();
     let dir = t.edited_model(|ts| ts.retain(|x| x.name != FC1));

@@ -59,6 +59,24 @@ impl TensorStore {
             shards.into_iter().collect()
         } else if single.exists() {
             vec![single]
+        } else if dir.join("pytorch_model.bin").exists() {
+            // PyTorch pickles can run code when loaded; the engine reads safetensors only. This keeps every
+            // tensor under its own name, whatever the model class.
+            bail!(
+                "{}: holds pytorch_model.bin (a PyTorch pickle) but no model.safetensors; the engine reads \
+                 safetensors only. Convert it: python -c \"import torch, safetensors.torch as st; sd = \
+                 torch.load('{dir}/pytorch_model.bin', weights_only=True); st.save_file({{k: v.contiguous() for k, \
+                 v in sd.items()}}, '{dir}/model.safetensors')\"",
+                dir.display(),
+                dir = dir.display()
+            );
+        } else if dir.join("pytorch_model.bin.index.json").exists() {
+            bail!(
+                "{}: holds sharded PyTorch pickles (pytorch_model.bin.index.json) but no safetensors; the engine \
+                 reads safetensors only. Load the model with transformers and save_pretrained it (safetensors is \
+                 its default)",
+                dir.display()
+            );
         } else {
             bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
         };
