@@ -66,24 +66,32 @@ fn abs_diffs(got: &[f32], want: &[f32]) -> (f64, f64) {
     (d.iter().cloned().fold(0.0, f64::max), d.iter().sum::<f64>() / d.len() as f64)
 }
 
+/// The ImageFolder `dir` preprocessed to `side × side` against the processor's pixels in `expected`, one
+/// tensor per file, `names` being the files in the folder's (sorted) order.
+fn check_folder_pixels(dir: &str, side: usize, expected: &str, names: &[&str]) {
+    let data = Dataset::open(&fixture(dir), &Preprocess::clip(side), side).unwrap();
+    assert_eq!(data.len(), names.len());
+    let got = data.batch(0..data.len()).unwrap();
+    let per = 3 * side * side;
+    for (i, name) in names.iter().enumerate() {
+        let (_, want) = reference(expected, name);
+        let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
+        assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{name}: max {max:.4} mean {mean:.5}");
+    }
+}
+
 #[test]
 fn photographs_preprocess_like_clip_image_processor() {
     // JPEG and PNG, colour and grey, downsampled and upsampled, odd sizes; an ImageFolder tree.
     let data = Dataset::open(&fixture("photos"), &Preprocess::clip(48), 48).unwrap();
     assert_eq!(data.labels().unwrap(), &[0, 0, 1, 1]);
-    let got = data.batch(0..data.len()).unwrap();
     let names = [
         "class_0/china_301x217.jpg",
         "class_0/flower_121x143.png",
         "class_1/china_61x47.jpg",
         "class_1/flower_grey_97x65.png",
     ];
-    let per = 3 * 48 * 48;
-    for (i, name) in names.iter().enumerate() {
-        let (_, want) = reference("photos_expected_48.safetensors", name);
-        let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
-        assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{name}: max {max:.4} mean {mean:.5}");
-    }
+    check_folder_pixels("photos", 48, "photos_expected_48.safetensors", &names);
 }
 
 #[test]
@@ -91,7 +99,6 @@ fn transparent_16_bit_and_cmyk_images_preprocess_like_clip_image_processor() {
     // Each file unconverted, as FusionBench gives a dataset's image to the processor: an alpha channel, a
     // palette's and a colour key's transparency composited onto white, 16-bit samples read by their high byte,
     // a CMYK JPEG's inks made RGB as Pillow does.
-    let data = Dataset::open(&fixture("image_modes/folder"), &Preprocess::clip(32), 32).unwrap();
     let names = [
         "cmyk_63x51.jpg",
         "grey16_55x46.png",
@@ -103,14 +110,26 @@ fn transparent_16_bit_and_cmyk_images_preprocess_like_clip_image_processor() {
         "rgba16_43x50.png",
         "rgba_61x53.png",
     ];
-    assert_eq!(data.len(), names.len());
-    let got = data.batch(0..data.len()).unwrap();
-    let per = 3 * 32 * 32;
-    for (i, name) in names.iter().enumerate() {
-        let (_, want) = reference("image_modes/folder_expected_32.safetensors", name);
-        let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
-        assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{name}: max {max:.4} mean {mean:.5}");
-    }
+    check_folder_pixels("image_modes/folder", 32, "image_modes/folder_expected_32.safetensors", &names);
+}
+
+#[test]
+fn webp_bmp_gif_tiff_and_pnm_files_preprocess_like_clip_image_processor() {
+    // Lossy and lossless WebP with and without alpha, BMP, a GIF with a transparent index, TIFF, PNM.
+    let names = [
+        "bits_47x45.pbm",
+        "grey_39x60.pgm",
+        "lossless_alpha_45x62.webp",
+        "lossy_67x58.webp",
+        "lossy_alpha_51x39.webp",
+        "palette_49x57.bmp",
+        "palette_key_58x47.gif",
+        "rgb_62x41.ppm",
+        "rgb_67x58.bmp",
+        "rgb_lzw_53x44.tif",
+        "rgba_41x55.tif",
+    ];
+    check_folder_pixels("image_modes/formats", 32, "image_modes/formats_expected_32.safetensors", &names);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Makes tests/fixtures/image_modes/: image files in the pixel formats that need more than decoding to become
-RGB (transparency, 16-bit samples, CMYK), and what transformers' CLIPImageProcessorPil makes of them.
+RGB (transparency, 16-bit samples, CMYK), files in every other format the engine reads, and what
+transformers' CLIPImageProcessorPil makes of them.
 
 Run once (tools/setup-venv.sh first): .venv/bin/python tools/make_image_mode_fixtures.py
 Deterministic; the tests never need Python. The images are crops of scikit-learn's flower.jpg (as in
@@ -13,6 +14,7 @@ make_fixtures.py) with made-up alpha channels, palettes, 16-bit samples and inks
   clips to 255 (a white image): the engine takes the high byte there too, so that file's expected pixels
   come from the high-byte 8-bit image. A CMYK JPEG: Pillow inverts its samples (Adobe's convention) and
   converts them to RGB.
+- formats/c/*: WebP (lossy, lossless, with alpha), BMP, GIF, TIFF and PNM files, unconverted as above.
 - composite/c/pairs.png and composite_expected.png: every (value, alpha) pair of 8-bit samples, and
   transformers' convert_to_rgb of it at full size (no resize), so the compositing itself is checked
   exactly.
@@ -105,6 +107,30 @@ def main():
         expected[name] = proc(images=image, return_tensors="pt")["pixel_values"][0].contiguous()
     save_file(expected, os.path.join(ROOT, "folder_expected_32.safetensors"))
 
+    # The other formats torchvision's ImageFolder reads (and GIF, PBM), unconverted as above: lossy and
+    # lossless WebP (with alpha), BMP (24-bit and palette), GIF with a transparent index, TIFF (LZW; RGBA), PNM.
+    formats = os.path.join(ROOT, "formats", "c")
+    os.makedirs(formats)
+    photo = crop(170, 120, 67, 58)
+    photo.save(os.path.join(formats, "lossy_67x58.webp"), quality=75)
+    Image.fromarray(np.dstack([np.asarray(crop(20, 260, 45, 62)), alpha(62, 45)]), "RGBA").save(
+        os.path.join(formats, "lossless_alpha_45x62.webp"), lossless=True)
+    Image.fromarray(np.dstack([np.asarray(crop(350, 60, 51, 39)), alpha(39, 51)]), "RGBA").save(
+        os.path.join(formats, "lossy_alpha_51x39.webp"), quality=80)
+    photo.save(os.path.join(formats, "rgb_67x58.bmp"))
+    crop(240, 330, 49, 57).quantize(colors=50).save(os.path.join(formats, "palette_49x57.bmp"))
+    gif = crop(410, 230, 58, 47).quantize(colors=30)
+    gif.save(os.path.join(formats, "palette_key_58x47.gif"), transparency=int(np.asarray(gif)[23, 29]))
+    crop(60, 380, 53, 44).save(os.path.join(formats, "rgb_lzw_53x44.tif"), compression="tiff_lzw")
+    Image.fromarray(np.dstack([np.asarray(crop(500, 20, 41, 55)), alpha(55, 41)]), "RGBA").save(
+        os.path.join(formats, "rgba_41x55.tif"))
+    crop(280, 400, 62, 41).save(os.path.join(formats, "rgb_62x41.ppm"))
+    crop(130, 20, 39, 60).convert("L").save(os.path.join(formats, "grey_39x60.pgm"))
+    crop(450, 300, 47, 45).convert("1").save(os.path.join(formats, "bits_47x45.pbm"))
+    expected = {name: proc(images=Image.open(os.path.join(formats, name)), return_tensors="pt")["pixel_values"][0]
+                for name in sorted(os.listdir(formats))}
+    save_file({k: v.contiguous() for k, v in expected.items()}, os.path.join(ROOT, "formats_expected_32.safetensors"))
+
     # Every 8-bit (value, alpha) pair: values across, alpha down (R = G = B), in a class folder of its own.
     pairs = np.zeros((256, 256, 4), np.uint8)
     pairs[..., :3] = np.arange(256, dtype=np.uint8)[None, :, None]
@@ -122,8 +148,9 @@ def main():
     pix = proc(images=[Image.fromarray(a, "RGBA") for a in arrays], return_tensors="pt")["pixel_values"]
     save_file({"pixel_values": pix.contiguous()}, os.path.join(ROOT, "rgba_u8_expected_32.safetensors"))
 
-    for name in sorted(os.listdir(folder)):
-        print(f"{name}: Pillow mode {Image.open(os.path.join(folder, name)).mode}")
+    for d in (folder, formats):
+        for name in sorted(os.listdir(d)):
+            print(f"{name}: Pillow mode {Image.open(os.path.join(d, name)).mode}")
     total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(ROOT) for n in ns)
     print(f"fixtures in {ROOT}: {total / 1024:.0f} KiB")
 

@@ -175,7 +175,8 @@ fn read_labels(path: &Path, file: &SafetensorsFile, len: usize) -> Result<Option
     Ok(Some(labels))
 }
 
-/// Decodes a PNG or JPEG file (told apart by content, not name) to interleaved 8-bit pixels:
+/// Decodes an image file (its format told by content, not name: JPEG by libjpeg-turbo, the others by the
+/// `image` crate) to interleaved 8-bit samples:
 /// (pixels, height, width, channels).
 fn decode_image(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;

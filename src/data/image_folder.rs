@@ -1,4 +1,4 @@
-//! ImageFolder trees: one subfolder per class, class ids in sorted name order, PNG/JPEG files inside.
+//! ImageFolder trees: one subfolder per class, class ids in sorted name order, image files inside.
 
 use std::path::{Path, PathBuf};
 
@@ -8,14 +8,21 @@ fn extension(path: &Path) -> Option<String> {
     path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
 }
 
+/// The formats the engine decodes: those torchvision's ImageFolder reads, plus GIF and PBM/PNM.
 fn is_image(path: &Path) -> bool {
-    matches!(extension(path).as_deref(), Some("png" | "jpg" | "jpeg"))
+    matches!(
+        extension(path).as_deref(),
+        Some("png" | "jpg" | "jpeg" | "webp" | "bmp" | "gif" | "tif" | "tiff" | "ppm" | "pgm" | "pbm" | "pnm")
+    )
 }
 
-/// Image formats torchvision's ImageFolder also reads, which the engine does not decode: refused rather than
+/// Image formats Pillow or a camera may give, which the engine does not decode: refused rather than
 /// skipped, so that a task is never silently smaller than the user's.
 fn is_other_image(path: &Path) -> bool {
-    matches!(extension(path).as_deref(), Some("bmp" | "gif" | "webp" | "tif" | "tiff" | "ppm" | "pgm" | "pbm" | "pnm"))
+    matches!(
+        extension(path).as_deref(),
+        Some("avif" | "heic" | "heif" | "jxl" | "jp2" | "j2k" | "ico" | "tga" | "exr" | "hdr" | "dds" | "svg")
+    )
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -53,15 +60,15 @@ pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
     }
     if let Some(first) = others.first() {
         bail!(
-            "{}: {} image(s) in formats other than PNG and JPEG, first {}; convert them (the engine reads PNG and \
-             JPEG) or move them out",
+            "{}: {} image(s) in a format the engine does not read, first {}; convert them (to PNG, JPEG, WebP, BMP, \
+             GIF, TIFF or PNM) or move them out",
             root.display(),
             others.len(),
             first.display()
         );
     }
     if files.is_empty() {
-        bail!("{}: no class subfolders holding PNG or JPEG images", root.display());
+        bail!("{}: no class subfolders holding images (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
     }
     let classes = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
     Ok(ImageFolder { classes, files })

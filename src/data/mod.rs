@@ -1,5 +1,5 @@
 //! Image data: safetensors of preprocessed `pixel_values` or raw 8-bit `images` with `labels`, or an
-//! ImageFolder tree of PNG/JPEG files, served in preprocessed batches.
+//! ImageFolder tree of image files (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM), served in preprocessed batches.
 
 mod dataset;
 mod image_folder;
