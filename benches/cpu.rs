@@ -1,11 +1,13 @@
 //! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
 //! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step. The GEMM
-//! and the WEMoE layer also with bf16 products on AMX tiles, where the CPU has them (`--precision bf16`).
+//! and the WEMoE layer also with bf16 products on AMX tiles, where the CPU has them (`--precision bf16`). And
+//! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files).
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wemoe_engine::config::VisionConfig;
+use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{CpuBackend, Precision};
 use wemoe_engine::model::{
     ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
@@ -222,5 +224,19 @@ fn adapt_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, wemoe_mlp_formulations, adapt_step);
+fn preprocess(c: &mut Criterion) {
+    let clip = Preprocess::clip(224);
+    let (h, w) = (375, 500);
+    let image: Vec<u8> = (0..h * w * 3).map(|i| ((i * 7 + i / 1500 * 13) % 256) as u8).collect();
+    let photos = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+    let folder = Dataset::open(&photos, &clip, 224).unwrap();
+    let mut group = c.benchmark_group("preprocess_224");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("rgb_500x375", |b| b.iter(|| clip.apply(&image, h, w, 3).unwrap()));
+    group.throughput(Throughput::Elements(folder.len() as u64));
+    group.bench_function("fixture_photos_decoded", |b| b.iter(|| folder.batch(0..folder.len()).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, wemoe_mlp_formulations, adapt_step, preprocess);
 criterion_main!(benches);

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::resample::{resize, Filter};
+use super::resample::{resize_window, Filter};
 
 /// OpenAI CLIP's channel means.
 #[allow(clippy::excessive_precision)] // written as HF writes them
@@ -133,24 +133,31 @@ impl Preprocess {
         );
         let rgb = to_rgb(pixels, channels);
         let (rh, rw) = self.resized_size(height, width);
-        let resized =
-            if (rh, rw) != (height, width) { resize(&rgb, height, width, 3, rh, rw, self.filter) } else { rgb };
         let (ch, cw) = self.crop.unwrap_or((rh, rw));
         // HF's centre crop: floor division, zero padding when the crop exceeds the image.
         let top = (rh as i64 - ch as i64).div_euclid(2);
         let left = (rw as i64 - cw as i64).div_euclid(2);
+        // Only the crop's window of the resized image is computed (each pixel as the whole resize gives it).
+        let window = |start: i64, len: usize, size: usize| {
+            start.clamp(0, size as i64) as usize..(start + len as i64).clamp(0, size as i64) as usize
+        };
+        let (rows, cols) = (window(top, ch, rh), window(left, cw, rw));
+        let resized = resize_window(&rgb, (height, width, 3), (rh, rw), (rows.clone(), cols.clone()), self.filter);
+        // Where the resized window sits in the crop: rows `y0..y0 + rows.len()`, columns `x0..x0 + cols.len()`;
+        // the rest is padding (a zero sample, normalised like any other).
+        let (y0, x0) = ((rows.start as i64 - top) as usize, (cols.start as i64 - left) as usize);
         let mut out = vec![0f32; 3 * ch * cw];
-        for c in 0..3 {
+        for (c, plane) in out.chunks_exact_mut(ch * cw).enumerate() {
             let (mean, std) = self.mean_std.map_or((0.0, 1.0), |(m, s)| (m[c], s[c]));
-            for y in 0..ch {
-                for x in 0..cw {
-                    let (sy, sx) = (top + y as i64, left + x as i64);
-                    let v = if sy >= 0 && sx >= 0 && (sy as usize) < rh && (sx as usize) < rw {
-                        resized[(sy as usize * rw + sx as usize) * 3 + c]
-                    } else {
-                        0
-                    };
-                    out[(c * ch + y) * cw + x] = (v as f32 * self.rescale - mean) / std;
+            let value = |v: u8| (v as f32 * self.rescale - mean) / std;
+            plane.fill(value(0));
+            if cols.is_empty() {
+                continue;
+            }
+            for (y, src) in resized.chunks_exact(cols.len() * 3).enumerate() {
+                let row = &mut plane[(y0 + y) * cw + x0..][..cols.len()];
+                for (o, px) in row.iter_mut().zip(src.chunks_exact(3)) {
+                    *o = value(px[c]);
                 }
             }
         }
@@ -185,6 +192,32 @@ mod tests {
         let p = Preprocess::clip(224);
         assert_eq!(p.resized_size(427, 640), (224, 335));
         assert_eq!(p.resized_size(640, 427), (335, 224));
+    }
+
+    #[test]
+    fn a_crop_past_the_image_pads_with_zero_samples_as_hf_does() {
+        // 3 × 5 RGB, no resize; crops taller and wider, taller and narrower, and inside.
+        let image: Vec<u8> = (0..3 * 5 * 3).map(|i| (i * 17 % 256) as u8).collect();
+        for crop in [(4, 7), (6, 2), (2, 3)] {
+            let p = Preprocess { shortest_edge: None, crop: Some(crop), ..Preprocess::clip(4) };
+            let got = p.apply(&image, 3, 5, 3).unwrap();
+            let (top, left) = ((3 - crop.0 as i64).div_euclid(2), (5 - crop.1 as i64).div_euclid(2));
+            for c in 0..3 {
+                let (mean, std) = (CLIP_MEAN[c], CLIP_STD[c]);
+                for y in 0..crop.0 {
+                    for x in 0..crop.1 {
+                        let (sy, sx) = (top + y as i64, left + x as i64);
+                        let v = if (0..3).contains(&sy) && (0..5).contains(&sx) {
+                            image[(sy as usize * 5 + sx as usize) * 3 + c]
+                        } else {
+                            0
+                        };
+                        let want = (v as f32 * p.rescale - mean) / std;
+                        assert_eq!(got[(c * crop.0 + y) * crop.1 + x], want, "crop {crop:?} at {c},{y},{x}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
