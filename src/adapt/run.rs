@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -15,6 +15,7 @@ use crate::data::Dataset;
 use crate::device::Backend;
 use crate::model::{Heads, ImageEncoder, Routing};
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
+use crate::tensor::Tensor;
 
 /// The learning-rate schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,45 +205,63 @@ pub fn adapt(
             .collect();
         (0, samplers)
     };
-    while step < opts.steps {
-        let lr = match opts.schedule {
-            Schedule::Constant => opts.lr,
-            Schedule::Cosine => opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos()),
-        };
-        let batches: Vec<TaskBatch> = tasks
-            .iter()
-            .zip(data)
-            .zip(samplers.iter_mut())
-            .map(|(((name, _), d), s)| {
-                Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
+    // Each step's images load on another thread while the step before computes: the same images in the same
+    // order as loading them in turn, so results do not change; only the wait goes (a GPU step no longer idles
+    // while JPEGs decode). A checkpoint saves the samplers as they were after its own step's draw.
+    std::thread::scope(|scope| -> Result<()> {
+        let load = |indices: Vec<Vec<usize>>| {
+            scope.spawn(move || -> Result<Vec<Tensor>> {
+                data.iter().zip(&indices).map(|(d, batch)| d.gather(batch)).collect()
             })
-            .collect::<Result<_>>()?;
-        let (loss, grads) = {
-            let classifier = heads.classifier(&model, &dir.path)?;
-            entropy_loss_and_router_gradients(be, &model, &classifier, &batches, opts.routing)?
         };
-        let grads: BTreeMap<String, Vec<f32>> =
-            grads.into_iter().map(|(n, g)| Ok((n, be.to_host(&g)?))).collect::<Result<_>>()?;
-        if !loss.is_finite() || grads.values().flatten().any(|g| !g.is_finite()) {
-            bail!(
-                "the loss turned non-finite at step {} ({loss}); {}",
-                step + 1,
-                if checkpoint.exists() {
-                    format!("the last good checkpoint is kept in {}", checkpoint.display())
-                } else {
-                    "no checkpoint was written yet".into()
+        let mut next = (step < opts.steps).then(|| {
+            let indices = samplers.iter_mut().map(TaskSampler::next_batch).collect();
+            (load(indices), samplers.clone())
+        });
+        while let Some((loading, drawn)) = next.take() {
+            let pixels = loading.join().map_err(|_| anyhow!("the image loader panicked"))??;
+            if step + 1 < opts.steps {
+                let indices = samplers.iter_mut().map(TaskSampler::next_batch).collect();
+                next = Some((load(indices), samplers.clone()));
+            }
+            let lr = match opts.schedule {
+                Schedule::Constant => opts.lr,
+                Schedule::Cosine => {
+                    opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos())
                 }
-            );
+            };
+            let batches: Vec<TaskBatch> = tasks
+                .iter()
+                .zip(pixels)
+                .map(|((name, _), pixels)| Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(pixels)? }))
+                .collect::<Result<_>>()?;
+            let (loss, grads) = {
+                let classifier = heads.classifier(&model, &dir.path)?;
+                entropy_loss_and_router_gradients(be, &model, &classifier, &batches, opts.routing)?
+            };
+            let grads: BTreeMap<String, Vec<f32>> =
+                grads.into_iter().map(|(n, g)| Ok((n, be.to_host(&g)?))).collect::<Result<_>>()?;
+            if !loss.is_finite() || grads.values().flatten().any(|g| !g.is_finite()) {
+                bail!(
+                    "the loss turned non-finite at step {} ({loss}); {}",
+                    step + 1,
+                    if checkpoint.exists() {
+                        format!("the last good checkpoint is kept in {}", checkpoint.display())
+                    } else {
+                        "no checkpoint was written yet".into()
+                    }
+                );
+            }
+            adam.update(&mut params.values, &grads, lr)?;
+            params.apply(be, &mut model)?;
+            step += 1;
+            progress(StepReport { step, steps: opts.steps, loss, routers: &params });
+            if step % opts.checkpoint_every == 0 || step == opts.steps {
+                let state = CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: drawn };
+                save_checkpoint(out, &state, &params, &adam)?;
+            }
         }
-        adam.update(&mut params.values, &grads, lr)?;
-        params.apply(be, &mut model)?;
-        step += 1;
-        progress(StepReport { step, steps: opts.steps, loss, routers: &params });
-        if step % opts.checkpoint_every == 0 || step == opts.steps {
-            let state =
-                CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: samplers.clone() };
-            save_checkpoint(out, &state, &params, &adam)?;
-        }
-    }
+        Ok(())
+    })?;
     write_model(dir, &params, out)
 }
