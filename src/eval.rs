@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
@@ -53,14 +53,22 @@ fn for_each_batch(
     let batches: Vec<Range<usize>> =
         (0..data.len()).step_by(batching.size).map(|start| start..(start + batching.size).min(data.len())).collect();
     match model {
-        Encoder::Resident(model) => {
-            for range in batches {
-                let pixels: Tensor = be.upload(data.batch(range.clone())?)?;
+        Encoder::Resident(model) => std::thread::scope(|scope| -> Result<()> {
+            // The next batch decodes on another thread while this one computes (a GPU no longer idles
+            // while images decode); the batches are the same either way.
+            let load = |range: Range<usize>| scope.spawn(move || data.batch(range));
+            let mut ranges = batches.into_iter();
+            let mut next = ranges.next().map(|range| (range.clone(), load(range)));
+            while let Some((range, loading)) = next.take() {
+                let host = loading.join().map_err(|_| anyhow!("the image loader panicked"))??;
+                next = ranges.next().map(|range| (range.clone(), load(range)));
+                let pixels: Tensor = be.upload(host)?;
                 let end = range.end;
                 each(range, model.encode(be, &pixels, batching.routing)?)?;
                 progress(end);
             }
-        }
+            Ok(())
+        })?,
         Encoder::Streamed(streamed) => {
             let layers = streamed.shell.vision.config.num_hidden_layers;
             for span in batches.chunks(streamed.batches_per_span(batching.size)) {
