@@ -2,6 +2,7 @@
 //! ImageFolder tree of image files (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM), served in preprocessed batches.
 
 mod dataset;
+mod decode;
 mod image_folder;
 pub mod preprocess;
 pub mod resample;

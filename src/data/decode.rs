@@ -1,0 +1,70 @@
+//! Encoded images to interleaved 8-bit samples, as Pillow decodes them: JPEG by libjpeg-turbo's decoder
+//! (Pillow's own), PNG, WebP, BMP, GIF, TIFF and PNM by the `image` crate (lossless formats, and WebP's
+//! decoder equal to libwebp's; tests/parity_transformers.rs checks each against Pillow).
+
+/// Decodes an encoded image (its format told by content, not name) to interleaved 8-bit samples:
+/// (pixels, height, width, channels), channels 1 to 4 (grey, grey and alpha, RGB, RGBA).
+pub(crate) fn decode_image(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(bytes);
+    }
+    let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
+    // The decoder expands palettes, and a tRNS chunk into an alpha channel, as Pillow's convert("RGBA")
+    // does; the preprocessing composites alpha onto white.
+    use image::DynamicImage as D;
+    let (pixels, channels) = match decoded {
+        D::ImageLuma8(p) => (p.into_raw(), 1),
+        D::ImageLumaA8(p) => (p.into_raw(), 2),
+        D::ImageRgb8(p) => (p.into_raw(), 3),
+        D::ImageRgba8(p) => (p.into_raw(), 4),
+        D::ImageLuma16(p) => (high_bytes(&p), 1),
+        D::ImageLumaA16(p) => (high_bytes(&p), 2),
+        D::ImageRgb16(p) => (high_bytes(&p), 3),
+        D::ImageRgba16(p) => (high_bytes(&p), 4),
+        other => return Err(format!("unsupported pixel format {:?}", other.color())),
+    };
+    Ok((pixels, h, w, channels))
+}
+
+/// 16-bit samples as 8-bit ones the way Pillow reads 16-bit PNGs: the high byte. (Pillow keeps 16-bit grey
+/// as mode I;16, which transformers' RGB conversion clips to 255; the high byte keeps the picture.)
+fn high_bytes(samples: &[u16]) -> Vec<u8> {
+    samples.iter().map(|&v| (v >> 8) as u8).collect()
+}
+
+/// A CMYK JPEG's pixel as Pillow reads it: the samples inverted (Pillow assumes Adobe's convention, which
+/// stores them so), then `(255 − k)·(1 − c/255)` per ink, rounded to nearest. In the file's own samples,
+/// `255 − k` is `k` and `c/255` is `1 − c/255`.
+fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
+    let white = u32::from(k);
+    [c, m, y].map(|ink| {
+        let ink = 255 - u32::from(ink);
+        (white - (ink * white + 127) / 255) as u8
+    })
+}
+
+/// libjpeg-turbo's decoding with its defaults (integer IDCT, fancy upsampling), as Pillow decodes.
+fn decode_jpeg(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
+    // libjpeg reports errors by unwinding out of its callback (without the panic hook); catch it here.
+    std::panic::catch_unwind(|| -> Result<_, String> {
+        let jpeg = mozjpeg::Decompress::new_mem(bytes).map_err(|e| e.to_string())?;
+        let (w, h) = (jpeg.width(), jpeg.height());
+        if matches!(jpeg.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            // libjpeg turns YCCK into CMYK; the inks become RGB as Pillow's convert("RGB") makes them.
+            let mut cmyk = jpeg.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK).map_err(|e| e.to_string())?;
+            let inks: Vec<[u8; 4]> = cmyk.read_scanlines().map_err(|e| e.to_string())?;
+            cmyk.finish().map_err(|e| e.to_string())?;
+            return Ok((inks.into_iter().flat_map(cmyk_to_rgb).collect(), h, w, 3));
+        }
+        let mut rgb = jpeg.rgb().map_err(|e| e.to_string())?;
+        let rows: Vec<[u8; 3]> = rgb.read_scanlines().map_err(|e| e.to_string())?;
+        rgb.finish().map_err(|e| e.to_string())?;
+        Ok((rows.into_iter().flatten().collect(), h, w, 3))
+    })
+    .unwrap_or_else(|payload| {
+        let msg =
+            payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(msg.unwrap_or_else(|| "libjpeg failed".into()))
+    })
+}
