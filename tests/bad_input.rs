@@ -256,6 +256,18 @@ fn an_image_format_the_engine_does_not_read_is_refused_not_skipped() {
     assert!(ok && out.exists(), "{err}");
 }
 
+#[test]
+fn a_parquet_file_without_images() {
+    let t = Scratch::new();
+    let err = t.embed(&fixture("clip_b"), &fixture("parquet/no_image.parquet"), "no image column");
+    assert!(err.contains("its columns: label, text"), "{err}");
+    // A truncated parquet file: named, no panic.
+    let bytes = std::fs::read(fixture("parquet/by_name.parquet")).unwrap();
+    let cut = t.path("cut.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    t.embed(&fixture("clip_b"), &cut, "cut.parquet: not a parquet file");
+}
+
 fn eval(t: &Scratch, model: &str, heads: &str, task: &str) -> Vec<String> {
     let json = t.path("out.json");
     vec![

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::{Heads, ImageEncoder, Routing};
@@ -130,6 +130,26 @@ fn webp_bmp_gif_tiff_and_pnm_files_preprocess_like_clip_image_processor() {
         "rgba_41x55.tif",
     ];
     check_folder_pixels("image_modes/formats", 32, "image_modes/formats_expected_32.safetensors", &names);
+}
+
+#[test]
+fn parquet_datasets_read_and_preprocess_like_clip_image_processor() {
+    // `datasets`' own parquet (two shards; the Image and ClassLabel features in its metadata) and pyarrow's
+    // (snappy, the columns found by name); rows of JPEG, PNG, WebP and CMYK JPEG images.
+    let expected = SafetensorsFile::open(&fixture("parquet/expected_32.safetensors")).unwrap();
+    let labels = expected.integers("labels").unwrap();
+    for (path, classes) in [("parquet/two_shards", Some(["cat", "dog", "fish"])), ("parquet/by_name.parquet", None)] {
+        let data = Dataset::open(&fixture(path), &Preprocess::clip(32), 32).unwrap();
+        assert_eq!(data.labels(), Some(&labels[..]), "{path}");
+        assert_eq!(data.classes().map(|c| c.to_vec()), classes.map(|c| c.map(String::from).to_vec()), "{path}");
+        let got = data.batch(0..data.len()).unwrap();
+        let per = 3 * 32 * 32;
+        for i in 0..data.len() {
+            let (_, want) = reference("parquet/expected_32.safetensors", &format!("row.{i}"));
+            let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
+            assert!(max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL, "{path} row {i}: max {max:.4}");
+        }
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
+use super::parquet::{is_parquet, read_parquet};
 use super::{scan_image_folder, Preprocess};
 use crate::checkpoint::SafetensorsFile;
 use crate::tensor::Tensor;
@@ -17,6 +18,8 @@ enum Source {
     Images { file: SafetensorsFile, height: usize, width: usize, channels: usize },
     /// Image files, decoded on demand.
     Files(Vec<PathBuf>),
+    /// Encoded images held in memory (a parquet dataset's rows), decoded on demand.
+    Encoded(Vec<Vec<u8>>),
 }
 
 /// Images (and labels, when known) ready to be batched at the model's input size.
@@ -36,7 +39,11 @@ impl Dataset {
         if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         }
-        let (source, len, labels, classes) = if path.is_dir() {
+        let (source, len, labels, classes) = if is_parquet(path) {
+            let rows = read_parquet(path)?;
+            let len = rows.images.len();
+            (Source::Encoded(rows.images), len, rows.labels, rows.classes)
+        } else if path.is_dir() {
             let folder = scan_image_folder(path)?;
             let labels = folder.files.iter().map(|(_, id)| *id).collect();
             let files: Vec<PathBuf> = folder.files.into_iter().map(|(f, _)| f).collect();
@@ -113,7 +120,7 @@ impl Dataset {
         self.labels.as_deref()
     }
 
-    /// The class names of an ImageFolder tree.
+    /// The class names of an ImageFolder tree, or of a parquet dataset's label column (from its metadata).
     pub fn classes(&self) -> Option<&[String]> {
         self.classes.as_deref()
     }
@@ -154,6 +161,13 @@ impl Dataset {
             Source::Files(files) => {
                 let images: Vec<Vec<f32>> =
                     indices.par_iter().map(|&i| self.load_file(&files[i])).collect::<Result<_>>()?;
+                images.concat()
+            }
+            Source::Encoded(rows) => {
+                let images: Vec<Vec<f32>> = indices
+                    .par_iter()
+                    .map(|&i| self.load_encoded(&rows[i], &format_args!("{} row {i}", self.origin.display())))
+                    .collect::<Result<_>>()?;
                 images.concat()
             }
         };

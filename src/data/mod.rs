@@ -4,6 +4,7 @@
 mod dataset;
 mod decode;
 mod image_folder;
+mod parquet;
 pub mod preprocess;
 pub mod resample;
 

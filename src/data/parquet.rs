@@ -1,0 +1,191 @@
+//! Hugging Face `datasets` parquet files, the form FusionBench's tasks take on the hub: an image column
+//! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column, one
+//! file or a folder of shards read in name order. The encoded images are kept in memory and decoded per
+//! batch; class names come from the `huggingface` schema metadata when it has them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
+use serde_json::Value;
+
+/// A parquet dataset's encoded images, labels and class names.
+pub struct ParquetImages {
+    /// Each row's encoded image (PNG, JPEG, ...).
+    pub images: Vec<Vec<u8>>,
+    /// Each row's label, when there is a label column.
+    pub labels: Option<Vec<i64>>,
+    /// The label column's class names, when the metadata gives them.
+    pub classes: Option<Vec<String>>,
+}
+
+/// Whether `path` is a parquet dataset: a `.parquet` file, or a folder holding `.parquet` files and no
+/// subfolders.
+pub fn is_parquet(path: &Path) -> bool {
+    let is_file = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    if path.is_dir() {
+        let Ok(entries) = std::fs::read_dir(path) else { return false };
+        let paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.iter().any(|p| is_file(p)) && !paths.iter().any(|p| p.is_dir())
+    } else {
+        is_file(path)
+    }
+}
+
+/// The shards of a parquet dataset, in name order.
+fn shards(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot list", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")))
+        .collect();
+    shards.sort();
+    Ok(shards)
+}
+
+/// The image and label columns, and the label's class names, of a shard's schema: from the `huggingface`
+/// metadata's features when present (the `Image` feature; the `ClassLabel` named `label`, else the first),
+/// else the columns named `image` or `img` and `label` or `labels`.
+fn columns(reader: &SerializedFileReader<std::fs::File>) -> (Option<String>, Option<String>, Option<Vec<String>>) {
+    let meta = reader.metadata().file_metadata();
+    let names: Vec<String> =
+        meta.schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
+    let features = meta
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == "huggingface"))
+        .and_then(|kv| kv.value.as_deref())
+        .and_then(|v| serde_json::from_str::<Value>(v).ok())
+        .and_then(|v| v.pointer("/info/features").cloned())
+        .and_then(|f| f.as_object().cloned())
+        .unwrap_or_default();
+    let typed = |kind: &str| -> Vec<String> {
+        features
+            .iter()
+            .filter(|(name, f)| f.get("_type").and_then(Value::as_str) == Some(kind) && names.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    let named = |candidates: &[&str]| candidates.iter().find(|c| names.iter().any(|n| n == *c)).map(|c| c.to_string());
+    let image = typed("Image").into_iter().next().or_else(|| named(&["image", "img"]));
+    let class_labels = typed("ClassLabel");
+    let label = class_labels
+        .iter()
+        .find(|n| *n == "label")
+        .or(class_labels.first())
+        .cloned()
+        .or_else(|| named(&["label", "labels"]));
+    let classes = label
+        .as_ref()
+        .and_then(|l| features.get(l))
+        .and_then(|f| f.get("names"))
+        .and_then(|n| n.as_array().map(|a| a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect()));
+    (image, label, classes)
+}
+
+/// Reads every row's encoded image and label from the parquet dataset at `path`.
+pub fn read_parquet(path: &Path) -> Result<ParquetImages> {
+    let shards = shards(path)?;
+    ensure!(!shards.is_empty(), "{}: no .parquet files", path.display());
+    let mut images = Vec::new();
+    let mut labels: Option<Vec<i64>> = None;
+    let mut classes = None;
+    for (s, shard) in shards.iter().enumerate() {
+        let file = std::fs::File::open(shard).with_context(|| format!("{}: cannot open", shard.display()))?;
+        let reader =
+            SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", shard.display()))?;
+        let (image, label, names) = columns(&reader);
+        let Some(image) = image else {
+            let all: Vec<String> = reader
+                .metadata()
+                .file_metadata()
+                .schema_descr()
+                .root_schema()
+                .get_fields()
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect();
+            bail!(
+                "{}: no image column (an `Image` feature, or a column named image or img); its columns: {}",
+                shard.display(),
+                all.join(", ")
+            );
+        };
+        if s == 0 {
+            labels = label.as_ref().map(|_| Vec::new());
+            classes = names;
+        } else {
+            ensure!(
+                labels.is_some() == label.is_some(),
+                "{}: {} a label column where {} {}",
+                shard.display(),
+                if label.is_some() { "has" } else { "lacks" },
+                shards[0].display(),
+                if labels.is_some() { "has one" } else { "has none" }
+            );
+        }
+        let rows = reader.get_row_iter(None).with_context(|| format!("{}: unreadable rows", shard.display()))?;
+        for (r, row) in rows.enumerate() {
+            let row = row.with_context(|| format!("{}: row {r} unreadable", shard.display()))?;
+            let at = || format!("{} row {r}", shard.display());
+            let mut found_image = None;
+            let mut found_label = None;
+            for (name, field) in row.get_column_iter() {
+                if *name == image {
+                    found_image = Some(image_bytes(field).with_context(at)?);
+                } else if Some(name) == label.as_ref() {
+                    found_label = Some(integer(field).with_context(at)?);
+                }
+            }
+            images.push(found_image.with_context(|| format!("{}: no image", at()))?);
+            if let (Some(all), Some(l)) = (labels.as_mut(), found_label) {
+                ensure!(l >= 0, "{}: label {l} is negative", at());
+                all.push(l);
+            }
+        }
+    }
+    ensure!(!images.is_empty(), "{}: holds no rows", path.display());
+    Ok(ParquetImages { images, labels, classes })
+}
+
+/// An image cell's encoded bytes: the `Image` feature's `bytes`, or a binary cell.
+fn image_bytes(field: &Field) -> Result<Vec<u8>> {
+    match field {
+        Field::Bytes(b) => Ok(b.data().to_vec()),
+        Field::Group(group) => {
+            let mut path = None;
+            for (name, f) in group.get_column_iter() {
+                match (name.as_str(), f) {
+                    ("bytes", Field::Bytes(b)) => return Ok(b.data().to_vec()),
+                    ("path", Field::Str(p)) => path = Some(p.clone()),
+                    _ => {}
+                }
+            }
+            match path {
+                Some(p) => bail!("the image is stored as a path ({p}), not as bytes; point --images at the files"),
+                None => bail!("the image cell has no bytes"),
+            }
+        }
+        Field::Null => bail!("the image is missing (null)"),
+        other => bail!("the image cell is not binary ({other})"),
+    }
+}
+
+/// A label cell as an integer.
+fn integer(field: &Field) -> Result<i64> {
+    Ok(match *field {
+        Field::Byte(v) => v.into(),
+        Field::Short(v) => v.into(),
+        Field::Int(v) => v.into(),
+        Field::Long(v) => v,
+        Field::UByte(v) => v.into(),
+        Field::UShort(v) => v.into(),
+        Field::UInt(v) => v.into(),
+        Field::ULong(v) => i64::try_from(v).context("label out of range")?,
+        Field::Null => bail!("the label is missing (null)"),
+        ref other => bail!("the label is not an integer ({other})"),
+    })
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Makes tests/fixtures/parquet/: a labelled image dataset in Hugging Face `datasets`' parquet form (how
+FusionBench's tasks are stored on the hub), written by `datasets` itself, and what transformers'
+CLIPImageProcessorPil makes of each row's image.
+
+Run once (tools/setup-venv.sh first, then pip install datasets): .venv/bin/python tools/make_parquet_fixtures.py
+Deterministic; the tests never need Python. The images are the fixture photographs (tests/fixtures/photos) and
+a few of tests/fixtures/image_modes (an RGBA PNG, a lossy WebP, a CMYK JPEG), so the rows hold several
+formats, as a scraped dataset's do.
+
+- two_shards/: the dataset split over two parquet files (snappy, datasets' default), an `Image` feature
+  and a `ClassLabel` with names, so the engine reads the schema metadata and the shards in order;
+- by_name.parquet: the same rows in one file as pyarrow writes it by default (snappy), columns named img
+  and label with no `huggingface` metadata (the columns found by name);
+- no_image.parquet: a label column and a text column, no image (a bad input);
+- expected_32.safetensors: each row's pixel values at 32 (`row.{i}`) and the labels.
+"""
+import os
+import shutil
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers.models.clip import CLIPImageProcessorPil
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+ROOT = os.path.join(FIXTURES, "parquet")
+SIDE = 32
+
+
+def main():
+    if os.path.isdir(ROOT):
+        shutil.rmtree(ROOT)
+    os.makedirs(os.path.join(ROOT, "two_shards"))
+    files = ["photos/class_0/china_301x217.jpg", "photos/class_0/flower_121x143.png",
+             "photos/class_1/china_61x47.jpg", "photos/class_1/flower_grey_97x65.png",
+             "image_modes/folder/c/rgba_61x53.png", "image_modes/formats/c/lossy_67x58.webp",
+             "image_modes/folder/c/cmyk_63x51.jpg"]
+    labels = [2, 0, 1, 1, 2, 0, 1]
+    names = ["cat", "dog", "fish"]
+    rows = {"image": [{"bytes": open(os.path.join(FIXTURES, f), "rb").read(), "path": None} for f in files],
+            "label": labels}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.select(range(4)).to_parquet(os.path.join(ROOT, "two_shards", "test-00000-of-00002.parquet"))
+    ds.select(range(4, len(files))).to_parquet(os.path.join(ROOT, "two_shards", "test-00001-of-00002.parquet"))
+    # The same rows under other column names, pyarrow's defaults (snappy), without the datasets metadata.
+    table = ds.data.table.rename_columns(["img", "label"]).replace_schema_metadata(None)
+    pq.write_table(table, os.path.join(ROOT, "by_name.parquet"))
+
+    pq.write_table(pa.table({"label": [0, 1], "text": ["a", "b"]}), os.path.join(ROOT, "no_image.parquet"))
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+    expected = {"labels": torch.tensor(labels)}
+    reloaded = datasets.Dataset.from_parquet(os.path.join(ROOT, "two_shards", "*.parquet"))
+    for i, row in enumerate(reloaded):
+        # As FusionBench's CLIPDataset hands it over: the decoded PIL image, unconverted.
+        expected[f"row.{i}"] = proc(images=row["image"], return_tensors="pt")["pixel_values"][0].contiguous()
+    save_file(expected, os.path.join(ROOT, "expected_32.safetensors"))
+    for d, _, ns in os.walk(ROOT):
+        for n in sorted(ns):
+            print(os.path.relpath(os.path.join(d, n), ROOT), os.path.getsize(os.path.join(d, n)))
+
+
+if __name__ == "__main__":
+    main()
