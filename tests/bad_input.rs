@@ -266,6 +266,17 @@ fn a_parquet_file_without_images() {
     let cut = t.path("cut.parquet");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     t.embed(&fixture("clip_b"), &cut, "cut.parquet: not a parquet file");
+    // A folder with two splits' shards: which one is meant is asked, not guessed.
+    let data = t.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (from, to) in [
+        ("two_shards/test-00000-of-00002.parquet", "test-00000-of-00001.parquet"),
+        ("by_name.parquet", "train-00000-of-00001.parquet"),
+    ] {
+        std::fs::copy(fixture(&format!("parquet/{from}")), data.join(to)).unwrap();
+    }
+    let err = t.embed(&fixture("clip_b"), &data, "holds the shards of several splits (test, train)");
+    assert!(err.contains("data/test"), "{err}");
 }
 
 fn eval(t: &Scratch, model: &str, heads: &str, task: &str) -> Vec<String> {

@@ -138,7 +138,11 @@ fn parquet_datasets_read_and_preprocess_like_clip_image_processor() {
     // (snappy, the columns found by name); rows of JPEG, PNG, WebP and CMYK JPEG images.
     let expected = SafetensorsFile::open(&fixture("parquet/expected_32.safetensors")).unwrap();
     let labels = expected.integers("labels").unwrap();
-    for (path, classes) in [("parquet/two_shards", Some(["cat", "dog", "fish"])), ("parquet/by_name.parquet", None)] {
+    let classes = Some(["cat", "dog", "fish"]);
+    // A folder of shards, a split's prefix in it (`test` for test-0000x-of-00002.parquet), one file.
+    for (path, classes) in
+        [("parquet/two_shards", classes), ("parquet/two_shards/test", classes), ("parquet/by_name.parquet", None)]
+    {
         let data = Dataset::open(&fixture(path), &Preprocess::clip(32), 32).unwrap();
         assert_eq!(data.labels(), Some(&labels[..]), "{path}");
         assert_eq!(data.classes().map(|c| c.to_vec()), classes.map(|c| c.map(String::from).to_vec()), "{path}");

@@ -36,13 +36,12 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `path` for a model taking `side × side` images prepared by `preprocess`.
     pub fn open(path: &Path, preprocess: &Preprocess, side: usize) -> Result<Self> {
-        if !path.exists() {
-            bail!("{}: no such file or directory", path.display());
-        }
         let (source, len, labels, classes) = if is_parquet(path) {
             let rows = read_parquet(path)?;
             let len = rows.images.len();
             (Source::Encoded(rows.images), len, rows.labels, rows.classes)
+        } else if !path.exists() {
+            bail!("{}: no such file or directory", path.display());
         } else if path.is_dir() {
             let folder = scan_image_folder(path)?;
             let labels = folder.files.iter().map(|(_, id)| *id).collect();

@@ -1,6 +1,6 @@
 //! Hugging Face `datasets` parquet files, the form FusionBench's tasks take on the hub: an image column
 //! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column, one
-//! file or a folder of shards read in name order. The encoded images are kept in memory and decoded per
+//! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. The encoded images are kept in memory and decoded per
 //! batch; class names come from the `huggingface` schema metadata when it has them.
 
 use std::path::{Path, PathBuf};
@@ -20,31 +20,53 @@ pub struct ParquetImages {
     pub classes: Option<Vec<String>>,
 }
 
-/// Whether `path` is a parquet dataset: a `.parquet` file, or a folder holding `.parquet` files and no
-/// subfolders.
-pub fn is_parquet(path: &Path) -> bool {
-    let is_file = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    if path.is_dir() {
-        let Ok(entries) = std::fs::read_dir(path) else { return false };
-        let paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.iter().any(|p| is_file(p)) && !paths.iter().any(|p| p.is_dir())
-    } else {
-        is_file(path)
+fn is_parquet_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// The split a shard belongs to: `test` for the hub's `test-00000-of-00002.parquet`, else the file's stem.
+fn split_of(path: &Path) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let parts: Vec<&str> = stem.rsplitn(4, '-').collect();
+    match parts.as_slice() {
+        [total, "of", index, split]
+            if [total, index].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            split.to_string()
+        }
+        _ => stem.to_string(),
     }
 }
 
-/// The shards of a parquet dataset, in name order.
-fn shards(path: &Path) -> Result<Vec<PathBuf>> {
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("{}: cannot list", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")))
-        .collect();
+/// The parquet files of a folder.
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_parquet_file(p)).collect()
+}
+
+/// The shards `path` names, in name order: a `.parquet` file; a folder holding `.parquet` files (one split's)
+/// and no subfolders; or, where nothing exists at `path`, a split's prefix in its folder (`data/test` for
+/// `data/test-00000-of-00002.parquet` and the rest), as the hub lays datasets out. `None` when `path` is none
+/// of these.
+fn shards(path: &Path) -> Option<Vec<PathBuf>> {
+    let mut shards = if path.is_file() {
+        is_parquet_file(path).then(|| vec![path.to_path_buf()])?
+    } else if path.is_dir() {
+        let has_folders = std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).any(|e| e.path().is_dir());
+        Some(parquet_files(path)).filter(|f| !f.is_empty() && !has_folders)?
+    } else {
+        let (dir, split) = (path.parent()?, path.file_name()?.to_str()?);
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        Some(parquet_files(dir).into_iter().filter(|p| split_of(p) == split).collect::<Vec<_>>())
+            .filter(|f| !f.is_empty())?
+    };
     shards.sort();
-    Ok(shards)
+    Some(shards)
+}
+
+/// Whether `path` is a parquet dataset (see [`read_parquet`]).
+pub fn is_parquet(path: &Path) -> bool {
+    shards(path).is_some()
 }
 
 /// The image and label columns, and the label's class names, of a shard's schema: from the `huggingface`
@@ -86,10 +108,21 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> (Option<String>, Opt
     (image, label, classes)
 }
 
-/// Reads every row's encoded image and label from the parquet dataset at `path`.
+/// Reads every row's encoded image and label from the parquet dataset at `path`: a `.parquet` file, a folder
+/// of one split's shards, or a split's prefix (`data/test` for `data/test-*-of-*.parquet`).
 pub fn read_parquet(path: &Path) -> Result<ParquetImages> {
-    let shards = shards(path)?;
-    ensure!(!shards.is_empty(), "{}: no .parquet files", path.display());
+    let shards = shards(path).with_context(|| format!("{}: not a parquet dataset", path.display()))?;
+    let splits: std::collections::BTreeSet<String> = shards.iter().map(|p| split_of(p)).collect();
+    if splits.len() > 1 {
+        let names: Vec<&str> = splits.iter().map(String::as_str).collect();
+        let first = path.join(names[0]);
+        bail!(
+            "{}: holds the shards of several splits ({}); name one split, e.g. {}",
+            path.display(),
+            names.join(", "),
+            first.display()
+        );
+    }
     let mut images = Vec::new();
     let mut labels: Option<Vec<i64>> = None;
     let mut classes = None;
@@ -188,4 +221,23 @@ fn integer(field: &Field) -> Result<i64> {
         Field::Null => bail!("the label is missing (null)"),
         ref other => bail!("the label is not an integer ({other})"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_names_its_split_as_the_hub_does() {
+        for (file, split) in [
+            ("test-00000-of-00002.parquet", "test"),
+            ("validation-00003-of-00010.parquet", "validation"),
+            ("my-split-00000-of-00001.parquet", "my-split"),
+            ("0000.parquet", "0000"),
+            ("test-of-00002.parquet", "test-of-00002"),
+            ("data.parquet", "data"),
+        ] {
+            assert_eq!(split_of(Path::new(file)), split, "{file}");
+        }
+    }
 }
