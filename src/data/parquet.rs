@@ -1,7 +1,8 @@
 //! Hugging Face `datasets` parquet files, the form FusionBench's tasks take on the hub: an image column
-//! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column, one
-//! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. The encoded images are kept in memory and decoded per
-//! batch; class names come from the `huggingface` schema metadata when it has them.
+//! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column; one
+//! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. The
+//! encoded images are kept in memory and decoded per batch; class names come from the `huggingface` schema
+//! metadata when it has them.
 
 use std::path::{Path, PathBuf};
 
@@ -24,17 +25,15 @@ fn is_parquet_file(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
-/// The split a shard belongs to: `test` for the hub's `test-00000-of-00002.parquet`, else the file's stem.
-fn split_of(path: &Path) -> String {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+/// The split a shard names, as the hub names shards: `test` for `test-00000-of-00002.parquet`; `None` for
+/// other names (`0000.parquet` in a split's own folder, or a file of the user's).
+fn split_of(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?;
     let parts: Vec<&str> = stem.rsplitn(4, '-').collect();
+    let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
     match parts.as_slice() {
-        [total, "of", index, split]
-            if [total, index].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
-        {
-            split.to_string()
-        }
-        _ => stem.to_string(),
+        [total, "of", index, split] if number(total) && number(index) => Some(split.to_string()),
+        _ => None,
     }
 }
 
@@ -57,7 +56,7 @@ fn shards(path: &Path) -> Option<Vec<PathBuf>> {
     } else {
         let (dir, split) = (path.parent()?, path.file_name()?.to_str()?);
         let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-        Some(parquet_files(dir).into_iter().filter(|p| split_of(p) == split).collect::<Vec<_>>())
+        Some(parquet_files(dir).into_iter().filter(|p| split_of(p).as_deref() == Some(split)).collect::<Vec<_>>())
             .filter(|f| !f.is_empty())?
     };
     shards.sort();
@@ -112,7 +111,7 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> (Option<String>, Opt
 /// of one split's shards, or a split's prefix (`data/test` for `data/test-*-of-*.parquet`).
 pub fn read_parquet(path: &Path) -> Result<ParquetImages> {
     let shards = shards(path).with_context(|| format!("{}: not a parquet dataset", path.display()))?;
-    let splits: std::collections::BTreeSet<String> = shards.iter().map(|p| split_of(p)).collect();
+    let splits: std::collections::BTreeSet<String> = shards.iter().filter_map(|p| split_of(p)).collect();
     if splits.len() > 1 {
         let names: Vec<&str> = splits.iter().map(String::as_str).collect();
         let first = path.join(names[0]);
@@ -230,14 +229,14 @@ mod tests {
     #[test]
     fn a_shard_names_its_split_as_the_hub_does() {
         for (file, split) in [
-            ("test-00000-of-00002.parquet", "test"),
-            ("validation-00003-of-00010.parquet", "validation"),
-            ("my-split-00000-of-00001.parquet", "my-split"),
-            ("0000.parquet", "0000"),
-            ("test-of-00002.parquet", "test-of-00002"),
-            ("data.parquet", "data"),
+            ("test-00000-of-00002.parquet", Some("test")),
+            ("validation-00003-of-00010.parquet", Some("validation")),
+            ("my-split-00000-of-00001.parquet", Some("my-split")),
+            ("0000.parquet", None),
+            ("test-of-00002.parquet", None),
+            ("data.parquet", None),
         ] {
-            assert_eq!(split_of(Path::new(file)), split, "{file}");
+            assert_eq!(split_of(Path::new(file)).as_deref(), split, "{file}");
         }
     }
 }
