@@ -33,9 +33,9 @@ fn high_bytes(samples: &[u16]) -> Vec<u8> {
     samples.iter().map(|&v| (v >> 8) as u8).collect()
 }
 
-/// A CMYK JPEG's pixel as Pillow reads it: the samples inverted (Pillow assumes Adobe's convention, which
-/// stores them so), then `(255 − k)·(1 − c/255)` per ink, rounded to nearest. In the file's own samples,
-/// `255 − k` is `k` and `c/255` is `1 − c/255`.
+/// A CMYK JPEG's pixel as Pillow reads it: every sample inverted (Pillow assumes Adobe's convention, in which
+/// files store them inverted), then each colour `(255 − k) − round(c·(255 − k)/255)`. On the file's own
+/// samples c' = 255 − c and k' = 255 − k, that is `k' − round((255 − c')·k'/255)`.
 fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
     let white = u32::from(k);
     [c, m, y].map(|ink| {
