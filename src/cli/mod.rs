@@ -158,7 +158,8 @@ enum Command {
         /// The model directory.
         #[arg(long)]
         model: PathBuf,
-        /// The images: a safetensors file or an ImageFolder directory.
+        /// The images: a safetensors file (pixel_values or images), an ImageFolder directory, or a Hugging
+        /// Face datasets parquet file, folder of one split's shards, or split prefix (data/test).
         #[arg(long)]
         images: PathBuf,
         /// The output safetensors file.
@@ -298,7 +299,8 @@ struct TaskArgs {
     /// The heads file (safetensors with head.<TASK>).
     #[arg(long)]
     heads: PathBuf,
-    /// A task and its data, NAME=DATA; repeat for each.
+    /// A task and its data, NAME=DATA; repeat for each. DATA as embed's --images: safetensors, an
+    /// ImageFolder directory, or datasets parquet (a file, a folder of one split's shards, or data/test).
     #[arg(long = "task", required = true, value_name = "NAME=DATA")]
     tasks: Vec<String>,
 }
