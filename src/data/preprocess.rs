@@ -134,6 +134,7 @@ impl Preprocess {
         let rgb = to_rgb(pixels, channels);
         let (rh, rw) = self.resized_size(height, width);
         let (ch, cw) = self.crop.unwrap_or((rh, rw));
+        ensure!(rh > 0 && rw > 0 && ch > 0 && cw > 0, "preprocessing to an empty image ({rh}×{rw}, crop {ch}×{cw})");
         // HF's centre crop: floor division, zero padding when the crop exceeds the image.
         let top = (rh as i64 - ch as i64).div_euclid(2);
         let left = (rw as i64 - cw as i64).div_euclid(2);
