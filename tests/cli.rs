@@ -166,6 +166,8 @@ fn eval_reports_the_reference_accuracy_as_json() {
     assert_eq!(report["tasks"]["beta"]["count"], 4);
     assert!((report["average"].as_f64().unwrap() - (alpha + beta) / 2.0).abs() < 1e-12);
     assert!(table.contains("alpha") && table.contains("average"), "{table}");
+    // The photographs' two class folders against beta's three classes: said, not refused.
+    assert!(err.contains("photos names 2 classes, head 'beta' has 3"), "{err}");
 }
 
 #[test]

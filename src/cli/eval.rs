@@ -29,6 +29,17 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         if data.labels().is_none() {
             bail!("{}: has no labels, which eval needs (task '{name}')", path.display());
         }
+        // An ImageFolder's ids are its class folders' sorted positions, a parquet's its ClassLabel's: with
+        // another count than the head's, say so (a missing folder shifts the ids after it).
+        let head_classes = heads.head(&name)?.out_features();
+        if let Some(names) = data.classes().filter(|n| n.len() != head_classes && !quiet) {
+            eprintln!(
+                "note: {} names {} classes, head '{name}' has {head_classes}; its labels are taken as the head's \
+                 class indices",
+                path.display(),
+                names.len()
+            );
+        }
         datasets.push((name, data));
     }
     let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;
