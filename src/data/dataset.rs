@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
-use super::parquet::{is_parquet, read_parquet};
+use super::parquet::{parquet_shards, read_parquet};
 use super::{scan_image_folder, Preprocess};
 use crate::checkpoint::SafetensorsFile;
 use crate::tensor::Tensor;
@@ -36,8 +36,8 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `path` for a model taking `side × side` images prepared by `preprocess`.
     pub fn open(path: &Path, preprocess: &Preprocess, side: usize) -> Result<Self> {
-        let (source, len, labels, classes) = if is_parquet(path) {
-            let rows = read_parquet(path)?;
+        let (source, len, labels, classes) = if let Some(shards) = parquet_shards(path) {
+            let rows = read_parquet(path, &shards)?;
             let len = rows.images.len();
             (Source::Encoded(rows.images), len, rows.labels, rows.classes)
         } else if !path.exists() {

@@ -43,11 +43,11 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_parquet_file(p)).collect()
 }
 
-/// The shards `path` names, in name order: a `.parquet` file; a folder holding `.parquet` files (one split's)
+/// The shards of the parquet dataset `path` names, in name order: a `.parquet` file; a folder holding `.parquet` files (one split's)
 /// and no subfolders; or, where nothing exists at `path`, a split's prefix in its folder (`data/test` for
 /// `data/test-00000-of-00002.parquet` and the rest), as the hub lays datasets out. `None` when `path` is none
 /// of these.
-fn shards(path: &Path) -> Option<Vec<PathBuf>> {
+pub fn parquet_shards(path: &Path) -> Option<Vec<PathBuf>> {
     let mut shards = if path.is_file() {
         is_parquet_file(path).then(|| vec![path.to_path_buf()])?
     } else if path.is_dir() {
@@ -63,15 +63,18 @@ fn shards(path: &Path) -> Option<Vec<PathBuf>> {
     Some(shards)
 }
 
-/// Whether `path` is a parquet dataset (see [`read_parquet`]).
-pub fn is_parquet(path: &Path) -> bool {
-    shards(path).is_some()
-}
-
 /// The image and label columns, and the label's class names, of a shard's schema: from the `huggingface`
 /// metadata's features when present (the `Image` feature; the `ClassLabel` named `label`, else the first),
 /// else the columns named `image` or `img` and `label` or `labels`.
-fn columns(reader: &SerializedFileReader<std::fs::File>) -> (Option<String>, Option<String>, Option<Vec<String>>) {
+struct Columns {
+    /// Every top-level column, in schema order.
+    names: Vec<String>,
+    image: Option<String>,
+    label: Option<String>,
+    classes: Option<Vec<String>>,
+}
+
+fn columns(reader: &SerializedFileReader<std::fs::File>) -> Columns {
     let meta = reader.metadata().file_metadata();
     let names: Vec<String> =
         meta.schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
@@ -104,13 +107,11 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> (Option<String>, Opt
         .and_then(|l| features.get(l))
         .and_then(|f| f.get("names"))
         .and_then(|n| n.as_array().map(|a| a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect()));
-    (image, label, classes)
+    Columns { names, image, label, classes }
 }
 
-/// Reads every row's encoded image and label from the parquet dataset at `path`: a `.parquet` file, a folder
-/// of one split's shards, or a split's prefix (`data/test` for `data/test-*-of-*.parquet`).
-pub fn read_parquet(path: &Path) -> Result<ParquetImages> {
-    let shards = shards(path).with_context(|| format!("{}: not a parquet dataset", path.display()))?;
+/// Reads every row's encoded image and label from `shards`, the [`parquet_shards`] of `path`.
+pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
     let splits: std::collections::BTreeSet<String> = shards.iter().filter_map(|p| split_of(p)).collect();
     if splits.len() > 1 {
         let names: Vec<&str> = splits.iter().map(String::as_str).collect();
@@ -129,26 +130,17 @@ pub fn read_parquet(path: &Path) -> Result<ParquetImages> {
         let file = std::fs::File::open(shard).with_context(|| format!("{}: cannot open", shard.display()))?;
         let reader =
             SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", shard.display()))?;
-        let (image, label, names) = columns(&reader);
+        let Columns { names, image, label, classes: shard_classes } = columns(&reader);
         let Some(image) = image else {
-            let all: Vec<String> = reader
-                .metadata()
-                .file_metadata()
-                .schema_descr()
-                .root_schema()
-                .get_fields()
-                .iter()
-                .map(|f| f.name().to_string())
-                .collect();
             bail!(
                 "{}: no image column (an `Image` feature, or a column named image or img); its columns: {}",
                 shard.display(),
-                all.join(", ")
+                names.join(", ")
             );
         };
         if s == 0 {
             labels = label.as_ref().map(|_| Vec::new());
-            classes = names;
+            classes = shard_classes;
         } else {
             ensure!(
                 labels.is_some() == label.is_some(),

@@ -1,6 +1,7 @@
 //! CLIP's image preprocessing (HF `CLIPImageProcessor`): RGB, resize of the shortest edge with Pillow's
 //! antialiased bicubic, centre crop, rescale by 1/255, normalise per channel.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -166,12 +167,12 @@ impl Preprocess {
     }
 }
 
-/// Interleaved 8-bit RGB from 1 to 4 channels: grey repeated, alpha composited onto white.
-fn to_rgb(pixels: &[u8], channels: usize) -> Vec<u8> {
+/// Interleaved 8-bit RGB from 1 to 4 channels: grey repeated, alpha composited onto white; RGB as it is.
+fn to_rgb(pixels: &[u8], channels: usize) -> Cow<'_, [u8]> {
     match channels {
         1 => pixels.iter().flat_map(|&g| [g, g, g]).collect(),
         2 => pixels.chunks_exact(2).flat_map(|p| [over_white(p[0], p[1]); 3]).collect(),
-        3 => pixels.to_vec(),
+        3 => Cow::Borrowed(pixels),
         _ => pixels.chunks_exact(4).flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3]))).collect(),
     }
 }
