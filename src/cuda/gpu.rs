@@ -169,6 +169,7 @@ impl Executor for GpuExecutor {
 
     fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, CudaSlice<f32>>]) -> Result<()> {
         let signature = check_args(name, args)?;
+        dims.check(name)?;
         let function = self.function(name, signature.source)?;
         // Every argument's value in an 8-byte slot that outlives the builder (which keeps pointers to them).
         let slots: Vec<u64> = args

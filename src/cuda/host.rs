@@ -101,6 +101,7 @@ impl Executor for HostExecutor {
 
     fn launch(&self, name: &str, dims: Dims, args: &[Arg<'_, HostBuffer>]) -> Result<()> {
         check_args(name, args)?;
+        dims.check(name)?;
         let launcher = HOST_LAUNCHERS
             .iter()
             .find(|(n, _)| *n == name)

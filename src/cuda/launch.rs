@@ -16,6 +16,24 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// Checks the shape against CUDA's launch limits (every dimension at least 1; grid x below 2³¹, y and z
+    /// at most 65,535; at most 1,024 threads a block, z at most 64), so that the host emulation refuses what a
+    /// card would.
+    pub fn check(&self, kernel: &str) -> Result<()> {
+        let (g, b) = (self.grid, self.block);
+        let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
+        let ok = [g.0, g.1, g.2, b.0, b.1, b.2].iter().all(|&d| d >= 1)
+            && g.0 < 1 << 31
+            && g.1 <= 65_535
+            && g.2 <= 65_535
+            && b.2 <= 64
+            && threads <= 1024;
+        if !ok {
+            bail!("launch of {kernel}: grid {g:?} × block {b:?} is outside CUDA's launch limits");
+        }
+        Ok(())
+    }
+
     /// A 1-D launch of `threads` per block over enough blocks for `n` elements (at most `max_blocks`; the
     /// kernels use grid-stride loops).
     pub fn elementwise(n: usize, threads: u32, max_blocks: u32) -> Self {
@@ -105,4 +123,26 @@ pub fn check_args<B>(name: &str, args: &[Arg<'_, B>]) -> Result<&'static KernelF
 /// A size as a kernel's `int`, or an error naming it.
 pub fn int(value: usize, what: &str) -> Result<i32> {
     i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a kernel's int"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shapes_outside_cudas_limits_are_refused() {
+        let ok = Dims { grid: (70_000, 65_535, 1), block: (256, 4, 1) };
+        ok.check("k").unwrap();
+        for bad in [
+            Dims { grid: (0, 1, 1), block: (128, 1, 1) },
+            Dims { grid: (1, 65_536, 1), block: (128, 1, 1) },
+            Dims { grid: (1, 1, 70_000), block: (128, 1, 1) },
+            Dims { grid: (1, 1, 1), block: (1025, 1, 1) },
+            Dims { grid: (1, 1, 1), block: (32, 32, 2) },
+            Dims { grid: (1, 1, 1), block: (1, 1, 65) },
+        ] {
+            let e = bad.check("expert_linear_forward").unwrap_err().to_string();
+            assert!(e.contains("expert_linear_forward") && e.contains("launch limits"), "{bad:?}: {e}");
+        }
+    }
 }
