@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wemoe_engine::config::VisionConfig;
-use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::data::{decode_image, Dataset, Preprocess};
 use wemoe_engine::device::{CpuBackend, Precision};
 use wemoe_engine::model::{
     ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
@@ -235,6 +235,15 @@ fn preprocess(c: &mut Criterion) {
     group.bench_function("rgb_500x375", |b| b.iter(|| clip.apply(&image, h, w, 3).unwrap()));
     group.throughput(Throughput::Elements(folder.len() as u64));
     group.bench_function("fixture_photos_decoded", |b| b.iter(|| folder.batch(0..folder.len()).unwrap()));
+    group.finish();
+    // Decoding alone, one thread: libjpeg-turbo (with its SIMD when NASM was there at build time) and PNG.
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(1));
+    for file in ["class_0/china_301x217.jpg", "class_0/flower_121x143.png"] {
+        let bytes = std::fs::read(photos.join(file)).unwrap();
+        let name = file.rsplit('/').next().unwrap();
+        group.bench_function(name, |b| b.iter(|| decode_image(&bytes).unwrap()));
+    }
     group.finish();
 }
 

@@ -269,6 +269,8 @@ fn doctor_runs_on_a_fresh_clone() {
     assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");
     let amx = if wemoe_engine::ops::amx::available() { "AMX: --precision bf16 runs" } else { "no AMX" };
     assert!(out.contains(amx), "{out}");
+    let jpeg = if wemoe_engine::data::jpeg_simd() { "with its SIMD" } else { "without SIMD" };
+    assert!(out.lines().any(|l| l.starts_with("jpeg") && l.contains(jpeg)), "{out}");
     // With NVRTC (tools/nvrtc-env.sh provides it), one row per kernel function with ptxas' registers.
     let row =
         out.lines().find(|l| l.trim_start().starts_with("expert_linear_forward")).unwrap_or_else(|| panic!("{out}"));

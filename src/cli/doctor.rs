@@ -18,6 +18,13 @@ pub fn run(arch: Option<&str>) -> Result<()> {
     } else {
         say!("            no AMX: --precision bf16 needs a GPU here");
     }
+    if wemoe_engine::data::jpeg_simd() {
+        say!("jpeg        libjpeg-turbo with its SIMD decoding");
+    } else if cfg!(target_arch = "x86_64") {
+        say!("jpeg        libjpeg-turbo without SIMD (install NASM and rebuild: about 1.6× faster JPEG decoding)");
+    } else {
+        say!("jpeg        libjpeg-turbo without SIMD");
+    }
     let mut device_arch = None;
     match gpu::driver_version() {
         Err(e) => say!("cuda        {e:#}"),

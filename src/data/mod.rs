@@ -9,5 +9,6 @@ pub mod preprocess;
 pub mod resample;
 
 pub use dataset::Dataset;
+pub use decode::{decode_image, jpeg_simd};
 pub use image_folder::{scan_image_folder, ImageFolder};
 pub use preprocess::Preprocess;
