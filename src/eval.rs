@@ -19,6 +19,51 @@ pub struct Batching {
     pub routing: Routing,
 }
 
+/// How one task's labels index its head's rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadRows {
+    /// A label is the row.
+    Ids,
+    /// Label `l` is row `rows[l]`: the heads file and the data both name their classes (an ImageFolder, a
+    /// parquet `ClassLabel`), and every class of the data is one of the head's, matched by name. A subset of
+    /// class folders, or a head in another order, is then scored right.
+    ByName(Vec<usize>),
+}
+
+impl HeadRows {
+    /// The rows of `task`'s head that `data`'s labels stand for.
+    pub fn for_task(heads: &Heads, task: &str, data: &Dataset) -> Self {
+        let (Some(head), Some(classes)) = (heads.class_names(task), data.classes()) else { return HeadRows::Ids };
+        let rows: Option<Vec<usize>> = classes.iter().map(|c| head.iter().position(|h| h == c)).collect();
+        rows.map_or(HeadRows::Ids, HeadRows::ByName)
+    }
+
+    /// True when every label is its own row.
+    pub fn is_identity(&self) -> bool {
+        match self {
+            HeadRows::Ids => true,
+            HeadRows::ByName(rows) => rows.iter().enumerate().all(|(i, &r)| i == r),
+        }
+    }
+
+    /// Each label's row, checked against the head's `classes` rows (`data` and `task` name them in errors).
+    pub fn targets(&self, labels: &[i64], classes: usize, data: &Dataset, task: &str) -> Result<Vec<usize>> {
+        labels
+            .iter()
+            .map(|&l| match self {
+                HeadRows::Ids if (l as usize) < classes => Ok(l as usize),
+                HeadRows::Ids => Err(anyhow!(
+                    "{}: label {l} is out of range for head '{task}' with {classes} classes",
+                    data.origin().display()
+                )),
+                HeadRows::ByName(rows) => rows.get(l as usize).copied().ok_or_else(|| {
+                    anyhow!("{}: label {l} is beyond the {} classes it names", data.origin().display(), rows.len())
+                }),
+            })
+            .collect()
+    }
+}
+
 /// The encoder a pass over a dataset runs.
 #[derive(Clone, Copy)]
 pub enum Encoder<'a> {
@@ -184,14 +229,12 @@ impl<'a> Evaluator<'a> {
         let Some(labels) = data.labels() else {
             bail!("{}: has no labels, which eval needs (task '{task}')", data.origin().display());
         };
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            bail!("{}: label {bad} is out of range for head '{task}' with {classes} classes", data.origin().display());
-        }
+        let targets = HeadRows::for_task(self.heads, task, data).targets(labels, classes, data, task)?;
         let mut correct = 0;
         for_each_batch(be, self.model, data, batching, progress, |range, out| {
             let logits = be.to_host(&self.classifier.logits(be, &out.pooled, head)?)?;
             let predictions = argmax_rows(&logits, classes);
-            correct += predictions.iter().zip(&labels[range]).filter(|(p, &l)| **p == l as usize).count();
+            correct += predictions.iter().zip(&targets[range]).filter(|(p, t)| p == t).count();
             Ok(())
         })?;
         Ok(TaskAccuracy { task: task.to_string(), correct, count: data.len() })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use wemoe_engine::checkpoint::SafetensorsFile;
-use wemoe_engine::output::{write_safetensors, NamedTensor};
+use wemoe_engine::output::{write_safetensors, write_safetensors_with_metadata, NamedTensor};
 
 /// Runs the engine expecting failure; checks the error contract and that `culprit` is named.
 fn fails(args: &[&str], culprit: &str) -> String {
@@ -452,4 +452,31 @@ fn merge_refuses_an_existing_output() {
     std::fs::create_dir(&out).unwrap();
     let (pretrained, red) = (fixture("wemoe/pretrained"), expert("red", &fixture("wemoe/red")));
     fails(&["merge", "--pretrained", s(&pretrained), "--expert", &red, "--out", s(&out)], "already exists");
+}
+
+#[test]
+fn heads_whose_metadata_miscounts_or_repeats_their_classes() {
+    let t = Scratch::new();
+    let heads = SafetensorsFile::open(&fixture("heads_a.safetensors")).unwrap();
+    let tensors: Vec<NamedTensor> = ["head.alpha", "head.beta"]
+        .iter()
+        .map(|&name| {
+            let v = heads.f32(name).unwrap();
+            NamedTensor { name: name.into(), shape: v.shape().to_vec(), values: v.host().unwrap().to_vec() }
+        })
+        .collect();
+    let task = format!("alpha={}", s(&fixture("pixels_a.safetensors")));
+    for (classes, culprit) in [
+        (r#"{"alpha": ["a", "b"]}"#, "names 2 classes for task 'alpha', whose head has 7 rows"),
+        (r#"{"beta": ["a", "b", "a"]}"#, "names a class twice for task 'beta'"),
+        (r#"["a", "b"]"#, "its metadata's `classes` is not a JSON object"),
+    ] {
+        let path = t.path("heads.safetensors");
+        let metadata = [("classes".to_string(), classes.to_string())].into_iter().collect();
+        write_safetensors_with_metadata(&path, &tensors, metadata).unwrap();
+        let err = fails_owned(eval(&t, "clip_a", s(&path), &task), culprit);
+        assert!(err.contains("heads.safetensors"), "the file is named: {err}");
+        std::fs::remove_file(&path).unwrap();
+        t.assert_no_output();
+    }
 }

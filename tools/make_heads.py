@@ -19,7 +19,8 @@ A task is NAME or NAME=SOURCE; the head is stored as `head.NAME`. SOURCE (NAME w
 
 The file also holds the CLIP model's `visual_projection.weight` and raw `logit_scale` (FusionBench's
 classifier uses the pretrained model's), and in its metadata `classes`: a JSON object of each task's class
-names in row order. The file is written under a temporary name and renamed.
+names in row order, by which `wemoe-engine eval` matches an ImageFolder's or a parquet dataset's classes to the
+head's rows (a subset of the classes, or another order). The file is written under a temporary name and renamed.
 
 Needs torch, transformers, safetensors, datasets and FusionBench, as tools/setup-venv.sh installs them. The CLIP
 directory must be a full `CLIPModel` (text tower included) with its tokenizer files, or name the tokenizer's

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde_json::json;
 use wemoe_engine::device::DeviceChoice;
-use wemoe_engine::eval::{Batching, Evaluator, TaskAccuracy};
+use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
 use wemoe_engine::output::write_atomic;
 
 use super::weights::{LoadedEncoder, Weights};
@@ -26,19 +26,28 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {
-        if data.labels().is_none() {
+        let Some(labels) = data.labels() else {
             bail!("{}: has no labels, which eval needs (task '{name}')", path.display());
-        }
-        // An ImageFolder's ids are its class folders' sorted positions, a parquet's its ClassLabel's: with
-        // another count than the head's, say so (a missing folder shifts the ids after it).
+        };
+        // An ImageFolder's ids are its class folders' sorted positions, a parquet's its ClassLabel's. Matched
+        // to the head's rows by name where the heads file names them; else, with another count than the
+        // head's, say so (a missing folder shifts the ids after it).
         let head_classes = heads.head(&name)?.out_features();
-        if let Some(names) = data.classes().filter(|n| n.len() != head_classes && !quiet) {
-            eprintln!(
+        let rows = HeadRows::for_task(&heads, &name, &data);
+        rows.targets(labels, head_classes, &data, &name)?;
+        match (&rows, data.classes()) {
+            _ if quiet => {}
+            (HeadRows::ByName(_), _) if !rows.is_identity() => eprintln!(
+                "note: {}'s classes are matched to the rows of head '{name}' by name (the heads file names them)",
+                path.display()
+            ),
+            (HeadRows::Ids, Some(names)) if names.len() != head_classes => eprintln!(
                 "note: {} names {} classes, head '{name}' has {head_classes}; its labels are taken as the head's \
                  class indices",
                 path.display(),
                 names.len()
-            );
+            ),
+            _ => {}
         }
         datasets.push((name, data));
     }

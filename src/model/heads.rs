@@ -1,7 +1,9 @@
 //! Zero-shot classification heads: per-task class embeddings and the logits they give.
 //!
 //! A heads file is safetensors with `head.<TASK>` `[C, P]` (L2-normalised rows), and optionally
-//! `logit_scale` (HF's raw value) and `visual_projection.weight` `[P, D]`, which win over the model's.
+//! `logit_scale` (HF's raw value) and `visual_projection.weight` `[P, D]`, which win over the model's; its
+//! header metadata may name each head's classes (`classes`: a JSON object of task → names in row order, as
+//! tools/make_heads.py writes).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ pub struct Heads {
     tasks: BTreeMap<String, LinearWeight>,
     logit_scale: Option<f32>,
     projection: Option<LinearWeight>,
+    class_names: BTreeMap<String, Vec<String>>,
 }
 
 /// What turns a pooled output into one task's logits.
@@ -56,7 +59,13 @@ impl Heads {
         } else {
             None
         };
-        Ok(Heads { path: path.to_path_buf(), tasks, logit_scale, projection })
+        let class_names = read_class_names(path, store.files()[0].metadata("classes"), &tasks)?;
+        Ok(Heads { path: path.to_path_buf(), tasks, logit_scale, projection, class_names })
+    }
+
+    /// The class names of `task`'s rows, when the file names them.
+    pub fn class_names(&self, task: &str) -> Option<&[String]> {
+        self.class_names.get(task).map(Vec::as_slice)
     }
 
     /// The heads file.
@@ -108,6 +117,32 @@ impl Heads {
         let raw = self.logit_scale.or(encoder.logit_scale).unwrap_or(100f32.ln());
         Ok(Classifier { projection, scale: raw.exp() })
     }
+}
+
+/// The `classes` metadata of heads file `path`: each named task's list as long as its head has rows, unique.
+fn read_class_names(
+    path: &Path,
+    metadata: Option<&str>,
+    tasks: &BTreeMap<String, LinearWeight>,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let Some(text) = metadata else { return Ok(BTreeMap::new()) };
+    let names: BTreeMap<String, Vec<String>> = serde_json::from_str(text).with_context(|| {
+        format!("{}: its metadata's `classes` is not a JSON object of task → list of class names", path.display())
+    })?;
+    for (task, list) in &names {
+        if let Some(head) = tasks.get(task) {
+            ensure!(
+                list.len() == head.out_features(),
+                "{}: its metadata names {} classes for task '{task}', whose head has {} rows",
+                path.display(),
+                list.len(),
+                head.out_features()
+            );
+        }
+        let unique: std::collections::BTreeSet<&String> = list.iter().collect();
+        ensure!(unique.len() == list.len(), "{}: its metadata names a class twice for task '{task}'", path.display());
+    }
+    Ok(names)
 }
 
 impl<'a> Classifier<'a> {
