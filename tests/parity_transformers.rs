@@ -159,6 +159,18 @@ fn parquet_datasets_read_and_preprocess_like_clip_image_processor() {
             largest = largest.max(max);
         }
         eprintln!("{path}: largest difference from the processor's pixels {largest:.2e}");
+        // Read on demand in any order, or held in memory (as adapt holds it): the same pixels.
+        let order = [6, 2, 3, 0, 5, 5, 1];
+        let on_demand = data.gather(&order).unwrap();
+        let mut held = Dataset::open(&fixture(path), &Preprocess::clip(32), 32).unwrap();
+        held.hold_in_memory().unwrap();
+        assert_eq!(held.gather(&order).unwrap().host().unwrap(), on_demand.host().unwrap(), "{path}");
+        for (k, &i) in order.iter().enumerate() {
+            assert_eq!(
+                &on_demand.host().unwrap()[k * per..(k + 1) * per],
+                &got.host().unwrap()[i * per..(i + 1) * per]
+            );
+        }
     }
 }
 

@@ -10,8 +10,9 @@ formats, as a scraped dataset's do.
 
 - two_shards/: the dataset split over two parquet files (snappy, datasets' default), an `Image` feature
   and a `ClassLabel` with names, so the engine reads the schema metadata and the shards in order;
-- by_name.parquet: the same rows in one file as pyarrow writes it by default (snappy), columns named img
-  and label with no `huggingface` metadata (the columns found by name);
+- by_name.parquet: the same rows in one file as pyarrow writes it (snappy), columns named img and label with
+  no `huggingface` metadata (the columns found by name), in row groups of two rows (the reader's jumps
+  between row groups);
 - no_image.parquet: a label column and a text column, no image (a bad input);
 - expected_32.safetensors: each row's pixel values at 32 (`row.{i}`) and the labels.
 """
@@ -48,9 +49,9 @@ def main():
     ds = datasets.Dataset.from_dict(rows, features=features)
     ds.select(range(4)).to_parquet(os.path.join(ROOT, "two_shards", "test-00000-of-00002.parquet"))
     ds.select(range(4, len(files))).to_parquet(os.path.join(ROOT, "two_shards", "test-00001-of-00002.parquet"))
-    # The same rows under other column names, pyarrow's defaults (snappy), without the datasets metadata.
+    # The same rows under other column names, snappy, without the datasets metadata, two rows a row group.
     table = ds.data.table.rename_columns(["img", "label"]).replace_schema_metadata(None)
-    pq.write_table(table, os.path.join(ROOT, "by_name.parquet"))
+    pq.write_table(table, os.path.join(ROOT, "by_name.parquet"), row_group_size=2)
 
     pq.write_table(pa.table({"label": [0, 1], "text": ["a", "b"]}), os.path.join(ROOT, "no_image.parquet"))
 

@@ -145,6 +145,8 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path) -> Result<()> 
 
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
 /// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint.
+/// Each step draws shuffled images: a parquet dataset should be held in memory first
+/// ([`Dataset::hold_in_memory`]), as the command line does, or each image reopens its file.
 #[allow(clippy::too_many_arguments)]
 pub fn adapt(
     be: &dyn Backend,

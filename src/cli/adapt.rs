@@ -20,7 +20,11 @@ pub struct Args {
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
-    let (names, data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();
+    let (names, mut data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();
+    // Shuffled batches: a parquet dataset's images in memory rather than a file reopened per image.
+    for d in &mut data {
+        d.hold_in_memory()?;
+    }
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(Some(args.options.steps), target);
     bar.set_style(

@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
-use super::parquet::{parquet_shards, read_parquet};
+use super::parquet::{parquet_shards, read_parquet, ParquetRows};
 use super::{scan_image_folder, Preprocess};
 use crate::checkpoint::SafetensorsFile;
 use crate::tensor::Tensor;
@@ -18,7 +18,9 @@ enum Source {
     Images { file: SafetensorsFile, height: usize, width: usize, channels: usize },
     /// Image files, decoded on demand.
     Files(Vec<PathBuf>),
-    /// Encoded images held in memory (a parquet dataset's rows), decoded on demand.
+    /// A parquet dataset's encoded images, read from its files as batches ask for them.
+    Parquet(ParquetRows),
+    /// Encoded images held in memory (a parquet dataset's, after [`Dataset::hold_in_memory`]).
     Encoded(Vec<Vec<u8>>),
 }
 
@@ -38,8 +40,8 @@ impl Dataset {
     pub fn open(path: &Path, preprocess: &Preprocess, side: usize) -> Result<Self> {
         let (source, len, labels, classes) = if let Some(shards) = parquet_shards(path) {
             let rows = read_parquet(path, &shards)?;
-            let len = rows.images.len();
-            (Source::Encoded(rows.images), len, rows.labels, rows.classes)
+            let len = rows.images.count();
+            (Source::Parquet(rows.images), len, rows.labels, rows.classes)
         } else if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         } else if path.is_dir() {
@@ -124,6 +126,19 @@ impl Dataset {
         self.classes.as_deref()
     }
 
+    /// Reads a parquet dataset's encoded images into memory, for random access (adaptation draws shuffled
+    /// batches, which would reopen the files at every image); other data is left as it is.
+    pub fn hold_in_memory(&mut self) -> Result<()> {
+        if let Source::Parquet(rows) = &self.source {
+            let mut all = Vec::with_capacity(self.len);
+            for start in (0..self.len).step_by(256) {
+                all.extend(rows.read(&(start..(start + 256).min(self.len)).collect::<Vec<_>>())?);
+            }
+            self.source = Source::Encoded(all);
+        }
+        Ok(())
+    }
+
     /// Images `range` as pixel values `[b, 3, S, S]`.
     pub fn batch(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
         ensure!(range.end <= self.len && range.start < range.end, "batch {range:?} of {} images", self.len);
@@ -160,6 +175,14 @@ impl Dataset {
             Source::Files(files) => {
                 let images: Vec<Vec<f32>> =
                     indices.par_iter().map(|&i| self.load_file(&files[i])).collect::<Result<_>>()?;
+                images.concat()
+            }
+            Source::Parquet(rows) => {
+                let encoded = rows.read(indices)?;
+                let images: Vec<Vec<f32>> = (indices, &encoded[..])
+                    .into_par_iter()
+                    .map(|(&i, bytes)| self.load_encoded(bytes, &format_args!("{} row {i}", self.origin.display())))
+                    .collect::<Result<_>>()?;
                 images.concat()
             }
             Source::Encoded(rows) => {

@@ -1,24 +1,135 @@
 //! Hugging Face `datasets` parquet files, the form FusionBench's tasks take on the hub: an image column
 //! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column; one
-//! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. The
-//! encoded images are kept in memory and decoded per batch; class names come from the `huggingface` schema
-//! metadata when it has them.
+//! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. Every
+//! row is checked when the dataset opens; afterwards the encoded images are read from the files as batches
+//! ask for them (a cursor that runs on through consecutive rows), so memory holds a batch, not the split.
+//! Class names come from the `huggingface` schema metadata when it has them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{bail, ensure, Context, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::serialized_reader::ReadOptionsBuilder;
+use parquet::record::reader::RowIter;
 use parquet::record::Field;
+use parquet::schema::types::Type;
 use serde_json::Value;
 
-/// A parquet dataset's encoded images, labels and class names.
+/// Rows the row reader decodes at a time (its default, 1,024, would hold a thousand images).
+const ROWS_PER_READ: usize = 16;
+
+/// A checked parquet dataset: its labels and class names, and where each row's image is.
 pub struct ParquetImages {
-    /// Each row's encoded image (PNG, JPEG, ...).
-    pub images: Vec<Vec<u8>>,
     /// Each row's label, when there is a label column.
     pub labels: Option<Vec<i64>>,
     /// The label column's class names, when the metadata gives them.
     pub classes: Option<Vec<String>>,
+    /// The rows' encoded images, read on demand.
+    pub images: ParquetRows,
+}
+
+/// One shard's place in the dataset.
+struct Shard {
+    path: PathBuf,
+    /// The image column.
+    image: String,
+    /// The dataset's row index of the shard's first row.
+    first: usize,
+    /// Rows in each of the shard's row groups.
+    groups: Vec<usize>,
+}
+
+/// Where the reading stands: the row reader of one shard (from one of its row groups on) and the dataset's
+/// row index it yields next.
+struct Cursor {
+    shard: usize,
+    next: usize,
+    rows: RowIter<'static>,
+}
+
+/// The encoded images of a parquet dataset's rows, read from its files on demand.
+pub struct ParquetRows {
+    shards: Vec<Shard>,
+    len: usize,
+    cursor: Mutex<Option<Cursor>>,
+}
+
+impl ParquetRows {
+    /// The number of rows.
+    pub fn count(&self) -> usize {
+        self.len
+    }
+
+    /// The encoded images of rows `indices`, in that order. A row at or after the cursor in its row group
+    /// continues the last read; any other opens its shard again at the row's row group.
+    pub fn read(&self, indices: &[usize]) -> Result<Vec<Vec<u8>>> {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let read: Result<Vec<Vec<u8>>> = indices.iter().map(|&i| self.read_one(&mut cursor, i)).collect();
+        if read.is_err() {
+            // No half-advanced reader is kept after a failure.
+            *cursor = None;
+        }
+        read
+    }
+
+    fn read_one(&self, cursor: &mut Option<Cursor>, i: usize) -> Result<Vec<u8>> {
+        ensure!(i < self.len, "row {i} of {}", self.len);
+        let s = self.shards.partition_point(|shard| shard.first <= i) - 1;
+        let shard = &self.shards[s];
+        let (group, start) = shard.group_of(i);
+        if !cursor.as_ref().is_some_and(|c| c.shard == s && (start..=i).contains(&c.next)) {
+            *cursor = Some(self.open_at(s, group, start)?);
+        }
+        let c = cursor.as_mut().expect("opened above");
+        loop {
+            let at = c.next;
+            let row = c.rows.next().with_context(|| format!("{}: ends before row {}", shard.path.display(), i))?;
+            let row = row.with_context(|| format!("{}: row {} unreadable", shard.path.display(), at - shard.first))?;
+            c.next += 1;
+            if at == i {
+                let (_, field) = row.get_column_iter().next().context("a projected row without its column")?;
+                let bytes =
+                    image_bytes(field).with_context(|| format!("{} row {}", shard.path.display(), i - shard.first))?;
+                return Ok(bytes.to_vec());
+            }
+        }
+    }
+
+    /// A cursor on shard `s` at the start of its row group `group`, whose first row is dataset row `start`.
+    fn open_at(&self, s: usize, group: usize, start: usize) -> Result<Cursor> {
+        let shard = &self.shards[s];
+        let options = ReadOptionsBuilder::new().with_predicate(Box::new(move |_, g| g >= group)).build();
+        let file =
+            std::fs::File::open(&shard.path).with_context(|| format!("{}: cannot open", shard.path.display()))?;
+        let reader = SerializedFileReader::new_with_options(file, options)
+            .with_context(|| format!("{}: not a parquet file", shard.path.display()))?;
+        let projection = projection(&reader, &[&shard.image])?;
+        let rows = RowIter::from_file_into(Box::new(reader))
+            .project(Some(projection))
+            .with_context(|| format!("{}: cannot read column {}", shard.path.display(), shard.image))?
+            .with_batch_size(ROWS_PER_READ);
+        Ok(Cursor { shard: s, next: start, rows })
+    }
+}
+
+impl Shard {
+    /// The row group holding dataset row `row` (one of this shard's), and that group's first row.
+    fn group_of(&self, row: usize) -> (usize, usize) {
+        let (mut group, mut start) = (0, self.first);
+        while start + self.groups[group] <= row {
+            start += self.groups[group];
+            group += 1;
+        }
+        (group, start)
+    }
+}
+
+/// The schema of `reader`'s columns `names` alone, for reading only them.
+fn projection(reader: &SerializedFileReader<std::fs::File>, names: &[&str]) -> Result<Type> {
+    let root = reader.metadata().file_metadata().schema_descr().root_schema();
+    let fields = root.get_fields().iter().filter(|f| names.contains(&f.name())).cloned().collect();
+    Ok(Type::group_type_builder(root.name()).with_fields(fields).build()?)
 }
 
 fn is_parquet_file(path: &Path) -> bool {
@@ -110,7 +221,8 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> Columns {
     Columns { names, image, label, classes }
 }
 
-/// Reads every row's encoded image and label from `shards`, the [`parquet_shards`] of `path`.
+/// Checks every row of `shards`, the [`parquet_shards`] of `path` (each has an image, and a label where
+/// the shards have a label column), and reads the labels; the images stay in the files.
 pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
     let splits: std::collections::BTreeSet<String> = shards.iter().filter_map(|p| split_of(p)).collect();
     if splits.len() > 1 {
@@ -123,7 +235,8 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
             first.display()
         );
     }
-    let mut images = Vec::new();
+    let mut placed = Vec::new();
+    let mut len = 0;
     let mut labels: Option<Vec<i64>> = None;
     let mut classes = None;
     for (s, shard) in shards.iter().enumerate() {
@@ -151,39 +264,56 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
                 if labels.is_some() { "has one" } else { "has none" }
             );
         }
-        let rows = reader.get_row_iter(None).with_context(|| format!("{}: unreadable rows", shard.display()))?;
+        let groups: Vec<usize> = reader.metadata().row_groups().iter().map(|g| g.num_rows() as usize).collect();
+        let wanted: Vec<&str> = [Some(image.as_str()), label.as_deref()].into_iter().flatten().collect();
+        let rows = RowIter::from_file(Some(projection(&reader, &wanted)?), &reader)
+            .with_context(|| format!("{}: unreadable rows", shard.display()))?
+            .with_batch_size(ROWS_PER_READ);
+        let mut count = 0;
         for (r, row) in rows.enumerate() {
             let row = row.with_context(|| format!("{}: row {r} unreadable", shard.display()))?;
             let at = || format!("{} row {r}", shard.display());
-            let mut found_image = None;
+            let mut found_image = false;
             let mut found_label = None;
             for (name, field) in row.get_column_iter() {
                 if *name == image {
-                    found_image = Some(image_bytes(field).with_context(at)?);
+                    image_bytes(field).with_context(at)?;
+                    found_image = true;
                 } else if Some(name) == label.as_ref() {
                     found_label = Some(integer(field).with_context(at)?);
                 }
             }
-            images.push(found_image.with_context(|| format!("{}: no image", at()))?);
+            ensure!(found_image, "{}: no image", at());
             if let (Some(all), Some(l)) = (labels.as_mut(), found_label) {
                 ensure!(l >= 0, "{}: label {l} is negative", at());
                 all.push(l);
             }
+            count += 1;
         }
+        ensure!(
+            count == groups.iter().sum::<usize>(),
+            "{}: {count} rows read where its row groups count {}",
+            shard.display(),
+            groups.iter().sum::<usize>()
+        );
+        placed.push(Shard { path: shard.clone(), image, first: len, groups });
+        len += count;
     }
-    ensure!(!images.is_empty(), "{}: holds no rows", path.display());
-    Ok(ParquetImages { images, labels, classes })
+    ensure!(len > 0, "{}: holds no rows", path.display());
+    placed.retain(|s| s.groups.iter().sum::<usize>() > 0);
+    let images = ParquetRows { shards: placed, len, cursor: Mutex::new(None) };
+    Ok(ParquetImages { labels, classes, images })
 }
 
 /// An image cell's encoded bytes: the `Image` feature's `bytes`, or a binary cell.
-fn image_bytes(field: &Field) -> Result<Vec<u8>> {
+fn image_bytes(field: &Field) -> Result<&[u8]> {
     match field {
-        Field::Bytes(b) => Ok(b.data().to_vec()),
+        Field::Bytes(b) => Ok(b.data()),
         Field::Group(group) => {
             let mut path = None;
             for (name, f) in group.get_column_iter() {
                 match (name.as_str(), f) {
-                    ("bytes", Field::Bytes(b)) => return Ok(b.data().to_vec()),
+                    ("bytes", Field::Bytes(b)) => return Ok(b.data()),
                     ("path", Field::Str(p)) => path = Some(p.clone()),
                     _ => {}
                 }
@@ -217,6 +347,30 @@ fn integer(field: &Field) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet").join(name)
+    }
+
+    #[test]
+    fn rows_read_in_any_order_are_the_rows_read_in_order() {
+        // by_name.parquet: seven rows in row groups of two; two_shards: four and three rows in two files.
+        for name in ["by_name.parquet", "two_shards"] {
+            let path = fixture(name);
+            let open = || read_parquet(&path, &parquet_shards(&path).unwrap()).unwrap().images;
+            let rows = open();
+            assert_eq!(rows.count(), 7);
+            let in_order = rows.read(&(0..7).collect::<Vec<_>>()).unwrap();
+            assert!(in_order.windows(2).all(|w| w[0] != w[1]), "{name}: seven different images");
+            // Backwards, forwards within a row group and past it, into the other shard and back, repeats.
+            let order = [5, 1, 2, 6, 0, 3, 3, 4, 2];
+            let jumbled = open().read(&order).unwrap();
+            for (&i, bytes) in order.iter().zip(&jumbled) {
+                assert!(*bytes == in_order[i], "{name}: row {i} read out of order");
+            }
+            assert!(rows.read(&[7]).is_err(), "{name}: a row past the end");
+        }
+    }
 
     #[test]
     fn a_shard_names_its_split_as_the_hub_does() {
