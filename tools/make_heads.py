@@ -44,6 +44,8 @@ def parquet_shards(path):
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
+        if any(e.is_dir() for e in os.scandir(path)):
+            return []  # class subfolders: an ImageFolder, as the engine reads it
         shards = sorted(glob.glob(os.path.join(glob.escape(path), "*.parquet")))
         splits = {re.sub(r"-\d+-of-\d+\.parquet$", "", os.path.basename(s)) for s in shards
                   if re.search(r"-\d+-of-\d+\.parquet$", s)}
