@@ -40,6 +40,28 @@ fn info_reports_what_transformers_counts() {
     assert!(ok && text.contains("30620") && text.contains("36 -> 20"), "{text}");
 }
 
+#[test]
+fn info_describes_a_heads_file() {
+    // tools/make_heads.py's file: a FusionBench task, the parquet's ClassLabel names, its CLIP's projection.
+    let (ok, out, err) = engine(&["info", s(&fixture("heads_tool/heads.safetensors")), "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["kind"], "heads");
+    assert_eq!(info["tasks"]["pets"]["class_names"], serde_json::json!(["cat", "dog", "fish"]));
+    assert_eq!(
+        (info["tasks"]["mnist"]["classes"].as_u64(), info["tasks"]["mnist"]["width"].as_u64()),
+        (Some(10), Some(24))
+    );
+    assert_eq!(info["projection"], serde_json::json!([24, 48]));
+    let file = SafetensorsFile::open(&fixture("heads_tool/heads.safetensors")).unwrap();
+    let scale = file.f32("logit_scale").unwrap().host().unwrap()[0];
+    assert_eq!(info["logit_scale"].as_f64(), Some(f64::from(scale)));
+    // Random heads with a logit scale, no projection, no names.
+    let (ok, text, _) = engine(&["info", s(&fixture("heads_a.safetensors"))]);
+    assert!(ok && text.contains("alpha  7 classes × 24: no class names"), "{text}");
+    assert!(text.contains("projection  none (the model's is used)") && text.contains("logit_scale 3.0000"), "{text}");
+}
+
 /// `embed` of fixture `clip_{key}` on its pixels into `out`, on the CPU, quietly, with `env` set.
 fn embed_fixture(env: &[(&str, &str)], key: &str, out: &std::path::Path) -> (bool, String, String) {
     let (model, images) = (fixture(&format!("clip_{key}")), fixture(&format!("pixels_{key}.safetensors")));

@@ -1,13 +1,19 @@
-//! `wemoe-engine info`: what a model directory holds, from its config and headers alone.
+//! `wemoe-engine info`: what a model directory holds, from its config and headers alone; or what a heads
+//! file holds (tasks, class counts and names, projection, logit scale).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
 use serde_json::json;
-use wemoe_engine::checkpoint::ModelDir;
+use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
+use wemoe_engine::device::CpuBackend;
+use wemoe_engine::model::Heads;
 
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
+    if path.is_file() && SafetensorsFile::open(path)?.names().any(|n| n.starts_with("head.")) {
+        return heads(path, as_json);
+    }
     let dir = ModelDir::open(path)?;
     let c = &dir.config;
     let store = &dir.store;
@@ -90,5 +96,59 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     }
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     say!("files       {} ({})", files.join(", "), dtypes.join(", "));
+    Ok(())
+}
+
+/// A heads file: each task's class count, width and class names (when its metadata names them), the
+/// projection and the raw logit scale it carries.
+fn heads(path: &Path, as_json: bool) -> Result<()> {
+    let heads = Heads::open(&CpuBackend::new(), path)?;
+    let file = SafetensorsFile::open(path)?;
+    let projection = file.info("visual_projection.weight").map(|i| i.shape.clone());
+    let logit_scale = match file.info("logit_scale") {
+        Some(_) => Some(file.f32("logit_scale")?.host()?[0]),
+        None => None,
+    };
+    let tasks: Vec<(&str, usize, usize, Option<&[String]>)> = heads
+        .task_names()
+        .map(|t| {
+            let head = heads.head(t).expect("a listed task");
+            (t, head.out_features(), head.in_features(), heads.class_names(t))
+        })
+        .collect();
+    if as_json {
+        let tasks: serde_json::Map<String, serde_json::Value> = tasks
+            .iter()
+            .map(|(t, classes, width, names)| {
+                (t.to_string(), json!({"classes": classes, "width": width, "class_names": names}))
+            })
+            .collect();
+        let report = json!({
+            "path": path.display().to_string(),
+            "kind": "heads",
+            "tasks": tasks,
+            "projection": projection,
+            "logit_scale": logit_scale,
+        });
+        say!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    say!("heads       {}", path.display());
+    let width = tasks.iter().map(|t| t.0.len()).max().unwrap_or(0);
+    for (t, classes, dims, names) in &tasks {
+        let names = names.map_or("no class names".to_string(), |n| {
+            let shown: Vec<&str> = n.iter().take(5).map(String::as_str).collect();
+            format!("{}{}", shown.join(", "), if n.len() > 5 { ", ..." } else { "" })
+        });
+        say!("task        {t:<width$}  {classes} classes × {dims}: {names}");
+    }
+    match &projection {
+        Some(s) => say!("projection  {} -> {} (visual_projection.weight; wins over the model's)", s[1], s[0]),
+        None => say!("projection  none (the model's is used)"),
+    }
+    match logit_scale {
+        Some(s) => say!("logit_scale {s:.4} (exp {:.2}; wins over the model's)", s.exp()),
+        None => say!("logit_scale none (the model's, else ln 100)"),
+    }
     Ok(())
 }

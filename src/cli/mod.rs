@@ -118,9 +118,9 @@ enum RouterAct {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Describe a model directory: kind, dimensions, parameters, files.
+    /// Describe a model directory (kind, dimensions, parameters, files) or a heads file (tasks, classes).
     Info {
-        /// An HF CLIP directory.
+        /// An HF CLIP or WEMoE directory, or a heads file.
         model: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
