@@ -124,7 +124,8 @@ def resolve(task, templates):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clip", required=True, help="a full CLIPModel directory (text tower and projection)")
+    parser.add_argument("--clip", required=True,
+                        help="a full CLIPModel directory (text tower and projection), or its hub name")
     parser.add_argument("--tokenizer", help="the tokenizer's directory, when not in --clip")
     parser.add_argument("--task", action="append", required=True, metavar="NAME[=SOURCE]")
     parser.add_argument("--template", action="append", metavar="TEXT",
@@ -148,14 +149,20 @@ def main():
 
     from fusion_bench.models.hf_clip import HFCLIPClassifier
 
-    config = AutoConfig.from_pretrained(args.clip)
+    if not os.path.exists(args.clip) and (os.path.isabs(args.clip) or args.clip.startswith(".")):
+        fail(f"{args.clip}: no such directory")
+    try:
+        config = AutoConfig.from_pretrained(args.clip)
+    except OSError as e:
+        fail(f"{args.clip}: cannot load its config.json ({str(e).splitlines()[0]})")
     if config.model_type != "clip":
         fail(f"{args.clip}: a {config.model_type} checkpoint; heads need the full CLIPModel with its text tower "
              "(the pretrained model the experts were fine-tuned from, e.g. openai/clip-vit-base-patch32)")
-    # transformers makes an empty tokenizer, silently, from a folder without the files.
+    # transformers makes an empty tokenizer, silently, from a folder without the files. (A hub name, such as
+    # openai/clip-vit-base-patch32, is left to transformers.)
     tokenizer_dir = args.tokenizer or args.clip
     has = lambda *names: all(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in names)  # noqa: E731
-    if not (has("tokenizer.json") or has("vocab.json", "merges.txt")):
+    if os.path.isdir(tokenizer_dir) and not (has("tokenizer.json") or has("vocab.json", "merges.txt")):
         fail(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
              "name the folder that has them with --tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -172,8 +179,8 @@ def main():
     heads["visual_projection.weight"] = model.visual_projection.weight.detach().float().cpu().contiguous()
     heads["logit_scale"] = model.logit_scale.detach().float().cpu().reshape(())
     tmp = f"{args.out}.tmp-{os.getpid()}"
-    save_file(heads, tmp, metadata={"classes": json.dumps(classes, ensure_ascii=False),
-                                    "made_by": "tools/make_heads.py (FusionBench HFCLIPClassifier)"})
+    # One metadata key: safetensors writes its keys in hash order, and one key keeps the file's bytes stable.
+    save_file(heads, tmp, metadata={"classes": json.dumps(classes, ensure_ascii=False)})
     os.replace(tmp, args.out)
     print(f"wrote {args.out}: {len(tasks)} heads, projection {tuple(heads['visual_projection.weight'].shape)}, "
           f"logit_scale {heads['logit_scale'].item():.4f} (exp {heads['logit_scale'].exp().item():.2f})")
