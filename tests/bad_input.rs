@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use wemoe_engine::checkpoint::SafetensorsFile;
+use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::output::{write_safetensors, write_safetensors_with_metadata, NamedTensor};
 
 /// Runs the engine expecting failure; checks the error contract and that `culprit` is named.
@@ -266,6 +267,21 @@ fn a_parquet_file_without_images() {
     let cut = t.path("cut.parquet");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     t.embed(&fixture("clip_b"), &cut, "cut.parquet: not a parquet file");
+    // A row whose image is a path, or null, in a later row group: found when the file opens.
+    t.embed(
+        &fixture("clip_b"),
+        &fixture("parquet/path_only.parquet"),
+        "path_only.parquet row 3: the image is stored as a path (images/0003.jpg), not as bytes",
+    );
+    t.embed(
+        &fixture("clip_b"),
+        &fixture("parquet/null_image.parquet"),
+        "null_image.parquet row 3: the image is missing",
+    );
+    for bad in ["path_only.parquet", "null_image.parquet"] {
+        let opened = Dataset::open(&fixture(&format!("parquet/{bad}")), &Preprocess::clip(32), 32);
+        assert!(opened.is_err(), "{bad}: refused when it opens, not at its batch");
+    }
     // A folder with two splits' shards: which one is meant is asked, not guessed.
     let data = t.path("data");
     std::fs::create_dir_all(&data).unwrap();

@@ -14,6 +14,8 @@ formats, as a scraped dataset's do.
   no `huggingface` metadata (the columns found by name), in row groups of two rows (the reader's jumps
   between row groups);
 - no_image.parquet: a label column and a text column, no image (a bad input);
+- path_only.parquet, null_image.parquet: three good rows, then one whose image is a path, or null (bad input
+  found when the file opens, in its second row group);
 - expected_32.safetensors: each row's pixel values at 32 (`row.{i}`) and the labels.
 """
 import os
@@ -54,6 +56,15 @@ def main():
     pq.write_table(table, os.path.join(ROOT, "by_name.parquet"), row_group_size=2)
 
     pq.write_table(pa.table({"label": [0, 1], "text": ["a", "b"]}), os.path.join(ROOT, "no_image.parquet"))
+    # Rows the engine must refuse when the file opens, after good ones (in a later row group): an image stored
+    # as a path (as `datasets` keeps local files), and a null image.
+    small = open(os.path.join(FIXTURES, "photos/class_1/china_61x47.jpg"), "rb").read()
+    image_type = ds.data.table.schema.field("image").type
+    for name, bad in [("path_only.parquet", {"bytes": None, "path": "images/0003.jpg"}), ("null_image.parquet", None)]:
+        cells = [{"bytes": small, "path": None}] * 3 + [bad]
+        table = pa.table({"image": pa.array(cells, type=image_type), "label": pa.array([0, 1, 2, 0], pa.int64())})
+        pq.write_table(table.replace_schema_metadata(ds.data.table.schema.metadata), os.path.join(ROOT, name),
+                       row_group_size=2)
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
     expected = {"labels": torch.tensor(labels)}
