@@ -103,12 +103,8 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
 /// projection and the raw logit scale it carries.
 fn heads(path: &Path, as_json: bool) -> Result<()> {
     let heads = Heads::open(&CpuBackend::new(), path)?;
-    let file = SafetensorsFile::open(path)?;
-    let projection = file.info("visual_projection.weight").map(|i| i.shape.clone());
-    let logit_scale = match file.info("logit_scale") {
-        Some(_) => Some(file.f32("logit_scale")?.host()?[0]),
-        None => None,
-    };
+    let projection = heads.own_projection().map(|p| vec![p.out_features(), p.in_features()]);
+    let logit_scale = heads.own_logit_scale();
     let tasks: Vec<(&str, usize, usize, Option<&[String]>)> = heads
         .task_names()
         .map(|t| {

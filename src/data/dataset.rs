@@ -130,11 +130,7 @@ impl Dataset {
     /// batches, which would reopen the files at every image); other data is left as it is.
     pub fn hold_in_memory(&mut self) -> Result<()> {
         if let Source::Parquet(rows) = &self.source {
-            let mut all = Vec::with_capacity(self.len);
-            for start in (0..self.len).step_by(256) {
-                all.extend(rows.read(&(start..(start + 256).min(self.len)).collect::<Vec<_>>())?);
-            }
-            self.source = Source::Encoded(all);
+            self.source = Source::Encoded(rows.read(&(0..self.len).collect::<Vec<_>>())?);
         }
         Ok(())
     }

@@ -63,6 +63,16 @@ impl Heads {
         Ok(Heads { path: path.to_path_buf(), tasks, logit_scale, projection, class_names })
     }
 
+    /// The file's own `visual_projection.weight`, when it has one.
+    pub fn own_projection(&self) -> Option<&LinearWeight> {
+        self.projection.as_ref()
+    }
+
+    /// The file's own raw `logit_scale`, when it has one.
+    pub fn own_logit_scale(&self) -> Option<f32> {
+        self.logit_scale
+    }
+
     /// The class names of `task`'s rows, when the file names them.
     pub fn class_names(&self, task: &str) -> Option<&[String]> {
         self.class_names.get(task).map(Vec::as_slice)
