@@ -14,6 +14,7 @@
 //! - [`model`]: the CLIP vision model, WEMoE layers, the projection, the classification heads;
 //! - [`merge`]: WEMoE, task arithmetic and averaging, streamed into the output file;
 //! - [`data`]: datasets and CLIP's preprocessing;
+//! - [`hub_cache`]: models and datasets named as on the Hugging Face Hub, found in its local cache;
 //! - [`eval`]: accuracy of a model over tasks;
 //! - [`autograd`]: the tape and the adaptation loss's router gradients;
 //! - [`adapt`]: Adam, the routers' parameters, the task samplers and the checkpointed adaptation run;
@@ -42,6 +43,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod hub_cache;
 pub mod kernels;
 pub mod merge;
 pub mod model;

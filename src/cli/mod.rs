@@ -10,6 +10,7 @@ use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::Backend;
 use wemoe_engine::device::{self, DeviceChoice, DeviceRequest, Precision};
 use wemoe_engine::eval::Batching;
+use wemoe_engine::hub_cache::{HubCache, Located};
 use wemoe_engine::merge::{MergeMethod, MergeOptions};
 use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
@@ -120,7 +121,8 @@ enum RouterAct {
 enum Command {
     /// Describe a model directory (kind, dimensions, parameters, files) or a heads file (tasks, classes).
     Info {
-        /// An HF CLIP or WEMoE directory, or a heads file.
+        /// An HF CLIP or WEMoE directory, a heads file, or a Hub name in the Hugging Face cache
+        /// (OWNER/NAME[@REVISION]).
         model: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -128,10 +130,11 @@ enum Command {
     },
     /// Merge a pretrained CLIP vision model and fine-tuned copies into one model.
     Merge {
-        /// The pretrained model directory.
+        /// The pretrained model: a directory, or a Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
         #[arg(long)]
         pretrained: PathBuf,
-        /// A fine-tuned model and its task name, NAME=MODEL; repeat for each (kept in this order).
+        /// A fine-tuned model and its task name, NAME=MODEL (MODEL as --pretrained's); repeat for each (kept in
+        /// this order).
         #[arg(long = "expert", value_name = "NAME=MODEL")]
         experts: Vec<String>,
         /// The output directory (must not exist).
@@ -155,11 +158,12 @@ enum Command {
     },
     /// Write pooled outputs and image embeddings of a dataset to safetensors.
     Embed {
-        /// The model directory.
+        /// The model directory, or a Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
         #[arg(long)]
         model: PathBuf,
-        /// The images: a safetensors file (pixel_values or images), an ImageFolder directory, or a Hugging
-        /// Face datasets parquet file, folder of one split's shards, or split prefix (data/test).
+        /// The images: a safetensors file (pixel_values or images), an ImageFolder directory, a Hugging Face
+        /// datasets parquet file, folder of one split's shards, or split prefix (data/test), or a Hub dataset
+        /// in the Hugging Face cache, OWNER/NAME[@REVISION][:SPLIT] (split test by default).
         #[arg(long)]
         images: PathBuf,
         /// The output safetensors file.
@@ -293,14 +297,15 @@ mod weights;
 /// A model, its heads and tasks: what eval and adapt share.
 #[derive(clap::Args, Debug)]
 struct TaskArgs {
-    /// The model directory.
+    /// The model directory, or a Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
     #[arg(long)]
     model: PathBuf,
     /// The heads file (safetensors with head.<TASK>).
     #[arg(long)]
     heads: PathBuf,
     /// A task and its data, NAME=DATA; repeat for each. DATA as embed's --images: safetensors, an
-    /// ImageFolder directory, or datasets parquet (a file, a folder of one split's shards, or data/test).
+    /// ImageFolder directory, datasets parquet (a file, a folder of one split's shards, or data/test), or a
+    /// Hub dataset in the Hugging Face cache (OWNER/NAME[@REVISION][:SPLIT], split test by default).
     #[arg(long = "task", required = true, value_name = "NAME=DATA")]
     tasks: Vec<String>,
 }
@@ -340,6 +345,36 @@ pub fn open_task_inputs(
     Ok(TaskInputs { dir, be, heads, tasks: opened })
 }
 
+impl TaskArgs {
+    /// The model and each task's name and data, Hub names found in the Hugging Face cache.
+    fn located(&self, quiet: bool) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
+        let model = model_path(self.model.clone(), quiet)?;
+        let tasks = self
+            .tasks
+            .iter()
+            .map(|t| parse_named("task", t).and_then(|(n, p)| Ok((n, data_path(p, quiet)?))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((model, tasks))
+    }
+}
+
+/// A model argument: the path given, or for a Hub name the Hugging Face cache's snapshot (said on stderr).
+fn model_path(spec: PathBuf, quiet: bool) -> Result<PathBuf> {
+    Ok(noted(HubCache::from_env().locate_model(&spec)?, quiet))
+}
+
+/// A data argument: the path given, or for a Hub name its split in the Hugging Face cache (said on stderr).
+fn data_path(spec: PathBuf, quiet: bool) -> Result<PathBuf> {
+    Ok(noted(HubCache::from_env().locate_data(&spec)?, quiet))
+}
+
+fn noted(located: Located, quiet: bool) -> PathBuf {
+    if let (Some(note), false) = (&located.note, quiet) {
+        eprintln!("note: {note}");
+    }
+    located.path
+}
+
 /// Splits `NAME=PATH` of option `--{flag}`.
 fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     match spec.split_once('=') {
@@ -368,9 +403,13 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
     match cli.command {
-        Command::Info { model, json } => info::run(&model, json),
+        Command::Info { model, json } => info::run(&model_path(model, quiet)?, json),
         Command::Merge { pretrained, experts, out, method, scaling, router_layers, router_activation, seed } => {
-            let experts = experts.iter().map(|e| parse_named("expert", e)).collect::<Result<Vec<_>>>()?;
+            let pretrained = model_path(pretrained, quiet)?;
+            let experts = experts
+                .iter()
+                .map(|e| parse_named("expert", e).and_then(|(n, p)| Ok((n, model_path(p, quiet)?))))
+                .collect::<Result<Vec<_>>>()?;
             let options = MergeOptions {
                 method: match method {
                     Method::Wemoe => MergeMethod::Wemoe,
@@ -385,8 +424,7 @@ pub fn run(cli: Cli) -> Result<()> {
             merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
         }
         Command::Adapt { inputs, out, steps, lr, batch_size, routing, schedule, seed, checkpoint_every, resume } => {
-            let tasks = inputs.tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
-            let (model, heads) = (inputs.model, inputs.heads);
+            let ((model, tasks), heads) = (inputs.located(quiet)?, inputs.heads);
             let options = AdaptOptions {
                 steps,
                 lr,
@@ -401,12 +439,12 @@ pub fn run(cli: Cli) -> Result<()> {
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
         Command::Embed { model, images, out, routing, batch_size, weights } => {
             let batching = routing.batching(batch_size);
+            let (model, images) = (model_path(model, quiet)?, data_path(images, quiet)?);
             embed::run(&embed::Args { model, images, out, batching, weights }, device, quiet)
         }
         Command::Eval { inputs, routing, batch_size, json, weights } => {
-            let tasks = inputs.tasks.iter().map(|t| parse_named("task", t)).collect::<Result<Vec<_>>>()?;
+            let ((model, tasks), heads) = (inputs.located(quiet)?, inputs.heads);
             let batching = routing.batching(batch_size);
-            let (model, heads) = (inputs.model, inputs.heads);
             eval::run(&eval::Args { model, heads, tasks, batching, json, weights }, device, quiet)
         }
         Command::Demo {

@@ -132,13 +132,13 @@ fn projection(reader: &SerializedFileReader<std::fs::File>, names: &[&str]) -> R
     Ok(Type::group_type_builder(root.name()).with_fields(fields).build()?)
 }
 
-fn is_parquet_file(path: &Path) -> bool {
+pub(crate) fn is_parquet_file(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
 /// The split a shard names, as the hub names shards: `test` for `test-00000-of-00002.parquet`; `None` for
 /// other names (`0000.parquet` in a split's own folder, or a file of the user's).
-fn split_of(path: &Path) -> Option<String> {
+pub(crate) fn split_of(path: &Path) -> Option<String> {
     let stem = path.file_stem()?.to_str()?;
     let parts: Vec<&str> = stem.rsplitn(4, '-').collect();
     let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
