@@ -14,13 +14,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::data::parquet_shards;
 
 /// What a Hub repository holds: its cache folders are `models--…` and `datasets--…`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RepoKind {
+enum RepoKind {
     Model,
     Dataset,
 }
@@ -44,7 +44,7 @@ pub struct Located {
 }
 
 impl Located {
-    fn path(path: &Path) -> Self {
+    fn as_given(path: &Path) -> Self {
         Located { path: path.to_path_buf(), note: None }
     }
 }
@@ -80,17 +80,17 @@ impl HubCache {
     /// prefix such as `data/test`) or is no Hub name, else the split's shards in the cached snapshot.
     pub fn locate_data(&self, spec: &Path) -> Result<Located> {
         if parquet_shards(spec).is_some() {
-            return Ok(Located::path(spec));
+            return Ok(Located::as_given(spec));
         }
         self.locate(spec, RepoKind::Dataset)
     }
 
     fn locate(&self, spec: &Path, kind: RepoKind) -> Result<Located> {
         if spec.exists() {
-            return Ok(Located::path(spec));
+            return Ok(Located::as_given(spec));
         }
         let Some(name) = spec.to_str().and_then(|s| HubName::parse(s, kind)) else {
-            return Ok(Located::path(spec)); // the opener names the missing path
+            return Ok(Located::as_given(spec)); // the opener names the missing path
         };
         let Some(cache) = &self.dir else {
             bail!(
@@ -99,16 +99,13 @@ impl HubCache {
                 kind.word()
             )
         };
-        match name.resolve(cache) {
-            Ok(found) => Ok(found),
-            Err(why) => {
-                bail!(
-                    "{}: no such file or folder, nor a {} in the Hugging Face cache: {why}",
-                    spec.display(),
-                    kind.word()
-                )
-            }
-        }
+        name.resolve(cache).map_err(|why| {
+            anyhow!(
+                "{}: no such file or folder, nor a {} in the Hugging Face cache: {why}",
+                spec.display(),
+                kind.word()
+            )
+        })
     }
 }
 
