@@ -8,9 +8,13 @@
 //!
 //! - A model: `OWNER/NAME[@REVISION]`, the revision a branch or tag (`main` by default), a commit hash, or a
 //!   commit's first 7 or more hex digits.
-//! - A dataset: `OWNER/NAME[@REVISION][:SPLIT]` (`test` by default), the split's parquet shards found in the
-//!   snapshot as the hub lays them out: `data/test-00000-of-00002.parquet` and the rest, `test.parquet`, or a
-//!   folder named after the split (`default/test/0000.parquet`, the hub's parquet conversion).
+//! - A dataset: `OWNER/NAME[@REVISION][:[CONFIG/]SPLIT]` (split `test` by default), the split's parquet shards
+//!   found in the snapshot as the hub lays them out: `data/test-00000-of-00002.parquet` and the rest,
+//!   `test.parquet`, or a folder named after the split (`default/test/0000.parquet`, the hub's parquet
+//!   conversion). Where several configs' folders have the split (`cropped_digits/` and `full_numbers/`, say),
+//!   `CONFIG` names the folder to take it from.
+//! - A name without an owner (`mnist`, as older datasets and models were named) is looked up only where the
+//!   cache has it, so that a mistyped local path is still reported as one.
 
 use std::path::{Path, PathBuf};
 
@@ -92,6 +96,9 @@ impl HubCache {
         let Some(name) = spec.to_str().and_then(|s| HubName::parse(s, kind)) else {
             return Ok(Located::as_given(spec)); // the opener names the missing path
         };
+        if !name.repo.contains('/') && !self.dir.as_ref().is_some_and(|c| name.folder(c).is_dir()) {
+            return Ok(Located::as_given(spec)); // no owner and not cached: a missing path, most likely
+        }
         let Some(cache) = &self.dir else {
             bail!(
                 "{}: no such file or folder, and no Hugging Face cache to look for the {} in (set HF_HUB_CACHE or HOME)",
@@ -136,17 +143,18 @@ fn expand_home(path: &Path, home: Option<&Path>) -> PathBuf {
     }
 }
 
-/// `OWNER/NAME[@REVISION][:SPLIT]`, checked as the Hub checks repository ids.
+/// `[OWNER/]NAME[@REVISION][:[CONFIG/]SPLIT]`, checked as the Hub checks repository ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct HubName {
     kind: RepoKind,
     repo: String,
     revision: Option<String>,
-    split: Option<String>,
+    /// The split, and the config folder it must lie in.
+    split: Option<(Option<String>, String)>,
 }
 
 impl HubName {
-    /// `None` when `spec` cannot be a Hub name (a path such as `./x`, `/data/x` or `a/b/c`).
+    /// `None` when `spec` cannot be a Hub name (a path such as `./x`, `/data/x`, `a/b/c` or `x.safetensors`).
     fn parse(spec: &str, kind: RepoKind) -> Option<Self> {
         let (rest, split) = match spec.rsplit_once(':') {
             Some((rest, split)) if kind == RepoKind::Dataset => (rest, Some(split)),
@@ -157,7 +165,7 @@ impl HubName {
             Some((repo, revision)) => (repo, Some(revision)),
             None => (rest, None),
         };
-        let (owner, name) = repo.split_once('/')?;
+        let (owner, name) = repo.split_once('/').map_or((None, repo), |(o, n)| (Some(o), n));
         let part = |s: &str| {
             let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
             (1..=96).contains(&s.len())
@@ -172,20 +180,29 @@ impl HubName {
                 && r.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
                 && r.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
         };
-        if !part(owner) || !part(name) || !revision.is_none_or(revision_ok) || !split.is_none_or(part) {
+        let split = match split.map(|s| s.split_once('/').map_or((None, s), |(c, s)| (Some(c), s))) {
+            Some((config, split)) if part(split) && config.is_none_or(part) => {
+                Some((config.map(str::to_string), split.to_string()))
+            }
+            Some(_) => return None,
+            None => None,
+        };
+        // Without an owner, a file name such as `x.safetensors` or `a.parquet` is a path, not a repository.
+        let file_like = owner.is_none() && name.contains('.');
+        if !owner.is_none_or(part) || !part(name) || file_like || !revision.is_none_or(revision_ok) {
             return None;
         }
-        Some(HubName {
-            kind,
-            repo: repo.to_string(),
-            revision: revision.map(str::to_string),
-            split: split.map(str::to_string),
-        })
+        Some(HubName { kind, repo: repo.to_string(), revision: revision.map(str::to_string), split })
+    }
+
+    /// The repository's folder in `cache`.
+    fn folder(&self, cache: &Path) -> PathBuf {
+        cache.join(format!("{}s--{}", self.kind.word(), self.repo.replace('/', "--")))
     }
 
     /// The snapshot folder (a model) or the split's shards (a dataset) in `cache`, or why not.
     fn resolve(&self, cache: &Path) -> Result<Located, String> {
-        let folder = cache.join(format!("{}s--{}", self.kind.word(), self.repo.replace('/', "--")));
+        let folder = self.folder(cache);
         if !folder.is_dir() {
             return Err(format!(
                 "{} does not exist (set HF_HUB_CACHE or HF_HOME if the cache is elsewhere)",
@@ -203,8 +220,11 @@ impl HubName {
                 path: snapshot,
             }),
             RepoKind::Dataset => {
-                let split = self.split.as_deref().unwrap_or("test");
-                let path = split_in(&snapshot, split)?;
+                let (config, split) = match &self.split {
+                    Some((config, split)) => (config.as_deref(), split.as_str()),
+                    None => (None, "test"),
+                };
+                let path = split_in(&snapshot, config, split).map_err(|e| e.replace("{name}", &at))?;
                 Ok(Located {
                     note: Some(format!(
                         "{at}: split {split} of the Hugging Face cache's snapshot {short} ({})",
@@ -280,10 +300,11 @@ fn refs_of(dir: &Path) -> Vec<String> {
 /// How deep under a snapshot a split's shards may lie (`<config>/<split>/0000.parquet` is 3).
 const SPLIT_DEPTH: usize = 4;
 
-/// The one place in a dataset snapshot holding split `split`'s parquet shards, as [`parquet_shards`] reads
-/// it: the prefix `dir/split` of `split-00000-of-00002.parquet` and the rest, a file `split.parquet`, or a
-/// folder named `split` holding shards.
-fn split_in(snapshot: &Path, split: &str) -> Result<PathBuf, String> {
+/// The one place in a dataset snapshot holding split `split`'s parquet shards (under a folder named `config`
+/// when given), as [`parquet_shards`] reads it: the prefix `dir/split` of `split-00000-of-00002.parquet` and
+/// the rest, a file `split.parquet`, or a folder named `split` holding shards. An error's `{name}` stands for
+/// the dataset's name.
+fn split_in(snapshot: &Path, config: Option<&str>, split: &str) -> Result<PathBuf, String> {
     let mut files = Vec::new();
     parquet_under(snapshot, SPLIT_DEPTH, &mut files);
     if files.is_empty() {
@@ -309,7 +330,9 @@ fn split_in(snapshot: &Path, split: &str) -> Result<PathBuf, String> {
             }
             None => (stem, file.clone()),
         };
-        if name == split && !places.contains(&place) {
+        let relative = place.strip_prefix(snapshot).unwrap_or(&place);
+        let in_config = config.is_none_or(|c| relative.parent().is_some_and(|p| p.iter().any(|f| f == c)));
+        if name == split && in_config && !places.contains(&place) {
             places.push(place);
         }
         if !splits.contains(&name) {
@@ -321,16 +344,18 @@ fn split_in(snapshot: &Path, split: &str) -> Result<PathBuf, String> {
         [one] => Ok(one.clone()),
         [] => {
             splits.sort();
-            Err(format!("no parquet split {split} in {} (splits: {})", snapshot.display(), splits.join(", ")))
+            let wanted = config.map_or(split.to_string(), |c| format!("{c}/{split}"));
+            Err(format!("no parquet split {wanted} in {} (splits: {})", snapshot.display(), splits.join(", ")))
         }
         many => {
             let mut names: Vec<String> = many.iter().map(|p| relative(p)).collect();
             names.sort();
             Err(format!(
-                "split {split} is in {} places of {} ({}): give the one you want as a path",
+                "split {split} is in {} places of {} ({}): name one as {{name}}:{}",
                 many.len(),
                 snapshot.display(),
-                names.join(", ")
+                names.join(", "),
+                names[0]
             ))
         }
     }
@@ -354,7 +379,9 @@ fn parquet_under(dir: &Path, depth: usize, files: &mut Vec<PathBuf>) {
 mod tests {
     use super::*;
 
-    fn name(spec: &str, kind: RepoKind) -> Option<(String, Option<String>, Option<String>)> {
+    type Split = Option<(Option<String>, String)>;
+
+    fn name(spec: &str, kind: RepoKind) -> Option<(String, Option<String>, Split)> {
         HubName::parse(spec, kind).map(|n| (n.repo, n.revision, n.split))
     }
 
@@ -367,19 +394,30 @@ mod tests {
         );
         assert_eq!(name("a_b/c.d@v1.0", RepoKind::Model), Some(("a_b/c.d".into(), s("v1.0"), None)));
         assert_eq!(name("o/n@refs/pr/3", RepoKind::Model), Some(("o/n".into(), s("refs/pr/3"), None)));
-        assert_eq!(name("tanganke/sun397:test", RepoKind::Dataset), Some(("tanganke/sun397".into(), None, s("test"))));
+        assert_eq!(
+            name("tanganke/sun397:test", RepoKind::Dataset),
+            Some(("tanganke/sun397".into(), None, Some((None, "test".into()))))
+        );
         assert_eq!(
             name("o/n@refs/convert/parquet:train", RepoKind::Dataset),
-            Some(("o/n".into(), s("refs/convert/parquet"), s("train")))
+            Some(("o/n".into(), s("refs/convert/parquet"), Some((None, "train".into()))))
         );
-        for path in
-            ["./o/n", "/o/n", "o/n/c", "o", "o/", "/n", "o/n.", "o/-n", "o/a--b", "o/a..b", "o/n@", "o/n@../x", "~/n"]
-        {
+        for path in [
+            "./o/n", "/o/n", "o/n/c", "o/", "/n", "o/n.", "o/-n", "o/a--b", "o/a..b", "o/n@", "o/n@../x", "~/n",
+            "x.json",
+        ] {
             assert_eq!(name(path, RepoKind::Model), None, "{path}");
         }
         assert_eq!(name("o/n:test", RepoKind::Model), None, "a model has no split");
         assert_eq!(name("o/n:", RepoKind::Dataset), None);
-        assert_eq!(name("o/n:a/b", RepoKind::Dataset), None);
+        assert_eq!(
+            name("ufldl-stanford/svhn:cropped_digits/test", RepoKind::Dataset),
+            Some(("ufldl-stanford/svhn".into(), None, Some((s("cropped_digits"), "test".into()))))
+        );
+        assert_eq!(name("o/n:a/b/c", RepoKind::Dataset), None);
+        assert_eq!(name("mnist:train", RepoKind::Dataset), Some(("mnist".into(), None, Some((None, "train".into())))));
+        assert_eq!(name("gpt2@main", RepoKind::Model), Some(("gpt2".into(), s("main"), None)));
+        assert_eq!(name("pixels.safetensors", RepoKind::Dataset), None, "a file name");
     }
 
     #[test]
@@ -406,8 +444,13 @@ mod tests {
 
     /// A dataset snapshot holding empty files at `names`, and a cache around it reached by `main`.
     fn snapshot(names: &[&str]) -> (tempfile::TempDir, PathBuf) {
+        snapshot_of("datasets--o--n", names)
+    }
+
+    /// [`snapshot`] of the repository whose cache folder is `folder`.
+    fn snapshot_of(folder: &str, names: &[&str]) -> (tempfile::TempDir, PathBuf) {
         let cache = tempfile::tempdir().unwrap();
-        let repo = cache.path().join("datasets--o--n");
+        let repo = cache.path().join(folder);
         let snap = repo.join("snapshots").join("0123456789abcdef0123456789abcdef01234567");
         for name in names {
             let path = snap.join(name);
@@ -436,9 +479,27 @@ mod tests {
         let (cache, _) = snapshot(&["a/test/0000.parquet", "b/test-00000-of-00001.parquet"]);
         let err = locate(&cache, "o/n").unwrap_err();
         assert!(err.contains("split test is in 2 places") && err.contains("(a/test, b/test)"), "{err}");
+        let (cache, snap) =
+            snapshot(&["cropped_digits/test-00000-of-00001.parquet", "full_numbers/test-00000-of-00001.parquet"]);
+        let err = locate(&cache, "o/n").unwrap_err();
+        assert!(err.contains("(cropped_digits/test, full_numbers/test): name one as o/n:cropped_digits/test"), "{err}");
+        assert_eq!(locate(&cache, "o/n:full_numbers/test").unwrap(), snap.join("full_numbers/test"));
+        let err = locate(&cache, "o/n@main:extra/test").unwrap_err();
+        assert!(err.contains("no parquet split extra/test"), "{err}");
         let (cache, _) = snapshot(&["data/test.arrow"]);
         let err = locate(&cache, "o/n").unwrap_err();
         assert!(err.contains("holds no parquet files"), "{err}");
+    }
+
+    #[test]
+    fn a_name_without_an_owner_is_looked_up_only_where_cached() {
+        let (cache, snap) = snapshot_of("datasets--mnist", &["mnist/test-00000-of-00001.parquet"]);
+        let hub = HubCache::at(cache.path());
+        assert_eq!(hub.locate_data(Path::new("mnist")).unwrap().path, snap.join("mnist/test"));
+        let absent = hub.locate_data(Path::new("cifar10")).unwrap();
+        assert_eq!((absent.path, absent.note), (PathBuf::from("cifar10"), None), "left for the opener to refuse");
+        let absent = hub.locate_model(Path::new("mnist")).unwrap();
+        assert_eq!(absent.path, PathBuf::from("mnist"), "a dataset's folder is not a model's");
     }
 
     #[test]

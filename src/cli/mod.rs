@@ -163,7 +163,7 @@ enum Command {
         model: PathBuf,
         /// The images: a safetensors file (pixel_values or images), an ImageFolder directory, a Hugging Face
         /// datasets parquet file, folder of one split's shards, or split prefix (data/test), or a Hub dataset
-        /// in the Hugging Face cache, OWNER/NAME[@REVISION][:SPLIT] (split test by default).
+        /// in the Hugging Face cache, OWNER/NAME[@REVISION][:[CONFIG/]SPLIT] (split test by default).
         #[arg(long)]
         images: PathBuf,
         /// The output safetensors file.
@@ -305,7 +305,7 @@ struct TaskArgs {
     heads: PathBuf,
     /// A task and its data, NAME=DATA; repeat for each. DATA as embed's --images: safetensors, an
     /// ImageFolder directory, datasets parquet (a file, a folder of one split's shards, or data/test), or a
-    /// Hub dataset in the Hugging Face cache (OWNER/NAME[@REVISION][:SPLIT], split test by default).
+    /// Hub dataset in the Hugging Face cache (OWNER/NAME[@REVISION][:[CONFIG/]SPLIT], split test by default).
     #[arg(long = "task", required = true, value_name = "NAME=DATA")]
     tasks: Vec<String>,
 }
