@@ -143,6 +143,9 @@ fn expand_home(path: &Path, home: Option<&Path>) -> PathBuf {
     }
 }
 
+/// Extensions of the files the engine reads, which no repository name is taken to end with.
+const FILE_EXTENSIONS: [&str; 9] = ["safetensors", "parquet", "json", "txt", "png", "jpg", "jpeg", "bin", "pt"];
+
 /// `[OWNER/]NAME[@REVISION][:[CONFIG/]SPLIT]`, checked as the Hub checks repository ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct HubName {
@@ -187,8 +190,11 @@ impl HubName {
             Some(_) => return None,
             None => None,
         };
-        // Without an owner, a file name such as `x.safetensors` or `a.parquet` is a path, not a repository.
-        let file_like = owner.is_none() && name.contains('.');
+        // A file's name (`x.safetensors`, `data/test.parquet`; without an owner, any name with a dot) is a
+        // path, not a repository.
+        let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+        let file_like = (owner.is_none() && extension.is_some())
+            || extension.is_some_and(|e| FILE_EXTENSIONS.contains(&e.as_str()));
         if !owner.is_none_or(part) || !part(name) || file_like || !revision.is_none_or(revision_ok) {
             return None;
         }
@@ -418,6 +424,8 @@ mod tests {
         assert_eq!(name("mnist:train", RepoKind::Dataset), Some(("mnist".into(), None, Some((None, "train".into())))));
         assert_eq!(name("gpt2@main", RepoKind::Model), Some(("gpt2".into(), s("main"), None)));
         assert_eq!(name("pixels.safetensors", RepoKind::Dataset), None, "a file name");
+        assert_eq!(name("data/pixels.safetensors", RepoKind::Dataset), None, "a file's path");
+        assert_eq!(name("meta-llama/Llama-3.1-8B", RepoKind::Model).map(|n| n.0), s("meta-llama/Llama-3.1-8B"));
     }
 
     #[test]

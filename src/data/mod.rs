@@ -11,6 +11,5 @@ pub mod resample;
 pub use dataset::Dataset;
 pub use decode::{decode_image, jpeg_simd};
 pub use image_folder::{scan_image_folder, ImageFolder};
-pub use parquet::parquet_shards;
-pub(crate) use parquet::{is_parquet_file, split_of};
+pub(crate) use parquet::{is_parquet_file, parquet_shards, split_of};
 pub use preprocess::Preprocess;
