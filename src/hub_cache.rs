@@ -75,6 +75,13 @@ impl HubCache {
         self.dir.as_deref()
     }
 
+    /// How many model and dataset repositories the cache holds (`None` when its folder does not exist).
+    pub fn holdings(&self) -> Option<(usize, usize)> {
+        let names = sorted_names(self.dir.as_deref().filter(|d| d.is_dir())?, |p| p.is_dir());
+        let count = |kind: RepoKind| names.iter().filter(|n| n.starts_with(&format!("{}s--", kind.word()))).count();
+        Some((count(RepoKind::Model), count(RepoKind::Dataset)))
+    }
+
     /// The model `spec` names: the path itself when it exists or is no Hub name, else the cached snapshot.
     pub fn locate_model(&self, spec: &Path) -> Result<Located> {
         self.locate(spec, RepoKind::Model)

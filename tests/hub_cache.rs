@@ -114,3 +114,12 @@ fn a_hub_name_not_in_the_cache_is_refused_in_one_line() {
     }
     assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "nothing written");
 }
+
+#[test]
+fn doctor_names_the_cache_hub_names_resolve_in() {
+    let (ok, out, err) = with_cache(&["doctor"]);
+    let line = out.lines().find(|l| l.starts_with("hf cache")).unwrap_or_else(|| panic!("{out}{err}"));
+    assert!(ok && line.ends_with("hf_cache (1 model, 1 dataset: Hub names resolve here)"), "{line}");
+    let (_, out, _) = engine_with_env(&[("HF_HUB_CACHE", "/nonexistent/hub")], &["doctor"]);
+    assert!(out.contains("hf cache    /nonexistent/hub (absent: Hub names have nothing to resolve to)"), "{out}");
+}

@@ -1,10 +1,11 @@
 //! `wemoe-engine doctor`: what the engine sees: the CPU, the CUDA driver and devices (with cuBLAS), NVRTC,
-//! the kernel cache, and one row per kernel function with ptxas' registers, spills and shared memory for an
+//! the kernel cache, the Hugging Face cache where Hub names resolve, and one row per kernel function with ptxas' registers, spills and shared memory for an
 //! architecture (the GPU's own, `--arch`, or sm_90 when there is no GPU).
 
 use anyhow::Result;
 use wemoe_engine::cuda::{gpu, nvrtc, Executor, GpuExecutor};
 use wemoe_engine::device::{Backend, CpuBackend};
+use wemoe_engine::hub_cache::HubCache;
 use wemoe_engine::kernels::{self, KERNEL_FUNCTIONS};
 
 pub fn run(arch: Option<&str>) -> Result<()> {
@@ -65,6 +66,16 @@ pub fn run(arch: Option<&str>) -> Result<()> {
             say!("cache       {} ({modules} compiled modules)", dir.display());
         }
         None => say!("cache       none (no HOME, XDG_CACHE_HOME or WEMOE_CACHE_DIR)"),
+    }
+    let hub = HubCache::from_env();
+    match (hub.dir(), hub.holdings()) {
+        (Some(dir), Some((models, datasets))) => {
+            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            let held = format!("{}, {}", count(models, "model"), count(datasets, "dataset"));
+            say!("hf cache    {} ({held}: Hub names resolve here)", dir.display())
+        }
+        (Some(dir), None) => say!("hf cache    {} (absent: Hub names have nothing to resolve to)", dir.display()),
+        (None, _) => say!("hf cache    none (no HF_HUB_CACHE, HF_HOME or HOME)"),
     }
     let sources = kernels::sources().count();
     let arch = arch.map(str::to_string).or(device_arch).unwrap_or_else(|| "sm_90".to_string());
