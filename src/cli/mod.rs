@@ -347,32 +347,51 @@ pub fn open_task_inputs(
 
 impl TaskArgs {
     /// The model and each task's name and data, Hub names found in the Hugging Face cache.
-    fn located(&self, quiet: bool) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
-        let model = model_path(self.model.clone(), quiet)?;
+    fn located(&self, names: &mut HubNames) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
+        let model = names.model(self.model.clone())?;
         let tasks = self
             .tasks
             .iter()
-            .map(|t| parse_named("task", t).and_then(|(n, p)| Ok((n, data_path(p, quiet)?))))
+            .map(|t| parse_named("task", t).and_then(|(n, p)| Ok((n, names.data(p)?))))
             .collect::<Result<Vec<_>>>()?;
         Ok((model, tasks))
     }
 }
 
-/// A model argument: the path given, or for a Hub name the Hugging Face cache's snapshot (said on stderr).
-fn model_path(spec: PathBuf, quiet: bool) -> Result<PathBuf> {
-    Ok(noted(HubCache::from_env().locate_model(&spec)?, quiet))
+/// The model and data arguments of a command: each the path given, or for a Hub name what the Hugging Face
+/// cache holds under it. What each name stood for is said once every argument has resolved, so that a
+/// refusal stays the one line on stderr.
+struct HubNames {
+    hub: HubCache,
+    notes: Vec<String>,
 }
 
-/// A data argument: the path given, or for a Hub name its split in the Hugging Face cache (said on stderr).
-fn data_path(spec: PathBuf, quiet: bool) -> Result<PathBuf> {
-    Ok(noted(HubCache::from_env().locate_data(&spec)?, quiet))
-}
-
-fn noted(located: Located, quiet: bool) -> PathBuf {
-    if let (Some(note), false) = (&located.note, quiet) {
-        eprintln!("note: {note}");
+impl HubNames {
+    fn new() -> Self {
+        HubNames { hub: HubCache::from_env(), notes: Vec::new() }
     }
-    located.path
+
+    fn model(&mut self, spec: PathBuf) -> Result<PathBuf> {
+        let located = self.hub.locate_model(&spec)?;
+        Ok(self.noted(located))
+    }
+
+    fn data(&mut self, spec: PathBuf) -> Result<PathBuf> {
+        let located = self.hub.locate_data(&spec)?;
+        Ok(self.noted(located))
+    }
+
+    fn noted(&mut self, located: Located) -> PathBuf {
+        self.notes.extend(located.note);
+        located.path
+    }
+
+    /// Says, on stderr, what each Hub name stood for.
+    fn say(self, quiet: bool) {
+        for note in self.notes.iter().filter(|_| !quiet) {
+            eprintln!("note: {note}");
+        }
+    }
 }
 
 /// Splits `NAME=PATH` of option `--{flag}`.
@@ -402,14 +421,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
+    let mut names = HubNames::new();
     match cli.command {
-        Command::Info { model, json } => info::run(&model_path(model, quiet)?, json),
+        Command::Info { model, json } => {
+            let model = names.model(model)?;
+            names.say(quiet);
+            info::run(&model, json)
+        }
         Command::Merge { pretrained, experts, out, method, scaling, router_layers, router_activation, seed } => {
-            let pretrained = model_path(pretrained, quiet)?;
+            let pretrained = names.model(pretrained)?;
             let experts = experts
                 .iter()
-                .map(|e| parse_named("expert", e).and_then(|(n, p)| Ok((n, model_path(p, quiet)?))))
+                .map(|e| parse_named("expert", e).and_then(|(n, p)| Ok((n, names.model(p)?))))
                 .collect::<Result<Vec<_>>>()?;
+            names.say(quiet);
             let options = MergeOptions {
                 method: match method {
                     Method::Wemoe => MergeMethod::Wemoe,
@@ -424,7 +449,8 @@ pub fn run(cli: Cli) -> Result<()> {
             merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
         }
         Command::Adapt { inputs, out, steps, lr, batch_size, routing, schedule, seed, checkpoint_every, resume } => {
-            let ((model, tasks), heads) = (inputs.located(quiet)?, inputs.heads);
+            let ((model, tasks), heads) = (inputs.located(&mut names)?, inputs.heads);
+            names.say(quiet);
             let options = AdaptOptions {
                 steps,
                 lr,
@@ -439,11 +465,13 @@ pub fn run(cli: Cli) -> Result<()> {
         // Plain CLIP models have no routers, so `--routing` changes nothing for them.
         Command::Embed { model, images, out, routing, batch_size, weights } => {
             let batching = routing.batching(batch_size);
-            let (model, images) = (model_path(model, quiet)?, data_path(images, quiet)?);
+            let (model, images) = (names.model(model)?, names.data(images)?);
+            names.say(quiet);
             embed::run(&embed::Args { model, images, out, batching, weights }, device, quiet)
         }
         Command::Eval { inputs, routing, batch_size, json, weights } => {
-            let ((model, tasks), heads) = (inputs.located(quiet)?, inputs.heads);
+            let ((model, tasks), heads) = (inputs.located(&mut names)?, inputs.heads);
+            names.say(quiet);
             let batching = routing.batching(batch_size);
             eval::run(&eval::Args { model, heads, tasks, batching, json, weights }, device, quiet)
         }
