@@ -141,14 +141,20 @@ fn missing_config_json() {
 }
 
 #[test]
-fn pytorch_pickles_instead_of_safetensors() {
+fn a_pytorch_model_bin_that_is_no_torch_save_file() {
+    // (tests/pytorch_checkpoints.rs reads real ones and refuses the pickles a state dict never holds.)
     let t = Scratch::new();
     let dir = t.model("clip_b");
     std::fs::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).unwrap();
-    let err = t.embed(&dir, &fixture("pixels_b.safetensors"), "holds pytorch_model.bin (a PyTorch pickle)");
-    assert!(err.contains("safetensors.torch") && err.contains("clip_b/model.safetensors"), "{err}");
+    t.embed(
+        &dir,
+        &fixture("pixels_b.safetensors"),
+        "pytorch_model.bin: no end of central directory: not a zip archive",
+    );
     std::fs::rename(dir.join("pytorch_model.bin"), dir.join("pytorch_model.bin.index.json")).unwrap();
-    t.embed(&dir, &fixture("pixels_b.safetensors"), "holds sharded PyTorch pickles");
+    t.embed(&dir, &fixture("pixels_b.safetensors"), "pytorch_model.bin.index.json: cannot read");
+    std::fs::remove_file(dir.join("pytorch_model.bin.index.json")).unwrap();
+    t.embed(&dir, &fixture("pixels_b.safetensors"), "no model.safetensors, pytorch_model.bin or their index.json");
 }
 
 #[test]

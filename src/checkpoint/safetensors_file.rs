@@ -1,4 +1,5 @@
-//! One safetensors file, memory-mapped and validated, its tensors read in place where the layout allows.
+//! One safetensors file, memory-mapped and validated, its tensors read in place where the layout allows; or
+//! a `torch.save` file (`pytorch_model.bin`), its tensors described the same way (see `torch_zip.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,6 +42,31 @@ impl SafetensorsFile {
             tensors,
             metadata: strings,
         })
+    }
+
+    /// Maps a `torch.save` file (PyTorch's zip format, as `pytorch_model.bin` is) and reads its state dict
+    /// without running its pickle: only the opcodes and globals a state dict of tensors uses are accepted.
+    /// Its tensors are then read in place like a safetensors file's.
+    pub fn open_pytorch(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: as in `open`.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        let tensors = super::torch_zip::tensors(&map).with_context(|| format!("{}", path.display()))?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            data_start: 0,
+            tensors,
+            metadata: BTreeMap::new(),
+        })
+    }
+
+    /// [`Self::open_pytorch`] for a `.bin`, `.pt` or `.pth` file, else [`Self::open`].
+    pub fn open_any(path: &Path) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("bin" | "pt" | "pth") => Self::open_pytorch(path),
+            _ => Self::open(path),
+        }
     }
 
     /// The file's path.

@@ -33,54 +33,47 @@ pub struct TensorStore {
 
 impl TensorStore {
     /// The tensors of an HF model directory: `model.safetensors`, or the shards that
-    /// `model.safetensors.index.json` lists.
+    /// `model.safetensors.index.json` lists; else `pytorch_model.bin` or the shards of
+    /// `pytorch_model.bin.index.json` (read without running their pickles).
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
-        let paths = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("{}: cannot read", index_path.display()))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
-            let map = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
-            let mut shards = BTreeSet::new();
-            for (key, file) in map {
-                let file = file
-                    .as_str()
-                    .with_context(|| format!("{}: shard of '{key}' is not a string", index_path.display()))?;
-                if Path::new(file).components().count() != 1 {
-                    bail!("{}: shard name '{file}' must be a plain file name", index_path.display());
-                }
-                shards.insert(dir.join(file));
-            }
-            shards.into_iter().collect()
-        } else if single.exists() {
-            vec![single]
+        let paths = if let Some(shards) = Self::shards(dir, "model.safetensors.index.json")? {
+            shards
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else if let Some(shards) = Self::shards(dir, "pytorch_model.bin.index.json")? {
+            shards
         } else if dir.join("pytorch_model.bin").exists() {
-            // PyTorch pickles can run code when loaded; the engine reads safetensors only. This keeps every
-            // tensor under its own name, whatever the model class.
-            bail!(
-                "{}: holds pytorch_model.bin (a PyTorch pickle) but no model.safetensors; the engine reads \
-                 safetensors only. Convert it: python -c \"import torch, safetensors.torch as st; sd = \
-                 torch.load('{dir}/pytorch_model.bin', weights_only=True); st.save_file({{k: v.contiguous() for k, \
-                 v in sd.items()}}, '{dir}/model.safetensors')\"",
-                dir.display(),
-                dir = dir.display()
-            );
-        } else if dir.join("pytorch_model.bin.index.json").exists() {
-            bail!(
-                "{}: holds sharded PyTorch pickles (pytorch_model.bin.index.json) but no safetensors; the engine \
-                 reads safetensors only. Load the model with transformers and save_pretrained it (safetensors is \
-                 its default)",
-                dir.display()
-            );
+            vec![dir.join("pytorch_model.bin")]
         } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+            bail!("{}: no model.safetensors, pytorch_model.bin or their index.json", dir.display());
         };
         Self::open_files(dir, &paths)
+    }
+
+    /// The shard files an index (`model.safetensors.index.json`) of `dir` lists, if `dir` has it.
+    fn shards(dir: &Path, index: &str) -> Result<Option<Vec<PathBuf>>> {
+        let index_path = dir.join(index);
+        if !index_path.exists() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&index_path).with_context(|| format!("{}: cannot read", index_path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
+        let mut shards = BTreeSet::new();
+        for (key, file) in map {
+            let file =
+                file.as_str().with_context(|| format!("{}: shard of '{key}' is not a string", index_path.display()))?;
+            if Path::new(file).components().count() != 1 {
+                bail!("{}: shard name '{file}' must be a plain file name", index_path.display());
+            }
+            shards.insert(dir.join(file));
+        }
+        Ok(Some(shards.into_iter().collect()))
     }
 
     /// The tensors of a single safetensors file.
@@ -92,7 +85,7 @@ impl TensorStore {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = BTreeMap::new();
         for path in paths {
-            let file = SafetensorsFile::open(path)?;
+            let file = SafetensorsFile::open_any(path)?;
             for key in file.names() {
                 if key.ends_with("position_ids") {
                     continue;
