@@ -108,7 +108,8 @@ impl HubCache {
         }
         let Some(cache) = &self.dir else {
             bail!(
-                "{}: no such file or folder, and no Hugging Face cache to look for the {} in (set HF_HUB_CACHE or HOME)",
+                "{}: no such file or folder, and no Hugging Face cache to look for the {} in (set HF_HUB_CACHE \
+                 or HOME)",
                 spec.display(),
                 kind.word()
             )

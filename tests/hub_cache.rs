@@ -89,19 +89,27 @@ fn a_hub_name_not_in_the_cache_is_refused_in_one_line() {
     let out = tmp.path().join("out.safetensors");
     // The model is a Hub name that resolves: what it stood for is not said when another argument is refused.
     let clip_c = "wemoe-fixtures/clip-c";
+    let merged = tmp.path().join("m");
     for (args, expected) in [
         (vec!["info", "wemoe-fixtures/absent"], "models--wemoe-fixtures--absent does not exist"),
-        (vec!["info", "wemoe-fixtures/clip-c@v9"], "revision v9 of wemoe-fixtures/clip-c is not in the cache (refs: main, v0; snapshots: 4c33fcf1c13c, 53304e10a2a6)"),
+        (
+            vec!["info", "wemoe-fixtures/clip-c@v9"],
+            "revision v9 of wemoe-fixtures/clip-c is not in the cache (refs: main, v0; snapshots: 4c33fcf1c13c, \
+             53304e10a2a6)",
+        ),
         (
             vec!["embed", "--model", clip_c, "--images", "wemoe-fixtures/pets:validation", "--out", s(&out)],
             "no parquet split validation in ",
         ),
         (
-            vec!["embed", "--model", clip_c, "--images", "wemoe-fixtures/pets@refs/convert/parquet:train", "--out", s(&out)],
+            vec!["embed", "--model", clip_c, "--images", "wemoe-fixtures/pets@refs/convert/parquet:train"]
+                .into_iter()
+                .chain(["--out", s(&out)])
+                .collect(),
             "(splits: test)",
         ),
         (
-            vec!["merge", "--pretrained", clip_c, "--expert", "a=wemoe-fixtures/clip-c@nope", "--out", s(&tmp.path().join("m"))],
+            vec!["merge", "--pretrained", clip_c, "--expert", "a=wemoe-fixtures/clip-c@nope", "--out", s(&merged)],
             "revision nope of wemoe-fixtures/clip-c",
         ),
     ] {

@@ -3,8 +3,9 @@
 //! Unpickling calls whatever the pickle names, so Python loaders must trust the file. This reader is a
 //! pickle machine that knows only the opcodes a state dict uses and only the globals it names
 //! (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter` with or
-//! without state, and the typed storages); any other global is refused before anything is built, and nothing is ever called. What it
-//! yields is each tensor's description (storage, dtype, offset, shape, strides); the bytes stay in the file.
+//! without state, and the typed storages); any other global is refused before anything is built, and
+//! nothing is ever called. What it yields is each tensor's description (storage, dtype, offset, shape,
+//! strides); the bytes stay in the file.
 
 use std::collections::HashMap;
 
@@ -158,6 +159,35 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// The most items a value fetched from the memo may hold (a state dict fetches globals, names, small tuples).
+const MAX_GET_NODES: usize = 4096;
+
+/// The items of `v`, counted up to a little past `cap`.
+fn nodes(v: &Value, cap: usize) -> usize {
+    let children: &[Value] = match v {
+        Value::Tuple(items) | Value::List(items) => items,
+        Value::Dict(entries) => {
+            let mut n = 1;
+            for (k, v) in entries {
+                if n > cap {
+                    break;
+                }
+                n += nodes(k, cap - n) + nodes(v, cap.saturating_sub(n));
+            }
+            return n;
+        }
+        _ => return 1,
+    };
+    let mut n = 1;
+    for c in children {
+        if n > cap {
+            break;
+        }
+        n += nodes(c, cap - n);
+    }
+    n
+}
+
 /// The tensors of the state dict pickled in `data` (a `torch.save` archive's `data.pkl`), by name.
 pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, PickledTensor)>> {
     let mut b = Bytes { data, at: 0 };
@@ -166,7 +196,7 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, PickledTensor)>> {
     let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| anyhow::anyhow!("the pickle pops an empty stack"));
     // Everything above the topmost mark, which is removed.
     let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>> {
-        let mark = stack.iter().rposition(|v| *v == Value::Mark).ok_or_else(|| anyhow::anyhow!("no MARK"))?;
+        let mark = stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or_else(|| anyhow::anyhow!("no MARK"))?;
         let items = stack.split_off(mark + 1);
         stack.pop();
         Ok(items)
@@ -222,7 +252,11 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, PickledTensor)>> {
             }
             b'h' | b'j' => {
                 let key = if op == b'h' { b.uint(1)? } else { b.uint(4)? };
-                stack.push(memo.get(&key).cloned().ok_or_else(|| anyhow::anyhow!("GET of memo {key}, never put"))?);
+                let value = memo.get(&key).ok_or_else(|| anyhow::anyhow!("GET of memo {key}, never put"))?;
+                // Each GET copies the value: a bound on what is copied keeps a crafted pickle (a list of
+                // itself, doubled at each step) from growing memory exponentially.
+                ensure!(nodes(value, MAX_GET_NODES) <= MAX_GET_NODES, "GET of a value of over {MAX_GET_NODES} items");
+                stack.push(value.clone());
             }
             b'c' => {
                 let (module, name) = (b.line()?, b.line()?);
@@ -309,6 +343,15 @@ mod tests {
         // LONG1 integers are little-endian two's complement: -1, 256, as a storage offset must not be.
         let err = read_state_dict(b"\x80\x02cstorage_offset\n").unwrap_err().to_string();
         assert!(err.contains("GLOBAL without its newline"), "{err}");
+        // A list appended to a copy of itself, again and again (2^k items after k times): refused once a GET
+        // would copy over 4096 items.
+        let mut doubling = b"\x80\x02]q\x00".to_vec();
+        for _ in 0..16 {
+            doubling.extend(b"h\x00h\x00aq\x00");
+        }
+        doubling.push(b'.');
+        let err = read_state_dict(&doubling).unwrap_err().to_string();
+        assert!(err.contains("GET of a value of over 4096 items"), "{err}");
         let mut b = Bytes { data: b"\x01\xff\x02\x00\x01\x00", at: 0 };
         assert_eq!((b.long1().unwrap(), b.long1().unwrap(), b.long1().unwrap()), (-1, 256, 0));
     }

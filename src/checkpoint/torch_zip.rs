@@ -52,7 +52,10 @@ fn entries(b: &[u8]) -> Result<HashMap<String, Entry>> {
         // ZIP64: the locator just before the end record points at the ZIP64 end record.
         ensure!(eocd >= 20 && &b[eocd - 20..eocd - 16] == b"PK\x06\x07", "a ZIP64 archive without its locator");
         let record = usize_of(u64_at(b, eocd - 12)?)?;
-        ensure!(b.get(record..record + 4) == Some(b"PK\x06\x06"), "a ZIP64 locator pointing at no ZIP64 record");
+        ensure!(
+            b.get(record..record.saturating_add(4)) == Some(b"PK\x06\x06"),
+            "a ZIP64 locator pointing at no ZIP64 record"
+        );
         (count, cd_offset) = (u64_at(b, record + 32)?, u64_at(b, record + 48)?);
     }
     let mut at = usize_of(cd_offset)?;
@@ -85,7 +88,10 @@ fn entries(b: &[u8]) -> Result<HashMap<String, Entry>> {
             extra += 4 + len;
         }
         let local = usize_of(local)?;
-        ensure!(b.get(local..local + 4) == Some(b"PK\x03\x04"), "entry {name}: no local header where it should be");
+        ensure!(
+            b.get(local..local.saturating_add(4)) == Some(b"PK\x03\x04"),
+            "entry {name}: no local header where it should be"
+        );
         let start = local + 30 + usize_of(u16_at(b, local + 26)?)? + usize_of(u16_at(b, local + 28)?)?;
         let len = usize_of(size)?;
         ensure!(start.checked_add(len).is_some_and(|end| end <= b.len()), "entry {name} runs past the end of the file");

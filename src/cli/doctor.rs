@@ -1,6 +1,7 @@
 //! `wemoe-engine doctor`: what the engine sees: the CPU, the CUDA driver and devices (with cuBLAS), NVRTC,
-//! the kernel cache, the Hugging Face cache where Hub names resolve, and one row per kernel function with ptxas' registers, spills and shared memory for an
-//! architecture (the GPU's own, `--arch`, or sm_90 when there is no GPU).
+//! the kernel cache, the Hugging Face cache where Hub names resolve, and one row per kernel function with
+//! ptxas' registers, spills and shared memory for an architecture (the GPU's own, `--arch`, or sm_90 when
+//! there is no GPU).
 
 use anyhow::Result;
 use wemoe_engine::cuda::{gpu, nvrtc, Executor, GpuExecutor};
