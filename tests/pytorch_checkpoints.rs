@@ -69,6 +69,7 @@ fn a_pickle_no_state_dict_holds_is_refused_in_one_line() {
         ("calls_print", "the pickle names __builtin__.print, which no state dict of tensors holds: refused"),
         ("strided", "tensor 'w' is a strided view (size [4, 3], strides [1, 4]); save a contiguous copy"),
         ("legacy", "a PyTorch file in the format before 1.6"),
+        ("big_endian", "saved on a big machine: only little-endian files are read"),
         ("truncated", "no end of central directory: not a zip archive, or a truncated one"),
     ] {
         let dir = tmp.path().join(file);

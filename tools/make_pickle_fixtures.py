@@ -12,11 +12,15 @@ Run once (tools/setup-venv.sh first): .venv/bin/python tools/make_pickle_fixture
 - refused/calls_print.bin: a state dict with one entry whose pickle calls `builtins.print` (any code a pickle
   names would run in Python; this one is harmless);
 - refused/strided.bin: a transposed view (strides (1, 4)) saved as it is;
-- refused/legacy.bin: the format before PyTorch 1.6 (a bare pickle, not a zip archive).
+- refused/legacy.bin: the format before PyTorch 1.6 (a bare pickle, not a zip archive; its storage keys
+  follow object ids, so its bytes differ from run to run);
+- refused/big_endian.bin: clip_c's archive with its `byteorder` entry saying `big`, as torch.save writes it on
+  a big-endian machine (none is at hand: the entries are copied, that one rewritten).
 """
 import json
 import os
 import shutil
+import zipfile
 
 import torch
 from safetensors.torch import load_file
@@ -60,6 +64,11 @@ def main():
     torch.save({"w": torch.zeros(2), "x": CallsPrint()}, os.path.join(refused, "calls_print.bin"))
     torch.save({"w": torch.arange(12.0).reshape(3, 4).t()}, os.path.join(refused, "strided.bin"))
     torch.save({"w": torch.zeros(2)}, os.path.join(refused, "legacy.bin"), _use_new_zipfile_serialization=False)
+    source = zipfile.ZipFile(os.path.join(ROOT, "clip_c", "pytorch_model.bin"))
+    with zipfile.ZipFile(os.path.join(refused, "big_endian.bin"), "w", zipfile.ZIP_STORED) as out:
+        for entry in source.infolist():
+            data = b"big" if entry.filename.endswith("/byteorder") else source.read(entry)
+            out.writestr(entry.filename, data)
     print(f"torch {torch.__version__}: {ROOT}")
 
 
