@@ -90,7 +90,7 @@ impl HubCache {
     /// The dataset `spec` names: the path itself when it exists (a file, a folder, or a parquet split's
     /// prefix such as `data/test`) or is no Hub name, else the split's shards in the cached snapshot.
     pub fn locate_data(&self, spec: &Path) -> Result<Located> {
-        if parquet_shards(spec).is_some() {
+        if spec.exists() || parquet_shards(spec).is_some() {
             return Ok(Located::as_given(spec));
         }
         self.locate(spec, RepoKind::Dataset)
@@ -344,8 +344,8 @@ fn split_in(snapshot: &Path, config: Option<&str>, split: &str) -> Result<PathBu
             }
             None => (stem, file.clone()),
         };
-        let relative = place.strip_prefix(snapshot).unwrap_or(&place);
-        let in_config = config.is_none_or(|c| relative.parent().is_some_and(|p| p.iter().any(|f| f == c)));
+        let within = place.strip_prefix(snapshot).unwrap_or(&place);
+        let in_config = config.is_none_or(|c| within.parent().is_some_and(|p| p.iter().any(|f| f == c)));
         if name == split && in_config && !places.contains(&place) {
             places.push(place);
         }

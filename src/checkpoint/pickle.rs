@@ -26,7 +26,7 @@ pub struct PickledTensor {
 }
 
 /// What a global names, among those a state dict may.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 enum Global {
     OrderedDict,
     RebuildTensor,
@@ -36,20 +36,24 @@ enum Global {
     Storage(Dtype),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 enum Value {
     Mark,
-    None,
-    Bool(bool),
+    /// None, a bool or a float: held in its place on the stack, never read (`requires_grad`, say).
+    Scalar,
     Int(i64),
-    Float(f64),
     Str(String),
     Tuple(Vec<Value>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Global(Global),
-    Storage { dtype: Dtype, key: String },
+    Storage {
+        dtype: Dtype,
+        key: String,
+    },
     Tensor(PickledTensor),
+    /// What the memo keeps of a value over [`MAX_MEMO_NODES`] items.
+    Oversized,
 }
 
 /// The global `module.name`, if a state dict may name it.
@@ -159,23 +163,16 @@ impl<'a> Bytes<'a> {
     }
 }
 
-/// The most items a value fetched from the memo may hold (a state dict fetches globals, names, small tuples).
-const MAX_GET_NODES: usize = 4096;
+/// The most items a memoized value may hold (a state dict memoizes globals, names, small tuples, and its
+/// dicts while still empty). The memo keeps copies, so a bound on what is copied keeps a crafted pickle (a
+/// list put in the memo after every append, or doubled through it) from growing time and memory past linear.
+const MAX_MEMO_NODES: usize = 4096;
 
 /// The items of `v`, counted up to a little past `cap`.
 fn nodes(v: &Value, cap: usize) -> usize {
-    let children: &[Value] = match v {
-        Value::Tuple(items) | Value::List(items) => items,
-        Value::Dict(entries) => {
-            let mut n = 1;
-            for (k, v) in entries {
-                if n > cap {
-                    break;
-                }
-                n += nodes(k, cap - n) + nodes(v, cap.saturating_sub(n));
-            }
-            return n;
-        }
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Tuple(items) | Value::List(items) => Box::new(items.iter()),
+        Value::Dict(entries) => Box::new(entries.iter().flat_map(|(k, v)| [k, v])),
         _ => return 1,
     };
     let mut n = 1;
@@ -213,14 +210,15 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, PickledTensor)>> {
             }
             b'.' => break,
             b'(' => stack.push(Value::Mark),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
+            b'N' | 0x88 | 0x89 => stack.push(Value::Scalar), // None, True, False
             b'K' => stack.push(Value::Int(b.uint(1)? as i64)),
             b'M' => stack.push(Value::Int(b.uint(2)? as i64)),
             b'J' => stack.push(Value::Int(b.uint(4)? as u32 as i32 as i64)),
             0x8a => stack.push(Value::Int(b.long1()?)),
-            b'G' => stack.push(Value::Float(f64::from_be_bytes(b.take(8)?.try_into()?))),
+            b'G' => {
+                b.take(8)?; // BINFLOAT
+                stack.push(Value::Scalar);
+            }
             b'X' => {
                 let n = b.uint(4)? as usize;
                 stack.push(Value::Str(b.text(n)?));
@@ -248,14 +246,14 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, PickledTensor)>> {
                     b'r' => b.uint(4)?,
                     _ => memo.len() as u64,
                 };
-                memo.insert(key, stack.last().cloned().ok_or_else(|| anyhow::anyhow!("PUT of an empty stack"))?);
+                let top = stack.last().ok_or_else(|| anyhow::anyhow!("PUT of an empty stack"))?;
+                let kept = if nodes(top, MAX_MEMO_NODES) <= MAX_MEMO_NODES { top.clone() } else { Value::Oversized };
+                memo.insert(key, kept);
             }
             b'h' | b'j' => {
                 let key = if op == b'h' { b.uint(1)? } else { b.uint(4)? };
                 let value = memo.get(&key).ok_or_else(|| anyhow::anyhow!("GET of memo {key}, never put"))?;
-                // Each GET copies the value: a bound on what is copied keeps a crafted pickle (a list of
-                // itself, doubled at each step) from growing memory exponentially.
-                ensure!(nodes(value, MAX_GET_NODES) <= MAX_GET_NODES, "GET of a value of over {MAX_GET_NODES} items");
+                ensure!(!matches!(value, Value::Oversized), "GET of a value of over {MAX_MEMO_NODES} items");
                 stack.push(value.clone());
             }
             b'c' => {
@@ -343,8 +341,8 @@ mod tests {
         // LONG1 integers are little-endian two's complement: -1, 256, as a storage offset must not be.
         let err = read_state_dict(b"\x80\x02cstorage_offset\n").unwrap_err().to_string();
         assert!(err.contains("GLOBAL without its newline"), "{err}");
-        // A list appended to a copy of itself, again and again (2^k items after k times): refused once a GET
-        // would copy over 4096 items.
+        // A list appended to a copy of itself, again and again (2^k items after k times): the memo keeps no
+        // copy past 4096 items, and a GET of it is refused.
         let mut doubling = b"\x80\x02]q\x00".to_vec();
         for _ in 0..16 {
             doubling.extend(b"h\x00h\x00aq\x00");
