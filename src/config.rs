@@ -50,6 +50,17 @@ impl Default for VisionConfig {
     }
 }
 
+/// `"hidden_act"` of a CLIP tower's config object (quick_gelu when absent, as HF's CLIP configs default).
+pub(crate) fn hidden_act(object: &Value, origin: &Path) -> Result<Activation> {
+    Ok(match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+        "quick_gelu" => Activation::QuickGelu,
+        "gelu" => Activation::Gelu,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+        "relu" => Activation::Relu,
+        other => bail!("{}: unsupported \"hidden_act\" '{other}'", origin.display()),
+    })
+}
+
 impl VisionConfig {
     /// Reads the vision fields of `object` (a `CLIPVisionConfig`); `origin` names the file in errors.
     pub fn from_json(object: &Value, origin: &Path) -> Result<Self> {
@@ -70,13 +81,7 @@ impl VisionConfig {
                     format!("{}: \"layer_norm_eps\" must be a non-negative number", origin.display())
                 })? as f32,
             };
-        let hidden_act = match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => bail!("{}: unsupported \"hidden_act\" '{other}'", origin.display()),
-        };
+        let hidden_act = hidden_act(object, origin)?;
         let config = VisionConfig {
             hidden_size: int("hidden_size", d.hidden_size)?,
             intermediate_size: int("intermediate_size", d.intermediate_size)?,

@@ -16,6 +16,7 @@
 //! - [`data`]: datasets and CLIP's preprocessing;
 //! - [`hub_cache`]: models and datasets named as on the Hugging Face Hub, found in its local cache;
 //! - [`eval`]: accuracy of a model over tasks;
+//! - [`text`]: CLIP's tokenizer and text tower, for zero-shot heads (`wemoe-engine heads`);
 //! - [`autograd`]: the tape and the adaptation loss's router gradients;
 //! - [`adapt`]: Adam, the routers' parameters, the task samplers and the checkpointed adaptation run;
 //! - [`suite`]: the bundled multi-task suite the demo runs on;
@@ -52,3 +53,4 @@ pub mod output;
 pub mod rng;
 pub mod suite;
 pub mod tensor;
+pub mod text;

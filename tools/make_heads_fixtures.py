@@ -11,7 +11,14 @@ Deterministic; the tests never need Python.
 - heads.safetensors: `tools/make_heads.py --task mnist --task photos=tests/fixtures/photos
   --task pets=tests/fixtures/parquet/two_shards` (a FusionBench task, an ImageFolder, a parquet dataset);
 - expected.safetensors: `pixel_values` [5, 3, 32, 32] and `logits.<task>`, FusionBench's
-  `HFCLIPClassifier.forward` on them with each task's classification set.
+  `HFCLIPClassifier.forward` on them with each task's classification set;
+- mnist.json, dtd.json: FusionBench's class names and templates of those tasks, as
+  `tools/fusionbench_classes.py` writes them, from which `wemoe-engine heads` makes the same heads;
+- dtd.safetensors: `head.dtd`, FusionBench's zero-shot weights for dtd (47 classes × 8 templates: prompts of
+  many lengths, averaged over templates);
+- clip_deep/ and clip_deep_dtd.safetensors: a second CLIPModel whose text tower has 3 layers of 4 heads and
+  GELU, with `eos_token_id` 2 as OpenAI's checkpoints have it (transformers then pools at the largest id), and
+  its head.dtd: with more than one layer, a prompt's pooled output depends on the causal mask.
 """
 import json
 import os
@@ -52,27 +59,32 @@ def write_tokenizer(path):
     return vocab
 
 
+def save_clip(path, text, vision, logit_scale, seed):
+    """A CLIPModel with the tokenizer above, `text`'s and `vision`'s dimensions and projection 24, its weights
+    widened by seeded noise (so that class embeddings and logits differ visibly); returns the vocabulary."""
+    os.makedirs(path)
+    vocab = write_tokenizer(path)
+    eos = vocab["<|endoftext|>"]
+    text = {**dict(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
+            **text}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24, logit_scale_init_value=logit_scale)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return vocab
+
+
 def main():
     if os.path.isdir(ROOT):
         shutil.rmtree(ROOT)
     clip_dir = os.path.join(ROOT, "clip")
-    os.makedirs(clip_dir)
-    vocab = write_tokenizer(clip_dir)
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=48, num_attention_heads=4, intermediate_size=80,
-                           num_hidden_layers=2),
-        projection_dim=24, logit_scale_init_value=2.9)
-    torch.manual_seed(7)
-    model = CLIPModel(config).eval()
-    with torch.no_grad():
-        # Wider weights than the init's, so that class embeddings and logits differ visibly.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(clip_dir)
+    vocab = save_clip(clip_dir, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     max_position_embeddings=77),
+                      dict(image_size=32, patch_size=8, hidden_size=48, num_attention_heads=4, intermediate_size=80,
+                           num_hidden_layers=2), 2.9, 7)
     tokenizer = AutoTokenizer.from_pretrained(clip_dir)
     assert tokenizer("a photo of")["input_ids"][0] == vocab["<|startoftext|>"]
 
@@ -95,6 +107,24 @@ def main():
         with torch.no_grad():
             expected[f"logits.{name}"] = classifier(pixels).contiguous()
     save_file(expected, os.path.join(ROOT, "expected.safetensors"))
+    sys.path.insert(0, TOOLS)
+    from fusionbench_classes import task_json
+
+    for task in ("mnist", "dtd"):
+        with open(os.path.join(ROOT, f"{task}.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(task_json(task), ensure_ascii=False, indent=1) + "\n")
+    classifier.set_classification_task(*get_classnames_and_templates("dtd"))
+    save_file({"head.dtd": classifier.zeroshot_weights.contiguous()}, os.path.join(ROOT, "dtd.safetensors"))
+
+    deep_dir = os.path.join(ROOT, "clip_deep")
+    save_clip(deep_dir, dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                             max_position_embeddings=40, hidden_act="gelu", eos_token_id=2),
+              dict(image_size=16, patch_size=8, hidden_size=16, num_attention_heads=2, intermediate_size=16,
+                   num_hidden_layers=1), 2.5, 8)
+    classifier = HFCLIPClassifier(CLIPModel.from_pretrained(deep_dir).eval(), AutoTokenizer.from_pretrained(deep_dir))
+    classifier.set_classification_task(*get_classnames_and_templates("dtd"))
+    save_file({"head.dtd": classifier.zeroshot_weights.contiguous()},
+              os.path.join(ROOT, "clip_deep_dtd.safetensors"))
     print({k: tuple(v.shape) for k, v in expected.items()})
 
 

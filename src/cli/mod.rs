@@ -230,6 +230,30 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Zero-shot classification heads from a CLIP model's text tower, as FusionBench computes them: each class
+    /// name in every template, the prompts' projected embeddings normalised, averaged, normalised again.
+    Heads {
+        /// The full CLIPModel (text tower and projections) the experts were fine-tuned from: a directory, or a
+        /// Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
+        #[arg(long)]
+        clip: PathBuf,
+        /// The folder (or Hub name) holding vocab.json and merges.txt, when --clip's has none.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// A task and where its class names come from, NAME[=SOURCE] (SOURCE NAME when absent); repeat for each.
+        /// SOURCE: a JSON list of names, or {"classes": [...], "templates": [...]} (what
+        /// tools/fusionbench_classes.py writes for a FusionBench task); a text file, one name per line; an
+        /// ImageFolder (its class folders); or a parquet dataset, by path or Hub name, its ClassLabel names.
+        #[arg(long = "task", required = true, value_name = "NAME[=SOURCE]")]
+        tasks: Vec<String>,
+        /// A prompt with {} for the class name; repeat for several. Replaces every task's templates (default:
+        /// the source's own, else FusionBench's "a photo of a {}").
+        #[arg(long = "template", value_name = "TEXT")]
+        templates: Vec<String>,
+        /// The heads file to write (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the whole job on the bundled suite and print the table.
     Demo {
         /// Also write the results as JSON to this file.
@@ -288,6 +312,7 @@ mod demo;
 mod doctor;
 mod embed;
 mod eval;
+mod heads;
 pub mod heap;
 mod info;
 mod merge;
@@ -474,6 +499,25 @@ pub fn run(cli: Cli) -> Result<()> {
             names.say(quiet);
             let batching = routing.batching(batch_size);
             eval::run(&eval::Args { model, heads, tasks, batching, json, weights }, device, quiet)
+        }
+        Command::Heads { clip, tokenizer, tasks, templates, out } => {
+            let clip = names.model(clip)?;
+            let tokenizer = tokenizer.map(|t| names.model(t)).transpose()?;
+            let mut seen = std::collections::BTreeSet::new();
+            let mut read = Vec::new();
+            for given in &tasks {
+                let (name, source) = given.split_once('=').unwrap_or((given, given));
+                if name.is_empty() || source.is_empty() || name.chars().any(char::is_whitespace) {
+                    bail!("--task '{given}': expected NAME or NAME=SOURCE");
+                }
+                if !seen.insert(name.to_string()) {
+                    bail!("--task '{name}' is given twice");
+                }
+                read.push(heads::read_task(name, &names.data(PathBuf::from(source))?, given)?);
+            }
+            names.say(quiet);
+            let args = heads::Args { clip, tokenizer, tasks: read, templates, out };
+            heads::run(&args, cli.device, cli.precision, quiet)
         }
         Command::Demo {
             json,

@@ -4,11 +4,15 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A bar counting `total` images, labelled `what`.
 pub fn images(what: &str, total: usize, quiet: bool) -> ProgressBar {
+    counted(what, total, "images", quiet)
+}
+
+/// A bar counting `total` things called `unit`, labelled `what`.
+pub fn counted(what: &str, total: usize, unit: &str, quiet: bool) -> ProgressBar {
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(Some(total as u64), target);
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
-        .expect("the template is valid")
-        .progress_chars("=> ");
+    let template = format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{per_sec}}, eta {{eta}}");
+    let style = ProgressStyle::with_template(&template).expect("the template is valid").progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(what.to_string());
     bar

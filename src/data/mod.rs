@@ -1,6 +1,7 @@
 //! Image data: safetensors of preprocessed `pixel_values` or raw 8-bit `images` with `labels`, or an
 //! ImageFolder tree of image files (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM), served in preprocessed batches.
 
+mod class_names;
 mod dataset;
 mod decode;
 mod image_folder;
@@ -8,6 +9,7 @@ mod parquet;
 pub mod preprocess;
 pub mod resample;
 
+pub use class_names::dataset_class_names;
 pub use dataset::Dataset;
 pub use decode::{decode_image, jpeg_simd};
 pub use image_folder::{scan_image_folder, ImageFolder};

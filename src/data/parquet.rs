@@ -221,6 +221,15 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> Columns {
     Columns { names, image, label, classes }
 }
 
+/// The class names in the `huggingface` metadata of the first of `shards` (the [`parquet_shards`] of
+/// `path`), as a dataset opened from them has them, without reading a row; `None` when it names none.
+pub fn parquet_class_names(path: &Path, shards: &[PathBuf]) -> Result<Option<Vec<String>>> {
+    let first = shards.first().with_context(|| format!("{}: no parquet shards", path.display()))?;
+    let file = std::fs::File::open(first).with_context(|| format!("{}: cannot open", first.display()))?;
+    let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", first.display()))?;
+    Ok(columns(&reader).classes)
+}
+
 /// Checks every row of `shards`, the [`parquet_shards`] of `path` (each has an image, and a label where
 /// the shards have a label column), and reads the labels; the images stay in the files.
 pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {

@@ -1,4 +1,5 @@
-//! Multi-head scaled dot-product attention without masking (CLIP's vision encoder attends to all tokens).
+//! Multi-head scaled dot-product attention: unmasked (CLIP's vision encoder attends to all tokens) or causal
+//! (its text encoder: each token attends to itself and those before it).
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -16,6 +17,22 @@ pub fn attention(
     tokens: usize,
     width: usize,
     heads: usize,
+) -> Result<Vec<f32>> {
+    attention_masked(q, k, v, batch, tokens, width, heads, false)
+}
+
+/// [`attention`] with, when `causal`, token i attending to tokens 0..=i only (CLIP's text encoder): the
+/// scores past the diagonal get no weight.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+    causal: bool,
 ) -> Result<Vec<f32>> {
     let head_dim = width / heads;
     let scale = (head_dim as f32).powf(-0.5);
@@ -36,7 +53,14 @@ pub fn attention(
                 false,
                 Threads::Single,
             )?;
-            softmax_rows(&mut scores, tokens, scale);
+            if causal {
+                for (i, row) in scores.chunks_exact_mut(tokens).enumerate() {
+                    softmax_rows(&mut row[..=i], i + 1, scale);
+                    row[i + 1..].fill(0.0);
+                }
+            } else {
+                softmax_rows(&mut scores, tokens, scale);
+            }
             let probs = MatRef::row_major(&scores, tokens, tokens)?;
             matmul(probs, view(v, at, tokens, head_dim, width)?, &mut head_out, false, Threads::Single)?;
             for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
@@ -151,26 +175,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn matches_a_naive_loop() {
+    fn matches_a_naive_loop_unmasked_and_causal() {
         let (b, n, d, h) = (2, 5, 6, 3);
         let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
         let (q, k, v) = (gen(1), gen(5), gen(9));
-        let got = attention(&q, &k, &v, b, n, d, h).unwrap();
-        let hd = d / h;
-        for bi in 0..b {
-            for hi in 0..h {
-                for i in 0..n {
-                    let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
-                    let s: Vec<f64> = (0..n)
-                        .map(|j| {
-                            (0..hd).map(|c| q[idx(i, c)] as f64 * k[idx(j, c)] as f64).sum::<f64>() / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                    for c in 0..hd {
-                        let want: f64 = (0..n).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)] as f64).sum();
-                        assert!((got[idx(i, c)] as f64 - want).abs() < 1e-5);
+        for causal in [false, true] {
+            let got = attention_masked(&q, &k, &v, b, n, d, h, causal).unwrap();
+            let hd = d / h;
+            for bi in 0..b {
+                for hi in 0..h {
+                    for i in 0..n {
+                        let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
+                        let seen = if causal { i + 1 } else { n };
+                        let s: Vec<f64> = (0..seen)
+                            .map(|j| {
+                                let dot: f64 = (0..hd).map(|c| q[idx(i, c)] as f64 * k[idx(j, c)] as f64).sum();
+                                dot / (hd as f64).sqrt()
+                            })
+                            .collect();
+                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                        let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                        for c in 0..hd {
+                            let want: f64 = (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)] as f64).sum();
+                            assert!((got[idx(i, c)] as f64 - want).abs() < 1e-5, "causal {causal}, token {i}");
+                        }
                     }
                 }
             }

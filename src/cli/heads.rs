@@ -1,0 +1,175 @@
+//! `wemoe-engine heads`: zero-shot classification heads from a CLIP model's text tower, as FusionBench
+//! computes them, into the heads file `eval` and `adapt` take (what `tools/make_heads.py` writes, without
+//! Python).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use wemoe_engine::checkpoint::{ModelDir, ModelKind};
+use wemoe_engine::data::dataset_class_names;
+use wemoe_engine::device::{self, DeviceRequest, Precision};
+use wemoe_engine::output::{write_safetensors_with_metadata, NamedTensor};
+use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TextConfig, DEFAULT_TEMPLATE};
+
+use super::progress;
+
+/// One task's classes and templates, and where they came from.
+pub struct TaskClasses {
+    pub name: String,
+    pub source: PathBuf,
+    pub classes: Vec<String>,
+    /// The source's own templates (a JSON object's `templates`), if it has them.
+    pub templates: Option<Vec<String>>,
+}
+
+pub struct Args {
+    pub clip: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub tasks: Vec<TaskClasses>,
+    pub templates: Vec<String>,
+    pub out: PathBuf,
+}
+
+/// Reads `--task NAME[=SOURCE]`'s class names (SOURCE already found in the Hugging Face cache where it is a
+/// Hub dataset name): a JSON list of names or `{"classes": [...], "templates": [...]}`, a text file of one
+/// name per line, an ImageFolder, or a parquet dataset's `ClassLabel` names.
+pub fn read_task(name: &str, source: &Path, given: &str) -> Result<TaskClasses> {
+    let at = || format!("--task {given}");
+    let (classes, templates) = if source.is_file() && source.extension().is_some_and(|e| e == "json") {
+        read_json(source).with_context(at)?
+    } else if source.is_file() && !source.extension().is_some_and(|e| e == "parquet" || e == "safetensors") {
+        let text =
+            std::fs::read_to_string(source).with_context(|| format!("{}: cannot read as text", source.display()))?;
+        (text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(), None)
+    } else if source.is_file() && source.extension().is_some_and(|e| e == "safetensors") {
+        bail!(
+            "--task {given}: {} is a safetensors dataset, which names no classes; list them in a text file, one per \
+               line",
+            source.display()
+        )
+    } else {
+        let Some(classes) = dataset_class_names(source).with_context(at)? else {
+            bail!(
+                "--task {given}: {} is no file, folder or parquet dataset, nor a dataset in the Hugging Face cache; \
+                 for a FusionBench task's class names and templates, write them with `tools/fusionbench_classes.py \
+                 {name} > {name}.json` and give --task {name}={name}.json",
+                source.display()
+            )
+        };
+        (classes, None)
+    };
+    ensure!(!classes.is_empty(), "--task {given}: {} holds no class names", source.display());
+    let mut seen = BTreeSet::new();
+    if let Some(twice) = classes.iter().find(|c| !seen.insert(c.as_str())) {
+        bail!("--task {given}: the class name {twice:?} appears twice in {}", source.display());
+    }
+    Ok(TaskClasses { name: name.to_string(), source: source.to_path_buf(), classes, templates })
+}
+
+/// A JSON list of class names, or an object with `classes` and, optionally, `templates`.
+fn read_json(path: &Path) -> Result<(Vec<String>, Option<Vec<String>>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let strings = |v: &Value, what: &str| -> Result<Vec<String>> {
+        let list = v.as_array().filter(|a| a.iter().all(Value::is_string));
+        let list = list.with_context(|| format!("{}: {what} must be a list of strings", path.display()))?;
+        Ok(list.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+    };
+    match &value {
+        Value::Array(_) => Ok((strings(&value, "the file")?, None)),
+        Value::Object(o) => {
+            let classes = o.get("classes").with_context(|| format!("{}: no \"classes\" list", path.display()))?;
+            let templates = o.get("templates").map(|t| strings(t, "\"templates\"")).transpose()?;
+            Ok((strings(classes, "\"classes\"")?, templates))
+        }
+        _ => bail!("{}: expected a list of class names or an object with \"classes\"", path.display()),
+    }
+}
+
+pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool) -> Result<()> {
+    ensure!(
+        !matches!(device, DeviceRequest::Cuda(_)),
+        "heads: the text tower runs on the CPU (seconds to minutes, once per heads file); drop --device"
+    );
+    ensure!(precision == Precision::F32, "heads: computes in f32; drop --precision");
+    for t in &args.templates {
+        ensure!(t.contains("{}"), "--template {t:?}: no {{}} for the class name");
+    }
+    let dir = ModelDir::open(&args.clip)?;
+    if dir.kind != ModelKind::Clip {
+        bail!(
+            "{}: a {}; zero-shot heads need the full CLIPModel with its text tower (the pretrained model the \
+             experts were fine-tuned from, e.g. openai/clip-vit-base-patch32)",
+            dir.path.display(),
+            dir.kind.hf_name()
+        );
+    }
+    let config = TextConfig::from_model_json(&dir.json, &dir.path.join("config.json"))?;
+    let tokenizer = ClipTokenizer::open(args.tokenizer.as_deref().unwrap_or(&dir.path))
+        .with_context(|| "the tokenizer (name its folder with --tokenizer when the model's has none)".to_string())?;
+    let be = device::open(DeviceRequest::Cpu, true)?;
+    let model = ClipText::load(be.as_ref(), &dir.store, &config)?;
+    let chosen = |task: &TaskClasses| -> Vec<String> {
+        if !args.templates.is_empty() {
+            args.templates.clone()
+        } else {
+            task.templates.clone().unwrap_or_else(|| vec![DEFAULT_TEMPLATE.to_string()])
+        }
+    };
+    let prompts: usize = args.tasks.iter().map(|t| t.classes.len() * chosen(t).len()).sum();
+    let bar = progress::counted("heads", prompts, "prompts", quiet);
+    let (mut tensors, mut classes, mut before) = (Vec::new(), serde_json::Map::new(), 0);
+    for task in &args.tasks {
+        let templates = chosen(task);
+        let at = || format!("--task {}", task.name);
+        let mut done = |n: usize| bar.set_position((before + n) as u64);
+        let heads =
+            class_embeddings(be.as_ref(), &model, &tokenizer, &task.classes, &templates, &mut done).with_context(at)?;
+        before += task.classes.len() * templates.len();
+        let shape = vec![task.classes.len(), config.projection_dim];
+        tensors.push(NamedTensor { name: format!("head.{}", task.name), shape, values: heads });
+        classes.insert(task.name.clone(), task.classes.clone().into());
+        bar.suspend(|| {
+            if !quiet {
+                eprintln!(
+                    "{:>20}  {:>5} classes  {:>3} templates  from {}",
+                    task.name,
+                    task.classes.len(),
+                    templates.len(),
+                    task.source.display()
+                );
+            }
+        });
+    }
+    bar.finish_and_clear();
+    // FusionBench's classifier uses the pretrained model's projection and scale: the file carries both.
+    let v = &dir.config;
+    if dir.has_projection() {
+        let projection = dir.store.get("visual_projection.weight", &[v.projection_dim, v.hidden_size])?;
+        tensors.push(NamedTensor {
+            name: "visual_projection.weight".into(),
+            shape: vec![v.projection_dim, v.hidden_size],
+            values: projection.host()?.to_vec(),
+        });
+    }
+    let logit_scale = dir.logit_scale()?;
+    if let Some(scale) = logit_scale {
+        tensors.push(NamedTensor { name: "logit_scale".into(), shape: vec![], values: vec![scale] });
+    }
+    let metadata = BTreeMap::from([("classes".to_string(), Value::Object(classes).to_string())]);
+    write_safetensors_with_metadata(&args.out, &tensors, metadata)?;
+    if !quiet {
+        let scale =
+            logit_scale.map_or("none (eval uses ln 100)".to_string(), |s| format!("{s:.4} (exp {:.2})", s.exp()));
+        eprintln!(
+            "wrote {}: {} heads, projection [{}, {}], logit_scale {scale}",
+            args.out.display(),
+            args.tasks.len(),
+            v.projection_dim,
+            v.hidden_size
+        );
+    }
+    Ok(())
+}

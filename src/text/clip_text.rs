@@ -1,0 +1,280 @@
+//! HF `CLIPTextTransformer` and `text_projection`: token and position embeddings, pre-norm encoder layers
+//! under a causal mask, `final_layer_norm` at the pooled token, then the projection. On the CPU backend:
+//! it runs once per heads file, over a few thousand short prompts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::config::hidden_act;
+use crate::device::{Activation, Backend, Device};
+use crate::model::{ClipMlp, LayerNorm, Linear, WeightSource};
+use crate::ops::attention::attention_masked;
+use crate::tensor::Tensor;
+
+/// Rows (prompts × tokens) per forward pass: large enough for the products to run at speed, small enough
+/// that activations stay a few tens of MB at ViT-L widths.
+const ROWS_PER_PASS: usize = 4096;
+
+/// Every dimension of a CLIP text tower, and its pooling rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// The longest prompt in tokens, `<|startoftext|>` and `<|endoftext|>` included.
+    pub max_position_embeddings: usize,
+    /// Width of the joint space.
+    pub projection_dim: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f32,
+    /// The MLP's activation.
+    pub hidden_act: Activation,
+    /// `eos_token_id`: the pooled token is its first occurrence, or, where a checkpoint says 2 (those saved
+    /// before transformers fixed the field, OpenAI's among them), the position of the largest id.
+    pub eos_token_id: u32,
+}
+
+impl TextConfig {
+    /// Reads the text tower of a `config.json`: a `CLIPModel`'s `text_config` (with the top-level
+    /// `projection_dim`) or a `CLIPTextModelWithProjection`'s fields; HF's defaults for absent fields.
+    pub fn from_model_json(json: &Value, origin: &Path) -> Result<Self> {
+        let (object, projection) = match json.get("model_type").and_then(Value::as_str) {
+            Some("clip") => (json.get("text_config").cloned().unwrap_or_else(|| serde_json::json!({})), json),
+            Some("clip_text_model") => (json.clone(), json),
+            other => bail!(
+                "{}: model_type {} has no text tower; zero-shot heads need the full CLIPModel (text tower and \
+                 projections), e.g. the pretrained openai/clip-vit-base-patch32",
+                origin.display(),
+                other.map_or("(none)".to_string(), |t| format!("'{t}'"))
+            ),
+        };
+        let int = |from: &Value, key: &str, default: usize| -> Result<usize> {
+            match from.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).with_context(|| {
+                    format!("{}: text \"{key}\" must be a positive integer, got {v}", origin.display())
+                }),
+            }
+        };
+        let layer_norm_eps = match object.get("layer_norm_eps") {
+            None | Some(Value::Null) => 1e-5,
+            Some(v) => v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
+                format!("{}: text \"layer_norm_eps\" must be a non-negative number", origin.display())
+            })? as f32,
+        };
+        let config = TextConfig {
+            vocab_size: int(&object, "vocab_size", 49408)?,
+            hidden_size: int(&object, "hidden_size", 512)?,
+            intermediate_size: int(&object, "intermediate_size", 2048)?,
+            num_hidden_layers: int(&object, "num_hidden_layers", 12)?,
+            num_attention_heads: int(&object, "num_attention_heads", 8)?,
+            max_position_embeddings: int(&object, "max_position_embeddings", 77)?,
+            projection_dim: int(projection, "projection_dim", 512)?,
+            layer_norm_eps,
+            hidden_act: hidden_act(&object, origin)?,
+            eos_token_id: int(&object, "eos_token_id", 49407)? as u32,
+        };
+        ensure!(
+            config.hidden_size.is_multiple_of(config.num_attention_heads),
+            "{}: text hidden_size {} is not divisible by num_attention_heads {}",
+            origin.display(),
+            config.hidden_size,
+            config.num_attention_heads
+        );
+        Ok(config)
+    }
+
+    /// The position whose output is pooled, as transformers' `CLIPTextTransformer` picks it.
+    pub fn pooled_position(&self, ids: &[u32]) -> Option<usize> {
+        if self.eos_token_id == 2 {
+            let max = ids.iter().max()?;
+            ids.iter().position(|id| id == max)
+        } else {
+            ids.iter().position(|&id| id == self.eos_token_id)
+        }
+    }
+}
+
+/// One pre-norm encoder layer of the text tower.
+struct TextLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    mlp: ClipMlp,
+}
+
+/// The text tower with its projection, ready to embed prompts.
+pub struct ClipText {
+    config: TextConfig,
+    /// `[V, D]`, `[P, D]`, on the host.
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<TextLayer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Linear,
+}
+
+impl ClipText {
+    /// Loads `text_model.*` and `text_projection.weight` from `src` onto `be`, which must be the CPU backend.
+    pub fn load(be: &dyn Backend, src: &dyn WeightSource, config: &TextConfig) -> Result<Self> {
+        ensure!(be.device() == Device::Cpu, "the text tower runs on the CPU backend, not {}", be.device());
+        let c = config;
+        let (d, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| {
+                let prefix = format!("text_model.encoder.layers.{l}");
+                let lin = |name: &str, out, inp| Linear::load(be, src, &format!("{prefix}.{name}"), out, inp, true);
+                Ok(TextLayer {
+                    layer_norm1: LayerNorm::load(be, src, &format!("{prefix}.layer_norm1"), d, eps)?,
+                    q_proj: lin("self_attn.q_proj", d, d)?,
+                    k_proj: lin("self_attn.k_proj", d, d)?,
+                    v_proj: lin("self_attn.v_proj", d, d)?,
+                    out_proj: lin("self_attn.out_proj", d, d)?,
+                    layer_norm2: LayerNorm::load(be, src, &format!("{prefix}.layer_norm2"), d, eps)?,
+                    mlp: ClipMlp { fc1: lin("mlp.fc1", i, d)?, fc2: lin("mlp.fc2", d, i)?, activation: c.hidden_act },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipText {
+            config: config.clone(),
+            token_embedding: src.get("text_model.embeddings.token_embedding.weight", &[c.vocab_size, d])?,
+            position_embedding: src
+                .get("text_model.embeddings.position_embedding.weight", &[c.max_position_embeddings, d])?,
+            layers,
+            final_layer_norm: LayerNorm::load(be, src, "text_model.final_layer_norm", d, eps)?,
+            text_projection: Linear::load(be, src, "text_projection", c.projection_dim, d, false)?,
+        })
+    }
+
+    /// The tower's dimensions.
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// The tokens of `ids` the tower runs, up to and including the pooled one; an error for an id outside
+    /// the vocabulary, no end-of-text token, or more tokens than the tower has positions.
+    pub fn check_prompt(&self, ids: &[u32]) -> Result<usize> {
+        let c = &self.config;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            bail!("token id {bad} is outside the text tower's {} embeddings", c.vocab_size);
+        }
+        let pooled = c.pooled_position(ids).context("no end-of-text token")?;
+        ensure!(
+            pooled < c.max_position_embeddings,
+            "{} tokens, more than the text tower's {} positions",
+            pooled + 1,
+            c.max_position_embeddings
+        );
+        Ok(pooled + 1)
+    }
+
+    /// The projected text embedding (`get_text_features`) of each prompt's token ids, `[prompts, P]`,
+    /// unnormalised. `done` is told how many prompts have been embedded so far.
+    ///
+    /// Each prompt runs unpadded and only up to its pooled token: the mask is causal, so later tokens (padding
+    /// in a batch, in transformers) cannot change that token's output. Prompts of one length run together.
+    pub fn embed(&self, be: &dyn Backend, prompts: &[Vec<u32>], done: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (p, ids) in prompts.iter().enumerate() {
+            let len = self.check_prompt(ids).with_context(|| format!("prompt {p}"))?;
+            by_length.entry(len).or_default().push(p);
+        }
+        let p_dim = c.projection_dim;
+        let mut out = vec![0.0f32; prompts.len() * p_dim];
+        let mut finished = 0;
+        for (&len, members) in &by_length {
+            for group in members.chunks(ROWS_PER_PASS.div_ceil(len)) {
+                let embeds = self.embed_group(be, prompts, group, len)?;
+                for (&p, row) in group.iter().zip(embeds.chunks_exact(p_dim)) {
+                    out[p * p_dim..][..p_dim].copy_from_slice(row);
+                }
+                finished += group.len();
+                done(finished);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The projected embeddings of `group`'s prompts, each `len` tokens up to and including its pooled one.
+    fn embed_group(&self, be: &dyn Backend, prompts: &[Vec<u32>], group: &[usize], len: usize) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        let (tokens, positions) = (self.token_embedding.host()?, self.position_embedding.host()?);
+        let mut x = Vec::with_capacity(group.len() * len * d);
+        for &p in group {
+            for (t, &id) in prompts[p][..len].iter().enumerate() {
+                let (token, position) = (&tokens[id as usize * d..][..d], &positions[t * d..][..d]);
+                x.extend(token.iter().zip(position).map(|(a, b)| a + b));
+            }
+        }
+        let mut x = Tensor::from_vec(&[group.len(), len, d], x)?;
+        for layer in &self.layers {
+            let h = layer.layer_norm1.forward(be, &x)?;
+            let (q, k, v) =
+                (layer.q_proj.forward(be, &h)?, layer.k_proj.forward(be, &h)?, layer.v_proj.forward(be, &h)?);
+            let heads = c.num_attention_heads;
+            let a = attention_masked(q.host()?, k.host()?, v.host()?, group.len(), len, d, heads, true)?;
+            let a = layer.out_proj.forward(be, &Tensor::from_vec(&[group.len(), len, d], a)?)?;
+            x = be.add(x, &a)?;
+            let h = layer.layer_norm2.forward(be, &x)?;
+            x = be.add(x, &layer.mlp.forward(be, &h)?)?;
+        }
+        let last = be.select_token(&x, len - 1)?;
+        let pooled = self.final_layer_norm.forward(be, &last)?;
+        be.to_host(&self.text_projection.forward(be, &pooled)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: Value) -> Result<TextConfig> {
+        TextConfig::from_model_json(&json, Path::new("config.json"))
+    }
+
+    #[test]
+    fn a_clip_configs_text_tower_and_top_level_projection() {
+        let c = config(serde_json::json!({
+            "model_type": "clip", "projection_dim": 24,
+            "text_config": {"hidden_size": 32, "num_attention_heads": 2, "eos_token_id": 2, "hidden_act": "gelu"},
+        }))
+        .unwrap();
+        assert_eq!((c.hidden_size, c.projection_dim, c.eos_token_id, c.hidden_act), (32, 24, 2, Activation::Gelu));
+        assert_eq!((c.vocab_size, c.max_position_embeddings, c.num_hidden_layers), (49408, 77, 12));
+        let c = config(serde_json::json!({"model_type": "clip_text_model", "projection_dim": 16})).unwrap();
+        assert_eq!((c.hidden_size, c.projection_dim, c.eos_token_id), (512, 16, 49407));
+        let e = config(serde_json::json!({"model_type": "clip_vision_model"})).unwrap_err();
+        assert!(e.to_string().contains("model_type 'clip_vision_model' has no text tower"), "{e}");
+        let e = config(
+            serde_json::json!({"model_type": "clip", "text_config": {"hidden_size": 30, "num_attention_heads": 4}}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not divisible"), "{e}");
+    }
+
+    #[test]
+    fn the_pooled_token_follows_transformers_rule() {
+        let mut c = config(serde_json::json!({"model_type": "clip", "text_config": {"eos_token_id": 7}})).unwrap();
+        // The first end-of-text token, wherever a larger id is.
+        assert_eq!(c.pooled_position(&[5, 9, 7, 3, 7]), Some(2));
+        assert_eq!(c.pooled_position(&[5, 9]), None);
+        // eos_token_id 2 (checkpoints saved before transformers fixed the field): the first largest id.
+        c.eos_token_id = 2;
+        assert_eq!(c.pooled_position(&[5, 9, 7, 9, 2]), Some(1));
+    }
+}
