@@ -10,17 +10,20 @@ use common::*;
 use wemoe_engine::checkpoint::SafetensorsFile;
 use wemoe_engine::text::ClipTokenizer;
 
+/// From vocab.json and merges.txt, and from the `tokenizers` library's tokenizer.json alone.
 #[test]
 fn the_tokenizer_gives_transformers_ids_with_clips_merges() {
-    let tokenizer = ClipTokenizer::open(&fixture("clip_tokenizer")).unwrap();
     let text = std::fs::read_to_string(fixture("clip_tokenizer/expected.json")).unwrap();
     let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
     let prompts = expected["prompts"].as_array().unwrap();
     assert!(prompts.len() >= 20, "the fixture's prompts");
-    for prompt in prompts {
-        let text = prompt["text"].as_str().unwrap();
-        let want: Vec<u32> = prompt["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(tokenizer.encode(text).unwrap(), want, "{text:?}");
+    for dir in ["clip_tokenizer", "clip_tokenizer/tokenizer_json"] {
+        let tokenizer = ClipTokenizer::open(&fixture(dir)).unwrap();
+        for prompt in prompts {
+            let text = prompt["text"].as_str().unwrap();
+            let want: Vec<u32> = prompt["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(tokenizer.encode(text).unwrap(), want, "{dir}: {text:?}");
+        }
     }
 }
 
@@ -177,7 +180,7 @@ fn bad_heads_input_is_refused_in_one_line() {
                 "--task".into(),
                 pets.clone(),
             ],
-            "vocab.json: no tokenizer here",
+            "empty: no tokenizer here (vocab.json and merges.txt, or tokenizer.json",
         ),
         (
             vec!["--clip".into(), s(&clip).into(), "--task".into(), task("pixels", &fixture("pixels_a.safetensors"))],

@@ -19,6 +19,8 @@ adjacent pairs, and a merge that applied with all of them still is the lowest am
 the subset encodes these prompts exactly as the whole. The script checks that too, with transformers on both.
 
 - vocab.json, merges.txt, tokenizer_config.json: the subset, loadable by transformers;
+- tokenizer_json/tokenizer.json: the same tokenizer as the `tokenizers` library saves it (one file, its merges
+  as pairs), the form some CLIP checkpoints carry without vocab.json and merges.txt;
 - expected.json: `[{"text": ..., "ids": [...]}]`, transformers' ids with the whole vocabulary.
 """
 import argparse
@@ -154,6 +156,8 @@ def main():
     part = CLIPTokenizer.from_pretrained(ROOT)
     for text in PROMPTS:
         assert part(text)["input_ids"] == ids[text], text
+    os.makedirs(os.path.join(ROOT, "tokenizer_json"))
+    part.backend_tokenizer.save(os.path.join(ROOT, "tokenizer_json", "tokenizer.json"))
     with open(os.path.join(ROOT, "expected.json"), "w", encoding="utf-8") as f:
         rows = ",\n".join(json.dumps({"text": t, "ids": ids[t]}, ensure_ascii=False) for t in PROMPTS)
         f.write(f'{{"merges_from": {json.dumps(source)},\n"prompts": [\n{rows}\n]}}\n')

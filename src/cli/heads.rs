@@ -37,28 +37,28 @@ pub struct Args {
 /// name per line, an ImageFolder, or a parquet dataset's `ClassLabel` names.
 pub fn read_task(name: &str, source: &Path, given: &str) -> Result<TaskClasses> {
     let at = || format!("--task {given}");
-    let (classes, templates) = if source.is_file() && source.extension().is_some_and(|e| e == "json") {
-        read_json(source).with_context(at)?
-    } else if source.is_file() && !source.extension().is_some_and(|e| e == "parquet" || e == "safetensors") {
-        let text =
-            std::fs::read_to_string(source).with_context(|| format!("{}: cannot read as text", source.display()))?;
-        (text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(), None)
-    } else if source.is_file() && source.extension().is_some_and(|e| e == "safetensors") {
-        bail!(
+    let extension = source.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let (classes, templates) = match (source.is_file(), extension) {
+        (true, "json") => read_json(source).with_context(at)?,
+        (true, "safetensors") => bail!(
             "--task {given}: {} is a safetensors dataset, which names no classes; list them in a text file, one per \
-               line",
+             line",
             source.display()
-        )
-    } else {
-        let Some(classes) = dataset_class_names(source).with_context(at)? else {
-            bail!(
+        ),
+        (true, ext) if ext != "parquet" => {
+            let text = std::fs::read_to_string(source)
+                .with_context(|| format!("{}: cannot read as text", source.display()))?;
+            (text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(), None)
+        }
+        _ => match dataset_class_names(source).with_context(at)? {
+            Some(classes) => (classes, None),
+            None => bail!(
                 "--task {given}: {} is no file, folder or parquet dataset, nor a dataset in the Hugging Face cache; \
                  for a FusionBench task's class names and templates, write them with `tools/fusionbench_classes.py \
                  {name} > {name}.json` and give --task {name}={name}.json",
                 source.display()
-            )
-        };
-        (classes, None)
+            ),
+        },
     };
     ensure!(!classes.is_empty(), "--task {given}: {} holds no class names", source.display());
     let mut seen = BTreeSet::new();

@@ -237,7 +237,7 @@ enum Command {
         /// Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
         #[arg(long)]
         clip: PathBuf,
-        /// The folder (or Hub name) holding vocab.json and merges.txt, when --clip's has none.
+        /// The folder (or Hub name) holding vocab.json and merges.txt (or tokenizer.json), when --clip's has none.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// A task and where its class names come from, NAME[=SOURCE] (SOURCE NAME when absent); repeat for each.

@@ -33,20 +33,53 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Reads `dir/vocab.json` and `dir/merges.txt`, as every CLIP checkpoint on the Hub has them.
+    /// Reads `dir/vocab.json` and `dir/merges.txt`, as CLIP checkpoints on the Hub have them, else the same
+    /// from `dir/tokenizer.json` (the `tokenizers` library's one file).
     pub fn open(dir: &Path) -> Result<Self> {
         let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        for path in [&vocab_path, &merges_path] {
-            ensure!(
-                path.is_file(),
-                "{}: no tokenizer here (vocab.json and merges.txt, as CLIP checkpoints on the Hub have them)",
-                path.display()
-            );
-        }
         let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()));
-        let vocab: HashMap<String, u32> = serde_json::from_str(&read(&vocab_path)?)
-            .with_context(|| format!("{}: expected a JSON object of token → id", vocab_path.display()))?;
-        Self::from_parts(vocab, &read(&merges_path)?, &vocab_path, &merges_path)
+        if vocab_path.is_file() && merges_path.is_file() {
+            let vocab: HashMap<String, u32> = serde_json::from_str(&read(&vocab_path)?)
+                .with_context(|| format!("{}: expected a JSON object of token → id", vocab_path.display()))?;
+            return Self::from_parts(vocab, &read(&merges_path)?, &vocab_path, &merges_path);
+        }
+        let json_path = dir.join("tokenizer.json");
+        ensure!(
+            json_path.is_file(),
+            "{}: no tokenizer here (vocab.json and merges.txt, or tokenizer.json, as CLIP checkpoints on the Hub have \
+             them)",
+            dir.display()
+        );
+        let json: serde_json::Value = serde_json::from_str(&read(&json_path)?)
+            .with_context(|| format!("{}: invalid JSON", json_path.display()))?;
+        let model = &json["model"];
+        ensure!(
+            model["type"] == "BPE" && model["end_of_word_suffix"] == END_OF_WORD,
+            "{}: not CLIP's tokenizer (a BPE model whose words end in {END_OF_WORD})",
+            json_path.display()
+        );
+        let vocab: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
+            .with_context(|| format!("{}: model.vocab is no object of token → id", json_path.display()))?;
+        // Merges as "left right" strings (older files) or [left, right] pairs.
+        let merges = model["merges"].as_array().with_context(|| format!("{}: no model.merges", json_path.display()))?;
+        let mut text = String::new();
+        for (n, merge) in merges.iter().enumerate() {
+            let pair = match merge {
+                serde_json::Value::String(line) => Some(line.clone()),
+                serde_json::Value::Array(pair) => match (pair.first().and_then(|v| v.as_str()), pair.get(1)) {
+                    (Some(l), Some(serde_json::Value::String(r))) if pair.len() == 2 && !l.contains(' ') => {
+                        Some(format!("{l} {r}"))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            let pair =
+                pair.with_context(|| format!("{}: model.merges[{n}] is no pair of tokens", json_path.display()))?;
+            text.push_str(&pair);
+            text.push('\n');
+        }
+        Self::from_parts(vocab, &text, &json_path, &json_path)
     }
 
     fn from_parts(
