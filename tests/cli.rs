@@ -41,6 +41,27 @@ fn info_reports_what_transformers_counts() {
 }
 
 #[test]
+fn info_describes_a_full_clips_text_tower_and_tokenizer() {
+    let (ok, out, err) = engine(&["info", s(&fixture("heads_tool/clip")), "--json"]);
+    assert!(ok, "{err}");
+    let text = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["text"];
+    // transformers: sum(p.numel() for p in m.text_model.parameters()) is 14080, m.text_projection's 768.
+    assert_eq!(text["parameters"], 14080 + 768);
+    assert_eq!((text["num_hidden_layers"].as_u64(), text["vocab_size"].as_u64()), (Some(1), Some(94)));
+    assert_eq!(text["tokenizer"], "vocab.json + merges.txt");
+    let (ok, out, _) = engine(&["info", s(&fixture("clip_a")), "--json"]);
+    assert!(ok && serde_json::from_str::<serde_json::Value>(&out).unwrap()["text"]["tokenizer"].is_null(), "{out}");
+    let (ok, out, _) = engine(&["info", s(&fixture("clip_b")), "--json"]);
+    assert!(ok && serde_json::from_str::<serde_json::Value>(&out).unwrap()["text"].is_null(), "a vision model");
+    let (ok, out, _) = engine(&["info", s(&fixture("heads_tool/clip_deep"))]);
+    assert!(
+        ok && out.contains("text        width 32, mlp 48, layers 3, heads 4, vocab 94, positions 40, Gelu"),
+        "{out}"
+    );
+    assert!(out.contains("tokenizer   vocab.json + merges.txt (wemoe-engine heads can"), "{out}");
+}
+
+#[test]
 fn info_describes_a_heads_file() {
     // tools/make_heads.py's file: a FusionBench task, the parquet's ClassLabel names, its CLIP's projection.
     let (ok, out, err) = engine(&["info", s(&fixture("heads_tool/heads.safetensors")), "--json"]);

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde_json::json;
-use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
+use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::Heads;
+use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
     if path.is_file() && SafetensorsFile::open(path)?.names().any(|n| n.starts_with("head.")) {
@@ -42,6 +43,13 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             *dtypes.entry(format!("{d:?}")).or_default() += 1;
         }
     }
+    // A full CLIPModel's text tower: what `heads` needs (its tokenizer files too).
+    let text = match dir.kind {
+        ModelKind::Clip => Some(TextConfig::from_model_json(&dir.json, &path.join("config.json"))?),
+        _ => None,
+    };
+    let text_params = store.count_params("text_model.") + store.count_params("text_projection.");
+    let tokenizer = ClipTokenizer::files_in(&dir.path);
     let files: Vec<String> =
         store.files().iter().map(|f| f.path().file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
     if as_json {
@@ -56,6 +64,17 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "wemoe": wemoe,
             "projection": projection,
             "logit_scale": logit_scale,
+            "text": text.as_ref().map(|t| json!({
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "vocab_size": t.vocab_size,
+                "max_position_embeddings": t.max_position_embeddings,
+                "projection_dim": t.projection_dim,
+                "parameters": text_params,
+                "tokenizer": tokenizer,
+            })),
             "files": files,
             "dtypes": dtypes,
         });
@@ -93,6 +112,24 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     }
     if let Some(s) = logit_scale {
         say!("logit_scale {s:.4} (exp {:.2})", s.exp());
+    }
+    if let Some(t) = &text {
+        say!(
+            "text        width {}, mlp {}, layers {}, heads {}, vocab {}, positions {}, {:?}; {text_params} parameters \
+             with the projection to {}",
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_hidden_layers,
+            t.num_attention_heads,
+            t.vocab_size,
+            t.max_position_embeddings,
+            t.hidden_act,
+            t.projection_dim
+        );
+        match tokenizer {
+            Some(files) => say!("tokenizer   {files} (wemoe-engine heads can make zero-shot heads from this model)"),
+            None => say!("tokenizer   none here (wemoe-engine heads needs --tokenizer with this model)"),
+        }
     }
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     say!("files       {} ({})", files.join(", "), dtypes.join(", "));

@@ -33,6 +33,18 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
+    /// Which of CLIP's tokenizer files `dir` holds, as [`open`](Self::open) would read them: `vocab.json +
+    /// merges.txt`, `tokenizer.json`, or `None`.
+    pub fn files_in(dir: &Path) -> Option<&'static str> {
+        if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            Some("vocab.json + merges.txt")
+        } else if dir.join("tokenizer.json").is_file() {
+            Some("tokenizer.json")
+        } else {
+            None
+        }
+    }
+
     /// Reads `dir/vocab.json` and `dir/merges.txt`, as CLIP checkpoints on the Hub have them, else the same
     /// from `dir/tokenizer.json` (the `tokenizers` library's one file).
     pub fn open(dir: &Path) -> Result<Self> {
