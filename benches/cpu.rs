@@ -2,7 +2,8 @@
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
 //! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step. The GEMM
 //! and the WEMoE layer also with bf16 products on AMX tiles, where the CPU has them (`--precision bf16`). And
-//! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files).
+//! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files). And the
+//! B/32 text tower on 256 prompts of 12 tokens (`wemoe-engine heads`).
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -15,6 +16,7 @@ use wemoe_engine::model::{
 use wemoe_engine::ops::amx;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 use wemoe_engine::tensor::Tensor;
+use wemoe_engine::text::{ClipText, TextConfig};
 
 fn gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");
@@ -247,5 +249,31 @@ fn preprocess(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_b32_forward, wemoe_layer, wemoe_mlp_formulations, adapt_step, preprocess);
+fn text_tower_b32(c: &mut Criterion) {
+    let be = CpuBackend::new();
+    let json = serde_json::json!({"model_type": "clip"});
+    let config = TextConfig::from_model_json(&json, std::path::Path::new("config.json")).unwrap();
+    let model = ClipText::load(&be, &RandomWeights::new(0), &config).unwrap();
+    // 256 prompts of 12 tokens, a TA8 prompt's typical length: start, ten words, end.
+    let eos = config.eos_token_id;
+    let prompts: Vec<Vec<u32>> = (0..256u32)
+        .map(|p| std::iter::once(49406).chain((0..10).map(|i| (p * 7919 + i * 104729) % 49000)).chain([eos]).collect())
+        .collect();
+    let mut group = c.benchmark_group("text_tower_b32");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(prompts.len() as u64));
+    group.bench_function("256_prompts_12_tokens", |b| b.iter(|| model.embed(&be, &prompts, &mut |_| {}).unwrap()));
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    gemm,
+    vit_b32_forward,
+    wemoe_layer,
+    wemoe_mlp_formulations,
+    adapt_step,
+    preprocess,
+    text_tower_b32
+);
 criterion_main!(benches);
