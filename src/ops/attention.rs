@@ -1,7 +1,7 @@
 //! Multi-head scaled dot-product attention: unmasked (CLIP's vision encoder attends to all tokens) or causal
 //! (its text encoder: each token attends to itself and those before it).
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::activation::exp_f32;
@@ -18,58 +18,73 @@ pub fn attention(
     width: usize,
     heads: usize,
 ) -> Result<Vec<f32>> {
-    attention_masked(q, k, v, batch, tokens, width, heads, false)
-}
-
-/// [`attention`] with, when `causal`, token i attending to tokens 0..=i only (CLIP's text encoder): the
-/// scores past the diagonal get no weight.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_masked(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    tokens: usize,
-    width: usize,
-    heads: usize,
-    causal: bool,
-) -> Result<Vec<f32>> {
-    let head_dim = width / heads;
-    let scale = (head_dim as f32).powf(-0.5);
     let sample = tokens * width;
     let mut out = vec![0.0f32; batch * sample];
-    out.par_chunks_mut(sample).enumerate().try_for_each(|(b, out_b)| -> Result<()> {
-        let mut scores = vec![0.0f32; tokens * tokens];
-        let mut head_out = vec![0.0f32; tokens * head_dim];
-        for h in 0..heads {
-            let at = b * sample + h * head_dim;
-            fn view(t: &[f32], at: usize, rows: usize, cols: usize, stride: usize) -> Result<MatRef<'_>> {
-                MatRef::strided(&t[at..], rows, cols, stride, 1)
-            }
-            matmul(
-                view(q, at, tokens, head_dim, width)?,
-                view(k, at, tokens, head_dim, width)?.t(),
-                &mut scores,
-                false,
-                Threads::Single,
-            )?;
-            if causal {
-                for (i, row) in scores.chunks_exact_mut(tokens).enumerate() {
-                    softmax_rows(&mut row[..=i], i + 1, scale);
-                    row[i + 1..].fill(0.0);
-                }
-            } else {
-                softmax_rows(&mut scores, tokens, scale);
-            }
-            let probs = MatRef::row_major(&scores, tokens, tokens)?;
-            matmul(probs, view(v, at, tokens, head_dim, width)?, &mut head_out, false, Threads::Single)?;
-            for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
-                out_b[t * width + h * head_dim..][..head_dim].copy_from_slice(row);
-            }
-        }
-        Ok(())
+    out.par_chunks_mut(sample).enumerate().try_for_each(|(b, out_b)| {
+        let at = b * sample..(b + 1) * sample;
+        let (q, k, v) = (&q[at.clone()], &k[at.clone()], &v[at]);
+        attend(q, k, v, Span { queries: tokens, keys: tokens, width, heads, causal: false }, out_b)
     })?;
     Ok(out)
+}
+
+/// The shape of one sequence's attention for [`attend`].
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    /// Query rows.
+    pub queries: usize,
+    /// Key and value rows: the queries' own and, before them, any cached prefix's.
+    pub keys: usize,
+    /// Row width, split by `heads`.
+    pub width: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Whether query i, the sequence's token `keys − queries + i`, attends only to keys up to its own
+    /// (CLIP's text encoder); else to all.
+    pub causal: bool,
+}
+
+/// One sequence's multi-head attention into `out` `[queries, width]`, for `q` `[queries, width]` and `k`, `v`
+/// `[keys, width]` (row-major). With `keys > queries` the first rows of `k` and `v` are a prefix computed
+/// before (its hidden states are the same for every sequence that shares it, under a causal mask).
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> Result<()> {
+    let Span { queries, keys, width, heads, causal } = span;
+    ensure!(
+        keys >= queries && q.len() == queries * width && k.len() == keys * width && v.len() == keys * width,
+        "attend: {queries} queries and {keys} keys of width {width} do not fit {}, {} and {} values",
+        q.len(),
+        k.len(),
+        v.len()
+    );
+    ensure!(out.len() == queries * width, "attend: the output holds {} values, {} needed", out.len(), q.len());
+    let head_dim = width / heads;
+    let scale = (head_dim as f32).powf(-0.5);
+    let offset = keys - queries;
+    let mut scores = vec![0.0f32; queries * keys];
+    let mut head_out = vec![0.0f32; queries * head_dim];
+    fn view(t: &[f32], at: usize, rows: usize, cols: usize, stride: usize) -> Result<MatRef<'_>> {
+        MatRef::strided(&t[at..], rows, cols, stride, 1)
+    }
+    for h in 0..heads {
+        let at = h * head_dim;
+        let keys_h = view(k, at, keys, head_dim, width)?;
+        matmul(view(q, at, queries, head_dim, width)?, keys_h.t(), &mut scores, false, Threads::Single)?;
+        if causal {
+            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                let seen = offset + i + 1;
+                softmax_rows(&mut row[..seen], seen, scale);
+                row[seen..].fill(0.0);
+            }
+        } else {
+            softmax_rows(&mut scores, keys, scale);
+        }
+        let probs = MatRef::row_major(&scores, queries, keys)?;
+        matmul(probs, view(v, at, keys, head_dim, width)?, &mut head_out, false, Threads::Single)?;
+        for (t, row) in head_out.chunks_exact(head_dim).enumerate() {
+            out[t * width + at..][..head_dim].copy_from_slice(row);
+        }
+    }
+    Ok(())
 }
 
 /// Each row of `scores` (rows of `n`) replaced by softmax(scale · row), in place. In passes whose reductions
@@ -174,33 +189,41 @@ pub fn attention_backward(
 mod tests {
     use super::*;
 
+    /// `attention` (every sample, unmasked) and `attend` (one sequence, causal, with and without a prefix of
+    /// cached keys) against a naive f64 loop.
     #[test]
-    fn matches_a_naive_loop_unmasked_and_causal() {
+    fn matches_a_naive_loop_unmasked_causal_and_after_a_prefix() {
         let (b, n, d, h) = (2, 5, 6, 3);
         let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
         let (q, k, v) = (gen(1), gen(5), gen(9));
-        for causal in [false, true] {
-            let got = attention_masked(&q, &k, &v, b, n, d, h, causal).unwrap();
-            let hd = d / h;
-            for bi in 0..b {
-                for hi in 0..h {
-                    for i in 0..n {
-                        let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
-                        let seen = if causal { i + 1 } else { n };
-                        let s: Vec<f64> = (0..seen)
-                            .map(|j| {
-                                let dot: f64 = (0..hd).map(|c| q[idx(i, c)] as f64 * k[idx(j, c)] as f64).sum();
-                                dot / (hd as f64).sqrt()
-                            })
-                            .collect();
-                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                        let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                        for c in 0..hd {
-                            let want: f64 = (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)] as f64).sum();
-                            assert!((got[idx(i, c)] as f64 - want).abs() < 1e-5, "causal {causal}, token {i}");
-                        }
-                    }
-                }
+        let hd = d / h;
+        // Rows `queries` of q (the sequence's last ones) against all n keys of sample 0, or of every sample.
+        let naive = |bi: usize, i: usize, c: usize, causal: bool| -> f64 {
+            let idx = |t: usize, c: usize| bi * n * d + t * d + (c / hd) * hd + c % hd;
+            let head = c / hd * hd;
+            let seen = if causal { i + 1 } else { n };
+            let s: Vec<f64> = (0..seen)
+                .map(|j| {
+                    let dot: f64 = (0..hd).map(|e| q[idx(i, head + e)] as f64 * k[idx(j, head + e)] as f64).sum();
+                    dot / (hd as f64).sqrt()
+                })
+                .collect();
+            let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+            (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)] as f64).sum()
+        };
+        let got = attention(&q, &k, &v, b, n, d, h).unwrap();
+        for (at, g) in got.iter().enumerate() {
+            let (bi, i, c) = (at / (n * d), at / d % n, at % d);
+            assert!((*g as f64 - naive(bi, i, c, false)).abs() < 1e-5, "unmasked, sample {bi}, token {i}");
+        }
+        for queries in [n, 2, 1] {
+            let span = Span { queries, keys: n, width: d, heads: h, causal: true };
+            let mut out = vec![f32::NAN; queries * d];
+            attend(&q[(n - queries) * d..n * d], &k[..n * d], &v[..n * d], span, &mut out).unwrap();
+            for (at, g) in out.iter().enumerate() {
+                let (i, c) = (n - queries + at / d, at % d);
+                assert!((*g as f64 - naive(0, i, c, true)).abs() < 1e-5, "{queries} queries, token {i}");
             }
         }
     }

@@ -2,16 +2,17 @@
 //! under a causal mask, `final_layer_norm` at the pooled token, then the projection. On the CPU backend:
 //! it runs once per heads file, over a few thousand short prompts.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
 use serde_json::Value;
 
+use super::shared_prefix::{prefix_groups, PrefixGroup};
 use crate::config::hidden_act;
 use crate::device::{Activation, Backend, Device};
 use crate::model::{ClipMlp, LayerNorm, Linear, WeightSource};
-use crate::ops::attention::attention_masked;
+use crate::ops::attention::{attend, Span};
 use crate::tensor::Tensor;
 
 /// Rows (prompts × tokens) per forward pass: large enough for the products to run at speed, small enough
@@ -185,58 +186,155 @@ impl ClipText {
     /// unnormalised. `done` is told how many prompts have been embedded so far.
     ///
     /// Each prompt runs unpadded and only up to its pooled token: the mask is causal, so later tokens (padding
-    /// in a batch, in transformers) cannot change that token's output. Prompts of one length run together.
+    /// in a batch, in transformers) cannot change that token's output. For the same reason prompts that begin
+    /// alike share those tokens' keys and values in every layer: each group's shared beginning runs once, in a
+    /// first pass that keeps them, and the members run only their own tokens after it. Prompts of any lengths
+    /// run together, as rows of one batch (everything but attention works row by row).
     pub fn embed(&self, be: &dyn Backend, prompts: &[Vec<u32>], done: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        let mut used = Vec::with_capacity(prompts.len());
         for (p, ids) in prompts.iter().enumerate() {
             let len = self.check_prompt(ids).with_context(|| format!("prompt {p}"))?;
-            by_length.entry(len).or_default().push(p);
+            used.push(&ids[..len]);
         }
-        let p_dim = c.projection_dim;
+        let groups = prefix_groups(&used);
+        // The shared beginnings, their keys and values kept.
+        let shared: Vec<(usize, &PrefixGroup)> = groups.iter().filter(|g| g.shared > 0).enumerate().collect();
+        let beginnings: Vec<Piece> =
+            shared.iter().map(|(_, g)| Piece { ids: &used[g.members[0]][..g.shared], after: None }).collect();
+        let mut kept = Vec::with_capacity(beginnings.len());
+        for chunk in chunks(&beginnings) {
+            kept.extend(self.run(be, chunk, &[], true)?.1);
+        }
+        // Every prompt's own tokens, after its group's beginning.
+        let mut pieces = Vec::with_capacity(prompts.len());
+        let mut owner = Vec::with_capacity(prompts.len());
+        let mut shared_index = shared.iter().map(|(i, _)| *i);
+        for group in &groups {
+            let after = (group.shared > 0).then(|| shared_index.next().expect("one per shared group"));
+            for &m in &group.members {
+                pieces.push(Piece { ids: &used[m][group.shared..], after: after.map(|k| (k, group.shared)) });
+                owner.push(m);
+            }
+        }
+        let p_dim = self.config.projection_dim;
         let mut out = vec![0.0f32; prompts.len() * p_dim];
         let mut finished = 0;
-        for (&len, members) in &by_length {
-            for group in members.chunks(ROWS_PER_PASS.div_ceil(len)) {
-                let embeds = self.embed_group(be, prompts, group, len)?;
-                for (&p, row) in group.iter().zip(embeds.chunks_exact(p_dim)) {
-                    out[p * p_dim..][..p_dim].copy_from_slice(row);
-                }
-                finished += group.len();
-                done(finished);
+        for chunk in chunks(&pieces) {
+            let (embeds, _) = self.run(be, chunk, &kept, false)?;
+            for (row, &m) in embeds.chunks_exact(p_dim).zip(&owner[finished..]) {
+                out[m * p_dim..][..p_dim].copy_from_slice(row);
             }
+            finished += chunk.len();
+            done(finished);
         }
         Ok(out)
     }
 
-    /// The projected embeddings of `group`'s prompts, each `len` tokens up to and including its pooled one.
-    fn embed_group(&self, be: &dyn Backend, prompts: &[Vec<u32>], group: &[usize], len: usize) -> Result<Vec<f32>> {
+    /// One pass over `pieces` as rows of one batch: the projected embedding of each piece's last token
+    /// `[pieces, P]` (none when `keep`), and with `keep` each piece's keys and values in every layer.
+    fn run(&self, be: &dyn Backend, pieces: &[Piece], kept: &[Kept], keep: bool) -> Result<(Vec<f32>, Vec<Kept>)> {
         let c = &self.config;
         let d = c.hidden_size;
         let (tokens, positions) = (self.token_embedding.host()?, self.position_embedding.host()?);
-        let mut x = Vec::with_capacity(group.len() * len * d);
-        for &p in group {
-            for (t, &id) in prompts[p][..len].iter().enumerate() {
-                let (token, position) = (&tokens[id as usize * d..][..d], &positions[t * d..][..d]);
+        let rows: usize = pieces.iter().map(|p| p.ids.len()).sum();
+        let mut x = Vec::with_capacity(rows * d);
+        for piece in pieces {
+            let start = piece.after.map_or(0, |(_, shared)| shared);
+            for (t, &id) in piece.ids.iter().enumerate() {
+                let (token, position) = (&tokens[id as usize * d..][..d], &positions[(start + t) * d..][..d]);
                 x.extend(token.iter().zip(position).map(|(a, b)| a + b));
             }
         }
-        let mut x = Tensor::from_vec(&[group.len(), len, d], x)?;
-        for layer in &self.layers {
+        // Each piece's first row.
+        let firsts: Vec<usize> =
+            pieces.iter().scan(0, |at, p| Some(std::mem::replace(at, *at + p.ids.len()))).collect();
+        let mut new_kept: Vec<Kept> = if keep { pieces.iter().map(|_| Kept::default()).collect() } else { Vec::new() };
+        let mut x = Tensor::from_vec(&[rows, d], x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.layer_norm1.forward(be, &x)?;
             let (q, k, v) =
                 (layer.q_proj.forward(be, &h)?, layer.k_proj.forward(be, &h)?, layer.v_proj.forward(be, &h)?);
-            let heads = c.num_attention_heads;
-            let a = attention_masked(q.host()?, k.host()?, v.host()?, group.len(), len, d, heads, true)?;
-            let a = layer.out_proj.forward(be, &Tensor::from_vec(&[group.len(), len, d], a)?)?;
+            let (q, k, v) = (q.host()?, k.host()?, v.host()?);
+            let mut a = vec![0.0f32; rows * d];
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(pieces.len());
+            let mut rest = a.as_mut_slice();
+            for piece in pieces {
+                let (head, tail) = rest.split_at_mut(piece.ids.len() * d);
+                outs.push(head);
+                rest = tail;
+            }
+            outs.into_par_iter().zip(pieces.par_iter().zip(&firsts)).try_for_each(|(out, (piece, &first))| {
+                let own = first * d..(first + piece.ids.len()) * d;
+                let (keys, values) = match piece.after {
+                    None => (k[own.clone()].to_vec(), v[own.clone()].to_vec()),
+                    Some((index, _)) => {
+                        let before = &kept[index];
+                        ([&before.keys[l], &k[own.clone()]].concat(), [&before.values[l], &v[own.clone()]].concat())
+                    }
+                };
+                let span = Span {
+                    queries: piece.ids.len(),
+                    keys: keys.len() / d,
+                    width: d,
+                    heads: c.num_attention_heads,
+                    causal: true,
+                };
+                attend(&q[own], &keys, &values, span, out)
+            })?;
+            if keep {
+                for ((piece, &first), kept) in pieces.iter().zip(&firsts).zip(&mut new_kept) {
+                    let own = first * d..(first + piece.ids.len()) * d;
+                    kept.keys.push(k[own.clone()].to_vec());
+                    kept.values.push(v[own].to_vec());
+                }
+            }
+            let a = layer.out_proj.forward(be, &Tensor::from_vec(&[rows, d], a)?)?;
             x = be.add(x, &a)?;
             let h = layer.layer_norm2.forward(be, &x)?;
             x = be.add(x, &layer.mlp.forward(be, &h)?)?;
         }
-        let last = be.select_token(&x, len - 1)?;
-        let pooled = self.final_layer_norm.forward(be, &last)?;
-        be.to_host(&self.text_projection.forward(be, &pooled)?)
+        if keep {
+            return Ok((Vec::new(), new_kept));
+        }
+        let hidden = x.host()?;
+        let mut last = Vec::with_capacity(pieces.len() * d);
+        for (piece, &first) in pieces.iter().zip(&firsts) {
+            last.extend_from_slice(&hidden[(first + piece.ids.len() - 1) * d..][..d]);
+        }
+        let pooled = self.final_layer_norm.forward(be, &Tensor::from_vec(&[pieces.len(), d], last)?)?;
+        Ok((be.to_host(&self.text_projection.forward(be, &pooled)?)?, Vec::new()))
     }
+}
+
+/// Tokens one pass runs for one prompt or shared beginning: `ids`, after, when `after` is `(index, shared)`,
+/// the first `shared` tokens whose keys and values the first pass kept at `index`.
+struct Piece<'a> {
+    ids: &'a [u32],
+    after: Option<(usize, usize)>,
+}
+
+/// A shared beginning's keys and values, `[shared, D]` each, per layer.
+#[derive(Default)]
+struct Kept {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+/// `pieces` in runs of about [`ROWS_PER_PASS`] rows (at least one piece each).
+fn chunks<'a, 'b>(pieces: &'b [Piece<'a>]) -> Vec<&'b [Piece<'a>]> {
+    let mut out = Vec::new();
+    let (mut start, mut rows) = (0, 0);
+    for (i, piece) in pieces.iter().enumerate() {
+        if rows > 0 && rows + piece.ids.len() > ROWS_PER_PASS {
+            out.push(&pieces[start..i]);
+            (start, rows) = (i, 0);
+        }
+        rows += piece.ids.len();
+    }
+    if start < pieces.len() {
+        out.push(&pieces[start..]);
+    }
+    out
 }
 
 #[cfg(test)]

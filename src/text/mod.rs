@@ -2,6 +2,7 @@
 //! tower with its projection, and FusionBench's averaging of prompt embeddings into class embeddings.
 
 mod clip_text;
+mod shared_prefix;
 mod tokenizer;
 mod zero_shot;
 
