@@ -133,8 +133,8 @@ fn the_readmes_fusionbench_commands_run_as_written() {
     assert_eq!(values(&commands[1], "--clip"), ["openai/clip-vit-base-patch32"]);
     let lists: Vec<String> = TA8.iter().map(|(t, _)| format!("{t}=ta8/{t}.json")).collect();
     assert_eq!(values(&commands[1], "--task"), lists, "tools/fusionbench_classes.py's files for the TA8 tasks");
-    let python = readme_block().replace("\\\n", " ");
-    let exported = python.lines().find(|l| l.contains("tools/fusionbench_classes.py")).unwrap();
+    let joined = readme_block().replace("\\\n", " ");
+    let exported = joined.lines().find(|l| l.contains("tools/fusionbench_classes.py")).unwrap();
     let exported: Vec<&str> = exported.split_whitespace().skip_while(|w| *w != "ta8").skip(1).collect();
     assert_eq!(exported, TA8.map(|(t, _)| t), "the tasks whose class lists the Python line writes into ta8/");
     let data: Vec<String> = TA8.iter().map(|(t, d)| format!("{t}={d}")).collect();
