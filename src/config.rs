@@ -50,6 +50,31 @@ impl Default for VisionConfig {
     }
 }
 
+/// `object[key]` as a positive integer, `default` when absent or null; `what` ("text ", say) comes before the
+/// key in errors, which name `origin`.
+pub(crate) fn positive_int(object: &Value, key: &str, default: usize, origin: &Path, what: &str) -> Result<usize> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .with_context(|| format!("{}: {what}\"{key}\" must be a positive integer, got {v}", origin.display())),
+    }
+}
+
+/// `object["layer_norm_eps"]`, `default` when absent or null; errors as [`positive_int`]'s.
+pub(crate) fn layer_norm_eps(object: &Value, default: f32, origin: &Path, what: &str) -> Result<f32> {
+    match object.get("layer_norm_eps") {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => {
+            Ok(v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
+                format!("{}: {what}\"layer_norm_eps\" must be a non-negative number", origin.display())
+            })? as f32)
+        }
+    }
+}
+
 /// `"hidden_act"` of a CLIP tower's config object (quick_gelu when absent, as HF's CLIP configs default).
 pub(crate) fn hidden_act(object: &Value, origin: &Path) -> Result<Activation> {
     Ok(match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
@@ -65,22 +90,8 @@ impl VisionConfig {
     /// Reads the vision fields of `object` (a `CLIPVisionConfig`); `origin` names the file in errors.
     pub fn from_json(object: &Value, origin: &Path) -> Result<Self> {
         let d = VisionConfig::default();
-        let int =
-            |key: &str, default: usize| -> Result<usize> {
-                match object.get(key) {
-                    None | Some(Value::Null) => Ok(default),
-                    Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).with_context(|| {
-                        format!("{}: \"{key}\" must be a positive integer, got {v}", origin.display())
-                    }),
-                }
-            };
-        let layer_norm_eps =
-            match object.get("layer_norm_eps") {
-                None | Some(Value::Null) => d.layer_norm_eps,
-                Some(v) => v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
-                    format!("{}: \"layer_norm_eps\" must be a non-negative number", origin.display())
-                })? as f32,
-            };
+        let int = |key: &str, default: usize| positive_int(object, key, default, origin, "");
+        let layer_norm_eps = layer_norm_eps(object, d.layer_norm_eps, origin, "")?;
         let hidden_act = hidden_act(object, origin)?;
         let config = VisionConfig {
             hidden_size: int("hidden_size", d.hidden_size)?,

@@ -3,7 +3,8 @@
 `HFCLIPClassifier` on PyTorch) against `wemoe-engine heads`, on a ViT-B/32-shaped CLIPModel with random weights
 (transformers' initialisation, seeded) and CLIP's own tokenizer (OpenAI's merges from the open_clip_torch wheel,
 as tools/make_tokenizer_fixtures.py builds them; `eos_token_id` 2 as OpenAI's checkpoints have it). Both
-commands run whole (loading included), alternating round by round; the heads they write are compared.
+commands run whole (loading included), alternating round by round; the heads they write are compared, and the
+engine's count of the tokens its text tower ran is printed.
 
     cargo build --release && .venv/bin/python tools/bench_heads_vs_fusionbench.py [--rounds 2] [--bpe FILE]
 
@@ -63,11 +64,12 @@ def write_classes():
 
 
 def timed(command):
+    """(seconds, stderr) of `command`."""
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command[:3])}...: {result.stderr}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result.stderr
 
 
 def main():
@@ -82,14 +84,17 @@ def main():
     fb_out, engine_out = os.path.join(tmp, "fusionbench.safetensors"), os.path.join(tmp, "engine.safetensors")
     fusionbench = [sys.executable, os.path.join(TOOLS, "make_heads.py"), "--clip", clip, "--out", fb_out]
     fusionbench += [a for t in TASKS for a in ("--task", t)]
-    engine = [ENGINE, "--quiet", "heads", "--clip", clip, "--out", engine_out]
+    engine = [ENGINE, "heads", "--clip", clip, "--out", engine_out]
     engine += [a for t in TASKS for a in ("--task", f"{t}={classes[t]}")]
     times = {"FusionBench": [], "engine": []}
     for r in range(args.rounds):
         order = [("FusionBench", fusionbench), ("engine", engine)]
         for name, command in order if r % 2 == 0 else order[::-1]:
-            times[name].append(timed(command))
-            print(f"round {r + 1}: {name} {times[name][-1]:.1f} s", flush=True)
+            seconds, stderr = timed(command)
+            times[name].append(seconds)
+            print(f"round {r + 1}: {name} {seconds:.1f} s", flush=True)
+            if name == "engine":
+                counts = next(line for line in stderr.splitlines() if " prompts, " in line)
 
     from safetensors.torch import load_file
 
@@ -103,6 +108,7 @@ def main():
     ratios = [f / e for f, e in zip(times["FusionBench"], times["engine"])]
     print(f"engine speed-up per round: {', '.join(f'{x:.1f}x' for x in ratios)}")
     print(f"largest |difference| of any head element: {worst:.2e}")
+    print(f"engine: {counts}")
 
 
 if __name__ == "__main__":

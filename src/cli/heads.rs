@@ -11,7 +11,7 @@ use wemoe_engine::checkpoint::{ModelDir, ModelKind};
 use wemoe_engine::data::dataset_class_names;
 use wemoe_engine::device::{self, DeviceRequest, Precision};
 use wemoe_engine::output::{write_safetensors_with_metadata, NamedTensor};
-use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TextConfig, DEFAULT_TEMPLATE};
+use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TaskPrompts, TextConfig, DEFAULT_TEMPLATE};
 
 use super::progress;
 
@@ -111,39 +111,41 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
         .with_context(|| "the tokenizer (name its folder with --tokenizer when the model's has none)".to_string())?;
     let be = device::open(DeviceRequest::Cpu, true)?;
     let model = ClipText::load(be.as_ref(), &dir.store, &config)?;
-    let chosen = |task: &TaskClasses| -> Vec<String> {
-        if !args.templates.is_empty() {
-            args.templates.clone()
-        } else {
-            task.templates.clone().unwrap_or_else(|| vec![DEFAULT_TEMPLATE.to_string()])
-        }
-    };
-    let prompts: usize = args.tasks.iter().map(|t| t.classes.len() * chosen(t).len()).sum();
+    let templates: Vec<Vec<String>> = args
+        .tasks
+        .iter()
+        .map(|task| match (&args.templates, &task.templates) {
+            (given, _) if !given.is_empty() => given.clone(),
+            (_, Some(own)) => own.clone(),
+            (_, None) => vec![DEFAULT_TEMPLATE.to_string()],
+        })
+        .collect();
+    let tasks: Vec<TaskPrompts> = args
+        .tasks
+        .iter()
+        .zip(&templates)
+        .map(|(task, templates)| TaskPrompts { name: &task.name, classes: &task.classes, templates })
+        .collect();
+    let prompts = tasks.iter().map(|t| t.classes.len() * t.templates.len()).sum();
     let bar = progress::counted("heads", prompts, "prompts", quiet);
-    let (mut tensors, mut classes, mut before) = (Vec::new(), serde_json::Map::new(), 0);
-    for task in &args.tasks {
-        let templates = chosen(task);
-        let at = || format!("--task {}", task.name);
-        let mut done = |n: usize| bar.set_position((before + n) as u64);
-        let heads =
-            class_embeddings(be.as_ref(), &model, &tokenizer, &task.classes, &templates, &mut done).with_context(at)?;
-        before += task.classes.len() * templates.len();
-        let shape = vec![task.classes.len(), config.projection_dim];
-        tensors.push(NamedTensor { name: format!("head.{}", task.name), shape, values: heads });
-        classes.insert(task.name.clone(), task.classes.clone().into());
-        bar.suspend(|| {
-            if !quiet {
-                eprintln!(
-                    "{:>20}  {:>5} classes  {:>3} templates  from {}",
-                    task.name,
-                    task.classes.len(),
-                    templates.len(),
-                    task.source.display()
-                );
-            }
-        });
-    }
+    let made = class_embeddings(be.as_ref(), &model, &tokenizer, &tasks, &mut |n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
+    let (mut tensors, mut classes) = (Vec::new(), serde_json::Map::new());
+    for (task, head) in tasks.iter().zip(made.heads) {
+        let shape = vec![task.classes.len(), config.projection_dim];
+        tensors.push(NamedTensor { name: format!("head.{}", task.name), shape, values: head });
+        classes.insert(task.name.to_string(), task.classes.to_vec().into());
+    }
+    if !quiet {
+        for (task, given) in tasks.iter().zip(&args.tasks) {
+            let (c, t) = (task.classes.len(), task.templates.len());
+            eprintln!("{:>20}  {c:>5} classes  {t:>3} templates  from {}", task.name, given.source.display());
+        }
+        eprintln!(
+            "{} prompts, {} tokens up to their pooled ones, {} run (beginnings prompts share, once)",
+            made.prompts, made.tokens, made.computed
+        );
+    }
     // FusionBench's classifier uses the pretrained model's projection and scale: the file carries both.
     let v = &dir.config;
     if dir.has_projection() {

@@ -73,7 +73,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
                 "max_position_embeddings": t.max_position_embeddings,
                 "projection_dim": t.projection_dim,
                 "parameters": text_params,
-                "tokenizer": tokenizer,
+                "tokenizer": tokenizer.map(|t| t.to_string()),
             })),
             "files": files,
             "dtypes": dtypes,

@@ -8,8 +8,8 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::shared_prefix::{prefix_groups, PrefixGroup};
-use crate::config::hidden_act;
+use super::shared_prefix::prefix_groups;
+use crate::config::{hidden_act, layer_norm_eps, positive_int};
 use crate::device::{Activation, Backend, Device};
 use crate::model::{ClipMlp, LayerNorm, Linear, WeightSource};
 use crate::ops::attention::{attend, Span};
@@ -49,9 +49,10 @@ impl TextConfig {
     /// Reads the text tower of a `config.json`: a `CLIPModel`'s `text_config` (with the top-level
     /// `projection_dim`) or a `CLIPTextModelWithProjection`'s fields; HF's defaults for absent fields.
     pub fn from_model_json(json: &Value, origin: &Path) -> Result<Self> {
+        static ABSENT: Value = Value::Null;
         let (object, projection) = match json.get("model_type").and_then(Value::as_str) {
-            Some("clip") => (json.get("text_config").cloned().unwrap_or_else(|| serde_json::json!({})), json),
-            Some("clip_text_model") => (json.clone(), json),
+            Some("clip") => (json.get("text_config").unwrap_or(&ABSENT), json),
+            Some("clip_text_model") => (json, json),
             other => bail!(
                 "{}: model_type {} has no text tower; zero-shot heads need the full CLIPModel (text tower and \
                  projections), e.g. the pretrained openai/clip-vit-base-patch32",
@@ -59,31 +60,18 @@ impl TextConfig {
                 other.map_or("(none)".to_string(), |t| format!("'{t}'"))
             ),
         };
-        let int = |from: &Value, key: &str, default: usize| -> Result<usize> {
-            match from.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).with_context(|| {
-                    format!("{}: text \"{key}\" must be a positive integer, got {v}", origin.display())
-                }),
-            }
-        };
-        let layer_norm_eps = match object.get("layer_norm_eps") {
-            None | Some(Value::Null) => 1e-5,
-            Some(v) => v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
-                format!("{}: text \"layer_norm_eps\" must be a non-negative number", origin.display())
-            })? as f32,
-        };
+        let int = |from: &Value, key: &str, default: usize| positive_int(from, key, default, origin, "text ");
         let config = TextConfig {
-            vocab_size: int(&object, "vocab_size", 49408)?,
-            hidden_size: int(&object, "hidden_size", 512)?,
-            intermediate_size: int(&object, "intermediate_size", 2048)?,
-            num_hidden_layers: int(&object, "num_hidden_layers", 12)?,
-            num_attention_heads: int(&object, "num_attention_heads", 8)?,
-            max_position_embeddings: int(&object, "max_position_embeddings", 77)?,
+            vocab_size: int(object, "vocab_size", 49408)?,
+            hidden_size: int(object, "hidden_size", 512)?,
+            intermediate_size: int(object, "intermediate_size", 2048)?,
+            num_hidden_layers: int(object, "num_hidden_layers", 12)?,
+            num_attention_heads: int(object, "num_attention_heads", 8)?,
+            max_position_embeddings: int(object, "max_position_embeddings", 77)?,
             projection_dim: int(projection, "projection_dim", 512)?,
-            layer_norm_eps,
-            hidden_act: hidden_act(&object, origin)?,
-            eos_token_id: int(&object, "eos_token_id", 49407)? as u32,
+            layer_norm_eps: layer_norm_eps(object, 1e-5, origin, "text ")?,
+            hidden_act: hidden_act(object, origin)?,
+            eos_token_id: int(object, "eos_token_id", 49407)? as u32,
         };
         ensure!(
             config.hidden_size.is_multiple_of(config.num_attention_heads),
@@ -183,51 +171,55 @@ impl ClipText {
     }
 
     /// The projected text embedding (`get_text_features`) of each prompt's token ids, `[prompts, P]`,
-    /// unnormalised. `done` is told how many prompts have been embedded so far.
+    /// unnormalised, with the tokens that took. `done` is told how many prompts have been embedded so far.
     ///
     /// Each prompt runs unpadded and only up to its pooled token: the mask is causal, so later tokens (padding
     /// in a batch, in transformers) cannot change that token's output. For the same reason prompts that begin
     /// alike share those tokens' keys and values in every layer: each group's shared beginning runs once, in a
     /// first pass that keeps them, and the members run only their own tokens after it. Prompts of any lengths
     /// run together, as rows of one batch (everything but attention works row by row).
-    pub fn embed(&self, be: &dyn Backend, prompts: &[Vec<u32>], done: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
+    pub fn embed(&self, be: &dyn Backend, prompts: &[Vec<u32>], done: &mut dyn FnMut(usize)) -> Result<Embedded> {
         let mut used = Vec::with_capacity(prompts.len());
         for (p, ids) in prompts.iter().enumerate() {
             let len = self.check_prompt(ids).with_context(|| format!("prompt {p}"))?;
             used.push(&ids[..len]);
         }
         let groups = prefix_groups(&used);
-        // The shared beginnings, their keys and values kept.
-        let shared: Vec<(usize, &PrefixGroup)> = groups.iter().filter(|g| g.shared > 0).enumerate().collect();
-        let beginnings: Vec<Piece> =
-            shared.iter().map(|(_, g)| Piece { ids: &used[g.members[0]][..g.shared], after: None }).collect();
+        // The shared beginnings, their keys and values kept (the `k`th for the `k`th group that shares).
+        let beginnings: Vec<Piece> = groups
+            .iter()
+            .filter(|g| g.shared > 0)
+            .map(|g| Piece { ids: &used[g.members[0]][..g.shared], after: None })
+            .collect();
         let mut kept = Vec::with_capacity(beginnings.len());
         for chunk in chunks(&beginnings) {
             kept.extend(self.run(be, chunk, &[], true)?.1);
         }
         // Every prompt's own tokens, after its group's beginning.
-        let mut pieces = Vec::with_capacity(prompts.len());
-        let mut owner = Vec::with_capacity(prompts.len());
-        let mut shared_index = shared.iter().map(|(i, _)| *i);
+        let (mut pieces, mut owner) = (Vec::with_capacity(prompts.len()), Vec::with_capacity(prompts.len()));
+        let mut k = 0;
         for group in &groups {
-            let after = (group.shared > 0).then(|| shared_index.next().expect("one per shared group"));
+            let after = (group.shared > 0).then_some((k, group.shared));
+            k += usize::from(group.shared > 0);
             for &m in &group.members {
-                pieces.push(Piece { ids: &used[m][group.shared..], after: after.map(|k| (k, group.shared)) });
+                pieces.push(Piece { ids: &used[m][group.shared..], after });
                 owner.push(m);
             }
         }
         let p_dim = self.config.projection_dim;
-        let mut out = vec![0.0f32; prompts.len() * p_dim];
+        let mut values = vec![0.0f32; prompts.len() * p_dim];
         let mut finished = 0;
         for chunk in chunks(&pieces) {
             let (embeds, _) = self.run(be, chunk, &kept, false)?;
             for (row, &m) in embeds.chunks_exact(p_dim).zip(&owner[finished..]) {
-                out[m * p_dim..][..p_dim].copy_from_slice(row);
+                values[m * p_dim..][..p_dim].copy_from_slice(row);
             }
             finished += chunk.len();
             done(finished);
         }
-        Ok(out)
+        let rows = |pieces: &[Piece]| pieces.iter().map(|p| p.ids.len()).sum::<usize>();
+        let tokens = used.iter().map(|u| u.len()).sum();
+        Ok(Embedded { values, tokens, computed: rows(&beginnings) + rows(&pieces) })
     }
 
     /// One pass over `pieces` as rows of one batch: the projected embedding of each piece's last token
@@ -287,6 +279,9 @@ impl ClipText {
                     kept.keys.push(k[own.clone()].to_vec());
                     kept.values.push(v[own].to_vec());
                 }
+                if l + 1 == self.layers.len() {
+                    break; // the last layer's keys and values kept: its output is no one's input
+                }
             }
             let a = layer.out_proj.forward(be, &Tensor::from_vec(&[rows, d], a)?)?;
             x = be.add(x, &a)?;
@@ -304,6 +299,16 @@ impl ClipText {
         let pooled = self.final_layer_norm.forward(be, &Tensor::from_vec(&[pieces.len(), d], last)?)?;
         Ok((be.to_host(&self.text_projection.forward(be, &pooled)?)?, Vec::new()))
     }
+}
+
+/// Prompts' text embeddings, and what computing them took.
+pub struct Embedded {
+    /// `[prompts, P]`, unnormalised.
+    pub values: Vec<f32>,
+    /// Tokens in all, up to each prompt's pooled one.
+    pub tokens: usize,
+    /// Tokens the tower ran: each shared beginning once, then every prompt's own.
+    pub computed: usize,
 }
 
 /// Tokens one pass runs for one prompt or shared beginning: `ids`, after, when `after` is `(index, shared)`,

@@ -6,6 +6,6 @@ mod shared_prefix;
 mod tokenizer;
 mod zero_shot;
 
-pub use clip_text::{ClipText, TextConfig};
-pub use tokenizer::ClipTokenizer;
-pub use zero_shot::{class_embeddings, fill, DEFAULT_TEMPLATE};
+pub use clip_text::{ClipText, Embedded, TextConfig};
+pub use tokenizer::{ClipTokenizer, TokenizerFiles};
+pub use zero_shot::{class_embeddings, ClassEmbeddings, TaskPrompts, DEFAULT_TEMPLATE};

@@ -20,7 +20,25 @@ const END_OF_WORD: &str = "</w>";
 /// the `Split` pre-tokenizer in every CLIP `tokenizer.json`, less the special tokens, refused beforehand).
 const PIECES: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
-/// A CLIP tokenizer read from `vocab.json` and `merges.txt`.
+/// The files a CLIP tokenizer is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerFiles {
+    /// `vocab.json` and `merges.txt`.
+    VocabAndMerges,
+    /// `tokenizer.json` alone.
+    TokenizerJson,
+}
+
+impl std::fmt::Display for TokenizerFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenizerFiles::VocabAndMerges => "vocab.json + merges.txt",
+            TokenizerFiles::TokenizerJson => "tokenizer.json",
+        })
+    }
+}
+
+/// A CLIP tokenizer read from `vocab.json` and `merges.txt`, or `tokenizer.json`.
 pub struct ClipTokenizer {
     /// (left, right) token ids → (rank, merged token id).
     merges: HashMap<(u32, u32), (u32, u32)>,
@@ -33,13 +51,12 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Which of CLIP's tokenizer files `dir` holds, as [`open`](Self::open) would read them: `vocab.json +
-    /// merges.txt`, `tokenizer.json`, or `None`.
-    pub fn files_in(dir: &Path) -> Option<&'static str> {
+    /// Which of CLIP's tokenizer files `dir` holds, the ones [`open`](Self::open) reads.
+    pub fn files_in(dir: &Path) -> Option<TokenizerFiles> {
         if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
-            Some("vocab.json + merges.txt")
+            Some(TokenizerFiles::VocabAndMerges)
         } else if dir.join("tokenizer.json").is_file() {
-            Some("tokenizer.json")
+            Some(TokenizerFiles::TokenizerJson)
         } else {
             None
         }
@@ -48,20 +65,21 @@ impl ClipTokenizer {
     /// Reads `dir/vocab.json` and `dir/merges.txt`, as CLIP checkpoints on the Hub have them, else the same
     /// from `dir/tokenizer.json` (the `tokenizers` library's one file).
     pub fn open(dir: &Path) -> Result<Self> {
-        let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()));
-        if vocab_path.is_file() && merges_path.is_file() {
-            let vocab: HashMap<String, u32> = serde_json::from_str(&read(&vocab_path)?)
-                .with_context(|| format!("{}: expected a JSON object of token → id", vocab_path.display()))?;
-            return Self::from_parts(vocab, &read(&merges_path)?, &vocab_path, &merges_path);
-        }
-        let json_path = dir.join("tokenizer.json");
-        ensure!(
-            json_path.is_file(),
-            "{}: no tokenizer here (vocab.json and merges.txt, or tokenizer.json, as CLIP checkpoints on the Hub have \
-             them)",
-            dir.display()
-        );
+        let json_path = match Self::files_in(dir) {
+            Some(TokenizerFiles::VocabAndMerges) => {
+                let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
+                let vocab: HashMap<String, u32> = serde_json::from_str(&read(&vocab_path)?)
+                    .with_context(|| format!("{}: expected a JSON object of token → id", vocab_path.display()))?;
+                return Self::from_parts(vocab, &read(&merges_path)?, &vocab_path, &merges_path);
+            }
+            Some(TokenizerFiles::TokenizerJson) => dir.join("tokenizer.json"),
+            None => bail!(
+                "{}: no tokenizer here (vocab.json and merges.txt, or tokenizer.json, as CLIP checkpoints on the Hub \
+                 have them)",
+                dir.display()
+            ),
+        };
         let json: serde_json::Value = serde_json::from_str(&read(&json_path)?)
             .with_context(|| format!("{}: invalid JSON", json_path.display()))?;
         let model = &json["model"];
