@@ -23,7 +23,18 @@ fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
     assert!(ok, "{out}{err}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let names = suite.task_names();
-    for method in ["pretrained", "individual", "task-arithmetic", "wemoe-unadapted", "wemoe", "wemoe-oracle"] {
+    let methods = [
+        "pretrained",
+        "individual",
+        "weight-averaging",
+        "task-arithmetic",
+        "ties-merging",
+        "wemoe-unadapted",
+        "wemoe",
+        "wemoe-oracle",
+    ];
+    assert_eq!(report["methods"].as_object().unwrap().len(), methods.len());
+    for method in methods {
         let row = &report["methods"][method];
         let accuracies: Vec<f64> = names.iter().map(|n| row["tasks"][n].as_f64().unwrap()).collect();
         assert!(accuracies.iter().all(|a| (0.0..=1.0).contains(a)), "{method}: {accuracies:?}");

@@ -206,7 +206,7 @@ fn task_arithmetic_and_average_merge_every_tensor() {
                     MergeMethod::Average => thetas.iter().map(|t| t[i] as f64).sum::<f64>() / 3.0,
                     _ => base[i] as f64 + 0.3 * thetas.iter().map(|t| (t[i] - base[i]) as f64).sum::<f64>(),
                 };
-                assert!((*g as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{dir} {name}[{i}]: {g} vs {want}");
+                assert!((*g as f64 - want).abs() <= MERGE_TOL * (1.0 + want.abs()), "{dir} {name}[{i}]: {g} vs {want}");
             }
         }
     }

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r tools/requirements.txt
 # FusionBench's WEMoE module, for tools/make_wemoe_fixtures.py: without its long dependency list, plus
-# the few modules its imports touch.
-.venv/bin/pip install -q --no-deps fusion-bench accelerate bidict lightning lightning-utilities torchmetrics
+# the few modules its imports touch (peft: the import chain of its TiesMergingAlgorithm).
+.venv/bin/pip install -q --no-deps fusion-bench accelerate bidict lightning lightning-utilities torchmetrics peft
 .venv/bin/pip install -q omegaconf hydra-core
 echo ".venv ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -1,5 +1,5 @@
 //! `wemoe-engine demo`: the whole job on the bundled suite. Evaluates the pretrained model, each expert on its
-//! own task, task arithmetic, WEMoE before adaptation, WEMoE with every task routed to its own expert (the
+//! own task, weight averaging, task arithmetic, TIES-merging, WEMoE before adaptation, WEMoE with every task routed to its own expert (the
 //! ceiling of routing) and WEMoE after test-time adaptation, with the adaptation's curve; prints a table shaped
 //! like the paper's Table 2 and optionally writes it as JSON.
 
@@ -14,7 +14,7 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
-use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
+use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
 use wemoe_engine::output::write_atomic;
 use wemoe_engine::suite::Suite;
@@ -175,13 +175,17 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         ModelDir::open(&path)
     };
 
-    info(quiet, "task arithmetic (λ 0.3)".into());
-    let ta = merged(MergeMethod::TaskArithmetic, RouterActivation::Identity, "task-arithmetic")?;
-    let model = ImageEncoder::load(opened.be.as_ref(), &ta)?;
-    rows.push(Row {
-        method: "task-arithmetic".into(),
-        accuracy: opened.evaluate(&model, &ta.path, &all, plain, quiet)?,
-    });
+    // The data-free baselines, at FusionBench's default settings.
+    for (method, name, what) in [
+        (MergeMethod::Average, "weight-averaging", "weight averaging"),
+        (MergeMethod::TaskArithmetic, "task-arithmetic", "task arithmetic (λ 0.3)"),
+        (MergeMethod::TiesMerging(TiesOptions::default()), "ties-merging", "TIES-merging (λ 0.3, top 20%, sum)"),
+    ] {
+        info(quiet, what.into());
+        let dir = merged(method, RouterActivation::Identity, name)?;
+        let model = ImageEncoder::load(opened.be.as_ref(), &dir)?;
+        rows.push(Row { method: name.into(), accuracy: opened.evaluate(&model, &dir.path, &all, plain, quiet)? });
+    }
 
     info(quiet, format!("WEMoE (routers of depth {}), before adaptation", args.router_layers));
     let wemoe = merged(MergeMethod::Wemoe, args.router_activation, "wemoe")?;

@@ -1,4 +1,4 @@
-//! `wemoe-engine merge`: WEMoE, task arithmetic or averaging of fine-tuned CLIP models.
+//! `wemoe-engine merge`: WEMoE, task arithmetic, TIES-merging or averaging of fine-tuned CLIP models.
 
 use std::path::PathBuf;
 
@@ -34,6 +34,21 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
+    if let (Some(stats), false) = (&summary.ties, quiet) {
+        let thresholds: Vec<String> =
+            experts.iter().zip(&stats.thresholds).map(|(e, t)| format!("{} {t:.4e}", e.name)).collect();
+        let majority = match stats.majority_sign {
+            s if s > 0.0 => "+",
+            s if s < 0.0 => "-",
+            _ => "0 (a tie: the negative entries)",
+        };
+        eprintln!(
+            "ties-merging kept the top {}% of each task vector by magnitude (at least {}); where the kept entries \
+             summed to 0, the majority sign {majority} stood in",
+            100.0 * stats.keep,
+            thresholds.join(", "),
+        );
+    }
     if !quiet {
         eprintln!(
             "wrote {} ({} tensors, {} parameters, {} experts)",

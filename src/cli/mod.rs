@@ -11,7 +11,7 @@ use wemoe_engine::device::Backend;
 use wemoe_engine::device::{self, DeviceChoice, DeviceRequest, Precision};
 use wemoe_engine::eval::Batching;
 use wemoe_engine::hub_cache::{HubCache, Located};
-use wemoe_engine::merge::{MergeMethod, MergeOptions};
+use wemoe_engine::merge::{MergeMethod, MergeOptions, TiesMergeFunc, TiesOptions};
 use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
 use wemoe_engine::suite::Suite;
@@ -71,8 +71,22 @@ enum Method {
     Wemoe,
     /// θ0 + λ·Σ (θ_t − θ0).
     TaskArithmetic,
+    /// θ0 + λ·TIES(θ_t − θ0): each task vector trimmed to its largest entries, signs elected, the agreeing
+    /// entries merged (FusionBench's TiesMergingAlgorithm).
+    TiesMerging,
     /// The mean of the experts.
     Average,
+}
+
+/// `--merge-func` of TIES-merging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TiesFunc {
+    /// The sum of the entries that agree with the elected sign.
+    Sum,
+    /// Their mean.
+    Mean,
+    /// The largest magnitude among them, with the elected sign.
+    Max,
 }
 
 /// `--schedule` of adapt.
@@ -146,6 +160,13 @@ enum Command {
         /// λ: the task-vector scaling of shared parameters and the routers' initial bias.
         #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
         scaling: f32,
+        /// TIES-merging: the share of each task vector's entries kept by magnitude, a percentage above 1, else
+        /// a fraction, as FusionBench reads it [default: 20].
+        #[arg(long, allow_negative_numbers = true)]
+        threshold: Option<f64>,
+        /// TIES-merging: how the entries that agree with the elected sign are combined [default: sum].
+        #[arg(long, value_enum)]
+        merge_func: Option<TiesFunc>,
         /// WEMoE router depth: 0, 1 or 2.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
         router_layers: u8,
@@ -453,7 +474,22 @@ pub fn run(cli: Cli) -> Result<()> {
             names.say(quiet);
             info::run(&model, json)
         }
-        Command::Merge { pretrained, experts, out, method, scaling, router_layers, router_activation, seed } => {
+        Command::Merge {
+            pretrained,
+            experts,
+            out,
+            method,
+            scaling,
+            threshold,
+            merge_func,
+            router_layers,
+            router_activation,
+            seed,
+        } => {
+            if method != Method::TiesMerging && (threshold.is_some() || merge_func.is_some()) {
+                let flag = if threshold.is_some() { "--threshold" } else { "--merge-func" };
+                bail!("{flag} applies to --method ties-merging only");
+            }
             let pretrained = names.model(pretrained)?;
             let experts = experts
                 .iter()
@@ -464,6 +500,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 method: match method {
                     Method::Wemoe => MergeMethod::Wemoe,
                     Method::TaskArithmetic => MergeMethod::TaskArithmetic,
+                    Method::TiesMerging => {
+                        let defaults = TiesOptions::default();
+                        MergeMethod::TiesMerging(TiesOptions {
+                            threshold: threshold.unwrap_or(defaults.threshold),
+                            merge_func: match merge_func {
+                                None => defaults.merge_func,
+                                Some(TiesFunc::Sum) => TiesMergeFunc::Sum,
+                                Some(TiesFunc::Mean) => TiesMergeFunc::Mean,
+                                Some(TiesFunc::Max) => TiesMergeFunc::Max,
+                            },
+                        })
+                    }
                     Method::Average => MergeMethod::Average,
                 },
                 scaling,

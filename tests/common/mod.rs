@@ -9,6 +9,8 @@ use wemoe_engine::checkpoint::SafetensorsFile;
 pub const FORWARD_REL_TOL: f64 = 1e-4;
 /// A CUDA kernel (emulated or on a GPU, exact f32 mode) against the CPU reference: max |a − b| / max |b|.
 pub const KERNEL_REL_TOL: f64 = 2e-5;
+/// Merged tensors against FusionBench's: |ours − theirs| ≤ this × (1 + |theirs|).
+pub const MERGE_TOL: f64 = 1e-6;
 /// `--precision tf32` (the forward's products on TF32 tensor cores) against exact f32, a whole model's output.
 pub const TF32_REL_TOL: f64 = 5e-3;
 /// `--precision bf16` against exact f32, a whole model's output (DESIGN.md section 6: bf16 paths within 2e-2).

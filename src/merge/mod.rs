@@ -1,5 +1,6 @@
 //! Merging a pretrained CLIP vision model and T fine-tuned copies: WEMoE ("upscaling"), task arithmetic,
-//! or weight averaging. The merge streams tensor by tensor from the memory maps into the output file.
+//! TIES-merging or weight averaging. The merge streams tensor by tensor from the memory maps into the output
+//! file.
 //!
 //! WEMoE (REFERENCE.md section 2): every parameter outside the MLPs is merged by task arithmetic,
 //! `θ0 + λ·Σ_t (θ_t − θ0)`; every layer's MLP becomes `base_model` (the pretrained MLP), `task_vectors.{t}`
@@ -16,13 +17,20 @@ use crate::model::{gate_tensors, RouterActivation, WemoeSpec};
 use crate::output::write_atomic;
 use crate::rng::Rng;
 
+mod ties;
+
+pub use ties::{TiesMergeFunc, TiesOptions, TiesStats};
+
 /// How the experts are combined.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum MergeMethod {
     /// Weight-Ensembling Mixture of Experts: routers and per-sample merged MLPs.
     Wemoe,
     /// `θ0 + λ·Σ_t (θ_t − θ0)` for every parameter.
     TaskArithmetic,
+    /// `θ0 + λ·TIES(τ_1 … τ_T)`: each task vector trimmed to its largest entries, signs elected, the
+    /// agreeing entries merged (see [`TiesOptions`]).
+    TiesMerging(TiesOptions),
     /// `(1/T)·Σ_t θ_t` for every parameter.
     Average,
 }
@@ -32,7 +40,7 @@ pub enum MergeMethod {
 pub struct MergeOptions {
     /// The method.
     pub method: MergeMethod,
-    /// λ for task arithmetic and WEMoE's shared parameters, and the routers' initial bias.
+    /// λ for task arithmetic, TIES-merging and WEMoE's shared parameters, and the routers' initial bias.
     pub scaling: f32,
     /// WEMoE router depth (0, 1 or 2).
     pub router_layers: usize,
@@ -54,6 +62,8 @@ pub struct Expert {
 enum Recipe {
     /// The method's merge of a shared vision tensor.
     Merged(String),
+    /// TIES-merging of a vision tensor, with the whole model's statistics.
+    Ties(String),
     /// The pretrained model's tensor as it is.
     Pretrained(String),
     /// `θ_t − θ0` of a tensor for one expert.
@@ -148,6 +158,9 @@ fn plan(
                     ));
                 }
             }
+            _ if matches!(opts.method, MergeMethod::TiesMerging(_)) => {
+                out.push((name.clone(), shape(name), Recipe::Ties(name.clone())))
+            }
             _ => out.push((name.clone(), shape(name), Recipe::Merged(name.clone()))),
         }
     }
@@ -182,6 +195,7 @@ fn compute(
     pretrained: &ModelDir,
     experts: &[Expert],
     opts: &MergeOptions,
+    ties: Option<&TiesStats>,
 ) -> Result<Vec<f32>> {
     let load = |m: &ModelDir, n: &str| -> Result<Vec<f32>> {
         let shape = m.store.shape(n).unwrap_or_default().to_vec();
@@ -194,6 +208,13 @@ fn compute(
             let mut v = load(&experts[*t].model, src)?;
             v.iter_mut().zip(base.host()?).for_each(|(v, b)| *v -= b);
             v
+        }
+        Recipe::Ties(src) => {
+            let (MergeMethod::TiesMerging(o), Some(stats)) = (opts.method, ties) else {
+                bail!("internal: a TIES tensor '{src}' without TIES's statistics");
+            };
+            let taus = ties::task_vectors(pretrained, experts, src)?;
+            ties::ties_merge(&load(pretrained, src)?, taus, stats, o.merge_func, opts.scaling)
         }
         Recipe::Merged(src) => {
             let base = load(pretrained, src)?;
@@ -246,6 +267,8 @@ pub struct MergeSummary {
     pub tensors: usize,
     /// Parameters written.
     pub parameters: usize,
+    /// TIES-merging's whole-model statistics, for that method.
+    pub ties: Option<TiesStats>,
 }
 
 /// Merges into the new directory `out` (which must not exist), calling `progress(done, total)` per tensor.
@@ -259,11 +282,23 @@ pub fn merge(
 ) -> Result<MergeSummary> {
     ensure!(opts.scaling.is_finite(), "--scaling must be a finite number");
     ensure!(opts.router_layers <= 2, "--router-layers must be 0, 1 or 2");
+    if let MergeMethod::TiesMerging(o) = opts.method {
+        o.keep_fraction()?;
+    }
     if out.exists() {
         bail!("{}: already exists; choose a new --out directory", out.display());
     }
     let names = check_inputs(pretrained, experts)?;
     let plan = plan(pretrained, &names, experts.len(), opts);
+    // TIES's statistics read every tensor up to three times before the first is written.
+    let mut reads = 0;
+    let ties = match opts.method {
+        MergeMethod::TiesMerging(o) => Some(ties::ties_stats(pretrained, experts, &names, &o, &mut |done, total| {
+            reads = total;
+            progress(done, total + plan.len());
+        })?),
+        _ => None,
+    };
     let tmp = temporary_dir(out)?;
     let result = (|| -> Result<MergeSummary> {
         let config = serde_json::to_string_pretty(&output_config(pretrained, experts, opts))?;
@@ -277,19 +312,21 @@ pub fn merge(
         let mut writer = StreamingWriter::create(&tmp.join("model.safetensors"), shapes)?;
         let mut parameters = 0;
         for (i, (name, shape, recipe)) in plan.iter().enumerate() {
-            let values = compute(name, shape, recipe, pretrained, experts, opts)?;
+            let values = compute(name, shape, recipe, pretrained, experts, opts, ties.as_ref())?;
             writer.write(name, &values)?;
             parameters += values.len();
-            if let Recipe::Merged(src) | Recipe::Pretrained(src) | Recipe::TaskVector(src, _) = recipe {
+            if let Recipe::Merged(src) | Recipe::Ties(src) | Recipe::Pretrained(src) | Recipe::TaskVector(src, _) =
+                recipe
+            {
                 pretrained.store.release(src);
                 if let Recipe::TaskVector(_, t) = recipe {
                     experts[*t].model.store.release(src);
                 }
             }
-            progress(i + 1, plan.len());
+            progress(reads + i + 1, reads + plan.len());
         }
         writer.finish()?;
-        Ok(MergeSummary { tensors: plan.len(), parameters })
+        Ok(MergeSummary { tensors: plan.len(), parameters, ties: ties.clone() })
     })();
     match result {
         Ok(summary) => {
