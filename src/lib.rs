@@ -12,7 +12,7 @@
 //! - [`kernels`] and [`cuda`]: the CUDA sources, their NVRTC compilation and cache, and the executors that run
 //!   them on a GPU or in the host emulation;
 //! - [`model`]: the CLIP vision model, WEMoE layers, the projection, the classification heads;
-//! - [`merge`]: WEMoE, task arithmetic and averaging, streamed into the output file;
+//! - [`merge`]: WEMoE, task arithmetic, TIES-merging and averaging, streamed into the output file;
 //! - [`data`]: datasets and CLIP's preprocessing;
 //! - [`hub_cache`]: models and datasets named as on the Hugging Face Hub, found in its local cache;
 //! - [`eval`]: accuracy of a model over tasks;

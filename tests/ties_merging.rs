@@ -101,6 +101,24 @@ fn ties_merging_on_the_command_line() {
     assert!(ok, "{err}");
     assert!(err.contains("the top 60%") && err.contains("red ") && err.contains("blue "), "{err}");
     assert_eq!(largest_difference(&out, "ties/grid_sum_0.6.safetensors"), 0.0);
+    // config.json records how the model was made, and info says it.
+    let (ok, text, err) = engine(&["info", s(&out), "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let want = serde_json::json!({
+        "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
+        "method": "ties-merging",
+        "experts": EXPERTS,
+        "scaling": 0.3,
+        "threshold": 0.6,
+        "merge_func": "sum",
+    });
+    assert_eq!(info["merge"], want);
+    let (ok, text, err) = engine(&["info", s(&out)]);
+    assert!(ok, "{err}");
+    let line =
+        "merged      ties-merging of red, green, blue (scaling 0.3, threshold 0.6, merge_func sum) by wemoe-engine";
+    assert!(text.contains(line), "{text}");
     std::fs::remove_dir_all(&out).unwrap();
 
     for (extra, message) in [

@@ -195,6 +195,12 @@ fn task_arithmetic_and_average_merge_every_tensor() {
     for (method, dir) in [(MergeMethod::TaskArithmetic, "ta"), (MergeMethod::Average, "avg")] {
         let out = merged(method, &tmp.path().join(dir));
         assert!(out.wemoe.is_none());
+        let scaling = (method == MergeMethod::TaskArithmetic).then_some(0.3);
+        assert_eq!(
+            (&out.json["merge"]["method"], &out.json["merge"]["experts"], out.json["merge"]["scaling"].as_f64()),
+            (&serde_json::json!(method.name()), &serde_json::json!(EXPERTS), scaling),
+            "{dir}: config.json's record of the merge"
+        );
         let names: Vec<String> = pretrained.store.names().map(str::to_string).collect();
         assert_eq!(out.store.names().count(), names.len());
         for name in names {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
-use serde_json::json;
+use serde_json::{json, Value};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::Heads;
@@ -62,6 +62,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "vision_parameters": vision_params,
             "parameters": {"shared": shared_params, "experts": experts_params, "routers": router_params},
             "wemoe": wemoe,
+            "merge": dir.json.get("merge"),
             "projection": projection,
             "logit_scale": logit_scale,
             "text": text.as_ref().map(|t| json!({
@@ -105,6 +106,23 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             w.init_lambda.map_or("unknown".into(), |l| l.to_string())
         );
         say!("split       shared {shared_params}, experts {experts_params}, routers {router_params}");
+    }
+    if let Some(merge) = dir.json.get("merge").and_then(Value::as_object) {
+        // A baseline made by `merge`: its method, settings and experts, as config.json records them.
+        let field = |k: &str| merge.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+        let settings: Vec<String> = ["scaling", "threshold", "merge_func"]
+            .iter()
+            .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
+            .collect();
+        let experts: Vec<&str> =
+            merge.get("experts").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        let settings = if settings.is_empty() { String::new() } else { format!(" ({})", settings.join(", ")) };
+        say!(
+            "merged      {} of {}{settings} by {}",
+            field("method").unwrap_or_else(|| "unknown method".into()),
+            experts.join(", "),
+            field("tool").unwrap_or_else(|| "an unknown tool".into())
+        );
     }
     match &projection {
         Some(s) => say!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),

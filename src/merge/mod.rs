@@ -35,6 +35,18 @@ pub enum MergeMethod {
     Average,
 }
 
+impl MergeMethod {
+    /// The name `--method` takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MergeMethod::Wemoe => "wemoe",
+            MergeMethod::TaskArithmetic => "task-arithmetic",
+            MergeMethod::TiesMerging(_) => "ties-merging",
+            MergeMethod::Average => "average",
+        }
+    }
+}
+
 /// What `merge` is asked to do.
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
@@ -257,8 +269,31 @@ fn output_config(pretrained: &ModelDir, experts: &[Expert], opts: &MergeOptions)
             init_lambda: Some(opts.scaling),
         };
         obj.insert("wemoe".into(), spec.to_json());
+    } else {
+        obj.insert("merge".into(), provenance(experts, opts));
     }
     config
+}
+
+/// How a baseline's model was made, kept in its `config.json` under `"merge"` (a WEMoE model's `"wemoe"`
+/// object says as much): the tool, the method, its settings and the experts in order.
+fn provenance(experts: &[Expert], opts: &MergeOptions) -> Value {
+    let mut merge = serde_json::json!({
+        "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
+        "method": opts.method.name(),
+        "experts": experts.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+    });
+    let obj = merge.as_object_mut().expect("an object");
+    if opts.method != MergeMethod::Average {
+        // As written on the command line (0.3, not the f32's 0.30000001192092896).
+        let scaling: f64 = opts.scaling.to_string().parse().expect("a float's display parses");
+        obj.insert("scaling".into(), scaling.into());
+    }
+    if let MergeMethod::TiesMerging(t) = opts.method {
+        obj.insert("threshold".into(), t.threshold.into());
+        obj.insert("merge_func".into(), t.merge_func.name().into());
+    }
+    merge
 }
 
 /// What a merge wrote.

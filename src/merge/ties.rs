@@ -29,6 +29,17 @@ pub enum TiesMergeFunc {
     Max,
 }
 
+impl TiesMergeFunc {
+    /// The name `--merge-func` takes (FusionBench's).
+    pub fn name(&self) -> &'static str {
+        match self {
+            TiesMergeFunc::Sum => "sum",
+            TiesMergeFunc::Mean => "mean",
+            TiesMergeFunc::Max => "max",
+        }
+    }
+}
+
 /// TIES-merging's settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TiesOptions {
