@@ -66,6 +66,26 @@ fn adaptation_lowers_the_entropy_and_changes_only_the_routers() {
         let same = a.store.get_any(name).unwrap().host().unwrap() == b.store.get_any(name).unwrap().host().unwrap();
         assert_eq!(same, !name.contains(".mlp.gate."), "{name}");
     }
+    // config.json records the run, and info says it; adapting again adds a second record.
+    let record = |steps: u64| {
+        serde_json::json!({
+            "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
+            "steps": steps, "lr": 1e-3, "batch_size": 3, "routing": "sample", "schedule": "constant", "seed": 0,
+            "tasks": ["left", "right"],
+        })
+    };
+    assert_eq!(b.json["adaptation"], serde_json::json!([record(40)]));
+    let again = tmp.path().join("again");
+    let mut args = base_args(&again, 2);
+    args[2] = s(&out).into();
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert_eq!(ModelDir::open(&again).unwrap().json["adaptation"], serde_json::json!([record(40), record(2)]));
+    let (ok, text, err) = engine(&["info", s(&again)]);
+    assert!(ok, "{err}");
+    let line = "adapted     2 steps, Adam lr 0.001 (constant), 3 images per task per step, sample routing, seed 0, \
+                on left, right by wemoe-engine";
+    assert!(text.contains(line), "{text}");
 }
 
 /// The step a checkpoint holds.

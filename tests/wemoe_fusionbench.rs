@@ -321,6 +321,10 @@ fn merge_and_info_on_the_command_line() {
         (info["wemoe"]["router_layers"].as_u64(), info["wemoe"]["router_activation"].as_str()),
         (Some(1), Some("softmax"))
     );
+    assert_eq!(
+        (&info["merge"]["method"], &info["merge"]["scaling"], &info["merge"]["seed"], &info["merge"]["experts"]),
+        (&serde_json::json!("wemoe"), &serde_json::json!(0.3), &serde_json::json!(0), &serde_json::json!(EXPERTS))
+    );
     // width 32, MLP 48, 2 layers, 3 experts: experts = 2·(1+3)·(2·32·48+48+32); depth-1 routers = 2·(3·32+3).
     let p = &info["parameters"];
     assert_eq!((p["experts"].as_u64(), p["routers"].as_u64()), (Some(2 * 4 * (2 * 32 * 48 + 80)), Some(2 * 99)));

@@ -111,8 +111,24 @@ fn load_checkpoint(path: &Path, params: &mut RouterParams, adam: &mut Adam) -> R
     Ok(state)
 }
 
-/// Writes the adapted model: every tensor of the input checkpoint, the routers replaced.
-fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path) -> Result<()> {
+/// How the routers were adapted, for the adapted model's `config.json`: the tool, the settings and the task
+/// names (not their paths, which belong to one machine).
+fn adaptation_record(tasks: &[(String, PathBuf)], o: &AdaptOptions) -> Value {
+    json!({
+        "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
+        "steps": o.steps,
+        "lr": o.lr,
+        "batch_size": o.batch_size,
+        "routing": match o.routing { Routing::Sample => "sample", Routing::Batch => "batch" },
+        "schedule": match o.schedule { Schedule::Constant => "constant", Schedule::Cosine => "cosine" },
+        "seed": o.seed,
+        "tasks": tasks.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+    })
+}
+
+/// Writes the adapted model: every tensor of the input checkpoint, the routers replaced; its `config.json`
+/// adds `record` to the list of adaptations under `"adaptation"`.
+fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value) -> Result<()> {
     let names: Vec<String> = dir.store.names().map(str::to_string).collect();
     let plan = names.iter().map(|n| (n.clone(), dir.store.shape(n).unwrap_or_default().to_vec())).collect();
     let tmp = out.join(format!(".model.safetensors.tmp-{}", std::process::id()));
@@ -132,8 +148,14 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path) -> Result<()> 
     }
     result?;
     let mut config = dir.json.clone();
-    if let (Some(obj), Some(spec)) = (config.as_object_mut(), dir.wemoe.as_ref()) {
-        obj.insert("wemoe".into(), spec.to_json());
+    if let Some(obj) = config.as_object_mut() {
+        if let Some(spec) = dir.wemoe.as_ref() {
+            obj.insert("wemoe".into(), spec.to_json());
+        }
+        // A model adapted again keeps the record of each run, oldest first.
+        let mut runs = obj.get("adaptation").and_then(Value::as_array).cloned().unwrap_or_default();
+        runs.push(record);
+        obj.insert("adaptation".into(), Value::Array(runs));
     }
     write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let preprocessor = dir.path.join("preprocessor_config.json");
@@ -265,5 +287,5 @@ pub fn adapt(
         }
         Ok(())
     })?;
-    write_model(dir, &params, out)
+    write_model(dir, &params, out, adaptation_record(tasks, opts))
 }

@@ -63,6 +63,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "parameters": {"shared": shared_params, "experts": experts_params, "routers": router_params},
             "wemoe": wemoe,
             "merge": dir.json.get("merge"),
+            "adaptation": dir.json.get("adaptation"),
             "projection": projection,
             "logit_scale": logit_scale,
             "text": text.as_ref().map(|t| json!({
@@ -108,12 +109,13 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         say!("split       shared {shared_params}, experts {experts_params}, routers {router_params}");
     }
     if let Some(merge) = dir.json.get("merge").and_then(Value::as_object) {
-        // A baseline made by `merge`: its method, settings and experts, as config.json records them.
+        // A model made by `merge`: its method, settings and experts, as config.json records them.
         let field = |k: &str| merge.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
-        let settings: Vec<String> = ["scaling", "threshold", "merge_func"]
-            .iter()
-            .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
-            .collect();
+        let settings: Vec<String> =
+            ["scaling", "threshold", "merge_func", "router_layers", "router_activation", "seed"]
+                .iter()
+                .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
+                .collect();
         let experts: Vec<&str> =
             merge.get("experts").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
         let settings = if settings.is_empty() { String::new() } else { format!(" ({})", settings.join(", ")) };
@@ -122,6 +124,24 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             field("method").unwrap_or_else(|| "unknown method".into()),
             experts.join(", "),
             field("tool").unwrap_or_else(|| "an unknown tool".into())
+        );
+    }
+    for run in dir.json.get("adaptation").and_then(Value::as_array).into_iter().flatten() {
+        // Each `adapt` run that made this model, oldest first.
+        let field =
+            |k: &str| run.get(k).map_or("?".to_string(), |v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+        let tasks: Vec<&str> =
+            run.get("tasks").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        say!(
+            "adapted     {} steps, Adam lr {} ({}), {} images per task per step, {} routing, seed {}, on {} by {}",
+            field("steps"),
+            field("lr"),
+            field("schedule"),
+            field("batch_size"),
+            field("routing"),
+            field("seed"),
+            tasks.join(", "),
+            field("tool")
         );
     }
     match &projection {

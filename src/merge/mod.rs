@@ -269,14 +269,13 @@ fn output_config(pretrained: &ModelDir, experts: &[Expert], opts: &MergeOptions)
             init_lambda: Some(opts.scaling),
         };
         obj.insert("wemoe".into(), spec.to_json());
-    } else {
-        obj.insert("merge".into(), provenance(experts, opts));
     }
+    obj.insert("merge".into(), provenance(experts, opts));
     config
 }
 
-/// How a baseline's model was made, kept in its `config.json` under `"merge"` (a WEMoE model's `"wemoe"`
-/// object says as much): the tool, the method, its settings and the experts in order.
+/// How a model was made, kept in its `config.json` under `"merge"`: the tool, the method, its settings and
+/// the experts in order.
 fn provenance(experts: &[Expert], opts: &MergeOptions) -> Value {
     let mut merge = serde_json::json!({
         "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
@@ -292,6 +291,11 @@ fn provenance(experts: &[Expert], opts: &MergeOptions) -> Value {
     if let MergeMethod::TiesMerging(t) = opts.method {
         obj.insert("threshold".into(), t.threshold.into());
         obj.insert("merge_func".into(), t.merge_func.name().into());
+    }
+    if opts.method == MergeMethod::Wemoe {
+        obj.insert("router_layers".into(), opts.router_layers.into());
+        obj.insert("router_activation".into(), opts.router_activation.name().into());
+        obj.insert("seed".into(), opts.seed.into());
     }
     merge
 }
