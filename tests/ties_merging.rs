@@ -80,6 +80,19 @@ fn every_merge_function_on_exact_values_gives_fusionbenchs_bits() {
         let diff = largest_difference(&out, &format!("ties/{file}.safetensors"));
         assert_eq!(diff, 0.0, "{file}");
     }
+    // Keeping everything (threshold 100, where FusionBench's kthvalue(0) fails) is the general path with the
+    // least magnitude as the threshold (K just below 1 leaves k = 1).
+    let all = tmp.path().join("all");
+    let summary = ties(&fixture("ties/grid"), TiesOptions { threshold: 100.0, merge_func: TiesMergeFunc::Sum }, &all);
+    assert_eq!(summary.ties.unwrap().thresholds, [0.0; 3]);
+    let least = tmp.path().join("least");
+    let summary =
+        ties(&fixture("ties/grid"), TiesOptions { threshold: 0.9999999, merge_func: TiesMergeFunc::Sum }, &least);
+    assert_eq!(summary.ties.unwrap().thresholds, [0.0; 3], "the grid's least magnitude is 0");
+    let (a, b) = (ModelDir::open(&all).unwrap(), ModelDir::open(&least).unwrap());
+    for name in a.store.names() {
+        assert_eq!(a.store.get_any(name).unwrap().host().unwrap(), b.store.get_any(name).unwrap().host().unwrap());
+    }
 }
 
 #[test]

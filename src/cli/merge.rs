@@ -40,7 +40,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
         let majority = match stats.majority_sign {
             s if s > 0.0 => "+",
             s if s < 0.0 => "-",
-            _ => "0 (a tie: the negative entries)",
+            _ => "0 (a tie, so those parameters kept their negative entries)",
         };
         eprintln!(
             "ties-merging kept the top {}% of each task vector by magnitude (at least {}); where the kept entries \

@@ -12,7 +12,7 @@
 //! over the task vectors before the merge writes anything: two find each task's k-th magnitude exactly,
 //! one counts the elected signs.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::Expert;
@@ -200,19 +200,21 @@ pub(crate) fn ties_stats(
     };
     if rank > 0 {
         let mut selects: Vec<KthMagnitude> = experts.iter().map(|_| KthMagnitude::new(rank)).collect();
-        for pass in 0..2 {
+        let mut count_pass = |selects: &mut [KthMagnitude]| -> Result<()> {
             for name in names {
                 let taus = task_vectors(pretrained, experts, name)?;
                 selects.par_iter_mut().zip(&taus).for_each(|(s, tau)| s.count(tau));
                 progress();
             }
-            for (t, s) in selects.iter_mut().enumerate() {
-                if let Some(kth) = s.end_pass()? {
-                    thresholds[t] = kth;
-                } else {
-                    debug_assert_eq!(pass, 0);
-                }
-            }
+            Ok(())
+        };
+        count_pass(&mut selects)?;
+        for s in &mut selects {
+            s.end_pass()?;
+        }
+        count_pass(&mut selects)?;
+        for (threshold, s) in thresholds.iter_mut().zip(&mut selects) {
+            *threshold = s.end_pass()?.context("the second pass ends with the k-th magnitude")?;
         }
     }
     let (mut positive, mut negative) = (0u64, 0u64);
