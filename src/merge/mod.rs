@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::checkpoint::{ModelDir, StreamingWriter};
@@ -16,6 +17,7 @@ use crate::config::VisionConfig;
 use crate::model::{gate_tensors, RouterActivation, WemoeSpec};
 use crate::output::write_atomic;
 use crate::rng::Rng;
+use crate::tensor::Tensor;
 
 mod ties;
 
@@ -230,21 +232,27 @@ fn compute(
         }
         Recipe::Merged(src) => {
             let base = load(pretrained, src)?;
-            // In FusionBench's order: the sum of the task vectors (or models), then the scaling.
-            let mut acc = vec![0.0f32; base.len()];
-            for e in experts {
-                let theta = e.model.store.get(src, shape)?;
-                match opts.method {
-                    MergeMethod::Average => acc.iter_mut().zip(theta.host()?).for_each(|(a, x)| *a += x),
-                    _ => acc.iter_mut().zip(theta.host()?).zip(&base).for_each(|((a, x), b)| *a += x - b),
+            let thetas = experts.par_iter().map(|e| e.model.store.get(src, shape)).collect::<Result<Vec<Tensor>>>()?;
+            let thetas = thetas.iter().map(Tensor::host).collect::<Result<Vec<&[f32]>>>()?;
+            // In FusionBench's order: the sum of the task vectors (or models), then the scaling. Each element
+            // adds the experts in order, so chunks of elements run in parallel with the same result.
+            const CHUNK: usize = 1 << 14;
+            let mut out = vec![0.0f32; base.len()];
+            out.par_chunks_mut(CHUNK).zip(base.par_chunks(CHUNK)).enumerate().for_each(|(c, (out, base))| {
+                let at = c * CHUNK..c * CHUNK + out.len();
+                for theta in &thetas {
+                    match opts.method {
+                        MergeMethod::Average => out.iter_mut().zip(&theta[at.clone()]).for_each(|(a, x)| *a += x),
+                        _ => out.iter_mut().zip(&theta[at.clone()]).zip(base).for_each(|((a, x), b)| *a += x - b),
+                    }
                 }
-                e.model.store.release(src);
-            }
-            match opts.method {
-                MergeMethod::Average => acc.iter_mut().for_each(|a| *a /= experts.len() as f32),
-                _ => acc.iter_mut().zip(&base).for_each(|(a, b)| *a = b + *a * opts.scaling),
-            }
-            acc
+                match opts.method {
+                    MergeMethod::Average => out.iter_mut().for_each(|a| *a /= experts.len() as f32),
+                    _ => out.iter_mut().zip(base).for_each(|(a, b)| *a = b + *a * opts.scaling),
+                }
+            });
+            experts.iter().for_each(|e| e.model.store.release(src));
+            out
         }
         Recipe::Gate(GateInit::Constant(v)) => vec![*v; shape.iter().product()],
         Recipe::Gate(GateInit::Normal) => {
