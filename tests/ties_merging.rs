@@ -29,9 +29,9 @@ fn ties(dir: &Path, ties: TiesOptions, out: &Path) -> MergeSummary {
 }
 
 /// The largest difference, relative to 1 + |FusionBench's value|, over every tensor of FusionBench's merge
-/// `expected` (a state dict, read under HF's prefixed names), after checking that the merged model has
-/// exactly its tensors.
-fn largest_difference(out: &Path, expected: &str) -> f64 {
+/// `expected` (a state dict, read under HF's prefixed names), and the count of elements whose bits differ
+/// (0.0 against −0.0 included), after checking that the merged model has exactly its tensors.
+fn differences(out: &Path, expected: &str) -> (f64, usize) {
     let ours = ModelDir::open(out).unwrap();
     let want = TensorStore::open_file(&fixture(expected)).unwrap();
     let mut names: Vec<&str> = ours.store.names().collect();
@@ -39,16 +39,17 @@ fn largest_difference(out: &Path, expected: &str) -> f64 {
     let mut want_names: Vec<String> = want.names().map(str::to_string).collect();
     want_names.sort();
     assert_eq!(names, want_names, "{expected}: tensor names");
-    let mut largest = 0.0f64;
+    let (mut largest, mut bits) = (0.0f64, 0);
     for name in names {
         let got = ours.store.get_any(name).unwrap().host().unwrap().to_vec();
         let w = want.get_any(name).unwrap().host().unwrap().to_vec();
         assert_eq!(got.len(), w.len(), "{name}");
         for (g, w) in got.iter().zip(&w) {
             largest = largest.max((*g as f64 - *w as f64).abs() / (1.0 + (*w as f64).abs()));
+            bits += usize::from(g.to_bits() != w.to_bits());
         }
     }
-    largest
+    (largest, bits)
 }
 
 #[test]
@@ -59,12 +60,13 @@ fn default_settings_merge_as_fusionbench_does() {
     let stats = summary.ties.expect("TIES statistics");
     assert_eq!(stats.keep, 0.2);
     assert!(stats.thresholds.iter().all(|t| *t > 0.0), "{:?}", stats.thresholds);
-    let diff = largest_difference(&out, "ties/expected_default.safetensors");
-    println!("largest difference from FusionBench's merge: {diff:.3e}");
+    let (diff, bits) = differences(&out, "ties/expected_default.safetensors");
+    println!("largest difference from FusionBench's merge: {diff:.3e}; elements of other bits: {bits}");
     assert!(diff <= MERGE_TOL, "{diff:e}");
 }
 
-/// On the grid every sum is exact, so the merge must give FusionBench's bits: the trim keeps every magnitude
+/// On the grid every sum is exact, so the merge must give FusionBench's bits, the sign of a zero included
+/// (the grid's pretrained weights hold −0.0): the trim keeps every magnitude
 /// equal to the threshold, a cancelling parameter takes the majority sign, each function combines as it does.
 #[test]
 fn every_merge_function_on_exact_values_gives_fusionbenchs_bits() {
@@ -77,8 +79,7 @@ fn every_merge_function_on_exact_values_gives_fusionbenchs_bits() {
     ] {
         let out = tmp.path().join(file);
         ties(&fixture("ties/grid"), TiesOptions { threshold, merge_func }, &out);
-        let diff = largest_difference(&out, &format!("ties/{file}.safetensors"));
-        assert_eq!(diff, 0.0, "{file}");
+        assert_eq!(differences(&out, &format!("ties/{file}.safetensors")), (0.0, 0), "{file}");
     }
     // Keeping everything (threshold 100, where FusionBench's kthvalue(0) fails) is the general path with the
     // least magnitude as the threshold (K just below 1 leaves k = 1).
@@ -113,7 +114,7 @@ fn ties_merging_on_the_command_line() {
     let (ok, _, err) = run(&["--method", "ties-merging", "--threshold", "0.6", "--merge-func", "sum"]);
     assert!(ok, "{err}");
     assert!(err.contains("the top 60%") && err.contains("red ") && err.contains("blue "), "{err}");
-    assert_eq!(largest_difference(&out, "ties/grid_sum_0.6.safetensors"), 0.0);
+    assert_eq!(differences(&out, "ties/grid_sum_0.6.safetensors"), (0.0, 0));
     // config.json records how the model was made, and info says it.
     let (ok, text, err) = engine(&["info", s(&out), "--json"]);
     assert!(ok, "{err}");

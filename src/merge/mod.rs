@@ -5,6 +5,30 @@
 //! WEMoE (REFERENCE.md section 2): every parameter outside the MLPs is merged by task arithmetic,
 //! `θ0 + λ·Σ_t (θ_t − θ0)`; every layer's MLP becomes `base_model` (the pretrained MLP), `task_vectors.{t}`
 //! (`θ_t − θ0` of its four tensors) and a freshly initialised `gate`, in FusionBench's state-dict layout.
+//!
+//! ```no_run
+//! use wemoe_engine::checkpoint::ModelDir;
+//! use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions, TiesOptions};
+//! use wemoe_engine::model::RouterActivation;
+//!
+//! let pretrained = ModelDir::open("clip-vit-base-patch32".as_ref())?;
+//! let experts = ["mnist", "dtd"]
+//!     .iter()
+//!     .map(|t| Ok(Expert { name: t.to_string(), model: ModelDir::open(format!("clip-vit-base-patch32_{t}").as_ref())? }))
+//!     .collect::<anyhow::Result<Vec<_>>>()?;
+//! let options = MergeOptions {
+//!     method: MergeMethod::TiesMerging(TiesOptions::default()), // or Wemoe, TaskArithmetic, Average
+//!     scaling: 0.3,
+//!     router_layers: 2,
+//!     router_activation: RouterActivation::Identity,
+//!     seed: 0,
+//! };
+//! let summary = merge(&pretrained, &experts, &options, "ties-b32".as_ref(), &mut |done, total| {
+//!     eprint!("\r{done}/{total}");
+//! })?;
+//! println!("{} parameters written", summary.parameters);
+//! # anyhow::Ok(())
+//! ```
 
 use std::path::{Path, PathBuf};
 

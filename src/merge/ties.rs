@@ -164,7 +164,7 @@ fn trim(taus: &mut [Vec<f32>], thresholds: &[f32]) {
 
 /// The sign of the sum of parameter `p`'s trimmed entries, summed in expert order: 1, −1 or 0.
 fn column_sign(trimmed: &[Vec<f32>], p: usize) -> f32 {
-    let sum: f32 = trimmed.iter().map(|t| t[p]).sum();
+    let sum = trimmed.iter().fold(0.0f32, |a, t| a + t[p]);
     if sum > 0.0 {
         1.0
     } else if sum < 0.0 {
@@ -257,7 +257,8 @@ pub(crate) fn ties_merge(
         let agrees = |v: f32| if sign > 0.0 { v > 0.0 } else { v < 0.0 };
         let kept = taus.iter().map(|t| t[p]).filter(|&v| agrees(v));
         let merged = match merge_func {
-            TiesMergeFunc::Sum => kept.sum::<f32>(),
+            // From +0.0 as torch's sums start (Rust's `sum` starts from −0.0, which an empty sum keeps).
+            TiesMergeFunc::Sum => kept.fold(0.0f32, |a, v| a + v),
             TiesMergeFunc::Mean => {
                 let (sum, count) = kept.fold((0.0f32, 0u32), |(s, c), v| (s + v, c + 1));
                 sum / count.max(1) as f32
