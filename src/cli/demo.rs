@@ -1,7 +1,7 @@
 //! `wemoe-engine demo`: the whole job on the bundled suite. Evaluates the pretrained model, each expert on its
-//! own task, weight averaging, task arithmetic, TIES-merging, WEMoE before adaptation, WEMoE with every task routed to its own expert (the
-//! ceiling of routing) and WEMoE after test-time adaptation, with the adaptation's curve; prints a table shaped
-//! like the paper's Table 2 and optionally writes it as JSON.
+//! own task, weight averaging, task arithmetic, TIES-merging, WEMoE before adaptation, WEMoE with every task
+//! routed to its own expert (the ceiling of routing) and WEMoE after test-time adaptation, with the
+//! adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes it as JSON.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -157,7 +157,8 @@ enum Command {
         /// How to merge.
         #[arg(long, value_enum, default_value = "wemoe")]
         method: Method,
-        /// λ: the task-vector scaling of shared parameters and the routers' initial bias.
+        /// λ: the task vectors' scaling (task arithmetic, TIES-merging, WEMoE's shared parameters) and the
+        /// WEMoE routers' initial bias.
         #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
         scaling: f32,
         /// TIES-merging: the share of each task vector's entries kept by magnitude, a percentage above 1, else
