@@ -157,10 +157,13 @@ pub(crate) fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str
 
 /// Zeroes the entries of each task vector below its threshold (FusionBench's `topk_values_mask`).
 fn trim(taus: &mut [Vec<f32>], thresholds: &[f32]) {
-    for (tau, &threshold) in taus.iter_mut().zip(thresholds) {
+    taus.par_iter_mut().zip(thresholds).for_each(|(tau, &threshold)| {
         tau.iter_mut().filter(|v| v.abs() < threshold).for_each(|v| *v = 0.0);
-    }
+    });
 }
+
+/// Parameters per parallel chunk of the per-parameter passes.
+const CHUNK: usize = 1 << 14;
 
 /// The sign of the sum of parameter `p`'s trimmed entries, summed in expert order: 1, −1 or 0.
 fn column_sign(trimmed: &[Vec<f32>], p: usize) -> f32 {
@@ -221,13 +224,17 @@ pub(crate) fn ties_stats(
     for name in names {
         let mut taus = task_vectors(pretrained, experts, name)?;
         trim(&mut taus, &thresholds);
-        for p in 0..taus[0].len() {
-            match column_sign(&taus, p) {
-                s if s > 0.0 => positive += 1,
-                s if s < 0.0 => negative += 1,
-                _ => {}
-            }
-        }
+        let n = taus[0].len();
+        let (pos, neg) = (0..n.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                (c * CHUNK..n.min((c + 1) * CHUNK)).fold((0u64, 0u64), |(pos, neg), p| {
+                    let s = column_sign(&taus, p);
+                    (pos + u64::from(s > 0.0), neg + u64::from(s < 0.0))
+                })
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        (positive, negative) = (positive + pos, negative + neg);
         progress();
     }
     let majority_sign = match positive.cmp(&negative) {
@@ -248,26 +255,40 @@ pub(crate) fn ties_merge(
 ) -> Vec<f32> {
     trim(&mut taus, &stats.thresholds);
     let mut out = base.to_vec();
-    for (p, out) in out.iter_mut().enumerate() {
-        let mut sign = column_sign(&taus, p);
-        if sign == 0.0 {
-            sign = stats.majority_sign;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        for (i, out) in chunk.iter_mut().enumerate() {
+            merge_parameter(&taus, c * CHUNK + i, out, stats, merge_func, scaling);
         }
-        // FusionBench's where(sign > 0, v > 0, v < 0): a sign still 0 keeps the negative entries.
-        let agrees = |v: f32| if sign > 0.0 { v > 0.0 } else { v < 0.0 };
-        let kept = taus.iter().map(|t| t[p]).filter(|&v| agrees(v));
-        let merged = match merge_func {
-            // From +0.0 as torch's sums start (Rust's `sum` starts from −0.0, which an empty sum keeps).
-            TiesMergeFunc::Sum => kept.fold(0.0f32, |a, v| a + v),
-            TiesMergeFunc::Mean => {
-                let (sum, count) = kept.fold((0.0f32, 0u32), |(s, c), v| (s + v, c + 1));
-                sum / count.max(1) as f32
-            }
-            TiesMergeFunc::Max => kept.map(f32::abs).fold(0.0f32, f32::max) * sign,
-        };
-        *out += scaling * merged;
-    }
+    });
     out
+}
+
+/// `out += λ·merged` for parameter `p`.
+fn merge_parameter(
+    taus: &[Vec<f32>],
+    p: usize,
+    out: &mut f32,
+    stats: &TiesStats,
+    merge_func: TiesMergeFunc,
+    scaling: f32,
+) {
+    let mut sign = column_sign(taus, p);
+    if sign == 0.0 {
+        sign = stats.majority_sign;
+    }
+    // FusionBench's where(sign > 0, v > 0, v < 0): a sign still 0 keeps the negative entries.
+    let agrees = |v: f32| if sign > 0.0 { v > 0.0 } else { v < 0.0 };
+    let kept = taus.iter().map(|t| t[p]).filter(|&v| agrees(v));
+    let merged = match merge_func {
+        // From +0.0 as torch's sums start (Rust's `sum` starts from −0.0, which an empty sum keeps).
+        TiesMergeFunc::Sum => kept.fold(0.0f32, |a, v| a + v),
+        TiesMergeFunc::Mean => {
+            let (sum, count) = kept.fold((0.0f32, 0u32), |(s, c), v| (s + v, c + 1));
+            sum / count.max(1) as f32
+        }
+        TiesMergeFunc::Max => kept.map(f32::abs).fold(0.0f32, f32::max) * sign,
+    };
+    *out += scaling * merged;
 }
 
 #[cfg(test)]
