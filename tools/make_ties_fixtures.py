@@ -11,7 +11,7 @@ Deterministic from the seeds below; the tests never need Python.
 - grid/pretrained, grid/{red,green,blue}: a smaller CLIPVisionModel whose weights are multiples of 2^-10 and
   whose task vectors are small multiples of 2^-10, so that the arithmetic is exact and TIES's edge cases are
   common: many magnitudes equal to the k-th smallest (all of them kept), parameters whose trimmed entries cancel
-  exactly (the majority sign decides), parameters with every entry trimmed.
+  exactly (the majority sign decides), parameters with every entry trimmed, pretrained weights of -0.0.
 - grid_{sum_20,mean_20,max_20,sum_0.6}.safetensors: FusionBench's merges of the grid models for each merge
   function at threshold 20 (a percentage), and for sum at 0.6 (a fraction, as FusionBench reads values up to 1).
 """
@@ -60,8 +60,8 @@ def grid_models():
 
 
 def edge_cases(base, experts, threshold):
-    """How often the k-th magnitude repeats and how often trimmed entries cancel exactly, as a check that the
-    grid exercises them."""
+    """How often the k-th magnitude repeats, how often trimmed entries cancel exactly and how many pretrained
+    weights are -0.0 (where an empty sum's sign shows), as a check that the grid exercises them."""
     ptm = torch.cat([p.reshape(-1) for _, p in sorted(base.state_dict().items())])
     taus = torch.stack([torch.cat([p.reshape(-1) for _, p in sorted(e.state_dict().items())]) - ptm for e in experts])
     d = taus.shape[1]
@@ -70,7 +70,8 @@ def edge_cases(base, experts, threshold):
     trimmed = taus * (taus.abs() >= kth)
     cancel = ((trimmed.sum(0) == 0) & (trimmed != 0).any(0)).sum().item()
     ties_at_kth = (taus.abs() == kth).sum().item()
-    return ties_at_kth, cancel
+    negative_zeros = ((ptm == 0) & torch.signbit(ptm)).sum().item()
+    return ties_at_kth, cancel, negative_zeros
 
 
 def main():
@@ -86,9 +87,11 @@ def main():
     base.save_pretrained(os.path.join(ROOT, "grid", "pretrained"))
     for name, e in zip(EXPERTS, grid):
         e.save_pretrained(os.path.join(ROOT, "grid", name))
-    ties_at_kth, cancel = edge_cases(base, grid, 20)
-    print(f"grid at threshold 20: {ties_at_kth} magnitudes equal to the k-th, {cancel} parameters cancelling")
-    assert ties_at_kth > len(EXPERTS) and cancel > 0, "the grid no longer exercises TIES's edge cases"
+    ties_at_kth, cancel, negative_zeros = edge_cases(base, grid, 20)
+    print(f"grid at threshold 20: {ties_at_kth} magnitudes equal to the k-th, {cancel} parameters cancelling, "
+          f"{negative_zeros} pretrained weights of -0.0")
+    assert ties_at_kth > len(EXPERTS) and cancel > 0 and negative_zeros > 0, \
+        "the grid no longer exercises TIES's edge cases"
     for threshold, func in ((20, "sum"), (20, "mean"), (20, "max"), (0.6, "sum")):
         save_file(ties(base, grid, threshold, func), os.path.join(ROOT, f"grid_{func}_{threshold}.safetensors"))
     total = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(ROOT) for n in ns)

@@ -165,12 +165,15 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
     if !quiet {
         let scale =
             logit_scale.map_or("none (eval uses ln 100)".to_string(), |s| format!("{s:.4} (exp {:.2})", s.exp()));
+        let projection = if dir.has_projection() {
+            format!("[{}, {}]", v.projection_dim, v.hidden_size)
+        } else {
+            "none (eval takes the model's)".to_string()
+        };
         eprintln!(
-            "wrote {}: {} heads, projection [{}, {}], logit_scale {scale}",
+            "wrote {}: {} heads, projection {projection}, logit_scale {scale}",
             args.out.display(),
-            args.tasks.len(),
-            v.projection_dim,
-            v.hidden_size
+            args.tasks.len()
         );
     }
     Ok(())

@@ -110,7 +110,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     }
     if let Some(merge) = dir.json.get("merge").and_then(Value::as_object) {
         // A model made by `merge`: its method, settings and experts, as config.json records them.
-        let field = |k: &str| merge.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+        let field = |k: &str| merge.get(k).map(shown);
         let settings: Vec<String> =
             ["scaling", "threshold", "merge_func", "router_layers", "router_activation", "seed"]
                 .iter()
@@ -128,8 +128,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     }
     for run in dir.json.get("adaptation").and_then(Value::as_array).into_iter().flatten() {
         // Each `adapt` run that made this model, oldest first.
-        let field =
-            |k: &str| run.get(k).map_or("?".to_string(), |v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+        let field = |k: &str| run.get(k).map_or("?".to_string(), shown);
         let tasks: Vec<&str> =
             run.get("tasks").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
         say!(
@@ -172,6 +171,11 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     say!("files       {} ({})", files.join(", "), dtypes.join(", "));
     Ok(())
+}
+
+/// A config.json value as `info` prints it: a string without its quotes, anything else as JSON.
+fn shown(value: &Value) -> String {
+    value.as_str().map_or_else(|| value.to_string(), str::to_string)
 }
 
 /// A heads file: each task's class count, width and class names (when its metadata names them), the

@@ -251,8 +251,8 @@ fn compute(
             let (MergeMethod::TiesMerging(o), Some(stats)) = (opts.method, ties) else {
                 bail!("internal: a TIES tensor '{src}' without TIES's statistics");
             };
-            let taus = ties::task_vectors(pretrained, experts, src)?;
-            ties::ties_merge(&load(pretrained, src)?, taus, stats, o.merge_func, opts.scaling)
+            let (theta0, taus) = ties::task_vectors(pretrained, experts, src)?;
+            ties::ties_merge(theta0.host()?, taus, stats, o.merge_func, opts.scaling)
         }
         Recipe::Merged(src) => {
             let base = load(pretrained, src)?;

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::Expert;
 use crate::checkpoint::ModelDir;
+use crate::tensor::Tensor;
 
 /// How the entries that agree with the elected sign are combined (FusionBench's `merge_func`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,11 +138,11 @@ impl KthMagnitude {
     }
 }
 
-/// Every expert's task vector of tensor `name`, `θ_t − θ0` in f32.
-pub(crate) fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<Vec<Vec<f32>>> {
+/// The pretrained tensor `name`, `θ0`, and every expert's task vector of it, `θ_t − θ0` in f32.
+pub(crate) fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<(Tensor, Vec<Vec<f32>>)> {
     let shape = pretrained.store.shape(name).unwrap_or_default().to_vec();
-    let base = pretrained.store.get(name, &shape)?;
-    let base = base.host()?;
+    let theta0 = pretrained.store.get(name, &shape)?;
+    let base = theta0.host()?;
     let taus = experts
         .par_iter()
         .map(|e| {
@@ -150,9 +151,9 @@ pub(crate) fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str
             e.model.store.release(name);
             Ok(tau)
         })
-        .collect::<Result<Vec<Vec<f32>>>>();
+        .collect::<Result<Vec<Vec<f32>>>>()?;
     pretrained.store.release(name);
-    taus
+    Ok((theta0, taus))
 }
 
 /// Zeroes the entries of each task vector below its threshold (FusionBench's `topk_values_mask`).
@@ -205,7 +206,7 @@ pub(crate) fn ties_stats(
         let mut selects: Vec<KthMagnitude> = experts.iter().map(|_| KthMagnitude::new(rank)).collect();
         let mut count_pass = |selects: &mut [KthMagnitude]| -> Result<()> {
             for name in names {
-                let taus = task_vectors(pretrained, experts, name)?;
+                let (_, taus) = task_vectors(pretrained, experts, name)?;
                 selects.par_iter_mut().zip(&taus).for_each(|(s, tau)| s.count(tau));
                 progress();
             }
@@ -222,7 +223,7 @@ pub(crate) fn ties_stats(
     }
     let (mut positive, mut negative) = (0u64, 0u64);
     for name in names {
-        let mut taus = task_vectors(pretrained, experts, name)?;
+        let (_, mut taus) = task_vectors(pretrained, experts, name)?;
         trim(&mut taus, &thresholds);
         let n = taus[0].len();
         let (pos, neg) = (0..n.div_ceil(CHUNK))
