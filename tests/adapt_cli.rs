@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::*;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
@@ -105,15 +104,7 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     let killed = tmp.path().join("killed");
     let mut args = base_args(&killed, steps);
     args.extend(["--checkpoint-every".to_string(), "7".to_string(), "--routing".to_string(), "sample".to_string()]);
-    let mut child = engine_command().args(&args).spawn().unwrap();
-    let start = Instant::now();
-    while checkpoint_step(&killed).is_none_or(|s| s < 14) {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let at = checkpoint_step(&killed).unwrap();
+    let at = kill_after_checkpoint(&args, || checkpoint_step(&killed), 14);
     assert!(at < steps, "the run finished before it could be killed (checkpoint at {at})");
     assert!(!killed.join("model.safetensors").exists());
     args.push("--resume".into());

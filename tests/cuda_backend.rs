@@ -13,6 +13,7 @@ use wemoe_engine::autograd::entropy_loss_and_router_gradients;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::cuda::{GpuExecutor, HostExecutor};
 use wemoe_engine::device::{Backend, CudaBackend, Device, Precision, WemoeKernels};
+use wemoe_engine::merge::{AdaMerging, Expert};
 use wemoe_engine::model::{Heads, ImageEncoder, Routing, StreamedEncoder};
 use wemoe_engine::tensor::Tensor;
 
@@ -119,6 +120,32 @@ fn router_gradients_match_torch(be: &dyn Backend) {
             assert!(e <= 1e-4, "{mode} {name}: gradient off by {e:.2e} relative");
         }
     }
+}
+
+/// Layer-wise AdaMerging's gradient with respect to every coefficient, which needs every parameter's gradient
+/// (linear weights through the backend's weight-gradient product, LayerNorm and embedding parameters through
+/// the backend's default host reductions): as FusionBench's `LayerWiseMergedModel` gives it.
+fn adamerging_gradients_match_fusionbench(be: &dyn Backend) {
+    let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
+    let experts: Vec<Expert> = ["red", "green", "blue"]
+        .iter()
+        .map(|n| Expert { name: n.to_string(), model: ModelDir::open(&fixture(&format!("wemoe/{n}"))).unwrap() })
+        .collect();
+    let run = AdaMerging::new(&pretrained, &experts).unwrap();
+    let model = run.model(be, &run.initial(0.3)).unwrap();
+    let heads = Heads::open(be, &fixture("adapt/heads.safetensors")).unwrap();
+    let mut tasks = adapt_tasks(&heads);
+    for t in &mut tasks {
+        t.pixels = be.upload(std::mem::replace(&mut t.pixels, Tensor::zeros(&[0]))).unwrap();
+    }
+    let (loss, grads) = run.loss_and_gradient(be, &model, &heads, &tasks).unwrap();
+    let (_, want_loss) = reference("adamerging/expected.safetensors", "loss");
+    assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} vs {}", want_loss[0]);
+    let (_, want) = reference("adamerging/expected.safetensors", "grad");
+    let got: Vec<f32> =
+        (0..experts.len()).flat_map(|t| run.names().iter().map(move |n| (n, t))).map(|(n, t)| grads[n][t]).collect();
+    let e = rel_err(&got, &want);
+    assert!(e <= 1e-4, "coefficient gradients off by {e:.2e} relative");
 }
 
 /// `--precision tf32|bf16`: the forward's linear layers on tensor cores (emulated here): close to the f32
@@ -309,4 +336,5 @@ on_both!(
     wemoe_models_match_fusionbench_in_both_routing_modes,
     router_gradients_match_torch,
     adaptation_matches_the_cpu_backend,
+    adamerging_gradients_match_fusionbench,
 );

@@ -29,6 +29,7 @@ fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
         "weight-averaging",
         "task-arithmetic",
         "ties-merging",
+        "adamerging",
         "wemoe-unadapted",
         "wemoe",
         "wemoe-oracle",
@@ -61,6 +62,8 @@ fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
     assert!((oracle - individual).abs() < 0.05, "oracle {oracle}, individual {individual}");
     // The merged and adapted models were kept in --work; the curve starts at the unadapted model.
     assert!(work.join("wemoe-adapted").join("model.safetensors").exists());
+    assert!(work.join("adamerging").join("model.safetensors").exists());
+    assert_eq!(report["adamerging"]["steps"], 4);
     let curve = report["adaptation"]["curve"].as_array().unwrap();
     let steps: Vec<u64> = curve.iter().map(|p| p["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [0, 2, 4]);

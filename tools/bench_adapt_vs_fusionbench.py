@@ -45,21 +45,24 @@ def make_heads():
     return path
 
 
+def prepare():
+    """The B/32 checkpoints and heads (made if missing) and the engine, built: (heads path, engine path)."""
+    make_checkpoints(8)
+    heads = make_heads()
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    return heads, os.path.join(ROOT, "target", "release", "wemoe-engine")
+
+
 def fusionbench_step_seconds(args):
     """Child process: FusionBench's model, loss and Adam; prints JSON {seconds, peak_mib, images_per_task}."""
     import copy
-    import importlib.util
     import torch
     import torch.nn.functional as F
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel
-    import fusion_bench
     from fusion_bench.models.we_moe import WeightEnsemblingMoE
-    path = os.path.join(os.path.dirname(fusion_bench.__file__), "method", "we_moe", "entropy_loss.py")
-    spec = importlib.util.spec_from_file_location("fusionbench_entropy_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    entropy_loss = module.entropy_loss
+    import fusionbench_losses
+    entropy_loss = fusionbench_losses.entropy_loss("we_moe")
 
     base = CLIPVisionModel.from_pretrained(os.path.join(OUT, "pretrained")).eval()
     experts = [CLIPVisionModel.from_pretrained(os.path.join(OUT, f"e{t}")).eval() for t in range(8)]
@@ -117,10 +120,7 @@ def main():
     args = ap.parse_args()
     if args.child:
         return fusionbench_step_seconds(args)
-    make_checkpoints(8)
-    heads = make_heads()
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    engine = os.path.join(ROOT, "target", "release", "wemoe-engine")
+    heads, engine = prepare()
     moe = os.path.join(OUT, "wemoe")
     assert os.path.exists(moe), "run tools/bench_wemoe_vs_fusionbench.py first: it merges tools/out/b32/wemoe"
     pixels = os.path.join(OUT, "pixels64.safetensors")

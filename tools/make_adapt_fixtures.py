@@ -22,22 +22,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fusionbench_losses  # noqa: E402
 from make_wemoe_fixtures import EXPERTS, construct_moe_model  # noqa: E402
 
 
-def _fusionbench_entropy_loss():
-    """FusionBench's entropy_loss, loaded from its own file: importing fusion_bench.method pulls in its whole
-    dependency list (datasets, ...), which this script does not need."""
-    import importlib.util
-    import fusion_bench
-    path = os.path.join(os.path.dirname(fusion_bench.__file__), "method", "we_moe", "entropy_loss.py")
-    spec = importlib.util.spec_from_file_location("fusionbench_entropy_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.entropy_loss
-
-
-entropy_loss = _fusionbench_entropy_loss()
+entropy_loss = fusionbench_losses.entropy_loss("we_moe")
 
 WEMOE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "wemoe")
 ROOT = os.path.join(os.path.dirname(WEMOE), "adapt")

@@ -75,12 +75,46 @@ fn fingerprint(model: &Path, heads: &Path, tasks: &[(String, PathBuf)], o: &Adap
     f
 }
 
+/// An error unless a step's loss and gradients are finite, saying whether `checkpoint` keeps the last good state.
+pub(crate) fn finite(loss: f64, grads: &BTreeMap<String, Vec<f32>>, step: u64, checkpoint: &Path) -> Result<()> {
+    if loss.is_finite() && grads.values().flatten().all(|g| g.is_finite()) {
+        return Ok(());
+    }
+    let kept = if checkpoint.exists() {
+        format!("the last good checkpoint is kept in {}", checkpoint.display())
+    } else {
+        "no checkpoint was written yet".into()
+    };
+    bail!("the loss turned non-finite at step {step} ({loss}); {kept}")
+}
+
+/// An error naming the first argument that differs, unless a checkpoint's arguments `saved` are `now`'s.
+pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> Result<()> {
+    if saved == now {
+        return Ok(());
+    }
+    let differs = now
+        .as_object()
+        .and_then(|p| p.iter().find(|(k, v)| saved.get(k.as_str()) != Some(v)).map(|(k, v)| (k.clone(), v.clone())));
+    let (key, value) = differs.unwrap_or_default();
+    bail!(
+        "--resume: {} was made with other arguments ({key}: {} there, {value} now); resume with the same ones",
+        checkpoint.display(),
+        saved.get(&key).cloned().unwrap_or(Value::Null)
+    )
+}
+
+/// What a checkpoint holds besides the trained tensors and Adam's moments (also AdaMerging's).
 #[derive(Serialize, Deserialize)]
-struct CheckpointState {
-    step: u64,
-    adam_step: u64,
-    fingerprint: Value,
-    samplers: Vec<TaskSampler>,
+pub(crate) struct CheckpointState {
+    /// Steps done.
+    pub step: u64,
+    /// Adam's step count.
+    pub adam_step: u64,
+    /// The arguments a resumed run must share.
+    pub fingerprint: Value,
+    /// The task streams, as they were after the step's draw.
+    pub samplers: Vec<TaskSampler>,
 }
 
 fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, adam: &Adam) -> Result<()> {
@@ -201,19 +235,7 @@ pub fn adapt(
     let checkpoint = out.join(CHECKPOINT);
     let (mut step, mut samplers) = if resume && checkpoint.exists() {
         let state = load_checkpoint(&checkpoint, &mut params, &mut adam)?;
-        if state.fingerprint != print {
-            let differs = print.as_object().and_then(|p| {
-                p.iter()
-                    .find(|(k, v)| state.fingerprint.get(k.as_str()) != Some(v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-            });
-            let (key, now) = differs.unwrap_or_default();
-            bail!(
-                "--resume: {} was made with other arguments ({key}: {} there, {now} now); resume with the same ones",
-                checkpoint.display(),
-                state.fingerprint.get(&key).cloned().unwrap_or(Value::Null)
-            );
-        }
+        same_arguments(&checkpoint, &state.fingerprint, &print)?;
         params.apply(be, &mut model)?;
         (state.step, state.samplers)
     } else {
@@ -223,9 +245,7 @@ pub fn adapt(
         let samplers = data
             .iter()
             .enumerate()
-            .map(|(i, d)| {
-                TaskSampler::new(d.len(), opts.batch_size, opts.seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64))
-            })
+            .map(|(i, d)| TaskSampler::for_task(d.len(), opts.batch_size, opts.seed, i))
             .collect();
         (0, samplers)
     };
@@ -265,17 +285,7 @@ pub fn adapt(
             };
             let grads: BTreeMap<String, Vec<f32>> =
                 grads.into_iter().map(|(n, g)| Ok((n, be.to_host(&g)?))).collect::<Result<_>>()?;
-            if !loss.is_finite() || grads.values().flatten().any(|g| !g.is_finite()) {
-                bail!(
-                    "the loss turned non-finite at step {} ({loss}); {}",
-                    step + 1,
-                    if checkpoint.exists() {
-                        format!("the last good checkpoint is kept in {}", checkpoint.display())
-                    } else {
-                        "no checkpoint was written yet".into()
-                    }
-                );
-            }
+            finite(loss, &grads, step + 1, &checkpoint)?;
             adam.update(&mut params.values, &grads, lr)?;
             params.apply(be, &mut model)?;
             step += 1;

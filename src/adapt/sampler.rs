@@ -28,6 +28,11 @@ impl TaskSampler {
         s
     }
 
+    /// Task `index`'s sampler of a run seeded by `seed`: each task its own stream.
+    pub fn for_task(len: usize, batch: usize, seed: u64, index: usize) -> Self {
+        Self::new(len, batch, seed.wrapping_mul(0x9E37_79B9).wrapping_add(index as u64))
+    }
+
     fn reshuffle(&mut self) {
         let mut rng = Rng::new(self.rng);
         self.order = (0..self.len).collect();

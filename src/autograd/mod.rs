@@ -1,5 +1,6 @@
 //! Reverse-mode automatic differentiation for test-time adaptation: a tape of backward steps recorded by
-//! the forward (dfdx's design), gradients kept only for router parameters.
+//! the forward (dfdx's design), gradients kept only for the parameters that train: the WEMoE routers, or
+//! for AdaMerging every parameter of a plain model.
 
 mod ops;
 mod tape;
@@ -7,4 +8,4 @@ mod vit;
 
 pub use ops::Tracked;
 pub use tape::{Gradients, Tape, Var};
-pub use vit::{entropy_loss_and_router_gradients, TaskBatch};
+pub use vit::{entropy_loss_and_gradients, entropy_loss_and_router_gradients, TaskBatch, Trainable};

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::tape::{Tape, Var};
 use crate::device::{Activation, Backend, ExpertLinear, LinearWeight};
-use crate::model::{LayerNorm, Linear};
+use crate::model::{Embeddings, LayerNorm, Linear};
 use crate::tensor::Tensor;
 
 /// A value and, when it depends on a parameter, its place on the tape.
@@ -40,6 +40,56 @@ pub fn layer_norm<'a>(be: &dyn Backend, tape: &mut Tape<'a>, x: &Tracked, ln: &'
     tape.record(Box::new(move |be, g| {
         if let Some(dy) = g.take(out) {
             g.add(be, xv, be.layer_norm_backward(&saved, &ln.weight, ln.eps, &dy)?)?;
+        }
+        Ok(())
+    }));
+    Ok(Tracked { value, var: Some(out) })
+}
+
+/// A LayerNorm with trainable affine parameters: their gradients go to `{name}.weight` and `{name}.bias`, and
+/// the input's to the input.
+pub fn layer_norm_param<'a>(
+    be: &dyn Backend,
+    tape: &mut Tape<'a>,
+    x: &Tracked,
+    ln: &'a LayerNorm,
+    name: String,
+) -> Result<Tracked> {
+    let value = ln.forward(be, &x.value)?;
+    let out = tape.var();
+    let (saved, xv) = (save(be, x)?, x.var);
+    tape.record(Box::new(move |be, g| {
+        if let Some(dy) = g.take(out) {
+            let (dw, db) = be.layer_norm_backward_params(&saved, ln.eps, &dy)?;
+            g.add_param(be, &format!("{name}.weight"), dw)?;
+            g.add_param(be, &format!("{name}.bias"), db)?;
+            if let Some(xv) = xv {
+                g.add(be, xv, be.layer_norm_backward(&saved, &ln.weight, ln.eps, &dy)?)?;
+            }
+        }
+        Ok(())
+    }));
+    Ok(Tracked { value, var: Some(out) })
+}
+
+/// CLIP's embeddings of `pixels` with trainable parameters: their gradients go to `{prefix}.class_embedding`,
+/// `{prefix}.patch_embedding.weight` and `{prefix}.position_embedding.weight`.
+pub fn patch_embed_param<'a>(
+    be: &dyn Backend,
+    tape: &mut Tape<'a>,
+    pixels: &Tensor,
+    e: &'a Embeddings,
+    prefix: String,
+) -> Result<Tracked> {
+    let value = be.patch_embed(pixels, &e.patch_embedding, &e.class_embedding, &e.position_embedding)?;
+    let out = tape.var();
+    let saved = be.copy(pixels)?;
+    tape.record(Box::new(move |be, g| {
+        if let Some(dy) = g.take(out) {
+            let (dw, dc, dp) = be.patch_embed_backward(&saved, e.patch_embedding.shape(), &dy)?;
+            g.add_param(be, &format!("{prefix}.patch_embedding.weight"), dw)?;
+            g.add_param(be, &format!("{prefix}.class_embedding"), dc)?;
+            g.add_param(be, &format!("{prefix}.position_embedding.weight"), dp)?;
         }
         Ok(())
     }));

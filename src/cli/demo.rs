@@ -1,7 +1,7 @@
 //! `wemoe-engine demo`: the whole job on the bundled suite. Evaluates the pretrained model, each expert on its
-//! own task, weight averaging, task arithmetic, TIES-merging, WEMoE before adaptation, WEMoE with every task
-//! routed to its own expert (the ceiling of routing) and WEMoE after test-time adaptation, with the
-//! adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes it as JSON.
+//! own task, weight averaging, task arithmetic, TIES-merging, layer-wise AdaMerging, WEMoE before adaptation,
+//! WEMoE with every task routed to its own expert (the ceiling of routing) and WEMoE after test-time
+//! adaptation, with the adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes it as JSON.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,7 +14,7 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
-use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions, TiesOptions};
+use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
 use wemoe_engine::output::write_atomic;
 use wemoe_engine::suite::Suite;
@@ -187,6 +187,45 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         rows.push(Row { method: name.into(), accuracy: opened.evaluate(&model, &dir.path, &all, plain, quiet)? });
     }
 
+    // Layer-wise AdaMerging at FusionBench's settings but for the step count, which is the demo's.
+    let adamerging_options = AdaMergingOptions {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        checkpoint_every: args.steps,
+        ..Default::default()
+    };
+    info(
+        quiet,
+        format!(
+            "layer-wise AdaMerging: {} steps, Adam lr {}, {} images per task per step",
+            adamerging_options.steps, adamerging_options.lr, adamerging_options.batch_size
+        ),
+    );
+    let adamerging_start = Instant::now();
+    let bar = steps_bar(args.steps, quiet);
+    bar.set_prefix("adamerging");
+    let adamerged = work.path.join("adamerging");
+    adamerging(
+        opened.be.as_ref(),
+        &pretrained_dir,
+        &experts,
+        &opened.heads,
+        &names,
+        &opened.data,
+        &adamerging_options,
+        &adamerged,
+        false,
+        &mut |s| {
+            bar.set_position(s.step);
+            bar.set_message(format!("{:.4}", s.loss));
+        },
+    )?;
+    bar.finish_and_clear();
+    let adamerging_seconds = adamerging_start.elapsed().as_secs_f64();
+    let dir = ModelDir::open(&adamerged)?;
+    let model = ImageEncoder::load(opened.be.as_ref(), &dir)?;
+    rows.push(Row { method: "adamerging".into(), accuracy: opened.evaluate(&model, &dir.path, &all, plain, quiet)? });
+
     info(quiet, format!("WEMoE (routers of depth {}), before adaptation", args.router_layers));
     let wemoe = merged(MergeMethod::Wemoe, args.router_activation, "wemoe")?;
     let mut model = ImageEncoder::load(opened.be.as_ref(), &wemoe)?;
@@ -274,7 +313,11 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     say!("");
-    say!("{:.0} s in all ({adapt_seconds:.0} s adapting), on {}", seconds, opened.be.describe());
+    say!(
+        "{:.0} s in all ({adamerging_seconds:.0} s AdaMerging, {adapt_seconds:.0} s adapting), on {}",
+        seconds,
+        opened.be.describe()
+    );
 
     if let Some(path) = &args.json {
         let mut methods = Map::new();
@@ -293,6 +336,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
                 "steps": args.steps, "lr": args.lr, "schedule": schedule_name(args.schedule),
                 "routing": routing_name(args.routing), "batch_size": args.batch_size,
                 "router_layers": args.router_layers, "seconds": adapt_seconds, "curve": curve,
+            },
+            "adamerging": {
+                "steps": adamerging_options.steps, "lr": adamerging_options.lr,
+                "batch_size": adamerging_options.batch_size, "seconds": adamerging_seconds,
             },
             "seconds": seconds,
             "device": opened.be.describe(),

@@ -111,14 +111,28 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     if let Some(merge) = dir.json.get("merge").and_then(Value::as_object) {
         // A model made by `merge`: its method, settings and experts, as config.json records them.
         let field = |k: &str| merge.get(k).map(shown);
-        let settings: Vec<String> =
-            ["scaling", "threshold", "merge_func", "router_layers", "router_activation", "seed"]
-                .iter()
-                .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
-                .collect();
+        let settings: Vec<String> = [
+            "scaling",
+            "threshold",
+            "merge_func",
+            "router_layers",
+            "router_activation",
+            "steps",
+            "lr",
+            "batch_size",
+            "seed",
+        ]
+        .iter()
+        .filter_map(|k| field(k).map(|v| format!("{k} {v}")))
+        .collect();
         let experts: Vec<&str> =
             merge.get("experts").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-        let settings = if settings.is_empty() { String::new() } else { format!(" ({})", settings.join(", ")) };
+        let mut settings = if settings.is_empty() { String::new() } else { format!(" ({})", settings.join(", ")) };
+        if let Some(tasks) = merge.get("tasks").and_then(Value::as_array) {
+            // AdaMerging's unlabeled tasks.
+            let tasks: Vec<String> = tasks.iter().map(shown).collect();
+            settings.push_str(&format!(" on {}", tasks.join(", ")));
+        }
         say!(
             "merged      {} of {}{settings} by {}",
             field("method").unwrap_or_else(|| "unknown method".into()),

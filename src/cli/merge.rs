@@ -1,17 +1,35 @@
-//! `wemoe-engine merge`: WEMoE, task arithmetic, TIES-merging or averaging of fine-tuned CLIP models.
+//! `wemoe-engine merge`: WEMoE, task arithmetic, TIES-merging, averaging or AdaMerging of fine-tuned CLIP
+//! models.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::checkpoint::ModelDir;
-use wemoe_engine::merge::{merge, Expert, MergeOptions};
+use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::device::{self, DeviceChoice};
+use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeOptions, COEFFICIENTS_FILE};
+use wemoe_engine::model::Heads;
+
+/// What to do with the models.
+pub enum Job {
+    /// A merge from the weights alone.
+    DataFree(MergeOptions),
+    /// Layer-wise AdaMerging on unlabeled task data.
+    AdaMerging {
+        heads: PathBuf,
+        tasks: Vec<(String, PathBuf)>,
+        options: AdaMergingOptions,
+        device: DeviceChoice,
+        resume: bool,
+    },
+}
 
 pub struct Args {
     pub pretrained: PathBuf,
     pub experts: Vec<(String, PathBuf)>,
     pub out: PathBuf,
-    pub options: MergeOptions,
+    pub job: Job,
 }
 
 pub fn run(args: &Args, quiet: bool) -> Result<()> {
@@ -21,6 +39,13 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
         .iter()
         .map(|(name, path)| Ok(Expert { name: name.clone(), model: ModelDir::open(path)? }))
         .collect::<Result<Vec<_>>>()?;
+    let options = match &args.job {
+        Job::DataFree(options) => options,
+        Job::AdaMerging { heads, tasks, options, device, resume } => {
+            let inputs = AdaMergingInputs { heads, tasks, options, device: *device, resume: *resume };
+            return run_adamerging(&pretrained, &experts, &inputs, &args.out, quiet);
+        }
+    };
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(None, target);
     bar.set_style(
@@ -29,7 +54,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_prefix("merge");
-    let summary = merge(&pretrained, &experts, &args.options, &args.out, &mut |done, total| {
+    let summary = merge(&pretrained, &experts, options, &args.out, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -53,6 +78,80 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
         eprintln!(
             "wrote {} ({} tensors, {} parameters, {} experts)",
             args.out.display(),
+            summary.tensors,
+            summary.parameters,
+            experts.len()
+        );
+    }
+    Ok(())
+}
+
+/// What `--method adamerging` adds to a merge's arguments.
+struct AdaMergingInputs<'a> {
+    heads: &'a std::path::Path,
+    tasks: &'a [(String, PathBuf)],
+    options: &'a AdaMergingOptions,
+    device: DeviceChoice,
+    resume: bool,
+}
+
+/// Layer-wise AdaMerging: the inputs checked and opened, the coefficients trained with a progress bar, the
+/// model written.
+fn run_adamerging(
+    pretrained: &ModelDir,
+    experts: &[Expert],
+    inputs: &AdaMergingInputs,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<()> {
+    let AdaMergingInputs { heads, tasks, options, device, resume } = *inputs;
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, _) in tasks {
+        ensure!(seen.insert(name), "--task '{name}' is given twice");
+    }
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), heads)?;
+    let preprocess = Preprocess::for_model(&pretrained.path, pretrained.config.image_size)?;
+    let mut data = Vec::new();
+    for (name, path) in tasks {
+        heads.head(name)?;
+        let mut d = Dataset::open(path, &preprocess, pretrained.config.image_size)?;
+        // Shuffled batches: a parquet dataset's images in memory rather than a file reopened per image.
+        d.hold_in_memory()?;
+        data.push(d);
+    }
+    let names: Vec<String> = tasks.iter().map(|(n, _)| n.clone()).collect();
+    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(options.steps), target);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("adamerging");
+    let mut last = f64::NAN;
+    let summary =
+        adamerging(be.as_ref(), pretrained, experts, &heads, &names, &data, options, out, resume, &mut |s| {
+            bar.set_position(s.step);
+            bar.set_message(format!("{:.4}", s.loss));
+            last = s.loss;
+        })?;
+    bar.finish_and_clear();
+    if !quiet {
+        let all: Vec<f32> = summary.coefficients.values.values().flatten().copied().collect();
+        let (lo, hi) = all.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        let mean = all.iter().map(|&v| v as f64).sum::<f64>() / all.len().max(1) as f64;
+        eprintln!(
+            "adamerging trained {} coefficients ({} experts × {} tensors) in {} steps: last loss {last:.4}, \
+             coefficients {lo:.4} to {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
+            all.len(),
+            experts.len(),
+            summary.coefficients.names.len(),
+            options.steps,
+        );
+        eprintln!(
+            "wrote {} ({} tensors, {} parameters, {} experts)",
+            out.display(),
             summary.tensors,
             summary.parameters,
             experts.len()

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wemoe_engine::adapt::{AdaptOptions, Schedule};
 use wemoe_engine::checkpoint::ModelDir;
@@ -11,7 +11,7 @@ use wemoe_engine::device::Backend;
 use wemoe_engine::device::{self, DeviceChoice, DeviceRequest, Precision};
 use wemoe_engine::eval::Batching;
 use wemoe_engine::hub_cache::{HubCache, Located};
-use wemoe_engine::merge::{MergeMethod, MergeOptions, TiesMergeFunc, TiesOptions};
+use wemoe_engine::merge::{AdaMergingOptions, MergeMethod, MergeOptions, TiesMergeFunc, TiesOptions};
 use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
 use wemoe_engine::suite::Suite;
@@ -76,6 +76,10 @@ enum Method {
     TiesMerging,
     /// The mean of the experts.
     Average,
+    /// Layer-wise AdaMerging: θ0 + Σ_t λ[t, p]·τ_t per parameter tensor p, the coefficients trained by Adam on
+    /// the entropy of unlabeled test batches (FusionBench's CLIPLayerWiseAdaMergingAlgorithm); needs --heads
+    /// and --task.
+    Adamerging,
 }
 
 /// `--merge-func` of TIES-merging.
@@ -174,9 +178,30 @@ enum Command {
         /// WEMoE router activation before the token mean.
         #[arg(long, value_enum, default_value = "identity")]
         router_activation: RouterAct,
-        /// Seed of the routers' initialisation.
+        /// Seed of the routers' initialisation (WEMoE) or of the tasks' shuffled streams (AdaMerging).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// AdaMerging: the heads file (safetensors with head.<TASK>).
+        #[arg(long)]
+        heads: Option<PathBuf>,
+        /// AdaMerging: a task and its unlabeled data, NAME=DATA (DATA as adapt's --task); repeat for each.
+        #[arg(long = "task", value_name = "NAME=DATA")]
+        tasks: Vec<String>,
+        /// AdaMerging: Adam steps [default: 1000].
+        #[arg(long)]
+        steps: Option<u64>,
+        /// AdaMerging: Adam's learning rate [default: 1e-3].
+        #[arg(long, allow_negative_numbers = true)]
+        lr: Option<f64>,
+        /// AdaMerging: images per task per step [default: 16].
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// AdaMerging: steps between checkpoints in --out [default: 100].
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// AdaMerging: continue from the checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
     },
     /// Write pooled outputs and image embeddings of a dataset to safetensors.
     Embed {
@@ -486,41 +511,83 @@ pub fn run(cli: Cli) -> Result<()> {
             router_layers,
             router_activation,
             seed,
+            heads,
+            tasks,
+            steps,
+            lr,
+            batch_size,
+            checkpoint_every,
+            resume,
         } => {
             if method != Method::TiesMerging && (threshold.is_some() || merge_func.is_some()) {
                 let flag = if threshold.is_some() { "--threshold" } else { "--merge-func" };
                 bail!("{flag} applies to --method ties-merging only");
+            }
+            let adaptive = [
+                ("--heads", heads.is_some()),
+                ("--task", !tasks.is_empty()),
+                ("--steps", steps.is_some()),
+                ("--lr", lr.is_some()),
+                ("--batch-size", batch_size.is_some()),
+                ("--checkpoint-every", checkpoint_every.is_some()),
+                ("--resume", resume),
+            ];
+            if method != Method::Adamerging {
+                if let Some((flag, _)) = adaptive.iter().find(|(_, given)| *given) {
+                    bail!("{flag} applies to --method adamerging only");
+                }
             }
             let pretrained = names.model(pretrained)?;
             let experts = experts
                 .iter()
                 .map(|e| parse_named("expert", e).and_then(|(n, p)| Ok((n, names.model(p)?))))
                 .collect::<Result<Vec<_>>>()?;
-            names.say(quiet);
-            let options = MergeOptions {
-                method: match method {
-                    Method::Wemoe => MergeMethod::Wemoe,
-                    Method::TaskArithmetic => MergeMethod::TaskArithmetic,
-                    Method::TiesMerging => {
-                        let defaults = TiesOptions::default();
-                        MergeMethod::TiesMerging(TiesOptions {
-                            threshold: threshold.unwrap_or(defaults.threshold),
-                            merge_func: match merge_func {
-                                None => defaults.merge_func,
-                                Some(TiesFunc::Sum) => TiesMergeFunc::Sum,
-                                Some(TiesFunc::Mean) => TiesMergeFunc::Mean,
-                                Some(TiesFunc::Max) => TiesMergeFunc::Max,
-                            },
-                        })
-                    }
-                    Method::Average => MergeMethod::Average,
-                },
-                scaling,
-                router_layers: router_layers as usize,
-                router_activation: router_activation.into(),
-                seed,
+            let data_free = |method| {
+                merge::Job::DataFree(MergeOptions {
+                    method,
+                    scaling,
+                    router_layers: router_layers as usize,
+                    router_activation: router_activation.into(),
+                    seed,
+                })
             };
-            merge::run(&merge::Args { pretrained, experts, out, options }, quiet)
+            let job = match method {
+                Method::Wemoe => data_free(MergeMethod::Wemoe),
+                Method::TaskArithmetic => data_free(MergeMethod::TaskArithmetic),
+                Method::Average => data_free(MergeMethod::Average),
+                Method::TiesMerging => {
+                    let defaults = TiesOptions::default();
+                    data_free(MergeMethod::TiesMerging(TiesOptions {
+                        threshold: threshold.unwrap_or(defaults.threshold),
+                        merge_func: match merge_func {
+                            None => defaults.merge_func,
+                            Some(TiesFunc::Sum) => TiesMergeFunc::Sum,
+                            Some(TiesFunc::Mean) => TiesMergeFunc::Mean,
+                            Some(TiesFunc::Max) => TiesMergeFunc::Max,
+                        },
+                    }))
+                }
+                Method::Adamerging => {
+                    let heads = heads.context("--method adamerging needs --heads (the tasks' zero-shot heads)")?;
+                    ensure!(!tasks.is_empty(), "--method adamerging needs at least one --task NAME=DATA (unlabeled)");
+                    let tasks = tasks
+                        .iter()
+                        .map(|t| parse_named("task", t).and_then(|(n, p)| Ok((n, names.data(p)?))))
+                        .collect::<Result<Vec<_>>>()?;
+                    let defaults = AdaMergingOptions::default();
+                    let options = AdaMergingOptions {
+                        init: scaling,
+                        steps: steps.unwrap_or(defaults.steps),
+                        lr: lr.unwrap_or(defaults.lr),
+                        batch_size: batch_size.unwrap_or(defaults.batch_size),
+                        seed,
+                        checkpoint_every: checkpoint_every.unwrap_or(defaults.checkpoint_every),
+                    };
+                    merge::Job::AdaMerging { heads, tasks, options, device, resume }
+                }
+            };
+            names.say(quiet);
+            merge::run(&merge::Args { pretrained, experts, out, job }, quiet)
         }
         Command::Adapt { inputs, out, steps, lr, batch_size, routing, schedule, seed, checkpoint_every, resume } => {
             let ((model, tasks), heads) = (inputs.located(&mut names)?, inputs.heads);

@@ -286,6 +286,53 @@ pub trait Backend: Send + Sync {
     /// Backward of [`layer_norm`](Backend::layer_norm) with respect to its input (frozen affine parameters).
     fn layer_norm_backward(&self, x: &Tensor, weight: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor>;
 
+    /// Backward of [`layer_norm`](Backend::layer_norm) with respect to its affine parameters:
+    /// `(d weight, d bias)`, each `[D]`. By default computed on the host from downloaded operands: it is a
+    /// reduction over rows, small beside the products around it.
+    fn layer_norm_backward_params(&self, x: &Tensor, eps: f32, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        anyhow::ensure!(
+            x.shape() == dy.shape(),
+            "layer_norm_backward_params: input {:?} and gradient {:?} differ",
+            x.shape(),
+            dy.shape()
+        );
+        let (_, width) = rows_and_width(x);
+        let (dw, db) =
+            crate::ops::layer_norm::layer_norm_backward_params(&self.to_host(x)?, width, eps, &self.to_host(dy)?);
+        Ok((self.upload(Tensor::from_vec(&[width], dw)?)?, self.upload(Tensor::from_vec(&[width], db)?)?))
+    }
+
+    /// Backward of [`patch_embed`](Backend::patch_embed) with respect to its parameters, from the tokens'
+    /// gradient `[B, N, D]`: `(d weight [D, C, P, P], d class_embedding [D], d position_embedding [N, D])`. By
+    /// default on the host, as [`layer_norm_backward_params`](Backend::layer_norm_backward_params).
+    fn patch_embed_backward(
+        &self,
+        pixels: &Tensor,
+        weight_shape: &[usize],
+        d_tokens: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (ps, ds) = (pixels.shape(), d_tokens.shape());
+        anyhow::ensure!(
+            ps.len() == 4 && weight_shape.len() == 4 && ds.len() == 3 && ds[0] == ps[0] && ds[2] == weight_shape[0],
+            "patch_embed_backward: pixels {ps:?}, weight {weight_shape:?} and gradient {ds:?} do not fit"
+        );
+        let g = crate::ops::patch_embed::PatchGeometry {
+            batch: ps[0],
+            channels: ps[1],
+            image: ps[2],
+            patch: weight_shape[2],
+            width: weight_shape[0],
+        };
+        anyhow::ensure!(ds[1] == g.tokens(), "patch_embed_backward: {} tokens, the images make {}", ds[1], g.tokens());
+        let (dw, dc, dp) =
+            crate::ops::patch_embed::patch_embed_backward(&self.to_host(pixels)?, &self.to_host(d_tokens)?, g)?;
+        Ok((
+            self.upload(Tensor::from_vec(weight_shape, dw)?)?,
+            self.upload(Tensor::from_vec(&[g.width], dc)?)?,
+            self.upload(Tensor::from_vec(&[g.tokens(), g.width], dp)?)?,
+        ))
+    }
+
     /// Backward of [`activation`](Backend::activation) from the pre-activation `z`.
     fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor>;
 

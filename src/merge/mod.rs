@@ -43,8 +43,13 @@ use crate::output::write_atomic;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+mod adamerging;
 mod ties;
 
+pub use adamerging::{
+    adamerging, parameter_order, read_coefficients, AdaMerging, AdaMergingOptions, AdaMergingStep, AdaMergingSummary,
+    Coefficients, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+};
 pub use ties::{TiesMergeFunc, TiesOptions, TiesStats};
 
 /// How the experts are combined.

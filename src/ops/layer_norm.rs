@@ -54,6 +54,26 @@ pub fn layer_norm_backward(x: &[f32], width: usize, weight: &[f32], eps: f32, dy
     dx
 }
 
+/// Backward of [`layer_norm`] with respect to its affine parameters: `(Σ_rows dy∘x̂, Σ_rows dy)`, summed over
+/// rows in order in f64. Panics unless `x` and `dy` are the same whole rows of `width`.
+pub fn layer_norm_backward_params(x: &[f32], width: usize, eps: f32, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        dy.len() == x.len() && x.len().is_multiple_of(width),
+        "layer_norm_backward_params: {} inputs and {} gradients do not make rows of {width}",
+        x.len(),
+        dy.len()
+    );
+    let (mut dw, mut db) = (vec![0.0f64; width], vec![0.0f64; width]);
+    for (row, g) in x.chunks_exact(width).zip(dy.chunks_exact(width)) {
+        let (mean, inv) = statistics(row, eps);
+        for (((dw, db), &v), &g) in dw.iter_mut().zip(db.iter_mut()).zip(row).zip(g) {
+            *dw += g as f64 * ((v as f64 - mean) * inv);
+            *db += g as f64;
+        }
+    }
+    (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
+}
+
 /// A row's mean and `1/sqrt(var + eps)`, in f64.
 fn statistics(row: &[f32], eps: f32) -> (f64, f64) {
     let n = row.len() as f64;
@@ -132,5 +152,28 @@ mod tests {
             let dx = layer_norm_backward(&x, width, &w, 1e-5, &g);
             assert_gradient(&format!("dx, width {width}"), &dx, &numeric_gradient(&loss, &f64s(&x)), 1e-5);
         }
+    }
+
+    #[test]
+    fn parameter_gradients_match_finite_differences() {
+        let (rows, width) = (5, 13);
+        let (x, w, b, g) = (values(rows * width, 5), values(width, 6), values(width, 7), values(rows * width, 8));
+        // Σ g∘layer_norm(x; w, b) in f64, as a function of (w, b) laid end to end.
+        let exact = |p: &[f64]| -> f64 {
+            x.chunks(width)
+                .zip(g.chunks(width))
+                .map(|(row, g)| {
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+                    let inv = 1.0 / (var + 1e-5).sqrt();
+                    (0..width).map(|i| g[i] as f64 * ((row[i] as f64 - mean) * inv * p[i] + p[width + i])).sum::<f64>()
+                })
+                .sum()
+        };
+        let at: Vec<f64> = f64s(&w).into_iter().chain(f64s(&b)).collect();
+        let numeric = numeric_gradient(&exact, &at);
+        let (dw, db) = layer_norm_backward_params(&x, width, 1e-5, &g);
+        assert_gradient("d weight", &dw, &numeric[..width], 1e-6);
+        assert_gradient("d bias", &db, &numeric[width..], 1e-6);
     }
 }

@@ -1,0 +1,537 @@
+//! Layer-wise AdaMerging (Yang et al., ICLR 2024), as FusionBench's `CLIPLayerWiseAdaMergingAlgorithm`
+//! computes it: one coefficient per expert and per parameter tensor of the vision tower, the model
+//! `θ_p = θ0_p + Σ_t λ[t, p]·τ_t,p`, and the coefficients trained by Adam on the summed entropy of unlabeled
+//! test batches, one per task per step, as WEMoE's routers are.
+//!
+//! The gradient of the loss with respect to `λ[t, p]` is `⟨τ_t,p, ∂L/∂θ_p⟩`: the tape gives `∂L/∂θ_p` for
+//! every parameter ([`Trainable::Everything`]), and the task vectors are read from the experts' memory maps to
+//! contract with it, so they are never held. Each step merges the model anew from the maps, as FusionBench's
+//! `merge_weights` does after each optimiser step.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use super::{check_inputs, Expert};
+use crate::adapt::{finite, same_arguments, Adam, CheckpointState, TaskSampler};
+use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
+use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
+use crate::config::VisionConfig;
+use crate::data::Dataset;
+use crate::device::Backend;
+use crate::model::{ClipVision, Heads, ImageEncoder, Routing, WeightSource};
+use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
+use crate::tensor::Tensor;
+
+/// What layer-wise AdaMerging is asked to do (FusionBench's `adamerging/clip.yaml` defaults).
+#[derive(Clone, Debug)]
+pub struct AdaMergingOptions {
+    /// Every coefficient's initial value (`init_values`, 0.3).
+    pub init: f32,
+    /// Adam steps (`max_steps`, 1000).
+    pub steps: u64,
+    /// Adam's learning rate (1e-3; betas 0.9, 0.999, ε 1e-8 as torch's defaults).
+    pub lr: f64,
+    /// Images per task per step (16).
+    pub batch_size: usize,
+    /// Seed of the task streams.
+    pub seed: u64,
+    /// Steps between checkpoints in the output directory.
+    pub checkpoint_every: u64,
+}
+
+impl Default for AdaMergingOptions {
+    fn default() -> Self {
+        AdaMergingOptions { init: 0.3, steps: 1000, lr: 1e-3, batch_size: 16, seed: 0, checkpoint_every: 100 }
+    }
+}
+
+/// The file beside the merged model that holds the trained coefficients.
+pub const COEFFICIENTS_FILE: &str = "adamerging_weights.safetensors";
+
+/// The checkpoint file inside the output directory.
+pub const ADAMERGING_CHECKPOINT: &str = "adamerging-checkpoint.safetensors";
+
+/// The vision tower's parameter tensors in the order of `named_parameters()` of HF's `CLIPVisionModel`: the
+/// columns of FusionBench's `merge_weight` `[T, P]`.
+pub fn parameter_order(config: &VisionConfig) -> Vec<String> {
+    let mut names: Vec<String> =
+        ["embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight"]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+    let affine = |prefix: &str| [format!("{prefix}.weight"), format!("{prefix}.bias")];
+    names.extend(affine("pre_layrnorm"));
+    for l in 0..config.num_hidden_layers {
+        let at = |n: &str| format!("encoder.layers.{l}.{n}");
+        for module in ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "layer_norm1"]
+        {
+            names.extend(affine(&at(module)));
+        }
+        for module in ["mlp.fc1", "mlp.fc2", "layer_norm2"] {
+            names.extend(affine(&at(module)));
+        }
+    }
+    names.extend(affine("post_layernorm"));
+    names.into_iter().map(|n| format!("vision_model.{n}")).collect()
+}
+
+/// The coefficients `λ[t, p]`: per parameter tensor, one per expert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Coefficients {
+    /// The parameter tensors, in [`parameter_order`].
+    pub names: Vec<String>,
+    /// Per parameter tensor, its coefficient for each expert in order.
+    pub values: BTreeMap<String, Vec<f32>>,
+}
+
+impl Coefficients {
+    /// Every coefficient `init`.
+    pub fn constant(names: Vec<String>, experts: usize, init: f32) -> Self {
+        let values = names.iter().map(|n| (n.clone(), vec![init; experts])).collect();
+        Coefficients { names, values }
+    }
+
+    /// FusionBench's `merge_weight` layout: `[T, P]`, row-major.
+    pub fn to_matrix(&self, experts: usize) -> Vec<f32> {
+        (0..experts).flat_map(|t| self.names.iter().map(move |n| self.values[n][t])).collect()
+    }
+}
+
+/// The pretrained model, the experts and the derived parameter order: what every step reads.
+pub struct AdaMerging<'a> {
+    pretrained: &'a ModelDir,
+    experts: &'a [Expert],
+    names: Vec<String>,
+}
+
+/// The pretrained tensor `name` and every expert's task vector of it, `θ_t − θ0` in f32, their pages of the
+/// maps dropped after (as every merge does). Keeping them mapped across steps left a B/32 step's time as it was
+/// (16.4 s against 16.3–16.6) and took the peak from 2.1 to 4.8 GB (BENCHMARKS.md).
+fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<(Tensor, Vec<Vec<f32>>)> {
+    super::ties::task_vectors(pretrained, experts, name)
+}
+
+/// Elements per parallel chunk of a merge or a contraction.
+const CHUNK: usize = 1 << 14;
+
+/// `θ0 + Σ_t τ_t·λ_t`, adding the experts in order, each product rounded before its sum as torch's
+/// `state_dict[name] + param * w` is.
+fn merge_tensor(theta0: &[f32], taus: &[Vec<f32>], lambdas: &[f32]) -> Vec<f32> {
+    let mut out = theta0.to_vec();
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let at = c * CHUNK..c * CHUNK + out.len();
+        for (tau, &lambda) in taus.iter().zip(lambdas) {
+            out.iter_mut().zip(&tau[at.clone()]).for_each(|(o, &v)| *o += v * lambda);
+        }
+    });
+    out
+}
+
+/// The model's tensors merged at some coefficients, as a [`WeightSource`] for the model's loader, which takes
+/// each tensor once: it is handed over, not copied.
+struct MergedWeights(Mutex<BTreeMap<String, Tensor>>);
+
+impl WeightSource for MergedWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut tensors = self.0.lock().map_err(|_| anyhow!("the merged tensors' lock is poisoned"))?;
+        let t = tensors.remove(name).with_context(|| format!("the merged model has no tensor '{name}'"))?;
+        ensure!(t.shape() == shape, "merged tensor '{name}' has shape {:?}, expected {shape:?}", t.shape());
+        Ok(t)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.lock().map(|t| t.contains_key(name)).unwrap_or(false)
+    }
+}
+
+impl<'a> AdaMerging<'a> {
+    /// Checks that the experts fit the pretrained model (as every merge does) and that it has every
+    /// parameter tensor of a CLIP vision tower.
+    pub fn new(pretrained: &'a ModelDir, experts: &'a [Expert]) -> Result<Self> {
+        check_inputs(pretrained, experts)?;
+        let names = parameter_order(&pretrained.config);
+        for name in &names {
+            ensure!(pretrained.store.contains(name), "{}: missing tensor '{name}'", pretrained.path.display());
+        }
+        Ok(AdaMerging { pretrained, experts, names })
+    }
+
+    /// The parameter tensors, in FusionBench's order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Every coefficient `init`.
+    pub fn initial(&self, init: f32) -> Coefficients {
+        Coefficients::constant(self.names.clone(), self.experts.len(), init)
+    }
+
+    /// One merged parameter tensor.
+    fn merged(&self, name: &str, coefficients: &Coefficients) -> Result<Vec<f32>> {
+        let (theta0, taus) = task_vectors(self.pretrained, self.experts, name)?;
+        Ok(merge_tensor(theta0.host()?, &taus, &coefficients.values[name]))
+    }
+
+    /// The vision tower merged at `coefficients`, on `be`, with the pretrained model's projection and
+    /// `logit_scale` (which the merge leaves as they are).
+    pub fn model(&self, be: &dyn Backend, coefficients: &Coefficients) -> Result<ImageEncoder> {
+        let mut tensors = BTreeMap::new();
+        for name in &self.names {
+            let shape = self.pretrained.store.shape(name).unwrap_or_default().to_vec();
+            tensors.insert(name.clone(), Tensor::from_vec(&shape, self.merged(name, coefficients)?)?);
+        }
+        let mut encoder = ImageEncoder::load_without_layers(be, self.pretrained)?;
+        encoder.vision = ClipVision::load(be, &MergedWeights(Mutex::new(tensors)), &self.pretrained.config, None)?;
+        Ok(encoder)
+    }
+
+    /// The loss of `model` (merged at some coefficients) on `batches`, the sum over tasks of the batch-mean
+    /// entropy, and its gradient with respect to every coefficient: `⟨τ_t,p, ∂L/∂θ_p⟩`, summed in f64.
+    pub fn loss_and_gradient(
+        &self,
+        be: &dyn Backend,
+        model: &ImageEncoder,
+        heads: &Heads,
+        batches: &[TaskBatch],
+    ) -> Result<(f64, BTreeMap<String, Vec<f32>>)> {
+        let classifier = heads.classifier(model, &self.pretrained.path)?;
+        let (loss, grads) =
+            entropy_loss_and_gradients(be, model, &classifier, batches, Routing::Batch, Trainable::Everything)?;
+        let mut out = BTreeMap::new();
+        for name in &self.names {
+            let g = match grads.get(name) {
+                Some(g) => be.to_host(g)?,
+                None => bail!("internal: no gradient reached '{name}'"),
+            };
+            let (_, taus) = task_vectors(self.pretrained, self.experts, name)?;
+            let dots = taus
+                .par_iter()
+                .map(|tau| {
+                    tau.par_chunks(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .map(|(t, g)| t.iter().zip(g).map(|(&t, &g)| t as f64 * g as f64).sum::<f64>())
+                        .collect::<Vec<f64>>()
+                        .into_iter()
+                        .fold(0.0, |a, b| a + b) as f32
+                })
+                .collect();
+            out.insert(name.clone(), dots);
+        }
+        Ok((loss, out))
+    }
+}
+
+/// One step's report, for progress.
+pub struct AdaMergingStep {
+    /// Steps done (1-based).
+    pub step: u64,
+    /// Steps in all.
+    pub steps: u64,
+    /// The step's loss, at the coefficients before the step.
+    pub loss: f64,
+}
+
+/// What an AdaMerging run wrote.
+pub struct AdaMergingSummary {
+    /// Tensors written to the model.
+    pub tensors: usize,
+    /// Parameters written.
+    pub parameters: usize,
+    /// The trained coefficients.
+    pub coefficients: Coefficients,
+}
+
+/// The arguments a resumed run must share with its checkpoint's. The step count may grow: the rate is
+/// constant.
+fn fingerprint(run: &AdaMerging, heads: &Heads, tasks: &[String], data: &[Dataset], o: &AdaMergingOptions) -> Value {
+    let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, e.model.path.display().to_string()])).collect();
+    let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, d.origin().display().to_string()])).collect();
+    json!({
+        "pretrained": run.pretrained.path.display().to_string(), "experts": experts,
+        "heads": heads.path().display().to_string(), "tasks": tasks,
+        "init": o.init, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed,
+    })
+}
+
+/// `values` by name as one `[T, P]` matrix in `names`' order (zeros for a name without values).
+fn matrix(names: &[String], experts: usize, values: impl Fn(&str) -> Option<Vec<f32>>) -> Vec<f32> {
+    let columns: Vec<Vec<f32>> = names.iter().map(|n| values(n).unwrap_or_else(|| vec![0.0; experts])).collect();
+    (0..experts).flat_map(|t| columns.iter().map(move |c| c[t])).collect()
+}
+
+fn save_checkpoint(path: &Path, state: &CheckpointState, c: &Coefficients, adam: &Adam, experts: usize) -> Result<()> {
+    let shape = vec![experts, c.names.len()];
+    let moment = |which: usize| {
+        matrix(&c.names, experts, |n| adam.moments.get(n).map(|(m, v)| if which == 0 { m.clone() } else { v.clone() }))
+    };
+    let tensors = [
+        NamedTensor { name: "coefficients".into(), shape: shape.clone(), values: c.to_matrix(experts) },
+        NamedTensor { name: "adam.m".into(), shape: shape.clone(), values: moment(0) },
+        NamedTensor { name: "adam.v".into(), shape, values: moment(1) },
+    ];
+    let meta = BTreeMap::from([("state".to_string(), serde_json::to_string(state)?)]);
+    write_safetensors_with_metadata(path, &tensors, meta)
+}
+
+fn load_checkpoint(path: &Path, c: &mut Coefficients, adam: &mut Adam, experts: usize) -> Result<CheckpointState> {
+    let file = SafetensorsFile::open(path)?;
+    let state: CheckpointState =
+        serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
+            .with_context(|| format!("{}: unreadable state", path.display()))?;
+    let read = |key: &str| -> Result<Vec<f32>> {
+        let values = file.f32(key)?.host()?.to_vec();
+        ensure!(values.len() == experts * c.names.len(), "{}: '{key}' does not fit the models", path.display());
+        Ok(values)
+    };
+    let (values, m, v) = (read("coefficients")?, read("adam.m")?, read("adam.v")?);
+    let p = c.names.len();
+    let column = |all: &[f32], i: usize| (0..experts).map(|t| all[t * p + i]).collect::<Vec<f32>>();
+    for (i, name) in c.names.iter().enumerate() {
+        c.values.insert(name.clone(), column(&values, i));
+        if state.adam_step > 0 {
+            adam.moments.insert(name.clone(), (column(&m, i), column(&v, i)));
+        }
+    }
+    adam.step = state.adam_step;
+    Ok(state)
+}
+
+/// Trains the coefficients on `tasks` (names with their heads in `heads`, and unlabeled data) and writes the
+/// merged model into `out`, with the coefficients in [`COEFFICIENTS_FILE`]. Every `checkpoint_every` steps
+/// the coefficients, Adam's state and the task streams go to [`ADAMERGING_CHECKPOINT`] in `out`; with
+/// `resume`, a run continues from it and ends with the same coefficients as one uninterrupted run. Each file
+/// is written under a temporary name and renamed; a run that fails before its first checkpoint removes the
+/// `out` it created.
+#[allow(clippy::too_many_arguments)]
+pub fn adamerging(
+    be: &dyn Backend,
+    pretrained: &ModelDir,
+    experts: &[Expert],
+    heads: &Heads,
+    tasks: &[String],
+    data: &[Dataset],
+    opts: &AdaMergingOptions,
+    out: &Path,
+    resume: bool,
+    progress: &mut dyn FnMut(AdaMergingStep),
+) -> Result<AdaMergingSummary> {
+    ensure!(opts.init.is_finite(), "--scaling (the coefficients' initial value) must be a finite number");
+    ensure!(opts.steps > 0, "--steps must be positive");
+    ensure!(opts.lr.is_finite() && opts.lr > 0.0, "--lr must be a positive number, got {}", opts.lr);
+    ensure!(opts.batch_size > 0, "--batch-size must be positive");
+    ensure!(opts.checkpoint_every > 0, "--checkpoint-every must be positive");
+    ensure!(!tasks.is_empty(), "adamerging needs at least one --task with unlabeled data");
+    ensure!(tasks.len() == data.len(), "internal: {} tasks, {} datasets", tasks.len(), data.len());
+    for (name, d) in tasks.iter().zip(data) {
+        heads.head(name)?;
+        ensure!(!d.is_empty(), "--task {name}: {} has no images", d.origin().display());
+    }
+    let run = AdaMerging::new(pretrained, experts)?;
+    let checkpoint = out.join(ADAMERGING_CHECKPOINT);
+    let fresh = !out.exists();
+    if !fresh && !checkpoint.exists() {
+        bail!("{}: already exists; choose a new --out directory", out.display());
+    }
+    if !fresh && !resume {
+        bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
+    }
+    let mut coefficients = run.initial(opts.init);
+    let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
+    let print = fingerprint(&run, heads, tasks, data, opts);
+    let (mut step, mut samplers) = if fresh {
+        let samplers = data
+            .iter()
+            .enumerate()
+            .map(|(i, d)| TaskSampler::for_task(d.len(), opts.batch_size, opts.seed, i))
+            .collect();
+        (0, samplers)
+    } else {
+        let state = load_checkpoint(&checkpoint, &mut coefficients, &mut adam, experts.len())?;
+        same_arguments(&checkpoint, &state.fingerprint, &print)?;
+        (state.step, state.samplers)
+    };
+    if fresh {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+        std::fs::create_dir(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    }
+    let result = (|| -> Result<AdaMergingSummary> {
+        let mut model = run.model(be, &coefficients)?;
+        while step < opts.steps {
+            let batches: Vec<TaskBatch> = tasks
+                .iter()
+                .zip(data)
+                .zip(samplers.iter_mut())
+                .map(|((name, d), s)| {
+                    Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
+                })
+                .collect::<Result<_>>()?;
+            let (loss, grads) = run.loss_and_gradient(be, &model, heads, &batches)?;
+            finite(loss, &grads, step + 1, &checkpoint)?;
+            adam.update(&mut coefficients.values, &grads, opts.lr)?;
+            model = run.model(be, &coefficients)?;
+            step += 1;
+            progress(AdaMergingStep { step, steps: opts.steps, loss });
+            if step % opts.checkpoint_every == 0 || step == opts.steps {
+                let state = CheckpointState {
+                    step,
+                    adam_step: adam.step,
+                    fingerprint: print.clone(),
+                    samplers: samplers.clone(),
+                };
+                save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
+            }
+        }
+        drop(model);
+        let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out)?;
+        Ok(AdaMergingSummary { tensors, parameters, coefficients: coefficients.clone() })
+    })();
+    if result.is_err() && fresh && !checkpoint.exists() {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    result
+}
+
+/// How the model was made, for its `config.json` under `"merge"`.
+fn provenance(run: &AdaMerging, tasks: &[String], opts: &AdaMergingOptions) -> Value {
+    // As written on the command line (0.3, not the f32's 0.30000001192092896).
+    let init: f64 = opts.init.to_string().parse().expect("a float's display parses");
+    json!({
+        "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
+        "method": "adamerging",
+        "experts": run.experts.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        "scaling": init,
+        "steps": opts.steps,
+        "lr": opts.lr,
+        "batch_size": opts.batch_size,
+        "seed": opts.seed,
+        "tasks": tasks,
+    })
+}
+
+/// Writes the merged model (a plain CLIP vision model, with the pretrained projection and `logit_scale` when
+/// it has them) and the coefficients into `dir`; returns the tensors and parameters written.
+fn write_output(
+    run: &AdaMerging,
+    coefficients: &Coefficients,
+    tasks: &[String],
+    opts: &AdaMergingOptions,
+    dir: &Path,
+) -> Result<(usize, usize)> {
+    let pretrained = run.pretrained;
+    let mut config = pretrained.config.to_json();
+    let obj = config.as_object_mut().expect("to_json gives an object");
+    obj.insert("model_type".into(), "clip_vision_model".into());
+    obj.insert("architectures".into(), json!(["CLIPVisionModel"]));
+    obj.insert("merge".into(), provenance(run, tasks, opts));
+    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let preprocessor = pretrained.path.join("preprocessor_config.json");
+    if preprocessor.exists() {
+        std::fs::copy(&preprocessor, dir.join("preprocessor_config.json"))
+            .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
+    }
+    // Every vision tensor (a parameter merged, anything else as the pretrained model has it), then the extras.
+    let mut names: Vec<String> =
+        pretrained.store.names().filter(|n| n.starts_with("vision_model.")).map(str::to_string).collect();
+    names.extend(
+        ["visual_projection.weight", "logit_scale"]
+            .iter()
+            .filter(|n| pretrained.store.contains(n))
+            .map(|n| n.to_string()),
+    );
+    let plan: Vec<(String, Vec<usize>)> =
+        names.iter().map(|n| (n.clone(), pretrained.store.shape(n).unwrap_or_default().to_vec())).collect();
+    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    let written = (|| -> Result<usize> {
+        let mut writer = StreamingWriter::create(&tmp, plan)?;
+        let mut parameters = 0;
+        for name in &names {
+            let values = if coefficients.values.contains_key(name) {
+                run.merged(name, coefficients)?
+            } else {
+                let t = pretrained.store.get_any(name)?;
+                t.host()?.to_vec()
+            };
+            writer.write(name, &values)?;
+            parameters += values.len();
+            pretrained.store.release(name);
+        }
+        writer.finish()?;
+        std::fs::rename(&tmp, dir.join("model.safetensors"))
+            .with_context(|| format!("{}: cannot write", dir.display()))?;
+        Ok(parameters)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let parameters = written?;
+    let experts = run.experts.len();
+    let matrix = NamedTensor {
+        name: "merge_weight".into(),
+        shape: vec![experts, coefficients.names.len()],
+        values: coefficients.to_matrix(experts),
+    };
+    let metadata = BTreeMap::from([
+        ("parameters".to_string(), serde_json::to_string(&coefficients.names)?),
+        ("experts".to_string(), serde_json::to_string(&run.experts.iter().map(|e| &e.name).collect::<Vec<_>>())?),
+    ]);
+    write_safetensors_with_metadata(&dir.join(COEFFICIENTS_FILE), &[matrix], metadata)?;
+    Ok((names.len(), parameters))
+}
+
+/// Reads a coefficients file written by [`adamerging`]: the parameter names and `[T, P]` values.
+pub fn read_coefficients(path: &Path) -> Result<(Vec<String>, Vec<String>, Vec<f32>)> {
+    let file = SafetensorsFile::open(path)?;
+    let names: Vec<String> = serde_json::from_str(
+        file.metadata("parameters").ok_or_else(|| anyhow!("{}: no 'parameters' in its metadata", path.display()))?,
+    )?;
+    let experts: Vec<String> = serde_json::from_str(
+        file.metadata("experts").ok_or_else(|| anyhow!("{}: no 'experts' in its metadata", path.display()))?,
+    )?;
+    let values = file.f32("merge_weight")?.host()?.to_vec();
+    ensure!(
+        values.len() == names.len() * experts.len(),
+        "{}: merge_weight does not match its metadata",
+        path.display()
+    );
+    Ok((experts, names, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_each_rounded_product_in_expert_order() {
+        // 6e-8 is just over half an ulp of 1: added one at a time each rounds up (1 + 2ε), where their sum
+        // first would give 1 + ε.
+        let theta0 = vec![1.0f32, -0.0, 3.0];
+        let taus = vec![vec![6e-8f32, 0.0, 1.0 + f32::EPSILON], vec![6e-8f32, -0.0, -2.0]];
+        let got = merge_tensor(&theta0, &taus, &[1.0, 1.0]);
+        assert_eq!(got[0], 1.0 + 2.0 * f32::EPSILON);
+        assert_eq!(got[1].to_bits(), 0.0f32.to_bits(), "-0 + 0 + -0 is +0, as torch gives");
+        assert_eq!(got[2], (3.0 + (1.0 + f32::EPSILON)) - 2.0);
+        // 1 + 0.3·(1 + 3ε): the product rounded first gives 1.3000002, a fused multiply-add 1.3000001.
+        let v = 1.0 + 3.0 * f32::EPSILON;
+        let got = merge_tensor(&[1.0], &[vec![v]], &[0.3]);
+        assert_eq!(got[0], 1.0 + v * 0.3);
+        assert_ne!(got[0], v.mul_add(0.3, 1.0), "the case tells the two apart");
+    }
+
+    #[test]
+    fn parameter_order_is_named_parameters_order() {
+        let config = VisionConfig { num_hidden_layers: 2, ..VisionConfig::default() };
+        let names = parameter_order(&config);
+        assert_eq!(names.len(), 5 + 16 * 2 + 2);
+        assert_eq!(names[0], "vision_model.embeddings.class_embedding");
+        assert_eq!(names[5], "vision_model.encoder.layers.0.self_attn.k_proj.weight");
+        assert_eq!(names[13], "vision_model.encoder.layers.0.layer_norm1.bias");
+        assert_eq!(names[20], "vision_model.encoder.layers.0.layer_norm2.bias");
+        assert_eq!(names.last().unwrap(), "vision_model.post_layernorm.bias");
+    }
+}
