@@ -530,7 +530,7 @@ mod tests {
         assert_eq!(names.len(), 5 + 16 * 2 + 2);
         assert_eq!(names[0], "vision_model.embeddings.class_embedding");
         assert_eq!(names[5], "vision_model.encoder.layers.0.self_attn.k_proj.weight");
-        assert_eq!(names[13], "vision_model.encoder.layers.0.layer_norm1.bias");
+        assert_eq!(names[14], "vision_model.encoder.layers.0.layer_norm1.bias");
         assert_eq!(names[20], "vision_model.encoder.layers.0.layer_norm2.bias");
         assert_eq!(names.last().unwrap(), "vision_model.post_layernorm.bias");
     }
