@@ -85,5 +85,62 @@ pub fn write_safetensors_with_integers(
         all.push((name.to_string(), view));
     }
     let metadata = (!metadata.is_empty()).then(|| metadata.into_iter().collect());
-    write_atomic(path, &safetensors::serialize(all, metadata)?)
+    write_atomic(path, &canonical_header(safetensors::serialize(all, metadata)?)?)
+}
+
+/// The same file with its header's keys in sorted order. safetensors keeps the metadata in a `HashMap`, whose
+/// order changes from one map to the next, so a file with two metadata keys came out in either order: the
+/// same tensors and metadata gave other bytes (a resumed AdaMerging run's coefficients file differed from an
+/// uninterrupted run's in its header alone). The offsets are relative to the data, which is kept as it is.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().context("a safetensors file of under 8 bytes")?) as usize;
+    // serde_json's maps are ordered by key (no `preserve_order`): parsing and writing sorts every key.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).context("safetensors header")?;
+    let mut text = serde_json::to_string(&header)?;
+    // The data starts 8-byte aligned, as safetensors pads it.
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tensors = [
+            NamedTensor { name: "b".into(), shape: vec![2], values: vec![1.0, -0.0] },
+            NamedTensor { name: "a".into(), shape: vec![1, 3], values: vec![0.5, 2.0, 3.0] },
+        ];
+        let metadata: std::collections::BTreeMap<String, String> = ["zeta", "alpha", "mu", "beta", "omega", "kappa"]
+            .iter()
+            .map(|k| (k.to_string(), format!("{k}!")))
+            .collect();
+        let files: Vec<Vec<u8>> = (0..12)
+            .map(|i| {
+                let path = tmp.path().join(format!("{i}.safetensors"));
+                write_safetensors_with_integers(&path, &tensors, &[("labels", &[3, 1])], metadata.clone()).unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert!(files.iter().all(|f| f == &files[0]), "one file's bytes differ");
+        // Still a safetensors file, read back whole.
+        let file = crate::checkpoint::SafetensorsFile::open(&tmp.path().join("0.safetensors")).unwrap();
+        assert_eq!(file.metadata("mu"), Some("mu!"));
+        assert_eq!(file.f32("a").unwrap().host().unwrap(), [0.5, 2.0, 3.0]);
+        assert_eq!(file.f32("b").unwrap().host().unwrap()[1].to_bits(), (-0.0f32).to_bits());
+        let n = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&files[0][8..8 + n]).unwrap();
+        let keys: Vec<usize> =
+            ["alpha", "beta", "kappa", "mu", "omega", "zeta"].iter().map(|k| header.find(k).unwrap()).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "metadata keys in order: {header}");
+    }
 }
