@@ -6,6 +6,9 @@
 //! `θ0 + λ·Σ_t (θ_t − θ0)`; every layer's MLP becomes `base_model` (the pretrained MLP), `task_vectors.{t}`
 //! (`θ_t − θ0` of its four tensors) and a freshly initialised `gate`, in FusionBench's state-dict layout.
 //!
+//! Layer-wise AdaMerging, which trains its coefficients on unlabeled data, is [`adamerging`]; [`AdaMerging`]
+//! gives its merged model and coefficient gradients step by step.
+//!
 //! ```no_run
 //! use wemoe_engine::checkpoint::ModelDir;
 //! use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions, TiesOptions};
