@@ -242,12 +242,7 @@ pub fn adapt(
         if !resume && checkpoint.exists() {
             bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
         }
-        let samplers = data
-            .iter()
-            .enumerate()
-            .map(|(i, d)| TaskSampler::for_task(d.len(), opts.batch_size, opts.seed, i))
-            .collect();
-        (0, samplers)
+        (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     };
     // Each step's images load on another thread while the step before computes: the same images in the same
     // order as loading them in turn, so results do not change; only the wait goes (a GPU step no longer idles

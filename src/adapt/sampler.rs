@@ -28,9 +28,10 @@ impl TaskSampler {
         s
     }
 
-    /// Task `index`'s sampler of a run seeded by `seed`: each task its own stream.
-    pub fn for_task(len: usize, batch: usize, seed: u64, index: usize) -> Self {
-        Self::new(len, batch, seed.wrapping_mul(0x9E37_79B9).wrapping_add(index as u64))
+    /// One sampler per task of `lens` images, for a run seeded by `seed`: each task its own stream.
+    pub fn for_tasks(lens: impl IntoIterator<Item = usize>, batch: usize, seed: u64) -> Vec<Self> {
+        let stream = |i: usize| seed.wrapping_mul(0x9E37_79B9).wrapping_add(i as u64);
+        lens.into_iter().enumerate().map(|(i, len)| Self::new(len, batch, stream(i))).collect()
     }
 
     fn reshuffle(&mut self) {

@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::adapt::{adapt, AdaptOptions};
 use wemoe_engine::device::DeviceChoice;
 
-use super::{open_task_inputs, TaskInputs};
+use super::{open_task_inputs, progress, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -25,14 +24,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     for d in &mut data {
         d.hold_in_memory()?;
     }
-    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
-    let bar = ProgressBar::with_draw_target(Some(args.options.steps), target);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("adapt");
+    let bar = progress::steps("adapt", args.options.steps, quiet);
     let mut last = f64::NAN;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {
         bar.set_position(r.step);

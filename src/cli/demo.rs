@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 use wemoe_engine::adapt::{adapt, AdaptOptions, RouterParams, Schedule};
 use wemoe_engine::checkpoint::ModelDir;
@@ -202,8 +201,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         ),
     );
     let adamerging_start = Instant::now();
-    let bar = steps_bar(args.steps, quiet);
-    bar.set_prefix("adamerging");
+    let bar = progress::steps("adamerging", args.steps, quiet);
     let adamerged = work.path.join("adamerging");
     adamerging(
         opened.be.as_ref(),
@@ -270,7 +268,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let every = args.steps.div_ceil(args.curve_points);
     let mut snapshots: Vec<(u64, f64, RouterParams)> = Vec::new();
     let task_paths: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), opened.suite.data(n))).collect();
-    let bar = steps_bar(args.steps, quiet);
+    let bar = progress::steps("adapt", args.steps, quiet);
     let adapted_path = work.path.join("wemoe-adapted");
     let adapt_start = Instant::now();
     adapt(
@@ -361,18 +359,6 @@ fn routing_name(r: Routing) -> &'static str {
         Routing::Sample => "sample",
         Routing::Batch => "batch",
     }
-}
-
-fn steps_bar(steps: u64, quiet: bool) -> ProgressBar {
-    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
-    let bar = ProgressBar::with_draw_target(Some(steps), target);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("adapt");
-    bar
 }
 
 /// Methods as rows, tasks as columns, the average last (the paper's Table 2).

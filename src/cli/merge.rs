@@ -1,15 +1,16 @@
 //! `wemoe-engine merge`: WEMoE, task arithmetic, TIES-merging, averaging or AdaMerging of fine-tuned CLIP
 //! models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::checkpoint::ModelDir;
-use wemoe_engine::data::{Dataset, Preprocess};
-use wemoe_engine::device::{self, DeviceChoice};
+use wemoe_engine::data::Dataset;
+use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeOptions, COEFFICIENTS_FILE};
-use wemoe_engine::model::Heads;
+
+use super::{open_task_inputs, progress, TaskInputs};
 
 /// What to do with the models.
 pub enum Job {
@@ -33,19 +34,22 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, quiet: bool) -> Result<()> {
-    let pretrained = ModelDir::open(&args.pretrained)?;
-    let experts = args
-        .experts
-        .iter()
-        .map(|(name, path)| Ok(Expert { name: name.clone(), model: ModelDir::open(path)? }))
-        .collect::<Result<Vec<_>>>()?;
+    let open_experts = || {
+        args.experts
+            .iter()
+            .map(|(name, path)| Ok(Expert { name: name.clone(), model: ModelDir::open(path)? }))
+            .collect::<Result<Vec<_>>>()
+    };
     let options = match &args.job {
         Job::DataFree(options) => options,
         Job::AdaMerging { heads, tasks, options, device, resume } => {
-            let inputs = AdaMergingInputs { heads, tasks, options, device: *device, resume: *resume };
-            return run_adamerging(&pretrained, &experts, &inputs, &args.out, quiet);
+            // The pretrained model, the device, the heads and the tasks' data, as adapt and eval open them.
+            let inputs = open_task_inputs(&args.pretrained, heads, tasks, *device, quiet)?;
+            return run_adamerging(inputs, &open_experts()?, options, *resume, &args.out, quiet);
         }
     };
+    let pretrained = ModelDir::open(&args.pretrained)?;
+    let experts = open_experts()?;
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(None, target);
     bar.set_style(
@@ -86,52 +90,25 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// What `--method adamerging` adds to a merge's arguments.
-struct AdaMergingInputs<'a> {
-    heads: &'a std::path::Path,
-    tasks: &'a [(String, PathBuf)],
-    options: &'a AdaMergingOptions,
-    device: DeviceChoice,
-    resume: bool,
-}
-
-/// Layer-wise AdaMerging: the inputs checked and opened, the coefficients trained with a progress bar, the
-/// model written.
+/// Layer-wise AdaMerging: the coefficients trained with a progress bar, the model written.
 fn run_adamerging(
-    pretrained: &ModelDir,
+    inputs: TaskInputs,
     experts: &[Expert],
-    inputs: &AdaMergingInputs,
-    out: &std::path::Path,
+    options: &AdaMergingOptions,
+    resume: bool,
+    out: &Path,
     quiet: bool,
 ) -> Result<()> {
-    let AdaMergingInputs { heads, tasks, options, device, resume } = *inputs;
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, _) in tasks {
-        ensure!(seen.insert(name), "--task '{name}' is given twice");
-    }
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), heads)?;
-    let preprocess = Preprocess::for_model(&pretrained.path, pretrained.config.image_size)?;
-    let mut data = Vec::new();
-    for (name, path) in tasks {
-        heads.head(name)?;
-        let mut d = Dataset::open(path, &preprocess, pretrained.config.image_size)?;
-        // Shuffled batches: a parquet dataset's images in memory rather than a file reopened per image.
+    let TaskInputs { dir: pretrained, be, heads, tasks } = inputs;
+    let (names, mut data): (Vec<String>, Vec<Dataset>) = tasks.into_iter().map(|(n, _, d)| (n, d)).unzip();
+    // Shuffled batches: a parquet dataset's images in memory rather than a file reopened per image.
+    for d in &mut data {
         d.hold_in_memory()?;
-        data.push(d);
     }
-    let names: Vec<String> = tasks.iter().map(|(n, _)| n.clone()).collect();
-    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
-    let bar = ProgressBar::with_draw_target(Some(options.steps), target);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("adamerging");
+    let bar = progress::steps("adamerging", options.steps, quiet);
     let mut last = f64::NAN;
     let summary =
-        adamerging(be.as_ref(), pretrained, experts, &heads, &names, &data, options, out, resume, &mut |s| {
+        adamerging(be.as_ref(), &pretrained, experts, &heads, &names, &data, options, out, resume, &mut |s| {
             bar.set_position(s.step);
             bar.set_message(format!("{:.4}", s.loss));
             last = s.loss;

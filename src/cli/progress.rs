@@ -7,6 +7,16 @@ pub fn images(what: &str, total: usize, quiet: bool) -> ProgressBar {
     counted(what, total, "images", quiet)
 }
 
+/// A bar counting `total` optimisation steps, labelled `what`, with the last loss as its message.
+pub fn steps(what: &str, total: u64, quiet: bool) -> ProgressBar {
+    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(total), target);
+    let template = "{prefix:>12} [{bar:30}] {pos}/{len} steps, loss {msg}, {per_sec}, eta {eta}";
+    bar.set_style(ProgressStyle::with_template(template).expect("the template is valid").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 /// A bar counting `total` things called `unit`, labelled `what`.
 pub fn counted(what: &str, total: usize, unit: &str, quiet: bool) -> ProgressBar {
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };

@@ -180,14 +180,19 @@ impl<'a> AdaMerging<'a> {
     /// The vision tower merged at `coefficients`, on `be`, with the pretrained model's projection and
     /// `logit_scale` (which the merge leaves as they are).
     pub fn model(&self, be: &dyn Backend, coefficients: &Coefficients) -> Result<ImageEncoder> {
+        let mut encoder = ImageEncoder::load_without_layers(be, self.pretrained)?;
+        encoder.vision = self.vision(be, coefficients)?;
+        Ok(encoder)
+    }
+
+    /// The vision tower alone merged at `coefficients`: what a step replaces in its [`model`](Self::model).
+    pub fn vision(&self, be: &dyn Backend, coefficients: &Coefficients) -> Result<ClipVision> {
         let mut tensors = BTreeMap::new();
         for name in &self.names {
             let shape = self.pretrained.store.shape(name).unwrap_or_default().to_vec();
             tensors.insert(name.clone(), Tensor::from_vec(&shape, self.merged(name, coefficients)?)?);
         }
-        let mut encoder = ImageEncoder::load_without_layers(be, self.pretrained)?;
-        encoder.vision = ClipVision::load(be, &MergedWeights(Mutex::new(tensors)), &self.pretrained.config, None)?;
-        Ok(encoder)
+        ClipVision::load(be, &MergedWeights(Mutex::new(tensors)), &self.pretrained.config, None)
     }
 
     /// The loss of `model` (merged at some coefficients) on `batches`, the sum over tasks of the batch-mean
@@ -344,12 +349,7 @@ pub fn adamerging(
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
     let print = fingerprint(&run, heads, tasks, data, opts);
     let (mut step, mut samplers) = if fresh {
-        let samplers = data
-            .iter()
-            .enumerate()
-            .map(|(i, d)| TaskSampler::for_task(d.len(), opts.batch_size, opts.seed, i))
-            .collect();
-        (0, samplers)
+        (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     } else {
         let state = load_checkpoint(&checkpoint, &mut coefficients, &mut adam, experts.len())?;
         same_arguments(&checkpoint, &state.fingerprint, &print)?;
@@ -374,7 +374,7 @@ pub fn adamerging(
             let (loss, grads) = run.loss_and_gradient(be, &model, heads, &batches)?;
             finite(loss, &grads, step + 1, &checkpoint)?;
             adam.update(&mut coefficients.values, &grads, opts.lr)?;
-            model = run.model(be, &coefficients)?;
+            model.vision = run.vision(be, &coefficients)?;
             step += 1;
             progress(AdaMergingStep { step, steps: opts.steps, loss });
             if step % opts.checkpoint_every == 0 || step == opts.steps {
@@ -484,7 +484,8 @@ fn write_output(
     Ok((names.len(), parameters))
 }
 
-/// Reads a coefficients file written by [`adamerging`]: the parameter names and `[T, P]` values.
+/// Reads a coefficients file written by [`adamerging`]: the experts, the parameter names and the `[T, P]`
+/// values.
 pub fn read_coefficients(path: &Path) -> Result<(Vec<String>, Vec<String>, Vec<f32>)> {
     let file = SafetensorsFile::open(path)?;
     let names: Vec<String> = serde_json::from_str(
