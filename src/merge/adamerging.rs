@@ -111,7 +111,7 @@ pub struct AdaMerging<'a> {
 
 /// The pretrained tensor `name` and every expert's task vector of it, `θ_t − θ0` in f32, their pages of the
 /// maps dropped after (as every merge does). Keeping them mapped across steps left a B/32 step's time as it was
-/// (16.4 s against 16.3–16.6) and took the peak from 2.1 to 4.8 GB (BENCHMARKS.md).
+/// (16.4–16.8 s against 16.7–16.9 s at fb8816d) and took the peak from 2.1 to 4.8 GB (BENCHMARKS.md).
 fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<(Tensor, Vec<Vec<f32>>)> {
     super::ties::task_vectors(pretrained, experts, name)
 }
