@@ -82,7 +82,8 @@ fn main() -> Result<()> {
             projection_dim: 16,
             ..VisionConfig::default()
         };
-        return end_to_end(wemoe_engine::cuda::HostExecutor, &tiny, (2, 1), true);
+        end_to_end(wemoe_engine::cuda::HostExecutor, &tiny, (2, 1), true)?;
+        return adamerging_step(wemoe_engine::cuda::HostExecutor, &tiny, 1, true);
     }
     let gpu = match GpuExecutor::new(0) {
         Ok(g) => g,
@@ -94,7 +95,8 @@ fn main() -> Result<()> {
     // Only the whole model, then where its time went (tools/gpu-check.sh runs this with WEMOE_OP_TIMES=1,
     // which makes every backend operation wait for the GPU: the main run leaves it unset).
     if std::env::args().any(|a| a == "--end-to-end-only") {
-        return end_to_end(gpu, &VisionConfig::default(), (64, 16), true);
+        end_to_end(gpu, &VisionConfig::default(), (64, 16), true)?;
+        return adamerging_step(GpuExecutor::new(0)?, &VisionConfig::default(), 16, true);
     }
     let stream: Arc<CudaStream> = gpu.stream().clone();
     let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
@@ -337,6 +339,7 @@ fn main() -> Result<()> {
         spread.push((shape.clone(), fused / dense_ours, fused / dense_cublas, materialise / fused, staged));
     }
     end_to_end(gpu, &VisionConfig::default(), (64, 16), false)?;
+    adamerging_step(GpuExecutor::new(0)?, &VisionConfig::default(), 16, false)?;
     println!();
     for (shape, vs_ours, vs_cublas, materialise, staged) in &spread {
         println!(
@@ -489,14 +492,7 @@ where
     let images = pixels(batch, 1)?;
     let dir = tempfile::tempdir()?;
     let heads_path = dir.path().join("heads.safetensors");
-    let tensors: Vec<wemoe_engine::output::NamedTensor> = (0..8)
-        .map(|t| wemoe_engine::output::NamedTensor {
-            name: format!("head.task{t}"),
-            shape: vec![10, config.projection_dim],
-            values: (0..10 * config.projection_dim).map(|i| (((i + t) * 7919) % 97) as f32 / 970.0 - 0.05).collect(),
-        })
-        .collect();
-    wemoe_engine::output::write_safetensors(&heads_path, &tensors)?;
+    write_heads(&heads_path, config)?;
     let heads = Heads::open(&setup, &heads_path)?;
     let classifier = heads.classifier(&model, dir.path())?;
     let tasks: Vec<TaskBatch> = (0..8)
@@ -550,4 +546,134 @@ where
         executor = be.into_executor();
     }
     Ok(())
+}
+
+/// A parameter tensor's shape in a CLIP vision tower of `config`, by its name (those of
+/// `merge::parameter_order`).
+fn parameter_shape(name: &str, c: &VisionConfig) -> Vec<usize> {
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    if name.ends_with("patch_embedding.weight") {
+        vec![d, c.num_channels, c.patch_size, c.patch_size]
+    } else if name.ends_with("position_embedding.weight") {
+        vec![(c.image_size / c.patch_size).pow(2) + 1, d]
+    } else if name.ends_with("fc1.weight") {
+        vec![i, d]
+    } else if name.ends_with("fc1.bias") {
+        vec![i]
+    } else if name.ends_with("fc2.weight") {
+        vec![d, i]
+    } else if name.ends_with("proj.weight") {
+        vec![d, d]
+    } else {
+        vec![d] // the class embedding, the other biases, the LayerNorms
+    }
+}
+
+/// A seeded random CLIP vision model of `config` with a projection, written to `dir` as a HF checkpoint.
+fn write_random_clip(dir: &std::path::Path, config: &VisionConfig, seed: u64) -> Result<()> {
+    use wemoe_engine::model::{RandomWeights, WeightSource};
+    use wemoe_engine::output::{write_atomic, write_safetensors, NamedTensor};
+    std::fs::create_dir_all(dir)?;
+    let mut json = config.to_json();
+    json["model_type"] = "clip_vision_model".into();
+    write_atomic(&dir.join("config.json"), serde_json::to_string(&json)?.as_bytes())?;
+    let src = RandomWeights::new(seed);
+    let mut names = wemoe_engine::merge::parameter_order(config);
+    names.push("visual_projection.weight".into());
+    let tensors = names
+        .into_iter()
+        .map(|name| {
+            let shape = match name.as_str() {
+                "visual_projection.weight" => vec![config.projection_dim, config.hidden_size],
+                _ => parameter_shape(&name, config),
+            };
+            let values = src.get(&name, &shape)?.into_host_vec()?;
+            Ok(NamedTensor { name, shape, values })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_safetensors(&dir.join("model.safetensors"), &tensors)
+}
+
+/// One step of layer-wise AdaMerging (`merge --method adamerging`) on the CUDA backend: a random CLIP vision
+/// model of `config` and 8 random experts written to a temporary folder and held on the device
+/// (`AdaMerging::new`), then what the run's loop does per step: the loss and every coefficient's gradient
+/// over 8 tasks × `per_task` images, and the model merged anew. Medians of wall clock, as `end_to_end`.
+fn adamerging_step<E>(executor: E, config: &VisionConfig, per_task: usize, op_tables: bool) -> Result<()>
+where
+    E: Executor + Send + Sync,
+    E::Buffer: Send + Sync + 'static,
+{
+    use wemoe_engine::autograd::TaskBatch;
+    use wemoe_engine::checkpoint::ModelDir;
+    use wemoe_engine::device::{op_times, Backend, CudaBackend, Device};
+    use wemoe_engine::merge::{AdaMerging, Expert};
+    use wemoe_engine::model::Heads;
+    use wemoe_engine::tensor::Tensor;
+
+    let dir = tempfile::tempdir()?;
+    let made = std::time::Instant::now();
+    write_random_clip(&dir.path().join("pretrained"), config, 3)?;
+    for t in 0..8 {
+        write_random_clip(&dir.path().join(format!("expert{t}")), config, 10 + t)?;
+    }
+    let pretrained = ModelDir::open(&dir.path().join("pretrained"))?;
+    let experts = (0..8)
+        .map(|t| {
+            Ok(Expert { name: format!("task{t}"), model: ModelDir::open(&dir.path().join(format!("expert{t}")))? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let be = CudaBackend::new(executor, Device::Cuda(0));
+    let written = made.elapsed().as_secs_f64();
+    let held = std::time::Instant::now();
+    let run = AdaMerging::new(&be, &pretrained, &experts)?;
+    let held = held.elapsed().as_secs_f64();
+    let heads_path = dir.path().join("heads.safetensors");
+    write_heads(&heads_path, config)?;
+    let heads = Heads::open(&be, &heads_path)?;
+    let s = config.image_size;
+    let tasks: Vec<TaskBatch> = (0..8)
+        .map(|t| -> Result<TaskBatch> {
+            let v = (0..per_task * 3 * s * s).map(|i| (((i * 31 + t) % 255) as f32) / 128.0 - 1.0).collect();
+            Ok(TaskBatch {
+                head: heads.head(&format!("task{t}"))?,
+                pixels: be.upload(Tensor::from_vec(&[per_task, 3, s, s], v)?)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let coefficients = run.initial(0.3);
+    let mut model = run.model(&be, &coefficients)?;
+    op_times::take_report();
+    let t = median_wall_s(|| {
+        let (loss, grads) = run.loss_and_gradient(&be, &model, &heads, &tasks)?;
+        anyhow::ensure!(loss.is_finite() && grads.len() == run.names().len(), "a non-finite loss or missing gradients");
+        model.vision = run.vision(&be, &coefficients)?;
+        Ok(())
+    })?;
+    println!(
+        "\n| layer-wise AdaMerging ({}, 8 experts held: models written in {written:.1} s, held in {held:.1} s) | median | rate |\n| --- | ---: | ---: |",
+        if config.hidden_size == 768 { "ViT-B/32" } else { "a small model" }
+    );
+    println!(
+        "| step, 8 tasks × {per_task} images, the model merged anew | {:.1} ms | 1000 steps in {:.0} s |",
+        t * 1e3,
+        t * 1e3
+    );
+    if op_tables {
+        if let Some(table) = op_times::take_report() {
+            println!("\nlayer-wise AdaMerging:\n{table}");
+        }
+    }
+    Ok(())
+}
+
+/// Zero-shot heads of 10 classes for tasks `task0` … `task7`, fixed values, written to `path`.
+fn write_heads(path: &std::path::Path, config: &VisionConfig) -> Result<()> {
+    let tensors: Vec<wemoe_engine::output::NamedTensor> = (0..8)
+        .map(|t| wemoe_engine::output::NamedTensor {
+            name: format!("head.task{t}"),
+            shape: vec![10, config.projection_dim],
+            values: (0..10 * config.projection_dim).map(|i| (((i + t) * 7919) % 97) as f32 / 970.0 - 0.05).collect(),
+        })
+        .collect();
+    wemoe_engine::output::write_safetensors(path, &tensors)
 }

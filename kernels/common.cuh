@@ -42,7 +42,10 @@ static __device__ __forceinline__ float activation_derivative(float z, int act) 
     }
 }
 
-static __device__ __forceinline__ float warp_sum(float v) {
+// Sum over a warp; every lane gets the total. In f32, or in f64 (T = double) for reductions whose result must
+// not depend on the order of f32 roundings.
+template <typename T>
+static __device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
@@ -53,16 +56,25 @@ static __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over a block of at most 1024 threads whose size is a multiple of 32; every thread gets the total.
-// `scratch` holds 32 floats of shared memory, free on entry and on return.
-static __device__ float block_sum(float v, float* scratch) {
+// `scratch` holds 32 values of shared memory, free on entry and on return.
+template <typename T>
+static __device__ T block_sum(T v, T* scratch) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     v = warp_sum(v);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float total = 0.0f;
+    T total = 0;
     for (int w = 0; w < warps; ++w) total += scratch[w];  // the same order in every thread: one value
     __syncthreads();
     return total;
+}
+
+// An f64 partial sum leaves a kernel as two floats, `hi` its rounding and `lo` the rest, whose sum holds it
+// to about 2^-48 relative: the buffers are f32, the precision of the sum is kept (`column_sums` adds them).
+static __device__ __forceinline__ void store_split(double v, float* hi, float* lo) {
+    const float h = (float)v;
+    *hi = h;
+    *lo = (float)(v - (double)h);
 }
 
 // The router's activation for the expert in this lane (lanes 0..experts−1 of a warp hold one token's

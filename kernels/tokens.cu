@@ -1,6 +1,7 @@
-// Row and token kernels of the ViT graph: patch extraction and the embeddings' assembly, token selection and
-// its backward, L2 normalisation and its backward, the router's reduction over tokens and its backward, the
-// mean over rows, scaling and copies. Small and memory-bound: grid-stride loops or one warp per row.
+// Row and token kernels of the ViT graph: patch extraction and the embeddings' assembly (and the patch rows of
+// its gradient), token selection and its backward, L2 normalisation and its backward, the router's reduction
+// over tokens and its backward, the mean and the f64 sums over rows, scaling and copies. Small and
+// memory-bound: grid-stride loops or one warp per row.
 
 #include "common.cuh"
 
@@ -68,6 +69,27 @@ extern "C" __global__ void mean_rows(const float* __restrict__ x, float* __restr
         float s = 0.0f;
         for (int r = 0; r < rows; ++r) s += x[(size_t)r * width + c];
         out[c] = s / rows;
+    }
+}
+
+// out [W] = Σ_r x[r, :] over `rows` rows of x [rows, W], summed in f64 in row order, one thread per column:
+// the last pass of every split f64 reduction (kernels/common.cuh `store_split`), and the position embedding's
+// gradient (the tokens' gradient summed over samples).
+extern "C" __global__ void column_sums(const float* __restrict__ x, float* __restrict__ out, int rows, int width) {
+    FOR_EACH(c, width) {
+        double s = 0.0;
+        for (int r = 0; r < rows; ++r) s += x[(size_t)r * width + c];
+        out[c] = (float)s;
+    }
+}
+
+// out [B·(N−1), D]: the patch tokens' rows of x [B, N, D] (every token but the class token), for the patch
+// embedding's weight gradient.
+extern "C" __global__ void patch_token_rows(const float* __restrict__ x, float* __restrict__ out, int batch, int tokens,
+                                            int width) {
+    FOR_EACH(e, (size_t)batch * (tokens - 1) * width) {
+        const size_t row = e / width, b = row / (tokens - 1), t = row % (tokens - 1) + 1;
+        out[e] = x[(b * tokens + t) * width + e % width];
     }
 }
 

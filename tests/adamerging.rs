@@ -39,7 +39,7 @@ fn loss_and_coefficient_gradients_match_fusionbench() {
     let be = CpuBackend::new();
     let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
     let experts = experts();
-    let run = AdaMerging::new(&pretrained, &experts).unwrap();
+    let run = AdaMerging::new(&be, &pretrained, &experts).unwrap();
     assert_eq!(run.names(), fusionbench_order().as_slice(), "the coefficients' columns");
     assert_eq!(parameter_order(&pretrained.config), fusionbench_order());
     let coefficients = run.initial(0.3);

@@ -124,14 +124,15 @@ fn router_gradients_match_torch(be: &dyn Backend) {
 
 /// Layer-wise AdaMerging's gradient with respect to every coefficient, which needs every parameter's gradient
 /// (linear weights through the backend's weight-gradient product, LayerNorm and embedding parameters through
-/// the backend's default host reductions): as FusionBench's `LayerWiseMergedModel` gives it.
+/// its reductions), the model merged from task vectors held on the device and the gradients contracted with
+/// them there: as FusionBench's `LayerWiseMergedModel` gives it.
 fn adamerging_gradients_match_fusionbench(be: &dyn Backend) {
     let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
     let experts: Vec<Expert> = ["red", "green", "blue"]
         .iter()
         .map(|n| Expert { name: n.to_string(), model: ModelDir::open(&fixture(&format!("wemoe/{n}"))).unwrap() })
         .collect();
-    let run = AdaMerging::new(&pretrained, &experts).unwrap();
+    let run = AdaMerging::new(be, &pretrained, &experts).unwrap();
     let model = run.model(be, &run.initial(0.3)).unwrap();
     let heads = Heads::open(be, &fixture("adapt/heads.safetensors")).unwrap();
     let mut tasks = adapt_tasks(&heads);

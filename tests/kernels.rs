@@ -15,6 +15,7 @@ use wemoe_engine::ops::gemm::{linear, linear_backward_input, linear_backward_wei
 use wemoe_engine::ops::patch_embed::PatchGeometry;
 use wemoe_engine::ops::{
     activation, attention as cpu_attention, entropy, layer_norm, patch_embed as cpu_patch, router, rows,
+    task_vectors as cpu_task_vectors,
 };
 use wemoe_engine::rng::Rng;
 
@@ -541,6 +542,66 @@ fn layer_norms<E: Executor>(e: &E) -> f64 {
     )
 }
 
+/// The parameters' gradients of LayerNorm and of the patch embedding, which layer-wise AdaMerging trains:
+/// against the CPU reference's f64 sums, over a few rows and over more than two chunks of 256 with a ragged
+/// last one, widths that are not multiples of 32, and patches of three channels.
+fn parameter_gradients<E: Executor>(e: &E) -> f64 {
+    let up = |v: &[f32]| e.upload(v).unwrap();
+    let mut errors = Vec::new();
+    for (rows, width) in [(13, 77), (600, 45)] {
+        let eps = 1e-5f32;
+        let x: Vec<f32> = values(rows * width, 74, 2.0).iter().map(|v| v + 0.7).collect();
+        let dy = values(rows * width, 75, 1.0);
+        let (want_w, want_b) = layer_norm::layer_norm_backward_params(&x, width, eps, &dy);
+        let (dw, db) = (poisoned(e, width), poisoned(e, width));
+        ops::layer_norm_param_grads(e, &up(&x), &up(&dy), rows, width, eps, &dw, &db).unwrap();
+        errors.push((format!("layer_norm dweight {rows}×{width}"), error(&e.download(&dw).unwrap(), &want_w)));
+        errors.push((format!("layer_norm dbias {rows}×{width}"), error(&e.download(&db).unwrap(), &want_b)));
+    }
+    let g = PatchGeometry { batch: 3, channels: 3, image: 10, patch: 5, width: 7 };
+    let pixels = values(g.batch * g.channels * g.image * g.image, 140, 1.0);
+    let d_tokens = values(g.batch * g.tokens() * g.width, 141, 1.0);
+    let (want_w, want_c, want_p) = cpu_patch::patch_embed_backward(&pixels, &d_tokens, g).unwrap();
+    let (dw, dc, dp) = (poisoned(e, want_w.len()), poisoned(e, g.width), poisoned(e, want_p.len()));
+    let geometry = (g.batch, g.channels, g.image, g.patch, g.width);
+    ops::patch_embed_backward(e, &up(&pixels), &up(&d_tokens), geometry, &dw, &dc, &dp).unwrap();
+    errors.push(("patch_embed dweight".into(), error(&e.download(&dw).unwrap(), &want_w)));
+    errors.push(("patch_embed dclass".into(), error(&e.download(&dc).unwrap(), &want_c)));
+    errors.push(("patch_embed dposition".into(), error(&e.download(&dp).unwrap(), &want_p)));
+    worst("layer_norm_statistics/param_grads, patch_token_rows, column_sums", &errors)
+}
+
+/// Layer-wise AdaMerging on held task vectors: the merge gives the CPU's bits exactly (each product rounded
+/// before it is added, never one fused multiply-add), the contraction its f64 sums; one expert and five,
+/// sizes below one chunk of 8192 values and over two with a ragged last one.
+fn task_vectors<E: Executor>(e: &E) -> f64 {
+    let up = |v: &[f32]| e.upload(v).unwrap();
+    let mut errors = Vec::new();
+    for (n, experts) in [(1031, 1), (20_000, 5)] {
+        let (base, tasks, lambdas) = (values(n, 150, 1.0), values(experts * n, 151, 0.1), values(experts, 152, 0.5));
+        let refs: Vec<&[f32]> = tasks.chunks(n).collect();
+        let want = cpu_task_vectors::merge_rounded(&base, &refs, &lambdas);
+        let out = poisoned(e, n);
+        ops::merge_rounded(e, &up(&base), &up(&tasks), &up(&lambdas), n, experts, &out).unwrap();
+        errors.push((format!("merge_rounded n={n} T={experts} (bits)"), bits_apart(&e.download(&out).unwrap(), &want)));
+        let g = values(n, 153, 1.0);
+        let want = cpu_task_vectors::task_vector_dots(&refs, &g);
+        let dots = poisoned(e, experts);
+        ops::task_vector_dots(e, &up(&tasks), &up(&g), n, experts, &dots).unwrap();
+        errors.push((format!("task_vector_dots n={n} T={experts}"), error(&e.download(&dots).unwrap(), &want)));
+    }
+    // 2^24 + 1 in the first chunk, −2^24 in the third: the total, 1, survives only if the chunks' partial
+    // sums leave the kernel at more than f32's precision.
+    let n = 2 * 8192 + 5;
+    let (mut tau, mut g) = (vec![0.0f32; n], vec![0.0f32; n]);
+    (tau[0], tau[1], tau[n - 1]) = (16_777_216.0, 1.0, -16_777_216.0);
+    (g[0], g[1], g[n - 1]) = (1.0, 1.0, 1.0);
+    let dots = poisoned(e, 1);
+    ops::task_vector_dots(e, &up(&tau), &up(&g), n, 1, &dots).unwrap();
+    errors.push(("task_vector_dots 2^24 + 1 − 2^24".into(), error(&e.download(&dots).unwrap(), &[1.0])));
+    worst("merge_rounded, task_vector_dots", &errors)
+}
+
 fn activations<E: Executor>(e: &E) -> f64 {
     let n = 1031;
     let z: Vec<f32> = values(n, 80, 3.0);
@@ -739,6 +800,8 @@ kernel_tests!(
     merge,
     router_head,
     layer_norms,
+    parameter_gradients,
+    task_vectors,
     activations,
     entropy_loss,
     adam,

@@ -123,6 +123,16 @@ inline T __ldg(const T* p) {
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// A rounded product and sum that no compiler may fuse into one fma: NVRTC fuses `a*b + c` by default, and so
+// may the host compiler for a target with FMA (aarch64).
+inline float __fmul_rn(float a, float b) {
+    volatile float p = a * b;
+    return p;
+}
+inline float __fadd_rn(float a, float b) {
+    volatile float s = a + b;
+    return s;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }

@@ -12,6 +12,10 @@ const TILE: usize = 64;
 /// Columns of expert_linear_wide.cu's tiles (EW_BN).
 const WIDE_TILE: usize = 128;
 const MAX_EXPERTS: usize = 64;
+/// Rows of a LayerNorm parameter gradient's partial sums (LN_CHUNK in kernels/layer_norm.cu).
+const LN_CHUNK: usize = 256;
+/// Values of a task-vector dot's partial sums (DOT_CHUNK in kernels/task_vectors.cu).
+const DOT_CHUNK: usize = 256 * 32;
 
 /// The code `kernels/common.cuh` gives an activation (0: none).
 pub fn act_code(act: Option<Activation>) -> i32 {
@@ -602,6 +606,114 @@ pub fn layer_norm_backward<E: Executor>(
     )
 }
 
+/// LayerNorm's affine parameters' gradients over `rows` rows of `width`: `dw = Σ dy∘x̂` and `db = Σ dy`, each
+/// `[width]`, summed in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_param_grads<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    dy: &E::Buffer,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    dw: &E::Buffer,
+    db: &E::Buffer,
+) -> Result<()> {
+    need(e, x, rows * width, "layer_norm_param_grads x")?;
+    need(e, dy, rows * width, "layer_norm_param_grads dy")?;
+    need(e, dw, width, "layer_norm_param_grads dweight")?;
+    need(e, db, width, "layer_norm_param_grads dbias")?;
+    let chunks = rows.div_ceil(LN_CHUNK);
+    let (partial_w, partial_b) = (e.zeros(2 * chunks * width)?, e.zeros(2 * chunks * width)?);
+    if chunks > 0 {
+        let stats = e.zeros(rows * 3)?;
+        e.launch(
+            "layer_norm_statistics",
+            Dims { grid: (int(rows, "rows")? as u32, 1, 1), block: (256, 1, 1) },
+            &[Arg::Buf(x), Arg::Buf(&stats), Arg::I32(int(width, "width")?), Arg::F32(eps)],
+        )?;
+        e.launch(
+            "layer_norm_param_grads",
+            Dims { grid: (width.div_ceil(32) as u32, chunks as u32, 1), block: (32, 8, 1) },
+            &[
+                Arg::Buf(x),
+                Arg::Buf(dy),
+                Arg::Buf(&stats),
+                Arg::Buf(&partial_w),
+                Arg::Buf(&partial_b),
+                Arg::I32(int(rows, "rows")?),
+                Arg::I32(int(width, "width")?),
+            ],
+        )?;
+    }
+    column_sums(e, &partial_w, 2 * chunks, width, dw)?;
+    column_sums(e, &partial_b, 2 * chunks, width, db)
+}
+
+/// `out[c] = Σ_r x[r, c]` over `rows` rows of `width`, summed in f64 in row order.
+pub fn column_sums<E: Executor>(e: &E, x: &E::Buffer, rows: usize, width: usize, out: &E::Buffer) -> Result<()> {
+    need(e, x, rows * width, "column_sums x")?;
+    need(e, out, width, "column_sums out")?;
+    e.launch(
+        "column_sums",
+        Dims::elementwise(width, 128, 4096),
+        &[Arg::Buf(x), Arg::Buf(out), Arg::I32(int(rows, "rows")?), Arg::I32(int(width, "width")?)],
+    )
+}
+
+/// `out = base + Σ_t lambdas[t]·tasks[t]` over `n` values (`tasks` `[T, n]`), each product rounded before it
+/// is added, the experts in order: the CPU's bits.
+pub fn merge_rounded<E: Executor>(
+    e: &E,
+    base: &E::Buffer,
+    tasks: &E::Buffer,
+    lambdas: &E::Buffer,
+    n: usize,
+    experts: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    need(e, base, n, "merge_rounded base")?;
+    need(e, tasks, experts * n, "merge_rounded task vectors")?;
+    need(e, lambdas, experts, "merge_rounded coefficients")?;
+    need(e, out, n, "merge_rounded out")?;
+    e.launch(
+        "merge_rounded",
+        Dims::elementwise(n, 256, 8192),
+        &[
+            Arg::Buf(base),
+            Arg::Buf(tasks),
+            Arg::Buf(lambdas),
+            Arg::Buf(out),
+            Arg::I32(int(n, "n")?),
+            Arg::I32(int(experts, "experts")?),
+        ],
+    )
+}
+
+/// `out[t] = Σ_i tasks[t, i]·g[i]` for each of `experts` task vectors of `n` values, summed in f64.
+pub fn task_vector_dots<E: Executor>(
+    e: &E,
+    tasks: &E::Buffer,
+    g: &E::Buffer,
+    n: usize,
+    experts: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    need(e, tasks, experts * n, "task_vector_dots task vectors")?;
+    need(e, g, n, "task_vector_dots gradient")?;
+    need(e, out, experts, "task_vector_dots out")?;
+    let chunks = n.div_ceil(DOT_CHUNK);
+    let partial = e.zeros(2 * chunks * experts)?;
+    if chunks > 0 && experts > 0 {
+        e.launch(
+            "task_vector_dots",
+            Dims { grid: (chunks as u32, int(experts, "experts")? as u32, 1), block: (256, 1, 1) },
+            &[Arg::Buf(tasks), Arg::Buf(g), Arg::Buf(&partial), Arg::I32(int(n, "n")?)],
+        )?;
+    }
+    column_sums(e, &partial, 2 * chunks, experts, out)
+}
+
 /// `y = act(z)` over `n` values.
 pub fn activation_forward<E: Executor>(e: &E, z: &E::Buffer, n: usize, act: Activation, y: &E::Buffer) -> Result<()> {
     need(e, z, n, "activation z")?;
@@ -817,6 +929,54 @@ pub fn attention_backward<E: Executor>(
     )
 }
 
+/// The patches of `pixels` `[B, C, S, S]` as rows `[B·(S/P)², C·P·P]` in the convolution weight's order;
+/// `geometry` is (B, C, S, P).
+pub fn patch_rows<E: Executor>(e: &E, pixels: &E::Buffer, geometry: (usize, usize, usize, usize)) -> Result<E::Buffer> {
+    let (batch, channels, image, patch) = geometry;
+    ensure!(patch > 0 && image.is_multiple_of(patch), "patch_rows: image {image} is not a multiple of patch {patch}");
+    let len = batch * (image / patch) * (image / patch) * channels * patch * patch;
+    need(e, pixels, batch * channels * image * image, "patch_rows pixels")?;
+    let rows = e.zeros(len)?;
+    e.launch(
+        "patch_rows",
+        Dims::elementwise(len, 256, 8192),
+        &[
+            Arg::Buf(pixels),
+            Arg::Buf(&rows),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(channels, "channels")?),
+            Arg::I32(int(image, "image")?),
+            Arg::I32(int(patch, "patch")?),
+        ],
+    )?;
+    Ok(rows)
+}
+
+/// The patch tokens' rows of `x` `[B, N, D]` (all but the class token) into `out` `[B·(N−1), D]`.
+pub fn patch_token_rows<E: Executor>(
+    e: &E,
+    x: &E::Buffer,
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    out: &E::Buffer,
+) -> Result<()> {
+    ensure!(tokens > 0, "patch_token_rows: no tokens");
+    need(e, x, batch * tokens * width, "patch_token_rows x")?;
+    need(e, out, batch * (tokens - 1) * width, "patch_token_rows out")?;
+    e.launch(
+        "patch_token_rows",
+        Dims::elementwise(batch * (tokens - 1) * width, 256, 8192),
+        &[
+            Arg::Buf(x),
+            Arg::Buf(out),
+            Arg::I32(int(batch, "batch")?),
+            Arg::I32(int(tokens, "tokens")?),
+            Arg::I32(int(width, "width")?),
+        ],
+    )
+}
+
 /// CLIP's embeddings: patches of `pixels` `[B, C, S, S]` times `weight` `[D, C·P·P]`, the class token first,
 /// the position embedding `[N, D]` added; into `out` `[B, N, D]`.
 #[allow(clippy::too_many_arguments)]
@@ -837,19 +997,7 @@ pub fn patch_embed<E: Executor>(
     need(e, class_embedding, width, "patch_embed class embedding")?;
     need(e, position, tokens * width, "patch_embed position embedding")?;
     need(e, out, batch * tokens * width, "patch_embed out")?;
-    let rows = e.zeros(batch * patches * patch_len)?;
-    e.launch(
-        "patch_rows",
-        Dims::elementwise(batch * patches * patch_len, 256, 8192),
-        &[
-            Arg::Buf(pixels),
-            Arg::Buf(&rows),
-            Arg::I32(int(batch, "batch")?),
-            Arg::I32(int(channels, "channels")?),
-            Arg::I32(int(image, "image")?),
-            Arg::I32(int(patch, "patch")?),
-        ],
-    )?;
+    let rows = patch_rows(e, pixels, (batch, channels, image, patch))?;
     let embedded = e.zeros(batch * patches * width)?;
     let w = ExpertWeights {
         base: weight,
@@ -874,6 +1022,32 @@ pub fn patch_embed<E: Executor>(
             Arg::I32(int(width, "width")?),
         ],
     )
+}
+
+/// The patch embedding's parameter gradients from the tokens' gradient `d_tokens` `[B, N, D]`: `dw`
+/// `[D, C·P·P]` = (the patch tokens' gradient)ᵀ · (the patches as rows), `d_class` `[D]` and `d_position`
+/// `[N, D]` the gradient summed over samples (in f64); `geometry` is (B, C, S, P, D).
+#[allow(clippy::too_many_arguments)]
+pub fn patch_embed_backward<E: Executor>(
+    e: &E,
+    pixels: &E::Buffer,
+    d_tokens: &E::Buffer,
+    geometry: (usize, usize, usize, usize, usize),
+    dw: &E::Buffer,
+    d_class: &E::Buffer,
+    d_position: &E::Buffer,
+) -> Result<()> {
+    let (batch, channels, image, patch, width) = geometry;
+    let rows = patch_rows(e, pixels, (batch, channels, image, patch))?;
+    let (patches, patch_len) = ((image / patch) * (image / patch), channels * patch * patch);
+    let tokens = patches + 1;
+    need(e, d_tokens, batch * tokens * width, "patch_embed_backward d_tokens")?;
+    need(e, d_class, width, "patch_embed_backward d_class")?;
+    let d_patches = e.zeros(batch * patches * width)?;
+    patch_token_rows(e, d_tokens, batch, tokens, width, &d_patches)?;
+    linear_backward_weight(e, &rows, &d_patches, batch * patches, patch_len, width, dw, None)?;
+    column_sums(e, d_tokens, batch, tokens * width, d_position)?;
+    copy(e, d_position, width, d_class)
 }
 
 /// Token `index` of `x` `[B, N, D]` into `out` `[B, D]`, or (backward) `dy` `[B, D]` scattered into zeros.

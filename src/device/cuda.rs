@@ -17,7 +17,10 @@ use anyhow::{anyhow, ensure, Result};
 
 use super::kernel_choice::{Choice, KernelChoices, WemoeKernels};
 use super::op_times::{DeviceQueue, OpTimer};
-use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
+use super::{
+    check_merge, check_task_vectors, patch_backward_geometry, rows_and_width, Activation, Backend, Device,
+    ExpertLinear, LinearWeight, Precision, WeightLayout,
+};
 use crate::cuda::ops::{self as k, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
 use crate::cuda::Executor;
 use crate::tensor::{DeviceBuffer, Storage, Tensor};
@@ -184,19 +187,20 @@ where
     fn stacked<'t>(&self, parts: &'t [Tensor]) -> Result<&'t E::Buffer> {
         let first = match parts.first().map(Tensor::storage) {
             Some(Storage::Device(d)) => d,
-            _ => return Err(anyhow!("expert linear: task vectors are not on {}", self.device)),
+            _ => return Err(anyhow!("task vectors are not on {}", self.device)),
         };
         let mut offset = 0;
         for p in parts {
             match p.storage() {
                 Storage::Device(d) if Arc::ptr_eq(&d.buffer, &first.buffer) && d.offset == offset => offset += d.len,
-                _ => return Err(anyhow!("expert linear: task vectors were not prepared by this backend")),
+                _ => {
+                    return Err(anyhow!(
+                        "task vectors were not stacked by this backend (prepare_expert_linear, hold_task_vectors)"
+                    ))
+                }
             }
         }
-        first
-            .buffer
-            .downcast_ref::<E::Buffer>()
-            .ok_or_else(|| anyhow!("expert linear: task vectors of another backend"))
+        first.buffer.downcast_ref::<E::Buffer>().ok_or_else(|| anyhow!("task vectors of another backend"))
     }
 
     /// Uploads host vectors stacked into one buffer, as tensors of `shape` over consecutive ranges.
@@ -619,6 +623,80 @@ where
             self.buf(&dx)?,
         )?;
         Ok(dx)
+    }
+
+    fn layer_norm_backward_params(&self, x: &Tensor, eps: f32, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _timer = OpTimer::start_queued("layer_norm_backward_params", &self.executor);
+        Self::same_shape("layer_norm_backward_params", x, dy)?;
+        let (rows, width) = rows_and_width(x);
+        let (dw, db) = (self.alloc(&[width])?, self.alloc(&[width])?);
+        let e = &self.executor;
+        k::layer_norm_param_grads(e, self.buf(x)?, self.buf(dy)?, rows, width, eps, self.buf(&dw)?, self.buf(&db)?)?;
+        Ok((dw, db))
+    }
+
+    fn patch_embed_backward(
+        &self,
+        pixels: &Tensor,
+        weight_shape: &[usize],
+        d_tokens: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _timer = OpTimer::start_queued("patch_embed_backward", &self.executor);
+        let g = patch_backward_geometry(pixels, weight_shape, d_tokens)?;
+        let (dw, d_class, d_position) =
+            (self.alloc(weight_shape)?, self.alloc(&[g.width])?, self.alloc(&[g.tokens(), g.width])?);
+        k::patch_embed_backward(
+            &self.executor,
+            self.buf(pixels)?,
+            self.buf(d_tokens)?,
+            (g.batch, g.channels, g.image, g.patch, g.width),
+            self.buf(&dw)?,
+            self.buf(&d_class)?,
+            self.buf(&d_position)?,
+        )?;
+        Ok((dw, d_class, d_position))
+    }
+
+    fn hold_task_vectors(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let _timer = OpTimer::start_queued("hold_task_vectors", &self.executor);
+        match parts.first() {
+            Some(first) => self.upload_stacked(&parts, first.shape()),
+            None => Ok(parts),
+        }
+    }
+
+    fn merge_task_vectors(&self, base: &Tensor, tasks: &[Tensor], lambdas: &[f32]) -> Result<Tensor> {
+        let _timer = OpTimer::start_queued("merge_task_vectors", &self.executor);
+        check_merge(base, tasks, lambdas)?;
+        if tasks.is_empty() {
+            return self.copy(base);
+        }
+        let e = &self.executor;
+        let out = self.alloc(base.shape())?;
+        let lambdas_on_device = e.upload(lambdas)?;
+        let n = base.numel();
+        k::merge_rounded(
+            e,
+            self.buf(base)?,
+            self.stacked(tasks)?,
+            &lambdas_on_device,
+            n,
+            tasks.len(),
+            self.buf(&out)?,
+        )?;
+        Ok(out)
+    }
+
+    fn task_vector_dots(&self, tasks: &[Tensor], g: &Tensor) -> Result<Vec<f32>> {
+        let _timer = OpTimer::start_queued("task_vector_dots", &self.executor);
+        check_task_vectors("task_vector_dots", g, tasks)?;
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let e = &self.executor;
+        let out = e.zeros(tasks.len())?;
+        k::task_vector_dots(e, self.stacked(tasks)?, self.buf(g)?, g.numel(), tasks.len(), &out)?;
+        e.download(&out)
     }
 
     fn activation_backward(&self, z: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {

@@ -179,6 +179,67 @@ pub enum Activation {
     Relu,
 }
 
+/// The geometry of [`Backend::patch_embed_backward`]'s operands, checked.
+pub(crate) fn patch_backward_geometry(
+    pixels: &Tensor,
+    weight_shape: &[usize],
+    d_tokens: &Tensor,
+) -> Result<crate::ops::patch_embed::PatchGeometry> {
+    let (ps, ds) = (pixels.shape(), d_tokens.shape());
+    anyhow::ensure!(
+        ps.len() == 4
+            && weight_shape.len() == 4
+            && ds.len() == 3
+            && ds[0] == ps[0]
+            && ds[2] == weight_shape[0]
+            && weight_shape[1] == ps[1]
+            && weight_shape[2] > 0,
+        "patch_embed_backward: pixels {ps:?}, weight {weight_shape:?} and gradient {ds:?} do not fit"
+    );
+    let g = crate::ops::patch_embed::PatchGeometry {
+        batch: ps[0],
+        channels: ps[1],
+        image: ps[2],
+        patch: weight_shape[2],
+        width: weight_shape[0],
+    };
+    anyhow::ensure!(ds[1] == g.tokens(), "patch_embed_backward: {} tokens, the images make {}", ds[1], g.tokens());
+    Ok(g)
+}
+
+/// Every task vector has `like`'s shape.
+pub(crate) fn check_task_vectors(op: &str, like: &Tensor, tasks: &[Tensor]) -> Result<()> {
+    for (t, tau) in tasks.iter().enumerate() {
+        anyhow::ensure!(
+            tau.shape() == like.shape(),
+            "{op}: task vector {t} has shape {:?}, expected {:?}",
+            tau.shape(),
+            like.shape()
+        );
+    }
+    Ok(())
+}
+
+/// [`Backend::merge_task_vectors`]' operands fit: task vectors of the base's shape, a coefficient for each.
+pub(crate) fn check_merge(base: &Tensor, tasks: &[Tensor], lambdas: &[f32]) -> Result<()> {
+    check_task_vectors("merge_task_vectors", base, tasks)?;
+    anyhow::ensure!(
+        lambdas.len() == tasks.len(),
+        "merge_task_vectors: {} task vectors, {} coefficients",
+        tasks.len(),
+        lambdas.len()
+    );
+    Ok(())
+}
+
+/// A tensor's values on the host: borrowed where they are there, else downloaded.
+fn host_values<'t, B: Backend + ?Sized>(be: &B, t: &'t Tensor) -> Result<std::borrow::Cow<'t, [f32]>> {
+    Ok(match t.storage() {
+        crate::tensor::Storage::Cpu(_) => std::borrow::Cow::Borrowed(t.host()?),
+        crate::tensor::Storage::Device(_) => std::borrow::Cow::Owned(be.to_host(t)?),
+    })
+}
+
 /// The operations the CLIP vision forward needs, on one device. Every tensor argument must live on
 /// this backend's device; shapes are checked and a mismatch is an error naming the operation.
 pub trait Backend: Send + Sync {
@@ -311,19 +372,7 @@ pub trait Backend: Send + Sync {
         weight_shape: &[usize],
         d_tokens: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (ps, ds) = (pixels.shape(), d_tokens.shape());
-        anyhow::ensure!(
-            ps.len() == 4 && weight_shape.len() == 4 && ds.len() == 3 && ds[0] == ps[0] && ds[2] == weight_shape[0],
-            "patch_embed_backward: pixels {ps:?}, weight {weight_shape:?} and gradient {ds:?} do not fit"
-        );
-        let g = crate::ops::patch_embed::PatchGeometry {
-            batch: ps[0],
-            channels: ps[1],
-            image: ps[2],
-            patch: weight_shape[2],
-            width: weight_shape[0],
-        };
-        anyhow::ensure!(ds[1] == g.tokens(), "patch_embed_backward: {} tokens, the images make {}", ds[1], g.tokens());
+        let g = patch_backward_geometry(pixels, weight_shape, d_tokens)?;
         let (dw, dc, dp) =
             crate::ops::patch_embed::patch_embed_backward(&self.to_host(pixels)?, &self.to_host(d_tokens)?, g)?;
         Ok((
@@ -331,6 +380,33 @@ pub trait Backend: Send + Sync {
             self.upload(Tensor::from_vec(&[g.width], dc)?)?,
             self.upload(Tensor::from_vec(&[g.tokens(), g.width], dp)?)?,
         ))
+    }
+
+    /// Task vectors held on this device for [`merge_task_vectors`](Backend::merge_task_vectors) and
+    /// [`task_vector_dots`](Backend::task_vector_dots), which layer-wise AdaMerging runs on them at every
+    /// step: `parts`, all of one shape, in the layout those take. By default each uploaded as it is.
+    fn hold_task_vectors(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        parts.into_iter().map(|p| self.upload(p)).collect()
+    }
+
+    /// `base + Σ_t lambdas[t]·tasks[t]`, the experts added in order and each product rounded before its sum,
+    /// the bits torch's `state_dict[name] + param * w` gives. By default on the host.
+    fn merge_task_vectors(&self, base: &Tensor, tasks: &[Tensor], lambdas: &[f32]) -> Result<Tensor> {
+        check_merge(base, tasks, lambdas)?;
+        let base_values = host_values(self, base)?;
+        let values = tasks.iter().map(|t| host_values(self, t)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[f32]> = values.iter().map(|v| v.as_ref()).collect();
+        let merged = crate::ops::task_vectors::merge_rounded(&base_values, &refs, lambdas);
+        self.upload(Tensor::from_vec(base.shape(), merged)?)
+    }
+
+    /// `⟨tasks[t], g⟩` for every task vector, summed in f64. By default on the host.
+    fn task_vector_dots(&self, tasks: &[Tensor], g: &Tensor) -> Result<Vec<f32>> {
+        check_task_vectors("task_vector_dots", g, tasks)?;
+        let g = host_values(self, g)?;
+        let values = tasks.iter().map(|t| host_values(self, t)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[f32]> = values.iter().map(|v| v.as_ref()).collect();
+        Ok(crate::ops::task_vectors::task_vector_dots(&refs, &g))
     }
 
     /// Backward of [`activation`](Backend::activation) from the pre-activation `z`.

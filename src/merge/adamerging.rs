@@ -4,16 +4,16 @@
 //! test batches, one per task per step, as WEMoE's routers are.
 //!
 //! The gradient of the loss with respect to `λ[t, p]` is `⟨τ_t,p, ∂L/∂θ_p⟩`: the tape gives `∂L/∂θ_p` for
-//! every parameter ([`Trainable::Everything`]), and the task vectors are read from the experts' memory maps to
-//! contract with it, so they are never held. Each step merges the model anew from the maps, as FusionBench's
-//! `merge_weights` does after each optimiser step.
+//! every parameter ([`Trainable::Everything`]), and the backend contracts it with the task vectors
+//! ([`Backend::task_vector_dots`]). Each step merges the model anew ([`Backend::merge_task_vectors`]), as
+//! FusionBench's `merge_weights` does after each optimiser step. On the CPU the task vectors are read from the
+//! experts' memory maps for each of the two and never held; on a GPU they are uploaded once and held.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
@@ -22,8 +22,9 @@ use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
 use crate::config::VisionConfig;
 use crate::data::Dataset;
-use crate::device::Backend;
+use crate::device::{Backend, Device};
 use crate::model::{ClipVision, Heads, ImageEncoder, Routing, WeightSource};
+use crate::ops::task_vectors::merge_rounded;
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
 use crate::tensor::Tensor;
 
@@ -102,34 +103,29 @@ impl Coefficients {
     }
 }
 
-/// The pretrained model, the experts and the derived parameter order: what every step reads.
+/// The pretrained model, the experts and the derived parameter order: what every step reads. On a GPU, also
+/// every parameter's pretrained tensor and task vectors, held on the device for the whole run.
 pub struct AdaMerging<'a> {
     pretrained: &'a ModelDir,
     experts: &'a [Expert],
     names: Vec<String>,
+    held: Option<BTreeMap<String, Held>>,
+}
+
+/// A parameter's pretrained tensor and its task vectors on the device.
+struct Held {
+    theta0: Tensor,
+    taus: Vec<Tensor>,
 }
 
 /// The pretrained tensor `name` and every expert's task vector of it, `θ_t − θ0` in f32, their pages of the
 /// maps dropped after (as every merge does). Keeping them mapped across steps left a B/32 step's time as it was
 /// (16.4–16.8 s against 16.7–16.9 s at fb8816d) and took the peak from 2.1 to 4.8 GB (BENCHMARKS.md).
-fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<(Tensor, Vec<Vec<f32>>)> {
-    super::ties::task_vectors(pretrained, experts, name)
-}
-
-/// Elements per parallel chunk of a merge or a contraction.
-const CHUNK: usize = 1 << 14;
-
-/// `θ0 + Σ_t τ_t·λ_t`, adding the experts in order, each product rounded before its sum as torch's
-/// `state_dict[name] + param * w` is.
-fn merge_tensor(theta0: &[f32], taus: &[Vec<f32>], lambdas: &[f32]) -> Vec<f32> {
-    let mut out = theta0.to_vec();
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let at = c * CHUNK..c * CHUNK + out.len();
-        for (tau, &lambda) in taus.iter().zip(lambdas) {
-            out.iter_mut().zip(&tau[at.clone()]).for_each(|(o, &v)| *o += v * lambda);
-        }
-    });
-    out
+fn task_vectors(pretrained: &ModelDir, experts: &[Expert], name: &str) -> Result<(Tensor, Vec<Tensor>)> {
+    let (theta0, taus) = super::ties::task_vectors(pretrained, experts, name)?;
+    let shape = theta0.shape().to_vec();
+    let taus = taus.into_iter().map(|t| Tensor::from_vec(&shape, t)).collect::<Result<_>>()?;
+    Ok((theta0, taus))
 }
 
 /// The model's tensors merged at some coefficients, as a [`WeightSource`] for the model's loader, which takes
@@ -151,14 +147,32 @@ impl WeightSource for MergedWeights {
 
 impl<'a> AdaMerging<'a> {
     /// Checks that the experts fit the pretrained model (as every merge does) and that it has every
-    /// parameter tensor of a CLIP vision tower.
-    pub fn new(pretrained: &'a ModelDir, experts: &'a [Expert]) -> Result<Self> {
+    /// parameter tensor of a CLIP vision tower. On a GPU backend the pretrained tensors and the task vectors
+    /// are then uploaded, once: `(T + 1)` times the vision tower's size in device memory, against a merge
+    /// and a contraction that would otherwise read every expert from the host at every step.
+    pub fn new(be: &dyn Backend, pretrained: &'a ModelDir, experts: &'a [Expert]) -> Result<Self> {
         check_inputs(pretrained, experts)?;
         let names = parameter_order(&pretrained.config);
         for name in &names {
             ensure!(pretrained.store.contains(name), "{}: missing tensor '{name}'", pretrained.path.display());
         }
-        Ok(AdaMerging { pretrained, experts, names })
+        let held = if be.device() == Device::Cpu {
+            None
+        } else {
+            let mut held = BTreeMap::new();
+            for name in &names {
+                let (theta0, taus) = task_vectors(pretrained, experts, name)?;
+                let mib = ((experts.len() + 1) * theta0.numel() * 4) as f64 / (1 << 20) as f64;
+                let hold =
+                    || -> Result<Held> { Ok(Held { theta0: be.upload(theta0)?, taus: be.hold_task_vectors(taus)? }) };
+                let h = hold().with_context(|| {
+                    format!("holding '{name}' and its {} task vectors on {} ({mib:.1} MiB)", experts.len(), be.device())
+                })?;
+                held.insert(name.clone(), h);
+            }
+            Some(held)
+        };
+        Ok(AdaMerging { pretrained, experts, names, held })
     }
 
     /// The parameter tensors, in FusionBench's order.
@@ -171,10 +185,23 @@ impl<'a> AdaMerging<'a> {
         Coefficients::constant(self.names.clone(), self.experts.len(), init)
     }
 
-    /// One merged parameter tensor.
+    /// One merged parameter tensor on the host, from the maps (what the output is written from).
     fn merged(&self, name: &str, coefficients: &Coefficients) -> Result<Vec<f32>> {
         let (theta0, taus) = task_vectors(self.pretrained, self.experts, name)?;
-        Ok(merge_tensor(theta0.host()?, &taus, &coefficients.values[name]))
+        let taus = taus.iter().map(Tensor::host).collect::<Result<Vec<_>>>()?;
+        Ok(merge_rounded(theta0.host()?, &taus, &coefficients.values[name]))
+    }
+
+    /// One merged parameter tensor on `be`: from the held tensors where they are, else from the maps.
+    fn merged_on(&self, be: &dyn Backend, name: &str, coefficients: &Coefficients) -> Result<Tensor> {
+        let lambdas = &coefficients.values[name];
+        match self.held.as_ref().and_then(|h| h.get(name)) {
+            Some(h) => be.merge_task_vectors(&h.theta0, &h.taus, lambdas),
+            None => {
+                let (theta0, taus) = task_vectors(self.pretrained, self.experts, name)?;
+                be.merge_task_vectors(&theta0, &taus, lambdas)
+            }
+        }
     }
 
     /// The vision tower merged at `coefficients`, on `be`, with the pretrained model's projection and
@@ -189,8 +216,7 @@ impl<'a> AdaMerging<'a> {
     pub fn vision(&self, be: &dyn Backend, coefficients: &Coefficients) -> Result<ClipVision> {
         let mut tensors = BTreeMap::new();
         for name in &self.names {
-            let shape = self.pretrained.store.shape(name).unwrap_or_default().to_vec();
-            tensors.insert(name.clone(), Tensor::from_vec(&shape, self.merged(name, coefficients)?)?);
+            tensors.insert(name.clone(), self.merged_on(be, name, coefficients)?);
         }
         ClipVision::load(be, &MergedWeights(Mutex::new(tensors)), &self.pretrained.config, None)
     }
@@ -209,22 +235,11 @@ impl<'a> AdaMerging<'a> {
             entropy_loss_and_gradients(be, model, &classifier, batches, Routing::Batch, Trainable::Everything)?;
         let mut out = BTreeMap::new();
         for name in &self.names {
-            let g = match grads.get(name) {
-                Some(g) => be.to_host(g)?,
-                None => bail!("internal: no gradient reached '{name}'"),
+            let g = grads.get(name).ok_or_else(|| anyhow!("internal: no gradient reached '{name}'"))?;
+            let dots = match self.held.as_ref().and_then(|h| h.get(name)) {
+                Some(h) => be.task_vector_dots(&h.taus, g)?,
+                None => be.task_vector_dots(&task_vectors(self.pretrained, self.experts, name)?.1, g)?,
             };
-            let (_, taus) = task_vectors(self.pretrained, self.experts, name)?;
-            let dots = taus
-                .par_iter()
-                .map(|tau| {
-                    tau.par_chunks(CHUNK)
-                        .zip(g.par_chunks(CHUNK))
-                        .map(|(t, g)| t.iter().zip(g).map(|(&t, &g)| t as f64 * g as f64).sum::<f64>())
-                        .collect::<Vec<f64>>()
-                        .into_iter()
-                        .fold(0.0, |a, b| a + b) as f32
-                })
-                .collect();
             out.insert(name.clone(), dots);
         }
         Ok((loss, out))
@@ -336,7 +351,7 @@ pub fn adamerging(
         heads.head(name)?;
         ensure!(!d.is_empty(), "--task {name}: {} has no images", d.origin().display());
     }
-    let run = AdaMerging::new(pretrained, experts)?;
+    let run = AdaMerging::new(be, pretrained, experts)?;
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
     let fresh = !out.exists();
     if !fresh && !checkpoint.exists() {
@@ -506,23 +521,6 @@ pub fn read_coefficients(path: &Path) -> Result<(Vec<String>, Vec<String>, Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn merge_adds_each_rounded_product_in_expert_order() {
-        // 6e-8 is just over half an ulp of 1: added one at a time each rounds up (1 + 2ε), where their sum
-        // first would give 1 + ε.
-        let theta0 = vec![1.0f32, -0.0, 3.0];
-        let taus = vec![vec![6e-8f32, 0.0, 1.0 + f32::EPSILON], vec![6e-8f32, -0.0, -2.0]];
-        let got = merge_tensor(&theta0, &taus, &[1.0, 1.0]);
-        assert_eq!(got[0], 1.0 + 2.0 * f32::EPSILON);
-        assert_eq!(got[1].to_bits(), 0.0f32.to_bits(), "-0 + 0 + -0 is +0, as torch gives");
-        assert_eq!(got[2], (3.0 + (1.0 + f32::EPSILON)) - 2.0);
-        // 1 + 0.3·(1 + 3ε): the product rounded first gives 1.3000002, a fused multiply-add 1.3000001.
-        let v = 1.0 + 3.0 * f32::EPSILON;
-        let got = merge_tensor(&[1.0], &[vec![v]], &[0.3]);
-        assert_eq!(got[0], 1.0 + v * 0.3);
-        assert_ne!(got[0], v.mul_add(0.3, 1.0), "the case tells the two apart");
-    }
 
     #[test]
     fn parameter_order_is_named_parameters_order() {

@@ -16,4 +16,5 @@ pub mod layer_norm;
 pub mod patch_embed;
 pub mod router;
 pub mod rows;
+pub mod task_vectors;
 pub mod transpose;
