@@ -644,7 +644,7 @@ where
     let mut model = run.model(&be, &coefficients)?;
     op_times::take_report();
     let t = median_wall_s(|| {
-        let (loss, grads) = run.loss_and_gradient(&be, &model, &heads, &tasks)?;
+        let (loss, grads) = run.loss_and_gradient(&be, &model, &coefficients, &heads, &tasks)?;
         anyhow::ensure!(loss.is_finite() && grads.len() == run.names().len(), "a non-finite loss or missing gradients");
         model.vision = run.vision(&be, &coefficients)?;
         Ok(())

@@ -1,4 +1,4 @@
-//! Layer-wise AdaMerging against FusionBench's `LayerWiseMergedModel` (fixtures of
+//! AdaMerging against FusionBench's `LayerWiseMergedModel` and `TaskWiseMergedModel` (fixtures of
 //! tools/make_adamerging_fixtures.py): the loss and its gradient with respect to every coefficient at the
 //! initial 0.3, the coefficients and the merged model after 5 steps of its loop, and the command line.
 
@@ -10,7 +10,8 @@ use common::*;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile, TensorStore};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::merge::{
-    parameter_order, read_coefficients, AdaMerging, Expert, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+    parameter_order, read_coefficients, AdaMerging, Expert, Granularity, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+    TASK_WISE_COLUMN,
 };
 use wemoe_engine::model::Heads;
 
@@ -45,7 +46,7 @@ fn loss_and_coefficient_gradients_match_fusionbench() {
     let coefficients = run.initial(0.3);
     let model = run.model(&be, &coefficients).unwrap();
     let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
-    let (loss, grads) = run.loss_and_gradient(&be, &model, &heads, &adapt_tasks(&heads)).unwrap();
+    let (loss, grads) = run.loss_and_gradient(&be, &model, &coefficients, &heads, &adapt_tasks(&heads)).unwrap();
     let (_, want_loss) = reference("adamerging/expected.safetensors", "loss");
     assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} against {}", want_loss[0]);
     let (shape, want) = reference("adamerging/expected.safetensors", "grad");
@@ -59,6 +60,100 @@ fn loss_and_coefficient_gradients_match_fusionbench() {
         let column: Vec<f32> = (0..EXPERTS.len()).map(|t| want[t * run.names().len() + p]).collect();
         assert!(column.iter().any(|&g| g != 0.0), "FusionBench's gradient of {name} is 0: the fixture tests nothing");
     }
+}
+
+/// Task-wise AdaMerging (one coefficient per expert for the whole tower): its loss and gradient, the sum over
+/// every tensor's contraction, as FusionBench's `TaskWiseMergedModel` gives them.
+#[test]
+fn task_wise_loss_and_gradient_match_fusionbench() {
+    let be = CpuBackend::new();
+    let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
+    let experts = experts();
+    let run = AdaMerging::new(&be, &pretrained, &experts).unwrap().with_granularity(Granularity::TaskWise);
+    let coefficients = run.initial(0.3);
+    assert_eq!(coefficients.names, [TASK_WISE_COLUMN]);
+    let model = run.model(&be, &coefficients).unwrap();
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let (loss, grads) = run.loss_and_gradient(&be, &model, &coefficients, &heads, &adapt_tasks(&heads)).unwrap();
+    let (_, want_loss) = reference("adamerging/expected.safetensors", "task.loss");
+    assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} against {}", want_loss[0]);
+    let (shape, want) = reference("adamerging/expected.safetensors", "task.grad");
+    assert_eq!(shape, [EXPERTS.len()]);
+    assert_eq!(grads.len(), 1, "one column");
+    let e = rel_err(&grads[TASK_WISE_COLUMN], &want);
+    assert!(e <= GRADIENT_REL_TOL, "task-wise gradients {:?} against {want:?}: {e:.3e}", grads[TASK_WISE_COLUMN]);
+}
+
+#[test]
+fn five_task_wise_steps_on_the_command_line_match_fusionbenchs_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out: PathBuf = tmp.path().join("adamerged");
+    let (ok, _, err) = run(&command(&out, &["--steps", "5", "--granularity", "task-wise"]));
+    assert!(ok, "{err}");
+    assert!(err.contains("adamerging trained 3 coefficients (3 experts, task-wise) in 5 steps"), "{err}");
+    let file = read_coefficients(&out.join(COEFFICIENTS_FILE)).unwrap();
+    assert_eq!(file.granularity, Granularity::TaskWise);
+    assert_eq!(file.parameters, fusionbench_order(), "the tensors the coefficients scale");
+    let (_, want) = reference("adamerging/expected.safetensors", "task.adam5");
+    let (du, dw): (Vec<f32>, Vec<f32>) = file.values.iter().zip(&want).map(|(g, w)| (g - 0.3, w - 0.3)).unzip();
+    let e = rel_err(&du, &dw);
+    assert!(e <= UPDATE_REL_L2_TOL, "the 5 steps' update {du:?} against {dw:?}: {e:.3e}");
+    let ours = ModelDir::open(&out).unwrap();
+    let want = TensorStore::open_file(&fixture("adamerging/expected.safetensors")).unwrap();
+    let mut checked = 0;
+    for name in want.names().filter_map(|n| n.strip_prefix("task.merged.")) {
+        let g = ours.store.get_any(name).unwrap().host().unwrap().to_vec();
+        let w = want.get_any(&format!("task.merged.{name}")).unwrap().host().unwrap().to_vec();
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        assert!(worst <= 1e-5, "{name}: off by {worst:.3e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 39);
+    let (ok, text, err) = engine(&["info", s(&out)]);
+    assert!(ok && text.contains("granularity task-wise"), "{text}{err}");
+}
+
+/// `clamp_weights`: the model is merged at the coefficients clamped to [0, 1], so a clamped run at `λ` gives
+/// the loss and, on the coefficients inside the range, the gradients of an unclamped run at `clamp(λ)`; the
+/// coefficients outside it get none (torch's `clamp` passes the gradient on the closed range: 0 and 1 keep it).
+#[test]
+fn clamped_coefficients_merge_clamped_and_get_no_gradient_outside_the_range() {
+    let be = CpuBackend::new();
+    let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
+    let experts = experts();
+    let plain = AdaMerging::new(&be, &pretrained, &experts).unwrap();
+    let clamped = AdaMerging::new(&be, &pretrained, &experts).unwrap().with_clamp(true);
+    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
+    let tasks = adapt_tasks(&heads);
+    let mut raw = plain.initial(0.3);
+    let values = [-0.4f32, 0.0, 0.7, 1.0, 1.6];
+    for (p, v) in raw.values.values_mut().enumerate() {
+        for (t, l) in v.iter_mut().enumerate() {
+            *l = values[(p + 2 * t) % values.len()];
+        }
+    }
+    let mut inside = raw.clone();
+    for v in inside.values.values_mut() {
+        v.iter_mut().for_each(|l| *l = l.clamp(0.0, 1.0));
+    }
+    let (loss, grads) =
+        clamped.loss_and_gradient(&be, &clamped.model(&be, &raw).unwrap(), &raw, &heads, &tasks).unwrap();
+    let (want_loss, want) =
+        plain.loss_and_gradient(&be, &plain.model(&be, &inside).unwrap(), &inside, &heads, &tasks).unwrap();
+    assert_eq!(loss, want_loss, "the clamped merge is the merge at the clamped coefficients");
+    let (mut kept, mut zeroed) = (0, 0);
+    for name in plain.names() {
+        for (t, &l) in raw.values[name].iter().enumerate() {
+            if (0.0..=1.0).contains(&l) {
+                assert_eq!(grads[name][t], want[name][t], "{name}, expert {t} at {l}");
+                kept += usize::from(want[name][t] != 0.0);
+            } else {
+                assert_eq!(grads[name][t], 0.0, "{name}, expert {t} at {l}: clamped, no gradient");
+                zeroed += usize::from(want[name][t] != 0.0);
+            }
+        }
+    }
+    assert!(kept > 40 && zeroed > 40, "both cases carry weight: {kept} kept, {zeroed} zeroed");
 }
 
 /// The merge command line for AdaMerging on the fixtures, into `out`, with `extra` arguments.
@@ -91,9 +186,11 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
     assert!(ok, "{err}");
     assert!(err.contains("adamerging trained 117 coefficients (3 experts × 39 tensors) in 5 steps"), "{err}");
 
-    let (experts, names, got) = read_coefficients(&out.join(COEFFICIENTS_FILE)).unwrap();
-    assert_eq!(experts, EXPERTS);
-    assert_eq!(names, fusionbench_order());
+    let file = read_coefficients(&out.join(COEFFICIENTS_FILE)).unwrap();
+    assert_eq!(file.experts, EXPERTS);
+    assert_eq!(file.parameters, fusionbench_order());
+    assert_eq!(file.granularity, Granularity::LayerWise);
+    let (names, got) = (file.parameters, file.values);
     let (_, want) = reference("adamerging/expected.safetensors", "adam5");
     // A key projection's bias shifts every score of a query alike, which softmax ignores: its gradient is 0,
     // and what either side computes for it is rounding noise (1e-12 to 1e-9 here), which Adam's normalised
@@ -139,13 +236,15 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
         "lr": 1e-3,
         "batch_size": 16,
         "seed": 0,
+        "clamp_weights": false,
+        "granularity": "layer-wise",
         "tasks": ["left", "right"],
     });
     assert_eq!(info["merge"], want);
     let (ok, text, err) = engine(&["info", s(&out)]);
     assert!(ok, "{err}");
-    let line = "merged      adamerging of red, green, blue (scaling 0.3, steps 5, lr 0.001, batch_size 16, seed 0) on \
-                left, right by wemoe-engine";
+    let line = "merged      adamerging of red, green, blue (scaling 0.3, steps 5, lr 0.001, batch_size 16, seed 0, \
+                granularity layer-wise, clamp_weights false) on left, right by wemoe-engine";
     assert!(text.contains(line), "{text}");
 }
 
@@ -216,6 +315,8 @@ fn bad_adamerging_arguments_are_refused_in_one_line() {
         (data_free("average", &["--checkpoint-every", "5"]), "--checkpoint-every applies to --method adamerging only"),
         (data_free("ties-merging", &["--resume"]), "--resume applies to --method adamerging only"),
         (data_free("wemoe", &["--steps", "5"]), "--steps applies to --method adamerging only"),
+        (data_free("average", &["--clamp-weights"]), "--clamp-weights applies to --method adamerging only"),
+        (data_free("wemoe", &["--granularity", "task-wise"]), "--granularity applies to --method adamerging only"),
         (command(&out, &["--steps", "0"]), "--steps must be positive"),
         (command(&out, &["--checkpoint-every", "0"]), "--checkpoint-every must be positive"),
         (command(&out, &["--lr", "-1"]), "--lr must be a positive number"),

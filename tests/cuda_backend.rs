@@ -133,13 +133,14 @@ fn adamerging_gradients_match_fusionbench(be: &dyn Backend) {
         .map(|n| Expert { name: n.to_string(), model: ModelDir::open(&fixture(&format!("wemoe/{n}"))).unwrap() })
         .collect();
     let run = AdaMerging::new(be, &pretrained, &experts).unwrap();
-    let model = run.model(be, &run.initial(0.3)).unwrap();
+    let coefficients = run.initial(0.3);
+    let model = run.model(be, &coefficients).unwrap();
     let heads = Heads::open(be, &fixture("adapt/heads.safetensors")).unwrap();
     let mut tasks = adapt_tasks(&heads);
     for t in &mut tasks {
         t.pixels = be.upload(std::mem::replace(&mut t.pixels, Tensor::zeros(&[0]))).unwrap();
     }
-    let (loss, grads) = run.loss_and_gradient(be, &model, &heads, &tasks).unwrap();
+    let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, &heads, &tasks).unwrap();
     let (_, want_loss) = reference("adamerging/expected.safetensors", "loss");
     assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} vs {}", want_loss[0]);
     let (_, want) = reference("adamerging/expected.safetensors", "grad");

@@ -121,6 +121,8 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "lr",
             "batch_size",
             "seed",
+            "granularity",
+            "clamp_weights",
         ]
         .iter()
         .filter_map(|k| field(k).map(|v| format!("{k} {v}")))

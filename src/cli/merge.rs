@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::Dataset;
 use wemoe_engine::device::DeviceChoice;
-use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeOptions, COEFFICIENTS_FILE};
+use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, Granularity, MergeOptions, COEFFICIENTS_FILE};
 
 use super::{open_task_inputs, progress, TaskInputs};
 
@@ -90,7 +90,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Layer-wise AdaMerging: the coefficients trained with a progress bar, the model written.
+/// AdaMerging: the coefficients trained with a progress bar, the model written.
 fn run_adamerging(
     inputs: TaskInputs,
     experts: &[Expert],
@@ -118,12 +118,16 @@ fn run_adamerging(
         let all: Vec<f32> = summary.coefficients.values.values().flatten().copied().collect();
         let (lo, hi) = all.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
         let mean = all.iter().map(|&v| v as f64).sum::<f64>() / all.len().max(1) as f64;
+        let shape = match options.granularity {
+            Granularity::LayerWise => {
+                format!("{} experts × {} tensors", experts.len(), summary.coefficients.names.len())
+            }
+            Granularity::TaskWise => format!("{} experts, task-wise", experts.len()),
+        };
         eprintln!(
-            "adamerging trained {} coefficients ({} experts × {} tensors) in {} steps: last loss {last:.4}, \
-             coefficients {lo:.4} to {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
+            "adamerging trained {} coefficients ({shape}) in {} steps: last loss {last:.4}, coefficients {lo:.4} \
+             to {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
             all.len(),
-            experts.len(),
-            summary.coefficients.names.len(),
             options.steps,
         );
         eprintln!(

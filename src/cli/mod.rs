@@ -11,7 +11,7 @@ use wemoe_engine::device::Backend;
 use wemoe_engine::device::{self, DeviceChoice, DeviceRequest, Precision};
 use wemoe_engine::eval::Batching;
 use wemoe_engine::hub_cache::{HubCache, Located};
-use wemoe_engine::merge::{AdaMergingOptions, MergeMethod, MergeOptions, TiesMergeFunc, TiesOptions};
+use wemoe_engine::merge::{AdaMergingOptions, Granularity, MergeMethod, MergeOptions, TiesMergeFunc, TiesOptions};
 use wemoe_engine::model::Heads;
 use wemoe_engine::model::{self, RouterActivation};
 use wemoe_engine::suite::Suite;
@@ -76,10 +76,19 @@ enum Method {
     TiesMerging,
     /// The mean of the experts.
     Average,
-    /// Layer-wise AdaMerging: θ0 + Σ_t λ[t, p]·τ_t per parameter tensor p, the coefficients trained by Adam on
-    /// the entropy of unlabeled test batches (FusionBench's CLIPLayerWiseAdaMergingAlgorithm); needs --heads
-    /// and --task.
+    /// AdaMerging: θ0 + Σ_t λ[t, p]·τ_t per parameter tensor p (or one λ[t] for all with --granularity
+    /// task-wise), the coefficients trained by Adam on the entropy of unlabeled test batches (FusionBench's
+    /// CLIPLayerWiseAdaMergingAlgorithm, CLIPTaskWiseAdaMergingAlgorithm); needs --heads and --task.
     Adamerging,
+}
+
+/// `--granularity` of AdaMerging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GranularityArg {
+    /// A coefficient per expert and parameter tensor (FusionBench's clip_layer_wise_adamerging).
+    LayerWise,
+    /// A coefficient per expert (clip_task_wise_adamerging).
+    TaskWise,
 }
 
 /// `--merge-func` of TIES-merging.
@@ -202,6 +211,12 @@ enum Command {
         /// AdaMerging: continue from the checkpoint in --out.
         #[arg(long)]
         resume: bool,
+        /// AdaMerging: clamp every coefficient to [0, 1] where the merge uses it (FusionBench's clamp_weights).
+        #[arg(long)]
+        clamp_weights: bool,
+        /// AdaMerging: a coefficient per expert and parameter tensor, or per expert [default: layer-wise].
+        #[arg(long, value_enum)]
+        granularity: Option<GranularityArg>,
     },
     /// Write pooled outputs and image embeddings of a dataset to safetensors.
     Embed {
@@ -518,6 +533,8 @@ pub fn run(cli: Cli) -> Result<()> {
             batch_size,
             checkpoint_every,
             resume,
+            clamp_weights,
+            granularity,
         } => {
             if method != Method::TiesMerging && (threshold.is_some() || merge_func.is_some()) {
                 let flag = if threshold.is_some() { "--threshold" } else { "--merge-func" };
@@ -531,6 +548,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 ("--batch-size", batch_size.is_some()),
                 ("--checkpoint-every", checkpoint_every.is_some()),
                 ("--resume", resume),
+                ("--clamp-weights", clamp_weights),
+                ("--granularity", granularity.is_some()),
             ];
             if method != Method::Adamerging {
                 if let Some((flag, _)) = adaptive.iter().find(|(_, given)| *given) {
@@ -582,6 +601,11 @@ pub fn run(cli: Cli) -> Result<()> {
                         batch_size: batch_size.unwrap_or(defaults.batch_size),
                         seed,
                         checkpoint_every: checkpoint_every.unwrap_or(defaults.checkpoint_every),
+                        clamp: clamp_weights,
+                        granularity: match granularity {
+                            None | Some(GranularityArg::LayerWise) => Granularity::LayerWise,
+                            Some(GranularityArg::TaskWise) => Granularity::TaskWise,
+                        },
                     };
                     merge::Job::AdaMerging { heads, tasks, options, device, resume }
                 }

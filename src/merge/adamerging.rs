@@ -28,7 +28,31 @@ use crate::ops::task_vectors::merge_rounded;
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
 use crate::tensor::Tensor;
 
-/// What layer-wise AdaMerging is asked to do (FusionBench's `adamerging/clip.yaml` defaults).
+/// How many coefficients each expert gets: FusionBench's two CLIP AdaMerging algorithms (`name` in its
+/// `adamerging/clip.yaml`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Granularity {
+    /// One per parameter tensor of the vision tower (`clip_layer_wise_adamerging`, the default).
+    #[default]
+    LayerWise,
+    /// One for the whole tower (`clip_task_wise_adamerging`).
+    TaskWise,
+}
+
+impl Granularity {
+    /// As the command line and `config.json` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::LayerWise => "layer-wise",
+            Granularity::TaskWise => "task-wise",
+        }
+    }
+}
+
+/// The one column of task-wise coefficients, which every parameter tensor shares.
+pub const TASK_WISE_COLUMN: &str = "task_wise";
+
+/// What AdaMerging is asked to do (FusionBench's `adamerging/clip.yaml` defaults).
 #[derive(Clone, Debug)]
 pub struct AdaMergingOptions {
     /// Every coefficient's initial value (`init_values`, 0.3).
@@ -43,11 +67,25 @@ pub struct AdaMergingOptions {
     pub seed: u64,
     /// Steps between checkpoints in the output directory.
     pub checkpoint_every: u64,
+    /// Clamp every coefficient to [0, 1] where the merge uses it (`clamp_weights`, false): a coefficient
+    /// outside that range then gets no gradient, as through torch's `clamp`.
+    pub clamp: bool,
+    /// A coefficient per expert and parameter tensor, or per expert.
+    pub granularity: Granularity,
 }
 
 impl Default for AdaMergingOptions {
     fn default() -> Self {
-        AdaMergingOptions { init: 0.3, steps: 1000, lr: 1e-3, batch_size: 16, seed: 0, checkpoint_every: 100 }
+        AdaMergingOptions {
+            init: 0.3,
+            steps: 1000,
+            lr: 1e-3,
+            batch_size: 16,
+            seed: 0,
+            checkpoint_every: 100,
+            clamp: false,
+            granularity: Granularity::LayerWise,
+        }
     }
 }
 
@@ -81,12 +119,12 @@ pub fn parameter_order(config: &VisionConfig) -> Vec<String> {
     names.into_iter().map(|n| format!("vision_model.{n}")).collect()
 }
 
-/// The coefficients `λ[t, p]`: per parameter tensor, one per expert.
+/// The coefficients `λ[t, p]`: per parameter tensor (or, task-wise, for all of them), one per expert.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Coefficients {
-    /// The parameter tensors, in [`parameter_order`].
+    /// The parameter tensors, in [`parameter_order`]; task-wise, [`TASK_WISE_COLUMN`] alone.
     pub names: Vec<String>,
-    /// Per parameter tensor, its coefficient for each expert in order.
+    /// Per column, its coefficient for each expert in order.
     pub values: BTreeMap<String, Vec<f32>>,
 }
 
@@ -110,6 +148,8 @@ pub struct AdaMerging<'a> {
     experts: &'a [Expert],
     names: Vec<String>,
     held: Option<BTreeMap<String, Held>>,
+    clamp: bool,
+    granularity: Granularity,
 }
 
 /// A parameter's pretrained tensor and its task vectors on the device.
@@ -172,7 +212,37 @@ impl<'a> AdaMerging<'a> {
             }
             Some(held)
         };
-        Ok(AdaMerging { pretrained, experts, names, held })
+        Ok(AdaMerging { pretrained, experts, names, held, clamp: false, granularity: Granularity::LayerWise })
+    }
+
+    /// The same run with every coefficient clamped to [0, 1] where the merge uses it when `clamp`
+    /// (FusionBench's `clamp_weights`): the merge takes the clamped values, and a coefficient outside the
+    /// range gets a zero gradient (torch's `clamp` passes the gradient on the closed range).
+    pub fn with_clamp(self, clamp: bool) -> Self {
+        AdaMerging { clamp, ..self }
+    }
+
+    /// The same run with `granularity`'s coefficients (layer-wise by default).
+    pub fn with_granularity(self, granularity: Granularity) -> Self {
+        AdaMerging { granularity, ..self }
+    }
+
+    /// The coefficients' column of parameter tensor `name`.
+    fn column<'n>(&self, name: &'n str) -> &'n str {
+        match self.granularity {
+            Granularity::LayerWise => name,
+            Granularity::TaskWise => TASK_WISE_COLUMN,
+        }
+    }
+
+    /// The coefficients of parameter tensor `name` as the merge uses them.
+    fn used(&self, coefficients: &Coefficients, name: &str) -> Vec<f32> {
+        let values = &coefficients.values[self.column(name)];
+        if self.clamp {
+            values.iter().map(|l| l.clamp(0.0, 1.0)).collect()
+        } else {
+            values.clone()
+        }
     }
 
     /// The parameter tensors, in FusionBench's order.
@@ -182,24 +252,28 @@ impl<'a> AdaMerging<'a> {
 
     /// Every coefficient `init`.
     pub fn initial(&self, init: f32) -> Coefficients {
-        Coefficients::constant(self.names.clone(), self.experts.len(), init)
+        let columns = match self.granularity {
+            Granularity::LayerWise => self.names.clone(),
+            Granularity::TaskWise => vec![TASK_WISE_COLUMN.to_string()],
+        };
+        Coefficients::constant(columns, self.experts.len(), init)
     }
 
     /// One merged parameter tensor on the host, from the maps (what the output is written from).
     fn merged(&self, name: &str, coefficients: &Coefficients) -> Result<Vec<f32>> {
         let (theta0, taus) = task_vectors(self.pretrained, self.experts, name)?;
         let taus = taus.iter().map(Tensor::host).collect::<Result<Vec<_>>>()?;
-        Ok(merge_rounded(theta0.host()?, &taus, &coefficients.values[name]))
+        Ok(merge_rounded(theta0.host()?, &taus, &self.used(coefficients, name)))
     }
 
     /// One merged parameter tensor on `be`: from the held tensors where they are, else from the maps.
     fn merged_on(&self, be: &dyn Backend, name: &str, coefficients: &Coefficients) -> Result<Tensor> {
-        let lambdas = &coefficients.values[name];
+        let lambdas = self.used(coefficients, name);
         match self.held.as_ref().and_then(|h| h.get(name)) {
-            Some(h) => be.merge_task_vectors(&h.theta0, &h.taus, lambdas),
+            Some(h) => be.merge_task_vectors(&h.theta0, &h.taus, &lambdas),
             None => {
                 let (theta0, taus) = task_vectors(self.pretrained, self.experts, name)?;
-                be.merge_task_vectors(&theta0, &taus, lambdas)
+                be.merge_task_vectors(&theta0, &taus, &lambdas)
             }
         }
     }
@@ -221,26 +295,41 @@ impl<'a> AdaMerging<'a> {
         ClipVision::load(be, &MergedWeights(Mutex::new(tensors)), &self.pretrained.config, None)
     }
 
-    /// The loss of `model` (merged at some coefficients) on `batches`, the sum over tasks of the batch-mean
-    /// entropy, and its gradient with respect to every coefficient: `⟨τ_t,p, ∂L/∂θ_p⟩`, summed in f64.
+    /// The loss of `model` (merged at `coefficients`) on `batches`, the sum over tasks of the batch-mean
+    /// entropy, and its gradient with respect to every coefficient: `⟨τ_t,p, ∂L/∂θ_p⟩`, summed in f64 (task-wise,
+    /// also over the tensors `p`; zero for a coefficient the clamp holds at 0 or 1).
     pub fn loss_and_gradient(
         &self,
         be: &dyn Backend,
         model: &ImageEncoder,
+        coefficients: &Coefficients,
         heads: &Heads,
         batches: &[TaskBatch],
     ) -> Result<(f64, BTreeMap<String, Vec<f32>>)> {
         let classifier = heads.classifier(model, &self.pretrained.path)?;
         let (loss, grads) =
             entropy_loss_and_gradients(be, model, &classifier, batches, Routing::Batch, Trainable::Everything)?;
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for name in &self.names {
             let g = grads.get(name).ok_or_else(|| anyhow!("internal: no gradient reached '{name}'"))?;
             let dots = match self.held.as_ref().and_then(|h| h.get(name)) {
                 Some(h) => be.task_vector_dots(&h.taus, g)?,
                 None => be.task_vector_dots(&task_vectors(self.pretrained, self.experts, name)?.1, g)?,
             };
-            out.insert(name.clone(), dots);
+            // Task-wise, the tensors' contractions add up in parameter order.
+            let sum = out.entry(self.column(name).to_string()).or_insert_with(|| vec![0.0; dots.len()]);
+            sum.iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
+        }
+        let mut out: BTreeMap<String, Vec<f32>> =
+            out.into_iter().map(|(k, v)| (k, v.into_iter().map(|d| d as f32).collect())).collect();
+        if self.clamp {
+            for (column, dots) in &mut out {
+                for (d, l) in dots.iter_mut().zip(&coefficients.values[column]) {
+                    if !(0.0..=1.0).contains(l) {
+                        *d = 0.0;
+                    }
+                }
+            }
         }
         Ok((loss, out))
     }
@@ -271,11 +360,19 @@ pub struct AdaMergingSummary {
 fn fingerprint(run: &AdaMerging, heads: &Heads, tasks: &[String], data: &[Dataset], o: &AdaMergingOptions) -> Value {
     let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, e.model.path.display().to_string()])).collect();
     let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, d.origin().display().to_string()])).collect();
-    json!({
+    let mut print = json!({
         "pretrained": run.pretrained.path.display().to_string(), "experts": experts,
         "heads": heads.path().display().to_string(), "tasks": tasks,
         "init": o.init, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed,
-    })
+    });
+    // Only when not the default, so that checkpoints written before the options existed still resume.
+    if o.clamp {
+        print["clamp_weights"] = true.into();
+    }
+    if o.granularity != Granularity::LayerWise {
+        print["granularity"] = o.granularity.name().into();
+    }
+    print
 }
 
 /// `values` by name as one `[T, P]` matrix in `names`' order (zeros for a name without values).
@@ -351,7 +448,7 @@ pub fn adamerging(
         heads.head(name)?;
         ensure!(!d.is_empty(), "--task {name}: {} has no images", d.origin().display());
     }
-    let run = AdaMerging::new(be, pretrained, experts)?;
+    let run = AdaMerging::new(be, pretrained, experts)?.with_clamp(opts.clamp).with_granularity(opts.granularity);
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
     let fresh = !out.exists();
     if !fresh && !checkpoint.exists() {
@@ -386,7 +483,7 @@ pub fn adamerging(
                     Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
                 })
                 .collect::<Result<_>>()?;
-            let (loss, grads) = run.loss_and_gradient(be, &model, heads, &batches)?;
+            let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, heads, &batches)?;
             finite(loss, &grads, step + 1, &checkpoint)?;
             adam.update(&mut coefficients.values, &grads, opts.lr)?;
             model.vision = run.vision(be, &coefficients)?;
@@ -425,6 +522,8 @@ fn provenance(run: &AdaMerging, tasks: &[String], opts: &AdaMergingOptions) -> V
         "lr": opts.lr,
         "batch_size": opts.batch_size,
         "seed": opts.seed,
+        "clamp_weights": opts.clamp,
+        "granularity": opts.granularity.name(),
         "tasks": tasks,
     })
 }
@@ -466,7 +565,7 @@ fn write_output(
         let mut writer = StreamingWriter::create(&tmp, plan)?;
         let mut parameters = 0;
         for name in &names {
-            let values = if coefficients.values.contains_key(name) {
+            let values = if run.names.contains(name) {
                 run.merged(name, coefficients)?
             } else {
                 let t = pretrained.store.get_any(name)?;
@@ -486,36 +585,53 @@ fn write_output(
     }
     let parameters = written?;
     let experts = run.experts.len();
-    let matrix = NamedTensor {
-        name: "merge_weight".into(),
-        shape: vec![experts, coefficients.names.len()],
-        values: coefficients.to_matrix(experts),
+    // FusionBench's `merge_weight`: [T, P] layer-wise, [T] task-wise.
+    let shape = match run.granularity {
+        Granularity::LayerWise => vec![experts, coefficients.names.len()],
+        Granularity::TaskWise => vec![experts],
     };
+    let matrix = NamedTensor { name: "merge_weight".into(), shape, values: coefficients.to_matrix(experts) };
     let metadata = BTreeMap::from([
-        ("parameters".to_string(), serde_json::to_string(&coefficients.names)?),
+        ("granularity".to_string(), run.granularity.name().to_string()),
+        ("parameters".to_string(), serde_json::to_string(&run.names)?),
         ("experts".to_string(), serde_json::to_string(&run.experts.iter().map(|e| &e.name).collect::<Vec<_>>())?),
     ]);
     write_safetensors_with_metadata(&dir.join(COEFFICIENTS_FILE), &[matrix], metadata)?;
     Ok((names.len(), parameters))
 }
 
-/// Reads a coefficients file written by [`adamerging`]: the experts, the parameter names and the `[T, P]`
-/// values.
-pub fn read_coefficients(path: &Path) -> Result<(Vec<String>, Vec<String>, Vec<f32>)> {
+/// A coefficients file written by [`adamerging`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoefficientsFile {
+    /// The experts, in order.
+    pub experts: Vec<String>,
+    /// The parameter tensors the coefficients scale, in [`parameter_order`].
+    pub parameters: Vec<String>,
+    /// Per expert and tensor, or per expert.
+    pub granularity: Granularity,
+    /// `merge_weight`: `[T, P]` layer-wise, `[T]` task-wise.
+    pub values: Vec<f32>,
+}
+
+/// Reads a coefficients file written by [`adamerging`] (one without a granularity is layer-wise, as every
+/// file was before task-wise AdaMerging).
+pub fn read_coefficients(path: &Path) -> Result<CoefficientsFile> {
     let file = SafetensorsFile::open(path)?;
-    let names: Vec<String> = serde_json::from_str(
+    let parameters: Vec<String> = serde_json::from_str(
         file.metadata("parameters").ok_or_else(|| anyhow!("{}: no 'parameters' in its metadata", path.display()))?,
     )?;
     let experts: Vec<String> = serde_json::from_str(
         file.metadata("experts").ok_or_else(|| anyhow!("{}: no 'experts' in its metadata", path.display()))?,
     )?;
+    let granularity = match file.metadata("granularity") {
+        None | Some("layer-wise") => Granularity::LayerWise,
+        Some("task-wise") => Granularity::TaskWise,
+        Some(other) => bail!("{}: unknown granularity '{other}'", path.display()),
+    };
     let values = file.f32("merge_weight")?.host()?.to_vec();
-    ensure!(
-        values.len() == names.len() * experts.len(),
-        "{}: merge_weight does not match its metadata",
-        path.display()
-    );
-    Ok((experts, names, values))
+    let columns = if granularity == Granularity::TaskWise { 1 } else { parameters.len() };
+    ensure!(values.len() == columns * experts.len(), "{}: merge_weight does not match its metadata", path.display());
+    Ok(CoefficientsFile { experts, parameters, granularity, values })
 }
 
 #[cfg(test)]

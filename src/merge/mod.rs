@@ -51,7 +51,7 @@ mod ties;
 
 pub use adamerging::{
     adamerging, parameter_order, read_coefficients, AdaMerging, AdaMergingOptions, AdaMergingStep, AdaMergingSummary,
-    Coefficients, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+    Coefficients, CoefficientsFile, Granularity, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE, TASK_WISE_COLUMN,
 };
 pub use ties::{TiesMergeFunc, TiesOptions, TiesStats};
 
