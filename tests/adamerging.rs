@@ -369,6 +369,9 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     other = command(&killed, &["--steps", steps, "--batch-size", "3", "--seed", "1", "--resume"]);
     let (ok, _, err) = run(&other);
     assert!(!ok && err.contains("(seed: 0 there, 1 now)"), "{err}");
+    other = command(&killed, &["--steps", steps, "--batch-size", "3", "--granularity", "task-wise", "--resume"]);
+    let (ok, _, err) = run(&other);
+    assert!(!ok && err.contains("(granularity: \"layer-wise\" there, \"task-wise\" now)"), "{err}");
     assert_eq!(checkpoint_step(&killed), Some(at), "a refused resume leaves the checkpoint as it was");
 
     let mut resumed = args.clone();

@@ -1,7 +1,9 @@
 //! Layer-wise AdaMerging (Yang et al., ICLR 2024), as FusionBench's `CLIPLayerWiseAdaMergingAlgorithm`
 //! computes it: one coefficient per expert and per parameter tensor of the vision tower, the model
 //! `θ_p = θ0_p + Σ_t λ[t, p]·τ_t,p`, and the coefficients trained by Adam on the summed entropy of unlabeled
-//! test batches, one per task per step, as WEMoE's routers are.
+//! test batches, one per task per step, as WEMoE's routers are. Task-wise AdaMerging
+//! (`CLIPTaskWiseAdaMergingAlgorithm`, [`Granularity::TaskWise`]) shares one coefficient per expert across
+//! every tensor, whose gradient is the sum of the tensors' own.
 //!
 //! The gradient of the loss with respect to `λ[t, p]` is `⟨τ_t,p, ∂L/∂θ_p⟩`: the tape gives `∂L/∂θ_p` for
 //! every parameter ([`Trainable::Everything`]), and the backend contracts it with the task vectors
@@ -360,19 +362,21 @@ pub struct AdaMergingSummary {
 fn fingerprint(run: &AdaMerging, heads: &Heads, tasks: &[String], data: &[Dataset], o: &AdaMergingOptions) -> Value {
     let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, e.model.path.display().to_string()])).collect();
     let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, d.origin().display().to_string()])).collect();
-    let mut print = json!({
+    json!({
         "pretrained": run.pretrained.path.display().to_string(), "experts": experts,
         "heads": heads.path().display().to_string(), "tasks": tasks,
         "init": o.init, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed,
-    });
-    // Only when not the default, so that checkpoints written before the options existed still resume.
-    if o.clamp {
-        print["clamp_weights"] = true.into();
+        "clamp_weights": o.clamp, "granularity": o.granularity.name(),
+    })
+}
+
+/// A checkpoint's fingerprint with the options that came later at the values every earlier run had.
+fn with_later_defaults(mut saved: Value) -> Value {
+    if let Some(o) = saved.as_object_mut() {
+        o.entry("clamp_weights").or_insert(false.into());
+        o.entry("granularity").or_insert(Granularity::LayerWise.name().into());
     }
-    if o.granularity != Granularity::LayerWise {
-        print["granularity"] = o.granularity.name().into();
-    }
-    print
+    saved
 }
 
 /// `values` by name as one `[T, P]` matrix in `names`' order (zeros for a name without values).
@@ -395,11 +399,19 @@ fn save_checkpoint(path: &Path, state: &CheckpointState, c: &Coefficients, adam:
     write_safetensors_with_metadata(path, &tensors, meta)
 }
 
-fn load_checkpoint(path: &Path, c: &mut Coefficients, adam: &mut Adam, experts: usize) -> Result<CheckpointState> {
+/// Reads a checkpoint into `c` and `adam`, once its arguments are found to be `print`'s.
+fn load_checkpoint(
+    path: &Path,
+    print: &Value,
+    c: &mut Coefficients,
+    adam: &mut Adam,
+    experts: usize,
+) -> Result<CheckpointState> {
     let file = SafetensorsFile::open(path)?;
     let state: CheckpointState =
         serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
             .with_context(|| format!("{}: unreadable state", path.display()))?;
+    same_arguments(path, &with_later_defaults(state.fingerprint.clone()), print)?;
     let read = |key: &str| -> Result<Vec<f32>> {
         let values = file.f32(key)?.host()?.to_vec();
         ensure!(values.len() == experts * c.names.len(), "{}: '{key}' does not fit the models", path.display());
@@ -463,8 +475,7 @@ pub fn adamerging(
     let (mut step, mut samplers) = if fresh {
         (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     } else {
-        let state = load_checkpoint(&checkpoint, &mut coefficients, &mut adam, experts.len())?;
-        same_arguments(&checkpoint, &state.fingerprint, &print)?;
+        let state = load_checkpoint(&checkpoint, &print, &mut coefficients, &mut adam, experts.len())?;
         (state.step, state.samplers)
     };
     if fresh {
@@ -637,6 +648,15 @@ pub fn read_coefficients(path: &Path) -> Result<CoefficientsFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_from_before_the_options_resume_at_their_defaults() {
+        let old = json!({"lr": 0.001, "seed": 0});
+        let now = json!({"lr": 0.001, "seed": 0, "clamp_weights": false, "granularity": "layer-wise"});
+        assert_eq!(with_later_defaults(old), now);
+        let set = json!({"lr": 0.001, "clamp_weights": true, "granularity": "task-wise"});
+        assert_eq!(with_later_defaults(set.clone()), set, "what a checkpoint says stays");
+    }
 
     #[test]
     fn parameter_order_is_named_parameters_order() {
