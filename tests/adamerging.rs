@@ -111,6 +111,10 @@ fn five_task_wise_steps_on_the_command_line_match_fusionbenchs_loop() {
     assert_eq!(checked, 39);
     let (ok, text, err) = engine(&["info", s(&out)]);
     assert!(ok && text.contains("granularity task-wise"), "{text}{err}");
+    let v = &file.values;
+    let line =
+        format!("coefficients task-wise ({COEFFICIENTS_FILE}): red {:.4}, green {:.4}, blue {:.4}\n", v[0], v[1], v[2]);
+    assert!(text.contains(&line), "{line} in {text}");
 }
 
 /// `clamp_weights`: the model is merged at the coefficients clamped to [0, 1], so a clamped run at `λ` gives
@@ -241,6 +245,17 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
         "tasks": ["left", "right"],
     });
     assert_eq!(info["merge"], want);
+    // Each expert's trained coefficients, summarised from the file beside the model.
+    assert_eq!(info["coefficients"]["granularity"], "layer-wise");
+    for (t, expert) in EXPERTS.iter().enumerate() {
+        let row = &got[t * names.len()..(t + 1) * names.len()];
+        let summary = &info["coefficients"]["experts"][t];
+        assert_eq!(summary["name"], *expert, "the experts in order");
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64;
+        assert!((summary["mean"].as_f64().unwrap() - mean).abs() < 1e-12, "{expert}: {summary}");
+        let lowest = row.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!(summary["min"].as_f64().unwrap(), lowest as f64, "{expert}");
+    }
     let (ok, text, err) = engine(&["info", s(&out)]);
     assert!(ok, "{err}");
     let line = "merged      adamerging of red, green, blue (scaling 0.3, steps 5, lr 0.001, batch_size 16, seed 0, \

@@ -1,5 +1,6 @@
-//! `wemoe-engine info`: what a model directory holds, from its config and headers alone; or what a heads
-//! file holds (tasks, class counts and names, projection, logit scale).
+//! `wemoe-engine info`: what a model directory holds, from its config and headers alone (and AdaMerging's
+//! coefficients beside a model it made); or what a heads file holds (tasks, class counts and names,
+//! projection, logit scale).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::device::CpuBackend;
+use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, COEFFICIENTS_FILE};
 use wemoe_engine::model::Heads;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
@@ -52,6 +54,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let tokenizer = ClipTokenizer::files_in(&dir.path);
     let files: Vec<String> =
         store.files().iter().map(|f| f.path().file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    let coefficients = trained_coefficients(path)?;
     if as_json {
         let report = json!({
             "path": path.display().to_string(),
@@ -64,6 +67,14 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "wemoe": wemoe,
             "merge": dir.json.get("merge"),
             "adaptation": dir.json.get("adaptation"),
+            "coefficients": coefficients.as_ref().map(|(file, per_expert)| json!({
+                "file": COEFFICIENTS_FILE,
+                "granularity": file.granularity.name(),
+                "experts": per_expert
+                    .iter()
+                    .map(|s| json!({"name": s.expert, "mean": s.mean, "min": s.min, "max": s.max}))
+                    .collect::<Vec<_>>(),
+            })),
             "projection": projection,
             "logit_scale": logit_scale,
             "text": text.as_ref().map(|t| json!({
@@ -159,6 +170,22 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             field("tool")
         );
     }
+    if let Some((file, per_expert)) = &coefficients {
+        let shown: Vec<String> = match file.granularity {
+            Granularity::TaskWise => per_expert.iter().map(|s| format!("{} {:.4}", s.expert, s.mean)).collect(),
+            Granularity::LayerWise => per_expert
+                .iter()
+                .map(|s| format!("{} {:.4} ({:.4} to {:.4})", s.expert, s.mean, s.min, s.max))
+                .collect(),
+        };
+        let what = match file.granularity {
+            Granularity::TaskWise => format!("task-wise ({COEFFICIENTS_FILE})"),
+            Granularity::LayerWise => {
+                format!("layer-wise ({COEFFICIENTS_FILE}), mean over {} tensors", file.parameters.len())
+            }
+        };
+        say!("coefficients {what}: {}", shown.join(", "));
+    }
     match &projection {
         Some(s) => say!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
         None => say!("projection  none"),
@@ -187,6 +214,36 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     say!("files       {} ({})", files.join(", "), dtypes.join(", "));
     Ok(())
+}
+
+/// One expert's trained AdaMerging coefficients: their mean and range.
+struct ExpertCoefficients {
+    expert: String,
+    mean: f64,
+    min: f32,
+    max: f32,
+}
+
+/// The AdaMerging coefficients beside a merged model, when it has them, and each expert's summary.
+fn trained_coefficients(dir: &Path) -> Result<Option<(CoefficientsFile, Vec<ExpertCoefficients>)>> {
+    let path = dir.join(COEFFICIENTS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let file = read_coefficients(&path)?;
+    let per = file.values.len() / file.experts.len().max(1);
+    let summary = file
+        .experts
+        .iter()
+        .zip(file.values.chunks(per.max(1)))
+        .map(|(expert, row)| ExpertCoefficients {
+            expert: expert.clone(),
+            mean: row.iter().map(|&v| v as f64).sum::<f64>() / row.len().max(1) as f64,
+            min: row.iter().copied().fold(f32::INFINITY, f32::min),
+            max: row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        })
+        .collect();
+    Ok(Some((file, summary)))
 }
 
 /// A config.json value as `info` prints it: a string without its quotes, anything else as JSON.
