@@ -569,18 +569,13 @@ fn parameter_shape(name: &str, c: &VisionConfig) -> Vec<usize> {
     }
 }
 
-/// A seeded random CLIP vision model of `config` with a projection, written to `dir` as a HF checkpoint.
-fn write_random_clip(dir: &std::path::Path, config: &VisionConfig, seed: u64) -> Result<()> {
+/// A seeded random CLIP vision model of `config` with a projection: its tensors.
+fn random_clip(config: &VisionConfig, seed: u64) -> Result<Vec<wemoe_engine::output::NamedTensor>> {
     use wemoe_engine::model::{RandomWeights, WeightSource};
-    use wemoe_engine::output::{write_atomic, write_safetensors, NamedTensor};
-    std::fs::create_dir_all(dir)?;
-    let mut json = config.to_json();
-    json["model_type"] = "clip_vision_model".into();
-    write_atomic(&dir.join("config.json"), serde_json::to_string(&json)?.as_bytes())?;
     let src = RandomWeights::new(seed);
     let mut names = wemoe_engine::merge::parameter_order(config);
     names.push("visual_projection.weight".into());
-    let tensors = names
+    names
         .into_iter()
         .map(|name| {
             let shape = match name.as_str() {
@@ -588,14 +583,26 @@ fn write_random_clip(dir: &std::path::Path, config: &VisionConfig, seed: u64) ->
                 _ => parameter_shape(&name, config),
             };
             let values = src.get(&name, &shape)?.into_host_vec()?;
-            Ok(NamedTensor { name, shape, values })
+            Ok(wemoe_engine::output::NamedTensor { name, shape, values })
         })
-        .collect::<Result<Vec<_>>>()?;
-    write_safetensors(&dir.join("model.safetensors"), &tensors)
+        .collect()
+}
+
+/// `tensors` written to `dir` as a HF CLIP vision checkpoint of `config`.
+fn write_clip(
+    dir: &std::path::Path,
+    config: &VisionConfig,
+    tensors: &[wemoe_engine::output::NamedTensor],
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut json = config.to_json();
+    json["model_type"] = "clip_vision_model".into();
+    wemoe_engine::output::write_atomic(&dir.join("config.json"), serde_json::to_string(&json)?.as_bytes())?;
+    wemoe_engine::output::write_safetensors(&dir.join("model.safetensors"), tensors)
 }
 
 /// One step of layer-wise AdaMerging (`merge --method adamerging`) on the CUDA backend: a random CLIP vision
-/// model of `config` and 8 random experts written to a temporary folder and held on the device
+/// model of `config` and 8 experts made from it written to a temporary folder and held on the device
 /// (`AdaMerging::new`), then what the run's loop does per step: the loss and every coefficient's gradient
 /// over 8 tasks × `per_task` images, and the model merged anew. Medians of wall clock, as `end_to_end`.
 fn adamerging_step<E>(executor: E, config: &VisionConfig, per_task: usize, op_tables: bool) -> Result<()>
@@ -612,9 +619,21 @@ where
 
     let dir = tempfile::tempdir()?;
     let made = std::time::Instant::now();
-    write_random_clip(&dir.path().join("pretrained"), config, 3)?;
+    // The experts scale the pretrained model (task vectors 0.01·(t + 1)·θ0): a step's work does not depend on
+    // the values, and drawing 8 more random B/32 models would spend the card's minutes on the host's RNG.
+    let pretrained_tensors = random_clip(config, 3)?;
+    write_clip(&dir.path().join("pretrained"), config, &pretrained_tensors)?;
     for t in 0..8 {
-        write_random_clip(&dir.path().join(format!("expert{t}")), config, 10 + t)?;
+        let factor = 1.0 + 0.01 * (t + 1) as f32;
+        let scaled: Vec<_> = pretrained_tensors
+            .iter()
+            .map(|p| wemoe_engine::output::NamedTensor {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                values: p.values.iter().map(|v| v * factor).collect(),
+            })
+            .collect();
+        write_clip(&dir.path().join(format!("expert{t}")), config, &scaled)?;
     }
     let pretrained = ModelDir::open(&dir.path().join("pretrained"))?;
     let experts = (0..8)
