@@ -93,15 +93,35 @@ pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> R
     if saved == now {
         return Ok(());
     }
-    let differs = now
-        .as_object()
-        .and_then(|p| p.iter().find(|(k, v)| saved.get(k.as_str()) != Some(v)).map(|(k, v)| (k.clone(), v.clone())));
-    let (key, value) = differs.unwrap_or_default();
+    // The first that differs: one this run gives otherwise, else one only the checkpoint names.
+    let keys = now.as_object().into_iter().chain(saved.as_object()).flat_map(|o| o.keys());
+    let key = keys.into_iter().find(|k| saved.get(k.as_str()) != now.get(k.as_str())).cloned().unwrap_or_default();
+    let shown = |v: &Value| v.get(&key).cloned().unwrap_or(Value::Null);
     bail!(
-        "--resume: {} was made with other arguments ({key}: {} there, {value} now); resume with the same ones",
+        "--resume: {} was made with other arguments ({key}: {} there, {} now); resume with the same ones",
         checkpoint.display(),
-        saved.get(&key).cloned().unwrap_or(Value::Null)
+        shown(saved),
+        shown(now)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_names_the_argument_that_differs_on_either_side() {
+        let at = Path::new("ckpt");
+        let now = serde_json::json!({"lr": 0.001, "seed": 0});
+        assert!(same_arguments(at, &now, &now).is_ok());
+        let other = serde_json::json!({"lr": 0.002, "seed": 0});
+        let e = same_arguments(at, &other, &now).unwrap_err().to_string();
+        assert!(e.contains("(lr: 0.002 there, 0.001 now)"), "{e}");
+        // An argument the checkpoint has and this run does not.
+        let more = serde_json::json!({"lr": 0.001, "seed": 0, "granularity": "task-wise"});
+        let e = same_arguments(at, &more, &now).unwrap_err().to_string();
+        assert!(e.contains("(granularity: \"task-wise\" there, null now)"), "{e}");
+    }
 }
 
 /// What a checkpoint holds besides the trained tensors and Adam's moments (also AdaMerging's).
