@@ -1,7 +1,7 @@
 //! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
 //! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step. The GEMM
-//! and the WEMoE layer also with bf16 products on AMX tiles, where the CPU has them (`--precision bf16`). And
+//! and the WEMoE layer also with bf16 products where the CPU has a unit for them (`--precision bf16`). And
 //! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files). And the
 //! B/32 text tower on 256 prompts of 12 tokens (`wemoe-engine heads`).
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.
@@ -13,7 +13,7 @@ use wemoe_engine::device::{CpuBackend, Precision};
 use wemoe_engine::model::{
     ClipMlp, ImageEncoder, Linear, RandomWeights, RouterActivation, Routing, WemoeMlp, WemoeSpec,
 };
-use wemoe_engine::ops::amx;
+use wemoe_engine::ops::bf16;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 use wemoe_engine::tensor::Tensor;
 use wemoe_engine::text::{ClipText, TextConfig};
@@ -34,11 +34,11 @@ fn gemm(c: &mut Criterion) {
             let lhs = MatRef::row_major(&a, m, k).unwrap();
             group.bench_function(id, |bench| bench.iter(|| matmul(lhs, rhs, &mut out, false, Threads::All).unwrap()));
         }
-        // --precision bf16 on AMX, the right side packed per call as the CPU backend does.
-        if amx::available() {
-            let id = BenchmarkId::new("bf16_amx", format!("{m}x{k}x{n}"));
+        // --precision bf16 (AMX or AVX-512 BF16), the right side packed per call as the CPU backend does.
+        if bf16::available() {
+            let id = BenchmarkId::new("bf16", format!("{m}x{k}x{n}"));
             group.bench_function(id, |bench| {
-                bench.iter(|| amx::linear(&a, m, k, &amx::pack_rhs(&b, k, n).unwrap(), None))
+                bench.iter(|| bf16::linear(&a, m, k, &bf16::pack_rhs(&b, k, n).unwrap(), None))
             });
         }
     }
@@ -92,7 +92,7 @@ fn wemoe_layer(c: &mut Criterion) {
             b.iter(|| moe.forward(&be, &h, Routing::Batch).unwrap())
         });
         group.bench_function(BenchmarkId::new("dense_mlp", batch), |b| b.iter(|| dense.forward(&be, &h).unwrap()));
-        // --precision bf16 on AMX (the CPU backend prepares weights alike in both precisions).
+        // --precision bf16 (the CPU backend prepares weights alike in both precisions).
         if let Ok(bf16) = CpuBackend::with_precision(Precision::Bf16) {
             for (id, routing) in [("per_sample_bf16", Routing::Sample), ("batch_bf16", Routing::Batch)] {
                 group.bench_function(BenchmarkId::new(id, batch), |b| {
@@ -173,7 +173,7 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
 }
 
 /// One adaptation step's loss and router gradients: ViT-B/32 widths with 8 experts, shortened to 4 layers,
-/// 2 tasks × 8 images, per-sample and batch routing, in f32 and (with AMX) bf16.
+/// 2 tasks × 8 images, per-sample and batch routing, in f32 and (with a bf16 unit) bf16.
 fn adapt_step(c: &mut Criterion) {
     use wemoe_engine::autograd::{entropy_loss_and_router_gradients, TaskBatch};
     use wemoe_engine::model::Heads;
@@ -207,7 +207,7 @@ fn adapt_step(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("adapt_step_b32_4layers_8experts_2x8images");
     group.sample_size(10);
-    // --precision bf16 on AMX as well (the CPU backend prepares weights alike in both precisions).
+    // --precision bf16 as well (the CPU backend prepares weights alike in both precisions).
     let bf16 = CpuBackend::with_precision(Precision::Bf16).ok();
     let backends = std::iter::once(("", &be)).chain(bf16.as_ref().map(|b| ("_bf16", b)));
     for (suffix, be) in backends {

@@ -3,12 +3,13 @@
 //!
 //! `gemm_probe M K N REPS LAYOUT` prints the median seconds of `[M,K]·[K,N]`, where LAYOUT is `nn`
 //! (both row-major, like `a @ b`), `nt` (the right side stored `[N,K]`, like `F.linear`) or `bf16` (`nn` with
-//! bf16 operands on AMX, the right side packed in each product, as `--precision bf16` runs it).
+//! bf16 operands (`ops::bf16`: AMX or AVX-512 BF16), the right side packed in each product, as
+//! `--precision bf16` runs it).
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use wemoe_engine::ops::amx;
+use wemoe_engine::ops::bf16;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 
 fn main() -> Result<()> {
@@ -26,7 +27,7 @@ fn main() -> Result<()> {
     let lhs = MatRef::row_major(&a, m, k)?;
     let mut product = || -> Result<()> {
         if layout == "bf16" {
-            c = amx::linear(&a, m, k, &amx::pack_rhs(&b, k, n)?, None)?;
+            c = bf16::linear(&a, m, k, &bf16::pack_rhs(&b, k, n)?, None)?;
             return Ok(());
         }
         matmul(lhs, rhs, &mut c, false, Threads::All)

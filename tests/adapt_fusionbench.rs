@@ -124,16 +124,17 @@ fn router_gradients_match_finite_differences_of_the_whole_model() {
     eprintln!("tape against finite differences: within {:.2e} of the gradients' scale", worst / scale);
 }
 
-/// `--precision bf16` on the CPU: where the CPU has AMX, the router gradients (the forward's products and the
-/// backward's through frozen weights in bf16) within [`BF16_GRADIENT_REL_L2_TOL`] of torch's f32 ones in both
-/// routing modes, tensor by tensor, and really rounded (further from them than f32 is); elsewhere refused.
+/// `--precision bf16` on the CPU: where the CPU has a bf16 unit (AMX, or AMD's AVX-512 BF16), the router
+/// gradients (the forward's products and the backward's through frozen weights in bf16) within
+/// [`BF16_GRADIENT_REL_L2_TOL`] of torch's f32 ones in both routing modes, tensor by tensor, and really rounded
+/// (further from them than f32 is); elsewhere refused.
 #[test]
 fn bf16_router_gradients_are_within_their_tolerance_or_refused() {
     use wemoe_engine::device::Precision;
     let be = match CpuBackend::with_precision(Precision::Bf16) {
         Ok(be) => be,
         Err(e) => {
-            assert!(!wemoe_engine::ops::amx::available() && format!("{e}").contains("needs AMX"), "{e}");
+            assert!(!wemoe_engine::ops::bf16::available() && format!("{e}").contains("needs AMX"), "{e}");
             return;
         }
     };

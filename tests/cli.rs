@@ -243,7 +243,8 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
     assert!(!out.exists());
     let (ok, _, err) = run(args("tpu"));
     assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
-    // TF32 is a GPU arithmetic: refused on the CPU; bf16 runs on the CPU where it has AMX, else is refused.
+    // TF32 is a GPU arithmetic: refused on the CPU; bf16 runs on the CPU where it has a unit for it (AMX, or
+    // AVX-512 BF16 on AMD), else is refused.
     let mut tf32 = args("cpu");
     tf32.extend(["--precision".to_string(), "tf32".to_string()]);
     let (ok, _, err) = run(tf32);
@@ -251,7 +252,7 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
     let mut bf16 = args("cpu");
     bf16.extend(["--precision".to_string(), "bf16".to_string()]);
     let (ok, _, err) = run(bf16);
-    if wemoe_engine::ops::amx::available() {
+    if wemoe_engine::ops::bf16::available() {
         assert!(ok && out.exists(), "{err}");
         std::fs::remove_file(&out).unwrap();
     } else {
@@ -310,8 +311,11 @@ fn threads_sizes_the_pool_and_changes_no_byte() {
 fn doctor_runs_on_a_fresh_clone() {
     let (ok, out, err) = engine(&["doctor"]);
     assert!(ok && out.contains("cpu") && out.contains("threads"), "{out}{err}");
-    let amx = if wemoe_engine::ops::amx::available() { "AMX: --precision bf16 runs" } else { "no AMX" };
-    assert!(out.contains(amx), "{out}");
+    let bf16 = match wemoe_engine::ops::bf16::unit() {
+        Some(unit) => format!("{unit}: --precision bf16 runs"),
+        None => "no AMX or AMD AVX-512 BF16".to_string(),
+    };
+    assert!(out.contains(&bf16), "{out}");
     let jpeg = if wemoe_engine::data::jpeg_simd() { "with its SIMD" } else { "without SIMD" };
     assert!(out.lines().any(|l| l.starts_with("jpeg") && l.contains(jpeg)), "{out}");
     // With NVRTC (tools/nvrtc-env.sh provides it), one row per kernel function with ptxas' registers.

@@ -86,15 +86,15 @@ fn streamed_layers_give_the_resident_outputs_exactly() {
     assert!(streamed.layer_load_seconds() > 0.0);
 }
 
-/// `--precision bf16` on the CPU: where the CPU has AMX, both routing modes within the bf16 tolerance of
-/// FusionBench's f32 outputs, and really rounded (further from them than f32 is); elsewhere refused with a
-/// message that names what is missing.
+/// `--precision bf16` on the CPU: where the CPU has a bf16 unit (AMX, or AMD's AVX-512 BF16), both routing
+/// modes within the bf16 tolerance of FusionBench's f32 outputs, and really rounded (further from them than f32
+/// is); elsewhere refused with a message that names what is missing.
 #[test]
 fn bf16_on_the_cpu_is_within_its_tolerance_or_refused() {
     let be = match CpuBackend::with_precision(Precision::Bf16) {
         Ok(be) => be,
         Err(e) => {
-            assert!(!wemoe_engine::ops::amx::available() && format!("{e}").contains("needs AMX"), "{e}");
+            assert!(!wemoe_engine::ops::bf16::available() && format!("{e}").contains("needs AMX"), "{e}");
             return;
         }
     };

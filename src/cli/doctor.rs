@@ -15,10 +15,9 @@ pub fn run(arch: Option<&str>) -> Result<()> {
     }
     say!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
     say!("cpu         {}", CpuBackend::new().describe());
-    if wemoe_engine::ops::amx::available() {
-        say!("            AMX: --precision bf16 runs on this CPU");
-    } else {
-        say!("            no AMX: --precision bf16 needs a GPU here");
+    match wemoe_engine::ops::bf16::unit() {
+        Some(unit) => say!("            {unit}: --precision bf16 runs on this CPU"),
+        None => say!("            no AMX or AMD AVX-512 BF16: --precision bf16 needs a GPU here"),
     }
     if wemoe_engine::data::jpeg_simd() {
         say!("jpeg        libjpeg-turbo with its SIMD decoding");

@@ -26,8 +26,8 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "auto")]
     device: DeviceRequest,
     /// The products' arithmetic: f32 (exact), tf32 (GPU tensor cores, the forward's, within about 1e-3) or
-    /// bf16 (GPU tensor cores or CPU AMX tiles, within about 1e-2; on AMX the backward's through frozen weights
-    /// too).
+    /// bf16 (GPU tensor cores, CPU AMX tiles or AMD's AVX-512 BF16, within about 1e-2; on the CPU the backward's
+    /// through frozen weights too).
     #[arg(long, global = true, default_value = "f32")]
     precision: Precision,
     /// No progress and no informational lines.

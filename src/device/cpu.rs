@@ -1,6 +1,6 @@
 //! The CPU backend: f32, multithreaded with rayon, the reference every other backend is tested against.
-//! With `--precision bf16` (on CPUs with AMX) the forward's linear layers multiply bf16 operands on AMX
-//! tiles (`ops::amx`): dense ones, batch routing's merged WEMoE weight, and per-sample routing's merged tiles
+//! With `--precision bf16` (on CPUs with AMX, or AMD's AVX-512 BF16) the forward's linear layers multiply bf16
+//! operands (`ops::bf16`): dense ones, batch routing's merged WEMoE weight, and per-sample routing's merged tiles
 //! (`ops::expert_linear::expert_linear_bf16`); and so do the backward's products through frozen weights: dense
 //! layers' input gradients and the WEMoE layers' backward in either routing
 //! (`ops::expert_linear::expert_linear_backward_bf16`). The attention products and the routers' own weight
@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 /// The CPU backend; it computes with the rayon global pool.
 #[derive(Default)]
 pub struct CpuBackend {
-    /// The forward's products in bf16 on AMX tiles.
+    /// The forward's products in bf16 (`ops::bf16`).
     bf16: bool,
 }
 
@@ -26,22 +26,21 @@ impl CpuBackend {
         CpuBackend { bf16: false }
     }
 
-    /// A CPU backend computing its forward products in `precision`: f32, or bf16 where the CPU has AMX.
+    /// A CPU backend computing its forward products in `precision`: f32, or bf16 where the CPU has a unit for
+    /// them (`ops::bf16::unit`).
     pub fn with_precision(precision: Precision) -> Result<Self> {
         match precision {
             Precision::F32 => Ok(CpuBackend::new()),
             Precision::Tf32 => bail!("--precision tf32 needs a GPU; the CPU computes in f32 or bf16"),
-            Precision::Bf16 if ops::amx::available() => Ok(CpuBackend { bf16: true }),
-            Precision::Bf16 => {
-                bail!("--precision bf16 on the CPU needs AMX (Intel Sapphire Rapids or later), which this CPU lacks")
-            }
+            Precision::Bf16 if ops::bf16::available() => Ok(CpuBackend { bf16: true }),
+            Precision::Bf16 => bail!("--precision bf16 on the CPU needs {}", ops::bf16::unavailable_reason()),
         }
     }
 
     /// `x·w + bias` for `x` `[rows, k]` and `w` `[k, n]` (row-major) in the backend's precision.
     fn product(&self, x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
         if self.bf16 {
-            return ops::amx::linear(x, rows, k, &ops::amx::pack_rhs(w, k, n)?, bias);
+            return ops::bf16::linear(x, rows, k, &ops::bf16::pack_rhs(w, k, n)?, bias);
         }
         ops::gemm::linear(x, rows, k, ops::gemm::MatRef::row_major(w, k, n)?, bias)
     }
@@ -84,7 +83,10 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        let precision = if self.bf16 { ", bf16 on AMX" } else { "" };
+        let precision = match ops::bf16::unit() {
+            Some(unit) if self.bf16 => format!(", bf16 on {unit}"),
+            _ => String::new(),
+        };
         let kernels = ops::expert_linear::Kernel::detect().name();
         let threads = match rayon::current_num_threads() {
             1 => "1 thread".to_string(),
@@ -298,7 +300,7 @@ impl Backend for CpuBackend {
         let k = w.in_features();
         let rhs = dense_rhs(w)?;
         let dx = if self.bf16 {
-            ops::amx::linear(dy.host()?, rows, n, &ops::amx::pack_rhs_view(rhs.t())?, None)?
+            ops::bf16::linear(dy.host()?, rows, n, &ops::bf16::pack_rhs_view(rhs.t())?, None)?
         } else {
             ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?
         };

@@ -85,9 +85,9 @@ pub enum Precision {
     /// WEMoE and dense linear layers; backward stays f32. Within about 1e-3 of f32.
     Tf32,
     /// Operands rounded to bf16 (7 mantissa bits), products accumulated in f32: on the GPU's tensor cores
-    /// (sm_80 and later) or the CPU's AMX tiles (Sapphire Rapids and later), the same layers as
-    /// [`Precision::Tf32`]; on AMX also the backward's products through frozen weights (dense layers' input
-    /// gradients, the WEMoE layers' backward). Within about 1e-2 of f32.
+    /// (sm_80 and later) or the CPU's AMX tiles (Sapphire Rapids and later) or AVX-512 BF16 dot products (AMD
+    /// Zen 4 and later), the same layers as [`Precision::Tf32`]; on the CPU also the backward's products through
+    /// frozen weights (dense layers' input gradients, the WEMoE layers' backward). Within about 1e-2 of f32.
     Bf16,
 }
 

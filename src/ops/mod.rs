@@ -5,8 +5,8 @@
 //! tested against; each backward is proven against finite differences of an independent f64 forward.
 
 pub mod activation;
-pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod entropy;
 pub mod expert_linear;
 pub mod gemm;

@@ -1,6 +1,6 @@
 //! The AVX-512 kernels of the per-sample layer: a micro-kernel of up to 12 rows × 32 outputs (24 accumulators
 //! in zmm registers, the tile's row broadcast-multiplied by each input row), the merge of eight groups' tiles
-//! per pass (and its variant that writes bf16 panels for AMX), and the router-gradient contraction.
+//! per pass (and its variant that writes bf16 panels for `ops::bf16`), and the router-gradient contraction.
 use std::arch::x86_64::*;
 
 use super::{ExpertLinearRef, TileSpan, BLOCK_ROWS, GROUPS_PER_PASS};
@@ -43,7 +43,7 @@ pub unsafe fn merge_tiles(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles:
 }
 
 /// The merge of [`merge_tiles`] for up to eight groups, written straight into each group's bf16 panel
-/// (`panels`, one of `panel_len` per group, the layout of [`crate::ops::amx::panel_len`]) instead of f32
+/// (`panels`, one of `panel_len` per group, the layout of [`crate::ops::bf16::panel_len`]) instead of f32
 /// tiles: inputs `k0..k0 + width` (past `width`, up to 32, zeros), outputs `col0..col0 + 32`. Two input
 /// rows at a time (an input pair), four groups per sub-pass (16 accumulators); the same fused
 /// multiply-adds in the same order as [`merge_tiles`], so the same f32 values are rounded.
@@ -96,14 +96,14 @@ pub unsafe fn merge_panels_bf16(
                 let panel = panels.as_mut_ptr().add((g0 + s) * panel_len);
                 for (h, (&even, &odd)) in a[0].iter().zip(&a[1]).enumerate() {
                     let out = panel.add(h * panel_len / 2 + (k0 / 2 + pair) * BLOCK_ROWS);
-                    crate::ops::amx::store_pair(out, even, odd);
+                    crate::ops::bf16::store_pair(out, even, odd);
                 }
             }
         }
     }
 }
 
-/// One panel of the merged weight transposed, `Mᵀ` `[out, in]` in [`crate::ops::amx::pack_rhs`]'s layout
+/// One panel of the merged weight transposed, `Mᵀ` `[out, in]` in [`crate::ops::bf16::pack_rhs`]'s layout
 /// (what `dy·Mᵀ` multiplies): inputs `c0..c0 + 16` (past the last input, zeros) over every output pair, merged
 /// with the fused multiply-adds of [`merge_panels_bf16`] in the same order. A block's 16 inputs × 32 outputs
 /// are merged eight inputs at a time (16 accumulators) from the blocked sources, where an input's 32 outputs
@@ -141,7 +141,7 @@ pub unsafe fn merge_transposed_panel(w: &ExpertLinearRef, c: &[f32], c0: usize, 
                 words[i0 + i] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(a[1], a[0]));
             }
         }
-        for (p, pair) in crate::ops::amx::transpose_16x16(words).iter().enumerate() {
+        for (p, pair) in crate::ops::bf16::transpose_16x16(words).iter().enumerate() {
             _mm512_storeu_si512(panel.as_mut_ptr().add((b * INPUTS + p) * 2 * INPUTS).cast(), *pair);
         }
     }

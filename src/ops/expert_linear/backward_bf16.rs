@@ -1,7 +1,7 @@
-//! The backward of the WEMoE linear layer with bf16 products on AMX tiles (`--precision bf16` on the CPU): the
-//! f32 paths' algorithms ([`super::expert_linear_backward`]), their products on the tiles. Batch routing (one
+//! The backward of the WEMoE linear layer with bf16 products (`ops::bf16`, `--precision bf16` on the CPU): the
+//! f32 paths' algorithms ([`super::expert_linear_backward`]), their products in bf16 blocks. Batch routing (one
 //! group) merges each weight panel once; per-sample routing keeps the f32 path's tiles, merged in f32 for
-//! every group while the source tiles are in cache, and multiplies each group's tile on the tiles.
+//! every group while the source tiles are in cache, and multiplies each group's tile in bf16.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -12,13 +12,13 @@ use super::{
     bias_dot, check_backward, column_sums, combine_chunks, dot_tile, merge_tiles, pack_chunks, ExpertLinearRef, Kernel,
     BLOCK_ROWS, CHUNK_INPUTS,
 };
-use crate::ops::amx;
+use crate::ops::bf16;
 use crate::ops::gemm::MatRef;
 
 /// Backward of [`super::expert_linear`] as [`super::expert_linear_backward`] computes it, `(dx, dc)`, with
 /// bf16 operands (rounded to nearest even) and f32 accumulation: `dx_g = dy_g · M_gᵀ` from each group's merged
 /// weight rounded after merging, and the router gradient's `x_gᵀ·dy_g` from `x` and `dy` rounded, contracted
-/// with the f32 task vectors. Refused unless [`amx::available`].
+/// with the f32 task vectors. Refused unless [`bf16::available`].
 pub fn expert_linear_backward_bf16(
     x: &[f32],
     groups: usize,
@@ -28,7 +28,7 @@ pub fn expert_linear_backward_bf16(
     dy: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     check_backward("expert_linear_backward_bf16", x, groups, n, coefficients, w, dy)?;
-    ensure!(amx::available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    ensure!(bf16::available(), "bf16 products need {}", bf16::unavailable_reason());
     if groups == 1 {
         return one_group(x, n, coefficients, w, dy);
     }
@@ -45,7 +45,7 @@ pub fn expert_linear_backward_bf16(
 /// operand, and each group's block as a right one.
 fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     const TILE: usize = BLOCK_ROWS * BLOCK_ROWS;
-    const HALF: usize = TILE / 2; // bf16 elements of one AMX tile
+    const HALF: usize = TILE / 2; // bf16 elements of one tile
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     let (kc, np) = (CHUNK_INPUTS, n.next_multiple_of(BLOCK_ROWS));
     let blocks = o.div_ceil(BLOCK_ROWS);
@@ -55,26 +55,26 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     dy_rows
         .par_chunks_mut(rows_len)
         .zip(dy.par_chunks(n * o))
-        .for_each(|(out, dyg)| amx::pack_rows_into(MatRef::row_major(dyg, n, o).expect("a group's rows"), out));
+        .for_each(|(out, dyg)| bf16::pack_rows_into(MatRef::row_major(dyg, n, o).expect("a group's rows"), out));
     // Each group's block of 32 outputs as the right operand of `xᵀ·dy` (its rows reduced over): [blocks, groups].
     let dy_blocks = pack_chunks(dy, groups * n, o, BLOCK_ROWS);
     let len = np * BLOCK_ROWS;
     let mut dy_rhs = vec![0u16; blocks * groups * len];
     dy_rhs.par_chunks_mut(len).zip(dy_blocks.par_chunks(n * BLOCK_ROWS)).for_each(|(out, block)| {
-        amx::pack_rhs_into(block, n, BLOCK_ROWS, out);
+        bf16::pack_rhs_into(block, n, BLOCK_ROWS, out);
     });
     let kernel = Kernel::detect();
     let parts: Vec<(Vec<f32>, Vec<f64>)> = (0..k.div_ceil(kc))
         .into_par_iter()
         .map(|ci| {
-            let session = amx::TileSession::start();
+            let session = bf16::TileSession::start();
             let (k0, width) = (ci * kc, kc.min(k - ci * kc));
             // This chunk's inputs of every group, transposed ([width, n]: a strided view) and rounded as a left
             // operand.
             let mut x_rows = vec![0u16; groups * BLOCK_ROWS * np];
             for (g, dst) in x_rows.chunks_exact_mut(BLOCK_ROWS * np).enumerate() {
                 let xt = MatRef::strided(&x[g * n * k + k0..], width, n, 1, k).expect("the group's rows");
-                amx::pack_rows_into(xt, dst);
+                bf16::pack_rows_into(xt, dst);
             }
             let mut dx = vec![0.0f32; groups * np * kc];
             let mut dc = vec![0.0f64; groups * t];
@@ -91,13 +91,13 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                     for (g, span) in spans.chunks_exact_mut(SPAN * TILE).enumerate() {
                         let tile = &tiles[g * TILE..(g + 1) * TILE];
                         let (h0, h1) = span.split_at_mut(SPAN * HALF);
-                        amx::pack_transposed_tile(tile, [&mut h0[s * HALF..][..HALF], &mut h1[s * HALF..][..HALF]]);
+                        bf16::pack_transposed_tile(tile, [&mut h0[s * HALF..][..HALF], &mut h1[s * HALF..][..HALF]]);
                         // x_g[:, chunk]ᵀ · dy_g[:, block] over the group's rows, then its dot with every task vector.
                         let xr = &x_rows[g * BLOCK_ROWS * np..(g + 1) * BLOCK_ROWS * np];
                         let at = (bi * groups + g) * len;
                         let (r_lo, r_hi) = dy_rhs[at..at + len].split_at(len / 2);
                         let a = [xr, &xr[BLOCK_ROWS / 2 * np..]];
-                        amx::multiply_block_into(&session, a, [r_lo, r_hi], np / BLOCK_ROWS, &mut outer);
+                        bf16::multiply_block_into(&session, a, [r_lo, r_hi], np / BLOCK_ROWS, &mut outer);
                         dot_tile(kernel, w, k0..k0 + width, cols.clone(), &outer, &mut dots);
                         dc[g * t..(g + 1) * t].iter_mut().zip(&dots).for_each(|(s, &d)| *s += d as f64);
                     }
@@ -109,7 +109,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                     let dxg = &mut dx[g * np * kc..(g + 1) * np * kc];
                     for (rb, block) in dxg.chunks_exact_mut(BLOCK_ROWS * kc).enumerate() {
                         let a = [2 * rb, 2 * rb + 1].map(|j| &dyr[(j * blocks + b0) * HALF..]);
-                        amx::accumulate_block(&session, a, [h0, h1], steps, block, kc);
+                        bf16::accumulate_block(&session, a, [h0, h1], steps, block, kc);
                     }
                 }
             }
@@ -138,18 +138,18 @@ fn one_group(
     dy: &[f32],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    let dx = amx::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?;
-    let xt = amx::pack_rows_view(MatRef::row_major(x, n, k)?.t());
-    let dy_packed = amx::pack_rhs(dy, n, o)?;
+    let dx = bf16::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?;
+    let xt = bf16::pack_rows_view(MatRef::row_major(x, n, k)?.t());
+    let dy_packed = bf16::pack_rhs(dy, n, o)?;
     let kernel = Kernel::detect();
     let blocks: Vec<Vec<f64>> = (0..o.div_ceil(BLOCK_ROWS))
         .into_par_iter()
         .map_init(
             || vec![0.0f32; k * BLOCK_ROWS],
             |outer, b| {
-                let session = amx::TileSession::start();
+                let session = bf16::TileSession::start();
                 let panel = dy_packed.block_panel(b);
-                amx::multiply_panel(&session, &xt, k, n, panel, &[0.0; BLOCK_ROWS], outer, BLOCK_ROWS, BLOCK_ROWS);
+                bf16::multiply_panel(&session, &xt, k, n, panel, &[0.0; BLOCK_ROWS], outer, BLOCK_ROWS, BLOCK_ROWS);
                 let cols = b * BLOCK_ROWS..(b * BLOCK_ROWS + BLOCK_ROWS).min(o);
                 let (mut dc, mut dots) = (vec![0.0f64; t], vec![0.0f32; t]);
                 for k0 in (0..k).step_by(CHUNK_INPUTS) {
@@ -170,12 +170,12 @@ fn one_group(
 
 /// The merged weight for coefficients `c` (one group), transposed and packed for the bf16 product `dy·Mᵀ`:
 /// merged and rounded panel by panel straight from the blocked sources (the AVX-512 path's
-/// `merge_transposed_panel`), never formed whole in f32. AMX implies x86-64; elsewhere
+/// `merge_transposed_panel`), never formed whole in f32. A bf16 unit implies x86-64; elsewhere
 /// [`expert_linear_backward_bf16`] refuses before coming here.
-fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> amx::PackedRhs {
-    assert!(amx::available(), "bf16 panels merged without AMX");
+fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> bf16::PackedRhs {
+    assert!(bf16::available(), "bf16 panels merged without a bf16 unit");
     let (k, o) = (w.in_features, w.out_features);
-    let panel_len = amx::rhs_panel_len(o);
+    let panel_len = bf16::rhs_panel_len(o);
     let mut data = vec![0u16; panel_len * k.div_ceil(BLOCK_ROWS) * 2];
     data.par_chunks_mut(panel_len).enumerate().for_each(|(p, panel)| {
         let c0 = p * 16;
@@ -183,12 +183,12 @@ fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> amx::PackedRhs {
             return; // the padding past the last input stays zero
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AMX is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
+        // SAFETY: a bf16 unit is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
         unsafe {
             avx512::merge_transposed_panel(w, c, c0, panel)
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (w, c, c0, panel);
     });
-    amx::PackedRhs::from_panels(data, o, k)
+    bf16::PackedRhs::from_panels(data, o, k)
 }

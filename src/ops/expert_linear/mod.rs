@@ -336,8 +336,8 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o)
 }
 
-/// [`expert_linear`] with bf16 products on AMX tiles (`--precision bf16` on the CPU; refused unless
-/// [`super::amx::available`]). As in the f32 per-group path, every group's merged tile is formed in f32 from
+/// [`expert_linear`] with bf16 products (`ops::bf16`: `--precision bf16` on the CPU; refused unless
+/// [`super::bf16::available`]). As in the f32 per-group path, every group's merged tile is formed in f32 from
 /// the cache-resident source tiles, eight groups per pass over them; here each is rounded straight into that
 /// group's bf16 panel of the block's 32 outputs over all inputs (48 KiB at 768 inputs, so eight stay in L2),
 /// and once a pass's panels are whole, each group's rows (rounded once per call) are multiplied with its
@@ -347,11 +347,11 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
     ensure!(x.len() == groups * n * k, "expert_linear_bf16: input does not hold {groups}×{n}×{k}");
     ensure!(c.len() == groups * t, "expert_linear_bf16: coefficients are not [{groups}, {t}]");
-    ensure!(super::amx::available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    ensure!(super::bf16::available(), "bf16 products need {}", super::bf16::unavailable_reason());
     w.assert_blocked();
     let kc = CHUNK_INPUTS;
-    let rows: Vec<Vec<u16>> = x.par_chunks(n * k).map(|xg| super::amx::pack_rows(xg, n, k)).collect();
-    let panel_len = super::amx::panel_len(k);
+    let rows: Vec<Vec<u16>> = x.par_chunks(n * k).map(|xg| super::bf16::pack_rows(xg, n, k)).collect();
+    let panel_len = super::bf16::panel_len(k);
     let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
     // A pass's panels (1.5 MiB at 3072 inputs) made once per rayon job, not per block: freed and made again
     // per block, their pages were faulted in afresh each time.
@@ -361,7 +361,7 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
         .map_init(scratch, |panels, &r0| {
             let cols = BLOCK_ROWS.min(o - r0);
             let mut part = vec![0.0f32; groups * n * BLOCK_ROWS];
-            let session = super::amx::TileSession::start();
+            let session = super::bf16::TileSession::start();
             for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
                 let count = GROUPS_PER_PASS.min(groups - g0);
                 let cs = &c[g0 * t..(g0 + count) * t];
@@ -373,7 +373,7 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
                     let mut bias = [0.0f32; BLOCK_ROWS];
                     w.merge_bias(&c[g * t..(g + 1) * t], r0..r0 + cols, &mut bias[..cols]);
                     let out = &mut part[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
-                    super::amx::multiply_panel(&session, &rows[g], n, k, panel, &bias, out, BLOCK_ROWS, BLOCK_ROWS);
+                    super::bf16::multiply_panel(&session, &rows[g], n, k, panel, &bias, out, BLOCK_ROWS, BLOCK_ROWS);
                 }
             }
             part
@@ -382,7 +382,7 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
     Ok(gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o))
 }
 
-/// The merge of a pass's bf16 panels (the AVX-512 path's `merge_panels_bf16`). AMX implies x86-64;
+/// The merge of a pass's bf16 panels (the AVX-512 path's `merge_panels_bf16`). A bf16 unit implies x86-64;
 /// elsewhere [`expert_linear_bf16`] refuses before coming here.
 fn merge_panels_bf16(
     w: &ExpertLinearRef,
@@ -393,9 +393,9 @@ fn merge_panels_bf16(
     panels: &mut [u16],
     panel_len: usize,
 ) {
-    assert!(super::amx::available(), "bf16 panels merged without AMX");
+    assert!(super::bf16::available(), "bf16 panels merged without a bf16 unit");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
+    // SAFETY: a bf16 unit is available (asserted), and with it AVX-512 BF16 and BW; bounds are asserted inside.
     unsafe {
         avx512::merge_panels_bf16(w, c, k0, width, r0, panels, panel_len)
     };
@@ -933,12 +933,12 @@ mod tests {
         check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
     }
 
-    /// The bf16 per-group path (AMX) against the f64 sum of the rounded operands' products: each group's
+    /// The bf16 per-group path against the f64 sum of the rounded operands' products: each group's
     /// weight merged in f32 as the kernel merges it, then rounded; 10 groups (two merge passes) of 27 rows, 45
     /// inputs, 71 outputs (ragged chunks, blocks and row tiles), 3 experts. What is left is f32 accumulation.
     #[test]
     fn bf16_path_equals_the_rounded_operands_products() {
-        if !crate::ops::amx::available() {
+        if !crate::ops::bf16::available() {
             return; // the CPU backend refuses bf16 here (tests/wemoe_fusionbench.rs checks the refusal)
         }
         let (g, n, k, o, t) = (10, 27, 45, 71, 3);
@@ -946,7 +946,7 @@ mod tests {
         let w = weights.view();
         let (x, c) = (values(g * n * k, 3), values(g * t, 4));
         let y = expert_linear_bf16(&x, g, n, &c, &w).unwrap();
-        // The merge whose fused multiply-adds the bf16 path repeats (AMX implies AVX-512).
+        // The merge whose fused multiply-adds the bf16 path repeats (a bf16 unit implies AVX-512).
         #[cfg(target_arch = "x86_64")]
         let merge_kernel = Kernel::Avx512;
         #[cfg(not(target_arch = "x86_64"))]
@@ -1034,14 +1034,14 @@ mod tests {
         check(expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap(), g, "expert_linear_backward");
     }
 
-    /// The bf16 backward (AMX) against the f64 sums of the rounded operands' products: `dx` from `dy` and each
+    /// The bf16 backward against the f64 sums of the rounded operands' products: `dx` from `dy` and each
     /// group's merged weight (merged with the kernels' fused multiply-adds, in their order) rounded, `dc` from `x`
     /// and `dy` rounded against the f32 task vectors. Per-sample routing's path on 10 groups of 27 rows and
     /// batch routing's on one group of 45 rows; 37 inputs, 171 outputs (ragged chunks, blocks and row tiles, and
     /// a whole span of blocks and a partial one), 3 experts. And really rounded: the f32 path differs.
     #[test]
     fn bf16_backward_equals_the_rounded_operands_products() {
-        if !crate::ops::amx::available() {
+        if !crate::ops::bf16::available() {
             return; // the CPU backend refuses bf16 here (tests/wemoe_fusionbench.rs checks the refusal)
         }
         let (k, o, t) = (37, 171, 3);

@@ -1,49 +1,81 @@
-//! Matrix products on AMX tiles, bf16 operands and f32 accumulation: `--precision bf16` on the CPU (Intel
-//! Sapphire Rapids and later). Each operand is rounded to bf16 (to nearest even) once, into the order the
-//! tiles load it, and every product of two bf16 values is exact in f32, so the result is the f32 sum of the
-//! rounded operands' products: what the tests check, and what the GPU's bf16 path computes.
+//! Matrix products with bf16 operands and f32 accumulation: `--precision bf16` on the CPU. Each operand is
+//! rounded to bf16 (to nearest even) once, into the order the tiles load it, and every product of two bf16
+//! values is exact in f32, so the result is the f32 sum of the rounded operands' products: what the tests
+//! check, and what the GPU's bf16 path computes.
 //!
-//! A block of 32 × 32 outputs lives in four accumulator tiles for the whole reduction; each step of 32
-//! inputs loads two tiles of the left operand (16 rows × 32 inputs) and two of the right (16 pairs of inputs ×
-//! 16 outputs, the pairs interleaved as `tdpbf16ps` takes them) and issues four `tdpbf16ps`.
+//! The operands are laid out as AMX tiles (16 rows × 64 bytes) and multiplied in blocks of 32 × 32 outputs by
+//! one of two units, chosen once per process ([`Bf16Unit`]): AMX tiles (`amx`, Intel Sapphire Rapids and
+//! later) or AVX-512 BF16 dot products (`dot`) on CPUs that issue them at twice the rate of f32's fused
+//! multiply-adds (AMD Zen 4 and later). The same layout serves both: a tile row of the right-hand side is
+//! 16 outputs' input pairs, one `vdpbf16ps` operand, and a left-hand row's pair broadcasts to the other.
 
 use std::sync::OnceLock;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
 
-/// Whether this CPU and OS run AMX bf16 products (checked once: CPUID, then the Linux permission to use the
-/// tile data state, which the kernel grants per process).
+mod amx;
+mod dot;
+
+/// The unit that multiplies bf16 blocks on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Unit {
+    /// AMX tiles: `tdpbf16ps`, 16 × 16 outputs × 32 inputs per instruction.
+    AmxTiles,
+    /// AVX-512 BF16: `vdpbf16ps`, 16 outputs × 2 inputs per instruction, where it runs at full rate.
+    Avx512Dot,
+}
+
+impl std::fmt::Display for Bf16Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bf16Unit::AmxTiles => "AMX",
+            Bf16Unit::Avx512Dot => "AVX-512 BF16",
+        })
+    }
+}
+
+/// The unit this CPU and OS multiply bf16 blocks on, if any (checked once: CPUID, then for AMX the Linux
+/// permission to use the tile data state, which the kernel grants per process).
+pub fn unit() -> Option<Bf16Unit> {
+    static UNIT: OnceLock<Option<Bf16Unit>> = OnceLock::new();
+    *UNIT.get_or_init(detect)
+}
+
+/// Whether `--precision bf16` can run on this CPU: [`unit()`] found one.
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+    unit().is_some()
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    // CPUID leaf 7 (present wherever AVX-512 is): EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the packing needs
-    // AVX-512 BF16 and BW.
-    let leaf7 = std::is_x86_feature_detected!("avx512f").then(|| std::arch::x86_64::__cpuid_count(7, 0));
-    let amx = leaf7.is_some_and(|l| l.edx & (1 << 22) != 0 && l.edx & (1 << 24) != 0);
-    if !(amx && std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")) {
-        return false;
-    }
-    unsafe extern "C" {
-        fn syscall(number: std::ffi::c_long, ...) -> std::ffi::c_long;
-    }
-    const SYS_ARCH_PRCTL: std::ffi::c_long = 158;
-    const ARCH_REQ_XCOMP_PERM: std::ffi::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: std::ffi::c_long = 18;
-    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only asks the kernel for permission; it fails cleanly where
-    // the kernel (before 5.16) or the hypervisor does not offer the state.
-    unsafe { syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+/// Whether this CPU has what packing operands needs (AVX-512 BF16 and BW): wherever a [`Bf16Unit`] is, and on
+/// Intel CPUs that have AVX-512 BF16 without AMX, where the tests still run the dot-product unit.
+fn can_pack() -> bool {
+    dot::supported()
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+/// Why [`available`] is false, in the words of an error message's end ("needs ..., which this CPU lacks").
+pub fn unavailable_reason() -> String {
+    const NEEDS: &str = "AMX tiles (Intel Sapphire Rapids or later) or AVX-512 BF16 at full rate (AMD Zen 4 or later)";
+    if dot::supported() && !dot::amd() {
+        format!("{NEEDS}; this CPU has AVX-512 BF16, whose dot products run at half f32's speed or less on Intel cores")
+    } else {
+        format!("{NEEDS}, which this CPU lacks")
+    }
+}
+
+fn detect() -> Option<Bf16Unit> {
+    if amx::granted() {
+        Some(Bf16Unit::AmxTiles)
+    } else if dot::supported() && dot::amd() {
+        // On Intel cores without AMX (Sapphire and Emerald Rapids whose hypervisor hides the tiles) `vdpbf16ps`
+        // issues at a quarter of the FMAs' rate: bf16 would run at half f32's speed (BENCHMARKS.md,
+        // examples/bf16_dot_probe.rs). On AMD Zen 4 it runs at twice their products per second.
+        Some(Bf16Unit::Avx512Dot)
+    } else {
+        None
+    }
 }
 
 /// Rows of a tile (each 64 bytes: 32 bf16 or 16 f32).
@@ -94,7 +126,7 @@ pub fn pack_rhs(w: &[f32], k: usize, n: usize) -> Result<PackedRhs> {
 
 /// Packs the `[k, n]` view `w` for [`linear`]: a transposed view packs `Wᵀ` for a backward product.
 pub fn pack_rhs_view(w: MatRef) -> Result<PackedRhs> {
-    ensure!(available(), "bf16 products need AMX (Intel Sapphire Rapids or later)");
+    ensure!(can_pack(), "bf16 products need {}", unavailable_reason());
     let (k, n) = (w.rows(), w.cols());
     let (kp, np) = (k.next_multiple_of(STEP), n.next_multiple_of(BLOCK));
     let mut data = vec![0u16; kp * np];
@@ -105,7 +137,7 @@ pub fn pack_rhs_view(w: MatRef) -> Result<PackedRhs> {
 /// Packs a small `[k, n]` right-hand side (a block of a gradient) into `out` on this thread, in [`pack_rhs`]'s
 /// layout: `rhs_panel_len(k)` elements per panel of 16 outputs, `n` padded to 32.
 pub(crate) fn pack_rhs_into(w: &[f32], k: usize, n: usize, out: &mut [u16]) {
-    assert!(available() && w.len() == k * n, "pack_rhs_into: AMX and [{k}, {n}]");
+    assert!(can_pack() && w.len() == k * n, "pack_rhs_into: AVX-512 BF16 and [{k}, {n}]");
     let view = MatRef::row_major(w, k, n).expect("length checked");
     let len = rhs_panel_len(k);
     assert_eq!(out.len(), len * n.next_multiple_of(BLOCK) / TILE_ROWS, "pack_rhs_into: output");
@@ -129,7 +161,7 @@ fn pack_rhs_panel(w: MatRef, p: usize, panel: &mut [u16]) {
                 w.copy_row_into(kk, cols.clone(), &mut row[..cols.len()]);
             }
         }
-        // SAFETY: `available()` (checked by every caller) implies AVX-512 BF16 and BW.
+        // SAFETY: every caller checked `can_pack()`: AVX-512 BF16 and BW.
         unsafe { kernels::interleave_pair(&pair[0], &pair[1], out) };
     }
 }
@@ -144,7 +176,7 @@ pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
 /// [`pack_rows`] of a view: a transposed one packs `xᵀ`, its 16 rows of a tile read from the same 32 lines.
 pub(crate) fn pack_rows_view(x: MatRef) -> Vec<u16> {
     let (m, k) = (x.rows(), x.cols());
-    assert!(available(), "pack_rows: AMX");
+    assert!(can_pack(), "pack_rows: AVX-512 BF16");
     let (mp, kp) = (m.next_multiple_of(BLOCK), k.next_multiple_of(STEP));
     // Not zeroed first: every element is written below, padding included.
     let mut data = Vec::<u16>::with_capacity(mp * kp);
@@ -161,7 +193,7 @@ pub(crate) fn pack_rows_view(x: MatRef) -> Vec<u16> {
 /// (`m` and `k` padded to 32) on this thread.
 pub(crate) fn pack_rows_into(view: MatRef, out: &mut [u16]) {
     let (m, k) = (view.rows(), view.cols());
-    assert!(available(), "pack_rows_into: AMX");
+    assert!(can_pack(), "pack_rows_into: AVX-512 BF16");
     let kp = k.next_multiple_of(STEP);
     assert_eq!(out.len(), m.next_multiple_of(BLOCK) * kp, "pack_rows_into: output");
     // SAFETY: a `u16` slice viewed as possibly uninitialised `u16`s, only ever written with initialised values.
@@ -181,7 +213,7 @@ fn pack_row_group(x: MatRef, g: usize, group: &mut [std::mem::MaybeUninit<u16>])
             if row < m {
                 x.copy_row_into(row, k0..k0 + width, &mut src[..width]);
             }
-            // SAFETY: `available()` (checked by every caller) implies AVX-512 BF16.
+            // SAFETY: every caller checked `can_pack()`: AVX-512 BF16.
             unsafe { kernels::round_32(&src, out) };
         }
     }
@@ -195,13 +227,19 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>
 
 /// [`linear`] for the `[m, k]` view `x`: a transposed view multiplies `xᵀ` (a weight gradient's `xᵀ·dy`).
 pub fn linear_view(x: MatRef, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let Some(unit) = unit() else { bail!("bf16 products need {}", unavailable_reason()) };
+    linear_view_on(unit, x, w, bias)
+}
+
+/// [`linear_view`] on the given unit (the tests run each unit the CPU has).
+fn linear_view_on(unit: Bf16Unit, x: MatRef, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     let (m, k) = (x.rows(), x.cols());
-    ensure!(w.k == k, "amx linear: weight takes {} inputs, got {k}", w.k);
+    ensure!(w.k == k, "bf16 linear: weight takes {} inputs, got {k}", w.k);
     let n = w.n;
     let np = n.next_multiple_of(BLOCK);
     let mut bias_padded = vec![0.0f32; np];
     if let Some(b) = bias {
-        ensure!(b.len() == n, "amx linear: bias has {} elements, {n} needed", b.len());
+        ensure!(b.len() == n, "bf16 linear: bias has {} elements, {n} needed", b.len());
         bias_padded[..n].copy_from_slice(b);
     }
     let a = pack_rows_view(x);
@@ -217,18 +255,17 @@ pub fn linear_view(x: MatRef, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec
         let cols = n0..(n0 + chunk).min(np);
         (0..m.div_ceil(BLOCK)).into_par_iter().for_each(|mb| {
             let out = &out;
-            let _tiles = TileSession::start();
+            let session = TileSession::start_on(unit);
             let a0 = &a[2 * mb * group_len..];
             let a1 = &a[(2 * mb + 1) * group_len..];
             for nb in cols.clone().step_by(BLOCK) {
                 let b0 = &w.data[(nb / TILE_ROWS) * panel_len..];
                 let b1 = &w.data[(nb / TILE_ROWS + 1) * panel_len..];
                 let (rows, width) = (BLOCK.min(m - mb * BLOCK), BLOCK.min(n.saturating_sub(nb)));
-                // SAFETY: the tile state was granted (`pack_rhs` checked `available()`) and configured by the
-                // session; each operand slice holds `kp / 32` tiles from its start; each row block writes only
+                // SAFETY: each operand slice holds `kp / 32` tiles from its start; each row block writes only
                 // its own rows of `y`, within `m × n`.
                 unsafe {
-                    kernels::multiply_block(
+                    session.multiply_block(
                         [a0, a1],
                         [b0, b1],
                         kp / STEP,
@@ -247,24 +284,84 @@ pub fn linear_view(x: MatRef, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec
     Ok(y)
 }
 
-/// The tile state configured on this thread while it lives (the configuration is per thread; dropping it
-/// returns the tiles to their initial state, so context switches stop saving them).
-pub(crate) struct TileSession(());
+/// A thread's use of a [`Bf16Unit`] while it lives, through which every block product goes. On AMX it holds
+/// the tile configuration (per thread; dropping it returns the tiles to their initial state, so context
+/// switches stop saving them); the dot-product unit needs no state.
+pub(crate) struct TileSession {
+    unit: Bf16Unit,
+}
 
 impl TileSession {
-    /// Configures the tiles. Panics unless [`available`] (the tile state must have been granted).
+    /// Starts using this CPU's unit. Panics unless [`available`].
     pub(crate) fn start() -> Self {
-        assert!(available(), "AMX tiles used where available() is false");
-        // SAFETY: the tile state was granted to this process (available()).
-        unsafe { kernels::configure_tiles() };
-        TileSession(())
+        Self::start_on(unit().expect("bf16 products used where available() is false"))
+    }
+
+    /// Starts using `unit`; panics unless the CPU has it (AMX: granted; dot products: AVX-512 BF16).
+    fn start_on(unit: Bf16Unit) -> Self {
+        match unit {
+            Bf16Unit::AmxTiles => {
+                assert!(amx::granted(), "AMX tiles used where they were not granted");
+                // SAFETY: the tile state was granted to this process (asserted), which implies x86-64.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    amx::configure_tiles()
+                };
+            }
+            Bf16Unit::Avx512Dot => assert!(dot::supported(), "AVX-512 BF16 used where the CPU lacks it"),
+        }
+        TileSession { unit }
+    }
+
+    /// The unit's `multiply_block`: a 32 × 32 block `y = bias + a·b` over `steps` steps of 32 inputs, its first
+    /// `rows` rows and `cols` columns stored at row stride `stride`.
+    ///
+    /// # Safety
+    /// The operands must hold `steps` tiles each and `y` must be valid for the rows and columns written.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn multiply_block(
+        &self,
+        a: [&[u16]; 2],
+        b: [&[u16]; 2],
+        steps: usize,
+        bias: &[f32],
+        y: *mut f32,
+        stride: usize,
+        rows: usize,
+        cols: usize,
+    ) {
+        // A session exists only where its unit does (`start_on`), which is x86-64.
+        #[cfg(target_arch = "x86_64")]
+        match self.unit {
+            Bf16Unit::AmxTiles => amx::multiply_block(a, b, steps, bias, y, stride, rows, cols),
+            Bf16Unit::Avx512Dot => dot::multiply_block(a, b, steps, bias, y, stride, rows, cols),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 units are x86-64 only: {:?}", (self.unit, a, b, steps, bias, y, stride, rows, cols))
+    }
+
+    /// The unit's `accumulate_block`: `c[0..32, 0..32] += a·b` at row stride `stride`.
+    ///
+    /// # Safety
+    /// As for [`Self::multiply_block`], `c` valid for the whole block.
+    unsafe fn accumulate_block(&self, a: [&[u16]; 2], b: [&[u16]; 2], steps: usize, c: *mut f32, stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        match self.unit {
+            Bf16Unit::AmxTiles => amx::accumulate_block(a, b, steps, c, stride),
+            Bf16Unit::Avx512Dot => dot::accumulate_block(a, b, steps, c, stride),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 units are x86-64 only: {:?}", (self.unit, a, b, steps, c, stride))
     }
 }
 
 impl Drop for TileSession {
     fn drop(&mut self) {
-        // SAFETY: the tiles were configured by `start`.
-        unsafe { kernels::release_tiles() };
+        // SAFETY: the tiles were configured by `start_on` (on x86-64, the only place a session exists).
+        #[cfg(target_arch = "x86_64")]
+        if self.unit == Bf16Unit::AmxTiles {
+            unsafe { amx::release_tiles() };
+        }
     }
 }
 
@@ -279,7 +376,7 @@ pub(crate) fn panel_len(k: usize) -> usize {
 /// 32 outputs ([`panel_len`]); `out` has row stride `stride`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn multiply_panel(
-    _tiles: &TileSession,
+    session: &TileSession,
     rows: &[u16],
     m: usize,
     k: usize,
@@ -300,10 +397,10 @@ pub(crate) fn multiply_panel(
     for mb in 0..m.div_ceil(BLOCK) {
         let (a0, a1) = (&rows[2 * mb * group_len..], &rows[(2 * mb + 1) * group_len..]);
         let valid = BLOCK.min(m - mb * BLOCK);
-        // SAFETY: the session configured the tiles; the operands hold kp / 32 tiles each (asserted above); the
-        // block writes rows mb·32.. of `out` (valid of them) and `cols` columns, within its length.
+        // SAFETY: the operands hold kp / 32 tiles each (asserted above); the block writes rows mb·32.. of `out`
+        // (valid of them) and `cols` columns, within its length.
         unsafe {
-            kernels::multiply_block(
+            session.multiply_block(
                 [a0, a1],
                 [b0, b1],
                 kp / STEP,
@@ -321,7 +418,7 @@ pub(crate) fn multiply_panel(
 /// [`pack_rows_into`] and [`pack_rhs_into`] or [`pack_transposed_tile`] lay them out), `c` with row stride
 /// `stride` (a gradient block accumulated over calls, in memory between them).
 pub(crate) fn accumulate_block(
-    _tiles: &TileSession,
+    session: &TileSession,
     a: [&[u16]; 2],
     b: [&[u16]; 2],
     steps: usize,
@@ -330,31 +427,30 @@ pub(crate) fn accumulate_block(
 ) {
     assert!(a.iter().chain(&b).all(|o| o.len() >= steps * TILE_ROWS * STEP), "accumulate_block: operands");
     assert!(stride >= BLOCK && c.len() >= (BLOCK - 1) * stride + BLOCK, "accumulate_block: output");
-    // SAFETY: the session configured the tiles; the operands hold `steps` tiles each and `c` the whole block
-    // (asserted above).
-    unsafe { kernels::accumulate_block(a, b, steps, c.as_mut_ptr(), stride) };
+    // SAFETY: the operands hold `steps` tiles each and `c` the whole block (asserted above).
+    unsafe { session.accumulate_block(a, b, steps, c.as_mut_ptr(), stride) };
 }
 
 /// `out = a·b` for one 32 × 32 block (row stride 32), operands as for [`accumulate_block`].
 pub(crate) fn multiply_block_into(
-    _tiles: &TileSession,
+    session: &TileSession,
     a: [&[u16]; 2],
     b: [&[u16]; 2],
     steps: usize,
     out: &mut [f32; BLOCK * BLOCK],
 ) {
     const ZERO: [f32; BLOCK] = [0.0; BLOCK];
-    // SAFETY: the session configured the tiles; `multiply_block` asserts the operands' lengths, and `out` holds
-    // the whole block at row stride 32.
-    unsafe { kernels::multiply_block(a, b, steps, &ZERO, out.as_mut_ptr(), BLOCK, BLOCK, BLOCK) };
+    // SAFETY: each unit's `multiply_block` asserts the operands' lengths, and `out` holds the whole block at row
+    // stride 32.
+    unsafe { session.multiply_block(a, b, steps, &ZERO, out.as_mut_ptr(), BLOCK, BLOCK, BLOCK) };
 }
 
 /// A 32 × 32 f32 tile (row stride 32) transposed and rounded to bf16 as the right-hand operand of one step:
 /// its 32 columns are the step's inputs, its rows the outputs, rows `16h..16h + 16` in `out[h]` (512 bf16,
 /// input pairs interleaved as `tdpbf16ps` takes them). How a merged weight tile `M` multiplies as `Mᵀ`.
 pub(crate) fn pack_transposed_tile(tile: &[f32], out: [&mut [u16]; 2]) {
-    assert!(available(), "pack_transposed_tile: AMX");
-    // SAFETY: `available()` implies AVX-512 BF16; the kernel asserts the lengths.
+    assert!(can_pack(), "pack_transposed_tile: AVX-512 BF16");
+    // SAFETY: AVX-512 BF16 is present (asserted); the kernel asserts the lengths.
     unsafe { kernels::pack_transposed_tile(tile, out) };
 }
 
@@ -424,7 +520,6 @@ unsafe impl Sync for SharedOut {}
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use std::arch::asm;
     use std::arch::x86_64::*;
 
     use super::{BLOCK, STEP, TILE_ROWS};
@@ -456,132 +551,6 @@ mod kernels {
         super::store_pair(out.as_mut_ptr(), _mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(b.as_ptr()));
     }
 
-    /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
-    #[repr(C, align(64))]
-    struct TileConfig {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        bytes_per_row: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    /// Loads the tile configuration on this thread (it is per thread, and zeroes the tiles).
-    pub unsafe fn configure_tiles() {
-        let mut config =
-            TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
-        config.bytes_per_row[..8].fill(64);
-        config.rows[..8].fill(TILE_ROWS as u8);
-        asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
-    }
-
-    /// Returns the tile state to its initial state, so context switches no longer save it.
-    pub unsafe fn release_tiles() {
-        asm!("tilerelease", options(nostack, nomem));
-    }
-
-    /// One block of 32 × 32 outputs: accumulators start at `bias[0..32]` (a tile loaded with row stride 0),
-    /// then `steps` steps of 32 inputs over the two row tiles `a` and the two output tiles `b`, then the block is
-    /// stored at `y` (row stride `stride`), its first `rows` rows and `cols` columns (through a scratch block
-    /// where that is not all of it).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn multiply_block(
-        a: [&[u16]; 2],
-        b: [&[u16]; 2],
-        steps: usize,
-        bias: &[f32],
-        y: *mut f32,
-        stride: usize,
-        rows: usize,
-        cols: usize,
-    ) {
-        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
-        assert!(a.iter().chain(&b).all(|o| o.len() >= steps * TILE) && bias.len() >= BLOCK, "multiply_block: operands");
-        let ([a0, a1], [b0, b1]) = (a.map(<[u16]>::as_ptr), b.map(<[u16]>::as_ptr));
-        let bias = bias.as_ptr();
-        asm!(
-            "tileloadd tmm0, [{bias} + {zero}*1]",
-            "tileloadd tmm1, [{bias1} + {zero}*1]",
-            "tileloadd tmm2, [{bias} + {zero}*1]",
-            "tileloadd tmm3, [{bias1} + {zero}*1]",
-            bias = in(reg) bias, bias1 = in(reg) bias.add(16), zero = in(reg) 0usize,
-            options(nostack, readonly),
-        );
-        run_steps([a0, a1], [b0, b1], steps);
-        let full = rows == BLOCK && cols == BLOCK;
-        let mut scratch = std::mem::MaybeUninit::<[f32; BLOCK * BLOCK]>::uninit();
-        let (c, c_stride) = if full { (y, stride) } else { (scratch.as_mut_ptr().cast::<f32>(), BLOCK) };
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * c_stride),
-            c3 = in(reg) c.add(16 * c_stride + 16),
-            s = in(reg) c_stride * 4,
-            options(nostack),
-        );
-        if !full {
-            let scratch = scratch.as_ptr().cast::<f32>(); // written whole by the stores above
-            for r in 0..rows {
-                std::ptr::copy_nonoverlapping(scratch.add(r * BLOCK), y.add(r * stride), cols);
-            }
-        }
-    }
-
-    /// `steps` steps of 32 inputs into the accumulators tmm0..tmm3 (tiles of `a` and `b` consecutive from
-    /// their starts, 1 KiB each).
-    #[inline(always)]
-    unsafe fn run_steps(a: [*const u16; 2], b: [*const u16; 2], steps: usize) {
-        const TILE: usize = TILE_ROWS * STEP; // bf16 elements of one tile
-        let ([a0, a1], [b0, b1]) = (a, b);
-        for s in 0..steps {
-            asm!(
-                "tileloadd tmm4, [{a0} + {stride}*1]",
-                "tileloadd tmm6, [{b0} + {stride}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {stride}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {stride}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0.add(s * TILE),
-                a1 = in(reg) a1.add(s * TILE),
-                b0 = in(reg) b0.add(s * TILE),
-                b1 = in(reg) b1.add(s * TILE),
-                stride = in(reg) 64usize,
-                options(nostack, readonly),
-            );
-        }
-    }
-
-    /// `c[0..32, 0..32] += a·b` over `steps` steps (row stride `stride` floats): the accumulators loaded from
-    /// `c` and stored back.
-    pub unsafe fn accumulate_block(a: [&[u16]; 2], b: [&[u16]; 2], steps: usize, c: *mut f32, stride: usize) {
-        let tiles = [c, c.add(16), c.add(16 * stride), c.add(16 * stride + 16)];
-        asm!(
-            "tileloadd tmm0, [{c0} + {s}*1]",
-            "tileloadd tmm1, [{c1} + {s}*1]",
-            "tileloadd tmm2, [{c2} + {s}*1]",
-            "tileloadd tmm3, [{c3} + {s}*1]",
-            c0 = in(reg) tiles[0], c1 = in(reg) tiles[1], c2 = in(reg) tiles[2], c3 = in(reg) tiles[3],
-            s = in(reg) stride * 4,
-            options(nostack, readonly),
-        );
-        run_steps(a.map(<[u16]>::as_ptr), b.map(<[u16]>::as_ptr), steps);
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) tiles[0], c1 = in(reg) tiles[1], c2 = in(reg) tiles[2], c3 = in(reg) tiles[3],
-            s = in(reg) stride * 4,
-            options(nostack),
-        );
-    }
-
     /// See [`super::pack_transposed_tile`].
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_transposed_tile(tile: &[f32], out: [&mut [u16]; 2]) {
@@ -603,7 +572,7 @@ mod kernels {
 /// architecture-neutral.
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
-    const UNREACHABLE: &str = "AMX is x86-64 only; available() is false here";
+    const UNREACHABLE: &str = "bf16 products are x86-64 only; available() is false here";
 
     pub unsafe fn round_32(_: &[f32; super::STEP], _: &mut [std::mem::MaybeUninit<u16>]) {
         unreachable!("{UNREACHABLE}")
@@ -611,29 +580,7 @@ mod kernels {
     pub unsafe fn interleave_pair(_: &[f32; super::TILE_ROWS], _: &[f32; super::TILE_ROWS], _: &mut [u16]) {
         unreachable!("{UNREACHABLE}")
     }
-    pub unsafe fn configure_tiles() {
-        unreachable!("{UNREACHABLE}")
-    }
-    pub unsafe fn release_tiles() {
-        unreachable!("{UNREACHABLE}")
-    }
-    pub unsafe fn accumulate_block(_: [&[u16]; 2], _: [&[u16]; 2], _: usize, _: *mut f32, _: usize) {
-        unreachable!("{UNREACHABLE}")
-    }
     pub unsafe fn pack_transposed_tile(_: &[f32], _: [&mut [u16]; 2]) {
-        unreachable!("{UNREACHABLE}")
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn multiply_block(
-        _: [&[u16]; 2],
-        _: [&[u16]; 2],
-        _: usize,
-        _: &[f32],
-        _: *mut f32,
-        _: usize,
-        _: usize,
-        _: usize,
-    ) {
         unreachable!("{UNREACHABLE}")
     }
 }
@@ -647,35 +594,78 @@ mod tests {
         half::bf16::from_f32(v).to_f64()
     }
 
+    /// Every unit this CPU has, whether or not [`unit()`] picked it (an Intel CPU with AMX also runs the dot
+    /// products, slowly, and one without AMX still has them).
+    fn units_here() -> Vec<Bf16Unit> {
+        let amx = amx::granted().then_some(Bf16Unit::AmxTiles);
+        amx.into_iter().chain(dot::supported().then_some(Bf16Unit::Avx512Dot)).collect()
+    }
+
     /// Odd shapes (rows, inputs and outputs that are not multiples of 16 or 32, and whole blocks) against
-    /// the f64 sum of the rounded operands' products: what is left is f32 accumulation.
+    /// the f64 sum of the rounded operands' products, on each unit: what is left is f32 accumulation.
     #[test]
     fn products_equal_the_rounded_operands_products() {
-        if !available() {
-            // Nothing to run; the backend refuses bf16 here (tested in device::cpu).
-            return;
+        // Where there is no unit the backend refuses bf16 (tested in tests/cli.rs), and nothing runs here.
+        for unit in units_here() {
+            for &(m, k, n) in &[(37, 70, 45), (64, 96, 64), (5, 33, 17), (70, 300, 100)] {
+                let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+                let x_rows = MatRef::row_major(&x, m, k).unwrap();
+                let y = linear_view_on(unit, x_rows, &pack_rhs(&w, k, n).unwrap(), Some(&b)).unwrap();
+                let mut worst = 0.0f64;
+                let mut scale = 0.0f64;
+                for i in 0..m {
+                    for j in 0..n {
+                        let want =
+                            b[j] as f64 + (0..k).map(|kk| bf16(x[i * k + kk]) * bf16(w[kk * n + j])).sum::<f64>();
+                        worst = worst.max((y[i * n + j] as f64 - want).abs());
+                        scale = scale.max(want.abs());
+                    }
+                }
+                assert!(worst <= 1e-6 * scale, "{unit}, {m}×{k}×{n}: off by {worst:e} of {scale:e}");
+                // And really rounded: the f32 product differs.
+                let exact: f64 = b[0] as f64 + (0..k).map(|kk| x[kk] as f64 * w[kk * n] as f64).sum::<f64>();
+                assert!((y[0] as f64 - exact).abs() > 1e-6 * scale, "{unit}, {m}×{k}×{n}: not rounded to bf16");
+                // Transposed views of both operands (how the backward packs `Wᵀ` and `xᵀ`) give the same product.
+                let (xt, wt) = (crate::ops::transpose::transpose(&x, m, k), crate::ops::transpose::transpose(&w, k, n));
+                let x_view = MatRef::row_major(&xt, k, m).unwrap().t();
+                let w_view = MatRef::row_major(&wt, n, k).unwrap().t();
+                let packed = pack_rhs_view(w_view).unwrap();
+                assert_eq!(linear_view_on(unit, x_view, &packed, Some(&b)).unwrap(), y, "{unit}, {m}×{k}×{n} views");
+            }
         }
-        for &(m, k, n) in &[(37, 70, 45), (64, 96, 64), (5, 33, 17), (70, 300, 100)] {
-            let (x, w, b) = (values(m * k, 1), values(k * n, 2), values(n, 3));
-            let y = linear(&x, m, k, &pack_rhs(&w, k, n).unwrap(), Some(&b)).unwrap();
-            let mut worst = 0.0f64;
-            let mut scale = 0.0f64;
-            for i in 0..m {
-                for j in 0..n {
-                    let want = b[j] as f64 + (0..k).map(|kk| bf16(x[i * k + kk]) * bf16(w[kk * n + j])).sum::<f64>();
-                    worst = worst.max((y[i * n + j] as f64 - want).abs());
-                    scale = scale.max(want.abs());
+    }
+
+    /// `accumulate_block` adds a block's product to what its output holds (the accumulators start from it, so
+    /// within f32 rounding of the sum), at a row stride wider than the block, leaving the rest of the rows
+    /// alone; on each unit, against `multiply_block_into` of the same operands plus the prior values.
+    #[test]
+    fn accumulated_blocks_add_to_their_output() {
+        for unit in units_here() {
+            let (steps, stride) = (3, 40);
+            let (x, w) = (values(BLOCK * steps * STEP, 4), values(steps * STEP * BLOCK, 5));
+            let a = pack_rows(&x, BLOCK, steps * STEP);
+            let packed = pack_rhs(&w, steps * STEP, BLOCK).unwrap();
+            let (a0, a1) = a.split_at(a.len() / 2);
+            let (b0, b1) = packed.block_panel(0).split_at(rhs_panel_len(steps * STEP));
+            let session = TileSession::start_on(unit);
+            let mut product = [0.0f32; BLOCK * BLOCK];
+            multiply_block_into(&session, [a0, a1], [b0, b1], steps, &mut product);
+            let want: f64 = (0..steps * STEP).map(|kk| bf16(x[kk]) * bf16(w[kk * BLOCK])).sum();
+            assert!((product[0] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "{unit}: {} vs {want}", product[0]);
+            let prior = values(BLOCK * stride, 6);
+            let mut c = prior.clone();
+            accumulate_block(&session, [a0, a1], [b0, b1], steps, &mut c, stride);
+            for r in 0..BLOCK {
+                for j in 0..stride {
+                    let (got, was) = (c[r * stride + j], prior[r * stride + j]);
+                    if j < BLOCK {
+                        let want = was + product[r * BLOCK + j];
+                        assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{unit}: ({r}, {j}) {got} vs {want}");
+                    } else {
+                        assert_eq!(got, was, "{unit}: ({r}, {j}) outside the block");
+                    }
                 }
             }
-            assert!(worst <= 1e-6 * scale, "{m}×{k}×{n}: off by {worst:e} of {scale:e}");
-            // And really rounded: the f32 product differs.
-            let exact: f64 = b[0] as f64 + (0..k).map(|kk| x[kk] as f64 * w[kk * n] as f64).sum::<f64>();
-            assert!((y[0] as f64 - exact).abs() > 1e-6 * scale, "{m}×{k}×{n}: not rounded to bf16");
-            // Transposed views of both operands (how the backward packs `Wᵀ` and `xᵀ`) give the same product.
-            let (xt, wt) = (crate::ops::transpose::transpose(&x, m, k), crate::ops::transpose::transpose(&w, k, n));
-            let x_view = MatRef::row_major(&xt, k, m).unwrap().t();
-            let w_view = MatRef::row_major(&wt, n, k).unwrap().t();
-            assert_eq!(linear_view(x_view, &pack_rhs_view(w_view).unwrap(), Some(&b)).unwrap(), y, "{m}×{k}×{n} views");
         }
     }
 }
