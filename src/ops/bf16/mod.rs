@@ -219,9 +219,9 @@ fn pack_row_group(x: MatRef, g: usize, group: &mut [std::mem::MaybeUninit<u16>])
     }
 }
 
-/// `y = x·w + bias` for `x` `[m, k]` and `w` packed by [`pack_rhs`], on AMX tiles; `[m, n]`.
+/// `y = x·w + bias` for `x` `[m, k]` and `w` packed by [`pack_rhs`], on this CPU's [`unit()`]; `[m, n]`.
 pub fn linear(x: &[f32], m: usize, k: usize, w: &PackedRhs, bias: Option<&[f32]>) -> Result<Vec<f32>> {
-    ensure!(x.len() == m * k, "amx linear: input does not hold {m}×{k}");
+    ensure!(x.len() == m * k, "bf16 linear: input does not hold {m}×{k}");
     linear_view(MatRef::row_major(x, m, k)?, w, bias)
 }
 
