@@ -13,6 +13,8 @@ use wemoe_engine::ops::bf16;
 use wemoe_engine::ops::gemm::{matmul, MatRef, Threads};
 
 fn main() -> Result<()> {
+    // As the command line runs: the bf16 product's fresh output reuses freed pages instead of faulting in new ones.
+    wemoe_engine::heap::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [m, k, n, reps]: [usize; 4] = std::array::from_fn(|i| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(0));
     let layout = args.get(4).context("usage: gemm_probe M K N REPS nn|nt")?;

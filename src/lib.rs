@@ -44,6 +44,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod heap;
 pub mod hub_cache;
 pub mod kernels;
 pub mod merge;

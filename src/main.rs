@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    cli::heap::keep_freed_memory();
+    wemoe_engine::heap::keep_freed_memory();
     let args = cli::Cli::parse();
     let result = cli::run(args);
     if let Some(table) = wemoe_engine::device::op_times::report() {

@@ -375,7 +375,6 @@ mod doctor;
 mod embed;
 mod eval;
 mod heads;
-pub mod heap;
 mod info;
 mod merge;
 mod progress;

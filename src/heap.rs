@@ -5,7 +5,8 @@
 //! a 64-image per-sample `embed` of a ViT-B/32 WEMoE model put 13% of its samples in the kernel clearing pages
 //! (2% with batch routing). Serving them from the heap and keeping what is freed there makes the next layer
 //! reuse the same pages (BENCHMARKS.md: 10.4 → 11.7 images/s per sample, 13.7 → 15.1 batch, peak memory
-//! +1.3%). The library leaves the allocator alone; this is the command line's choice.
+//! +1.3%). The library never calls this: the command line does as it starts, and so do the probes that time
+//! products as the command line runs them (`examples/gemm_probe.rs`).
 
 /// Raises glibc's mmap and trim thresholds to 1 GiB (no-op off glibc).
 pub fn keep_freed_memory() {
