@@ -8,7 +8,8 @@
 //! +1.3%). The library never calls this: the command line does as it starts, and so do the probes that time
 //! products as the command line runs them (`examples/gemm_probe.rs`).
 
-/// Raises glibc's mmap and trim thresholds to 1 GiB (no-op off glibc).
+/// Raises glibc's mmap and trim thresholds to 1 GiB (no-op off glibc). Call it first in `main`, before any
+/// other thread starts, as the command line does.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -19,7 +20,7 @@ pub fn keep_freed_memory() {
         const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
         const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
         const ONE_GIB: std::ffi::c_int = 1 << 30;
-        // SAFETY: mallopt only changes allocator parameters; called before any thread is started. A refusal
+        // SAFETY: mallopt only changes allocator parameters; callers call it before other threads start. A refusal
         // (return 0) leaves glibc's defaults, which are correct, only slower.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, ONE_GIB);
