@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -35,6 +36,18 @@ fn fusionbench_order() -> Vec<String> {
     serde_json::from_str(file.metadata("parameters").unwrap()).unwrap()
 }
 
+/// `run`'s loss and gradient at the initial 0.3 on the fixture's tasks, the loss checked against FusionBench's
+/// (`loss_key` in the fixture).
+fn initial_gradient(be: &CpuBackend, run: &AdaMerging, loss_key: &str) -> BTreeMap<String, Vec<f32>> {
+    let coefficients = run.initial(0.3);
+    let model = run.model(be, &coefficients).unwrap();
+    let heads = Heads::open(be, &fixture("adapt/heads.safetensors")).unwrap();
+    let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, &heads, &adapt_tasks(&heads)).unwrap();
+    let (_, want) = reference("adamerging/expected.safetensors", loss_key);
+    assert!((loss - want[0] as f64).abs() <= 1e-5 * want[0] as f64, "{loss_key} {loss} against {}", want[0]);
+    grads
+}
+
 #[test]
 fn loss_and_coefficient_gradients_match_fusionbench() {
     let be = CpuBackend::new();
@@ -43,12 +56,7 @@ fn loss_and_coefficient_gradients_match_fusionbench() {
     let run = AdaMerging::new(&be, &pretrained, &experts).unwrap();
     assert_eq!(run.names(), fusionbench_order().as_slice(), "the coefficients' columns");
     assert_eq!(parameter_order(&pretrained.config), fusionbench_order());
-    let coefficients = run.initial(0.3);
-    let model = run.model(&be, &coefficients).unwrap();
-    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
-    let (loss, grads) = run.loss_and_gradient(&be, &model, &coefficients, &heads, &adapt_tasks(&heads)).unwrap();
-    let (_, want_loss) = reference("adamerging/expected.safetensors", "loss");
-    assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} against {}", want_loss[0]);
+    let grads = initial_gradient(&be, &run, "loss");
     let (shape, want) = reference("adamerging/expected.safetensors", "grad");
     assert_eq!(shape, [EXPERTS.len(), run.names().len()]);
     let got: Vec<f32> =
@@ -70,13 +78,8 @@ fn task_wise_loss_and_gradient_match_fusionbench() {
     let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
     let experts = experts();
     let run = AdaMerging::new(&be, &pretrained, &experts).unwrap().with_granularity(Granularity::TaskWise);
-    let coefficients = run.initial(0.3);
-    assert_eq!(coefficients.names, [TASK_WISE_COLUMN]);
-    let model = run.model(&be, &coefficients).unwrap();
-    let heads = Heads::open(&be, &fixture("adapt/heads.safetensors")).unwrap();
-    let (loss, grads) = run.loss_and_gradient(&be, &model, &coefficients, &heads, &adapt_tasks(&heads)).unwrap();
-    let (_, want_loss) = reference("adamerging/expected.safetensors", "task.loss");
-    assert!((loss - want_loss[0] as f64).abs() <= 1e-5 * want_loss[0] as f64, "loss {loss} against {}", want_loss[0]);
+    assert_eq!(run.initial(0.3).names, [TASK_WISE_COLUMN]);
+    let grads = initial_gradient(&be, &run, "task.loss");
     let (shape, want) = reference("adamerging/expected.safetensors", "task.grad");
     assert_eq!(shape, [EXPERTS.len()]);
     assert_eq!(grads.len(), 1, "one column");
