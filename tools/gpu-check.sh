@@ -94,7 +94,8 @@ echo "== summary"
 grep -E "^kernel-check" "$out/kernel-tests.txt" || echo "no kernel-check lines: see $out/kernel-tests.txt"
 grep -E "^\| |fused per-sample /|^device|^tuned" "$out/bench.txt" || true
 grep -E "^\| B=|^device" "$out/fusionbench.txt" || true
-grep -A12 "^backend operation" "$out/op-times.txt" || true
+# Each table's first twelve rows and its products' total and rate.
+awk '/^backend operation/ {n = 13} n > 0 {n--; print; next} /^products:/ {print}' "$out/op-times.txt" || true
 grep -E "^test |test result" "$out/graph-tests.txt" || true
 echo "kernel tests exit status: $tests_rc; graph tests exit status: $graph_rc"
 [ "$tests_rc" = 0 ] && [ "$graph_rc" = 0 ]

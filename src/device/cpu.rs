@@ -8,6 +8,7 @@
 
 use anyhow::{bail, ensure, Result};
 
+use super::flops;
 use super::op_times::OpTimer;
 use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
 use crate::ops::{self, patch_embed::PatchGeometry};
@@ -116,10 +117,11 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>) -> Result<Tensor> {
-        let _timer = OpTimer::start("linear");
+        let mut timer = OpTimer::start("linear");
         let (rows, k) = rows_and_width(x);
         let n = w.out_features();
         ensure!(w.in_features() == k, "linear: input width {k} does not match weight {n}×{}", w.in_features());
+        timer.count(flops::product(rows, k, n));
         if let Some(b) = b {
             ensure!(b.shape() == [n], "linear: bias {:?} does not match {n} outputs", b.shape());
         }
@@ -147,11 +149,12 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-        let _timer = OpTimer::start("attention");
+        let mut timer = OpTimer::start("attention");
         same_shape("attention", q, k)?;
         same_shape("attention", q, v)?;
         ensure!(q.shape().len() == 3, "attention: expected [B, N, D], got {:?}", q.shape());
         let (b, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        timer.count(flops::attention(b, n, d));
         ensure!(heads > 0 && d % heads == 0, "attention: width {d} is not divisible by {heads} heads");
         let y = ops::attention::attention(q.host()?, k.host()?, v.host()?, b, n, d, heads)?;
         Tensor::from_vec(q.shape(), y)
@@ -186,7 +189,7 @@ impl Backend for CpuBackend {
         class_embedding: &Tensor,
         position_embedding: &Tensor,
     ) -> Result<Tensor> {
-        let _timer = OpTimer::start("patch_embed");
+        let mut timer = OpTimer::start("patch_embed");
         let ps = pixels.shape();
         let ws = weight.shape();
         ensure!(ps.len() == 4 && ps[2] == ps[3], "patch_embed: pixels must be [B, C, S, S], got {ps:?}");
@@ -203,6 +206,7 @@ impl Backend for CpuBackend {
             g.tokens(),
             g.width
         );
+        timer.count(flops::product(g.batch * g.grid() * g.grid(), g.channels * g.patch * g.patch, g.width));
         let y = ops::patch_embed::patch_embed(
             pixels.host()?,
             weight.host()?,
@@ -253,9 +257,10 @@ impl Backend for CpuBackend {
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
-        let _timer = OpTimer::start("expert_linear");
+        let mut timer = OpTimer::start("expert_linear");
         let (rows, k) = rows_and_width(x);
         ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
+        timer.count(flops::product(rows, k, w.out_features()));
         let t = w.experts();
         ensure!(
             coefficients.shape().len() == 2 && coefficients.shape()[1] == t,
@@ -294,10 +299,11 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
-        let _timer = OpTimer::start("linear_backward_input");
+        let mut timer = OpTimer::start("linear_backward_input");
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         let k = w.in_features();
+        timer.count(flops::product(rows, n, k));
         let rhs = dense_rhs(w)?;
         let dx = if self.bf16 {
             ops::bf16::linear(dy.host()?, rows, n, &ops::bf16::pack_rhs_view(rhs.t())?, None)?
@@ -310,9 +316,10 @@ impl Backend for CpuBackend {
     }
 
     fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let _timer = OpTimer::start("linear_backward_weight");
+        let mut timer = OpTimer::start("linear_backward_weight");
         let ((m, k), (m2, n)) = (rows_and_width(x), rows_and_width(dy));
         ensure!(m == m2, "linear_backward_weight: {m} input rows, {m2} gradient rows");
+        timer.count(flops::product(m, k, n));
         let (dw, db) = ops::gemm::linear_backward_weight(x.host()?, dy.host()?, m, k, n)?;
         Ok((Tensor::from_vec(&[n, k], dw)?, Tensor::from_vec(&[n], db)?))
     }
@@ -346,9 +353,10 @@ impl Backend for CpuBackend {
         d_out: &Tensor,
         heads: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let _timer = OpTimer::start("attention_backward");
+        let mut timer = OpTimer::start("attention_backward");
         same_shape("attention_backward", q, d_out)?;
         let (b, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        timer.count(flops::attention_backward(b, n, d));
         let (dq, dk, dv) =
             ops::attention::attention_backward(q.host()?, k.host()?, v.host()?, d_out.host()?, b, n, d, heads)?;
         Ok((Tensor::from_vec(q.shape(), dq)?, Tensor::from_vec(q.shape(), dk)?, Tensor::from_vec(q.shape(), dv)?))
@@ -371,8 +379,9 @@ impl Backend for CpuBackend {
         w: &ExpertLinear,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let _timer = OpTimer::start("expert_linear_backward");
+        let mut timer = OpTimer::start("expert_linear_backward");
         let (rows, _) = rows_and_width(x);
+        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features()));
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = host_view(w)?;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 
+use super::flops;
 use super::kernel_choice::{Choice, KernelChoices, WemoeKernels};
 use super::op_times::{DeviceQueue, OpTimer};
 use super::{
@@ -326,7 +327,7 @@ where
     }
 
     fn linear(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("linear", &self.executor);
+        let mut timer = OpTimer::start_queued("linear", &self.executor);
         let (rows, width) = rows_and_width(x);
         ensure!(
             w.in_features() == width,
@@ -334,6 +335,7 @@ where
             w.out_features(),
             w.in_features()
         );
+        timer.count(flops::product(rows, width, w.out_features()));
         if let Some(b) = b {
             ensure!(
                 b.shape() == [w.out_features()],
@@ -348,23 +350,25 @@ where
     }
 
     fn linear_act(&self, x: &Tensor, w: &LinearWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("linear_act", &self.executor);
+        let mut timer = OpTimer::start_queued("linear_act", &self.executor);
+        let (rows, width) = rows_and_width(x);
+        ensure!(w.in_features() == width, "linear: input width {width} does not match {}", w.in_features());
+        timer.count(flops::product(rows, width, w.out_features()));
         if self.precision != Precision::F32 {
             return self.activation(self.linear(x, w, b)?, act);
         }
-        let (rows, width) = rows_and_width(x);
-        ensure!(w.in_features() == width, "linear: input width {width} does not match {}", w.in_features());
         let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
         self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, Some(act), self.buf(&y)?)?;
         Ok(y)
     }
 
     fn router_head(&self, h: &Tensor, w: &LinearWeight, b: &Tensor, softmax: bool) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("router_head", &self.executor);
+        let mut timer = OpTimer::start_queued("router_head", &self.executor);
         let (batch, tokens, hidden) = Self::bsd("router_head", h)?;
         ensure!(w.in_features() == hidden, "router_head: input width {hidden} does not match {}", w.in_features());
         ensure!(w.layout() == WeightLayout::OutIn, "router_head: weight not prepared by the CUDA backend");
         let experts = w.out_features();
+        timer.count(flops::product(batch * tokens, hidden, experts));
         if experts > 32 {
             // The fused head keeps one expert per lane.
             return self.router_reduce(&self.linear(h, w, Some(b))?, softmax);
@@ -408,10 +412,11 @@ where
     }
 
     fn attention(&self, q: &Tensor, kk: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("attention", &self.executor);
+        let mut timer = OpTimer::start_queued("attention", &self.executor);
         Self::same_shape("attention", q, kk)?;
         Self::same_shape("attention", q, v)?;
         let (b, n, d) = Self::bsd("attention", q)?;
+        timer.count(flops::attention(b, n, d));
         let out = self.alloc(q.shape())?;
         k::attention_forward(
             &self.executor,
@@ -453,7 +458,7 @@ where
         class_embedding: &Tensor,
         position: &Tensor,
     ) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("patch_embed", &self.executor);
+        let mut timer = OpTimer::start_queued("patch_embed", &self.executor);
         let (ps, ws) = (pixels.shape(), weight.shape());
         ensure!(ps.len() == 4 && ps[2] == ps[3], "patch_embed: pixels must be [B, C, S, S], got {ps:?}");
         ensure!(
@@ -463,6 +468,7 @@ where
         let (batch, channels, image, patch, width) = (ps[0], ps[1], ps[2], ws[2], ws[0]);
         ensure!(patch > 0 && image % patch == 0, "patch_embed: image {image} is not a multiple of patch {patch}");
         let tokens = (image / patch) * (image / patch) + 1;
+        timer.count(flops::product(batch * (tokens - 1), channels * patch * patch, width));
         ensure!(class_embedding.shape() == [width], "patch_embed: class embedding {:?}", class_embedding.shape());
         ensure!(
             position.shape() == [tokens, width],
@@ -524,9 +530,10 @@ where
     }
 
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("expert_linear", &self.executor);
+        let mut timer = OpTimer::start_queued("expert_linear", &self.executor);
         let (rows, width) = rows_and_width(x);
         ensure!(width == w.in_features(), "expert_linear: input width {width} does not match {}", w.in_features());
+        timer.count(flops::product(rows, width, w.out_features()));
         let cs = coefficients.shape();
         ensure!(
             cs.len() == 2 && cs[1] == w.experts(),
@@ -581,18 +588,20 @@ where
     }
 
     fn linear_backward_input(&self, dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
-        let _timer = OpTimer::start_queued("linear_backward_input", &self.executor);
+        let mut timer = OpTimer::start_queued("linear_backward_input", &self.executor);
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
+        timer.count(flops::product(rows, n, w.in_features()));
         let dx = self.alloc(&Self::with_last(dy.shape(), w.in_features()))?;
         self.input_product(self.buf(dy)?, 1, rows, &self.dense(w, None)?, None, self.buf(&dx)?)?;
         Ok(dx)
     }
 
     fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let _timer = OpTimer::start_queued("linear_backward_weight", &self.executor);
+        let mut timer = OpTimer::start_queued("linear_backward_weight", &self.executor);
         let ((m, inp), (m2, out)) = (rows_and_width(x), rows_and_width(dy));
         ensure!(m == m2, "linear_backward_weight: {m} input rows, {m2} gradient rows");
+        timer.count(flops::product(m, inp, out));
         let (dw, db) = (self.alloc(&[out, inp])?, self.alloc(&[out])?);
         k::linear_backward_weight(
             &self.executor,
@@ -641,8 +650,9 @@ where
         weight_shape: &[usize],
         d_tokens: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let _timer = OpTimer::start_queued("patch_embed_backward", &self.executor);
+        let mut timer = OpTimer::start_queued("patch_embed_backward", &self.executor);
         let g = patch_backward_geometry(pixels, weight_shape, d_tokens)?;
+        timer.count(flops::product(g.batch * g.grid() * g.grid(), g.channels * g.patch * g.patch, g.width));
         let (dw, d_class, d_position) =
             (self.alloc(weight_shape)?, self.alloc(&[g.width])?, self.alloc(&[g.tokens(), g.width])?);
         k::patch_embed_backward(
@@ -715,9 +725,10 @@ where
         d_out: &Tensor,
         heads: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let _timer = OpTimer::start_queued("attention_backward", &self.executor);
+        let mut timer = OpTimer::start_queued("attention_backward", &self.executor);
         Self::same_shape("attention_backward", q, d_out)?;
         let (b, n, d) = Self::bsd("attention_backward", q)?;
+        timer.count(flops::attention_backward(b, n, d));
         let (dq, dk, dv) = (self.alloc(q.shape())?, self.alloc(q.shape())?, self.alloc(q.shape())?);
         k::attention_backward(
             &self.executor,
@@ -750,8 +761,9 @@ where
         w: &ExpertLinear,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let _timer = OpTimer::start_queued("expert_linear_backward", &self.executor);
+        let mut timer = OpTimer::start_queued("expert_linear_backward", &self.executor);
         let (rows, _) = rows_and_width(x);
+        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features()));
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = self.weights(w)?;

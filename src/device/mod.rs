@@ -5,6 +5,7 @@
 
 mod cpu;
 mod cuda;
+pub mod flops;
 pub mod kernel_choice;
 pub mod op_times;
 mod weights;
@@ -351,6 +352,7 @@ pub trait Backend: Send + Sync {
     /// `(d weight, d bias)`, each `[D]`. By default computed on the host from downloaded operands: it is a
     /// reduction over rows, small beside the products around it.
     fn layer_norm_backward_params(&self, x: &Tensor, eps: f32, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _timer = op_times::OpTimer::start("layer_norm_backward_params");
         anyhow::ensure!(
             x.shape() == dy.shape(),
             "layer_norm_backward_params: input {:?} and gradient {:?} differ",
@@ -372,7 +374,9 @@ pub trait Backend: Send + Sync {
         weight_shape: &[usize],
         d_tokens: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut timer = op_times::OpTimer::start("patch_embed_backward");
         let g = patch_backward_geometry(pixels, weight_shape, d_tokens)?;
+        timer.count(flops::product(g.batch * g.grid() * g.grid(), g.channels * g.patch * g.patch, g.width));
         let (dw, dc, dp) =
             crate::ops::patch_embed::patch_embed_backward(&self.to_host(pixels)?, &self.to_host(d_tokens)?, g)?;
         Ok((
@@ -392,6 +396,7 @@ pub trait Backend: Send + Sync {
     /// `base + Σ_t lambdas[t]·tasks[t]`, the experts added in order and each product rounded before its sum,
     /// the bits torch's `state_dict[name] + param * w` gives. By default on the host.
     fn merge_task_vectors(&self, base: &Tensor, tasks: &[Tensor], lambdas: &[f32]) -> Result<Tensor> {
+        let _timer = op_times::OpTimer::start("merge_task_vectors");
         check_merge(base, tasks, lambdas)?;
         let base_values = host_values(self, base)?;
         let values = tasks.iter().map(|t| host_values(self, t)).collect::<Result<Vec<_>>>()?;
@@ -402,6 +407,7 @@ pub trait Backend: Send + Sync {
 
     /// `⟨tasks[t], g⟩` for every task vector, summed in f64. By default on the host.
     fn task_vector_dots(&self, tasks: &[Tensor], g: &Tensor) -> Result<Vec<f32>> {
+        let _timer = op_times::OpTimer::start("task_vector_dots");
         check_task_vectors("task_vector_dots", g, tasks)?;
         let g = host_values(self, g)?;
         let values = tasks.iter().map(|t| host_values(self, t)).collect::<Result<Vec<_>>>()?;
