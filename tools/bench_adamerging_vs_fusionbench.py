@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -64,8 +65,7 @@ def fusionbench_step_seconds(args):
             times.append(time.perf_counter() - t0)
     with open("/proc/self/status") as f:
         hwm = int(next(line for line in f if line.startswith("VmHWM")).split()[1])
-    times.sort()
-    print(json.dumps({"seconds": times[len(times) // 2], "peak_mib": hwm / 1024}))
+    print(json.dumps({"seconds": statistics.median(times), "peak_mib": hwm / 1024}))
 
 
 def main():

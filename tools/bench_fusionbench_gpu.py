@@ -9,6 +9,7 @@ Needs torch (CUDA), transformers and the fusion-bench package (installed without
 WEMoE module is imported, without running the package's heavy __init__).
 """
 import importlib.util
+import statistics
 import sys
 import types
 
@@ -64,8 +65,8 @@ def main():
                     torch.cuda.synchronize()
                     if i >= 3:
                         times.append(start.elapsed_time(end))
-            times.sort()
-            print(f"| B={batch} N={tokens} | FusionBench WEMoE layer (router + MLP), {mode} | {times[len(times) // 2]:.3f} |")
+            print(f"| B={batch} N={tokens} | FusionBench WEMoE layer (router + MLP), {mode} "
+                  f"| {statistics.median(times):.3f} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -156,12 +157,13 @@ def main():
             t = theirs[mode]
             speed, memory = ours / t["images_per_s"], peak / t["peak_mib"]
             ratios[mode].append((speed, memory))
-            print(f"{r + 1:<6} {mode:<8} {t['images_per_s']:>18.2f} {ours:>13.2f} {speed:>8.1f}x "
+            print(f"{r + 1:<6} {mode:<8} {t['images_per_s']:>18.2f} {ours:>13.2f} {speed:>8.2f}x "
                   f"{t['peak_mib']:>12.0f} {peak:>16.0f} {memory:>13.2f}   (engine load {load:.1f} s)", flush=True)
     for mode, rs in ratios.items():
-        speeds, memories = sorted(s for s, _ in rs), sorted(m for _, m in rs)
-        print(f"median over rounds, {mode}: speed-up {speeds[len(rs) // 2]:.1f}x, "
-              f"memory ratio {memories[len(rs) // 2]:.2f}")
+        # The true median: with an even number of rounds, the mean of the middle two.
+        speeds, memories = [s for s, _ in rs], [m for _, m in rs]
+        print(f"median over rounds, {mode}: speed-up {statistics.median(speeds):.2f}x "
+              f"(range {min(speeds):.2f}-{max(speeds):.2f}x), memory ratio {statistics.median(memories):.2f}")
 
 
 if __name__ == "__main__":
