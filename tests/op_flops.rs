@@ -1,7 +1,8 @@
 //! `WEMOE_OP_TIMES`' products: every backend operation that multiplies matrices records its products'
 //! floating-point operations (two per multiply-add, from its shapes), which the table turns into rates; and the
 //! CUDA backend, over the host emulation, records the same work as the CPU backend for the same adaptation step
-//! (its fused operations included). One test, since the switch and the table are the process's.
+//! and the same forward (whose fused operations are other rows with the same products). One test, since the
+//! switch and the table are the process's.
 
 mod common;
 
@@ -79,7 +80,7 @@ fn each_product_counts_its_flops(be: &dyn Backend) {
     }
 }
 
-/// The fixtures' WEMoE model (router depth 2) on `be`, with its heads and the two tasks' images there.
+/// The fixtures' WEMoE model (router depth 2) on `be`, and the adaptation fixtures' heads.
 fn wemoe_model(be: &dyn Backend) -> (ModelDir, ImageEncoder, Heads) {
     let dir = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
     let model = ImageEncoder::load(be, &dir).unwrap();
