@@ -147,18 +147,28 @@ fn embed_keeps_the_labels_and_class_names() {
 
 /// `WEMOE_OP_TIMES=1` prints the backend's operations when the command exits, each counted as often as the
 /// forward runs it: per batch one patch embedding, per layer one attention and two LayerNorms, plus the
-/// pre- and post-LayerNorms; and the "all" row sums the rows.
+/// pre- and post-LayerNorms; the "all" row sums the rows; and the last line totals the products (the rows
+/// with a rate), its rate their FLOPs over their time.
 #[test]
 fn op_times_count_every_backend_operation() {
     let tmp = tempfile::tempdir().unwrap();
     let (ok, _, err) = embed_fixture(&[("WEMOE_OP_TIMES", "1")], "b", &tmp.path().join("b.safetensors"));
     assert!(ok && err.starts_with("backend operation"), "{err}");
-    let rows: Vec<(String, u64, f64)> = err
-        .lines()
-        .skip(1)
+    let lines: Vec<&str> = err.lines().collect();
+    let (products, table) = lines[1..].split_last().unwrap();
+    // (name, calls, seconds, share in %, rate in GFLOP/s for a product)
+    let rows: Vec<(String, u64, f64, f64, Option<f64>)> = table
+        .iter()
         .map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
+            let share = f.get(4).map_or(100.0, |s| s.trim_end_matches('%').parse().unwrap());
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                share,
+                f.get(5).map(|r| r.parse().unwrap()),
+            )
         })
         .collect();
     let calls = |op: &str| rows.iter().find(|r| r.0 == op).map_or(0, |r| r.1);
@@ -169,6 +179,27 @@ fn op_times_count_every_backend_operation() {
     assert_eq!(all.0, "all");
     assert_eq!(all.1, parts.iter().map(|r| r.1).sum::<u64>(), "{err}");
     assert!((all.2 - parts.iter().map(|r| r.2).sum::<f64>()).abs() < 1e-3 * parts.len() as f64, "{err}");
+    let rated: Vec<&str> = parts.iter().filter(|r| r.4.is_some()).map(|r| r.0.as_str()).collect();
+    for op in ["patch_embed", "linear", "attention"] {
+        assert!(rated.contains(&op), "{op} has a rate: {err}");
+    }
+    assert!(!rated.contains(&"layer_norm") && !rated.contains(&"add"), "{err}");
+    // "products: X GFLOP in Y s (Z% of the time), W GFLOP/s"
+    let f: Vec<&str> = products.split_whitespace().collect();
+    assert_eq!((f[0], f[2], f[3], f[11]), ("products:", "GFLOP", "in", "GFLOP/s"), "{err}");
+    let (gflop, seconds, share, rate): (f64, f64, f64, f64) = (
+        f[1].parse().unwrap(),
+        f[4].parse().unwrap(),
+        f[6].trim_start_matches('(').trim_end_matches('%').parse().unwrap(),
+        f[10].parse().unwrap(),
+    );
+    let rated_seconds: f64 = parts.iter().filter(|r| r.4.is_some()).map(|r| r.2).sum();
+    assert!((seconds - rated_seconds).abs() < 1e-3 * rated.len() as f64, "{err}");
+    // Shares are printed to 0.1%, from unrounded times: the products' is their rows'.
+    let rated_share: f64 = parts.iter().filter(|r| r.4.is_some()).map(|r| r.3).sum();
+    assert!((share - rated_share).abs() <= 0.05 * (rated.len() + 1) as f64, "{err}");
+    // The time is printed to the millisecond, the rate to three figures.
+    assert!(gflop > 0.0 && (gflop / rate - seconds).abs() <= 5e-4 + 0.01 * seconds, "{err}");
 }
 
 /// Top-1 accuracy of reference logits against labels.

@@ -160,7 +160,7 @@ fn table(mut rows: Vec<OpRow>) -> Option<String> {
             100.0 * row.seconds / total
         );
         if row.flops > 0.0 {
-            out += &format!(" {:>9.1}", rate(row.flops, row.seconds));
+            out += &format!(" {:>9}", three_figures(rate(row.flops, row.seconds)));
         }
         out.push('\n');
     }
@@ -170,13 +170,20 @@ fn table(mut rows: Vec<OpRow>) -> Option<String> {
         let (flops, seconds): (f64, f64) =
             (products.iter().map(|r| r.flops).sum(), products.iter().map(|r| r.seconds).sum());
         out += &format!(
-            "products: {:.1} GFLOP in {seconds:.3} s ({:.1}% of the time), {:.1} GFLOP/s\n",
-            flops / 1e9,
+            "products: {} GFLOP in {seconds:.3} s ({:.1}% of the time), {} GFLOP/s\n",
+            three_figures(flops / 1e9),
             100.0 * seconds / total,
-            rate(flops, seconds)
+            three_figures(rate(flops, seconds))
         );
     }
     Some(out)
+}
+
+/// `v` to at least three significant figures and one decimal (580.5, 57.8, 4.40, 0.00420): a small model's
+/// products still show.
+fn three_figures(v: f64) -> String {
+    let decimals = if v > 0.0 { (2 - v.log10().floor() as i32).clamp(1, 9) as usize } else { 1 };
+    format!("{v:.decimals$}")
 }
 
 #[cfg(test)]
@@ -208,5 +215,8 @@ mod tests {
         assert!(lines[2].starts_with("add") && lines[2].ends_with('%'), "{text}");
         assert!(lines[3].starts_with("attention") && lines[3].ends_with(" 40.0"), "{text}");
         assert_eq!(lines[5], "products: 320.0 GFLOP in 2.500 s (71.4% of the time), 128.0 GFLOP/s", "{text}");
+        let text = table(vec![row("linear", 0.002, 1, 8.4e6)]).expect("rows");
+        assert!(text.lines().nth(1).is_some_and(|l| l.ends_with(" 4.20")), "{text}");
+        assert!(text.ends_with("products: 0.00840 GFLOP in 0.002 s (100.0% of the time), 4.20 GFLOP/s\n"), "{text}");
     }
 }
