@@ -250,7 +250,7 @@ fn linear_view_on(unit: Bf16Unit, x: MatRef, w: &PackedRhs, bias: Option<&[f32]>
     // Outputs in chunks whose right-hand panels (`kp · chunk` bf16) stay in L2 while every row block passes.
     let chunk = ((768 * 1024 / (2 * kp)) / BLOCK * BLOCK).max(BLOCK);
     let group_len = TILE_ROWS * kp; // bf16 elements of 16 packed rows
-    let panel_len = TILE_ROWS * kp; // bf16 elements of a panel of 16 outputs
+    let half_panel = rhs_panel_len(k); // bf16 elements of a panel of 16 outputs
     for n0 in (0..np).step_by(chunk) {
         let cols = n0..(n0 + chunk).min(np);
         (0..m.div_ceil(BLOCK)).into_par_iter().for_each(|mb| {
@@ -259,8 +259,8 @@ fn linear_view_on(unit: Bf16Unit, x: MatRef, w: &PackedRhs, bias: Option<&[f32]>
             let a0 = &a[2 * mb * group_len..];
             let a1 = &a[(2 * mb + 1) * group_len..];
             for nb in cols.clone().step_by(BLOCK) {
-                let b0 = &w.data[(nb / TILE_ROWS) * panel_len..];
-                let b1 = &w.data[(nb / TILE_ROWS + 1) * panel_len..];
+                let b0 = &w.data[(nb / TILE_ROWS) * half_panel..];
+                let b1 = &w.data[(nb / TILE_ROWS + 1) * half_panel..];
                 let (rows, width) = (BLOCK.min(m - mb * BLOCK), BLOCK.min(n.saturating_sub(nb)));
                 // SAFETY: each operand slice holds `kp / 32` tiles from its start; each row block writes only
                 // its own rows of `y`, within `m × n`.
