@@ -1,6 +1,7 @@
 //! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
-//! formulations (fused per-sample, batch-reduced, materialise-then-GEMM), and one adaptation step. The GEMM
+//! formulations (fused per-sample, batch-reduced, materialise-then-GEMM) and batch routing's merge of each
+//! weight alone, and one adaptation step. The GEMM
 //! and the WEMoE layer also with bf16 products where the CPU has a unit for them (`--precision bf16`). And
 //! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files). And the
 //! B/32 text tower on 256 prompts of 12 tokens (`wemoe-engine heads`).
@@ -143,6 +144,10 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
     let (w1, w2) = (view(&l1), view(&l2));
     let mut group = c.benchmark_group("wemoe_mlp_formulations_b32_widths_8experts");
     group.sample_size(10);
+    // Batch routing's one merge of each weight, apart from its product.
+    let one = rng.normal_vec(t, 0.3, 0.1);
+    group.bench_function("merge_fc1", |b| b.iter(|| w1.merged(&one)));
+    group.bench_function("merge_fc2", |b| b.iter(|| w2.merged(&one)));
     let batch = 16;
     for tokens in [50usize, 197] {
         let x = rng.normal_vec(batch * tokens * d, 0.0, 1.0);
