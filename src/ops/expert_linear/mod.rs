@@ -160,10 +160,20 @@ impl ExpertLinearRef<'_> {
         // Inputs per task: 32 make a block's share of each blocked source one whole 4 KiB page (with 8 a page
         // was read a quarter at a time by four tasks; 1.2 ms slower per merge at B/32's MLP shapes).
         const ROWS: usize = 32;
+        // Each tile is merged into a small contiguous buffer, then copied out. Merged in place, its 32 rows lay
+        // a row of the output apart (B/32: 12 KiB at 3072 outputs, 3 KiB at 768, so every row or every fourth
+        // in the same L1 sets), and each source's pass over them missed: 6.4–7.4 against 4.0–4.9 ms a merge
+        // (`cargo bench --bench cpu -- merge_fc`), whether the merge is the SIMD one or plain Rust.
+        let kernel = Kernel::detect();
         w.par_chunks_mut(ROWS * o).enumerate().for_each(|(i, chunk)| {
             let ks = i * ROWS..i * ROWS + chunk.len() / o;
+            let mut tile = [0.0f32; ROWS * BLOCK_ROWS];
             for r0 in (0..o).step_by(BLOCK_ROWS) {
-                self.merge_tile(c, ks.clone(), r0..(r0 + BLOCK_ROWS).min(o), &mut chunk[r0..], o);
+                let cols = r0..(r0 + BLOCK_ROWS).min(o);
+                merge_tiles(kernel, self, c, ks.clone(), cols.clone(), &mut tile);
+                for (row, src) in chunk.chunks_exact_mut(o).zip(tile.chunks_exact(BLOCK_ROWS)) {
+                    row[cols.clone()].copy_from_slice(&src[..cols.len()]);
+                }
             }
         });
         let mut b = vec![0.0f32; o];
