@@ -63,8 +63,12 @@ pub fn patch_embed(
     let patch_len = c * p * p;
     let patches = grid * grid;
     let cols = im2col(pixels, g)?;
-    let kernel = MatRef::row_major(weight, d, patch_len)?.t();
-    let embedded = linear(&cols, g.batch * patches, patch_len, kernel, None)?;
+    ensure!(weight.len() == d * patch_len, "patch_embed: the weight does not hold {d}×{patch_len} values");
+    // The kernel `[D, C·P·P]` as `[C·P·P, D]`: the `gemm` crate multiplies by a row-major right-hand side
+    // faster than by a transposed one at this depth (B/32: 73 against 93 ms, BENCHMARKS.md), more than the
+    // transpose's 2 ms.
+    let kernel = super::transpose::transpose(weight, d, patch_len);
+    let embedded = linear(&cols, g.batch * patches, patch_len, MatRef::row_major(&kernel, patch_len, d)?, None)?;
     let tokens = g.tokens();
     let mut out = vec![0.0f32; g.batch * tokens * d];
     out.par_chunks_mut(tokens * d).enumerate().for_each(|(b, sample)| {
