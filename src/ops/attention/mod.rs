@@ -5,7 +5,12 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::activation::exp_f32;
+#[cfg(target_arch = "x86_64")]
+use super::expert_linear::Kernel;
 use super::gemm::{matmul, MatRef, Threads};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// `softmax(q_h k_hᵀ / sqrt(d_h)) v_h` for each sample and head; `q`, `k`, `v` are `[batch, tokens, width]`
 /// with heads splitting `width`. Returns `[batch, tokens, width]`.
@@ -58,6 +63,18 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
     );
     ensure!(out.len() == queries * width, "attend: the output holds {} values, {} needed", out.len(), q.len());
     let head_dim = width / heads;
+    #[cfg(target_arch = "x86_64")]
+    if head_dim.is_multiple_of(avx512::COLS) && Kernel::detect() == Kernel::Avx512 {
+        // SAFETY: AVX-512F was detected, the width is a multiple of the head width, itself of 64, and the
+        // scratch is the span's.
+        unsafe {
+            let mut scratch = avx512::Scratch::new(k, span);
+            for h in 0..heads {
+                avx512::head(q, v, span, h, &mut scratch, out);
+            }
+        }
+        return Ok(());
+    }
     let scale = (head_dim as f32).powf(-0.5);
     let offset = keys - queries;
     let mut scores = vec![0.0f32; queries * keys];
@@ -89,6 +106,8 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
 
 /// Each row of `scores` (rows of `n`) replaced by softmax(scale · row), in place. In passes whose reductions
 /// keep one partial per lane: a running f32 sum or maximum is a dependency chain no loop vectorises.
+/// Inlined, so that the AVX-512 head vectorises it for its own registers.
+#[inline]
 fn softmax_rows(scores: &mut [f32], n: usize, scale: f32) {
     for row in scores.chunks_exact_mut(n) {
         // scale > 0, and rounding is monotonic: max(row)·scale is max(row·scale) exactly.
@@ -106,6 +125,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `a` (times `b` element-wise, when given) folded by `f` into 8 lane partials, element i into lane i mod 8,
 /// then the partials folded in order.
+#[inline]
 fn lanes(a: &[f32], b: Option<&[f32]>, init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let value = |i: usize| b.map_or(a[i], |b| a[i] * b[i]);
     let mut acc = [init; 8];
@@ -224,6 +244,49 @@ mod tests {
             for (at, g) in out.iter().enumerate() {
                 let (i, c) = (n - queries + at / d, at % d);
                 assert!((*g as f64 - naive(0, i, c, true)).abs() < 1e-5, "{queries} queries, token {i}");
+            }
+        }
+    }
+
+    /// Heads 64 wide (the AVX-512 kernels where the CPU has them) against f64, with more keys than one pass of
+    /// 64 and query counts that do not split into equal runs: every sample unmasked, then one sequence causal
+    /// with and without a prefix of cached keys.
+    #[test]
+    fn heads_64_wide_match_f64_unmasked_causal_and_after_a_prefix() {
+        let (b, n, d, h) = (2, 70, 128, 2);
+        let hd = d / h;
+        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 7919) % 101) as f32 / 50.0 - 1.0).collect::<Vec<_>>();
+        let (q, k, v) = (gen(1), gen(17), gen(33));
+        let naive = |bi: usize, i: usize, c: usize, causal: bool| -> f64 {
+            let idx = |t: usize, e: usize| bi * n * d + t * d + c / hd * hd + e;
+            let seen = if causal { i + 1 } else { n };
+            let s: Vec<f64> = (0..seen)
+                .map(|j| (0..hd).map(|e| q[idx(i, e)] as f64 * k[idx(j, e)] as f64).sum::<f64>() / (hd as f64).sqrt())
+                .collect();
+            let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+            (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c % hd)] as f64).sum()
+        };
+        let got = attention(&q, &k, &v, b, n, d, h).unwrap();
+        for (at, g) in got.iter().enumerate() {
+            let (bi, i, c) = (at / (n * d), at / d % n, at % d);
+            let want = naive(bi, i, c, false);
+            assert!(
+                (*g as f64 - want).abs() < 1e-5,
+                "unmasked, sample {bi}, token {i}, column {c}: {g} against {want}"
+            );
+        }
+        for queries in [n, 13, 1] {
+            let span = Span { queries, keys: n, width: d, heads: h, causal: true };
+            let mut out = vec![f32::NAN; queries * d];
+            attend(&q[(n - queries) * d..n * d], &k[..n * d], &v[..n * d], span, &mut out).unwrap();
+            for (at, g) in out.iter().enumerate() {
+                let (i, c) = (n - queries + at / d, at % d);
+                let want = naive(0, i, c, true);
+                assert!(
+                    (*g as f64 - want).abs() < 1e-5,
+                    "{queries} queries, token {i}, column {c}: {g} against {want}"
+                );
             }
         }
     }

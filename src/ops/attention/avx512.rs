@@ -1,0 +1,270 @@
+//! Attention on AVX-512 when the head width is a multiple of 64 (every CLIP encoder's is 64). The `gemm`
+//! crate ran a B/32 head's 50 × 64 · 64 × 50 products at about a quarter of the machine's rate (its packing
+//! and dispatch outweigh so little work). Here a sequence's keys are transposed once for all its heads, so
+//! that a step of the scores loads four vectors of 16 keys and broadcasts one query value per row, six rows
+//! at a time (24 accumulators); the probabilities then multiply the values the same way, a row of values per
+//! step, and the softmax between them is compiled for AVX-512 as well.
+use std::arch::x86_64::*;
+
+use super::{softmax_rows, Span};
+
+/// Query rows per pass: 6 × 4 accumulators and the 4 loaded vectors keep 28 of the 32 registers busy.
+const MAX_ROWS: usize = 6;
+
+/// Keys per pass of the scores, and head dimensions per pass of the output: four vectors of 16.
+pub const COLS: usize = 64;
+
+/// Scratch for [`head`]: the transposed keys `[width, keys rounded up to 64]` (the padding stays zero) and
+/// the scores `[queries, keys rounded up to 64]`.
+pub struct Scratch {
+    keys_t: Vec<f32>,
+    scores: Vec<f32>,
+    padded: usize,
+}
+
+impl Scratch {
+    /// Buffers for `span`'s shape, holding `k` `[keys, width]` transposed: every head's at once, reading `k`
+    /// in order (transposed head by head, each key's 64 values a strided load that missed the cache, it was
+    /// a third of the heads' time), in blocks of 16 × 16 transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `span.width` be a multiple of 16 (checked).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn new(k: &[f32], span: Span) -> Self {
+        let (keys, width) = (span.keys, span.width);
+        assert!(width.is_multiple_of(16) && k.len() >= keys * width);
+        let padded = keys.div_ceil(COLS) * COLS;
+        let mut keys_t = vec![0.0; width * padded];
+        for j0 in (0..keys).step_by(16) {
+            for c0 in (0..width).step_by(16) {
+                // Keys past the last load zeros: the padding the scores' last pass multiplies.
+                let mut block = [_mm512_setzero_ps(); 16];
+                for (r, row) in block.iter_mut().enumerate().take(keys - j0) {
+                    *row = _mm512_loadu_ps(k.as_ptr().add((j0 + r) * width + c0));
+                }
+                for (c, column) in transpose_16x16(block).iter().enumerate() {
+                    _mm512_storeu_ps(keys_t.as_mut_ptr().add((c0 + c) * padded + j0), *column);
+                }
+            }
+        }
+        Scratch { keys_t, scores: vec![0.0; span.queries * padded], padded }
+    }
+}
+
+/// The 16 × 16 block whose rows are `rows`, transposed: element `c` of row `r` becomes element `r` of row
+/// `c`. Pairs of rows interleaved by 32-bit lanes, then by 64-bit lanes, then their 128-bit quarters
+/// gathered twice.
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(rows: [__m512; 16]) -> [__m512; 16] {
+    let r = rows;
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // Within each group of four: lows and highs of pairs (0, 2) and (1, 3) by 64-bit lanes.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, m) = (i / 4 * 4, i % 4);
+        let (a, b) = (_mm512_castps_pd(t[g + m / 2]), _mm512_castps_pd(t[g + m / 2 + 2]));
+        _mm512_castpd_ps(if m % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    // Quarters 0 and 2 (then 1 and 3) of rows i and i + 4, within each half of the block.
+    let w: [__m512; 16] = std::array::from_fn(|i| {
+        let (h, m) = (i / 8 * 8, i % 8);
+        let (a, b) = (u[h + m % 4], u[h + m % 4 + 4]);
+        if m < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    // The same between the halves.
+    std::array::from_fn(|i| {
+        let (a, b) = (w[i % 8], w[i % 8 + 8]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    })
+}
+
+/// Head `h` of [`super::attend`]: `out[:, h·hd..(h + 1)·hd] = softmax(q_h k_hᵀ · scale) v_h`, with `q` `[queries,
+/// width]`, `k` in `scratch`, `v` `[keys, width]`, `out` `[queries, width]` (what `attend` checked), under the
+/// span's mask.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `hd = span.width / span.heads` must be a multiple of [`COLS`], `h < span.heads`,
+/// and `scratch` made for `span` (all checked here).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn head(q: &[f32], v: &[f32], span: Span, h: usize, scratch: &mut Scratch, out: &mut [f32]) {
+    let Span { queries, keys, width, heads, causal } = span;
+    let hd = width / heads;
+    let padded = scratch.padded;
+    assert!(hd.is_multiple_of(COLS) && h < heads && padded >= keys && padded.is_multiple_of(COLS));
+    assert!(scratch.keys_t.len() == width * padded && scratch.scores.len() == queries * padded);
+    assert!(q.len() >= queries * width && v.len() >= keys * width && out.len() >= queries * width);
+    let at = h * hd;
+    let scale = (hd as f32).powf(-0.5);
+    let offset = keys - queries;
+    for (i0, rows) in row_runs(queries) {
+        let q_rows = q.as_ptr().add(i0 * width + at);
+        let scores = scratch.scores.as_mut_ptr().add(i0 * padded);
+        let kt = scratch.keys_t.as_ptr().add(at * padded);
+        match rows {
+            1 => scores_rows::<1>(q_rows, width, hd, kt, padded, scores),
+            2 => scores_rows::<2>(q_rows, width, hd, kt, padded, scores),
+            3 => scores_rows::<3>(q_rows, width, hd, kt, padded, scores),
+            4 => scores_rows::<4>(q_rows, width, hd, kt, padded, scores),
+            5 => scores_rows::<5>(q_rows, width, hd, kt, padded, scores),
+            _ => scores_rows::<MAX_ROWS>(q_rows, width, hd, kt, padded, scores),
+        }
+        // The keys the run's rows see: all, or under the causal mask up to its last row's own token.
+        let seen_by = |i: usize| if causal { offset + i + 1 } else { keys };
+        for i in i0..i0 + rows {
+            let row = &mut scratch.scores[i * padded..i * padded + keys];
+            let seen = seen_by(i);
+            softmax_rows(&mut row[..seen], seen, scale);
+            row[seen..].fill(0.0);
+        }
+        let p = scratch.scores.as_ptr().add(i0 * padded);
+        let used = seen_by(i0 + rows - 1);
+        let (v_at, out_rows) = (v.as_ptr().add(at), out.as_mut_ptr().add(i0 * width + at));
+        match rows {
+            1 => mix_rows::<1>(p, padded, used, v_at, width, hd, out_rows),
+            2 => mix_rows::<2>(p, padded, used, v_at, width, hd, out_rows),
+            3 => mix_rows::<3>(p, padded, used, v_at, width, hd, out_rows),
+            4 => mix_rows::<4>(p, padded, used, v_at, width, hd, out_rows),
+            5 => mix_rows::<5>(p, padded, used, v_at, width, hd, out_rows),
+            _ => mix_rows::<MAX_ROWS>(p, padded, used, v_at, width, hd, out_rows),
+        }
+    }
+}
+
+/// `n` rows as runs of at most [`MAX_ROWS`], as even as they can be: `(first row, rows)` (50 queries run as
+/// 5 × 6 + 4 × 5, not 8 × 6 + 2).
+fn row_runs(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let runs = n.div_ceil(MAX_ROWS);
+    let (base, longer) = (n / runs.max(1), n % runs.max(1));
+    (0..runs).scan(0, move |start, r| {
+        let rows = base + usize::from(r < longer);
+        let run = (*start, rows);
+        *start += rows;
+        Some(run)
+    })
+}
+
+/// `scores[r, :] = Σ_e q[r, e] · keys_t[e, :]` for `R` query rows at stride `q_stride`, over `hd` dimensions,
+/// `padded` keys in passes of 64.
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_rows<const R: usize>(
+    q: *const f32,
+    q_stride: usize,
+    hd: usize,
+    keys_t: *const f32,
+    padded: usize,
+    scores: *mut f32,
+) {
+    for c0 in (0..padded).step_by(COLS) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for e in 0..hd {
+            let row = keys_t.add(e * padded + c0);
+            let kv = [
+                _mm512_loadu_ps(row),
+                _mm512_loadu_ps(row.add(16)),
+                _mm512_loadu_ps(row.add(32)),
+                _mm512_loadu_ps(row.add(48)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let qv = _mm512_set1_ps(*q.add(r * q_stride + e));
+                for (a, &kv) in acc.iter_mut().zip(&kv) {
+                    *a = _mm512_fmadd_ps(qv, kv, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (l, &a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(scores.add(r * padded + c0 + 16 * l), a);
+            }
+        }
+    }
+}
+
+/// `out[r, :] = Σ_{j < used} p[r, j] · v[j, :]` for `R` rows of probabilities (stride `padded`), `v` at stride
+/// `stride` and `out` at stride `stride`, over `hd` dimensions in passes of 64.
+#[target_feature(enable = "avx512f")]
+unsafe fn mix_rows<const R: usize>(
+    p: *const f32,
+    padded: usize,
+    used: usize,
+    v: *const f32,
+    stride: usize,
+    hd: usize,
+    out: *mut f32,
+) {
+    for c0 in (0..hd).step_by(COLS) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for j in 0..used {
+            let row = v.add(j * stride + c0);
+            let vv = [
+                _mm512_loadu_ps(row),
+                _mm512_loadu_ps(row.add(16)),
+                _mm512_loadu_ps(row.add(32)),
+                _mm512_loadu_ps(row.add(48)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pv = _mm512_set1_ps(*p.add(r * padded + j));
+                for (a, &vv) in acc.iter_mut().zip(&vv) {
+                    *a = _mm512_fmadd_ps(pv, vv, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (l, &a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(r * stride + c0 + 16 * l), a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_16x16_blocks_and_pads_the_keys() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let span = Span { queries: 3, keys: 21, width: 32, heads: 1, causal: false };
+        let k: Vec<f32> = (0..span.keys * span.width).map(|i| i as f32).collect();
+        // SAFETY: AVX-512F was detected.
+        let scratch = unsafe { Scratch::new(&k, span) };
+        assert_eq!(scratch.padded, 64);
+        for c in 0..span.width {
+            for j in 0..scratch.padded {
+                let want = if j < span.keys { k[j * span.width + c] } else { 0.0 };
+                assert_eq!(scratch.keys_t[c * scratch.padded + j], want, "column {c}, key {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn row_runs_cover_every_row_once_in_runs_of_at_most_six() {
+        for n in 1..40 {
+            let runs: Vec<_> = row_runs(n).collect();
+            assert_eq!(runs.len(), n.div_ceil(MAX_ROWS), "{n} rows");
+            let mut next = 0;
+            for &(start, rows) in &runs {
+                assert!(start == next && (1..=MAX_ROWS).contains(&rows), "{n} rows: {runs:?}");
+                next += rows;
+            }
+            assert_eq!(next, n);
+            let (short, long) = (runs.iter().map(|r| r.1).min().unwrap(), runs.iter().map(|r| r.1).max().unwrap());
+            assert!(long - short <= 1, "{n} rows: {runs:?}");
+        }
+    }
+}
