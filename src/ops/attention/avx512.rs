@@ -1,9 +1,11 @@
-//! Attention on AVX-512 when the head width is a multiple of 64 (every CLIP encoder's is 64). The `gemm`
-//! crate ran a B/32 head's 50 × 64 · 64 × 50 products at about a quarter of the machine's rate (its packing
-//! and dispatch outweigh so little work). Here a sequence's keys are transposed once for all its heads, so
+//! Attention and its backward on AVX-512 when the head width is a multiple of 64 (every CLIP encoder's is
+//! 64). The `gemm` crate ran a B/32 head's 50 × 64 · 64 × 50 products at about a quarter of the machine's rate
+//! (its packing and dispatch outweigh so little work). Here a sequence's keys are transposed once for all its heads, so
 //! that a step of the scores loads four vectors of 16 keys and broadcasts one query value per row, six rows
 //! at a time (24 accumulators); the probabilities then multiply the values the same way, a row of values per
-//! step, and the softmax between them is compiled for AVX-512 as well.
+//! step, and the softmax between them is compiled for AVX-512 as well. The backward's five products per head
+//! are the same two kernels, over the values transposed once a sequence and the probabilities and their
+//! gradient transposed once a head.
 use std::arch::x86_64::*;
 
 use super::{softmax_rows, Span};
@@ -25,29 +27,41 @@ pub struct Scratch {
 impl Scratch {
     /// Buffers for `span`'s shape, holding `k` `[keys, width]` transposed: every head's at once, reading `k`
     /// in order (transposed head by head, each key's 64 values a strided load that missed the cache, it was
-    /// a third of the heads' time), in blocks of 16 × 16 transposed in registers.
+    /// a third of the heads' time).
     ///
     /// # Safety
     /// The CPU must have AVX-512F, and `span.width` be a multiple of 16 (checked).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn new(k: &[f32], span: Span) -> Self {
         let (keys, width) = (span.keys, span.width);
-        assert!(width.is_multiple_of(16) && k.len() >= keys * width);
         let padded = keys.div_ceil(COLS) * COLS;
         let mut keys_t = vec![0.0; width * padded];
-        for j0 in (0..keys).step_by(16) {
-            for c0 in (0..width).step_by(16) {
-                // Keys past the last load zeros: the padding the scores' last pass multiplies.
-                let mut block = [_mm512_setzero_ps(); 16];
-                for (r, row) in block.iter_mut().enumerate().take(keys - j0) {
-                    *row = _mm512_loadu_ps(k.as_ptr().add((j0 + r) * width + c0));
-                }
-                for (c, column) in transpose_16x16(block).iter().enumerate() {
-                    _mm512_storeu_ps(keys_t.as_mut_ptr().add((c0 + c) * padded + j0), *column);
-                }
+        transpose(k, keys, width, width, &mut keys_t, padded);
+        Scratch { keys_t, scores: vec![0.0; span.queries * padded], padded }
+    }
+}
+
+/// `dst[c · dst_stride + r] = src[r · src_stride + c]` for `rows` rows and `cols` columns of `src`, and zero for
+/// the rows from `rows` to the next multiple of 16, in blocks of 16 × 16 transposed in registers.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `cols` must be a multiple of 16 (both checked, as are the slices' lengths).
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose(src: &[f32], rows: usize, cols: usize, src_stride: usize, dst: &mut [f32], dst_stride: usize) {
+    assert!(cols.is_multiple_of(16) && cols <= src_stride && rows.div_ceil(16) * 16 <= dst_stride);
+    assert!(rows == 0 || src.len() >= (rows - 1) * src_stride + cols);
+    assert!(cols == 0 || dst.len() >= (cols - 1) * dst_stride + rows.div_ceil(16) * 16);
+    for r0 in (0..rows).step_by(16) {
+        for c0 in (0..cols).step_by(16) {
+            // Rows past the last load zeros: the padding a product's last pass multiplies.
+            let mut block = [_mm512_setzero_ps(); 16];
+            for (r, row) in block.iter_mut().enumerate().take(rows - r0) {
+                *row = _mm512_loadu_ps(src.as_ptr().add((r0 + r) * src_stride + c0));
+            }
+            for (c, column) in transpose_16x16(block).iter().enumerate() {
+                _mm512_storeu_ps(dst.as_mut_ptr().add((c0 + c) * dst_stride + r0), *column);
             }
         }
-        Scratch { keys_t, scores: vec![0.0; span.queries * padded], padded }
     }
 }
 
@@ -109,37 +123,151 @@ pub unsafe fn head(q: &[f32], v: &[f32], span: Span, h: usize, scratch: &mut Scr
     assert!(q.len() >= queries * width && v.len() >= keys * width && out.len() >= queries * width);
     let at = h * hd;
     let scale = (hd as f32).powf(-0.5);
+    // The keys row i sees: all, or under the causal mask up to its own token.
     let offset = keys - queries;
-    for (i0, rows) in row_runs(queries) {
-        let q_rows = q.as_ptr().add(i0 * width + at);
-        let scores = scratch.scores.as_mut_ptr().add(i0 * padded);
-        let kt = scratch.keys_t.as_ptr().add(at * padded);
-        match rows {
-            1 => scores_rows::<1>(q_rows, width, hd, kt, padded, scores),
-            2 => scores_rows::<2>(q_rows, width, hd, kt, padded, scores),
-            3 => scores_rows::<3>(q_rows, width, hd, kt, padded, scores),
-            4 => scores_rows::<4>(q_rows, width, hd, kt, padded, scores),
-            5 => scores_rows::<5>(q_rows, width, hd, kt, padded, scores),
-            _ => scores_rows::<MAX_ROWS>(q_rows, width, hd, kt, padded, scores),
+    let seen = |i: usize| if causal { offset + i + 1 } else { keys };
+    let scores = scratch.scores.as_mut_ptr();
+    products_t(q.as_ptr().add(at), width, queries, hd, scratch.keys_t.as_ptr().add(at * padded), padded, scores);
+    for (i, row) in scratch.scores.chunks_exact_mut(padded).enumerate() {
+        let seen = seen(i);
+        softmax_rows(&mut row[..seen], seen, scale);
+        row[seen..keys].fill(0.0);
+    }
+    let (v_at, out_at) = (v.as_ptr().add(at), out.as_mut_ptr().add(at));
+    products(scratch.scores.as_ptr(), padded, queries, seen, v_at, width, hd, out_at);
+}
+
+/// Scratch for [`head_backward`]: one sequence's keys and values transposed (every head's), and one head's
+/// probabilities, their gradient and both transposed, each `[tokens rounded up to 64]²`.
+pub struct BackwardScratch {
+    keys_t: Vec<f32>,
+    values_t: Vec<f32>,
+    probs: Vec<f32>,
+    probs_t: Vec<f32>,
+    grads: Vec<f32>,
+    grads_t: Vec<f32>,
+    padded: usize,
+}
+
+impl BackwardScratch {
+    /// Buffers for `tokens` tokens of `width`, holding `k` and `v` `[tokens, width]` transposed.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `width` be a multiple of 16 (checked).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn new(k: &[f32], v: &[f32], tokens: usize, width: usize) -> Self {
+        let padded = tokens.div_ceil(COLS) * COLS;
+        let (mut keys_t, mut values_t) = (vec![0.0; width * padded], vec![0.0; width * padded]);
+        transpose(k, tokens, width, width, &mut keys_t, padded);
+        transpose(v, tokens, width, width, &mut values_t, padded);
+        let square = || vec![0.0; padded * padded];
+        BackwardScratch {
+            keys_t,
+            values_t,
+            probs: square(),
+            probs_t: square(),
+            grads: square(),
+            grads_t: square(),
+            padded,
         }
-        // The keys the run's rows see: all, or under the causal mask up to its last row's own token.
-        let seen_by = |i: usize| if causal { offset + i + 1 } else { keys };
-        for i in i0..i0 + rows {
-            let row = &mut scratch.scores[i * padded..i * padded + keys];
-            let seen = seen_by(i);
-            softmax_rows(&mut row[..seen], seen, scale);
-            row[seen..].fill(0.0);
+    }
+}
+
+/// Head `h` of [`super::attention_backward`] for one sequence of `tokens` (unmasked): with `P` recomputed,
+/// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dP∘P))·scale`, `dQ = dS·K` and `dK = dSᵀ·Q`, written into
+/// the head's columns of `dq`, `dk` and `dv`; `q`, `k`, `d_out` and the three gradients are `[tokens, width]`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `hd = width / heads` must be a multiple of [`COLS`], `h < heads`, and `scratch`
+/// made for `k` and `v` of this shape (all checked here).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn head_backward(
+    q: &[f32],
+    k: &[f32],
+    d_out: &[f32],
+    (tokens, width, heads, h): (usize, usize, usize, usize),
+    scratch: &mut BackwardScratch,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (n, hd, padded) = (tokens, width / heads, scratch.padded);
+    assert!(hd.is_multiple_of(COLS) && h < heads && padded >= n && padded.is_multiple_of(COLS));
+    assert!(scratch.keys_t.len() == width * padded && scratch.values_t.len() == width * padded);
+    assert!([&scratch.probs, &scratch.probs_t, &scratch.grads, &scratch.grads_t]
+        .iter()
+        .all(|b| b.len() == padded * padded));
+    assert!([q, k, d_out].iter().all(|t| t.len() >= n * width));
+    assert!([&*dq, &*dk, &*dv].iter().all(|t| t.len() >= n * width));
+    let (at, scale, all) = (h * hd, (hd as f32).powf(-0.5), |_: usize| n);
+    let s = &mut *scratch;
+    products_t(q.as_ptr().add(at), width, n, hd, s.keys_t.as_ptr().add(at * padded), padded, s.probs.as_mut_ptr());
+    for row in s.probs.chunks_exact_mut(padded).take(n) {
+        softmax_rows(&mut row[..n], n, scale);
+    }
+    transpose(&s.probs, n, padded, padded, &mut s.probs_t, padded);
+    let d_out_at = d_out.as_ptr().add(at);
+    products(s.probs_t.as_ptr(), padded, n, all, d_out_at, width, hd, dv.as_mut_ptr().add(at));
+    products_t(d_out_at, width, n, hd, s.values_t.as_ptr().add(at * padded), padded, s.grads.as_mut_ptr());
+    for (grad, prob) in s.grads.chunks_exact_mut(padded).zip(s.probs.chunks_exact(padded)).take(n) {
+        let (grad, prob) = (&mut grad[..n], &prob[..n]);
+        let dot = super::dot(grad, prob);
+        grad.iter_mut().zip(prob).for_each(|(d, p)| *d = p * (*d - dot) * scale);
+    }
+    products(s.grads.as_ptr(), padded, n, all, k.as_ptr().add(at), width, hd, dq.as_mut_ptr().add(at));
+    transpose(&s.grads, n, padded, padded, &mut s.grads_t, padded);
+    products(s.grads_t.as_ptr(), padded, n, all, q.as_ptr().add(at), width, hd, dk.as_mut_ptr().add(at));
+}
+
+/// `out[i, :] = Σ_e a[i, e] · b_t[e, :]` for `rows` rows of `a` at stride `a_stride`, `depth` terms, and `b_t`
+/// `[depth, padded]` (a transposed right-hand side), into `out` `[rows, padded]`.
+#[target_feature(enable = "avx512f")]
+unsafe fn products_t(
+    a: *const f32,
+    a_stride: usize,
+    rows: usize,
+    depth: usize,
+    b_t: *const f32,
+    padded: usize,
+    out: *mut f32,
+) {
+    for (i0, run) in row_runs(rows) {
+        let (a, out) = (a.add(i0 * a_stride), out.add(i0 * padded));
+        match run {
+            1 => scores_rows::<1>(a, a_stride, depth, b_t, padded, out),
+            2 => scores_rows::<2>(a, a_stride, depth, b_t, padded, out),
+            3 => scores_rows::<3>(a, a_stride, depth, b_t, padded, out),
+            4 => scores_rows::<4>(a, a_stride, depth, b_t, padded, out),
+            5 => scores_rows::<5>(a, a_stride, depth, b_t, padded, out),
+            _ => scores_rows::<MAX_ROWS>(a, a_stride, depth, b_t, padded, out),
         }
-        let p = scratch.scores.as_ptr().add(i0 * padded);
-        let used = seen_by(i0 + rows - 1);
-        let (v_at, out_rows) = (v.as_ptr().add(at), out.as_mut_ptr().add(i0 * width + at));
-        match rows {
-            1 => mix_rows::<1>(p, padded, used, v_at, width, hd, out_rows),
-            2 => mix_rows::<2>(p, padded, used, v_at, width, hd, out_rows),
-            3 => mix_rows::<3>(p, padded, used, v_at, width, hd, out_rows),
-            4 => mix_rows::<4>(p, padded, used, v_at, width, hd, out_rows),
-            5 => mix_rows::<5>(p, padded, used, v_at, width, hd, out_rows),
-            _ => mix_rows::<MAX_ROWS>(p, padded, used, v_at, width, hd, out_rows),
+    }
+}
+
+/// `out[i, :hd] = Σ_{j < used} p[i, j] · v[j, :hd]` for `rows` rows of `p` at stride `padded`, where a run of
+/// rows ending at row `i` takes `used = seen(i)` rows of `v`; `v` and `out` at stride `stride`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn products(
+    p: *const f32,
+    padded: usize,
+    rows: usize,
+    seen: impl Fn(usize) -> usize,
+    v: *const f32,
+    stride: usize,
+    hd: usize,
+    out: *mut f32,
+) {
+    for (i0, run) in row_runs(rows) {
+        let (p, used, out) = (p.add(i0 * padded), seen(i0 + run - 1), out.add(i0 * stride));
+        match run {
+            1 => mix_rows::<1>(p, padded, used, v, stride, hd, out),
+            2 => mix_rows::<2>(p, padded, used, v, stride, hd, out),
+            3 => mix_rows::<3>(p, padded, used, v, stride, hd, out),
+            4 => mix_rows::<4>(p, padded, used, v, stride, hd, out),
+            5 => mix_rows::<5>(p, padded, used, v, stride, hd, out),
+            _ => mix_rows::<MAX_ROWS>(p, padded, used, v, stride, hd, out),
         }
     }
 }

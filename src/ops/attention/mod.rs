@@ -106,8 +106,9 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
 
 /// Each row of `scores` (rows of `n`) replaced by softmax(scale · row), in place. In passes whose reductions
 /// keep one partial per lane: a running f32 sum or maximum is a dependency chain no loop vectorises.
-/// Inlined, so that the AVX-512 head vectorises it for its own registers.
-#[inline]
+/// Always inlined, so that the AVX-512 kernels vectorise it for their own registers (called from two of them,
+/// it was left a call to code built for SSE2, a fifth of the attention's time).
+#[inline(always)]
 fn softmax_rows(scores: &mut [f32], n: usize, scale: f32) {
     for row in scores.chunks_exact_mut(n) {
         // scale > 0, and rounding is monotonic: max(row)·scale is max(row·scale) exactly.
@@ -119,13 +120,14 @@ fn softmax_rows(scores: &mut [f32], n: usize, scale: f32) {
 }
 
 /// Σ a∘b.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes(a, Some(b), 0.0, |a, b| a + b)
 }
 
 /// `a` (times `b` element-wise, when given) folded by `f` into 8 lane partials, element i into lane i mod 8,
 /// then the partials folded in order.
-#[inline]
+#[inline(always)]
 fn lanes(a: &[f32], b: Option<&[f32]>, init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let value = |i: usize| b.map_or(a[i], |b| a[i] * b[i]);
     let mut acc = [init; 8];
@@ -162,7 +164,27 @@ pub fn attention_backward(
     let (mut dq, mut dk, mut dv) =
         (vec![0.0f32; batch * sample], vec![0.0f32; batch * sample], vec![0.0f32; batch * sample]);
     let samples = dq.par_chunks_mut(sample).zip(dk.par_chunks_mut(sample)).zip(dv.par_chunks_mut(sample));
+    #[cfg(target_arch = "x86_64")]
+    let fast = head_dim.is_multiple_of(avx512::COLS) && Kernel::detect() == Kernel::Avx512;
+    ensure!(
+        [q, k, v, d_out].iter().all(|t| t.len() == batch * sample),
+        "attention_backward: inputs do not hold {batch}×{tokens}×{width} values"
+    );
     samples.enumerate().try_for_each(|(b, ((dq_b, dk_b), dv_b))| -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            let at = b * sample..(b + 1) * sample;
+            let (q, k, v, d_out) = (&q[at.clone()], &k[at.clone()], &v[at.clone()], &d_out[at]);
+            // SAFETY: AVX-512F was detected, the width is a multiple of the head width, itself of 64, and the
+            // scratch is this sequence's.
+            unsafe {
+                let mut scratch = avx512::BackwardScratch::new(k, v, tokens, width);
+                for h in 0..heads {
+                    avx512::head_backward(q, k, d_out, (tokens, width, heads, h), &mut scratch, dq_b, dk_b, dv_b);
+                }
+            }
+            return Ok(());
+        }
         let (n, hd) = (tokens, head_dim);
         let mut p = vec![0.0f32; n * n];
         let mut dp = vec![0.0f32; n * n];
@@ -291,6 +313,72 @@ mod tests {
         }
     }
 
+    /// `Σ g ∘ attention(q, k, v)` in f64 (unmasked), for `(batch, tokens, width, heads)`: the loss whose
+    /// gradients the backward tests difference.
+    fn weighted_attention_sum(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        g: &[f32],
+        (b, n, d, h): (usize, usize, usize, usize),
+    ) -> f64 {
+        let hd = d / h;
+        let mut total = 0.0;
+        for bi in 0..b {
+            for hi in 0..h {
+                let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
+                for i in 0..n {
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| (0..hd).map(|c| q[idx(i, c)] * k[idx(j, c)]).sum::<f64>() / (hd as f64).sqrt())
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let o: f64 = (0..n).map(|j| e[j] / z * v[idx(j, c)]).sum();
+                        total += g[idx(i, c)] as f64 * o;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// The backward with heads 64 wide (the AVX-512 kernels where the CPU has them) and more tokens than one
+    /// pass of 64, against central differences of an f64 forward along random directions: for each input `x`
+    /// and direction `u`, `(L(x + εu) − L(x − εu)) / 2ε` against `<dL/dx, u>`, with `L = Σ g ∘ attention`.
+    #[test]
+    fn backward_with_heads_64_wide_matches_directional_differences() {
+        use crate::ops::gradcheck::*;
+        let (b, n, d, h) = (2, 70, 128, 2);
+        let len = b * n * d;
+        let (q, k, v, g) = (values(len, 1), values(len, 2), values(len, 3), values(len, 4));
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| weighted_attention_sum(q, k, v, &g, (b, n, d, h));
+        let (dq, dk, dv) = attention_backward(&q, &k, &v, &g, b, n, d, h).unwrap();
+        let (qf, kf, vf) = (f64s(&q), f64s(&k), f64s(&v));
+        let eps = 1e-4;
+        for seed in [5, 6] {
+            let u = f64s(&values(len, seed));
+            let along =
+                |x: &[f64], sign: f64| -> Vec<f64> { x.iter().zip(&u).map(|(x, u)| x + sign * eps * u).collect() };
+            for (input, (what, grad)) in [("dq", &dq), ("dk", &dk), ("dv", &dv)].into_iter().enumerate() {
+                let f = |x: &[f64]| match input {
+                    0 => loss(x, &kf, &vf),
+                    1 => loss(&qf, x, &vf),
+                    _ => loss(&qf, &kf, x),
+                };
+                let x = [&qf, &kf, &vf][input];
+                let numeric = (f(&along(x, 1.0)) - f(&along(x, -1.0))) / (2.0 * eps);
+                let analytic: f64 = grad.iter().zip(&u).map(|(g, u)| *g as f64 * u).sum();
+                let magnitude: f64 = grad.iter().zip(&u).map(|(g, u)| (*g as f64 * u).abs()).sum();
+                assert!(
+                    (numeric - analytic).abs() <= 1e-4 * magnitude,
+                    "{what}, direction {seed}: {analytic} against {numeric} (terms' magnitude {magnitude})"
+                );
+            }
+        }
+    }
+
     /// Rows longer than the 8 lane partials (two runs of 8 and a remainder), against f64.
     #[test]
     fn softmax_rows_and_dot_match_f64_past_the_lane_count() {
@@ -316,28 +404,7 @@ mod tests {
         use crate::ops::gradcheck::*;
         let (b, n, d, h) = (2, 5, 6, 3);
         let (q, k, v, g) = (values(b * n * d, 1), values(b * n * d, 2), values(b * n * d, 3), values(b * n * d, 4));
-        let hd = d / h;
-        // loss = Σ g ∘ attention(q, k, v), in f64.
-        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            let mut total = 0.0;
-            for bi in 0..b {
-                for hi in 0..h {
-                    let idx = |t: usize, c: usize| bi * n * d + t * d + hi * hd + c;
-                    for i in 0..n {
-                        let s: Vec<f64> = (0..n)
-                            .map(|j| (0..hd).map(|c| q[idx(i, c)] * k[idx(j, c)]).sum::<f64>() / (hd as f64).sqrt())
-                            .collect();
-                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                        let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                        for c in 0..hd {
-                            let o: f64 = (0..n).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)]).sum();
-                            total += g[idx(i, c)] as f64 * o;
-                        }
-                    }
-                }
-            }
-            total
-        };
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| weighted_attention_sum(q, k, v, &g, (b, n, d, h));
         let (qf, kf, vf) = (f64s(&q), f64s(&k), f64s(&v));
         let (dq, dk, dv) = attention_backward(&q, &k, &v, &g, b, n, d, h).unwrap();
         assert_gradient("dq", &dq, &numeric_gradient(&|x| loss(x, &kf, &vf), &qf), 1e-5);
