@@ -64,7 +64,7 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
     ensure!(out.len() == queries * width, "attend: the output holds {} values, {} needed", out.len(), q.len());
     let head_dim = width / heads;
     #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(avx512::COLS) && Kernel::detect() == Kernel::Avx512 {
+    if head_dim.is_multiple_of(avx512::COLS) && head_dim * heads == width && Kernel::detect() == Kernel::Avx512 {
         // SAFETY: AVX-512F was detected, the width is a multiple of the head width, itself of 64, and the
         // scratch is the span's.
         unsafe {
@@ -160,16 +160,16 @@ pub fn attention_backward(
     let head_dim = width / heads;
     let scale = (head_dim as f32).powf(-0.5);
     let sample = tokens * width;
+    ensure!(
+        [q, k, v, d_out].iter().all(|t| t.len() == batch * sample),
+        "attention_backward: inputs do not hold {batch}×{tokens}×{width} values"
+    );
     // Written in place, sample by sample: no per-sample buffers to concatenate afterwards.
     let (mut dq, mut dk, mut dv) =
         (vec![0.0f32; batch * sample], vec![0.0f32; batch * sample], vec![0.0f32; batch * sample]);
     let samples = dq.par_chunks_mut(sample).zip(dk.par_chunks_mut(sample)).zip(dv.par_chunks_mut(sample));
     #[cfg(target_arch = "x86_64")]
-    let fast = head_dim.is_multiple_of(avx512::COLS) && Kernel::detect() == Kernel::Avx512;
-    ensure!(
-        [q, k, v, d_out].iter().all(|t| t.len() == batch * sample),
-        "attention_backward: inputs do not hold {batch}×{tokens}×{width} values"
-    );
+    let fast = head_dim.is_multiple_of(avx512::COLS) && head_dim * heads == width && Kernel::detect() == Kernel::Avx512;
     samples.enumerate().try_for_each(|(b, ((dq_b, dk_b), dv_b))| -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if fast {
