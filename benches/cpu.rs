@@ -1,8 +1,8 @@
 //! CPU benchmarks: the GEMM at the ViT MLP shapes, the ViT-B/32-shaped forward (random weights, batch 16),
 //! one WEMoE MLP layer at ViT-B/32 shapes with 8 experts against the dense MLP, the WEMoE MLP's three
 //! formulations (fused per-sample, batch-reduced, materialise-then-GEMM) and batch routing's merge of each
-//! weight alone, and one adaptation step. The GEMM
-//! and the WEMoE layer also with bf16 products where the CPU has a unit for them (`--precision bf16`). And
+//! weight alone, and one adaptation step. The GEMM and the WEMoE layer also with bf16 products where the CPU
+//! has a unit for them (`--precision bf16`). And
 //! CLIP's preprocessing at 224 (a 500 × 375 image; the fixture photographs decoded from their files). And the
 //! B/32 text tower on 256 prompts of 12 tokens (`wemoe-engine heads`).
 //! `cargo bench --bench cpu`; figures and machine in BENCHMARKS.md.

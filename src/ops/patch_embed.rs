@@ -65,8 +65,8 @@ pub fn patch_embed(
     let cols = im2col(pixels, g)?;
     ensure!(weight.len() == d * patch_len, "patch_embed: the weight does not hold {d}×{patch_len} values");
     // The kernel `[D, C·P·P]` as `[C·P·P, D]`: the `gemm` crate multiplies by a row-major right-hand side
-    // faster than by a transposed one at this depth (B/32: 73 against 93 ms, BENCHMARKS.md), more than the
-    // transpose's 2 ms.
+    // faster than by a transposed one at this depth (B/32: 73 against 93 ms, BENCHMARKS.md), by far more than
+    // transposing 2.4 M values costs.
     let kernel = super::transpose::transpose(weight, d, patch_len);
     let embedded = linear(&cols, g.batch * patches, patch_len, MatRef::row_major(&kernel, patch_len, d)?, None)?;
     let tokens = g.tokens();
