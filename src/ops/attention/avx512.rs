@@ -1,11 +1,11 @@
 //! Attention and its backward on AVX-512 when the head width is a multiple of 64 (every CLIP encoder's is
 //! 64). The `gemm` crate ran a B/32 head's 50 × 64 · 64 × 50 products at about a quarter of the machine's rate
-//! (its packing and dispatch outweigh so little work). Here a sequence's keys are transposed once for all its heads, so
-//! that a step of the scores loads four vectors of 16 keys and broadcasts one query value per row, six rows
-//! at a time (24 accumulators); the probabilities then multiply the values the same way, a row of values per
-//! step, and the softmax between them is compiled for AVX-512 as well. The backward's five products per head
-//! are the same two kernels, over the values transposed once a sequence and the probabilities and their
-//! gradient transposed once a head.
+//! (its packing and dispatch outweigh so little work). Here every product is one kernel, [`product`]: six
+//! rows × 64 columns in 24 accumulators, each term loading four vectors of a row of the right-hand side and
+//! broadcasting one value per row. For the scores that right-hand side is the keys, transposed once for all of
+//! a sequence's heads; for the output, the values as they are. The softmax between them is compiled for AVX-512
+//! as well. The backward's five products per head are the same kernel, over the values transposed once a
+//! sequence and the probabilities and their gradient transposed once a head.
 use std::arch::x86_64::*;
 
 use super::{softmax_rows, Span};
@@ -126,15 +126,18 @@ pub unsafe fn head(q: &[f32], v: &[f32], span: Span, h: usize, scratch: &mut Scr
     // The keys row i sees: all, or under the causal mask up to its own token.
     let offset = keys - queries;
     let seen = |i: usize| if causal { offset + i + 1 } else { keys };
-    let scores = scratch.scores.as_mut_ptr();
-    products_t(q.as_ptr().add(at), width, queries, hd, scratch.keys_t.as_ptr().add(at * padded), padded, scores);
+    let (q_h, keys_t) = (Strided { at: q.as_ptr().add(at), stride: width }, scratch.keys_t.as_ptr().add(at * padded));
+    let scores = Strided { at: scratch.scores.as_mut_ptr(), stride: padded };
+    product(q_h, queries, |_| hd, Strided { at: keys_t, stride: padded }, padded, scores);
     for (i, row) in scratch.scores.chunks_exact_mut(padded).enumerate() {
         let seen = seen(i);
         softmax_rows(&mut row[..seen], seen, scale);
         row[seen..keys].fill(0.0);
     }
-    let (v_at, out_at) = (v.as_ptr().add(at), out.as_mut_ptr().add(at));
-    products(scratch.scores.as_ptr(), padded, queries, seen, v_at, width, hd, out_at);
+    let probs = Strided { at: scratch.scores.as_ptr(), stride: padded };
+    let (v_h, out_h) =
+        (Strided { at: v.as_ptr().add(at), stride: width }, Strided { at: out.as_mut_ptr().add(at), stride: width });
+    product(probs, queries, seen, v_h, hd, out_h);
 }
 
 /// Scratch for [`head_backward`]: one sequence's keys and values transposed (every head's), and one head's
@@ -200,74 +203,63 @@ pub unsafe fn head_backward(
         .all(|b| b.len() == padded * padded));
     assert!([q, k, d_out].iter().all(|t| t.len() >= n * width));
     assert!([&*dq, &*dk, &*dv].iter().all(|t| t.len() >= n * width));
-    let (at, scale, all) = (h * hd, (hd as f32).powf(-0.5), |_: usize| n);
+    let (at, scale) = (h * hd, (hd as f32).powf(-0.5));
     let s = &mut *scratch;
-    products_t(q.as_ptr().add(at), width, n, hd, s.keys_t.as_ptr().add(at * padded), padded, s.probs.as_mut_ptr());
+    // The head's columns of a `[tokens, width]` matrix, and a square `[padded, padded]` buffer or the head's
+    // rows of a transposed one.
+    let head = |t: *const f32| Strided { at: t.add(at), stride: width };
+    let head_mut = |t: &mut [f32]| Strided { at: t.as_mut_ptr().add(at), stride: width };
+    let square = |t: *const f32| Strided { at: t, stride: padded };
+    let (all, terms) = (|_: usize| n, |_: usize| hd);
+    let (q_h, k_h, d_out_h) = (head(q.as_ptr()), head(k.as_ptr()), head(d_out.as_ptr()));
+    let probs = Strided { at: s.probs.as_mut_ptr(), stride: padded };
+    product(q_h, n, terms, square(s.keys_t.as_ptr().add(at * padded)), padded, probs);
     for row in s.probs.chunks_exact_mut(padded).take(n) {
         softmax_rows(&mut row[..n], n, scale);
     }
     transpose(&s.probs, n, padded, padded, &mut s.probs_t, padded);
-    let d_out_at = d_out.as_ptr().add(at);
-    products(s.probs_t.as_ptr(), padded, n, all, d_out_at, width, hd, dv.as_mut_ptr().add(at));
-    products_t(d_out_at, width, n, hd, s.values_t.as_ptr().add(at * padded), padded, s.grads.as_mut_ptr());
+    product(square(s.probs_t.as_ptr()), n, all, d_out_h, hd, head_mut(dv));
+    let grads = Strided { at: s.grads.as_mut_ptr(), stride: padded };
+    product(d_out_h, n, terms, square(s.values_t.as_ptr().add(at * padded)), padded, grads);
     for (grad, prob) in s.grads.chunks_exact_mut(padded).zip(s.probs.chunks_exact(padded)).take(n) {
         let (grad, prob) = (&mut grad[..n], &prob[..n]);
         let dot = super::dot(grad, prob);
         grad.iter_mut().zip(prob).for_each(|(d, p)| *d = p * (*d - dot) * scale);
     }
-    products(s.grads.as_ptr(), padded, n, all, k.as_ptr().add(at), width, hd, dq.as_mut_ptr().add(at));
+    product(square(s.grads.as_ptr()), n, all, k_h, hd, head_mut(dq));
     transpose(&s.grads, n, padded, padded, &mut s.grads_t, padded);
-    products(s.grads_t.as_ptr(), padded, n, all, q.as_ptr().add(at), width, hd, dk.as_mut_ptr().add(at));
+    product(square(s.grads_t.as_ptr()), n, all, q_h, hd, head_mut(dk));
 }
 
-/// `out[i, :] = Σ_e a[i, e] · b_t[e, :]` for `rows` rows of `a` at stride `a_stride`, `depth` terms, and `b_t`
-/// `[depth, padded]` (a transposed right-hand side), into `out` `[rows, padded]`.
-#[target_feature(enable = "avx512f")]
-unsafe fn products_t(
-    a: *const f32,
-    a_stride: usize,
-    rows: usize,
-    depth: usize,
-    b_t: *const f32,
-    padded: usize,
-    out: *mut f32,
-) {
-    for (i0, run) in row_runs(rows) {
-        let (a, out) = (a.add(i0 * a_stride), out.add(i0 * padded));
-        match run {
-            1 => scores_rows::<1>(a, a_stride, depth, b_t, padded, out),
-            2 => scores_rows::<2>(a, a_stride, depth, b_t, padded, out),
-            3 => scores_rows::<3>(a, a_stride, depth, b_t, padded, out),
-            4 => scores_rows::<4>(a, a_stride, depth, b_t, padded, out),
-            5 => scores_rows::<5>(a, a_stride, depth, b_t, padded, out),
-            _ => scores_rows::<MAX_ROWS>(a, a_stride, depth, b_t, padded, out),
-        }
-    }
-}
-
-/// `out[i, :hd] = Σ_{j < used} p[i, j] · v[j, :hd]` for `rows` rows of `p` at stride `padded`, where a run of
-/// rows ending at row `i` takes `used = seen(i)` rows of `v`; `v` and `out` at stride `stride`.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-unsafe fn products(
-    p: *const f32,
-    padded: usize,
-    rows: usize,
-    seen: impl Fn(usize) -> usize,
-    v: *const f32,
+/// A row-major matrix in memory: its first element and its row stride.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    at: P,
     stride: usize,
-    hd: usize,
-    out: *mut f32,
+}
+
+/// `out[i, :cols] = Σ_{e < depth} a[i, e] · b[e, :cols]` for `rows` rows of `a`, where a run of rows ending at
+/// row `i` sums `depth(i)` terms (under a causal mask, the keys its last row sees); `cols` a multiple of 64.
+/// Both products of attention: the scores (`b` the transposed keys) and the probabilities times the values.
+#[target_feature(enable = "avx512f")]
+unsafe fn product(
+    a: Strided<*const f32>,
+    rows: usize,
+    depth: impl Fn(usize) -> usize,
+    b: Strided<*const f32>,
+    cols: usize,
+    out: Strided<*mut f32>,
 ) {
     for (i0, run) in row_runs(rows) {
-        let (p, used, out) = (p.add(i0 * padded), seen(i0 + run - 1), out.add(i0 * stride));
+        let a = Strided { at: a.at.add(i0 * a.stride), ..a };
+        let (depth, out) = (depth(i0 + run - 1), Strided { at: out.at.add(i0 * out.stride), ..out });
         match run {
-            1 => mix_rows::<1>(p, padded, used, v, stride, hd, out),
-            2 => mix_rows::<2>(p, padded, used, v, stride, hd, out),
-            3 => mix_rows::<3>(p, padded, used, v, stride, hd, out),
-            4 => mix_rows::<4>(p, padded, used, v, stride, hd, out),
-            5 => mix_rows::<5>(p, padded, used, v, stride, hd, out),
-            _ => mix_rows::<MAX_ROWS>(p, padded, used, v, stride, hd, out),
+            1 => product_rows::<1>(a, depth, b, cols, out),
+            2 => product_rows::<2>(a, depth, b, cols, out),
+            3 => product_rows::<3>(a, depth, b, cols, out),
+            4 => product_rows::<4>(a, depth, b, cols, out),
+            5 => product_rows::<5>(a, depth, b, cols, out),
+            _ => product_rows::<MAX_ROWS>(a, depth, b, cols, out),
         }
     }
 }
@@ -285,74 +277,36 @@ fn row_runs(n: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// `scores[r, :] = Σ_e q[r, e] · keys_t[e, :]` for `R` query rows at stride `q_stride`, over `hd` dimensions,
-/// `padded` keys in passes of 64.
+/// [`product`] for `R` rows, in passes of 64 columns: each term loads four vectors of a row of `b` and
+/// broadcasts one value of each row of `a`.
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_rows<const R: usize>(
-    q: *const f32,
-    q_stride: usize,
-    hd: usize,
-    keys_t: *const f32,
-    padded: usize,
-    scores: *mut f32,
+unsafe fn product_rows<const R: usize>(
+    a: Strided<*const f32>,
+    depth: usize,
+    b: Strided<*const f32>,
+    cols: usize,
+    out: Strided<*mut f32>,
 ) {
-    for c0 in (0..padded).step_by(COLS) {
+    for c0 in (0..cols).step_by(COLS) {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        for e in 0..hd {
-            let row = keys_t.add(e * padded + c0);
-            let kv = [
+        for e in 0..depth {
+            let row = b.at.add(e * b.stride + c0);
+            let bv = [
                 _mm512_loadu_ps(row),
                 _mm512_loadu_ps(row.add(16)),
                 _mm512_loadu_ps(row.add(32)),
                 _mm512_loadu_ps(row.add(48)),
             ];
             for (r, acc) in acc.iter_mut().enumerate() {
-                let qv = _mm512_set1_ps(*q.add(r * q_stride + e));
-                for (a, &kv) in acc.iter_mut().zip(&kv) {
-                    *a = _mm512_fmadd_ps(qv, kv, *a);
+                let av = _mm512_set1_ps(*a.at.add(r * a.stride + e));
+                for (sum, &bv) in acc.iter_mut().zip(&bv) {
+                    *sum = _mm512_fmadd_ps(av, bv, *sum);
                 }
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            for (l, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(scores.add(r * padded + c0 + 16 * l), a);
-            }
-        }
-    }
-}
-
-/// `out[r, :] = Σ_{j < used} p[r, j] · v[j, :]` for `R` rows of probabilities (stride `padded`), `v` at stride
-/// `stride` and `out` at stride `stride`, over `hd` dimensions in passes of 64.
-#[target_feature(enable = "avx512f")]
-unsafe fn mix_rows<const R: usize>(
-    p: *const f32,
-    padded: usize,
-    used: usize,
-    v: *const f32,
-    stride: usize,
-    hd: usize,
-    out: *mut f32,
-) {
-    for c0 in (0..hd).step_by(COLS) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        for j in 0..used {
-            let row = v.add(j * stride + c0);
-            let vv = [
-                _mm512_loadu_ps(row),
-                _mm512_loadu_ps(row.add(16)),
-                _mm512_loadu_ps(row.add(32)),
-                _mm512_loadu_ps(row.add(48)),
-            ];
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let pv = _mm512_set1_ps(*p.add(r * padded + j));
-                for (a, &vv) in acc.iter_mut().zip(&vv) {
-                    *a = _mm512_fmadd_ps(pv, vv, *a);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (l, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.add(r * stride + c0 + 16 * l), a);
+            for (l, &sum) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.at.add(r * out.stride + c0 + 16 * l), sum);
             }
         }
     }

@@ -231,54 +231,12 @@ pub fn attention_backward(
 mod tests {
     use super::*;
 
-    /// `attention` (every sample, unmasked) and `attend` (one sequence, causal, with and without a prefix of
-    /// cached keys) against a naive f64 loop.
-    #[test]
-    fn matches_a_naive_loop_unmasked_causal_and_after_a_prefix() {
-        let (b, n, d, h) = (2, 5, 6, 3);
-        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
-        let (q, k, v) = (gen(1), gen(5), gen(9));
+    /// `attention` (every sample, unmasked) and `attend` (one sequence, causal, with each count of `queries`:
+    /// the last rows of `q` after a prefix of cached keys) against a naive f64 loop, within 1e-5.
+    fn assert_matches_f64(qkv: [&[f32]; 3], (b, n, d, h): (usize, usize, usize, usize), queries: &[usize]) {
+        let [q, k, v] = qkv;
         let hd = d / h;
-        // Rows `queries` of q (the sequence's last ones) against all n keys of sample 0, or of every sample.
-        let naive = |bi: usize, i: usize, c: usize, causal: bool| -> f64 {
-            let idx = |t: usize, c: usize| bi * n * d + t * d + (c / hd) * hd + c % hd;
-            let head = c / hd * hd;
-            let seen = if causal { i + 1 } else { n };
-            let s: Vec<f64> = (0..seen)
-                .map(|j| {
-                    let dot: f64 = (0..hd).map(|e| q[idx(i, head + e)] as f64 * k[idx(j, head + e)] as f64).sum();
-                    dot / (hd as f64).sqrt()
-                })
-                .collect();
-            let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-            (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c)] as f64).sum()
-        };
-        let got = attention(&q, &k, &v, b, n, d, h).unwrap();
-        for (at, g) in got.iter().enumerate() {
-            let (bi, i, c) = (at / (n * d), at / d % n, at % d);
-            assert!((*g as f64 - naive(bi, i, c, false)).abs() < 1e-5, "unmasked, sample {bi}, token {i}");
-        }
-        for queries in [n, 2, 1] {
-            let span = Span { queries, keys: n, width: d, heads: h, causal: true };
-            let mut out = vec![f32::NAN; queries * d];
-            attend(&q[(n - queries) * d..n * d], &k[..n * d], &v[..n * d], span, &mut out).unwrap();
-            for (at, g) in out.iter().enumerate() {
-                let (i, c) = (n - queries + at / d, at % d);
-                assert!((*g as f64 - naive(0, i, c, true)).abs() < 1e-5, "{queries} queries, token {i}");
-            }
-        }
-    }
-
-    /// Heads 64 wide (the AVX-512 kernels where the CPU has them) against f64, with more keys than one pass of
-    /// 64 and query counts that do not split into equal runs: every sample unmasked, then one sequence causal
-    /// with and without a prefix of cached keys.
-    #[test]
-    fn heads_64_wide_match_f64_unmasked_causal_and_after_a_prefix() {
-        let (b, n, d, h) = (2, 70, 128, 2);
-        let hd = d / h;
-        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 7919) % 101) as f32 / 50.0 - 1.0).collect::<Vec<_>>();
-        let (q, k, v) = (gen(1), gen(17), gen(33));
+        // Row i of q against the first `seen` keys of sample bi, in column c.
         let naive = |bi: usize, i: usize, c: usize, causal: bool| -> f64 {
             let idx = |t: usize, e: usize| bi * n * d + t * d + c / hd * hd + e;
             let seen = if causal { i + 1 } else { n };
@@ -289,7 +247,7 @@ mod tests {
             let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
             (0..seen).map(|j| (s[j] - mx).exp() / z * v[idx(j, c % hd)] as f64).sum()
         };
-        let got = attention(&q, &k, &v, b, n, d, h).unwrap();
+        let got = attention(q, k, v, b, n, d, h).unwrap();
         for (at, g) in got.iter().enumerate() {
             let (bi, i, c) = (at / (n * d), at / d % n, at % d);
             let want = naive(bi, i, c, false);
@@ -298,7 +256,7 @@ mod tests {
                 "unmasked, sample {bi}, token {i}, column {c}: {g} against {want}"
             );
         }
-        for queries in [n, 13, 1] {
+        for &queries in queries {
             let span = Span { queries, keys: n, width: d, heads: h, causal: true };
             let mut out = vec![f32::NAN; queries * d];
             attend(&q[(n - queries) * d..n * d], &k[..n * d], &v[..n * d], span, &mut out).unwrap();
@@ -311,6 +269,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Narrow heads (the `gemm` path on every CPU).
+    #[test]
+    fn matches_a_naive_loop_unmasked_causal_and_after_a_prefix() {
+        let (b, n, d, h) = (2, 5, 6, 3);
+        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
+        let (q, k, v) = (gen(1), gen(5), gen(9));
+        assert_matches_f64([&q, &k, &v], (b, n, d, h), &[n, 2, 1]);
+    }
+
+    /// Heads 64 wide (the AVX-512 kernels where the CPU has them), with more keys than one pass of 64 and
+    /// query counts that do not split into equal runs.
+    #[test]
+    fn heads_64_wide_match_f64_unmasked_causal_and_after_a_prefix() {
+        let (b, n, d, h) = (2, 70, 128, 2);
+        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 7919) % 101) as f32 / 50.0 - 1.0).collect::<Vec<_>>();
+        let (q, k, v) = (gen(1), gen(17), gen(33));
+        assert_matches_f64([&q, &k, &v], (b, n, d, h), &[n, 13, 1]);
     }
 
     /// `Σ g ∘ attention(q, k, v)` in f64 (unmasked), for `(batch, tokens, width, heads)`: the loss whose
