@@ -115,7 +115,7 @@ fn wemoe_layer(c: &mut Criterion) {
 fn wemoe_mlp_formulations(c: &mut Criterion) {
     use wemoe_engine::device::Activation;
     use wemoe_engine::ops::activation::activation_in_place;
-    use wemoe_engine::ops::expert_linear::{expert_linear, to_blocked, ExpertLinearRef};
+    use wemoe_engine::ops::expert_linear::{expert_linear, expert_linear_backward, to_blocked, ExpertLinearRef};
     use wemoe_engine::ops::gemm::linear;
     use wemoe_engine::rng::Rng;
     let (d, h, t) = (768usize, 3072usize, 8usize);
@@ -148,6 +148,15 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
     let one = rng.normal_vec(t, 0.3, 0.1);
     group.bench_function("merge_fc1", |b| b.iter(|| w1.merged(&one)));
     group.bench_function("merge_fc2", |b| b.iter(|| w2.merged(&one)));
+    // Batch routing's backward of fc1 for one task of 16 images, with the input gradient and without it (the
+    // first WEMoE layer's, whose input depends on no router).
+    let rows = 16 * 50;
+    let (x1, dy1) = (rng.normal_vec(rows * d, 0.0, 1.0), rng.normal_vec(rows * h, 0.0, 1.0));
+    for (id, input_gradient) in [("backward_fc1_with_dx", true), ("backward_fc1_without_dx", false)] {
+        group.bench_function(id, |b| {
+            b.iter(|| expert_linear_backward(&x1, 1, rows, &one, &w1, &dy1, input_gradient).unwrap())
+        });
+    }
     let batch = 16;
     for tokens in [50usize, 197] {
         let x = rng.normal_vec(batch * tokens * d, 0.0, 1.0);

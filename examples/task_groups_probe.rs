@@ -53,11 +53,12 @@ fn main() -> anyhow::Result<()> {
     let per_task_backward = median(reps, || {
         for i in 0..tasks {
             let (x, c, dy) = task(i);
-            std::hint::black_box(expert_linear_backward(x, 1, rows, c, &w, dy).unwrap());
+            std::hint::black_box(expert_linear_backward(x, 1, rows, c, &w, dy, true).unwrap());
         }
     });
-    let grouped_backward =
-        median(reps, || drop(std::hint::black_box(expert_linear_backward(&x, tasks, rows, &c, &w, &dy).unwrap())));
+    let grouped_backward = median(reps, || {
+        drop(std::hint::black_box(expert_linear_backward(&x, tasks, rows, &c, &w, &dy, true).unwrap()))
+    });
     println!("forward: a call per task {per_task:.1} ms, one call of {tasks} groups {grouped:.1} ms");
     println!(
         "backward: a call per task {per_task_backward:.1} ms, one call of {tasks} groups {grouped_backward:.1} ms"

@@ -214,7 +214,13 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
                 let w_t = MatRef::row_major(&l.base, out, inp).unwrap().t();
                 let (want_pre, want_dx) = if experts > 0 {
                     let pre = expert_linear(&x, routes, n, coeff, &l.cpu()).unwrap();
-                    (pre, cpu_expert::expert_linear_backward(&x, routes, n, coeff, &l.cpu(), &dy).unwrap().0)
+                    (
+                        pre,
+                        cpu_expert::expert_linear_backward(&x, routes, n, coeff, &l.cpu(), &dy, true)
+                            .unwrap()
+                            .0
+                            .unwrap(),
+                    )
                 } else {
                     let pre = linear(&x, routes * n, inp, w_t, Some(&l.bias)).unwrap();
                     (pre, linear_backward_input(&dy, routes * n, w_t).unwrap())
@@ -413,7 +419,9 @@ fn expert_linear_backward<E: Executor>(e: &E) -> f64 {
         let x = values(routes * n * inp, 500 + i as u64, 1.0);
         let dy = values(routes * n * out, 600 + i as u64, 1.0);
         let coeff = values(routes * experts, 700 + i as u64, 0.6);
-        let (want_dx, want_dc) = cpu_expert::expert_linear_backward(&x, routes, n, &coeff, &l.cpu(), &dy).unwrap();
+        let (want_dx, want_dc) =
+            cpu_expert::expert_linear_backward(&x, routes, n, &coeff, &l.cpu(), &dy, true).unwrap();
+        let want_dx = want_dx.expect("dx asked for");
         let d = DeviceLayer::new(e, &l);
         let (xb, dyb, cb) = (e.upload(&x).unwrap(), e.upload(&dy).unwrap(), e.upload(&coeff).unwrap());
         let (dx, dc) = (poisoned(e, routes * n * inp), poisoned(e, routes * experts));

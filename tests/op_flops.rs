@@ -46,7 +46,10 @@ fn each_product_counts_its_flops(be: &dyn Backend) {
         .unwrap();
     let c = tensor(be, &[3, 3], 12);
     let ye = be.expert_linear(&x, &c, &experts).unwrap();
-    be.expert_linear_backward(&x, &c, &experts, &ye).unwrap();
+    be.expert_linear_backward(&x, &c, &experts, &ye, true).unwrap();
+    // Without the input gradient, only xᵀ·dy: 2310 more.
+    let (dx, _) = be.expert_linear_backward(&x, &c, &experts, &ye, false).unwrap();
+    assert!(dx.is_none(), "{}: an input gradient nobody asked for", be.describe());
     // Attention over 2 samples of 5 tokens, 6 wide in 2 heads: Q·Kᵀ and P·V, 2·(2·2·5·6·5) = 1200; the
     // backward's five products 3000.
     let (q, k, v) = (tensor(be, &[2, 5, 6], 13), tensor(be, &[2, 5, 6], 14), tensor(be, &[2, 5, 6], 15));
@@ -59,23 +62,23 @@ fn each_product_counts_its_flops(be: &dyn Backend) {
         .unwrap();
     be.patch_embed_backward(&pixels, &[4, 3, 4, 4], &tokens).unwrap();
     let want = [
-        ("linear", 2310.0),
-        ("linear_backward_input", 2310.0),
-        ("linear_backward_weight", 2310.0),
-        ("expert_linear", 2310.0),
-        ("expert_linear_backward", 4620.0),
-        ("attention", 1200.0),
-        ("attention_backward", 3000.0),
-        ("patch_embed", 3072.0),
-        ("patch_embed_backward", 3072.0),
+        ("linear", 1, 2310.0),
+        ("linear_backward_input", 1, 2310.0),
+        ("linear_backward_weight", 1, 2310.0),
+        ("expert_linear", 1, 2310.0),
+        ("expert_linear_backward", 2, 6930.0),
+        ("attention", 1, 1200.0),
+        ("attention_backward", 1, 3000.0),
+        ("patch_embed", 1, 3072.0),
+        ("patch_embed_backward", 1, 3072.0),
     ];
     let rows = op_times::take_rows();
-    for (name, flops) in want {
+    for (name, calls, flops) in want {
         let row =
             rows.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{}: no {name} in {rows:?}", be.describe()));
-        assert_eq!((row.calls, row.flops), (1, flops), "{}: {name}", be.describe());
+        assert_eq!((row.calls, row.flops), (calls, flops), "{}: {name}", be.describe());
     }
-    for row in rows.iter().filter(|r| !want.iter().any(|(name, _)| *name == r.name)) {
+    for row in rows.iter().filter(|r| !want.iter().any(|(name, _, _)| *name == r.name)) {
         assert_eq!(row.flops, 0.0, "{}: {} multiplies no matrices", be.describe(), row.name);
     }
 }
@@ -129,6 +132,12 @@ fn products_count_their_flops_and_both_backends_count_the_same_work() {
     each_product_counts_its_flops(&cpu);
     each_product_counts_its_flops(&cuda);
     let total = |p: &[(&str, f64)]| p.iter().map(|(_, f)| f).sum::<f64>();
+    let of = |p: &[(&str, f64)], name: &str| p.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, f)| *f);
+    // The first WEMoE layer's input (layer 0's) depends on no router: its fc1's backward has no input gradient.
+    let (dir, _, heads) = wemoe_model(&cpu);
+    let images: usize = adapt_tasks(&heads).iter().map(|t| t.pixels.shape()[0]).sum();
+    let c = &dir.config;
+    let first_fc1 = 2.0 * (images * c.tokens() * c.hidden_size * c.intermediate_size) as f64;
     for routing in [Routing::Sample, Routing::Batch] {
         let (on_cpu, on_cuda) = (step_products(&cpu, routing), step_products(&cuda, routing));
         println!("{routing:?} step: CPU {on_cpu:?}\n{routing:?} step: CUDA {on_cuda:?}");
@@ -136,6 +145,8 @@ fn products_count_their_flops_and_both_backends_count_the_same_work() {
         for name in ["expert_linear", "expert_linear_backward", "attention_backward", "linear_backward_weight"] {
             assert!(on_cpu.iter().any(|(n, f)| *n == name && *f > 0.0), "{routing:?}: a step runs {name}");
         }
+        let (forward, backward) = (of(&on_cpu, "expert_linear"), of(&on_cpu, "expert_linear_backward"));
+        assert_eq!(backward, 2.0 * forward - first_fc1, "{routing:?}: the WEMoE layers' backward");
         // The CUDA backend's forward fuses the routers' last layer with their reduction (`router_head`) and
         // the MLP's first layer with its activation where it can (`linear_act`): other rows, the same products.
         let (on_cpu, on_cuda) = (forward_products(&cpu, routing), forward_products(&cuda, routing));

@@ -264,8 +264,9 @@ pub fn expert_linear<'a>(
     let (xs, cs) = (x.value, save(be, c)?);
     tape.record(Box::new(move |be, g| {
         if let Some(dy) = g.take(out) {
-            let (dx, dc) = be.expert_linear_backward(&xs, &cs, w, &dy)?;
+            let (dx, dc) = be.expert_linear_backward(&xs, &cs, w, &dy, xv.is_some())?;
             if let Some(xv) = xv {
+                let dx = dx.ok_or_else(|| anyhow::anyhow!("expert_linear_backward: no input gradient returned"))?;
                 g.add(be, xv, dx)?;
             }
             if let Some(cv) = cv {

@@ -378,20 +378,29 @@ impl Backend for CpuBackend {
         coefficients: &Tensor,
         w: &ExpertLinear,
         dy: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+        input_gradient: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let mut timer = OpTimer::start("expert_linear_backward");
         let (rows, _) = rows_and_width(x);
-        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features()));
+        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features(), input_gradient));
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = host_view(w)?;
         let (xs, c, dys) = (x.host()?, coefficients.host()?, dy.host()?);
         let (dx, dc) = if self.bf16 {
-            ops::expert_linear::expert_linear_backward_bf16(xs, groups, rows / groups, c, &weights, dys)?
+            ops::expert_linear::expert_linear_backward_bf16(
+                xs,
+                groups,
+                rows / groups,
+                c,
+                &weights,
+                dys,
+                input_gradient,
+            )?
         } else {
-            ops::expert_linear::expert_linear_backward(xs, groups, rows / groups, c, &weights, dys)?
+            ops::expert_linear::expert_linear_backward(xs, groups, rows / groups, c, &weights, dys, input_gradient)?
         };
-        Ok((Tensor::from_vec(x.shape(), dx)?, Tensor::from_vec(coefficients.shape(), dc)?))
+        Ok((dx.map(|dx| Tensor::from_vec(x.shape(), dx)).transpose()?, Tensor::from_vec(coefficients.shape(), dc)?))
     }
 
     fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {

@@ -760,23 +760,30 @@ where
         coefficients: &Tensor,
         w: &ExpertLinear,
         dy: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+        input_gradient: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let mut timer = OpTimer::start_queued("expert_linear_backward", &self.executor);
         let (rows, _) = rows_and_width(x);
-        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features()));
+        timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features(), input_gradient));
         let groups = coefficients.shape()[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
         let weights = self.weights(w)?;
-        let (dx, dc) = (self.alloc(x.shape())?, self.alloc(coefficients.shape())?);
+        let dc = self.alloc(coefficients.shape())?;
         let c = self.buf(coefficients)?;
-        if groups == 1 {
+        let dx = if !input_gradient {
+            None
+        } else if groups == 1 {
+            let dx = self.alloc(x.shape())?;
             let (mw, _) = self.merged(&weights, c)?;
             let dense =
                 ExpertWeights { base: &mw, base_bias: None, tasks: None, task_biases: None, experts: 0, ..weights };
             self.input_product(self.buf(dy)?, 1, rows, &dense, None, self.buf(&dx)?)?;
+            Some(dx)
         } else {
+            let dx = self.alloc(x.shape())?;
             self.input_product(self.buf(dy)?, groups, rows / groups, &weights, Some(c), self.buf(&dx)?)?;
-        }
+            Some(dx)
+        };
         k::expert_linear_backward_coeff(
             &self.executor,
             self.buf(x)?,

@@ -10,11 +10,11 @@ pub fn product(rows: usize, inp: usize, out: usize) -> f64 {
     2.0 * rows as f64 * inp as f64 * out as f64
 }
 
-/// The backward of a WEMoE linear layer of `rows` rows: the input gradient through each group's merged weight
-/// and each group's `xᵀ·dy`, which the task vectors are contracted with (that contraction, like the merge,
-/// not counted).
-pub fn expert_linear_backward(rows: usize, inp: usize, out: usize) -> f64 {
-    2.0 * product(rows, inp, out)
+/// The backward of a WEMoE linear layer of `rows` rows: each group's `xᵀ·dy`, which the task vectors are
+/// contracted with (that contraction, like the merge, not counted), and with `input_gradient` the input
+/// gradient through each group's merged weight.
+pub fn expert_linear_backward(rows: usize, inp: usize, out: usize, input_gradient: bool) -> f64 {
+    (1.0 + f64::from(u8::from(input_gradient))) * product(rows, inp, out)
 }
 
 /// Attention over `batch` samples of `tokens` tokens, `width` wide (all heads together): `Q·Kᵀ` and `P·V`.

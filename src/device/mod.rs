@@ -431,14 +431,16 @@ pub trait Backend: Send + Sync {
     /// Backward of [`router_reduce`](Backend::router_reduce): the per-token outputs' gradient `[B, N, T]`.
     fn router_reduce_backward(&self, logits: &Tensor, softmax: bool, dw: &Tensor) -> Result<Tensor>;
 
-    /// Backward of [`expert_linear`](Backend::expert_linear): `(dx, dcoefficients)`.
+    /// Backward of [`expert_linear`](Backend::expert_linear): `(dx, dcoefficients)`, `dx` only when
+    /// `input_gradient` (an input that depends on no parameter, as the first WEMoE layer's, skips its product).
     fn expert_linear_backward(
         &self,
         x: &Tensor,
         coefficients: &Tensor,
         w: &ExpertLinear,
         dy: &Tensor,
-    ) -> Result<(Tensor, Tensor)>;
+        input_gradient: bool,
+    ) -> Result<(Option<Tensor>, Tensor)>;
 
     /// Backward of [`l2_normalize`](Backend::l2_normalize).
     fn l2_normalize_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;

@@ -18,7 +18,7 @@ use crate::ops::gemm::MatRef;
 /// Backward of [`super::expert_linear`] as [`super::expert_linear_backward`] computes it, `(dx, dc)`, with
 /// bf16 operands (rounded to nearest even) and f32 accumulation: `dx_g = dy_g · M_gᵀ` from each group's merged
 /// weight rounded after merging, and the router gradient's `x_gᵀ·dy_g` from `x` and `dy` rounded, contracted
-/// with the f32 task vectors. Refused unless [`bf16::available`].
+/// with the f32 task vectors; `dx` only when `input_gradient`. Refused unless [`bf16::available`].
 pub fn expert_linear_backward_bf16(
     x: &[f32],
     groups: usize,
@@ -26,13 +26,14 @@ pub fn expert_linear_backward_bf16(
     coefficients: &[f32],
     w: &ExpertLinearRef,
     dy: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+    input_gradient: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     check_backward("expert_linear_backward_bf16", x, groups, n, coefficients, w, dy)?;
     ensure!(bf16::available(), "bf16 products need {}", bf16::unavailable_reason());
     if groups == 1 {
-        return one_group(x, n, coefficients, w, dy);
+        return one_group(x, n, coefficients, w, dy, input_gradient);
     }
-    Ok(per_group(x, groups, n, coefficients, w, dy))
+    Ok(per_group(x, groups, n, coefficients, w, dy, input_gradient))
 }
 
 /// Per-sample routing's backward: the f32 path's loop (`per_group_backward`: parallel over chunks of 32
@@ -42,8 +43,17 @@ pub fn expert_linear_backward_bf16(
 /// every task vector's tile as in f32. `dx_g[:, chunk] += dy_g[:, blocks]·tilesᵀ` takes [`SPAN`] blocks' merged
 /// tiles, transposed and rounded, as the steps of one product, its accumulators (rows padded to 32) loaded from
 /// and stored to the chunk's `dx` once per span. `dy` is rounded once per call: each group's rows as a left
-/// operand, and each group's block as a right one.
-fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// operand, and each group's block as a right one. Without `input_gradient`, no tile is merged and no `dx`
+/// formed.
+fn per_group(
+    x: &[f32],
+    groups: usize,
+    n: usize,
+    c: &[f32],
+    w: &ExpertLinearRef,
+    dy: &[f32],
+    input_gradient: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     const TILE: usize = BLOCK_ROWS * BLOCK_ROWS;
     const HALF: usize = TILE / 2; // bf16 elements of one tile
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
@@ -51,7 +61,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     let blocks = o.div_ceil(BLOCK_ROWS);
     // Each group's dy rounded as the left operand of `dy·Mᵀ`: [np/16 row tiles][blocks][16][32].
     let rows_len = np * blocks * BLOCK_ROWS;
-    let mut dy_rows = vec![0u16; groups * rows_len];
+    let mut dy_rows = vec![0u16; if input_gradient { groups * rows_len } else { 0 }];
     dy_rows
         .par_chunks_mut(rows_len)
         .zip(dy.par_chunks(n * o))
@@ -76,22 +86,29 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
                 let xt = MatRef::strided(&x[g * n * k + k0..], width, n, 1, k).expect("the group's rows");
                 bf16::pack_rows_into(xt, dst);
             }
-            let mut dx = vec![0.0f32; groups * np * kc];
+            // Without the input gradient there are no tiles, spans or `dx` to hold (the loop over spans is empty).
+            let dx_groups = if input_gradient { groups } else { 0 };
+            let mut dx = vec![0.0f32; dx_groups * np * kc];
             let mut dc = vec![0.0f64; groups * t];
-            let mut tiles = vec![0.0f32; groups * TILE];
+            let mut tiles = vec![0.0f32; dx_groups * TILE];
             // Each group's span of transposed tiles: [2 halves of 16 inputs][SPAN steps][512].
-            let mut spans = vec![0u16; groups * SPAN * TILE];
+            let mut spans = vec![0u16; dx_groups * SPAN * TILE];
             let (mut outer, mut dots) = ([0.0f32; TILE], vec![0.0f32; t]);
             for b0 in (0..blocks).step_by(SPAN) {
                 let steps = SPAN.min(blocks - b0);
                 for s in 0..steps {
                     let (bi, r0) = (b0 + s, (b0 + s) * BLOCK_ROWS);
                     let cols = r0..(r0 + BLOCK_ROWS).min(o);
-                    merge_tiles(kernel, w, c, k0..k0 + width, cols.clone(), &mut tiles);
-                    for (g, span) in spans.chunks_exact_mut(SPAN * TILE).enumerate() {
-                        let tile = &tiles[g * TILE..(g + 1) * TILE];
-                        let (h0, h1) = span.split_at_mut(SPAN * HALF);
-                        bf16::pack_transposed_tile(tile, [&mut h0[s * HALF..][..HALF], &mut h1[s * HALF..][..HALF]]);
+                    if input_gradient {
+                        merge_tiles(kernel, w, c, k0..k0 + width, cols.clone(), &mut tiles);
+                    }
+                    for g in 0..groups {
+                        if input_gradient {
+                            let tile = &tiles[g * TILE..(g + 1) * TILE];
+                            let (h0, h1) = spans[g * SPAN * TILE..(g + 1) * SPAN * TILE].split_at_mut(SPAN * HALF);
+                            let halves = [&mut h0[s * HALF..][..HALF], &mut h1[s * HALF..][..HALF]];
+                            bf16::pack_transposed_tile(tile, halves);
+                        }
                         // x_g[:, chunk]ᵀ · dy_g[:, block] over the group's rows, then its dot with every task vector.
                         let xr = &x_rows[g * BLOCK_ROWS * np..(g + 1) * BLOCK_ROWS * np];
                         let at = (bi * groups + g) * len;
@@ -118,7 +135,7 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
             (dx, dc)
         })
         .collect();
-    combine_chunks(&parts, w, groups, n, dy)
+    combine_chunks(&parts, w, groups, n, dy, input_gradient)
 }
 
 /// Output blocks whose transposed merged tiles one accumulation of `dx` takes as its steps: each load and store
@@ -136,9 +153,13 @@ fn one_group(
     coefficients: &[f32],
     w: &ExpertLinearRef,
     dy: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+    input_gradient: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    let dx = bf16::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?;
+    let dx = match input_gradient {
+        true => Some(bf16::linear(dy, n, o, &pack_merged_transposed(w, coefficients), None)?),
+        false => None,
+    };
     let xt = bf16::pack_rows_view(MatRef::row_major(x, n, k)?.t());
     let dy_packed = bf16::pack_rhs(dy, n, o)?;
     let kernel = Kernel::detect();

@@ -681,7 +681,9 @@ mod backward_bf16;
 pub use backward_bf16::expert_linear_backward_bf16;
 
 /// Backward of [`expert_linear`]: `(dx, dc)` for the output gradient `dy` `[groups · n, out]`:
-/// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`.
+/// `dx_g = dy_g · W_gᵀ` and the router gradient `dc[g, t] = <τ_t, x_gᵀ·dy_g> + <β_t, Σ_rows dy_g>`. `dx` only
+/// when `input_gradient`: without it neither its product nor the merge that feeds it runs (the first WEMoE
+/// layer's input depends on no router; `cargo bench --bench cpu -- backward_fc1` times both).
 /// Both are contracted tile by tile (`per_group_backward`), so neither a group's merged weight nor its
 /// `x_gᵀ·dy_g` is ever formed whole; for one group (batch routing) too, where forming them would read the
 /// T + 1 sources and write two full matrices per call, then read the product once per task vector
@@ -693,9 +695,10 @@ pub fn expert_linear_backward(
     coefficients: &[f32],
     w: &ExpertLinearRef,
     dy: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+    input_gradient: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     check_backward("expert_linear_backward", x, groups, n, coefficients, w, dy)?;
-    Ok(per_group_backward(x, groups, n, coefficients, w, dy, Kernel::detect()))
+    Ok(per_group_backward(x, groups, n, coefficients, w, dy, input_gradient, Kernel::detect()))
 }
 
 /// The shapes a backward of [`expert_linear`] takes, checked (`op` names the caller in the error).
@@ -735,7 +738,9 @@ fn bias_dot(bias: &[f32], colsum: &[f64]) -> f64 {
 /// (transposed), and `x_gᵀ·dy_g` is formed for that tile only; then every group's such tile is contracted with
 /// each task vector's tile while it is in cache, several groups per pass (`dot_tiles`: one group at a time read
 /// the task vectors' tiles again for every group; BENCHMARKS.md).
-/// Per-chunk partial `dc` are summed in chunk order, so results do not depend on the thread count.
+/// Per-chunk partial `dc` are summed in chunk order, so results do not depend on the thread count. Without
+/// `input_gradient` the merged tiles and `dx` are skipped.
+#[allow(clippy::too_many_arguments)]
 fn per_group_backward(
     x: &[f32],
     groups: usize,
@@ -743,8 +748,9 @@ fn per_group_backward(
     c: &[f32],
     w: &ExpertLinearRef,
     dy: &[f32],
+    input_gradient: bool,
     kernel: Kernel,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Option<Vec<f32>>, Vec<f32>) {
     // A chunk of inputs is the output width of the transposed product into dx.
     const _: () = assert!(CHUNK_INPUTS == BLOCK_ROWS);
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
@@ -767,24 +773,28 @@ fn per_group_backward(
                     src.iter().enumerate().for_each(|(i, &v)| dst[i * n + r] = v);
                 }
             }
-            let mut dx = vec![0.0f32; groups * n * kc];
+            let mut dx = if input_gradient { vec![0.0f32; groups * n * kc] } else { Vec::new() };
             let mut dc = vec![0.0f64; groups * t];
-            let mut tiles = vec![0.0f32; groups * tile_len];
+            let mut tiles = if input_gradient { vec![0.0f32; groups * tile_len] } else { Vec::new() };
             let mut transposed = [0.0f32; BLOCK_ROWS * BLOCK_ROWS];
             let mut outers = vec![0.0f32; groups * tile_len];
             let mut dots = vec![0.0f32; groups * t];
             for (bi, r0) in (0..o).step_by(BLOCK_ROWS).enumerate() {
                 let rows = BLOCK_ROWS.min(o - r0);
-                merge_tiles(kernel, w, c, k0..k0 + width, r0..r0 + rows, &mut tiles);
+                if input_gradient {
+                    merge_tiles(kernel, w, c, k0..k0 + width, r0..r0 + rows, &mut tiles);
+                }
                 let dyb = &dy_blocks[bi * block_len..(bi + 1) * block_len];
                 for g in 0..groups {
                     let dyg = &dyb[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
-                    // dx_g[:, chunk] += dy_g[:, block] · M_gᵀ, with M_g's tile transposed to [outputs, inputs].
-                    let tile: &[f32; BLOCK_ROWS * BLOCK_ROWS] =
-                        tiles[g * tile_len..(g + 1) * tile_len].try_into().expect("a tile is 32 × 32");
-                    transpose_tile(tile, &mut transposed);
-                    let dxg = &mut dx[g * n * kc..(g + 1) * n * kc];
-                    multiply_tile(kernel, dyg, n, BLOCK_ROWS, rows, &transposed[..rows * BLOCK_ROWS], dxg);
+                    if input_gradient {
+                        // dx_g[:, chunk] += dy_g[:, block] · M_gᵀ, with M_g's tile transposed to [outputs, inputs].
+                        let tile: &[f32; BLOCK_ROWS * BLOCK_ROWS] =
+                            tiles[g * tile_len..(g + 1) * tile_len].try_into().expect("a tile is 32 × 32");
+                        transpose_tile(tile, &mut transposed);
+                        let dxg = &mut dx[g * n * kc..(g + 1) * n * kc];
+                        multiply_tile(kernel, dyg, n, BLOCK_ROWS, rows, &transposed[..rows * BLOCK_ROWS], dxg);
+                    }
                     // x_g[:, chunk]ᵀ · dy_g[:, block], [width, 32].
                     let outer = &mut outers[g * tile_len..g * tile_len + width * BLOCK_ROWS];
                     outer.fill(0.0);
@@ -797,21 +807,24 @@ fn per_group_backward(
             (dx, dc)
         })
         .collect();
-    combine_chunks(&parts, w, groups, n, dy)
+    combine_chunks(&parts, w, groups, n, dy, input_gradient)
 }
 
 /// The per-chunk results of a per-group backward, `(dx stripe [groups·n, 32], partial dc [groups, T] in f64)` in
-/// chunk order: `dx` gathered from the stripes, and `dc` summed in chunk order (so that results do not depend
-/// on the thread count) plus each task's bias term `<β_t, Σ_rows dy_g>`.
+/// chunk order: `dx` gathered from the stripes (when `input_gradient`; the stripes are empty otherwise), and
+/// `dc` summed in chunk order (so that results do not depend on the thread count) plus each task's bias term
+/// `<β_t, Σ_rows dy_g>`.
 fn combine_chunks(
     parts: &[(Vec<f32>, Vec<f64>)],
     w: &ExpertLinearRef,
     groups: usize,
     n: usize,
     dy: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+    input_gradient: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    let dx = gather_stripes(&parts.iter().map(|(part, _)| part.as_slice()).collect::<Vec<_>>(), CHUNK_INPUTS, k);
+    let dx = input_gradient
+        .then(|| gather_stripes(&parts.iter().map(|(part, _)| part.as_slice()).collect::<Vec<_>>(), CHUNK_INPUTS, k));
     let mut dc = vec![0.0f64; groups * t];
     for (_, part_dc) in parts {
         dc.iter_mut().zip(part_dc).for_each(|(s, &d)| *s += d);
@@ -998,7 +1011,7 @@ mod tests {
 
     /// The tiled per-group backward (both kernels) and the one-group path against the products in f64, on
     /// shapes that leave ragged chunks, blocks and merge passes: 10 groups of 5 rows, 37 inputs, 71 outputs,
-    /// 3 experts.
+    /// 3 experts. Without the input gradient, no `dx` and the same `dc`, bit for bit.
     #[test]
     fn backward_paths_match_the_products_in_f64() {
         let (g, n, k, o, t) = (10, 5, 37, 71, 3);
@@ -1006,7 +1019,8 @@ mod tests {
         let (base_w, tw, tb) = (&weights.base_w, &weights.tw, &weights.tb);
         let w = weights.view();
         let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
-        let check = |(dx, dc): (Vec<f32>, Vec<f32>), groups: usize, what: &str| {
+        let check = |(dx, dc): (Option<Vec<f32>>, Vec<f32>), groups: usize, what: &str| {
+            let dx = dx.unwrap_or_else(|| panic!("{what}: no dx"));
             for gi in 0..groups {
                 let cg = &c[gi * t..(gi + 1) * t];
                 let weight = |kk: usize, j: usize| {
@@ -1035,20 +1049,31 @@ mod tests {
                 }
             }
         };
+        let without_dx = |(dx, dc): (Option<Vec<f32>>, Vec<f32>), with: &[f32], what: &str| {
+            assert!(dx.is_none(), "{what}: a dx nobody asked for");
+            assert_eq!(dc, with, "{what}: dc without dx");
+        };
         for kernel in Kernel::all_available() {
-            check(per_group_backward(&x, g, n, &c, &w, &dy, kernel), g, kernel.name());
+            let all = per_group_backward(&x, g, n, &c, &w, &dy, true, kernel);
+            let dc = all.1.clone();
+            check(all, g, kernel.name());
+            without_dx(per_group_backward(&x, g, n, &c, &w, &dy, false, kernel), &dc, kernel.name());
             // One group: batch routing's backward.
-            let one = per_group_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o], kernel);
+            let one = per_group_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o], true, kernel);
+            let dc = one.1.clone();
             check(one, 1, &format!("{}, one group", kernel.name()));
+            let one = per_group_backward(&x[..n * k], 1, n, &c[..t], &w, &dy[..n * o], false, kernel);
+            without_dx(one, &dc, &format!("{}, one group", kernel.name()));
         }
-        check(expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap(), g, "expert_linear_backward");
+        check(expert_linear_backward(&x, g, n, &c, &w, &dy, true).unwrap(), g, "expert_linear_backward");
     }
 
     /// The bf16 backward against the f64 sums of the rounded operands' products: `dx` from `dy` and each
     /// group's merged weight (merged with the kernels' fused multiply-adds, in their order) rounded, `dc` from `x`
     /// and `dy` rounded against the f32 task vectors. Per-sample routing's path on 10 groups of 27 rows and
     /// batch routing's on one group of 45 rows; 37 inputs, 171 outputs (ragged chunks, blocks and row tiles, and
-    /// a whole span of blocks and a partial one), 3 experts. And really rounded: the f32 path differs.
+    /// a whole span of blocks and a partial one), 3 experts. And really rounded: the f32 path differs. Without the
+    /// input gradient, no `dx` and the same `dc`, bit for bit.
     #[test]
     fn bf16_backward_equals_the_rounded_operands_products() {
         if !crate::ops::bf16::available() {
@@ -1061,8 +1086,12 @@ mod tests {
         let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
         for (g, n) in [(10, 27), (1, 45)] {
             let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
-            let (dx, dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy).unwrap();
-            let exact = expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap();
+            let (dx, dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy, true).unwrap();
+            let dx = dx.expect("dx asked for");
+            let (no_dx, same_dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy, false).unwrap();
+            assert!(no_dx.is_none() && same_dc == dc, "{g} groups: without dx, none and the same dc");
+            let (exact_dx, exact_dc) = expert_linear_backward(&x, g, n, &c, &w, &dy, true).unwrap();
+            let exact = (exact_dx.expect("dx asked for"), exact_dc);
             let (mut worst, mut scale) = (0.0f64, 0.0f64);
             for gi in 0..g {
                 let cg = &c[gi * t..(gi + 1) * t];
@@ -1132,7 +1161,8 @@ mod tests {
             total
         };
         let (xf, cf) = (f64s(&x), f64s(&c));
-        let (dx, dc) = expert_linear_backward(&x, g, n, &c, &w, &dy).unwrap();
+        let (dx, dc) = expert_linear_backward(&x, g, n, &c, &w, &dy, true).unwrap();
+        let dx = dx.expect("dx asked for");
         assert_gradient("dx", &dx, &numeric_gradient(&|v| loss(v, &cf), &xf), 1e-5);
         assert_gradient("dc", &dc, &numeric_gradient(&|v| loss(&xf, v), &cf), 1e-5);
     }
