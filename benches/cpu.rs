@@ -115,7 +115,9 @@ fn wemoe_layer(c: &mut Criterion) {
 fn wemoe_mlp_formulations(c: &mut Criterion) {
     use wemoe_engine::device::Activation;
     use wemoe_engine::ops::activation::activation_in_place;
-    use wemoe_engine::ops::expert_linear::{expert_linear, expert_linear_backward, to_blocked, ExpertLinearRef};
+    use wemoe_engine::ops::expert_linear::{
+        expert_linear, expert_linear_backward, expert_mlp, to_blocked, ExpertLinearRef,
+    };
     use wemoe_engine::ops::gemm::linear;
     use wemoe_engine::rng::Rng;
     let (d, h, t) = (768usize, 3072usize, 8usize);
@@ -168,6 +170,10 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
         };
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new("per_sample_fused", tokens), |b| b.iter(|| mlp(batch, &coeff)));
+        // The same MLP as one call: the hidden layer kept in fc1's stripes, activated there.
+        group.bench_function(BenchmarkId::new("per_sample_expert_mlp", tokens), |b| {
+            b.iter(|| expert_mlp(&x, batch, tokens, &coeff, &w1, &w2, Activation::QuickGelu).unwrap())
+        });
         group.bench_function(BenchmarkId::new("batch_reduced_dense", tokens), |b| b.iter(|| mlp(1, &coeff[..t])));
         group.bench_function(BenchmarkId::new("per_sample_materialised", tokens), |b| {
             b.iter(|| {

@@ -280,6 +280,39 @@ impl Backend for CpuBackend {
         Tensor::from_vec(&shape, y)
     }
 
+    fn expert_mlp(
+        &self,
+        x: &Tensor,
+        coefficients: &Tensor,
+        fc1: &ExpertLinear,
+        fc2: &ExpertLinear,
+        act: Activation,
+    ) -> Result<Tensor> {
+        if self.bf16 {
+            // The bf16 products keep their own layers (`expert_linear_bf16`).
+            return super::expert_mlp_in_steps(self, x, coefficients, fc1, fc2, act);
+        }
+        let mut timer = OpTimer::start("expert_mlp");
+        let (rows, k) = rows_and_width(x);
+        ensure!(k == fc1.in_features(), "expert_mlp: input width {k} does not match {}", fc1.in_features());
+        timer.count(
+            flops::product(rows, k, fc1.out_features()) + flops::product(rows, fc2.in_features(), fc2.out_features()),
+        );
+        let t = fc1.experts();
+        ensure!(
+            coefficients.shape().len() == 2 && coefficients.shape()[1] == t,
+            "expert_mlp: coefficients {:?} are not [G, {t}]",
+            coefficients.shape()
+        );
+        let groups = coefficients.shape()[0];
+        ensure!(groups > 0 && rows % groups == 0, "expert_mlp: {rows} rows do not split into {groups} groups");
+        let (w1, w2) = (host_view(fc1)?, host_view(fc2)?);
+        let y = ops::expert_linear::expert_mlp(x.host()?, groups, rows / groups, coefficients.host()?, &w1, &w2, act)?;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("rows_and_width saw a last dimension") = fc2.out_features();
+        Tensor::from_vec(&shape, y)
+    }
+
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor> {
         let _timer = OpTimer::start("router_reduce");
         ensure!(logits.shape().len() == 3, "router_reduce: expected [B, N, T], got {:?}", logits.shape());

@@ -315,6 +315,20 @@ pub trait Backend: Send + Sync {
     /// multiplied by its own merged weight `W0 + Σ_t c[g,t] τ_t` (and bias), never stored whole.
     fn expert_linear(&self, x: &Tensor, coefficients: &Tensor, w: &ExpertLinear) -> Result<Tensor>;
 
+    /// A WEMoE MLP: `fc2(act(fc1(x)))`, both layers merged by `coefficients` as in
+    /// [`expert_linear`](Backend::expert_linear) (the forward without a tape: `embed` and `eval`). Fused where a
+    /// backend can: the CPU backend keeps per-sample routing's hidden layer in its tiles' layout.
+    fn expert_mlp(
+        &self,
+        x: &Tensor,
+        coefficients: &Tensor,
+        fc1: &ExpertLinear,
+        fc2: &ExpertLinear,
+        act: Activation,
+    ) -> Result<Tensor> {
+        expert_mlp_in_steps(self, x, coefficients, fc1, fc2, act)
+    }
+
     /// The router's reduction: `[B, N, T]` per-token outputs, softmaxed over experts when `softmax`, averaged
     /// over tokens: `[B, T]`.
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor>;
@@ -450,4 +464,18 @@ pub trait Backend: Send + Sync {
 
     /// Backward of [`select_token`](Backend::select_token): `[B, D]` scattered into zeros `[B, tokens, D]`.
     fn select_token_backward(&self, dy: &Tensor, tokens: usize, index: usize) -> Result<Tensor>;
+}
+
+/// [`Backend::expert_mlp`] as its three steps: [`Backend::expert_linear`], [`Backend::activation`],
+/// [`Backend::expert_linear`] (each timed as itself).
+pub(crate) fn expert_mlp_in_steps<B: Backend + ?Sized>(
+    be: &B,
+    x: &Tensor,
+    coefficients: &Tensor,
+    fc1: &ExpertLinear,
+    fc2: &ExpertLinear,
+    act: Activation,
+) -> Result<Tensor> {
+    let hidden = be.activation(be.expert_linear(x, coefficients, fc1)?, act)?;
+    be.expert_linear(&hidden, coefficients, fc2)
 }

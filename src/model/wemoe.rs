@@ -242,8 +242,6 @@ impl WemoeMlp {
     /// The MLP of `x` (`[B, N, D]`, or `[B, D]` for one token per sample) with the weights that `coefficients`
     /// merge: sample `b`'s rows with row `b`'s, or every row with the one row of `[1, T]`.
     pub fn mix(&self, be: &dyn Backend, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-        let y = be.expert_linear(x, coefficients, &self.fc1)?;
-        let y = be.activation(y, self.activation)?;
-        be.expert_linear(&y, coefficients, &self.fc2)
+        be.expert_mlp(x, coefficients, &self.fc1, &self.fc2, self.activation)
     }
 }

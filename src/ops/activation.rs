@@ -46,9 +46,14 @@ const CHUNK: usize = 16 * 1024;
 
 /// Applies the activation to every element in place.
 pub fn activation_in_place(x: &mut [f32], act: Activation) {
+    x.par_chunks_mut(CHUNK).for_each(|chunk| activation_in_place_on_this_thread(chunk, act));
+}
+
+/// [`activation_in_place`] on the calling thread alone (for slices that a parallel loop already shares out).
+pub fn activation_in_place_on_this_thread(x: &mut [f32], act: Activation) {
     // One monomorphic loop per activation, so each vectorises on its own.
-    fn apply(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-        x.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+    fn apply(x: &mut [f32], f: impl Fn(f32) -> f32) {
+        x.iter_mut().for_each(|v| *v = f(*v));
     }
     match act {
         Activation::QuickGelu => apply(x, |z| activate(z, Activation::QuickGelu)),

@@ -10,12 +10,15 @@
 //! AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at run time (`Kernel`;
 //! `WEMOE_MAX_CPU_ISA` caps it). The backward, for any number of groups, walks the same tiles: each group's
 //! merged tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task
-//! vectors' tiles while they are in cache.
+//! vectors' tiles while they are in cache. [`expert_mlp`] runs the two layers of the MLP and the activation
+//! between them, per sample without leaving the tiles' layout in between.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use super::activation::{activation_in_place, activation_in_place_on_this_thread};
 use super::gemm::{matmul, MatRef, Threads};
+use crate::device::Activation;
 
 /// The weights of one WEMoE linear layer, as the CPU backend prepares them: each weight in the blocked layout
 /// of [`to_blocked`], so that a tile of 32 outputs × a chunk of inputs is one contiguous run of memory.
@@ -295,55 +298,132 @@ impl Kernel {
     }
 }
 
-/// Per-group merged weights (per-sample routing). For each block of 32 outputs and each chunk of inputs:
-/// every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles (each source row
-/// loaded once for eight groups) and multiplied into that group's outputs, so the sources are read from
-/// memory once per call.
+/// Per-group merged weights (per-sample routing): [`per_group_stripes`] of the input in chunks, gathered.
 fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef, kernel: Kernel) -> Vec<f32> {
-    let (k, o, t) = (w.in_features, w.out_features, w.experts());
-    let kc = CHUNK_INPUTS.min(k);
+    let kc = CHUNK_INPUTS.min(w.in_features);
     // Each group's rows of each chunk, contiguous: the micro-kernel then streams them instead of touching
     // a few floats of rows `k` apart, which costs an L1 miss per row per chunk.
-    let packed = pack_chunks(x, groups * n, k, kc);
+    let packed = pack_chunks(x, groups * n, w.in_features, kc);
+    let stripes = per_group_stripes(&packed, kc, groups, n, c, w, kernel, &|_| {});
+    gather_blocks(&stripes, groups * n, w.out_features)
+}
+
+/// Per-group merged weights (per-sample routing), into the output's column stripes `[blocks, groups·n, 32]`
+/// (the last block's columns past the output zero before `epilogue`). For each block of 32 outputs and each
+/// chunk of inputs: every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles
+/// (each source row loaded once for eight groups) and multiplied into that group's outputs, so the sources
+/// are read from memory once per call. `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n,
+/// kc]` ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer.
+/// `epilogue` gets each block's stripe once it is whole, while it is still in cache.
+#[allow(clippy::too_many_arguments)]
+fn per_group_stripes(
+    packed: &[f32],
+    kc: usize,
+    groups: usize,
+    n: usize,
+    c: &[f32],
+    w: &ExpertLinearRef,
+    kernel: Kernel,
+    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+) -> Vec<f32> {
+    let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    assert!(
+        kc > 0 && packed.len() == k.div_ceil(kc) * groups * n * kc,
+        "per_group_stripes: input not in chunks of {kc}"
+    );
     let chunk_len = groups * n * kc;
-    let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
-    let parts: Vec<Vec<f32>> = blocks
-        .par_iter()
-        .map(|&r0| {
-            let rows = BLOCK_ROWS.min(o - r0);
-            let mut part = vec![0.0f32; groups * n * BLOCK_ROWS];
-            // One pass's tiles; columns past the last output stay zero.
-            let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
-            let mut bias = vec![0.0f32; BLOCK_ROWS];
-            for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
-                let cg = &c[g * t..(g + 1) * t];
-                w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
-                out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
-            }
-            let tile_len = kc * BLOCK_ROWS;
-            for (ci, k0) in (0..k).step_by(kc).enumerate() {
-                let width = kc.min(k - k0);
-                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
-                // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
-                let passes = groups.div_ceil(GROUPS_PER_PASS);
-                for (pass, g0) in (0..groups).step_by(GROUPS_PER_PASS).enumerate() {
-                    prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
-                    let count = GROUPS_PER_PASS.min(groups - g0);
-                    let cs = &c[g0 * t..(g0 + count) * t];
-                    let tiles = &mut tiles[..count * tile_len];
-                    merge_tiles(kernel, w, cs, k0..k0 + width, r0..r0 + rows, tiles);
-                    for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
-                        let g = g0 + s;
-                        let xg = &chunk[g * n * kc..(g + 1) * n * kc];
-                        let out = &mut part[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
-                        multiply_tile(kernel, xg, n, kc, width, &tile[..width * BLOCK_ROWS], out);
-                    }
+    let block_len = groups * n * BLOCK_ROWS;
+    let mut stripes = vec![0.0f32; o.div_ceil(BLOCK_ROWS) * block_len];
+    stripes.par_chunks_mut(block_len).enumerate().for_each(|(bi, part)| {
+        let r0 = bi * BLOCK_ROWS;
+        let rows = BLOCK_ROWS.min(o - r0);
+        // One pass's tiles; columns past the last output stay zero.
+        let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
+        let mut bias = vec![0.0f32; BLOCK_ROWS];
+        for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
+            let cg = &c[g * t..(g + 1) * t];
+            w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
+            out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
+        }
+        let tile_len = kc * BLOCK_ROWS;
+        for (ci, k0) in (0..k).step_by(kc).enumerate() {
+            let width = kc.min(k - k0);
+            let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
+            // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
+            let passes = groups.div_ceil(GROUPS_PER_PASS);
+            for (pass, g0) in (0..groups).step_by(GROUPS_PER_PASS).enumerate() {
+                prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
+                let count = GROUPS_PER_PASS.min(groups - g0);
+                let cs = &c[g0 * t..(g0 + count) * t];
+                let tiles = &mut tiles[..count * tile_len];
+                merge_tiles(kernel, w, cs, k0..k0 + width, r0..r0 + rows, tiles);
+                for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                    let g = g0 + s;
+                    let xg = &chunk[g * n * kc..(g + 1) * n * kc];
+                    let out = &mut part[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
+                    multiply_tile(kernel, xg, n, kc, width, &tile[..width * BLOCK_ROWS], out);
                 }
             }
-            part
-        })
-        .collect();
-    gather_stripes(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>(), BLOCK_ROWS, o)
+        }
+        epilogue(part);
+    });
+    stripes
+}
+
+/// `[rows, width]` from the column stripes `[blocks, rows, 32]` that [`per_group_stripes`] returns.
+fn gather_blocks(stripes: &[f32], rows: usize, width: usize) -> Vec<f32> {
+    if rows == 0 {
+        return Vec::new();
+    }
+    gather_stripes(&stripes.chunks_exact(rows * BLOCK_ROWS).collect::<Vec<_>>(), BLOCK_ROWS, width)
+}
+
+/// The WEMoE MLP `fc2(act(fc1(x)))`, each group's rows through its own merged weights (`x` `[groups ·
+/// rows_per_group, in]`, `coefficients` `[groups, T]`): bit for bit [`expert_linear`], the activation and
+/// [`expert_linear`] again. Per-sample routing keeps the hidden layer in fc1's column stripes, which are fc2's
+/// input in chunks as they stand, and activates each stripe as soon as it is whole, while it is in cache: the
+/// gather of fc1's output, a pass of the activation over it in memory and fc2's packing of its input are not
+/// run (BENCHMARKS.md). Batch routing merges each weight once and runs dense products, as [`expert_linear`].
+pub fn expert_mlp(
+    x: &[f32],
+    groups: usize,
+    rows_per_group: usize,
+    coefficients: &[f32],
+    fc1: &ExpertLinearRef,
+    fc2: &ExpertLinearRef,
+    act: Activation,
+) -> Result<Vec<f32>> {
+    let (k, t) = (fc1.in_features, fc1.experts());
+    ensure!(
+        fc2.in_features == fc1.out_features && fc2.experts() == t,
+        "expert_mlp: fc2 ({} inputs, {} experts) does not follow fc1 ({} outputs, {t} experts)",
+        fc2.in_features,
+        fc2.experts(),
+        fc1.out_features
+    );
+    ensure!(x.len() == groups * rows_per_group * k, "expert_mlp: input does not hold {groups}×{rows_per_group}×{k}");
+    ensure!(coefficients.len() == groups * t, "expert_mlp: coefficients are not [{groups}, {t}]");
+    fc1.assert_blocked();
+    fc2.assert_blocked();
+    if groups * rows_per_group == 0 {
+        return Ok(Vec::new());
+    }
+    if groups == 1 {
+        let mut hidden = expert_linear(x, groups, rows_per_group, coefficients, fc1)?;
+        activation_in_place(&mut hidden, act);
+        return expert_linear(&hidden, groups, rows_per_group, coefficients, fc2);
+    }
+    let kernel = Kernel::detect();
+    let (rows, kc) = (groups * rows_per_group, CHUNK_INPUTS.min(k));
+    let packed = pack_chunks(x, rows, k, kc);
+    let hidden = per_group_stripes(&packed, kc, groups, rows_per_group, coefficients, fc1, kernel, &|stripe| {
+        activation_in_place_on_this_thread(stripe, act)
+    });
+    drop(packed);
+    // The hidden stripes are fc2's input in chunks of 32 (a block of outputs is a chunk of inputs).
+    const _: () = assert!(CHUNK_INPUTS == BLOCK_ROWS);
+    let stripes = per_group_stripes(&hidden, BLOCK_ROWS, groups, rows_per_group, coefficients, fc2, kernel, &|_| {});
+    Ok(gather_blocks(&stripes, rows, fc2.out_features))
 }
 
 /// [`expert_linear`] with bf16 products (`ops::bf16`: `--precision bf16` on the CPU; refused unless
@@ -874,6 +954,29 @@ mod tests {
                 in_features: self.k,
             }
         }
+    }
+
+    /// The fused MLP equals its three steps bit for bit: per-sample routing with ragged chunks and blocks and a
+    /// hidden layer wider and narrower than one block of 32, a class token per sample, and batch routing, for
+    /// every activation. A second layer that does not follow the first is refused.
+    #[test]
+    fn mlp_equals_its_layers_and_activation_bit_for_bit() {
+        let t = 3;
+        for (g, n, k, h, o) in [(9, 7, 37, 71, 45), (3, 5, 40, 20, 33), (4, 1, 37, 64, 45), (1, 13, 37, 71, 45)] {
+            let (l1, l2) = (Weights::new(k, h, t), Weights::new(h, o, t));
+            let (w1, w2) = (l1.view(), l2.view());
+            let (x, c) = (values(g * n * k, 7), values(g * t, 8));
+            for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+                let mut hidden = expert_linear(&x, g, n, &c, &w1).unwrap();
+                activation_in_place(&mut hidden, act);
+                let want = expert_linear(&hidden, g, n, &c, &w2).unwrap();
+                let got = expert_mlp(&x, g, n, &c, &w1, &w2, act).unwrap();
+                assert!(got == want, "{g} groups of {n} rows, {k} → {h} → {o}, {act:?}");
+            }
+        }
+        let (l1, l2) = (Weights::new(37, 71, t), Weights::new(70, 45, t));
+        let err = expert_mlp(&values(2 * 37, 1), 2, 1, &values(2 * t, 2), &l1.view(), &l2.view(), Activation::Relu);
+        assert!(err.unwrap_err().to_string().contains("does not follow fc1"));
     }
 
     /// The blocked layout puts (output j, input kk) where its doc says, zeros past the last output (a ragged
