@@ -47,6 +47,16 @@ impl CpuBackend {
     }
 }
 
+/// The groups of a WEMoE layer's `coefficients` `[G, experts]` over `rows` rows (`op` names the caller in the
+/// error): at least one, and splitting the rows evenly.
+fn coefficient_groups(op: &str, rows: usize, coefficients: &Tensor, experts: usize) -> Result<usize> {
+    let shape = coefficients.shape();
+    ensure!(shape.len() == 2 && shape[1] == experts, "{op}: coefficients {shape:?} are not [G, {experts}]");
+    let groups = shape[0];
+    ensure!(groups > 0 && rows.is_multiple_of(groups), "{op}: {rows} rows do not split into {groups} groups");
+    Ok(groups)
+}
+
 /// The CPU reference's view of an expert linear layer prepared by this backend.
 fn host_view(w: &ExpertLinear) -> Result<ops::expert_linear::ExpertLinearRef<'_>> {
     ensure!(w.layout == WeightLayout::Blocked, "expert linear weights not prepared by the CPU backend");
@@ -261,14 +271,7 @@ impl Backend for CpuBackend {
         let (rows, k) = rows_and_width(x);
         ensure!(k == w.in_features(), "expert_linear: input width {k} does not match {}", w.in_features());
         timer.count(flops::product(rows, k, w.out_features()));
-        let t = w.experts();
-        ensure!(
-            coefficients.shape().len() == 2 && coefficients.shape()[1] == t,
-            "expert_linear: coefficients {:?} are not [G, {t}]",
-            coefficients.shape()
-        );
-        let groups = coefficients.shape()[0];
-        ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
+        let groups = coefficient_groups("expert_linear", rows, coefficients, w.experts())?;
         let weights = host_view(w)?;
         let (xs, c) = (x.host()?, coefficients.host()?);
         let y = match (self.bf16, groups) {
@@ -298,14 +301,7 @@ impl Backend for CpuBackend {
         timer.count(
             flops::product(rows, k, fc1.out_features()) + flops::product(rows, fc2.in_features(), fc2.out_features()),
         );
-        let t = fc1.experts();
-        ensure!(
-            coefficients.shape().len() == 2 && coefficients.shape()[1] == t,
-            "expert_mlp: coefficients {:?} are not [G, {t}]",
-            coefficients.shape()
-        );
-        let groups = coefficients.shape()[0];
-        ensure!(groups > 0 && rows % groups == 0, "expert_mlp: {rows} rows do not split into {groups} groups");
+        let groups = coefficient_groups("expert_mlp", rows, coefficients, fc1.experts())?;
         let (w1, w2) = (host_view(fc1)?, host_view(fc2)?);
         let y = ops::expert_linear::expert_mlp(x.host()?, groups, rows / groups, coefficients.host()?, &w1, &w2, act)?;
         let mut shape = x.shape().to_vec();

@@ -1,6 +1,20 @@
-//! Row-wise helpers: token selection, L2 normalisation, scaling, addition.
+//! Row-wise helpers: token selection, L2 normalisation, scaling, addition, and the split of rows into the
+//! runs a micro-kernel takes.
 
 use rayon::prelude::*;
+
+/// `n` rows split as evenly as possible into runs of at most `most`, as `(first row, rows)`; the first
+/// `n % runs` runs take one row more. A micro-kernel then computes no row it throws away (50 rows in runs of
+/// at most 6: 5 × 6 + 4 × 5, not 8 × 6 + 2).
+pub fn even_runs(n: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let runs = n.div_ceil(most);
+    (0..runs).scan(0, move |start, run| {
+        let rows = n / runs + usize::from(run < n % runs);
+        let first = *start;
+        *start += rows;
+        Some((first, rows))
+    })
+}
 
 /// Token `index` of each sample of `[batch, tokens, width]`.
 pub fn select_token(x: &[f32], tokens: usize, width: usize, index: usize) -> Vec<f32> {
@@ -40,6 +54,25 @@ pub fn l2_normalize_backward(x: &[f32], width: usize, dy: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn even_runs_cover_every_row_once_in_runs_differing_by_at_most_one() {
+        for most in [6, 12] {
+            assert_eq!(even_runs(0, most).count(), 0);
+            for n in 1..40 {
+                let runs: Vec<_> = even_runs(n, most).collect();
+                assert_eq!(runs.len(), n.div_ceil(most), "{n} rows, runs of {most}");
+                let mut next = 0;
+                for &(start, rows) in &runs {
+                    assert!(start == next && (1..=most).contains(&rows), "{n} rows: {runs:?}");
+                    next += rows;
+                }
+                assert_eq!(next, n);
+                let (short, long) = (runs.iter().map(|r| r.1).min().unwrap(), runs.iter().map(|r| r.1).max().unwrap());
+                assert!(long - short <= 1, "{n} rows: {runs:?}");
+            }
+        }
+    }
     use crate::ops::gradcheck::*;
 
     #[test]

@@ -9,6 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::{softmax_rows, Span};
+use crate::ops::rows::even_runs;
 
 /// Query rows per pass: 6 × 4 accumulators and the 4 loaded vectors keep 28 of the 32 registers busy.
 const MAX_ROWS: usize = 6;
@@ -250,7 +251,7 @@ unsafe fn product(
     cols: usize,
     out: Strided<*mut f32>,
 ) {
-    for (i0, run) in row_runs(rows) {
+    for (i0, run) in even_runs(rows, MAX_ROWS) {
         let a = Strided { at: a.at.add(i0 * a.stride), ..a };
         let (depth, out) = (depth(i0 + run - 1), Strided { at: out.at.add(i0 * out.stride), ..out });
         match run {
@@ -262,19 +263,6 @@ unsafe fn product(
             _ => product_rows::<MAX_ROWS>(a, depth, b, cols, out),
         }
     }
-}
-
-/// `n` rows as runs of at most [`MAX_ROWS`], as even as they can be: `(first row, rows)` (50 queries run as
-/// 5 × 6 + 4 × 5, not 8 × 6 + 2).
-fn row_runs(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    let runs = n.div_ceil(MAX_ROWS);
-    let (base, longer) = (n / runs.max(1), n % runs.max(1));
-    (0..runs).scan(0, move |start, r| {
-        let rows = base + usize::from(r < longer);
-        let run = (*start, rows);
-        *start += rows;
-        Some(run)
-    })
 }
 
 /// [`product`] for `R` rows, in passes of 64 columns: each term loads four vectors of a row of `b` and
@@ -331,22 +319,6 @@ mod tests {
                 let want = if j < span.keys { k[j * span.width + c] } else { 0.0 };
                 assert_eq!(scratch.keys_t[c * scratch.padded + j], want, "column {c}, key {j}");
             }
-        }
-    }
-
-    #[test]
-    fn row_runs_cover_every_row_once_in_runs_of_at_most_six() {
-        for n in 1..40 {
-            let runs: Vec<_> = row_runs(n).collect();
-            assert_eq!(runs.len(), n.div_ceil(MAX_ROWS), "{n} rows");
-            let mut next = 0;
-            for &(start, rows) in &runs {
-                assert!(start == next && (1..=MAX_ROWS).contains(&rows), "{n} rows: {runs:?}");
-                next += rows;
-            }
-            assert_eq!(next, n);
-            let (short, long) = (runs.iter().map(|r| r.1).min().unwrap(), runs.iter().map(|r| r.1).max().unwrap());
-            assert!(long - short <= 1, "{n} rows: {runs:?}");
         }
     }
 }

@@ -64,7 +64,7 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
     ensure!(out.len() == queries * width, "attend: the output holds {} values, {} needed", out.len(), q.len());
     let head_dim = width / heads;
     #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(avx512::COLS) && head_dim * heads == width && Kernel::detect() == Kernel::Avx512 {
+    if avx512_heads(width, heads) {
         // SAFETY: AVX-512F was detected, the width is a multiple of the head width, itself of 64, and the
         // scratch is the span's.
         unsafe {
@@ -102,6 +102,14 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], span: Span, out: &mut [f32]) -> R
         }
     }
     Ok(())
+}
+
+/// Whether the AVX-512 kernels take these heads: heads splitting `width` evenly, each a multiple of 64 wide,
+/// on a CPU with AVX-512F (what their safety conditions ask).
+#[cfg(target_arch = "x86_64")]
+fn avx512_heads(width: usize, heads: usize) -> bool {
+    let head_dim = width / heads;
+    head_dim.is_multiple_of(avx512::COLS) && head_dim * heads == width && Kernel::detect() == Kernel::Avx512
 }
 
 /// Each row of `scores` (rows of `n`) replaced by softmax(scale · row), in place. In passes whose reductions
@@ -169,7 +177,7 @@ pub fn attention_backward(
         (vec![0.0f32; batch * sample], vec![0.0f32; batch * sample], vec![0.0f32; batch * sample]);
     let samples = dq.par_chunks_mut(sample).zip(dk.par_chunks_mut(sample)).zip(dv.par_chunks_mut(sample));
     #[cfg(target_arch = "x86_64")]
-    let fast = head_dim.is_multiple_of(avx512::COLS) && head_dim * heads == width && Kernel::detect() == Kernel::Avx512;
+    let fast = avx512_heads(width, heads);
     samples.enumerate().try_for_each(|(b, ((dq_b, dk_b), dv_b))| -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if fast {
@@ -271,13 +279,14 @@ mod tests {
         }
     }
 
-    /// Narrow heads (the `gemm` path on every CPU).
+    /// Narrow heads, and heads 32 wide (the `gemm` path on every CPU: the AVX-512 kernels take multiples of 64).
     #[test]
     fn matches_a_naive_loop_unmasked_causal_and_after_a_prefix() {
-        let (b, n, d, h) = (2, 5, 6, 3);
-        let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
-        let (q, k, v) = (gen(1), gen(5), gen(9));
-        assert_matches_f64([&q, &k, &v], (b, n, d, h), &[n, 2, 1]);
+        for (b, n, d, h) in [(2, 5, 6, 3), (2, 5, 64, 2)] {
+            let gen = |s: usize| (0..b * n * d).map(|i| (((i + s) * 37) % 23) as f32 / 11.0 - 1.0).collect::<Vec<_>>();
+            let (q, k, v) = (gen(1), gen(5), gen(9));
+            assert_matches_f64([&q, &k, &v], (b, n, d, h), &[n, 2, 1]);
+        }
     }
 
     /// Heads 64 wide (the AVX-512 kernels where the CPU has them), with more keys than one pass of 64 and

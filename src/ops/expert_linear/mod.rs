@@ -682,14 +682,7 @@ fn row_runs(
 ) -> impl Iterator<Item = (usize, usize)> {
     assert!(n > 0 && width <= stride && x.len() >= (n - 1) * stride + width && tile.len() >= width * BLOCK_ROWS);
     assert!(out.len() >= n * BLOCK_ROWS);
-    let runs = n.div_ceil(most);
-    // The first `n % runs` runs take one row more.
-    (0..runs).scan(0, move |r0, run| {
-        let rows = n / runs + usize::from(run < n % runs);
-        let first = *r0;
-        *r0 += rows;
-        Some((first, rows))
-    })
+    super::rows::even_runs(n, most)
 }
 
 /// For the AVX2 micro-kernel on packed rows (row stride 32: a chunk of 32 inputs, or a block of 32 outputs
