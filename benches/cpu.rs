@@ -174,7 +174,21 @@ fn wemoe_mlp_formulations(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("per_sample_expert_mlp", tokens), |b| {
             b.iter(|| expert_mlp(&x, batch, tokens, &coeff, &w1, &w2, Activation::QuickGelu).unwrap())
         });
-        group.bench_function(BenchmarkId::new("batch_reduced_dense", tokens), |b| b.iter(|| mlp(1, &coeff[..t])));
+        // Batch routing: one merge per weight. As the engine runs it (the tiles merged once, in cache), and as
+        // it ran before: each weight merged whole, then dense products (the `gemm` crate).
+        group.bench_function(BenchmarkId::new("batch_expert_mlp", tokens), |b| {
+            b.iter(|| expert_mlp(&x, 1, batch * tokens, &coeff[..t], &w1, &w2, Activation::QuickGelu).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("batch_reduced_dense", tokens), |b| {
+            b.iter(|| {
+                let (m1, b1) = w1.merged(&coeff[..t]);
+                let (m2, b2) = w2.merged(&coeff[..t]);
+                let rows = batch * tokens;
+                let mut hid = linear(&x, rows, d, MatRef::row_major(&m1, d, h).unwrap(), Some(&b1)).unwrap();
+                activation_in_place(&mut hid, Activation::QuickGelu);
+                linear(&hid, rows, h, MatRef::row_major(&m2, h, d).unwrap(), Some(&b2)).unwrap()
+            })
+        });
         group.bench_function(BenchmarkId::new("per_sample_materialised", tokens), |b| {
             b.iter(|| {
                 for s in 0..batch {

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::widest::widest;
 use crate::device::Activation;
 
 /// `e^x` for f32 without a libm call, so loops over it vectorise: Cephes' range reduction to
@@ -29,6 +30,7 @@ pub fn exp_f32(x: f32) -> f32 {
 }
 
 /// The activation of one value.
+#[inline(always)]
 pub fn activate(z: f32, act: Activation) -> f32 {
     match act {
         Activation::QuickGelu => z / (1.0 + exp_f32(-1.702 * z)),
@@ -51,9 +53,10 @@ pub fn activation_in_place(x: &mut [f32], act: Activation) {
 
 /// [`activation_in_place`] on the calling thread alone (for slices that a parallel loop already shares out).
 pub fn activation_in_place_on_this_thread(x: &mut [f32], act: Activation) {
-    // One monomorphic loop per activation, so each vectorises on its own.
+    // One monomorphic loop per activation, so each vectorises on its own, at the CPU's width.
+    #[inline(always)]
     fn apply(x: &mut [f32], f: impl Fn(f32) -> f32) {
-        x.iter_mut().for_each(|v| *v = f(*v));
+        widest(|| x.iter_mut().for_each(|v| *v = f(*v)))
     }
     match act {
         Activation::QuickGelu => apply(x, |z| activate(z, Activation::QuickGelu)),
@@ -70,8 +73,10 @@ pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
     fn apply(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
         let mut y = Vec::with_capacity(x.len());
         y.spare_capacity_mut()[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, inp)| {
-            out.iter_mut().zip(inp).for_each(|(o, &v)| {
-                o.write(f(v));
+            widest(|| {
+                out.iter_mut().zip(inp).for_each(|(o, &v)| {
+                    o.write(f(v));
+                })
             })
         });
         // SAFETY: the loop above wrote each of the first `x.len()` elements (the chunks cover them all).
@@ -87,6 +92,7 @@ pub fn activation(x: &[f32], act: Activation) -> Vec<f32> {
 }
 
 /// The activation's derivative at `z`.
+#[inline(always)]
 pub fn derivative(z: f32, act: Activation) -> f32 {
     match act {
         Activation::QuickGelu => {
@@ -117,11 +123,22 @@ pub fn derivative(z: f32, act: Activation) -> f32 {
 /// Backward of an activation: `dz = dy ∘ act'(z)` from the pre-activation `z`.
 pub fn activation_backward(z: &[f32], dy: &[f32], act: Activation) -> Vec<f32> {
     // One monomorphic loop per activation over chunks, as in `activation_in_place`, so each vectorises.
+    // Written once, not zeroed first (a pass over memory of its own).
     fn apply(z: &[f32], dy: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-        let mut dz = vec![0.0f32; z.len()];
-        dz.par_chunks_mut(16 * 1024)
-            .zip(z.par_chunks(16 * 1024).zip(dy.par_chunks(16 * 1024)))
-            .for_each(|(out, (z, g))| out.iter_mut().zip(z).zip(g).for_each(|((o, &z), &g)| *o = g * f(z)));
+        assert_eq!(z.len(), dy.len(), "activation_backward: the input and its gradient differ in length");
+        let mut dz = Vec::with_capacity(z.len());
+        dz.spare_capacity_mut()[..z.len()]
+            .par_chunks_mut(CHUNK)
+            .zip(z.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(out, (z, g))| {
+                widest(|| {
+                    out.iter_mut().zip(z).zip(g).for_each(|((o, &z), &g)| {
+                        o.write(g * f(z));
+                    })
+                })
+            });
+        // SAFETY: the chunks cover the first `z.len()` elements and the loop wrote each of them.
+        unsafe { dz.set_len(z.len()) };
         dz
     }
     match act {
@@ -162,6 +179,30 @@ mod tests {
             assert_eq!(got.len(), x.len());
             let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{act:?}: the out-of-place values differ");
+        }
+    }
+
+    /// The loops run compiled for the CPU's widest vectors (`widest`); each element must still be the bits of
+    /// the one-value definitions, special values included.
+    #[test]
+    fn vector_loops_give_the_scalar_definitions_bits() {
+        let mut z: Vec<f32> = (0..CHUNK + 45).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 37.0).collect();
+        z.extend([0.0, -0.0, 1e-40, -1e-40, 87.5, -87.5, 200.0, -200.0, f32::MAX, f32::MIN, f32::INFINITY]);
+        z.extend([f32::NEG_INFINITY, f32::NAN]);
+        let dy: Vec<f32> = (0..z.len()).map(|i| ((i * 104729 % 211) as f32 - 105.0) / 50.0).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            // One value at a time through `black_box`, so no loop is vectorised on this side.
+            let scalar = |f: &dyn Fn(f32, f32) -> f32| -> Vec<f32> {
+                z.iter().zip(&dy).map(|(&v, &g)| f(std::hint::black_box(v), g)).collect()
+            };
+            let want = scalar(&|v, _| activate(v, act));
+            let mut in_place = z.clone();
+            activation_in_place(&mut in_place, act);
+            assert_eq!(bits(&in_place), bits(&want), "{act:?}: in place");
+            assert_eq!(bits(&activation(&z, act)), bits(&want), "{act:?}: out of place");
+            let want_dz = scalar(&|v, g| g * derivative(v, act));
+            assert_eq!(bits(&activation_backward(&z, &dy, act)), bits(&want_dz), "{act:?}: backward");
         }
     }
 

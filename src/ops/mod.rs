@@ -18,3 +18,4 @@ pub mod router;
 pub mod rows;
 pub mod task_vectors;
 pub mod transpose;
+mod widest;

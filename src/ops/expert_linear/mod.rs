@@ -2,21 +2,21 @@
 //! `y_g = x_g · (W0 + Σ_t c[g,t] τ_t)ᵀ + (b0 + Σ_t c[g,t] β_t)` for each group `g` of rows of `x`
 //! (a sample in per-sample routing; the whole batch in batch routing).
 //!
-//! Formulation, chosen by measurement (BENCHMARKS.md): with one group (batch routing) the weight is merged
-//! once and multiplied densely. With many (per-sample routing) it is merged in tiles of 32 outputs × an
+//! Formulation, chosen by measurement (BENCHMARKS.md): the weight is merged in tiles of 32 outputs × an
 //! input chunk small enough that the T+1 source tiles stay in L2; each tile is merged once per group and
 //! multiplied at once by a micro-kernel, so the task vectors are read from memory once per call, not once
-//! per sample, and no whole per-sample weight is ever materialised. The merges and the micro-kernel exist for
-//! AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at run time (`Kernel`;
-//! `WEMOE_MAX_CPU_ISA` caps it). The backward, for any number of groups, walks the same tiles: each group's
-//! merged tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task
+//! per sample, and no whole per-sample weight is ever materialised. With one group (batch routing) each tile
+//! is merged once, in cache, which also beat merging the whole weight and multiplying densely. The merges and
+//! the micro-kernel exist for AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at
+//! run time (`Kernel`; `WEMOE_MAX_CPU_ISA` caps it). The backward walks the same tiles: each group's merged
+//! tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task
 //! vectors' tiles while they are in cache. [`expert_mlp`] runs the two layers of the MLP and the activation
-//! between them, per sample without leaving the tiles' layout in between.
+//! between them without leaving the tiles' layout in between.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::activation::{activation_in_place, activation_in_place_on_this_thread};
+use super::activation::activation_in_place_on_this_thread;
 use super::gemm::{matmul, MatRef, Threads};
 use crate::device::Activation;
 
@@ -198,18 +198,7 @@ pub fn expert_linear(
     ensure!(x.len() == groups * rows_per_group * k, "expert_linear: input does not hold {groups}×{rows_per_group}×{k}");
     ensure!(coefficients.len() == groups * t, "expert_linear: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
-    if groups == 1 {
-        return single_merge(x, rows_per_group, coefficients, w);
-    }
     Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::detect()))
-}
-
-/// One merge serves every row (batch routing): the whole weight merged once, in parallel, then one
-/// dense product.
-fn single_merge(x: &[f32], rows: usize, c: &[f32], w: &ExpertLinearRef) -> Result<Vec<f32>> {
-    let (k, o) = (w.in_features, w.out_features);
-    let (merged, bias) = w.merged(c);
-    super::gemm::linear(x, rows, k, MatRef::row_major(&merged, k, o)?, Some(&bias))
 }
 
 /// Output rows per block: the width of the micro-kernel's tile.
@@ -308,13 +297,17 @@ fn per_group(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef,
     gather_blocks(&stripes, groups * n, w.out_features)
 }
 
-/// Per-group merged weights (per-sample routing), into the output's column stripes `[blocks, groups·n, 32]`
-/// (the last block's columns past the output zero before `epilogue`). For each block of 32 outputs and each
-/// chunk of inputs: every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles
-/// (each source row loaded once for eight groups) and multiplied into that group's outputs, so the sources
-/// are read from memory once per call. `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n,
-/// kc]` ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer.
-/// `epilogue` gets each block's stripe once it is whole, while it is still in cache.
+/// Per-group merged weights, into the output's column stripes `[blocks, groups·n, 32]` (the last block's
+/// columns past the output zero before `epilogue`). For each block of 32 outputs and each chunk of inputs:
+/// every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles (each source row
+/// loaded once for eight groups) and multiplied into that group's outputs, so the sources are read from
+/// memory once per call. `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n, kc]`
+/// ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer. `epilogue` gets
+/// each stripe's rows once they are whole, while they are still in cache.
+///
+/// A block's rows are shared out in segments (whole groups, or rows of the one group) when there are fewer
+/// than two blocks per thread, so that no thread idles (fc2 of B/32 has 24 blocks); each segment merges the
+/// tiles of its own groups.
 #[allow(clippy::too_many_arguments)]
 fn per_group_stripes(
     packed: &[f32],
@@ -331,43 +324,73 @@ fn per_group_stripes(
         kc > 0 && packed.len() == k.div_ceil(kc) * groups * n * kc,
         "per_group_stripes: input not in chunks of {kc}"
     );
+    if groups * n == 0 {
+        return Vec::new();
+    }
     let chunk_len = groups * n * kc;
-    let block_len = groups * n * BLOCK_ROWS;
-    let mut stripes = vec![0.0f32; o.div_ceil(BLOCK_ROWS) * block_len];
-    stripes.par_chunks_mut(block_len).enumerate().for_each(|(bi, part)| {
-        let r0 = bi * BLOCK_ROWS;
-        let rows = BLOCK_ROWS.min(o - r0);
-        // One pass's tiles; columns past the last output stay zero.
-        let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
-        let mut bias = vec![0.0f32; BLOCK_ROWS];
-        for (g, out) in part.chunks_exact_mut(n * BLOCK_ROWS).enumerate() {
-            let cg = &c[g * t..(g + 1) * t];
-            w.merge_bias(cg, r0..r0 + rows, &mut bias[..rows]);
-            out.chunks_exact_mut(BLOCK_ROWS).for_each(|row| row.copy_from_slice(&bias));
-        }
-        let tile_len = kc * BLOCK_ROWS;
-        for (ci, k0) in (0..k).step_by(kc).enumerate() {
-            let width = kc.min(k - k0);
-            let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
-            // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
-            let passes = groups.div_ceil(GROUPS_PER_PASS);
-            for (pass, g0) in (0..groups).step_by(GROUPS_PER_PASS).enumerate() {
-                prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
-                let count = GROUPS_PER_PASS.min(groups - g0);
-                let cs = &c[g0 * t..(g0 + count) * t];
-                let tiles = &mut tiles[..count * tile_len];
-                merge_tiles(kernel, w, cs, k0..k0 + width, r0..r0 + rows, tiles);
-                for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
-                    let g = g0 + s;
-                    let xg = &chunk[g * n * kc..(g + 1) * n * kc];
-                    let out = &mut part[g * n * BLOCK_ROWS..(g + 1) * n * BLOCK_ROWS];
-                    multiply_tile(kernel, xg, n, kc, width, &tile[..width * BLOCK_ROWS], out);
+    let (blocks, block_len) = (o.div_ceil(BLOCK_ROWS), groups * n * BLOCK_ROWS);
+    let segment_rows = segment_rows(blocks, groups, n, rayon::current_num_threads());
+    let mut stripes = Vec::with_capacity(blocks * block_len);
+    let spare = &mut stripes.spare_capacity_mut()[..blocks * block_len];
+    spare.par_chunks_mut(block_len).enumerate().for_each(|(bi, part)| {
+        part.par_chunks_mut(segment_rows * BLOCK_ROWS).enumerate().for_each(|(si, segment)| {
+            let r0 = bi * BLOCK_ROWS;
+            let cols = BLOCK_ROWS.min(o - r0);
+            let (s0, s1) = (si * segment_rows, si * segment_rows + segment.len() / BLOCK_ROWS);
+            let (g_first, g_end) = (s0 / n, s1.div_ceil(n));
+            // Rows `s0..s1` of group `g` (all of it, or the segment when it lies inside one group).
+            let rows_of = |g: usize| s0.max(g * n)..s1.min((g + 1) * n);
+            // Each row starts as its group's merged bias; columns past the last output as zero.
+            let mut bias = [0.0f32; BLOCK_ROWS];
+            for g in g_first..g_end {
+                w.merge_bias(&c[g * t..(g + 1) * t], r0..r0 + cols, &mut bias[..cols]);
+                let rows = rows_of(g);
+                for row in
+                    segment[(rows.start - s0) * BLOCK_ROWS..(rows.end - s0) * BLOCK_ROWS].chunks_exact_mut(BLOCK_ROWS)
+                {
+                    row.iter_mut().zip(&bias).for_each(|(o, &b)| {
+                        o.write(b);
+                    });
                 }
             }
-        }
-        epilogue(part);
+            // SAFETY: the loop above wrote every row of the segment (its groups' rows cover `s0..s1`), all 32
+            // values each; `MaybeUninit<f32>` has `f32`'s layout.
+            let segment = unsafe { &mut *(segment as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            // One pass's tiles; columns past the last output stay zero.
+            let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
+            let tile_len = kc * BLOCK_ROWS;
+            let passes = (g_end - g_first).div_ceil(GROUPS_PER_PASS);
+            for (ci, k0) in (0..k).step_by(kc).enumerate() {
+                let width = kc.min(k - k0);
+                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
+                // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
+                for (pass, g0) in (g_first..g_end).step_by(GROUPS_PER_PASS).enumerate() {
+                    prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
+                    let count = GROUPS_PER_PASS.min(g_end - g0);
+                    let tiles = &mut tiles[..count * tile_len];
+                    merge_tiles(kernel, w, &c[g0 * t..(g0 + count) * t], k0..k0 + width, r0..r0 + cols, tiles);
+                    for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
+                        let rows = rows_of(g0 + s);
+                        let xg = &chunk[rows.start * kc..rows.end * kc];
+                        let out = &mut segment[(rows.start - s0) * BLOCK_ROWS..(rows.end - s0) * BLOCK_ROWS];
+                        multiply_tile(kernel, xg, rows.len(), kc, width, &tile[..width * BLOCK_ROWS], out);
+                    }
+                }
+            }
+            epilogue(segment);
+        });
     });
+    // SAFETY: every segment of every block was written in full above (each is made initialised before use).
+    unsafe { stripes.set_len(blocks * block_len) };
     stripes
+}
+
+/// Rows per segment of a block in [`per_group_stripes`]: all `groups·n` rows when there are at least two
+/// blocks per thread, else whole groups (or, for one group, rows) enough for two tasks per thread.
+fn segment_rows(blocks: usize, groups: usize, n: usize, threads: usize) -> usize {
+    let (unit, units) = if groups > 1 { (n, groups) } else { (1, n) };
+    let segments = (2 * threads).div_ceil(blocks.max(1)).clamp(1, units.max(1));
+    (units.div_ceil(segments) * unit).max(1)
 }
 
 /// `[rows, width]` from the column stripes `[blocks, rows, 32]` that [`per_group_stripes`] returns.
@@ -380,10 +403,10 @@ fn gather_blocks(stripes: &[f32], rows: usize, width: usize) -> Vec<f32> {
 
 /// The WEMoE MLP `fc2(act(fc1(x)))`, each group's rows through its own merged weights (`x` `[groups ·
 /// rows_per_group, in]`, `coefficients` `[groups, T]`): bit for bit [`expert_linear`], the activation and
-/// [`expert_linear`] again. Per-sample routing keeps the hidden layer in fc1's column stripes, which are fc2's
-/// input in chunks as they stand, and activates each stripe as soon as it is whole, while it is in cache: the
-/// gather of fc1's output, a pass of the activation over it in memory and fc2's packing of its input are not
-/// run (BENCHMARKS.md). Batch routing merges each weight once and runs dense products, as [`expert_linear`].
+/// [`expert_linear`] again. The hidden layer stays in fc1's column stripes, which are fc2's input in chunks as
+/// they stand, and each stripe is activated as soon as it is whole, while it is in cache: the gather of fc1's
+/// output, a pass of the activation over it in memory and fc2's packing of its input are not run
+/// (BENCHMARKS.md). For one group (batch routing) as for many.
 pub fn expert_mlp(
     x: &[f32],
     groups: usize,
@@ -407,11 +430,6 @@ pub fn expert_mlp(
     fc2.assert_blocked();
     if groups * rows_per_group == 0 {
         return Ok(Vec::new());
-    }
-    if groups == 1 {
-        let mut hidden = expert_linear(x, groups, rows_per_group, coefficients, fc1)?;
-        activation_in_place(&mut hidden, act);
-        return expert_linear(&hidden, groups, rows_per_group, coefficients, fc2);
     }
     let kernel = Kernel::detect();
     let (rows, kc) = (groups * rows_per_group, CHUNK_INPUTS.min(k));
@@ -533,16 +551,25 @@ fn prefetch_next_tiles(
 fn gather_stripes(stripes: &[&[f32]], stride: usize, width: usize) -> Vec<f32> {
     const GATHER_ROWS: usize = 16;
     let rows = stripes.first().map_or(0, |s| s.len() / stride);
-    let mut y = vec![0.0f32; rows * width];
-    y.par_chunks_mut(GATHER_ROWS * width).enumerate().for_each(|(i, dst)| {
+    assert!(
+        stripes.len() == width.div_ceil(stride) && stripes.iter().all(|s| s.len() == rows * stride),
+        "gather_stripes: {} stripes of {stride} do not make {rows} rows of {width}",
+        stripes.len()
+    );
+    // Written once by the copies, not zeroed first.
+    let mut y = Vec::with_capacity(rows * width);
+    y.spare_capacity_mut()[..rows * width].par_chunks_mut(GATHER_ROWS * width).enumerate().for_each(|(i, dst)| {
         let first = i * GATHER_ROWS * stride;
         for (si, stripe) in stripes.iter().enumerate() {
             let (c0, cols) = (si * stride, stride.min(width - si * stride));
             for (d, src) in dst.chunks_exact_mut(width).zip(stripe[first..].chunks_exact(stride)) {
-                d[c0..c0 + cols].copy_from_slice(&src[..cols]);
+                write_values(&mut d[c0..c0 + cols], &src[..cols]);
             }
         }
     });
+    // SAFETY: the stripes (asserted: ⌈width/stride⌉ of them, each of `rows` rows) cover columns 0..width of
+    // every row, and each was copied in above.
+    unsafe { y.set_len(rows * width) };
     y
 }
 
@@ -714,18 +741,36 @@ fn transpose_tile(tile: &[f32; BLOCK_ROWS * BLOCK_ROWS], out: &mut [f32; BLOCK_R
     }
 }
 
+/// Copies `src` into the uninitialised `dst` of the same length (`write_copy_of_slice` is newer than the MSRV).
+#[inline]
+fn write_values(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    dst.iter_mut().zip(src).for_each(|(d, &v)| {
+        d.write(v);
+    });
+}
+
 /// `x` `[rows, k]` rearranged as `[chunks, rows, kc]`: chunk `i` holds columns `i·kc..(i+1)·kc` of every
 /// row, the last chunk zero-padded.
 fn pack_chunks(x: &[f32], rows: usize, k: usize, kc: usize) -> Vec<f32> {
-    let chunks = k.div_ceil(kc);
-    let mut packed = vec![0.0f32; chunks * rows * kc];
-    packed.par_chunks_mut(rows * kc).enumerate().for_each(|(ci, chunk)| {
+    let (chunks, len) = (k.div_ceil(kc), k.div_ceil(kc) * rows * kc);
+    assert_eq!(x.len(), rows * k, "pack_chunks: the input does not hold {rows}×{k}");
+    // Written once, padding included, not zeroed first (a pass over memory of its own).
+    let mut packed = Vec::with_capacity(len);
+    packed.spare_capacity_mut()[..len].par_chunks_mut(rows * kc).enumerate().for_each(|(ci, chunk)| {
         let k0 = ci * kc;
         let width = kc.min(k - k0);
         for (dst, src) in chunk.chunks_exact_mut(kc).zip(x.chunks_exact(k)) {
-            dst[..width].copy_from_slice(&src[k0..k0 + width]);
+            write_values(&mut dst[..width], &src[k0..k0 + width]);
+            dst[width..].iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
         }
     });
+    // SAFETY: each of the `chunks` chunks holds `rows` rows of `kc` (x has `rows` rows, asserted), and every
+    // row's `kc` values were written above.
+    debug_assert_eq!(chunks * rows * kc, len);
+    unsafe { packed.set_len(len) };
     packed
 }
 
@@ -912,6 +957,7 @@ fn combine_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::activation::activation_in_place;
     use crate::ops::gradcheck::values;
 
     /// Test weights `[in, out]` (element (output j, input kk) at kk·o + j): base, biases, T task vectors; and
@@ -1050,6 +1096,31 @@ mod tests {
         }
         // One group (batch routing): every row with the first group's coefficients.
         check(&expert_linear(&x[..n * k], 1, n, &c[..t], &w).unwrap(), 1);
+    }
+
+    /// A block's rows are shared out in segments when there are fewer than two blocks per thread; every row is
+    /// still computed as without them. Pools of 1, 3 and 16 threads give the same bits, for one group (split at
+    /// rows) and for many (split at groups, 11 of them), and the split itself covers the rows as documented.
+    #[test]
+    fn segments_leave_every_row_the_same_bits() {
+        assert_eq!(segment_rows(96, 1, 3200, 2), 3200, "enough blocks: one segment");
+        assert_eq!(segment_rows(24, 1, 3200, 16), 1600, "two segments for 32 tasks on 24 blocks");
+        assert_eq!(segment_rows(2, 11, 5, 3), 20, "whole groups: 4 of 11 per segment");
+        assert_eq!(segment_rows(1, 1, 3, 64), 1, "never more segments than rows");
+        let (k, o, t) = (45, 71, 3);
+        let weights = Weights::new(k, o, t);
+        let w = weights.view();
+        for (g, n) in [(1, 301), (11, 5)] {
+            let (x, c) = (values(g * n * k, 3), values(g * t, 4));
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| expert_linear(&x, g, n, &c, &w).unwrap())
+            };
+            let one = on(1);
+            for threads in [3, 16] {
+                assert!(on(threads) == one, "{g} groups of {n} rows on {threads} threads");
+            }
+        }
     }
 
     /// The bf16 per-group path against the f64 sum of the rounded operands' products: each group's
