@@ -2,8 +2,6 @@
 
 use rayon::prelude::*;
 
-use super::widest::widest;
-
 /// Normalises each row of `x` (`rows × width`, row-major) and applies `weight` and `bias`.
 /// Panics unless `weight` and `bias` have `width` elements and `x` whole rows of it.
 pub fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
@@ -16,12 +14,10 @@ pub fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: &[f32], eps: f3
     );
     let mut y = Vec::with_capacity(x.len());
     y.spare_capacity_mut()[..x.len()].par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(out, row)| {
-        widest(|| {
-            let (mean, inv) = statistics(row, eps);
-            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
-                o.write(((v as f64 - mean) * inv) as f32 * w + b);
-            }
-        })
+        let (mean, inv) = statistics(row, eps);
+        for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+            o.write(((v as f64 - mean) * inv) as f32 * w + b);
+        }
     });
     // SAFETY: `x` is whole rows of `width` (asserted), each written in full: `weight` and `bias` are as wide.
     unsafe { y.set_len(x.len()) };
@@ -44,16 +40,14 @@ pub fn layer_norm_backward(x: &[f32], width: usize, weight: &[f32], eps: f32, dy
         .par_chunks_mut(width)
         .zip(x.par_chunks(width).zip(dy.par_chunks(width)))
         .for_each(|(out, (row, g))| {
-            widest(|| {
-                let n = width as f64;
-                let (mean, inv) = statistics(row, eps);
-                let mean_g = lane_sum(g, weight, row, |g, w, _| g * w) / n;
-                let mean_gx = lane_sum(g, weight, row, |g, w, v| g * w * (v - mean)) * inv / n;
-                for (((o, &g), &w), &v) in out.iter_mut().zip(g).zip(weight).zip(row) {
-                    let (gh, xh) = (g as f64 * w as f64, (v as f64 - mean) * inv);
-                    o.write((inv * (gh - mean_g - xh * mean_gx)) as f32);
-                }
-            })
+            let n = width as f64;
+            let (mean, inv) = statistics(row, eps);
+            let mean_g = lane_sum(g, weight, row, |g, w, _| g * w) / n;
+            let mean_gx = lane_sum(g, weight, row, |g, w, v| g * w * (v - mean)) * inv / n;
+            for (((o, &g), &w), &v) in out.iter_mut().zip(g).zip(weight).zip(row) {
+                let (gh, xh) = (g as f64 * w as f64, (v as f64 - mean) * inv);
+                o.write((inv * (gh - mean_g - xh * mean_gx)) as f32);
+            }
         });
     // SAFETY: as in `layer_norm`: whole rows (asserted), `dy` and `weight` as wide, each row written in full.
     unsafe { dx.set_len(x.len()) };
@@ -81,7 +75,6 @@ pub fn layer_norm_backward_params(x: &[f32], width: usize, eps: f32, dy: &[f32])
 }
 
 /// A row's mean and `1/sqrt(var + eps)`, in f64.
-#[inline(always)]
 fn statistics(row: &[f32], eps: f32) -> (f64, f64) {
     let n = row.len() as f64;
     let mean = lane_sum(row, row, row, |v, _, _| v) / n;
@@ -95,7 +88,6 @@ const LANES: usize = 8;
 /// `Σ_i f(a_i, b_i, c_i)` in f64 over three rows of one length, in [`LANES`] interleaved partial sums combined
 /// in a fixed order, then the tail. One running sum is a chain of dependent adds, which no loop vectorises;
 /// eight independent ones do, and the order, so the result, is the same on every machine and thread count.
-#[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f64, f64, f64) -> f64) -> f64 {
     let ((ac, at), (bc, bt), (cc, ct)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>(), c.as_chunks::<LANES>());
     let mut lanes = [0.0f64; LANES];
