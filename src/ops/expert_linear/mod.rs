@@ -6,9 +6,10 @@
 //! input chunk small enough that the T+1 source tiles stay in L2; each tile is merged once per group and
 //! multiplied at once by a micro-kernel, so the task vectors are read from memory once per call, not once
 //! per sample, and no whole per-sample weight is ever materialised. With one group (batch routing) each tile
-//! is merged once, in cache, which also beat merging the whole weight and multiplying densely. The merges and
-//! the micro-kernel exist for AVX-512 (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at
-//! run time (`Kernel`; `WEMOE_MAX_CPU_ISA` caps it). The backward walks the same tiles: each group's merged
+//! is merged once, in cache, which also beat merging the whole weight and multiplying densely, except on the
+//! portable path, which does the latter (`single_merge`). The merges and the micro-kernel exist for AVX-512
+//! (`avx512.rs`), AVX2 with FMA (`avx2.rs`) and in plain Rust, chosen at run time (`Kernel`;
+//! `WEMOE_MAX_CPU_ISA` caps it). The backward walks the same tiles: each group's merged
 //! tile feeds its input gradient, and its `xᵀ·dy` exists one tile at a time, contracted with the task
 //! vectors' tiles while they are in cache. [`expert_mlp`] runs the two layers of the MLP and the activation
 //! between them without leaving the tiles' layout in between.
@@ -16,7 +17,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::activation::activation_in_place_on_this_thread;
+use super::activation::{activation_in_place, activation_in_place_on_this_thread};
 use super::gemm::{matmul, MatRef, Threads};
 use crate::device::Activation;
 
@@ -198,7 +199,20 @@ pub fn expert_linear(
     ensure!(x.len() == groups * rows_per_group * k, "expert_linear: input does not hold {groups}×{rows_per_group}×{k}");
     ensure!(coefficients.len() == groups * t, "expert_linear: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
-    Ok(per_group(x, groups, rows_per_group, coefficients, w, Kernel::detect()))
+    let kernel = Kernel::detect();
+    if groups == 1 && kernel == Kernel::Portable {
+        return single_merge(x, rows_per_group, coefficients, w);
+    }
+    Ok(per_group(x, groups, rows_per_group, coefficients, w, kernel))
+}
+
+/// One group without SIMD kernels (batch routing on the portable path): the whole weight merged once, then one
+/// dense product. The portable tiles are the `gemm` crate's products of 32 × 32 tiles, level with this or
+/// slower (BENCHMARKS.md), and their bits would depend on where a segment's rows begin, so on the thread count.
+fn single_merge(x: &[f32], rows: usize, c: &[f32], w: &ExpertLinearRef) -> Result<Vec<f32>> {
+    let (k, o) = (w.in_features, w.out_features);
+    let (merged, bias) = w.merged(c);
+    super::gemm::linear(x, rows, k, MatRef::row_major(&merged, k, o)?, Some(&bias))
 }
 
 /// Output rows per block: the width of the micro-kernel's tile.
@@ -406,7 +420,8 @@ fn gather_blocks(stripes: &[f32], rows: usize, width: usize) -> Vec<f32> {
 /// [`expert_linear`] again. The hidden layer stays in fc1's column stripes, which are fc2's input in chunks as
 /// they stand, and each stripe is activated as soon as it is whole, while it is in cache: the gather of fc1's
 /// output, a pass of the activation over it in memory and fc2's packing of its input are not run
-/// (BENCHMARKS.md). For one group (batch routing) as for many.
+/// (BENCHMARKS.md). For one group (batch routing) as for many, but on the portable path, where one group's
+/// weights are merged whole and multiplied densely (`single_merge`).
 pub fn expert_mlp(
     x: &[f32],
     groups: usize,
@@ -432,6 +447,12 @@ pub fn expert_mlp(
         return Ok(Vec::new());
     }
     let kernel = Kernel::detect();
+    if groups == 1 && kernel == Kernel::Portable {
+        // As `expert_linear` does for one group on the portable path: merged whole, dense products.
+        let mut hidden = single_merge(x, rows_per_group, coefficients, fc1)?;
+        activation_in_place(&mut hidden, act);
+        return single_merge(&hidden, rows_per_group, coefficients, fc2);
+    }
     let (rows, kc) = (groups * rows_per_group, CHUNK_INPUTS.min(k));
     let packed = pack_chunks(x, rows, k, kc);
     let hidden = per_group_stripes(&packed, kc, groups, rows_per_group, coefficients, fc1, kernel, &|stripe| {
@@ -957,7 +978,6 @@ fn combine_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::activation::activation_in_place;
     use crate::ops::gradcheck::values;
 
     /// Test weights `[in, out]` (element (output j, input kk) at kk·o + j): base, biases, T task vectors; and
@@ -1112,13 +1132,20 @@ mod tests {
         let w = weights.view();
         for (g, n) in [(1, 301), (11, 5)] {
             let (x, c) = (values(g * n * k, 3), values(g * t, 4));
-            let on = |threads: usize| {
+            let on = |threads: usize, kernel: Option<Kernel>| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| expert_linear(&x, g, n, &c, &w).unwrap())
+                pool.install(|| match kernel {
+                    Some(kernel) => per_group(&x, g, n, &c, &w, kernel),
+                    None => expert_linear(&x, g, n, &c, &w).unwrap(),
+                })
             };
-            let one = on(1);
-            for threads in [3, 16] {
-                assert!(on(threads) == one, "{g} groups of {n} rows on {threads} threads");
+            // Each kernel on the tiles, and what `expert_linear` runs (one group on the portable path: dense).
+            let kernels = Kernel::all_available().into_iter().filter(|&kn| g > 1 || kn != Kernel::Portable);
+            for kernel in kernels.map(Some).chain([None]) {
+                let one = on(1, kernel);
+                for threads in [3, 16] {
+                    assert!(on(threads, kernel) == one, "{g} groups of {n} rows, {kernel:?}, on {threads} threads");
+                }
             }
         }
     }
