@@ -10,7 +10,9 @@ use anyhow::{bail, ensure, Result};
 
 use super::flops;
 use super::op_times::OpTimer;
-use super::{rows_and_width, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout};
+use super::{
+    rows_and_width, with_last, Activation, Backend, Device, ExpertLinear, LinearWeight, Precision, WeightLayout,
+};
 use crate::ops::{self, patch_embed::PatchGeometry};
 use crate::tensor::Tensor;
 
@@ -140,9 +142,7 @@ impl Backend for CpuBackend {
             WeightLayout::InOut => self.product(x.host()?, rows, k, w.tensor().host()?, n, bias)?,
             _ => ops::gemm::linear(x.host()?, rows, k, dense_rhs(w)?, bias)?,
         };
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("rows_and_width saw a last dimension") = n;
-        Tensor::from_vec(&shape, y)
+        Tensor::from_vec(&with_last(x.shape(), n), y)
     }
 
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
@@ -274,13 +274,12 @@ impl Backend for CpuBackend {
         let groups = coefficient_groups("expert_linear", rows, coefficients, w.experts())?;
         let weights = host_view(w)?;
         let (xs, c) = (x.host()?, coefficients.host()?);
-        let y = match (self.bf16, groups) {
-            (true, _) => ops::expert_linear::expert_linear_bf16(xs, groups, rows / groups, c, &weights)?,
-            (false, _) => ops::expert_linear::expert_linear(xs, groups, rows / groups, c, &weights)?,
+        let y = if self.bf16 {
+            ops::expert_linear::expert_linear_bf16(xs, groups, rows / groups, c, &weights)?
+        } else {
+            ops::expert_linear::expert_linear(xs, groups, rows / groups, c, &weights)?
         };
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("rows_and_width saw a last dimension") = w.out_features();
-        Tensor::from_vec(&shape, y)
+        Tensor::from_vec(&with_last(x.shape(), w.out_features()), y)
     }
 
     fn expert_mlp(
@@ -304,9 +303,7 @@ impl Backend for CpuBackend {
         let groups = coefficient_groups("expert_mlp", rows, coefficients, fc1.experts())?;
         let (w1, w2) = (host_view(fc1)?, host_view(fc2)?);
         let y = ops::expert_linear::expert_mlp(x.host()?, groups, rows / groups, coefficients.host()?, &w1, &w2, act)?;
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("rows_and_width saw a last dimension") = fc2.out_features();
-        Tensor::from_vec(&shape, y)
+        Tensor::from_vec(&with_last(x.shape(), fc2.out_features()), y)
     }
 
     fn router_reduce(&self, logits: &Tensor, softmax: bool) -> Result<Tensor> {
@@ -339,9 +336,7 @@ impl Backend for CpuBackend {
         } else {
             ops::gemm::linear_backward_input(dy.host()?, rows, rhs)?
         };
-        let mut shape = dy.shape().to_vec();
-        *shape.last_mut().expect("rows_and_width saw a last dimension") = k;
-        Tensor::from_vec(&shape, dx)
+        Tensor::from_vec(&with_last(dy.shape(), k), dx)
     }
 
     fn linear_backward_weight(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -412,8 +407,7 @@ impl Backend for CpuBackend {
         let mut timer = OpTimer::start("expert_linear_backward");
         let (rows, _) = rows_and_width(x);
         timer.count(flops::expert_linear_backward(rows, w.in_features(), w.out_features(), input_gradient));
-        let groups = coefficients.shape()[0];
-        ensure!(groups > 0 && rows % groups == 0, "expert_linear_backward: {rows} rows in {groups} groups");
+        let groups = coefficient_groups("expert_linear_backward", rows, coefficients, w.experts())?;
         let weights = host_view(w)?;
         let (xs, c, dys) = (x.host()?, coefficients.host()?, dy.host()?);
         let (dx, dc) = if self.bf16 {

@@ -19,7 +19,7 @@ use super::flops;
 use super::kernel_choice::{Choice, KernelChoices, WemoeKernels};
 use super::op_times::{DeviceQueue, OpTimer};
 use super::{
-    check_merge, check_task_vectors, patch_backward_geometry, rows_and_width, Activation, Backend, Device,
+    check_merge, check_task_vectors, patch_backward_geometry, rows_and_width, with_last, Activation, Backend, Device,
     ExpertLinear, LinearWeight, Precision, WeightLayout,
 };
 use crate::cuda::ops::{self as k, ExpertWeights, ForwardKernel, InputGradientKernel, MmaOperands};
@@ -259,14 +259,6 @@ where
         })
     }
 
-    fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
-        let mut s = shape.to_vec();
-        if let Some(l) = s.last_mut() {
-            *l = last;
-        }
-        s
-    }
-
     fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
         ensure!(a.shape() == b.shape(), "{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
         Ok(())
@@ -344,7 +336,7 @@ where
                 w.out_features()
             );
         }
-        let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
+        let y = self.alloc(&with_last(x.shape(), w.out_features()))?;
         self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, None, self.buf(&y)?)?;
         Ok(y)
     }
@@ -357,7 +349,7 @@ where
         if self.precision != Precision::F32 {
             return self.activation(self.linear(x, w, b)?, act);
         }
-        let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
+        let y = self.alloc(&with_last(x.shape(), w.out_features()))?;
         self.forward_product(self.buf(x)?, 1, rows, &self.dense(w, b)?, None, Some(act), self.buf(&y)?)?;
         Ok(y)
     }
@@ -542,7 +534,7 @@ where
         );
         let groups = cs[0];
         ensure!(groups > 0 && rows % groups == 0, "expert_linear: {rows} rows do not split into {groups} groups");
-        let y = self.alloc(&Self::with_last(x.shape(), w.out_features()))?;
+        let y = self.alloc(&with_last(x.shape(), w.out_features()))?;
         let weights = self.weights(w)?;
         let c = self.buf(coefficients)?;
         if groups == 1 {
@@ -592,7 +584,7 @@ where
         let (rows, n) = rows_and_width(dy);
         ensure!(n == w.out_features(), "linear_backward_input: gradient width {n} for {} outputs", w.out_features());
         timer.count(flops::product(rows, n, w.in_features()));
-        let dx = self.alloc(&Self::with_last(dy.shape(), w.in_features()))?;
+        let dx = self.alloc(&with_last(dy.shape(), w.in_features()))?;
         self.input_product(self.buf(dy)?, 1, rows, &self.dense(w, None)?, None, self.buf(&dx)?)?;
         Ok(dx)
     }

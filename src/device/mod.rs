@@ -26,6 +26,15 @@ pub(crate) fn rows_and_width(t: &Tensor) -> (usize, usize) {
     (t.numel() / width.max(1), width)
 }
 
+/// `shape` with its last dimension set to `last` (an op's output shape from its input's); unchanged when empty.
+pub(crate) fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = last;
+    }
+    s
+}
+
 use crate::tensor::Tensor;
 
 /// A concrete device.
@@ -317,7 +326,7 @@ pub trait Backend: Send + Sync {
 
     /// A WEMoE MLP: `fc2(act(fc1(x)))`, both layers merged by `coefficients` as in
     /// [`expert_linear`](Backend::expert_linear) (the forward without a tape: `embed` and `eval`). Fused where a
-    /// backend can: the CPU backend keeps per-sample routing's hidden layer in its tiles' layout.
+    /// backend can: the CPU backend keeps the hidden layer in its tiles' layout, in either routing.
     fn expert_mlp(
         &self,
         x: &Tensor,

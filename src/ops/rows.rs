@@ -54,6 +54,7 @@ pub fn l2_normalize_backward(x: &[f32], width: usize, dy: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gradcheck::*;
 
     #[test]
     fn even_runs_cover_every_row_once_in_runs_differing_by_at_most_one() {
@@ -73,7 +74,6 @@ mod tests {
             }
         }
     }
-    use crate::ops::gradcheck::*;
 
     #[test]
     fn l2_normalize_backward_matches_finite_differences() {
