@@ -4,7 +4,8 @@
 //! a time: the micro-kernel on runs of up to 6 rows × 16 outputs, the merge on four groups per sub-pass.
 use std::arch::x86_64::*;
 
-use super::{ExpertLinearRef, TileSpan, BLOCK_ROWS};
+use super::tiles::TileSpan;
+use super::{ExpertLinearRef, BLOCK_ROWS};
 
 /// Rows per micro-kernel run: 6 × 2 accumulators, two tile vectors and a broadcast (15 registers).
 const MR: usize = 6;
@@ -18,7 +19,7 @@ const HALF: usize = BLOCK_ROWS / 2;
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn merge_tiles(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles: &mut [f32]) {
     let t = w.task_weights.len();
-    let (groups, kc) = super::merge_shape(w, c, span, tiles);
+    let (groups, kc) = super::tiles::merge_shape(w, c, span, tiles);
     for g0 in (0..groups).step_by(SUB) {
         let count = SUB.min(groups - g0);
         // Groups past the end repeat the last; their tiles are not stored.
@@ -89,10 +90,10 @@ fn sum_lanes(v: __m256) -> f32 {
 /// over the two halves of the tile's 32 outputs.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-    for (r0, rows) in super::row_runs(x, n, stride, width, tile, out, MR) {
+    for (r0, rows) in super::tiles::row_runs(x, n, stride, width, tile, out, MR) {
         let (xr, or) = (x.as_ptr().add(r0 * stride), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
         if stride == BLOCK_ROWS {
-            super::prefetch_next_run(xr, or, rows);
+            super::tiles::prefetch_next_run(xr, or, rows);
         }
         for half in 0..2 {
             let (tp, oh) = (tile.as_ptr().add(half * HALF), or.add(half * HALF));

@@ -3,7 +3,8 @@
 //! per pass (and its variant that writes bf16 panels for `ops::bf16`), and the router-gradient contraction.
 use std::arch::x86_64::*;
 
-use super::{ExpertLinearRef, TileSpan, BLOCK_ROWS, GROUPS_PER_PASS};
+use super::tiles::TileSpan;
+use super::{ExpertLinearRef, BLOCK_ROWS, GROUPS_PER_PASS};
 
 const MR: usize = 12;
 
@@ -14,7 +15,7 @@ const MR: usize = 12;
 #[target_feature(enable = "avx512f")]
 pub unsafe fn merge_tiles(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles: &mut [f32]) {
     let t = w.task_weights.len();
-    let (groups, kc) = super::merge_shape(w, c, span, tiles);
+    let (groups, kc) = super::tiles::merge_shape(w, c, span, tiles);
     for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
         let count = GROUPS_PER_PASS.min(groups - g0);
         // Groups past the end repeat the last; their tiles are not stored.
@@ -172,10 +173,10 @@ pub unsafe fn dot_tile(w: &ExpertLinearRef, span: TileSpan, tile: &[f32], dots: 
     }
 }
 
-/// [`dot_tile`](super::dot_tile) for the tiles of several groups (`tiles`: one tile per group, `tile_len` apart,
-/// row stride 32): `dots[g·T + t]`. Two groups per pass over the task vectors' rows, so each row of a task vector is loaded once
-/// for both (16 accumulators: two groups × eight experts, each summing both halves of a row): half the reads of
-/// the task vectors' tiles, which by then have left L1, and fewer loads per multiply-add than one group's.
+/// [`dot_tile`](super::tiles::dot_tile) for the tiles of several groups (`tiles`: one tile per group, `tile_len` apart,
+/// row stride 32): `dots[g·T + t]`. Two groups per pass over the task vectors' rows, so each row of a task vector is
+/// loaded once for both (16 accumulators: two groups × eight experts, each summing both halves of a row): half the
+/// reads of the task vectors' tiles, which by then have left L1, and fewer loads per multiply-add than one group's.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn dot_tiles(w: &ExpertLinearRef, span: TileSpan, tiles: &[f32], tile_len: usize, dots: &mut [f32]) {
     const GROUPS: usize = 2;
@@ -214,10 +215,10 @@ pub unsafe fn dot_tiles(w: &ExpertLinearRef, span: TileSpan, tiles: &[f32], tile
     }
 }
 
-/// See [`super::multiply_tile`]: the rows in even runs of at most [`MR`] ([`super::row_runs`]).
+/// See [`super::tiles::multiply_tile`]: the rows in even runs of at most [`MR`] ([`super::tiles::row_runs`]).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-    for (r0, rows) in super::row_runs(x, n, stride, width, tile, out, MR) {
+    for (r0, rows) in super::tiles::row_runs(x, n, stride, width, tile, out, MR) {
         let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
         // Packed rows (stride 32): the next run's inputs and outputs follow this run's, so they are fetched
         // into L1 while this one computes.

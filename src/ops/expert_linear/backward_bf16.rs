@@ -8,10 +8,10 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
-use super::{
-    bias_dot, check_backward, column_sums, combine_chunks, dot_tile, merge_tiles, pack_chunks, ExpertLinearRef, Kernel,
-    BLOCK_ROWS, CHUNK_INPUTS,
-};
+use super::backward::{bias_dot, check_backward, column_sums, combine_chunks};
+use super::stripes::pack_chunks;
+use super::tiles::{dot_tile, merge_tiles};
+use super::{ExpertLinearRef, Kernel, BLOCK_ROWS, CHUNK_INPUTS};
 use crate::ops::bf16;
 use crate::ops::gemm::MatRef;
 
@@ -212,4 +212,78 @@ fn pack_merged_transposed(w: &ExpertLinearRef, c: &[f32]) -> bf16::PackedRhs {
         let _ = (w, c, c0, panel);
     });
     bf16::PackedRhs::from_panels(data, o, k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::expert_linear::expert_linear_backward;
+    use crate::ops::expert_linear::test_weights::Weights;
+    use crate::ops::gradcheck::values;
+
+    /// The bf16 backward against the f64 sums of the rounded operands' products: `dx` from `dy` and each
+    /// group's merged weight (merged with the kernels' fused multiply-adds, in their order) rounded, `dc` from `x`
+    /// and `dy` rounded against the f32 task vectors. Per-sample routing's path on 10 groups of 27 rows and
+    /// batch routing's on one group of 45 rows; 37 inputs, 171 outputs (ragged chunks, blocks and row tiles, and
+    /// a whole span of blocks and a partial one), 3 experts. And really rounded: the f32 path differs. Without the
+    /// input gradient, no `dx` and the same `dc`, bit for bit.
+    #[test]
+    fn bf16_backward_equals_the_rounded_operands_products() {
+        if !crate::ops::bf16::available() {
+            return; // the CPU backend refuses bf16 here (tests/wemoe_fusionbench.rs checks the refusal)
+        }
+        let (k, o, t) = (37, 171, 3);
+        let weights = Weights::new(k, o, t);
+        let (tw, tb) = (&weights.tw, &weights.tb);
+        let w = weights.view();
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
+        for (g, n) in [(10, 27), (1, 45)] {
+            let (x, c, dy) = (values(g * n * k, 3), values(g * t, 4), values(g * n * o, 5));
+            let (dx, dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy, true).unwrap();
+            let dx = dx.expect("dx asked for");
+            let (no_dx, same_dc) = expert_linear_backward_bf16(&x, g, n, &c, &w, &dy, false).unwrap();
+            assert!(no_dx.is_none() && same_dc == dc, "{g} groups: without dx, none and the same dc");
+            let (exact_dx, exact_dc) = expert_linear_backward(&x, g, n, &c, &w, &dy, true).unwrap();
+            let exact = (exact_dx.expect("dx asked for"), exact_dc);
+            let (mut worst, mut scale) = (0.0f64, 0.0f64);
+            for gi in 0..g {
+                let cg = &c[gi * t..(gi + 1) * t];
+                let merged: Vec<f32> = (0..k * o)
+                    .map(|i| tw.iter().zip(cg).fold(weights.base_w[i], |acc, (tau, &ct)| ct.mul_add(tau[i], acc)))
+                    .collect();
+                let (xg, dyg) = (&x[gi * n * k..(gi + 1) * n * k], &dy[gi * n * o..(gi + 1) * n * o]);
+                for r in 0..n {
+                    for kk in 0..k {
+                        let want: f64 = (0..o).map(|j| bf16(dyg[r * o + j]) * bf16(merged[kk * o + j])).sum();
+                        worst = worst.max((dx[(gi * n + r) * k + kk] as f64 - want).abs());
+                        scale = scale.max(want.abs());
+                    }
+                }
+                for e in 0..t {
+                    let mut want = 0.0f64;
+                    for j in 0..o {
+                        let column: f64 = (0..n).map(|r| dyg[r * o + j] as f64).sum();
+                        want += column * tb[e][j] as f64;
+                        for kk in 0..k {
+                            let outer: f64 = (0..n).map(|r| bf16(xg[r * k + kk]) * bf16(dyg[r * o + j])).sum();
+                            want += outer * tw[e][kk * o + j] as f64;
+                        }
+                    }
+                    let got = dc[gi * t + e] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{g} groups: dc[{gi}, {e}]: {got} vs {want}"
+                    );
+                    let f32_path = exact.1[gi * t + e] as f64;
+                    assert!(
+                        (got - f32_path).abs() > 1e-6 * want.abs(),
+                        "{g} groups: dc[{gi}, {e}] equals the f32 path's"
+                    );
+                }
+            }
+            assert!(worst <= 1e-6 * scale, "{g} groups: dx off by {worst:e} of {scale:e}");
+            let off = dx.iter().zip(&exact.0).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+            assert!(off > 1e-4 * scale, "{g} groups: dx equals the f32 path's: not rounded?");
+        }
+    }
 }
