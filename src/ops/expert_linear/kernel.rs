@@ -1,7 +1,7 @@
 //! Which of the WEMoE kernel sets runs: AVX-512, AVX2 with FMA, or plain Rust, chosen once at run time from
 //! what the CPU has, within `WEMOE_MAX_CPU_ISA`.
 
-/// The instruction set of the per-sample kernels (merge, micro-kernel, router-gradient contraction).
+/// The instruction set of the WEMoE kernels (merge, micro-kernel, router-gradient contraction), both routings.
 /// Ordered by width: a cap keeps the narrower of itself and what the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kernel {
