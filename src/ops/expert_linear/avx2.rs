@@ -90,7 +90,7 @@ fn sum_lanes(v: __m256) -> f32 {
 /// over the two halves of the tile's 32 outputs.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-    for (r0, rows) in super::tiles::row_runs(x, n, stride, width, tile, out, MR) {
+    for (r0, rows) in super::tiles::row_runs(x, n, stride, BLOCK_ROWS, width, tile, out, MR) {
         let (xr, or) = (x.as_ptr().add(r0 * stride), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
         if stride == BLOCK_ROWS {
             super::tiles::prefetch_next_run(xr, or, rows);

@@ -215,60 +215,84 @@ pub unsafe fn dot_tiles(w: &ExpertLinearRef, span: TileSpan, tiles: &[f32], tile
     }
 }
 
-/// See [`super::tiles::multiply_tile`]: the rows in even runs of at most [`MR`] ([`super::tiles::row_runs`]).
+/// See [`super::tiles::multiply_tile`] and [`super::tiles::multiply_chunks`]: input `kk` of row `i` at
+/// `x[(kk / 32)·chunk_stride + i·stride + kk % 32]` (`chunk_stride` 32 for rows that run on contiguously),
+/// the rows in even runs of at most [`MR`] ([`super::tiles::row_runs`]), each run's products in registers
+/// for the whole width.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-    for (r0, rows) in super::tiles::row_runs(x, n, stride, width, tile, out, MR) {
+pub unsafe fn multiply_tile(
+    x: &[f32],
+    n: usize,
+    stride: usize,
+    chunk_stride: usize,
+    width: usize,
+    tile: &[f32],
+    out: &mut [f32],
+) {
+    for (r0, rows) in super::tiles::row_runs(x, n, stride, chunk_stride, width, tile, out, MR) {
         let (xr, tp, or) = (x.as_ptr().add(r0 * stride), tile.as_ptr(), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
         // Packed rows (stride 32): the next run's inputs and outputs follow this run's, so they are fetched
         // into L1 while this one computes.
         let pf = stride == BLOCK_ROWS;
+        let run = Run { x: xr, stride, chunk_stride, width, tile: tp, out: or, prefetch_next: pf };
         match rows {
-            1 => rows_times_tile::<1>(xr, stride, width, tp, or, pf),
-            2 => rows_times_tile::<2>(xr, stride, width, tp, or, pf),
-            3 => rows_times_tile::<3>(xr, stride, width, tp, or, pf),
-            4 => rows_times_tile::<4>(xr, stride, width, tp, or, pf),
-            5 => rows_times_tile::<5>(xr, stride, width, tp, or, pf),
-            6 => rows_times_tile::<6>(xr, stride, width, tp, or, pf),
-            7 => rows_times_tile::<7>(xr, stride, width, tp, or, pf),
-            8 => rows_times_tile::<8>(xr, stride, width, tp, or, pf),
-            9 => rows_times_tile::<9>(xr, stride, width, tp, or, pf),
-            10 => rows_times_tile::<10>(xr, stride, width, tp, or, pf),
-            11 => rows_times_tile::<11>(xr, stride, width, tp, or, pf),
-            _ => rows_times_tile::<MR>(xr, stride, width, tp, or, pf),
+            1 => rows_times_tile::<1>(run),
+            2 => rows_times_tile::<2>(run),
+            3 => rows_times_tile::<3>(run),
+            4 => rows_times_tile::<4>(run),
+            5 => rows_times_tile::<5>(run),
+            6 => rows_times_tile::<6>(run),
+            7 => rows_times_tile::<7>(run),
+            8 => rows_times_tile::<8>(run),
+            9 => rows_times_tile::<9>(run),
+            10 => rows_times_tile::<10>(run),
+            11 => rows_times_tile::<11>(run),
+            _ => rows_times_tile::<MR>(run),
         }
     }
 }
 
-/// `R` rows of `x` (stride `stride`) times the `[width, 32]` tile, added into `R` rows of `out` (stride 32):
-/// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn rows_times_tile<const R: usize>(
+/// One run of rows of [`multiply_tile`]: where its inputs, the tile and its outputs are.
+#[derive(Clone, Copy)]
+struct Run {
     x: *const f32,
     stride: usize,
+    chunk_stride: usize,
     width: usize,
     tile: *const f32,
     out: *mut f32,
     prefetch_next: bool,
-) {
+}
+
+/// `R` rows of `x` times the `[width, 32]` tile, added into `R` rows of `out` (stride 32): 2·R accumulators
+/// in zmm registers, the tile's row broadcast-multiplied by each input row, a chunk of 32 inputs at a time.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_times_tile<const R: usize>(run: Run) {
+    let Run { x, stride, chunk_stride, width, tile, out, prefetch_next } = run;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    // The next run's 2·R lines of inputs and of outputs, one of each per step, spread over the loop rather
-    // than issued at once (a burst of 4·R prefetches outran the line fill buffers and stalled).
+    // The next run's 2·R lines of inputs (in each chunk) and of outputs, one of each per step, spread over the
+    // loop rather than issued at once (a burst of 4·R prefetches outran the line fill buffers and stalled).
     let lines = if prefetch_next { 2 * R } else { 0 };
     let (next_x, next_out) =
         (x.wrapping_add(R * BLOCK_ROWS).cast::<i8>(), out.wrapping_add(R * BLOCK_ROWS).cast::<i8>());
-    for kk in 0..width {
-        if kk < lines {
-            _mm_prefetch::<_MM_HINT_T0>(next_x.wrapping_add(kk * 64));
-            _mm_prefetch::<_MM_HINT_T0>(next_out.wrapping_add(kk * 64));
-        }
-        let t0 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS));
-        let t1 = _mm512_loadu_ps(tile.add(kk * BLOCK_ROWS + 16));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(*x.add(i * stride + kk));
-            a[0] = _mm512_fmadd_ps(xv, t0, a[0]);
-            a[1] = _mm512_fmadd_ps(xv, t1, a[1]);
+    for (ci, k0) in (0..width).step_by(BLOCK_ROWS).enumerate() {
+        let xc = x.add(ci * chunk_stride);
+        let tc = tile.add(k0 * BLOCK_ROWS);
+        for kk in 0..BLOCK_ROWS.min(width - k0) {
+            if kk < lines {
+                _mm_prefetch::<_MM_HINT_T0>(next_x.wrapping_add(ci * chunk_stride * size_of::<f32>() + kk * 64));
+                if ci == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(next_out.wrapping_add(kk * 64));
+                }
+            }
+            let t0 = _mm512_loadu_ps(tc.add(kk * BLOCK_ROWS));
+            let t1 = _mm512_loadu_ps(tc.add(kk * BLOCK_ROWS + 16));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xc.add(i * stride + kk));
+                a[0] = _mm512_fmadd_ps(xv, t0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, t1, a[1]);
+            }
         }
     }
     for (i, a) in acc.iter().enumerate() {

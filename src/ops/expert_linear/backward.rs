@@ -42,6 +42,7 @@ pub(super) fn check_backward(
     dy: &[f32],
 ) -> Result<()> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    w.ensure_experts(op)?;
     ensure!(x.len() == groups * n * k, "{op}: input does not hold {groups}×{n}×{k}");
     ensure!(dy.len() == groups * n * o, "{op}: gradient does not hold {groups}×{n}×{o}");
     ensure!(coefficients.len() == groups * t, "{op}: coefficients are not [{groups}, {t}]");

@@ -16,6 +16,7 @@ use crate::ops::bf16;
 /// for the whole reduction. Each group's weight is rounded to bf16 after merging, as on the GPU.
 pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &ExpertLinearRef) -> Result<Vec<f32>> {
     let (k, o, t) = (w.in_features, w.out_features, w.experts());
+    w.ensure_experts("expert_linear_bf16")?;
     ensure!(x.len() == groups * n * k, "expert_linear_bf16: input does not hold {groups}×{n}×{k}");
     ensure!(c.len() == groups * t, "expert_linear_bf16: coefficients are not [{groups}, {t}]");
     ensure!(bf16::available(), "bf16 products need {}", bf16::unavailable_reason());

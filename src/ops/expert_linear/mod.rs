@@ -78,6 +78,13 @@ impl ExpertLinearRef<'_> {
         ((col / BLOCK_ROWS) * self.in_features + kk) * BLOCK_ROWS + col % BLOCK_ROWS
     }
 
+    /// Fails without task vectors: the coefficients `[groups, T]` would say nothing of the groups, and a layer
+    /// with no expert is a dense one (`op` names the caller in the error).
+    fn ensure_experts(&self, op: &str) -> Result<()> {
+        ensure!(self.experts() > 0, "{op}: no task vectors (a WEMoE layer has at least one expert)");
+        Ok(())
+    }
+
     /// Panics unless every weight holds a whole blocked layout (what the unchecked kernels rely on).
     fn assert_blocked(&self) {
         let len = blocked_len(self.out_features, self.in_features);
@@ -174,6 +181,7 @@ pub fn expert_linear(
     w: &ExpertLinearRef,
 ) -> Result<Vec<f32>> {
     let (k, t) = (w.in_features, w.experts());
+    w.ensure_experts("expert_linear")?;
     ensure!(x.len() == groups * rows_per_group * k, "expert_linear: input does not hold {groups}×{rows_per_group}×{k}");
     ensure!(coefficients.len() == groups * t, "expert_linear: coefficients are not [{groups}, {t}]");
     w.assert_blocked();
@@ -221,6 +229,7 @@ pub fn expert_mlp(
     act: Activation,
 ) -> Result<Vec<f32>> {
     let (k, t) = (fc1.in_features, fc1.experts());
+    fc1.ensure_experts("expert_mlp")?;
     ensure!(
         fc2.in_features == fc1.out_features && fc2.experts() == t,
         "expert_mlp: fc2 ({} inputs, {} experts) does not follow fc1 ({} outputs, {t} experts)",
@@ -281,6 +290,23 @@ mod tests {
         let (l1, l2) = (Weights::new(37, 71, t), Weights::new(70, 45, t));
         let err = expert_mlp(&values(2 * 37, 1), 2, 1, &values(2 * t, 2), &l1.view(), &l2.view(), Activation::Relu);
         assert!(err.unwrap_err().to_string().contains("does not follow fc1"));
+    }
+
+    /// A layer without task vectors is refused by every entry point, with an error that names it, not a panic.
+    #[test]
+    fn no_experts_is_an_error() {
+        let (l1, l2) = (Weights::new(37, 45, 0), Weights::new(45, 33, 0));
+        let (w1, w2) = (l1.view(), l2.view());
+        let x = values(2 * 37, 1);
+        let errors = [
+            expert_linear(&x, 2, 1, &[], &w1).map(drop),
+            expert_mlp(&x, 2, 1, &[], &w1, &w2, Activation::Relu).map(drop),
+            expert_linear_backward(&x, 2, 1, &[], &w1, &values(2 * 45, 2), true).map(drop),
+        ];
+        for (err, op) in errors.into_iter().zip(["expert_linear", "expert_mlp", "expert_linear_backward"]) {
+            let err = err.unwrap_err().to_string();
+            assert!(err.starts_with(op) && err.contains("no task vectors"), "{err}");
+        }
     }
 
     /// Odd shapes: 10 groups (a pass of eight and a partial one) of 27 rows (runs of 9), 45 inputs (a chunk and

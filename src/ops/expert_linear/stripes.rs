@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::tiles::{merge_tiles, multiply_tile};
+use super::tiles::{merge_tiles, multiply_chunks, multiply_tile};
 use super::{ExpertLinearRef, Kernel, BLOCK_ROWS, CHUNK_INPUTS, GROUPS_PER_PASS};
 
 /// Per-group merged weights (per-sample routing): [`per_group_stripes`] of the input in chunks, gathered.
@@ -29,7 +29,8 @@ pub(super) fn per_group(
 /// columns past the output zero before `epilogue`). For each block of 32 outputs and each chunk of inputs:
 /// every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles (each source row
 /// loaded once for eight groups) and multiplied into that group's outputs, so the sources are read from
-/// memory once per call. `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n, kc]`
+/// memory once per call. With one group (batch routing) a tile may span several chunks
+/// ([`Kernel::one_group_tile_chunks`]). `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n, kc]`
 /// ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer. `epilogue` gets
 /// each stripe's rows once they are whole, while they are still in cache.
 ///
@@ -84,24 +85,34 @@ pub(super) fn per_group_stripes(
             // SAFETY: the loop above wrote every row of the segment (its groups' rows cover `s0..s1`), all 32
             // values each; `MaybeUninit<f32>` has `f32`'s layout.
             let segment = unsafe { &mut *(segment as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            // A tile spans `depth` chunks: one, or with one group (not one group per segment: a row's bits must
+            // not depend on the thread count) as many as the kernel keeps in registers.
+            let one_group = groups == 1 && kc == BLOCK_ROWS;
+            let depth = if one_group { kernel.one_group_tile_chunks() } else { 1 };
             // One pass's tiles; columns past the last output stay zero.
-            let mut tiles = vec![0.0f32; GROUPS_PER_PASS * kc * BLOCK_ROWS];
-            let tile_len = kc * BLOCK_ROWS;
+            let tile_len = depth * kc * BLOCK_ROWS;
+            let mut tiles = vec![0.0f32; GROUPS_PER_PASS.min(g_end - g_first) * tile_len];
             let passes = (g_end - g_first).div_ceil(GROUPS_PER_PASS);
-            for (ci, k0) in (0..k).step_by(kc).enumerate() {
-                let width = kc.min(k - k0);
-                let chunk = &packed[ci * chunk_len..(ci + 1) * chunk_len];
+            for k0 in (0..k).step_by(depth * kc) {
+                let width = (depth * kc).min(k - k0);
+                // This tile's chunks, from the first on.
+                let chunks = &packed[k0 / kc * chunk_len..];
                 // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
                 for (pass, g0) in (g_first..g_end).step_by(GROUPS_PER_PASS).enumerate() {
-                    prefetch_next_tiles(kernel, w, k0 + width, r0, kc, pass, passes);
+                    prefetch_next_tiles(kernel, w, k0 + width, r0, depth * kc, pass, passes);
                     let count = GROUPS_PER_PASS.min(g_end - g0);
                     let tiles = &mut tiles[..count * tile_len];
                     merge_tiles(kernel, w, &c[g0 * t..(g0 + count) * t], k0..k0 + width, r0..r0 + cols, tiles);
                     for (s, tile) in tiles.chunks_exact(tile_len).enumerate() {
                         let rows = rows_of(g0 + s);
-                        let xg = &chunk[rows.start * kc..rows.end * kc];
+                        let xg = &chunks[rows.start * kc..];
                         let out = &mut segment[(rows.start - s0) * BLOCK_ROWS..(rows.end - s0) * BLOCK_ROWS];
-                        multiply_tile(kernel, xg, rows.len(), kc, width, &tile[..width * BLOCK_ROWS], out);
+                        let tile = &tile[..width * BLOCK_ROWS];
+                        if depth == 1 {
+                            multiply_tile(kernel, &xg[..rows.len() * kc], rows.len(), kc, width, tile, out);
+                        } else {
+                            multiply_chunks(kernel, xg, rows.len(), chunk_len, width, tile, out);
+                        }
                     }
                 }
             }

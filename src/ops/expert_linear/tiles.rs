@@ -127,22 +127,28 @@ pub(super) fn merge_shape(w: &ExpertLinearRef, c: &[f32], span: TileSpan, tiles:
     (groups, kc)
 }
 
-/// The preconditions of the SIMD `multiply_tile`s (`n` rows of `x` at stride `stride`, a `[width, 32]` tile,
-/// `n` output rows of 32), and the `n` rows split as evenly as possible into runs of at most `most`, as
-/// `(first row, rows)`: no lane computes a row that is thrown away (50 tokens run as 5 × 10, not 5 × 12).
+/// The preconditions of the SIMD `multiply_tile`s (`n` rows of `x`, input `kk` of row `i` at
+/// `(kk / 32)·chunk_stride + i·stride + kk % 32`; a `[width, 32]` tile; `n` output rows of 32), and the `n`
+/// rows split as evenly as possible into runs of at most `most`, as `(first row, rows)`: no lane computes a
+/// row that is thrown away (50 tokens run as 5 × 10, not 5 × 12).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub(super) fn row_runs(
     x: &[f32],
     n: usize,
     stride: usize,
+    chunk_stride: usize,
     width: usize,
     tile: &[f32],
     out: &[f32],
     most: usize,
 ) -> impl Iterator<Item = (usize, usize)> {
-    assert!(n > 0 && width <= stride && x.len() >= (n - 1) * stride + width && tile.len() >= width * BLOCK_ROWS);
-    assert!(out.len() >= n * BLOCK_ROWS);
+    assert!(n > 0 && tile.len() >= width * BLOCK_ROWS && out.len() >= n * BLOCK_ROWS);
+    assert!(width <= BLOCK_ROWS || chunk_stride >= BLOCK_ROWS, "row_runs: chunks {chunk_stride} apart overlap");
+    // The last row's last input is the farthest read.
+    let reach = width.checked_sub(1).map_or(0, |last| (last / BLOCK_ROWS) * chunk_stride + last % BLOCK_ROWS + 1);
+    assert!(x.len() >= (n - 1) * stride + reach);
     crate::ops::rows::even_runs(n, most)
 }
 
@@ -179,7 +185,7 @@ pub(super) fn multiply_tile(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
-        Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, stride, width, tile, out) },
+        Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, stride, BLOCK_ROWS, width, tile, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when AVX2 and FMA were detected; the slices bound every access (checked inside).
         Kernel::Avx2 => unsafe { avx2::multiply_tile(x, n, stride, width, tile, out) },
@@ -191,12 +197,67 @@ pub(super) fn multiply_tile(
     }
 }
 
+/// [`multiply_tile`] for inputs packed in chunks of 32 (`x`: `n` rows of 32 in each chunk, chunks
+/// `chunk_stride` apart, as [`super::stripes::pack_chunks`] lays them out) and a tile of `width` inputs
+/// spanning several chunks. The AVX-512 kernel keeps each run's products in registers across the chunks, so
+/// the outputs are read and written once per tile rather than once per chunk; the others multiply chunk by
+/// chunk.
+pub(super) fn multiply_chunks(
+    kernel: Kernel,
+    x: &[f32],
+    n: usize,
+    chunk_stride: usize,
+    width: usize,
+    tile: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 {
+        // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
+        return unsafe { avx512::multiply_tile(x, n, BLOCK_ROWS, chunk_stride, width, tile, out) };
+    }
+    for (ci, k0) in (0..width).step_by(BLOCK_ROWS).enumerate() {
+        let cols = BLOCK_ROWS.min(width - k0);
+        let tc = &tile[k0 * BLOCK_ROWS..(k0 + cols) * BLOCK_ROWS];
+        multiply_tile(kernel, &x[ci * chunk_stride..], n, BLOCK_ROWS, cols, tc, out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::expert_linear::test_weights::Weights;
     use crate::ops::expert_linear::CHUNK_INPUTS;
     use crate::ops::gradcheck::values;
+
+    /// A tile spanning chunks of packed inputs (the last one ragged, the chunks apart by more than their rows)
+    /// against the product in f64, on every kernel set: rows in runs of every length up to twelve.
+    #[test]
+    fn multiply_chunks_matches_the_product_in_f64() {
+        for (n, width) in [(27usize, 45usize), (12, 64), (5, 96), (13, 20)] {
+            let chunk_stride = n * BLOCK_ROWS + 7;
+            let chunks = width.div_ceil(BLOCK_ROWS);
+            let (x, tile, out0) =
+                (values(chunks * chunk_stride, 1), values(width * BLOCK_ROWS, 2), values(n * BLOCK_ROWS, 3));
+            let input = |r: usize, kk: usize| x[(kk / BLOCK_ROWS) * chunk_stride + r * BLOCK_ROWS + kk % BLOCK_ROWS];
+            for kernel in Kernel::all_available() {
+                let mut out = out0.clone();
+                multiply_chunks(kernel, &x, n, chunk_stride, width, &tile, &mut out);
+                for r in 0..n {
+                    for j in 0..BLOCK_ROWS {
+                        let want = out0[r * BLOCK_ROWS + j] as f64
+                            + (0..width).map(|kk| input(r, kk) as f64 * tile[kk * BLOCK_ROWS + j] as f64).sum::<f64>();
+                        let got = out[r * BLOCK_ROWS + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{} {n}×{width}: row {r} col {j}: {got} {want}",
+                            kernel.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Several groups' contractions at once equal each group's own: odd group and expert counts (a partial pass
     /// of each), a ragged chunk of inputs and a partial block of outputs.
