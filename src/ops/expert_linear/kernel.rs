@@ -66,8 +66,8 @@ impl Kernel {
 
     /// Chunks of 32 inputs per merged tile when all rows are one group's (batch routing). AVX-512: two,
     /// whose products its micro-kernel keeps in registers across both, so each run of rows reads and writes
-    /// its outputs half as often; 2–4% off batch routing's MLP at B/32, and three or four chunks were no
-    /// better (BENCHMARKS.md). Several groups keep one chunk each: eight groups' tiles fill L1.
+    /// its outputs half as often; about 3% off batch routing's MLP at B/32 (medians of five alternating pairs:
+    /// 137.4 against 141.5 ms a layer), and three or four chunks were no better (BENCHMARKS.md). Several groups keep one chunk each: eight groups' tiles fill L1.
     pub(super) fn one_group_tile_chunks(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
