@@ -64,11 +64,13 @@ impl Kernel {
         all
     }
 
-    /// Chunks of 32 inputs per merged tile when all rows are one group's (batch routing). AVX-512: two,
-    /// whose products its micro-kernel keeps in registers across both, so each run of rows reads and writes
-    /// its outputs half as often; about 3% off batch routing's MLP at B/32 (medians of five alternating pairs:
-    /// 137.4 against 141.5 ms a layer), and three or four chunks were no better (BENCHMARKS.md). Several groups keep one chunk each: eight groups' tiles fill L1.
-    pub(super) fn one_group_tile_chunks(self) -> usize {
+    /// Chunks of 32 inputs per merged tile. AVX-512: two, whose products its micro-kernel keeps in registers
+    /// across both, so each run of rows reads and writes its outputs half as often. At B/32 that took about 3%
+    /// off each routing's MLP (medians of alternating pairs): batch routing's from 141.5 to 137.4 ms a layer,
+    /// per-sample routing's from 173.7 to 168.5, though eight groups' tiles of 64 inputs no longer fit L1
+    /// together. Three or four chunks were no better, nor were passes of four groups (BENCHMARKS.md). The
+    /// others: one.
+    pub(super) fn tile_chunks(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => 2,

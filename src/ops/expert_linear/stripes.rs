@@ -29,10 +29,10 @@ pub(super) fn per_group(
 /// columns past the output zero before `epilogue`). For each block of 32 outputs and each chunk of inputs:
 /// every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles (each source row
 /// loaded once for eight groups) and multiplied into that group's outputs, so the sources are read from
-/// memory once per call. With one group (batch routing) a tile may span several chunks
-/// ([`Kernel::one_group_tile_chunks`]). `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n, kc]`
-/// ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer. `epilogue` gets
-/// each stripe's rows once they are whole, while they are still in cache.
+/// memory once per call. A tile may span several chunks ([`Kernel::tile_chunks`]). `packed` is the input in
+/// chunks of `kc` inputs, `[chunks, groups·n, kc]` ([`pack_chunks`]); with `kc` = 32 the stripes returned are
+/// that layout for the next layer. `epilogue` gets each stripe's rows once they are whole, while they are still
+/// in cache.
 ///
 /// A block's rows are shared out in segments (whole groups, or rows of the one group) when there are fewer
 /// than two blocks per thread, so that no thread idles (fc2 of B/32 has 24 blocks); each segment merges the
@@ -85,10 +85,10 @@ pub(super) fn per_group_stripes(
             // SAFETY: the loop above wrote every row of the segment (its groups' rows cover `s0..s1`), all 32
             // values each; `MaybeUninit<f32>` has `f32`'s layout.
             let segment = unsafe { &mut *(segment as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            // A tile spans `depth` chunks: one, or with one group (not one group per segment: a row's bits must
-            // not depend on the thread count) as many as the kernel keeps in registers.
-            let one_group = groups == 1 && kc == BLOCK_ROWS;
-            let depth = if one_group { kernel.one_group_tile_chunks() } else { 1 };
+            // A tile spans `depth` chunks, as many as the kernel keeps in registers, when the input is in chunks
+            // of 32 (the layout `multiply_chunks` reads); the same for every segment, so that a row's bits do
+            // not depend on the thread count.
+            let depth = if kc == BLOCK_ROWS { kernel.tile_chunks() } else { 1 };
             // One pass's tiles; columns past the last output stay zero.
             let tile_len = depth * kc * BLOCK_ROWS;
             let mut tiles = vec![0.0f32; GROUPS_PER_PASS.min(g_end - g_first) * tile_len];
@@ -97,7 +97,7 @@ pub(super) fn per_group_stripes(
                 let width = (depth * kc).min(k - k0);
                 // This tile's chunks, from the first on.
                 let chunks = &packed[k0 / kc * chunk_len..];
-                // Merged and multiplied a pass of groups at a time, so the tiles are still in L1 when used.
+                // Merged and multiplied a pass of groups at a time, so the tiles are still in cache when used.
                 for (pass, g0) in (g_first..g_end).step_by(GROUPS_PER_PASS).enumerate() {
                     prefetch_next_tiles(kernel, w, k0 + width, r0, depth * kc, pass, passes);
                     let count = GROUPS_PER_PASS.min(g_end - g0);
