@@ -86,43 +86,77 @@ fn sum_lanes(v: __m256) -> f32 {
 }
 
 /// See the AVX-512 `multiply_tile` (`out[r, 0..32] += Σ_{kk < width} x[r, kk] · tile[kk, 0..32]` for `n` rows
-/// of `x` with row stride `stride`): the rows split as evenly as possible into runs of at most [`MR`], each run
-/// over the two halves of the tile's 32 outputs.
+/// of `x`, input `kk` of row `i` at `x[(kk / 32)·chunk_stride + i·stride + kk % 32]`): the rows split as evenly
+/// as possible into runs of at most [`MR`], each run over the two halves of the tile's 32 outputs, its products
+/// in registers for the whole width.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn multiply_tile(x: &[f32], n: usize, stride: usize, width: usize, tile: &[f32], out: &mut [f32]) {
-    for (r0, rows) in super::tiles::row_runs(x, n, stride, BLOCK_ROWS, width, tile, out, MR) {
+pub unsafe fn multiply_tile(
+    x: &[f32],
+    n: usize,
+    stride: usize,
+    chunk_stride: usize,
+    width: usize,
+    tile: &[f32],
+    out: &mut [f32],
+) {
+    for (r0, rows) in super::tiles::row_runs(x, n, stride, chunk_stride, width, tile, out, MR) {
         let (xr, or) = (x.as_ptr().add(r0 * stride), out.as_mut_ptr().add(r0 * BLOCK_ROWS));
         if stride == BLOCK_ROWS {
-            super::tiles::prefetch_next_run(xr, or, rows);
+            // The next run's inputs in each chunk (and its outputs, fetched again: harmless).
+            for ci in 0..width.div_ceil(BLOCK_ROWS) {
+                super::tiles::prefetch_next_run(xr.wrapping_add(ci * chunk_stride), or, rows);
+            }
         }
         for half in 0..2 {
-            let (tp, oh) = (tile.as_ptr().add(half * HALF), or.add(half * HALF));
+            let run = Run {
+                x: xr,
+                stride,
+                chunk_stride,
+                width,
+                tile: tile.as_ptr().add(half * HALF),
+                out: or.add(half * HALF),
+            };
             match rows {
-                1 => rows_times_half::<1>(xr, stride, width, tp, oh),
-                2 => rows_times_half::<2>(xr, stride, width, tp, oh),
-                3 => rows_times_half::<3>(xr, stride, width, tp, oh),
-                4 => rows_times_half::<4>(xr, stride, width, tp, oh),
-                5 => rows_times_half::<5>(xr, stride, width, tp, oh),
-                _ => rows_times_half::<MR>(xr, stride, width, tp, oh),
+                1 => rows_times_half::<1>(run),
+                2 => rows_times_half::<2>(run),
+                3 => rows_times_half::<3>(run),
+                4 => rows_times_half::<4>(run),
+                5 => rows_times_half::<5>(run),
+                _ => rows_times_half::<MR>(run),
             }
         }
     }
 }
 
-/// `R` rows of `x` (stride `stride`) times 16 outputs of the `[width, 32]` tile (from `tile`, row stride 32),
-/// added into `R` rows of `out` (row stride 32): 2·R accumulators, each tile row broadcast-multiplied by each
-/// input row.
+/// One run of rows and one half of the tile's outputs in [`multiply_tile`]: where its inputs, the half tile
+/// (row stride 32) and its outputs (row stride 32) are.
+#[derive(Clone, Copy)]
+struct Run {
+    x: *const f32,
+    stride: usize,
+    chunk_stride: usize,
+    width: usize,
+    tile: *const f32,
+    out: *mut f32,
+}
+
+/// `R` rows of `x` times 16 outputs of the `[width, 32]` tile, added into `R` rows of `out`: 2·R
+/// accumulators, each tile row broadcast-multiplied by each input row, a chunk of 32 inputs at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_times_half<const R: usize>(x: *const f32, stride: usize, width: usize, tile: *const f32, out: *mut f32) {
+unsafe fn rows_times_half<const R: usize>(run: Run) {
+    let Run { x, stride, chunk_stride, width, tile, out } = run;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for kk in 0..width {
-        let t0 = _mm256_loadu_ps(tile.add(kk * BLOCK_ROWS));
-        let t1 = _mm256_loadu_ps(tile.add(kk * BLOCK_ROWS + 8));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let xv = _mm256_broadcast_ss(&*x.add(i * stride + kk));
-            a[0] = _mm256_fmadd_ps(xv, t0, a[0]);
-            a[1] = _mm256_fmadd_ps(xv, t1, a[1]);
+    for (ci, k0) in (0..width).step_by(BLOCK_ROWS).enumerate() {
+        let xc = x.add(ci * chunk_stride);
+        for kk in 0..BLOCK_ROWS.min(width - k0) {
+            let t0 = _mm256_loadu_ps(tile.add((k0 + kk) * BLOCK_ROWS));
+            let t1 = _mm256_loadu_ps(tile.add((k0 + kk) * BLOCK_ROWS + 8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*xc.add(i * stride + kk));
+                a[0] = _mm256_fmadd_ps(xv, t0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, t1, a[1]);
+            }
         }
     }
     for (i, a) in acc.iter().enumerate() {

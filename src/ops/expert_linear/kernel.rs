@@ -64,17 +64,18 @@ impl Kernel {
         all
     }
 
-    /// Chunks of 32 inputs per merged tile. AVX-512: two, whose products its micro-kernel keeps in registers
-    /// across both, so each run of rows reads and writes its outputs half as often. At B/32 that took about 3%
-    /// off each routing's MLP (medians of alternating pairs): batch routing's from 141.5 to 137.4 ms a layer,
-    /// per-sample routing's from 173.7 to 168.5, though eight groups' tiles of 64 inputs no longer fit L1
-    /// together. Three or four chunks were no better, nor were passes of four groups (BENCHMARKS.md). The
-    /// others: one.
+    /// Chunks of 32 inputs per merged tile. The SIMD kernels: two, whose products their micro-kernels keep in
+    /// registers across both, so each run of rows reads and writes its outputs half as often. At B/32 that took
+    /// 2–3% off each routing's MLP (medians of alternating pairs): on AVX-512 batch routing's from 141.5 to 137.4
+    /// ms a layer and per-sample routing's from 173.7 to 168.5, though eight groups' tiles of 64 inputs no
+    /// longer fit L1 together; on AVX2 (`WEMOE_MAX_CPU_ISA=avx2`, same machine) from 156.8 to 153.0 and from
+    /// 193.6 to 189.7. Three or four chunks were no better, nor were passes of four groups (BENCHMARKS.md). The
+    /// portable path: one (its products are the `gemm` crate's, chunk by chunk).
     pub(super) fn tile_chunks(self) -> usize {
         match self {
+            Kernel::Portable => 1,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => 2,
-            _ => 1,
+            Kernel::Avx2 | Kernel::Avx512 => 2,
         }
     }
 

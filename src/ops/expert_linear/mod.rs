@@ -206,7 +206,7 @@ const BLOCK_ROWS: usize = 32;
 
 /// Inputs per chunk: the T+1 source tiles of a chunk (`(T+1)·32·32` floats, 36 KiB for T = 8) stay in L1
 /// while every group is merged from them. Measured at ViT-B/32 shapes with 8 experts: 32 to 128 inputs are
-/// best; 512 to 768 are 1.4 to 1.6 times slower, with or without huge pages (so not a TLB effect). The AVX-512
+/// best; 512 to 768 are 1.4 to 1.6 times slower, with or without huge pages (so not a TLB effect). The SIMD
 /// kernels merge and multiply tiles of two chunks ([`Kernel::tile_chunks`]), whose sources come from L2.
 const CHUNK_INPUTS: usize = 32;
 

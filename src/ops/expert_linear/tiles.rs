@@ -188,7 +188,7 @@ pub(super) fn multiply_tile(
         Kernel::Avx512 => unsafe { avx512::multiply_tile(x, n, stride, BLOCK_ROWS, width, tile, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when AVX2 and FMA were detected; the slices bound every access (checked inside).
-        Kernel::Avx2 => unsafe { avx2::multiply_tile(x, n, stride, width, tile, out) },
+        Kernel::Avx2 => unsafe { avx2::multiply_tile(x, n, stride, BLOCK_ROWS, width, tile, out) },
         Kernel::Portable => {
             let xv = MatRef::strided(x, n, width, stride, 1).expect("the view lies inside x");
             let tv = MatRef::row_major(tile, width, BLOCK_ROWS).expect("the tile holds width rows");
@@ -199,9 +199,9 @@ pub(super) fn multiply_tile(
 
 /// [`multiply_tile`] for inputs packed in chunks of 32 (`x`: `n` rows of 32 in each chunk, chunks
 /// `chunk_stride` apart, as [`super::stripes::pack_chunks`] lays them out) and a tile of `width` inputs
-/// spanning several chunks. The AVX-512 kernel keeps each run's products in registers across the chunks, so
-/// the outputs are read and written once per tile rather than once per chunk; the others multiply chunk by
-/// chunk.
+/// spanning several chunks. The SIMD kernels keep each run's products in registers across the chunks, so the
+/// outputs are read and written once per tile rather than once per chunk; the portable path multiplies chunk
+/// by chunk.
 pub(super) fn multiply_chunks(
     kernel: Kernel,
     x: &[f32],
@@ -212,9 +212,12 @@ pub(super) fn multiply_chunks(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 {
+    match kernel {
         // SAFETY: chosen only when AVX-512F was detected; the slices bound every access (checked inside).
-        return unsafe { avx512::multiply_tile(x, n, BLOCK_ROWS, chunk_stride, width, tile, out) };
+        Kernel::Avx512 => return unsafe { avx512::multiply_tile(x, n, BLOCK_ROWS, chunk_stride, width, tile, out) },
+        // SAFETY: chosen only when AVX2 and FMA were detected; the slices bound every access (checked inside).
+        Kernel::Avx2 => return unsafe { avx2::multiply_tile(x, n, BLOCK_ROWS, chunk_stride, width, tile, out) },
+        Kernel::Portable => {}
     }
     for (ci, k0) in (0..width).step_by(BLOCK_ROWS).enumerate() {
         let cols = BLOCK_ROWS.min(width - k0);
