@@ -273,4 +273,28 @@ mod tests {
             }
         }
     }
+
+    /// The AVX2 kernels are the AVX-512 ones' algorithms on eight lanes, the same fused multiply-adds in the
+    /// same order, so the layer gives the same bits on either (BENCHMARKS.md compares whole forwards): one group
+    /// and eleven, over a ragged second chunk, on tiles of two chunks and of one. Checked where the CPU has
+    /// AVX-512 (both sets then run); elsewhere there is nothing to compare, and the test says so.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_avx512_give_the_same_bits() {
+        let available = Kernel::all_available();
+        if !available.contains(&Kernel::Avx512) {
+            eprintln!("avx2_and_avx512_give_the_same_bits: no AVX-512 on this CPU, nothing to compare");
+            return;
+        }
+        let (o, t) = (71, 3);
+        for k in [45, 20] {
+            let weights = Weights::new(k, o, t);
+            let w = weights.view();
+            for (g, n) in [(1, 301), (11, 5)] {
+                let (x, c) = (values(g * n * k, 5), values(g * t, 6));
+                let on = |kernel| per_group(&x, g, n, &c, &w, kernel);
+                assert!(on(Kernel::Avx2) == on(Kernel::Avx512), "{g} groups of {n} rows, {k} inputs");
+            }
+        }
+    }
 }
