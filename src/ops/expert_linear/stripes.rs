@@ -25,14 +25,13 @@ pub(super) fn per_group(
     gather_blocks(&stripes, groups * n, w.out_features)
 }
 
-/// Per-group merged weights, into the output's column stripes `[blocks, groups·n, 32]` (the last block's
-/// columns past the output zero before `epilogue`). For each block of 32 outputs and each chunk of inputs:
-/// every group's merged tile `[chunk, 32]` is formed from the cache-resident source tiles (each source row
-/// loaded once for eight groups) and multiplied into that group's outputs, so the sources are read from
-/// memory once per call. A tile may span several chunks ([`Kernel::tile_chunks`]). `packed` is the input in
-/// chunks of `kc` inputs, `[chunks, groups·n, kc]` ([`pack_chunks`]); with `kc` = 32 the stripes returned are
-/// that layout for the next layer. `epilogue` gets each stripe's rows once they are whole, while they are still
-/// in cache.
+/// Per-group merged weights, into the output's column stripes `[blocks, groups·n, 32]` (the last block's columns past
+/// the output zero before `epilogue`). For each block of 32 outputs and each span of inputs (a chunk, or with the SIMD
+/// kernels two: [`Kernel::tile_chunks`]): every group's merged tile `[span, 32]` is formed from the cache-resident
+/// source tiles (each source row loaded once for eight groups) and multiplied into that group's outputs, so the sources
+/// are read from memory once per call. `packed` is the input in chunks of `kc` inputs, `[chunks, groups·n, kc]`
+/// ([`pack_chunks`]); with `kc` = 32 the stripes returned are that layout for the next layer. `epilogue` gets each
+/// stripe's rows once they are whole, while they are still in cache.
 ///
 /// A block's rows are shared out in segments (whole groups, or rows of the one group) when there are fewer
 /// than two blocks per thread, so that no thread idles (fc2 of B/32 has 24 blocks); each segment merges the
