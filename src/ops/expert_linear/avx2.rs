@@ -4,7 +4,7 @@
 //! a time: the micro-kernel on runs of up to 6 rows × 16 outputs, the merge on four groups per sub-pass.
 use std::arch::x86_64::*;
 
-use super::tiles::TileSpan;
+use super::tiles::{Run, TileSpan};
 use super::{ExpertLinearRef, BLOCK_ROWS};
 
 /// Rows per micro-kernel run: 6 × 2 accumulators, two tile vectors and a broadcast (15 registers).
@@ -128,20 +128,9 @@ pub unsafe fn multiply_tile(
     }
 }
 
-/// One run of rows and one half of the tile's outputs in [`multiply_tile`]: where its inputs, the half tile
-/// (row stride 32) and its outputs (row stride 32) are.
-#[derive(Clone, Copy)]
-struct Run {
-    x: *const f32,
-    stride: usize,
-    chunk_stride: usize,
-    width: usize,
-    tile: *const f32,
-    out: *mut f32,
-}
-
-/// `R` rows of `x` times 16 outputs of the `[width, 32]` tile, added into `R` rows of `out`: 2·R
-/// accumulators, each tile row broadcast-multiplied by each input row, a chunk of 32 inputs at a time.
+/// One run of [`multiply_tile`] over one half of the tile's outputs: `R` rows of `x` times 16 outputs of the
+/// `[width, 32]` tile, added into `R` rows of `out`: 2·R accumulators, each tile row broadcast-multiplied by each
+/// input row, a chunk of 32 inputs at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_times_half<const R: usize>(run: Run) {

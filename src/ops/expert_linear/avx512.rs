@@ -3,7 +3,7 @@
 //! per pass (and its variant that writes bf16 panels for `ops::bf16`), and the router-gradient contraction.
 use std::arch::x86_64::*;
 
-use super::tiles::TileSpan;
+use super::tiles::{Run, TileSpan};
 use super::{ExpertLinearRef, BLOCK_ROWS, GROUPS_PER_PASS};
 
 const MR: usize = 12;
@@ -234,42 +234,31 @@ pub unsafe fn multiply_tile(
         // Packed rows (stride 32): the next run's inputs and outputs follow this run's, so they are fetched
         // into L1 while this one computes.
         let pf = stride == BLOCK_ROWS;
-        let run = Run { x: xr, stride, chunk_stride, width, tile: tp, out: or, prefetch_next: pf };
+        let run = Run { x: xr, stride, chunk_stride, width, tile: tp, out: or };
         match rows {
-            1 => rows_times_tile::<1>(run),
-            2 => rows_times_tile::<2>(run),
-            3 => rows_times_tile::<3>(run),
-            4 => rows_times_tile::<4>(run),
-            5 => rows_times_tile::<5>(run),
-            6 => rows_times_tile::<6>(run),
-            7 => rows_times_tile::<7>(run),
-            8 => rows_times_tile::<8>(run),
-            9 => rows_times_tile::<9>(run),
-            10 => rows_times_tile::<10>(run),
-            11 => rows_times_tile::<11>(run),
-            _ => rows_times_tile::<MR>(run),
+            1 => rows_times_tile::<1>(run, pf),
+            2 => rows_times_tile::<2>(run, pf),
+            3 => rows_times_tile::<3>(run, pf),
+            4 => rows_times_tile::<4>(run, pf),
+            5 => rows_times_tile::<5>(run, pf),
+            6 => rows_times_tile::<6>(run, pf),
+            7 => rows_times_tile::<7>(run, pf),
+            8 => rows_times_tile::<8>(run, pf),
+            9 => rows_times_tile::<9>(run, pf),
+            10 => rows_times_tile::<10>(run, pf),
+            11 => rows_times_tile::<11>(run, pf),
+            _ => rows_times_tile::<MR>(run, pf),
         }
     }
 }
 
-/// One run of rows of [`multiply_tile`]: where its inputs, the tile and its outputs are.
-#[derive(Clone, Copy)]
-struct Run {
-    x: *const f32,
-    stride: usize,
-    chunk_stride: usize,
-    width: usize,
-    tile: *const f32,
-    out: *mut f32,
-    prefetch_next: bool,
-}
-
-/// `R` rows of `x` times the `[width, 32]` tile, added into `R` rows of `out` (stride 32): 2·R accumulators
-/// in zmm registers, the tile's row broadcast-multiplied by each input row, a chunk of 32 inputs at a time.
+/// One run of [`multiply_tile`]: `R` rows of `x` times the `[width, 32]` tile, added into `R` rows of `out`:
+/// 2·R accumulators in zmm registers, the tile's row broadcast-multiplied by each input row, a chunk of 32
+/// inputs at a time; with `prefetch_next`, the next run's rows (packed after these) fetched meanwhile.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_times_tile<const R: usize>(run: Run) {
-    let Run { x, stride, chunk_stride, width, tile, out, prefetch_next } = run;
+unsafe fn rows_times_tile<const R: usize>(run: Run, prefetch_next: bool) {
+    let Run { x, stride, chunk_stride, width, tile, out } = run;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     // The next run's 2·R lines of inputs (in each chunk) and of outputs, one of each per step, spread over the
     // loop rather than issued at once (a burst of 4·R prefetches outran the line fill buffers and stalled).

@@ -152,6 +152,20 @@ pub(super) fn row_runs(
     crate::ops::rows::even_runs(n, most)
 }
 
+/// One run of rows for the SIMD micro-kernels: where its inputs are (input `kk` of row `i` at
+/// `x[(kk / 32)·chunk_stride + i·stride + kk % 32]`), and its `[width, 32]` tile and its output rows, both with
+/// row stride 32 (the AVX2 kernel points `tile` and `out` at one half of the 32 outputs).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(super) struct Run {
+    pub(super) x: *const f32,
+    pub(super) stride: usize,
+    pub(super) chunk_stride: usize,
+    pub(super) width: usize,
+    pub(super) tile: *const f32,
+    pub(super) out: *mut f32,
+}
+
 /// For the AVX2 micro-kernel on packed rows (row stride 32: a chunk of 32 inputs, or a block of 32 outputs
 /// of `dy`, and the outputs): the next run's inputs and outputs follow this run's `rows` (past the last run:
 /// the next group's, in `per_group`'s packed chunk and part); fetched into L1 now, they are there when it
