@@ -3,9 +3,10 @@
 one run, on a ViT-B/32-shaped model with 8 experts (random weights made here) and 64 images.
 
     tools/setup-venv.sh && .venv/bin/python tools/bench_wemoe_vs_fusionbench.py [--images 64] [--experts 8] [--rounds 3]
-        [--precision f32|bf16]
+        [--precision f32|bf16] [--patch 32|16]
 
-Writes its checkpoints (about 3.5 GB) under tools/out/b32/. Each contender runs in a process of its own, so its
+Writes its checkpoints (about 5 GB) under tools/out/b32/ (with `--patch 16`, ViT-B/16 shapes: 197 tokens instead of
+50, under tools/out/b16/). Each contender runs in a process of its own, so its
 peak resident memory (VmHWM) is its own: FusionBench's is measured from just before its first forward (the peak is
 reset after the model is built); the engine's covers its whole `embed` command, loading included (measured by GNU
 time, /usr/bin/time, since this script's own peak would otherwise show through). Throughput is
@@ -27,7 +28,11 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-OUT = os.path.join(ROOT, "tools", "out", "b32")
+
+
+def out_dir(patch):
+    """Where the checkpoints, pixels and outputs of ViT-B/`patch` shapes live."""
+    return os.path.join(ROOT, "tools", "out", f"b{patch}")
 
 
 def vm_hwm_kib():
@@ -35,23 +40,24 @@ def vm_hwm_kib():
         return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
 
 
-def make_checkpoints(experts):
+def make_checkpoints(experts, patch):
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    if os.path.exists(os.path.join(OUT, f"e{experts - 1}", "model.safetensors")):
+    folder = out_dir(patch)
+    if os.path.exists(os.path.join(folder, f"e{experts - 1}", "model.safetensors")):
         return
     torch.manual_seed(0)
-    base = CLIPVisionModel(CLIPVisionConfig()).eval()
-    base.save_pretrained(os.path.join(OUT, "pretrained"))
+    base = CLIPVisionModel(CLIPVisionConfig(patch_size=patch)).eval()
+    base.save_pretrained(os.path.join(folder, "pretrained"))
     for t in range(experts):
         e = copy.deepcopy(base)
         with torch.no_grad():
             for p in e.parameters():
                 p.add_(0.1 * p.abs().mean() * torch.randn_like(p))
-        e.save_pretrained(os.path.join(OUT, f"e{t}"))
+        e.save_pretrained(os.path.join(folder, f"e{t}"))
     pixels = torch.randn(256, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    save_file({"pixel_values": pixels}, os.path.join(OUT, "pixels256.safetensors"))
+    save_file({"pixel_values": pixels}, os.path.join(folder, "pixels256.safetensors"))
 
 
 def fusionbench(args):
@@ -60,8 +66,9 @@ def fusionbench(args):
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel
     from fusion_bench.models.we_moe import WeightEnsemblingMoE
-    base = CLIPVisionModel.from_pretrained(os.path.join(OUT, "pretrained")).eval()
-    experts = [CLIPVisionModel.from_pretrained(os.path.join(OUT, f"e{t}")).eval() for t in range(args.experts)]
+    folder = out_dir(args.patch)
+    base = CLIPVisionModel.from_pretrained(os.path.join(folder, "pretrained")).eval()
+    experts = [CLIPVisionModel.from_pretrained(os.path.join(folder, f"e{t}")).eval() for t in range(args.experts)]
     moe = copy.deepcopy(base).requires_grad_(False)
     with torch.no_grad():  # task arithmetic, lambda 0.3
         sd = {k: v + 0.3 * sum(e.state_dict()[k] - v for e in experts) for k, v in base.state_dict().items()}
@@ -71,7 +78,7 @@ def fusionbench(args):
                                         expert_models=[e.encoder.layers[i].mlp for e in experts], init_lambda=0.3,
                                         batch_first=True, router_hidden_layers=2, batch_reduce=False)
     del experts
-    pixels = load_file(os.path.join(OUT, "pixels256.safetensors"))["pixel_values"][: args.images]
+    pixels = load_file(os.path.join(folder, "pixels256.safetensors"))["pixel_values"][: args.images]
     result = {}
     for mode, reduce in (("sample", False), ("batch", True)):
         for layer in moe.encoder.layers:
@@ -116,39 +123,42 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="FusionBench-then-engine rounds; the medians are reported")
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
                     help="both sides' products: f32, or bf16 operands (engine --precision bf16, torch autocast)")
+    ap.add_argument("--patch", type=int, choices=[32, 16], default=32,
+                    help="the patch size: ViT-B/32 shapes (50 tokens) or ViT-B/16 (197)")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
         return fusionbench(args)
-    os.makedirs(OUT, exist_ok=True)
-    make_checkpoints(args.experts)
+    folder = out_dir(args.patch)
+    os.makedirs(folder, exist_ok=True)
+    make_checkpoints(args.experts, args.patch)
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     engine = os.path.join(ROOT, "target", "release", "wemoe-engine")
-    moe = os.path.join(OUT, "wemoe")
+    moe = os.path.join(folder, "wemoe")
     if not os.path.exists(moe):
-        cmd = [engine, "merge", "--pretrained", os.path.join(OUT, "pretrained"), "--out", moe, "--quiet"]
+        cmd = [engine, "merge", "--pretrained", os.path.join(folder, "pretrained"), "--out", moe, "--quiet"]
         for t in range(args.experts):
-            cmd += ["--expert", f"e{t}={os.path.join(OUT, f'e{t}')}"]
+            cmd += ["--expert", f"e{t}={os.path.join(folder, f'e{t}')}"]
         seconds, peak, _ = run_engine(cmd)
         size = os.path.getsize(os.path.join(moe, "model.safetensors")) / 2**20
         print(f"engine merge: {seconds:.1f} s, peak {peak:.0f} MiB for a {size:.0f} MiB output ({peak / size:.2f}x)")
     from safetensors.torch import load_file, save_file
-    pixels = os.path.join(OUT, f"pixels{args.images}.safetensors")
+    pixels = os.path.join(folder, f"pixels{args.images}.safetensors")
     if not os.path.exists(pixels):
-        save_file({"pixel_values": load_file(os.path.join(OUT, "pixels256.safetensors"))["pixel_values"][: args.images]
+        save_file({"pixel_values": load_file(os.path.join(folder, "pixels256.safetensors"))["pixel_values"][: args.images]
                    .contiguous()}, pixels)
-    print(f"{args.images} images, {args.experts} experts, ViT-B/32 shapes, {args.precision}, {os.cpu_count()} CPUs, "
+    print(f"{args.images} images, {args.experts} experts, ViT-B/{args.patch} shapes, {args.precision}, {os.cpu_count()} CPUs, "
           f"{args.rounds} rounds (FusionBench, then the engine, in each)")
     print(f"{'round':<6} {'routing':<8} {'FusionBench img/s':>18} {'engine img/s':>13} {'speed-up':>9} "
           f"{'FB peak MiB':>12} {'engine peak MiB':>16} {'memory ratio':>13}")
     ratios = {"sample": [], "batch": []}
     for r in range(args.rounds):
         fb = subprocess.run([sys.executable, __file__, "--child", "--images", str(args.images), "--experts",
-                             str(args.experts), "--precision", args.precision], capture_output=True, text=True,
+                             str(args.experts), "--precision", args.precision, "--patch", str(args.patch)], capture_output=True, text=True,
                             check=True)
         theirs = json.loads(fb.stdout.strip().splitlines()[-1])
         for mode in ("sample", "batch"):
-            out = os.path.join(OUT, f"embed_{mode}.safetensors")
+            out = os.path.join(folder, f"embed_{mode}.safetensors")
             _, peak, err = run_engine([engine, "embed", "--model", moe, "--images", pixels, "--out", out,
                                        "--routing", mode, "--batch-size", str(args.images), "--device", "cpu",
                                        "--precision", args.precision])
