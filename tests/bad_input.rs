@@ -264,6 +264,20 @@ fn an_image_format_the_engine_does_not_read_is_refused_not_skipped() {
 }
 
 #[test]
+fn a_single_image_or_other_file_as_images() {
+    let t = Scratch::new();
+    let jpeg = t.path("photo.jpg");
+    std::fs::copy(fixture("photos/class_0/china_301x217.jpg"), &jpeg).unwrap();
+    let err = t.embed(&fixture("clip_b"), &jpeg, "photo.jpg: not a dataset the engine reads");
+    assert!(err.contains("ImageFolder directory"), "{err}");
+    // A damaged file named .safetensors keeps the safetensors reader's own error.
+    let cut = t.path("cut.safetensors");
+    std::fs::write(&cut, &std::fs::read(fixture("pixels_b.safetensors")).unwrap()[..100]).unwrap();
+    let err = t.embed(&fixture("clip_b"), &cut, "cut.safetensors: not a valid safetensors file");
+    assert!(!err.contains("not a dataset"), "{err}");
+}
+
+#[test]
 fn a_parquet_file_without_images() {
     let t = Scratch::new();
     let err = t.embed(&fixture("clip_b"), &fixture("parquet/no_image.parquet"), "no image column");

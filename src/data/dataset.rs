@@ -70,7 +70,19 @@ impl Dataset {
 
     #[allow(clippy::type_complexity)]
     fn open_safetensors(path: &Path, side: usize) -> Result<(Source, usize, Option<Vec<i64>>, Option<Vec<String>>)> {
-        let file = SafetensorsFile::open(path)?;
+        let named_safetensors = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        let file = SafetensorsFile::open(path).map_err(|err| {
+            // A file of any other kind (a single image, a CSV) fails as safetensors; say what `--images` takes.
+            if named_safetensors {
+                err
+            } else {
+                err.context(format!(
+                    "{}: not a dataset the engine reads (a safetensors file of pixel_values or images, a parquet \
+                     file or folder of shards, or an ImageFolder directory of class subfolders)",
+                    path.display()
+                ))
+            }
+        })?;
         let shape_of = |name: &str| file.info(name).map(|i| i.shape.clone());
         let (source, len, labels) = if let Some(shape) = shape_of("pixel_values") {
             ensure!(
