@@ -1,5 +1,5 @@
 //! Times the CPU attention of one ViT-B/32 layer (12 heads, 50 tokens, width 768), forward and backward:
-//! `attention_probe [BATCH] [REPS]` prints the medians in milliseconds.
+//! `attention_probe [BATCH] [REPS] [TOKENS]` prints the medians in milliseconds (TOKENS 197 for ViT-B/16's).
 use std::time::Instant;
 
 use wemoe_engine::ops::attention::{attention, attention_backward};
@@ -15,7 +15,8 @@ fn main() -> anyhow::Result<()> {
     wemoe_engine::heap::keep_freed_memory();
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (batch, reps) = (args.first().copied().unwrap_or(64), args.get(1).copied().unwrap_or(11));
-    let (tokens, width, heads) = (50, 768, 12);
+    let tokens = args.get(2).copied().unwrap_or(50);
+    let (width, heads) = (768, 12);
     let n = batch * tokens * width;
     let mut rng = Rng::new(1);
     let (q, k, v, d) = (
