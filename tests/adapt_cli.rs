@@ -87,6 +87,23 @@ fn adaptation_lowers_the_entropy_and_changes_only_the_routers() {
     assert!(text.contains(line), "{text}");
 }
 
+#[test]
+fn a_folder_of_unlabelled_images_adapts_as_its_image_folder_does() {
+    // Adaptation reads no labels: the same images in the same order give the same routers.
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = tmp.path().join("flat");
+    photos_flat(&flat);
+    let adapted = |images: &Path, out: &Path| {
+        let mut args = base_args(out, 3);
+        args[6] = format!("left={}", s(images));
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    };
+    let tree = adapted(&fixture("photos"), &tmp.path().join("tree"));
+    assert!(tree == adapted(&flat, &tmp.path().join("flat_out")), "the models differ");
+}
+
 /// The step a checkpoint holds.
 fn checkpoint_step(out: &Path) -> Option<u64> {
     let file = SafetensorsFile::open(&out.join("adapt-checkpoint.safetensors")).ok()?;

@@ -264,6 +264,34 @@ fn an_image_format_the_engine_does_not_read_is_refused_not_skipped() {
 }
 
 #[test]
+fn folders_of_loose_images_mixed_with_classes_unreadable_or_unlabelled_for_eval() {
+    let t = Scratch::new();
+    // Images both in the folder and in a class subfolder: refused, neither set dropped.
+    let root = folder_with(&t, "other.jpg", &std::fs::read(fixture("photos/class_1/china_61x47.jpg")).unwrap());
+    std::fs::copy(fixture("photos/class_0/flower_121x143.png"), root.join("loose.png")).unwrap();
+    let err = t.embed(&fixture("clip_b"), &root, "holds images both in it");
+    assert!(err.contains("loose.png") && err.contains("good.jpg"), "{err}");
+    // A format the engine does not read among loose images: refused, as in class folders.
+    let t = Scratch::new();
+    let flat = t.path("flat");
+    photos_flat(&flat);
+    std::fs::write(flat.join("photo.heic"), b"\0\0\0\x18ftypheic").unwrap();
+    t.embed(&fixture("clip_b"), &flat, "1 image(s) in a format the engine does not read, first");
+    // No images anywhere.
+    let t = Scratch::new();
+    let empty = t.path("empty");
+    std::fs::create_dir_all(empty.join("a")).unwrap();
+    t.embed(&fixture("clip_b"), &empty, "no images in it nor in class subfolders");
+    // Loose images have no labels, which eval needs.
+    let t = Scratch::new();
+    let flat = t.path("flat");
+    photos_flat(&flat);
+    let (model, heads, task) = (fixture("clip_a"), fixture("heads_a.safetensors"), format!("alpha={}", s(&flat)));
+    let args = ["eval", "--model", s(&model), "--heads", s(&heads), "--task", &task];
+    fails(&args, "flat: has no labels, which eval needs (task 'alpha')");
+}
+
+#[test]
 fn a_single_image_or_other_file_as_images() {
     let t = Scratch::new();
     let jpeg = t.path("photo.jpg");

@@ -145,6 +145,30 @@ fn embed_keeps_the_labels_and_class_names() {
     assert!(header.metadata().is_none());
 }
 
+#[test]
+fn embed_of_a_folder_of_images_equals_its_image_folder_less_the_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = tmp.path().join("flat");
+    let names = photos_flat(&flat);
+    let model = fixture("clip_a");
+    let embed = |images: &std::path::Path, out: &std::path::Path| {
+        let args =
+            ["embed", "--model", s(&model), "--images", s(images), "--out", s(out), "--device", "cpu", "--quiet"];
+        let (ok, _, err) = engine(&args);
+        assert!(ok, "{err}");
+        SafetensorsFile::open(out).unwrap()
+    };
+    let tree = embed(&fixture("photos"), &tmp.path().join("tree.safetensors"));
+    let loose = embed(&flat, &tmp.path().join("flat.safetensors"));
+    let pooled = |f: &SafetensorsFile| f.f32("pooler_output").unwrap().host().unwrap().to_vec();
+    assert_eq!(pooled(&tree), pooled(&loose), "the same images in the same order give the same rows");
+    assert!(loose.info("labels").is_none() && loose.metadata("classes").is_none());
+    // Each output names its files, one per row, relative to the folder.
+    let files = |f: &SafetensorsFile| serde_json::from_str::<Vec<String>>(f.metadata("files").unwrap()).unwrap();
+    assert_eq!(files(&loose), names);
+    assert_eq!(files(&tree), PHOTOS);
+}
+
 /// `WEMOE_OP_TIMES=1` prints the backend's operations when the command exits, each counted as often as the
 /// forward runs it: per batch one patch embedding, per layer one attention and two LayerNorms, plus the
 /// pre- and post-LayerNorms; the "all" row sums the rows; and the last line totals the products (the rows

@@ -22,6 +22,9 @@ pub struct Args {
     pub weights: Weights,
 }
 
+/// The longest list of file names written into an output's header.
+const MAX_FILES_METADATA: usize = 64 << 20;
+
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     let dir = ModelDir::open(&args.model)?;
@@ -62,12 +65,21 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             values: result.routing_weights.concat(),
         });
     }
-    // The labels and class names, when the data has them, so that rows can be matched to classes (an
-    // ImageFolder's rows are its files in sorted order).
+    // The labels and class names, when the data has them, so that rows can be matched to classes; and a
+    // folder's files, one per row (sorted), so that rows can be matched to images.
     let labels: Vec<(&str, &[i64])> = data.labels().map(|l| ("labels", l)).into_iter().collect();
     let mut metadata = BTreeMap::new();
     if let Some(classes) = data.classes() {
         metadata.insert("classes".to_string(), serde_json::to_string(classes)?);
+    }
+    if let Some(files) = data.files() {
+        let list = serde_json::to_string(&files)?;
+        // safetensors readers refuse headers over 100 MB.
+        if list.len() <= MAX_FILES_METADATA {
+            metadata.insert("files".to_string(), list);
+        } else if !quiet {
+            eprintln!("note: the files' names ({} MB) are left out of the output's metadata", list.len() >> 20);
+        }
     }
     write_safetensors_with_integers(&args.out, &tensors, &labels, metadata)?;
     if !quiet {

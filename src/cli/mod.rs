@@ -223,9 +223,11 @@ enum Command {
         /// The model directory, or a Hub name in the Hugging Face cache (OWNER/NAME[@REVISION]).
         #[arg(long)]
         model: PathBuf,
-        /// The images: a safetensors file (pixel_values or images), an ImageFolder directory, a Hugging Face
-        /// datasets parquet file, folder of one split's shards, or split prefix (data/test), or a Hub dataset
-        /// in the Hugging Face cache, OWNER/NAME[@REVISION][:[CONFIG/]SPLIT] (split test by default).
+        /// The images: a safetensors file (pixel_values or images), an ImageFolder directory (class
+        /// subfolders of images) or a folder of images (unlabelled; the output's metadata lists the files of
+        /// either, one per row), a Hugging Face datasets parquet file, folder of one split's shards, or split
+        /// prefix (data/test), or a Hub dataset in the Hugging Face cache,
+        /// OWNER/NAME[@REVISION][:[CONFIG/]SPLIT] (split test by default).
         #[arg(long)]
         images: PathBuf,
         /// The output safetensors file.
@@ -390,8 +392,9 @@ struct TaskArgs {
     #[arg(long)]
     heads: PathBuf,
     /// A task and its data, NAME=DATA; repeat for each. DATA as embed's --images: safetensors, an
-    /// ImageFolder directory, datasets parquet (a file, a folder of one split's shards, or data/test), or a
-    /// Hub dataset in the Hugging Face cache (OWNER/NAME[@REVISION][:[CONFIG/]SPLIT], split test by default).
+    /// ImageFolder directory (or, for adapt, which needs no labels, a folder of images), datasets parquet (a
+    /// file, a folder of one split's shards, or data/test), or a Hub dataset in the Hugging Face cache
+    /// (OWNER/NAME[@REVISION][:[CONFIG/]SPLIT], split test by default).
     #[arg(long = "task", required = true, value_name = "NAME=DATA")]
     tasks: Vec<String>,
 }

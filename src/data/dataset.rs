@@ -6,8 +6,9 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
+use super::image_folder::{scan_image_dir, ImageDir};
 use super::parquet::{parquet_shards, read_parquet, ParquetRows};
-use super::{scan_image_folder, Preprocess};
+use super::Preprocess;
 use crate::checkpoint::SafetensorsFile;
 use crate::tensor::Tensor;
 
@@ -45,11 +46,18 @@ impl Dataset {
         } else if !path.exists() {
             bail!("{}: no such file or directory", path.display());
         } else if path.is_dir() {
-            let folder = scan_image_folder(path)?;
-            let labels = folder.files.iter().map(|(_, id)| *id).collect();
-            let files: Vec<PathBuf> = folder.files.into_iter().map(|(f, _)| f).collect();
-            let len = files.len();
-            (Source::Files(files), len, Some(labels), Some(folder.classes))
+            match scan_image_dir(path)? {
+                ImageDir::Classes(folder) => {
+                    let labels = folder.files.iter().map(|(_, id)| *id).collect();
+                    let files: Vec<PathBuf> = folder.files.into_iter().map(|(f, _)| f).collect();
+                    let len = files.len();
+                    (Source::Files(files), len, Some(labels), Some(folder.classes))
+                }
+                ImageDir::Unlabelled(files) => {
+                    let len = files.len();
+                    (Source::Files(files), len, None, None)
+                }
+            }
         } else {
             Self::open_safetensors(path, side)?
         };
@@ -136,6 +144,17 @@ impl Dataset {
     /// The class names of an ImageFolder tree, or of a parquet dataset's label column (from its metadata).
     pub fn classes(&self) -> Option<&[String]> {
         self.classes.as_deref()
+    }
+
+    /// The image files of a folder, one per row in order, relative to the folder (`/`-separated); `None` for
+    /// other data.
+    pub fn files(&self) -> Option<Vec<String>> {
+        let Source::Files(files) = &self.source else { return None };
+        let relative = |f: &PathBuf| {
+            let within = f.strip_prefix(&self.origin).unwrap_or(f);
+            within.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+        };
+        Some(files.iter().map(relative).collect())
     }
 
     /// Reads a parquet dataset's encoded images into memory, for random access (adaptation draws shuffled

@@ -1,4 +1,5 @@
-//! ImageFolder trees: one subfolder per class, class ids in sorted name order, image files inside.
+//! Folders of images: ImageFolder trees (one subfolder per class, class ids in sorted name order, image files
+//! inside), or images straight inside a folder, unlabelled.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,15 @@ pub struct ImageFolder {
 
 /// Lists an ImageFolder tree in a stable order.
 pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
+    let folder = class_folders(root)?;
+    if folder.files.is_empty() {
+        bail!("{}: no class subfolders holding images (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
+    }
+    Ok(folder)
+}
+
+/// The class subfolders of `root` and their images, perhaps none.
+fn class_folders(root: &Path) -> Result<ImageFolder> {
     let classes: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     let mut files = Vec::new();
     let mut others = Vec::new();
@@ -58,6 +68,50 @@ pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
             }
         }
     }
+    refuse_other_images(root, &others)?;
+    let classes = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    Ok(ImageFolder { classes, files })
+}
+
+/// A folder given as data: an ImageFolder tree, or images straight inside it.
+pub enum ImageDir {
+    /// Class subfolders of images.
+    Classes(ImageFolder),
+    /// Images in the folder itself, sorted by name, without labels (what `embed` and `adapt` can take).
+    Unlabelled(Vec<PathBuf>),
+}
+
+/// Lists a folder of images: the images straight inside it, unlabelled, or else its class subfolders' (an
+/// ImageFolder). A folder with images in both places is refused: which the user means cannot be told, and
+/// neither set may be dropped silently.
+pub fn scan_image_dir(root: &Path) -> Result<ImageDir> {
+    let entries = sorted_entries(root)?;
+    let loose: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_image(p)).cloned().collect();
+    let others: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_other_image(p)).cloned().collect();
+    refuse_other_images(root, &others)?;
+    if loose.is_empty() {
+        let folder = class_folders(root)?;
+        if folder.files.is_empty() {
+            bail!("{}: no images in it nor in class subfolders (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
+        }
+        return Ok(ImageDir::Classes(folder));
+    }
+    for dir in entries.iter().filter(|p| p.is_dir()) {
+        if let Some(nested) = sorted_entries(dir)?.into_iter().find(|f| f.is_file() && is_image(f)) {
+            bail!(
+                "{}: holds images both in it ({} first) and in subfolders ({} first); an ImageFolder keeps its \
+                 images in class subfolders only, a folder of unlabelled images in itself only",
+                root.display(),
+                loose[0].display(),
+                nested.display()
+            );
+        }
+    }
+    Ok(ImageDir::Unlabelled(loose))
+}
+
+/// Fails, naming the first, when `others` holds images in formats the engine does not decode.
+fn refuse_other_images(root: &Path, others: &[PathBuf]) -> Result<()> {
     if let Some(first) = others.first() {
         bail!(
             "{}: {} image(s) in a format the engine does not read, first {}; convert them (to PNG, JPEG, WebP, BMP, \
@@ -67,9 +121,5 @@ pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
             first.display()
         );
     }
-    if files.is_empty() {
-        bail!("{}: no class subfolders holding images (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
-    }
-    let classes = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-    Ok(ImageFolder { classes, files })
+    Ok(())
 }

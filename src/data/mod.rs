@@ -1,5 +1,6 @@
-//! Image data: safetensors of preprocessed `pixel_values` or raw 8-bit `images` with `labels`, or an
-//! ImageFolder tree of image files (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM), served in preprocessed batches.
+//! Image data: safetensors of preprocessed `pixel_values` or raw 8-bit `images` with `labels`, an ImageFolder
+//! tree of image files (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM) or a folder of such files without labels, or
+//! Hugging Face datasets parquet, served in preprocessed batches.
 
 mod class_names;
 mod dataset;

@@ -120,3 +120,26 @@ pub fn kill_after_checkpoint(args: &[String], checkpoint_step: impl Fn() -> Opti
     child.wait().unwrap();
     checkpoint_step().unwrap()
 }
+
+/// The files of the fixture ImageFolder `photos`, relative to it, in the order it lists them.
+pub const PHOTOS: [&str; 4] = [
+    "class_0/china_301x217.jpg",
+    "class_0/flower_121x143.png",
+    "class_1/china_61x47.jpg",
+    "class_1/flower_grey_97x65.png",
+];
+
+/// The `photos` images copied straight into a new folder `dir`, unlabelled, named `0_…` to `3_…` so that they
+/// sort as the tree lists them; returns the names in that order.
+pub fn photos_flat(dir: &std::path::Path) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    PHOTOS
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let name = format!("{i}_{}", file.rsplit('/').next().unwrap());
+            std::fs::copy(fixture("photos").join(file), dir.join(&name)).unwrap();
+            name
+        })
+        .collect()
+}
