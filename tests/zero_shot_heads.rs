@@ -139,6 +139,8 @@ fn bad_heads_input_is_refused_in_one_line() {
     let long = write("long.txt", &format!("{}\n", ["abc"; 80].join(" ")));
     let empty_dir = tmp.path().join("empty");
     std::fs::create_dir(&empty_dir).unwrap();
+    let flat = tmp.path().join("flat");
+    photos_flat(&flat);
     let clip = fixture("heads_tool/clip");
     let pets = format!("pets={}", s(&fixture("parquet/two_shards")));
     let task = |name: &str, path: &Path| format!("{name}={}", s(path));
@@ -189,6 +191,10 @@ fn bad_heads_input_is_refused_in_one_line() {
         (
             vec!["--clip".into(), s(&clip).into(), "--task".into(), task("pixels", &fixture("pixels_a.safetensors"))],
             "a safetensors dataset, which names no classes",
+        ),
+        (
+            vec!["--clip".into(), s(&clip).into(), "--task".into(), task("loose", &flat)],
+            "flat: images without class subfolders name no classes",
         ),
         (
             vec!["--device".into(), "cuda".into(), "--clip".into(), s(&clip).into(), "--task".into(), pets.clone()],

@@ -6,8 +6,8 @@ one run, on a ViT-B/32-shaped model with 8 experts (random weights made here) an
         [--precision f32|bf16] [--patch 32|16]
 
 Writes its checkpoints (about 5 GB) under tools/out/b32/ (with `--patch 16`, ViT-B/16 shapes: 197 tokens instead of
-50, under tools/out/b16/). Each contender runs in a process of its own, so its
-peak resident memory (VmHWM) is its own: FusionBench's is measured from just before its first forward (the peak is
+50, under tools/out/b16/). Each contender runs in a process of its own, so its peak resident memory (VmHWM) is its
+own: FusionBench's is measured from just before its first forward (the peak is
 reset after the model is built); the engine's covers its whole `embed` command, loading included (measured by GNU
 time, /usr/bin/time, since this script's own peak would otherwise show through). Throughput is
 the forward alone on both sides (the engine's `embed` reports its compute time apart from loading). Routing: per

@@ -2,15 +2,15 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
-use super::image_folder::scan_image_folder;
+use super::image_folder::{scan_image_dir, ImageDir};
 use super::parquet::{parquet_class_names, parquet_shards};
 
 /// The class names of the dataset at `path`, in label order, as [`Dataset::open`](super::Dataset::open)
 /// would have them: a parquet dataset's `ClassLabel` names (a file, a folder of one split's shards, or a
 /// split's prefix), an ImageFolder's sorted class folders. `Ok(None)` when `path` is neither; an error for
-/// a parquet dataset whose metadata names no classes.
+/// a parquet dataset whose metadata names no classes, and for a folder of images without class subfolders.
 pub fn dataset_class_names(path: &Path) -> Result<Option<Vec<String>>> {
     if let Some(shards) = parquet_shards(path) {
         let classes = parquet_class_names(path, &shards)?;
@@ -18,7 +18,13 @@ pub fn dataset_class_names(path: &Path) -> Result<Option<Vec<String>>> {
         return classes.map(Some).with_context(|| format!("{}: {why}", path.display()));
     }
     if path.is_dir() {
-        return Ok(Some(scan_image_folder(path)?.classes));
+        return match scan_image_dir(path)? {
+            ImageDir::Classes(folder) => Ok(Some(folder.classes)),
+            ImageDir::Unlabelled(_) => bail!(
+                "{}: images without class subfolders name no classes; list them in a text file, one per line",
+                path.display()
+            ),
+        };
     }
     Ok(None)
 }
