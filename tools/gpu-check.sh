@@ -7,7 +7,7 @@
 #   tools/gpu-check.sh                 build here (needs cargo) and run here
 #   tools/gpu-check.sh --stage DIR     build here, run the benchmark's whole-model path on the host emulation
 #                                      (a tiny model), and copy the stripped binaries to DIR (for a GPU machine
-#                                      without a Rust toolchain; same x86-64 Linux)
+#                                      without a Rust toolchain; same x86-64 Linux), with fusion-bench's wheel
 #   tools/gpu-check.sh --prebuilt DIR  run binaries staged by --stage
 #
 # NVRTC: the machine's own (its CUDA toolkit or its Python's nvidia-cuda-nvrtc) unless WEMOE_NVRTC names
@@ -36,7 +36,16 @@ stage() {
     cp "$tests" "$dir/kernel-tests"
     cp "$graph" "$dir/graph-tests"
     cp "$bench" "$dir/gpu-bench"
-    strip "$dir"/* 2>/dev/null || true
+    strip "$dir"/wemoe-engine "$dir"/kernel-tests "$dir"/graph-tests "$dir"/gpu-bench 2>/dev/null || true
+    # FusionBench's wheel beside them, for its side of the comparison there (the GPU machines' image has torch
+    # and transformers but not fusion-bench): the version the CPU comparisons use, else the latest.
+    local python=python3 version spec=fusion-bench
+    [ -x .venv/bin/python ] && python=.venv/bin/python
+    version=$("$python" -c 'import importlib.metadata as m; print(m.version("fusion-bench"))' 2>/dev/null) \
+        && spec="fusion-bench==$version"
+    rm -f "$dir"/fusion_bench-*.whl
+    "$python" -m pip download -q --no-deps --only-binary :all: -d "$dir" "$spec" \
+        || echo "warning: no fusion-bench wheel staged: FusionBench's side will be skipped there" >&2
     ls -la "$dir"
 }
 
@@ -83,10 +92,14 @@ echo "== where the whole model's GPU time goes: each backend operation timed (WE
 WEMOE_OP_TIMES=1 "$bin/gpu-bench" --bench --end-to-end-only 2>&1 | tee "$out/op-times.txt"
 
 echo "== FusionBench's WEMoE layer on the same card (PyTorch)"
-# fusion-bench may travel as a wheel in .whl (it is not in the GPU machines' image).
-if ls .whl/fusion_bench-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fb-site .whl/fusion_bench-*.whl \
+# fusion-bench travels as a wheel: staged beside the binaries by --stage (or put in .whl by hand), since the
+# GPU machines' image does not have it.
+wheel=$(ls "$bin"/fusion_bench-*.whl .whl/fusion_bench-*.whl 2>/dev/null | head -1)
+if [ -n "$wheel" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fb-site "$wheel" \
         && export PYTHONPATH=/tmp/fb-site${PYTHONPATH:+:$PYTHONPATH}
+else
+    echo "no fusion-bench wheel in $bin or .whl: its import below fails unless the machine has it"
 fi
 PYTHONUNBUFFERED=1 python3 tools/bench_fusionbench_gpu.py 2>&1 | tee "$out/fusionbench.txt" || true
 
