@@ -47,16 +47,16 @@ pub struct ImageFolder {
 
 /// Lists an ImageFolder tree in a stable order.
 pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
-    let folder = class_folders(root)?;
+    let folder = class_folders(root, &sorted_entries(root)?)?;
     if folder.files.is_empty() {
         bail!("{}: no class subfolders holding images (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
     }
     Ok(folder)
 }
 
-/// The class subfolders of `root` and their images, perhaps none.
-fn class_folders(root: &Path) -> Result<ImageFolder> {
-    let classes: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
+/// The class subfolders among `root`'s sorted `entries` and their images, perhaps none.
+fn class_folders(root: &Path, entries: &[PathBuf]) -> Result<ImageFolder> {
+    let classes: Vec<PathBuf> = entries.iter().filter(|p| p.is_dir()).cloned().collect();
     let mut files = Vec::new();
     let mut others = Vec::new();
     for (id, class) in classes.iter().enumerate() {
@@ -90,7 +90,7 @@ pub fn scan_image_dir(root: &Path) -> Result<ImageDir> {
     let others: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_other_image(p)).cloned().collect();
     refuse_other_images(root, &others)?;
     if loose.is_empty() {
-        let folder = class_folders(root)?;
+        let folder = class_folders(root, &entries)?;
         if folder.files.is_empty() {
             bail!("{}: no images in it nor in class subfolders (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
         }
