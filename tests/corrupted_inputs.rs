@@ -1,6 +1,7 @@
 //! Seeded corruptions of each kind of file the engine reads (safetensors, PyTorch's zip with its pickle, JPEG,
-//! PNG, parquet): each corrupted copy either loads or is refused with an error, and a refused file's error names
-//! it; none panics. `bad_input.rs` names each failure a user meets by hand; this covers the damage nobody
+//! PNG, parquet, a model folder's JSON files and shards, a tokenizer's vocabulary and merges, heads): each
+//! corrupted copy either loads or is refused with an error, and a refused file's error names it (or its model
+//! folder); none panics. `bad_input.rs` names each failure a user meets by hand; this covers the damage nobody
 //! thought to name: a length field off by a byte, a header cut short, an opcode turned into another.
 
 mod common;
@@ -10,8 +11,12 @@ use std::path::Path;
 
 use anyhow::Result;
 use common::fixture;
-use wemoe_engine::checkpoint::SafetensorsFile;
+use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
 use wemoe_engine::data::{decode_image, Dataset, Preprocess};
+use wemoe_engine::device::CpuBackend;
+use wemoe_engine::model::{Heads, ImageEncoder, Routing};
+use wemoe_engine::tensor::Tensor;
+use wemoe_engine::text::ClipTokenizer;
 
 /// Corrupted copies of each file.
 const COPIES: usize = 200;
@@ -66,39 +71,65 @@ fn read_every_tensor(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a corrupted copy goes, and what `check` is given.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    /// The file alone; `check` gets the file.
+    Alone,
+    /// The file among copies of the other files of its folder (a model directory); `check` gets the folder.
+    InItsFolder,
+}
+
 /// Runs `check` on `copies` corrupted copies of each fixture in `originals` (seeded by `seed`, so that a rerun
-/// makes the same copies), written into a scratch folder one by one, and asserts that none panicked, that each
-/// refusal's error names the copy, and that at least `least_refused` copies of each fixture were refused (else
-/// the corruptions would not be reaching the parsers).
+/// makes the same copies), made one by one in a scratch folder, and asserts that none panicked, that each
+/// refusal's error names what `check` was given, and that at least `least_refused` copies of each fixture were
+/// refused (else the corruptions would not be reaching the parsers).
 fn each_copy_loads_or_is_refused(
     seed: u64,
     originals: &[&str],
-    copies: usize,
-    least_refused: usize,
+    placement: Placement,
+    (copies, least_refused): (usize, usize),
     check: impl Fn(&Path) -> Result<()>,
 ) {
-    let dir = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let mut corrupter = Corrupter(seed);
     for original in originals {
-        let bytes = std::fs::read(fixture(original)).unwrap();
-        let name = Path::new(original).file_name().unwrap().to_string_lossy();
+        let original_path = fixture(original);
+        let bytes = std::fs::read(&original_path).unwrap();
         let (mut panicked, mut refused) = (Vec::new(), 0);
         for copy in 0..copies {
-            let path = dir.path().join(format!("{copy}-{name}"));
-            std::fs::write(&path, corrupter.corrupt(&bytes)).unwrap();
-            match catch_unwind(AssertUnwindSafe(|| check(&path))) {
+            let folder = scratch.path().join(format!("copy-{copy}"));
+            match placement {
+                Placement::Alone => std::fs::create_dir(&folder).unwrap(),
+                Placement::InItsFolder => copy_files(original_path.parent().unwrap(), &folder),
+            }
+            let corrupted = folder.join(original_path.file_name().unwrap());
+            std::fs::write(&corrupted, corrupter.corrupt(&bytes)).unwrap();
+            let given = if placement == Placement::Alone { &corrupted } else { &folder };
+            match catch_unwind(AssertUnwindSafe(|| check(given))) {
                 Err(_) => panicked.push(copy),
                 Ok(Err(e)) => {
                     refused += 1;
                     let message = format!("{e:#}");
-                    assert!(message.contains(&path.display().to_string()), "{original}, copy {copy}: {message}");
+                    assert!(message.contains(&given.display().to_string()), "{original}, copy {copy}: {message}");
                 }
                 Ok(Ok(())) => {}
             }
-            std::fs::remove_file(&path).unwrap();
+            std::fs::remove_dir_all(&folder).unwrap();
         }
         assert!(panicked.is_empty(), "{original}: copies {panicked:?} of {copies} panicked");
         assert!(refused >= least_refused, "{original}: only {refused} of {copies} corrupted copies were refused");
+    }
+}
+
+/// Copies the files (not the folders) of `from` into a new folder `to`.
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
     }
 }
 
@@ -112,7 +143,13 @@ fn corrupted_tensor_files_load_or_are_refused_naming_the_file() {
         "images_u8.safetensors",
     ];
     // Most damage is caught as the file opens; a copy whose damage lies in its values loads.
-    each_copy_loads_or_is_refused(0x9e37_79b9_7f4a_7c15, &originals, COPIES, COPIES / 4, read_every_tensor);
+    each_copy_loads_or_is_refused(
+        0x9e37_79b9_7f4a_7c15,
+        &originals,
+        Placement::Alone,
+        (COPIES, COPIES / 4),
+        read_every_tensor,
+    );
 }
 
 #[test]
@@ -126,7 +163,7 @@ fn corrupted_images_decode_or_are_refused() {
         decode_image(&std::fs::read(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(())
     };
-    each_copy_loads_or_is_refused(0x2545_f491_4f6c_dd1d, &originals, COPIES, COPIES / 10, decode);
+    each_copy_loads_or_is_refused(0x2545_f491_4f6c_dd1d, &originals, Placement::Alone, (COPIES, COPIES / 10), decode);
 }
 
 #[test]
@@ -140,5 +177,72 @@ fn corrupted_parquet_datasets_load_or_are_refused_naming_the_file() {
         Ok(())
     };
     let originals = ["parquet/by_name.parquet", "parquet/path_only.parquet"];
-    each_copy_loads_or_is_refused(0x6a09_e667_f3bc_c908, &originals, COPIES / 4, COPIES / 16, read);
+    each_copy_loads_or_is_refused(0x6a09_e667_f3bc_c908, &originals, Placement::Alone, (COPIES / 4, COPIES / 16), read);
+}
+
+#[test]
+fn corrupted_model_folders_load_and_run_or_are_refused_naming_the_folder() {
+    let be = CpuBackend::new();
+    let load_and_run = |folder: &Path| -> Result<()> {
+        let model = ModelDir::open(folder)?;
+        let encoder = ImageEncoder::load(&be, &model)?;
+        let side = model.config.image_size;
+        // The preprocessing the folder asks for, on a 37 × 23 RGB image.
+        let image: Vec<u8> = (0..37 * 23 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let preprocessed = Preprocess::for_model(folder, side)?.apply(&image, 23, 37, 3)?;
+        let pixels = Tensor::from_vec(&[1, 3, side, side], preprocessed)?;
+        encoder.encode(&be, &pixels, Routing::Sample)?;
+        let pixels = Tensor::from_vec(&[2, 3, side, side], vec![0.1; 2 * 3 * side * side])?;
+        encoder.encode(&be, &pixels, Routing::Sample)?;
+        encoder.encode(&be, &pixels, Routing::Batch)?;
+        Ok(())
+    };
+    let originals = [
+        "clip_a/config.json",
+        "clip_a/model.safetensors.index.json",
+        "clip_a/preprocessor_config.json",
+        "clip_a/model-00001-of-00005.safetensors",
+        "clip_c/config.json",
+        "wemoe/fusionbench_d2/config.json",
+        "wemoe/fusionbench_d2/model.safetensors",
+    ];
+    // A damaged preprocessor_config.json may still parse; a damaged config.json or index nearly never does.
+    each_copy_loads_or_is_refused(
+        0xbb67_ae85_84ca_a73b,
+        &originals,
+        Placement::InItsFolder,
+        (COPIES / 4, 1),
+        load_and_run,
+    );
+}
+
+#[test]
+fn corrupted_tokenizers_and_heads_are_refused_naming_the_file() {
+    let tokenize = |folder: &Path| -> Result<()> {
+        let tokenizer = ClipTokenizer::open(folder)?;
+        for prompt in ["a photo of a cat.", "naïve café, 123 — 🐱", "", "   x  "] {
+            tokenizer.encode(prompt)?;
+        }
+        Ok(())
+    };
+    let originals = ["heads_tool/clip/vocab.json", "heads_tool/clip/merges.txt"];
+    each_copy_loads_or_is_refused(0x3c6e_f372_fe94_f82b, &originals, Placement::InItsFolder, (COPIES / 4, 1), tokenize);
+
+    let be = CpuBackend::new();
+    let read_heads = |path: &Path| -> Result<()> {
+        let heads = Heads::open(&be, path)?;
+        let tasks: Vec<String> = heads.task_names().map(str::to_string).collect();
+        for task in &tasks {
+            heads.head(task)?;
+        }
+        Ok(())
+    };
+    let originals = ["heads_tool/heads.safetensors", "heads_a.safetensors"];
+    each_copy_loads_or_is_refused(
+        0xa54f_f53a_5f1d_36f1,
+        &originals,
+        Placement::Alone,
+        (COPIES / 4, COPIES / 16),
+        read_heads,
+    );
 }
