@@ -34,4 +34,4 @@ cargo clippy --target "$target" --all-targets -- -D warnings
 echo "== tests on $target under QEMU"
 export WEMOE_TEST_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 cargo test --target "$target" --lib --test adapt_fusionbench --test wemoe_fusionbench --test parity_transformers \
-    --test heads_tool --test hub_cache --test readme_fusionbench --test pytorch_checkpoints --test zero_shot_heads --test ties_merging --test adamerging --test cli --test bad_input --test adapt_cli -- --skip doctor_runs_on_a_fresh_clone
+    --test heads_tool --test hub_cache --test readme_fusionbench --test pytorch_checkpoints --test zero_shot_heads --test ties_merging --test adamerging --test cli --test bad_input --test corrupted_inputs --test adapt_cli -- --skip doctor_runs_on_a_fresh_clone
