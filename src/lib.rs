@@ -51,6 +51,7 @@ pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod output;
+pub mod partial;
 pub mod rng;
 pub mod suite;
 pub mod tensor;

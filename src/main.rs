@@ -8,6 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     wemoe_engine::heap::keep_freed_memory();
+    wemoe_engine::partial::remove_on_interrupt();
     let args = cli::Cli::parse();
     let result = cli::run(args);
     if let Some(table) = wemoe_engine::device::op_times::report() {

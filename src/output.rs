@@ -1,32 +1,25 @@
-//! Output files written atomically: to a temporary name beside the target, then renamed, so a failed
-//! or interrupted command never leaves a partial file under the requested name.
+//! Output files written atomically: to a partial file beside the target ([`Partial`]), then renamed, so a
+//! failed or interrupted command never leaves a partial file under the requested name, nor beside it.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-/// A temporary path beside `path`, unique to this process.
-fn temporary(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
+use crate::partial::Partial;
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
+    let partial = Partial::beside(path);
+    (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(partial.path())?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("{}: cannot write", path.display()))
+        partial.finish(path)
+    })()
+    .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// A named f32 tensor to save.

@@ -84,3 +84,35 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
     assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn an_interrupted_demo_removes_its_models_and_says_so() {
+    // The demo's models go to a scratch folder under the temporary folder. Ctrl-C (SIGINT) while it writes
+    // them must remove the folder, name it, and end with the status a shell gives a process SIGINT ended.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = engine_command()
+        .args(["demo", "--steps", "100000", "--device", "cpu", "--quiet"])
+        .env("TMPDIR", tmp.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = tmp.path().join(format!("wemoe-demo-{}", child.id()));
+    let has_a_model = || {
+        std::fs::read_dir(&scratch)
+            .is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().join("model.safetensors").exists())))
+    };
+    let start = std::time::Instant::now();
+    while !has_a_model() {
+        assert!(start.elapsed().as_secs() < 300, "no model appeared in {}", scratch.display());
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended before it was interrupted");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains(&format!("interrupted by SIGINT; removed the partial output {}", scratch.display())), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

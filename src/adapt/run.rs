@@ -15,6 +15,7 @@ use crate::data::Dataset;
 use crate::device::Backend;
 use crate::model::{Heads, ImageEncoder, Routing};
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
+use crate::partial::Partial;
 use crate::tensor::Tensor;
 
 /// The learning-rate schedule.
@@ -185,22 +186,17 @@ fn adaptation_record(tasks: &[(String, PathBuf)], o: &AdaptOptions) -> Value {
 fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value) -> Result<()> {
     let names: Vec<String> = dir.store.names().map(str::to_string).collect();
     let plan = names.iter().map(|n| (n.clone(), dir.store.shape(n).unwrap_or_default().to_vec())).collect();
-    let tmp = out.join(format!(".model.safetensors.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut writer = StreamingWriter::create(&tmp, plan)?;
-        for name in &names {
-            match params.values.get(name) {
-                Some(values) => writer.write(name, values)?,
-                None => writer.write(name, dir.store.get_any(name)?.host()?)?,
-            }
+    let target = out.join("model.safetensors");
+    let partial = Partial::beside(&target);
+    let mut writer = StreamingWriter::create(partial.path(), plan)?;
+    for name in &names {
+        match params.values.get(name) {
+            Some(values) => writer.write(name, values)?,
+            None => writer.write(name, dir.store.get_any(name)?.host()?)?,
         }
-        writer.finish()?;
-        std::fs::rename(&tmp, out.join("model.safetensors")).with_context(|| format!("{}: cannot write", out.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result?;
+    writer.finish()?;
+    partial.finish(&target).with_context(|| format!("{}: cannot write", out.display()))?;
     let mut config = dir.json.clone();
     if let Some(obj) = config.as_object_mut() {
         if let Some(spec) = dir.wemoe.as_ref() {

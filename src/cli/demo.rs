@@ -16,6 +16,7 @@ use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
 use wemoe_engine::output::write_atomic;
+use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
 use super::progress;
@@ -83,10 +84,10 @@ impl Opened {
 }
 
 /// The temporary models' folder: `--work` when given (kept), else one under the system's temporary folder,
-/// removed when the demo ends.
+/// removed when the demo ends, fails or is interrupted.
 struct WorkDir {
     path: PathBuf,
-    keep: bool,
+    _scratch: Option<Partial>,
 }
 
 impl WorkDir {
@@ -99,15 +100,7 @@ impl WorkDir {
             anyhow::bail!("{}: already exists; --work needs a new folder", path.display());
         }
         std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(WorkDir { path, keep })
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
+        Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path })
     }
 }
 

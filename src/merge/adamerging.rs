@@ -28,6 +28,7 @@ use crate::device::{Backend, Device};
 use crate::model::{ClipVision, Heads, ImageEncoder, Routing, WeightSource};
 use crate::ops::task_vectors::merge_rounded;
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
+use crate::partial::Partial;
 use crate::tensor::Tensor;
 
 /// How many coefficients each expert gets: FusionBench's two CLIP AdaMerging algorithms (`name` in its
@@ -571,9 +572,10 @@ fn write_output(
     );
     let plan: Vec<(String, Vec<usize>)> =
         names.iter().map(|n| (n.clone(), pretrained.store.shape(n).unwrap_or_default().to_vec())).collect();
-    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    let target = dir.join("model.safetensors");
+    let partial = Partial::beside(&target);
     let written = (|| -> Result<usize> {
-        let mut writer = StreamingWriter::create(&tmp, plan)?;
+        let mut writer = StreamingWriter::create(partial.path(), plan)?;
         let mut parameters = 0;
         for name in &names {
             let values = if run.names.contains(name) {
@@ -587,14 +589,11 @@ fn write_output(
             pretrained.store.release(name);
         }
         writer.finish()?;
-        std::fs::rename(&tmp, dir.join("model.safetensors"))
-            .with_context(|| format!("{}: cannot write", dir.display()))?;
         Ok(parameters)
     })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // On an error the partial file is dropped, and with it removed.
     let parameters = written?;
+    partial.finish(&target).with_context(|| format!("{}: cannot write", dir.display()))?;
     let experts = run.experts.len();
     // FusionBench's `merge_weight`: [T, P] layer-wise, [T] task-wise.
     let shape = match run.granularity {

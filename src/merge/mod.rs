@@ -33,7 +33,7 @@
 //! # anyhow::Ok(())
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
@@ -43,6 +43,7 @@ use crate::checkpoint::{ModelDir, StreamingWriter};
 use crate::config::VisionConfig;
 use crate::model::{gate_tensors, RouterActivation, WemoeSpec};
 use crate::output::write_atomic;
+use crate::partial::Partial;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -378,7 +379,8 @@ pub fn merge(
         })?),
         _ => None,
     };
-    let tmp = temporary_dir(out)?;
+    let partial = temporary_dir(out)?;
+    let tmp = partial.path();
     let result = (|| -> Result<MergeSummary> {
         let config = serde_json::to_string_pretty(&output_config(pretrained, experts, opts))?;
         write_atomic(&tmp.join("config.json"), config.as_bytes())?;
@@ -407,27 +409,20 @@ pub fn merge(
         writer.finish()?;
         Ok(MergeSummary { tensors: plan.len(), parameters, ties: ties.clone() })
     })();
-    match result {
-        Ok(summary) => {
-            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create", out.display()))?;
-            Ok(summary)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    // On an error the partial folder is dropped, and with it removed.
+    let summary = result?;
+    partial.finish(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    Ok(summary)
 }
 
-/// A fresh, empty directory beside `out` for writing before the final rename.
-fn temporary_dir(out: &Path) -> Result<PathBuf> {
-    let name = out.file_name().with_context(|| format!("{}: not a directory name", out.display()))?;
+/// A fresh, empty folder beside `out` for writing before the final rename.
+fn temporary_dir(out: &Path) -> Result<Partial> {
+    out.file_name().with_context(|| format!("{}: not a directory name", out.display()))?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    Ok(tmp)
+    let partial = Partial::beside(&parent.join(out.file_name().unwrap_or_default()));
+    std::fs::create_dir(partial.path()).with_context(|| format!("{}: cannot create", partial.path().display()))?;
+    Ok(partial)
 }
 
 #[cfg(test)]
