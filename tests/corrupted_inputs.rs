@@ -217,7 +217,7 @@ fn corrupted_model_folders_load_and_run_or_are_refused_naming_the_folder() {
 }
 
 #[test]
-fn corrupted_tokenizers_and_heads_are_refused_naming_the_file() {
+fn corrupted_tokenizers_and_heads_load_or_are_refused_naming_the_file() {
     let tokenize = |folder: &Path| -> Result<()> {
         let tokenizer = ClipTokenizer::open(folder)?;
         for prompt in ["a photo of a cat.", "naïve café, 123 — 🐱", "", "   x  "] {
