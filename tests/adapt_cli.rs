@@ -1,5 +1,6 @@
 //! `wemoe-engine adapt` end to end: the entropy goes down, only the routers change, a run killed with
-//! SIGKILL and resumed ends byte-identical to an uninterrupted one, and bad input is refused clearly.
+//! SIGKILL or stopped by Ctrl-C and resumed ends byte-identical to an uninterrupted one, and bad input is
+//! refused clearly.
 
 mod common;
 
@@ -112,7 +113,7 @@ fn checkpoint_step(out: &Path) -> Option<u64> {
 }
 
 #[test]
-fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
+fn resume_after_sigkill_or_ctrl_c_ends_byte_identical_to_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 1500;
     let whole = tmp.path().join("whole");
@@ -129,6 +130,24 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     assert!(ok, "{err}");
     let read = |p: &PathBuf| std::fs::read(p.join("model.safetensors")).unwrap();
     assert!(read(&whole) == read(&killed), "resumed from step {at}: the models differ");
+
+    // Ctrl-C: the command ends itself with the status a shell expects, its checkpoint complete and nothing
+    // partial beside it, and resumes the same way.
+    let interrupted = tmp.path().join("interrupted");
+    let mut args = base_args(&interrupted, steps);
+    args.extend(["--checkpoint-every".to_string(), "7".to_string()]);
+    let (at, output) = signal_after_checkpoint(&args, || checkpoint_step(&interrupted), 21, "INT");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(at < steps, "the run finished before it could be interrupted (checkpoint at {at})");
+    assert_eq!(output.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    let files: Vec<String> =
+        std::fs::read_dir(&interrupted).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(files, ["adapt-checkpoint.safetensors"], "in the output folder");
+    args.push("--resume".into());
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(read(&whole) == read(&interrupted), "resumed from step {at} after Ctrl-C: the models differ");
 }
 
 #[test]

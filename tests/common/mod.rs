@@ -121,6 +121,27 @@ pub fn kill_after_checkpoint(args: &[String], checkpoint_step: impl Fn() -> Opti
     checkpoint_step().unwrap()
 }
 
+/// Runs the engine with `args`, sends it `signal` (as `kill -SIGNAL` names it: `INT` for Ctrl-C) once
+/// `checkpoint_step` reports at least `step`, and waits for it: the step its last checkpoint holds, and the
+/// process's exit and stderr.
+pub fn signal_after_checkpoint(
+    args: &[String],
+    checkpoint_step: impl Fn() -> Option<u64>,
+    step: u64,
+    signal: &str,
+) -> (u64, std::process::Output) {
+    let child = engine_command().args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while checkpoint_step().is_none_or(|s| s < step) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let sent = std::process::Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+    assert!(sent.unwrap().success(), "kill -{signal} failed");
+    let output = child.wait_with_output().unwrap();
+    (checkpoint_step().unwrap(), output)
+}
+
 /// The files of the fixture ImageFolder `photos`, relative to it, in the order it lists them.
 pub const PHOTOS: [&str; 4] = [
     "class_0/china_301x217.jpg",
