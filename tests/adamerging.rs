@@ -373,7 +373,7 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     assert!(ok, "{err}");
     let killed = tmp.path().join("killed");
     let args = command(&killed, &["--steps", steps, "--batch-size", "3", "--checkpoint-every", "7"]);
-    let at = kill_after_checkpoint(&args, || checkpoint_step(&killed), 14);
+    let (at, _) = signal_after_checkpoint(&args, || checkpoint_step(&killed), 14, "KILL");
     assert!(at < 1500, "the run finished before it could be killed (checkpoint at {at})");
     assert!(!killed.join("model.safetensors").exists());
 

@@ -122,7 +122,7 @@ fn resume_after_sigkill_or_ctrl_c_ends_byte_identical_to_an_uninterrupted_run() 
     let killed = tmp.path().join("killed");
     let mut args = base_args(&killed, steps);
     args.extend(["--checkpoint-every".to_string(), "7".to_string(), "--routing".to_string(), "sample".to_string()]);
-    let at = kill_after_checkpoint(&args, || checkpoint_step(&killed), 14);
+    let (at, _) = signal_after_checkpoint(&args, || checkpoint_step(&killed), 14, "KILL");
     assert!(at < steps, "the run finished before it could be killed (checkpoint at {at})");
     assert!(!killed.join("model.safetensors").exists());
     args.push("--resume".into());

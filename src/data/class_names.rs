@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::image_folder::{scan_image_dir, ImageDir};
 use super::parquet::{parquet_class_names, parquet_shards};
+use super::{scan_image_dir, ImageDir};
 
 /// The class names of the dataset at `path`, in label order, as [`Dataset::open`](super::Dataset::open)
 /// would have them: a parquet dataset's `ClassLabel` names (a file, a folder of one split's shards, or a

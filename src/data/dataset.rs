@@ -6,9 +6,9 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
-use super::image_folder::{scan_image_dir, ImageDir};
 use super::parquet::{parquet_shards, read_parquet, ParquetRows};
 use super::Preprocess;
+use super::{scan_image_dir, ImageDir};
 use crate::checkpoint::SafetensorsFile;
 use crate::tensor::Tensor;
 

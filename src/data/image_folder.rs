@@ -45,15 +45,6 @@ pub struct ImageFolder {
     pub files: Vec<(PathBuf, i64)>,
 }
 
-/// Lists an ImageFolder tree in a stable order.
-pub fn scan_image_folder(root: &Path) -> Result<ImageFolder> {
-    let folder = class_folders(root, &sorted_entries(root)?)?;
-    if folder.files.is_empty() {
-        bail!("{}: no class subfolders holding images (PNG, JPEG, WebP, BMP, GIF, TIFF, PNM)", root.display());
-    }
-    Ok(folder)
-}
-
 /// The class subfolders among `root`'s sorted `entries` and their images, perhaps none.
 fn class_folders(root: &Path, entries: &[PathBuf]) -> Result<ImageFolder> {
     let classes: Vec<PathBuf> = entries.iter().filter(|p| p.is_dir()).cloned().collect();

@@ -13,6 +13,6 @@ pub mod resample;
 pub use class_names::dataset_class_names;
 pub use dataset::Dataset;
 pub use decode::{decode_image, jpeg_simd};
-pub use image_folder::{scan_image_folder, ImageFolder};
+pub use image_folder::{scan_image_dir, ImageDir, ImageFolder};
 pub(crate) use parquet::{is_parquet_file, parquet_shards, split_of};
 pub use preprocess::Preprocess;

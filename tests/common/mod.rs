@@ -107,21 +107,7 @@ pub fn adapt_tasks(heads: &wemoe_engine::model::Heads) -> Vec<wemoe_engine::auto
         .collect()
 }
 
-/// Runs the engine with `args` and kills it (SIGKILL) once `checkpoint_step` reports at least `step`; returns
-/// the step its last checkpoint holds.
-pub fn kill_after_checkpoint(args: &[String], checkpoint_step: impl Fn() -> Option<u64>, step: u64) -> u64 {
-    let mut child = engine_command().args(args).spawn().unwrap();
-    let start = std::time::Instant::now();
-    while checkpoint_step().is_none_or(|s| s < step) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    checkpoint_step().unwrap()
-}
-
-/// Runs the engine with `args`, sends it `signal` (as `kill -SIGNAL` names it: `INT` for Ctrl-C) once
+/// Runs the engine with `args`, sends it `signal` (as `kill -SIGNAL` names it: `KILL`, or `INT` for Ctrl-C) once
 /// `checkpoint_step` reports at least `step`, and waits for it: the step its last checkpoint holds, and the
 /// process's exit and stderr.
 pub fn signal_after_checkpoint(
