@@ -38,6 +38,27 @@ pub fn device_count() -> Result<usize> {
     Ok(n as usize)
 }
 
+/// Keeps the memory that buffers free in the device's default pool, for the next allocation. cudarc allocates
+/// from that pool (`cuMemAllocAsync`); at the pool's default release threshold, 0, the driver hands every freed
+/// byte back at each synchronisation: each result read to the host (every adaptation step reads its loss),
+/// and under `WEMOE_OP_TIMES` each operation. The next step or operation then had its gigabytes of buffers
+/// mapped anew. With no threshold, the pool holds the run's peak until the context ends.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolSetAttribute, CUmemPool_attribute, CUresult};
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the context exists, so the driver is loaded and its device valid; the device supports memory
+    // pools (checked by the caller); the out-pointer is valid.
+    let rc = unsafe { cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    ensure!(rc == CUresult::CUDA_SUCCESS, "cuDeviceGetDefaultMemPool failed: {rc:?}");
+    // The attribute's value is a cuuint64_t, read through the pointer.
+    let mut threshold = u64::MAX;
+    let attribute = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    // SAFETY: `pool` is the device's default pool, just returned; the value points to a live u64.
+    let rc = unsafe { cuMemPoolSetAttribute(pool, attribute, (&mut threshold as *mut u64).cast()) };
+    ensure!(rc == CUresult::CUDA_SUCCESS, "setting the release threshold failed: {rc:?}");
+    Ok(())
+}
+
 /// Runs kernels on one GPU.
 pub struct GpuExecutor {
     ctx: Arc<CudaContext>,
@@ -63,6 +84,9 @@ impl GpuExecutor {
         // One stream: ordering is the stream's, so cudarc's per-buffer event tracking is not needed.
         // SAFETY: no buffers exist yet.
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx).with_context(|| format!("cuda:{ordinal}: the memory pool"))?;
+        }
         let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("cuda:{ordinal}: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let stream = ctx.default_stream();
