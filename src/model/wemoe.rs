@@ -199,6 +199,7 @@ impl WemoeMlp {
         spec: &WemoeSpec,
     ) -> Result<Self> {
         let (d, i, t) = (c.hidden_size, c.intermediate_size, spec.num_experts());
+        ensure!(t > 0, "{prefix}: a WEMoE layer needs at least one expert, and the spec names none");
         let expert_linear = |name: &str, out: usize, inp: usize| -> Result<ExpertLinear> {
             let get = |key: String, shape: &[usize]| src.get(&key, shape);
             let vectors = |suffix: &str, shape: &[usize]| -> Result<Vec<Tensor>> {
@@ -243,5 +244,30 @@ impl WemoeMlp {
     /// merge: sample `b`'s rows with row `b`'s, or every row with the one row of `[1, T]`.
     pub fn mix(&self, be: &dyn Backend, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
         be.expert_mlp(x, coefficients, &self.fc1, &self.fc2, self.activation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VisionConfig;
+    use crate::device::CpuBackend;
+    use crate::model::RandomWeights;
+
+    /// A spec without experts is refused when the layer loads, naming the layer, instead of failing deep
+    /// inside (it once panicked transposing the router's empty last layer).
+    #[test]
+    fn a_layer_without_experts_is_refused_by_name() {
+        let spec = WemoeSpec {
+            experts: Vec::new(),
+            router_layers: 2,
+            router_activation: RouterActivation::Identity,
+            init_lambda: Some(0.3),
+        };
+        let c = VisionConfig::default();
+        let err = WemoeMlp::load(&CpuBackend::new(), &RandomWeights::new(1), "layers.3.mlp", &c, &spec)
+            .err()
+            .expect("a layer without experts loaded");
+        assert!(err.to_string().starts_with("layers.3.mlp: a WEMoE layer needs at least one expert"), "{err}");
     }
 }

@@ -5,6 +5,10 @@ use rayon::prelude::*;
 /// `[rows, cols]` to `[cols, rows]`, row-major.
 pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
+    assert_eq!(x.len(), rows * cols, "transpose: {} values for a {rows}×{cols} matrix", x.len());
+    if rows == 0 || cols == 0 {
+        return Vec::new(); // and no chunks of zero rows to split the output into
+    }
     let mut y = vec![0.0f32; rows * cols];
     // Each task fills TILE output rows (= input columns), reading the input in TILE×TILE blocks.
     y.par_chunks_mut(TILE * rows).enumerate().for_each(|(block, out)| {
@@ -23,6 +27,12 @@ pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn transposes_empty_matrices() {
+        assert!(super::transpose(&[], 0, 7).is_empty());
+        assert!(super::transpose(&[], 7, 0).is_empty());
+    }
+
     #[test]
     fn transposes_odd_shapes() {
         let (r, c) = (45, 71);
