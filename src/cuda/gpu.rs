@@ -41,8 +41,8 @@ pub fn device_count() -> Result<usize> {
 /// Keeps the memory that buffers free in the device's default pool, for the next allocation. cudarc allocates
 /// from that pool (`cuMemAllocAsync`); at the pool's default release threshold, 0, the driver hands every freed
 /// byte back at each synchronisation: each result read to the host (an adaptation step reads each task's
-/// entropy, then the gradients), and under `WEMOE_OP_TIMES` each operation. The next step or operation then had its buffers' memory
-/// mapped anew. With no threshold, the pool holds the run's peak until the context ends.
+/// entropy, then the gradients), and under `WEMOE_OP_TIMES` each operation. The next step or operation then
+/// had its buffers' memory mapped anew. With no threshold, the pool holds the run's peak until the context ends.
 fn keep_freed_pool_memory(ctx: &CudaContext) -> Result<()> {
     use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, cuMemPoolSetAttribute, CUmemPool_attribute, CUresult};
     let mut pool = std::ptr::null_mut();
