@@ -87,7 +87,10 @@ impl GpuExecutor {
         if ctx.has_async_alloc() {
             // Only speed depends on it, so a refusal is a warning, not a failure.
             if let Err(e) = keep_freed_pool_memory(&ctx) {
-                eprintln!("warning: cuda:{ordinal}: {e:#}; freed device memory goes back to the driver at each synchronisation (slower, the same results)");
+                eprintln!(
+                    "warning: cuda:{ordinal}: {e:#}; freed device memory goes back to the driver at each \
+                     synchronisation (slower, the same results)"
+                );
             }
         }
         let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("cuda:{ordinal}: {e:?}"))?;
