@@ -574,25 +574,21 @@ fn write_output(
         names.iter().map(|n| (n.clone(), pretrained.store.shape(n).unwrap_or_default().to_vec())).collect();
     let target = dir.join("model.safetensors");
     let partial = Partial::beside(&target);
-    let written = (|| -> Result<usize> {
-        let mut writer = StreamingWriter::create(partial.path(), plan)?;
-        let mut parameters = 0;
-        for name in &names {
-            let values = if run.names.contains(name) {
-                run.merged(name, coefficients)?
-            } else {
-                let t = pretrained.store.get_any(name)?;
-                t.host()?.to_vec()
-            };
-            writer.write(name, &values)?;
-            parameters += values.len();
-            pretrained.store.release(name);
-        }
-        writer.finish()?;
-        Ok(parameters)
-    })();
-    // On an error the partial file is dropped, and with it removed.
-    let parameters = written?;
+    let mut writer = StreamingWriter::create(partial.path(), plan)?;
+    let mut parameters = 0;
+    for name in &names {
+        let values = if run.names.contains(name) {
+            run.merged(name, coefficients)?
+        } else {
+            let t = pretrained.store.get_any(name)?;
+            t.host()?.to_vec()
+        };
+        writer.write(name, &values)?;
+        parameters += values.len();
+        pretrained.store.release(name);
+    }
+    writer.finish()?;
+    // An error above returns early and drops the partial file, which removes it.
     partial.finish(&target).with_context(|| format!("{}: cannot write", dir.display()))?;
     let experts = run.experts.len();
     // FusionBench's `merge_weight`: [T, P] layer-wise, [T] task-wise.

@@ -381,38 +381,32 @@ pub fn merge(
     };
     let partial = temporary_dir(out)?;
     let tmp = partial.path();
-    let result = (|| -> Result<MergeSummary> {
-        let config = serde_json::to_string_pretty(&output_config(pretrained, experts, opts))?;
-        write_atomic(&tmp.join("config.json"), config.as_bytes())?;
-        let preprocessor = pretrained.path.join("preprocessor_config.json");
-        if preprocessor.exists() {
-            std::fs::copy(&preprocessor, tmp.join("preprocessor_config.json"))
-                .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
-        }
-        let shapes = plan.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-        let mut writer = StreamingWriter::create(&tmp.join("model.safetensors"), shapes)?;
-        let mut parameters = 0;
-        for (i, (name, shape, recipe)) in plan.iter().enumerate() {
-            let values = compute(name, shape, recipe, pretrained, experts, opts, ties.as_ref())?;
-            writer.write(name, &values)?;
-            parameters += values.len();
-            if let Recipe::Merged(src) | Recipe::Ties(src) | Recipe::Pretrained(src) | Recipe::TaskVector(src, _) =
-                recipe
-            {
-                pretrained.store.release(src);
-                if let Recipe::TaskVector(_, t) = recipe {
-                    experts[*t].model.store.release(src);
-                }
+    let config = serde_json::to_string_pretty(&output_config(pretrained, experts, opts))?;
+    write_atomic(&tmp.join("config.json"), config.as_bytes())?;
+    let preprocessor = pretrained.path.join("preprocessor_config.json");
+    if preprocessor.exists() {
+        std::fs::copy(&preprocessor, tmp.join("preprocessor_config.json"))
+            .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
+    }
+    let shapes = plan.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    let mut writer = StreamingWriter::create(&tmp.join("model.safetensors"), shapes)?;
+    let mut parameters = 0;
+    for (i, (name, shape, recipe)) in plan.iter().enumerate() {
+        let values = compute(name, shape, recipe, pretrained, experts, opts, ties.as_ref())?;
+        writer.write(name, &values)?;
+        parameters += values.len();
+        if let Recipe::Merged(src) | Recipe::Ties(src) | Recipe::Pretrained(src) | Recipe::TaskVector(src, _) = recipe {
+            pretrained.store.release(src);
+            if let Recipe::TaskVector(_, t) = recipe {
+                experts[*t].model.store.release(src);
             }
-            progress(reads + i + 1, reads + plan.len());
         }
-        writer.finish()?;
-        Ok(MergeSummary { tensors: plan.len(), parameters, ties: ties.clone() })
-    })();
-    // On an error the partial folder is dropped, and with it removed.
-    let summary = result?;
+        progress(reads + i + 1, reads + plan.len());
+    }
+    writer.finish()?;
+    // An error above returns early and drops the partial folder, which removes it.
     partial.finish(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    Ok(summary)
+    Ok(MergeSummary { tensors: plan.len(), parameters, ties })
 }
 
 /// A fresh, empty folder beside `out` for writing before the final rename.
