@@ -75,6 +75,12 @@ pub(crate) fn layer_norm_eps(object: &Value, default: f32, origin: &Path, what: 
     }
 }
 
+/// An f32 as the JSON number of its shortest decimal, as a user wrote it (`1e-5`, not the f64 of the f32,
+/// `9.999999747378752e-6`), which reads back as the same f32; null when not finite, as serde_json writes those.
+pub fn json_f32(x: f32) -> Value {
+    x.to_string().parse::<f64>().ok().filter(|v| v.is_finite()).map_or(Value::Null, Value::from)
+}
+
 /// `"hidden_act"` of a CLIP tower's config object (quick_gelu when absent, as HF's CLIP configs default).
 pub(crate) fn hidden_act(object: &Value, origin: &Path) -> Result<Activation> {
     Ok(match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
@@ -154,7 +160,7 @@ impl VisionConfig {
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "projection_dim": self.projection_dim,
-            "layer_norm_eps": self.layer_norm_eps,
+            "layer_norm_eps": json_f32(self.layer_norm_eps),
             "hidden_act": act,
         })
     }
@@ -173,5 +179,20 @@ mod tests {
         assert!(format!("{:#}", err.unwrap_err()).contains("not divisible"));
         let err = VisionConfig::from_json(&serde_json::json!({"hidden_act": "swish"}), p).unwrap_err();
         assert!(format!("{err:#}").contains("swish"));
+    }
+
+    #[test]
+    fn f32_settings_are_written_as_their_shortest_decimals_and_read_back_exactly() {
+        let c = VisionConfig::from_json(&serde_json::json!({"layer_norm_eps": 1e-5}), Path::new("config.json"));
+        assert_eq!(c.unwrap().to_json()["layer_norm_eps"], serde_json::json!(1e-5));
+        assert_eq!((json_f32(0.3), json_f32(f32::NAN)), (serde_json::json!(0.3), Value::Null));
+        // Every 9973rd bit pattern: the written number, read as JSON readers read it, is the same f32.
+        for bits in (0..u32::MAX).step_by(9973) {
+            let x = f32::from_bits(bits);
+            if x.is_finite() {
+                let text = serde_json::to_string(&json_f32(x)).unwrap();
+                assert_eq!(text.parse::<f64>().unwrap() as f32, x, "{x:e} written as {text}");
+            }
+        }
     }
 }

@@ -257,7 +257,7 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64;
         assert!((summary["mean"].as_f64().unwrap() - mean).abs() < 1e-12, "{expert}: {summary}");
         let lowest = row.iter().copied().fold(f32::INFINITY, f32::min);
-        assert_eq!(summary["min"].as_f64().unwrap(), lowest as f64, "{expert}");
+        assert_eq!(summary["min"].as_f64().unwrap() as f32, lowest, "{expert}: the same f32, as its shortest decimal");
     }
     let (ok, text, err) = engine(&["info", s(&out)]);
     assert!(ok, "{err}");

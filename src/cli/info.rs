@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::{json, Value};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
+use wemoe_engine::config::json_f32;
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, COEFFICIENTS_FILE};
 use wemoe_engine::model::Heads;
@@ -72,11 +73,11 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
                 "granularity": file.granularity.name(),
                 "experts": per_expert
                     .iter()
-                    .map(|s| json!({"name": s.expert, "mean": s.mean, "min": s.min, "max": s.max}))
+                    .map(|s| json!({"name": s.expert, "mean": s.mean, "min": json_f32(s.min), "max": json_f32(s.max)}))
                     .collect::<Vec<_>>(),
             })),
             "projection": projection,
-            "logit_scale": logit_scale,
+            "logit_scale": logit_scale.map(json_f32),
             "text": text.as_ref().map(|t| json!({
                 "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size,
@@ -276,7 +277,7 @@ fn heads(path: &Path, as_json: bool) -> Result<()> {
             "kind": "heads",
             "tasks": tasks,
             "projection": projection,
-            "logit_scale": logit_scale,
+            "logit_scale": logit_scale.map(json_f32),
         });
         say!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

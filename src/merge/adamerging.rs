@@ -22,7 +22,7 @@ use super::{check_inputs, Expert};
 use crate::adapt::{finite, same_arguments, Adam, CheckpointState, TaskSampler};
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
-use crate::config::VisionConfig;
+use crate::config::{json_f32, VisionConfig};
 use crate::data::Dataset;
 use crate::device::{Backend, Device};
 use crate::model::{ClipVision, Heads, ImageEncoder, Routing, WeightSource};
@@ -523,13 +523,11 @@ pub fn adamerging(
 
 /// How the model was made, for its `config.json` under `"merge"`.
 fn provenance(run: &AdaMerging, tasks: &[String], opts: &AdaMergingOptions) -> Value {
-    // As written on the command line (0.3, not the f32's 0.30000001192092896).
-    let init: f64 = opts.init.to_string().parse().expect("a float's display parses");
     json!({
         "tool": format!("wemoe-engine {}", env!("CARGO_PKG_VERSION")),
         "method": "adamerging",
         "experts": run.experts.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        "scaling": init,
+        "scaling": json_f32(opts.init),
         "steps": opts.steps,
         "lr": opts.lr,
         "batch_size": opts.batch_size,

@@ -40,7 +40,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::checkpoint::{ModelDir, StreamingWriter};
-use crate::config::VisionConfig;
+use crate::config::{json_f32, VisionConfig};
 use crate::model::{gate_tensors, RouterActivation, WemoeSpec};
 use crate::output::write_atomic;
 use crate::partial::Partial;
@@ -325,9 +325,7 @@ fn provenance(experts: &[Expert], opts: &MergeOptions) -> Value {
     });
     let obj = merge.as_object_mut().expect("an object");
     if opts.method != MergeMethod::Average {
-        // As written on the command line (0.3, not the f32's 0.30000001192092896).
-        let scaling: f64 = opts.scaling.to_string().parse().expect("a float's display parses");
-        obj.insert("scaling".into(), scaling.into());
+        obj.insert("scaling".into(), json_f32(opts.scaling));
     }
     if let MergeMethod::TiesMerging(t) = opts.method {
         obj.insert("threshold".into(), t.threshold.into());

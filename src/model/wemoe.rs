@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{Linear, WeightSource};
 use crate::checkpoint::TensorStore;
-use crate::config::VisionConfig;
+use crate::config::{json_f32, VisionConfig};
 use crate::device::{Activation, Backend, ExpertLinear};
 use crate::tensor::Tensor;
 
@@ -116,7 +116,7 @@ impl WemoeSpec {
             "experts": self.experts,
             "router_layers": self.router_layers,
             "router_activation": self.router_activation.name(),
-            "init_lambda": self.init_lambda,
+            "init_lambda": self.init_lambda.map(json_f32),
         })
     }
 
@@ -269,5 +269,15 @@ mod tests {
             .err()
             .expect("a layer without experts loaded");
         assert!(err.to_string().starts_with("layers.3.mlp: a WEMoE layer needs at least one expert"), "{err}");
+    }
+    #[test]
+    fn init_lambda_is_written_as_given() {
+        let spec = WemoeSpec {
+            experts: vec!["a".into()],
+            router_layers: 1,
+            router_activation: RouterActivation::Softmax,
+            init_lambda: Some(0.3),
+        };
+        assert_eq!(spec.to_json()["init_lambda"], json!(0.3), "not the f32's 0.30000001192092896");
     }
 }
