@@ -390,6 +390,12 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     other = command(&killed, &["--steps", steps, "--batch-size", "3", "--granularity", "task-wise", "--resume"]);
     let (ok, _, err) = run(&other);
     assert!(!ok && err.contains("(granularity: \"layer-wise\" there, \"task-wise\" now)"), "{err}");
+    // Resumed to fewer steps than the checkpoint holds: refused, not a model of `at` steps recorded as fewer.
+    let fewer = (at - 1).to_string();
+    let (ok, _, err) = run(&command(&killed, &["--steps", &fewer, "--batch-size", "3", "--resume"]));
+    let past = format!("is at step {at}, past --steps {fewer}; resume with --steps {at} or more");
+    assert!(!ok && err.contains(&past) && err.trim().lines().count() == 1, "{err}");
+    assert!(!killed.join("model.safetensors").exists());
     assert_eq!(checkpoint_step(&killed), Some(at), "a refused resume leaves the checkpoint as it was");
 
     let mut resumed = args.clone();

@@ -213,4 +213,8 @@ fn bad_adaptation_input_is_refused_clearly() {
     check(a, "lr: 0.001 there, 0.002 now");
     assert_eq!(checkpoint_step(&out), Some(4), "the last good checkpoint is kept");
     check(base_args(&out, 8), "holds a checkpoint; pass --resume");
+    // Resumed to fewer steps than the checkpoint holds: refused, not a model of 4 steps recorded as 2.
+    let mut a = base_args(&out, 2);
+    a.push("--resume".into());
+    check(a, "adapt-checkpoint.safetensors is at step 4, past --steps 2; resume with --steps 4 or more");
 }

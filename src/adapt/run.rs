@@ -106,6 +106,18 @@ pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> R
     )
 }
 
+/// An error when a checkpoint is past the run's last step: its state is not the one after `steps` steps, and
+/// the model written from it would say otherwise.
+pub(crate) fn not_past_the_end(checkpoint: &Path, step: u64, steps: u64) -> Result<()> {
+    ensure!(
+        step <= steps,
+        "--resume: {} is at step {step}, past --steps {steps}; resume with --steps {step} or more, or choose another \
+         --out",
+        checkpoint.display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +264,7 @@ pub fn adapt(
     let (mut step, mut samplers) = if resume && checkpoint.exists() {
         let state = load_checkpoint(&checkpoint, &mut params, &mut adam)?;
         same_arguments(&checkpoint, &state.fingerprint, &print)?;
+        not_past_the_end(&checkpoint, state.step, opts.steps)?;
         params.apply(be, &mut model)?;
         (state.step, state.samplers)
     } else {

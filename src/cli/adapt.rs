@@ -25,15 +25,15 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         d.hold_in_memory()?;
     }
     let bar = progress::steps("adapt", args.options.steps, quiet);
-    let mut last = f64::NAN;
+    let mut last = None;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {
         bar.set_position(r.step);
         bar.set_message(format!("{:.4}", r.loss));
-        last = r.loss;
+        last = Some(r.loss);
     })?;
     bar.finish_and_clear();
     if !quiet {
-        eprintln!("wrote {} ({} steps, last loss {last:.4})", args.out.display(), args.options.steps);
+        eprintln!("wrote {} ({} steps, {})", args.out.display(), args.options.steps, progress::last_loss(last));
     }
     Ok(())
 }

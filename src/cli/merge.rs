@@ -106,12 +106,12 @@ fn run_adamerging(
         d.hold_in_memory()?;
     }
     let bar = progress::steps("adamerging", options.steps, quiet);
-    let mut last = f64::NAN;
+    let mut last = None;
     let summary =
         adamerging(be.as_ref(), &pretrained, experts, &heads, &names, &data, options, out, resume, &mut |s| {
             bar.set_position(s.step);
             bar.set_message(format!("{:.4}", s.loss));
-            last = s.loss;
+            last = Some(s.loss);
         })?;
     bar.finish_and_clear();
     if !quiet {
@@ -125,10 +125,11 @@ fn run_adamerging(
             Granularity::TaskWise => format!("{} experts, task-wise", experts.len()),
         };
         eprintln!(
-            "adamerging trained {} coefficients ({shape}) in {} steps: last loss {last:.4}, coefficients {lo:.4} \
-             to {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
+            "adamerging trained {} coefficients ({shape}) in {} steps ({}), coefficients {lo:.4} to \
+             {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
             all.len(),
             options.steps,
+            progress::last_loss(last),
         );
         eprintln!(
             "wrote {} ({} tensors, {} parameters, {} experts)",

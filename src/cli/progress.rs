@@ -17,6 +17,12 @@ pub fn steps(what: &str, total: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The end of a run of steps, for its closing line: the last step's loss, or that its checkpoint already held
+/// every step (a resumed run with none left to take).
+pub fn last_loss(last: Option<f64>) -> String {
+    last.map_or_else(|| "every step from its checkpoint".into(), |loss| format!("last loss {loss:.4}"))
+}
+
 /// A bar counting `total` things called `unit`, labelled `what`.
 pub fn counted(what: &str, total: usize, unit: &str, quiet: bool) -> ProgressBar {
     let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };

@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
-use crate::adapt::{finite, same_arguments, Adam, CheckpointState, TaskSampler};
+use crate::adapt::{finite, not_past_the_end, same_arguments, Adam, CheckpointState, TaskSampler};
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
 use crate::config::{json_f32, VisionConfig};
@@ -477,6 +477,7 @@ pub fn adamerging(
         (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     } else {
         let state = load_checkpoint(&checkpoint, &print, &mut coefficients, &mut adam, experts.len())?;
+        not_past_the_end(&checkpoint, state.step, opts.steps)?;
         (state.step, state.samplers)
     };
     if fresh {
