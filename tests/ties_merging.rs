@@ -141,6 +141,11 @@ fn ties_merging_on_the_command_line() {
         (&["--method", "ties-merging", "--threshold", "-20"][..], "--threshold -20: must be a share"),
         (&["--method", "wemoe", "--threshold", "20"][..], "--threshold applies to --method ties-merging only"),
         (&["--method", "task-arithmetic", "--merge-func", "max"][..], "--merge-func applies to --method ties-merging"),
+        // The other methods' settings are refused too, not ignored.
+        (&["--method", "ties-merging", "--router-layers", "1"][..], "--router-layers applies to --method wemoe only"),
+        (&["--method", "task-arithmetic", "--router-activation", "softmax"][..], "--router-activation applies to"),
+        (&["--method", "ties-merging", "--seed", "3"][..], "--seed applies to --method wemoe and adamerging only"),
+        (&["--method", "average", "--scaling", "0.5"][..], "--scaling does not apply to --method average"),
     ] {
         let (ok, _, err) = run(extra);
         assert!(!ok, "{extra:?} was accepted");

@@ -170,10 +170,10 @@ enum Command {
         /// How to merge.
         #[arg(long, value_enum, default_value = "wemoe")]
         method: Method,
-        /// λ: the task vectors' scaling (task arithmetic, TIES-merging, WEMoE's shared parameters) and the
-        /// WEMoE routers' initial bias.
-        #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
-        scaling: f32,
+        /// λ: the task vectors' scaling (task arithmetic, TIES-merging, WEMoE's shared parameters), the
+        /// WEMoE routers' initial bias and AdaMerging's initial coefficients; not for averaging [default: 0.3].
+        #[arg(long, allow_negative_numbers = true)]
+        scaling: Option<f32>,
         /// TIES-merging: the share of each task vector's entries kept by magnitude, a percentage above 1, else
         /// a fraction, as FusionBench reads it [default: 20].
         #[arg(long, allow_negative_numbers = true)]
@@ -181,15 +181,16 @@ enum Command {
         /// TIES-merging: how the entries that agree with the elected sign are combined [default: sum].
         #[arg(long, value_enum)]
         merge_func: Option<TiesFunc>,
-        /// WEMoE router depth: 0, 1 or 2.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
-        router_layers: u8,
-        /// WEMoE router activation before the token mean.
-        #[arg(long, value_enum, default_value = "identity")]
-        router_activation: RouterAct,
-        /// Seed of the routers' initialisation (WEMoE) or of the tasks' shuffled streams (AdaMerging).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// WEMoE router depth: 0, 1 or 2 [default: 2].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+        router_layers: Option<u8>,
+        /// WEMoE router activation before the token mean [default: identity].
+        #[arg(long, value_enum)]
+        router_activation: Option<RouterAct>,
+        /// Seed of the routers' initialisation (WEMoE) or of the tasks' shuffled streams (AdaMerging)
+        /// [default: 0].
+        #[arg(long)]
+        seed: Option<u64>,
         /// AdaMerging: the heads file (safetensors with head.<TASK>).
         #[arg(long)]
         heads: Option<PathBuf>,
@@ -558,6 +559,19 @@ pub fn run(cli: Cli) -> Result<()> {
                     bail!("{flag} applies to --method adamerging only");
                 }
             }
+            // Settings a method has no use for are refused rather than ignored: the output would not be what
+            // they asked for.
+            if method != Method::Wemoe && (router_layers.is_some() || router_activation.is_some()) {
+                let flag = if router_layers.is_some() { "--router-layers" } else { "--router-activation" };
+                bail!("{flag} applies to --method wemoe only");
+            }
+            if seed.is_some() && !matches!(method, Method::Wemoe | Method::Adamerging) {
+                bail!("--seed applies to --method wemoe and adamerging only (the other merges draw nothing)");
+            }
+            if scaling.is_some() && method == Method::Average {
+                bail!("--scaling does not apply to --method average (an unweighted mean of the models)");
+            }
+            let (scaling, seed) = (scaling.unwrap_or(0.3), seed.unwrap_or(0));
             let pretrained = names.model(pretrained)?;
             let experts = experts
                 .iter()
@@ -567,8 +581,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 merge::Job::DataFree(MergeOptions {
                     method,
                     scaling,
-                    router_layers: router_layers as usize,
-                    router_activation: router_activation.into(),
+                    router_layers: router_layers.map_or(2, usize::from),
+                    router_activation: router_activation.map_or(RouterActivation::Identity, Into::into),
                     seed,
                 })
             };
