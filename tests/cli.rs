@@ -289,6 +289,10 @@ fn auto_device_says_which_and_cuda_is_refused_clearly() {
     let (ok, _, err) = run(args("auto"));
     assert!(ok && err.lines().next().unwrap().starts_with("device: cpu"), "{err}");
     std::fs::remove_file(&out).unwrap();
+    // A precision the CPU has no unit for: it computes in f32, and the line says so.
+    let (ok, _, err) = run([args("auto"), vec!["--precision".into(), "tf32".into()]].concat());
+    assert!(ok && err.lines().next().unwrap().contains("computing in f32: --precision tf32 needs a GPU"), "{err}");
+    std::fs::remove_file(&out).unwrap();
     let (ok, _, err) = run(args("cuda"));
     // Here (no GPU) the one line says what is missing; on a GPU machine, what the CUDA backend lacks.
     assert!(

@@ -163,10 +163,13 @@ pub fn open(choice: impl Into<DeviceChoice>, quiet: bool) -> Result<Box<dyn Back
                     gpu
                 }
                 Err(why) => {
-                    // The CPU in the precision asked for where it can, else in f32 (the line says which).
-                    let cpu = CpuBackend::with_precision(precision).unwrap_or_default();
+                    // The CPU in the precision asked for where it can, else in f32, and the line says why.
+                    let (cpu, instead) = match CpuBackend::with_precision(precision) {
+                        Ok(cpu) => (cpu, String::new()),
+                        Err(e) => (CpuBackend::new(), format!("; computing in f32: {e:#}")),
+                    };
                     if !quiet {
-                        eprintln!("device: {} (no GPU: {why:#})", cpu.describe());
+                        eprintln!("device: {} (no GPU: {why:#}{instead})", cpu.describe());
                     }
                     Box::new(cpu)
                 }
