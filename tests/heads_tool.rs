@@ -142,4 +142,10 @@ fn eval_says_when_it_matches_classes_by_name() {
     assert!(!err.contains("taken as the head's class indices"), "{err}");
     let (ok, _, err) = eval(&fixture("parquet/two_shards"));
     assert!(ok && !err.contains("note:"), "the parquet's own order: nothing to say: {err}");
+    // A class the head does not name: the labels are indices, and the note names the class.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("Fish")).unwrap();
+    std::fs::copy(fixture("photos/class_1/china_61x47.jpg"), other.path().join("Fish/a.jpg")).unwrap();
+    let (ok, _, err) = eval(other.path());
+    assert!(ok && err.contains("names a class that head 'pets' does not ('Fish'); its labels are taken as"), "{err}");
 }

@@ -41,12 +41,24 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
                 "note: {}'s classes are matched to the rows of head '{name}' by name (the heads file names them)",
                 path.display()
             ),
-            (HeadRows::Ids, Some(names)) if names.len() != head_classes => eprintln!(
-                "note: {} names {} classes, head '{name}' has {head_classes}; its labels are taken as the head's \
-                 class indices",
-                path.display(),
-                names.len()
-            ),
+            (HeadRows::Ids, Some(names)) => {
+                if let Some(head_names) = heads.class_names(&name) {
+                    // Both name their classes, and some of the data's are not the head's (else they matched by name).
+                    let missing = names.iter().find(|c| !head_names.contains(c)).map_or("", String::as_str);
+                    eprintln!(
+                        "note: {} names a class that head '{name}' does not ('{missing}'); its labels are taken as \
+                         the head's class indices",
+                        path.display()
+                    )
+                } else if names.len() != head_classes {
+                    eprintln!(
+                        "note: {} names {} classes, head '{name}' has {head_classes}; its labels are taken as the \
+                         head's class indices",
+                        path.display(),
+                        names.len()
+                    )
+                }
+            }
             _ => {}
         }
         datasets.push((name, data));
