@@ -171,7 +171,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "wemoe")]
         method: Method,
         /// λ: the task vectors' scaling (task arithmetic, TIES-merging, WEMoE's shared parameters), the
-        /// WEMoE routers' initial bias and AdaMerging's initial coefficients; not for averaging [default: 0.3].
+        /// WEMoE routers' initial bias and AdaMerging's initial coefficients; unused by averaging [default: 0.3].
         #[arg(long, allow_negative_numbers = true)]
         scaling: Option<f32>,
         /// TIES-merging: the share of each task vector's entries kept by magnitude, a percentage above 1, else
@@ -559,17 +559,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     bail!("{flag} applies to --method adamerging only");
                 }
             }
-            // Settings a method has no use for are refused rather than ignored: the output would not be what
-            // they asked for.
-            if method != Method::Wemoe && (router_layers.is_some() || router_activation.is_some()) {
-                let flag = if router_layers.is_some() { "--router-layers" } else { "--router-activation" };
-                bail!("{flag} applies to --method wemoe only");
-            }
-            if seed.is_some() && !matches!(method, Method::Wemoe | Method::Adamerging) {
-                bail!("--seed applies to --method wemoe and adamerging only (the other merges draw nothing)");
-            }
-            if scaling.is_some() && method == Method::Average {
-                bail!("--scaling does not apply to --method average (an unweighted mean of the models)");
+            // The contract's settings (DESIGN.md 4) are accepted with every method, since other tools may pass
+            // them all; where a method has no use for one, a note says so rather than leave it silently unused.
+            let unused = [
+                ("--router-layers", router_layers.is_some() && method != Method::Wemoe),
+                ("--router-activation", router_activation.is_some() && method != Method::Wemoe),
+                ("--seed", seed.is_some() && !matches!(method, Method::Wemoe | Method::Adamerging)),
+                ("--scaling", scaling.is_some() && method == Method::Average),
+            ];
+            let name = method.to_possible_value().expect("every method is a possible value");
+            for (flag, _) in unused.iter().filter(|(_, unused)| *unused && !quiet) {
+                eprintln!("note: {flag} has no effect with --method {}", name.get_name());
             }
             let (scaling, seed) = (scaling.unwrap_or(0.3), seed.unwrap_or(0));
             let pretrained = names.model(pretrained)?;
