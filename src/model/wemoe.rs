@@ -250,7 +250,6 @@ impl WemoeMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VisionConfig;
     use crate::device::CpuBackend;
     use crate::model::RandomWeights;
 
@@ -270,6 +269,7 @@ mod tests {
             .expect("a layer without experts loaded");
         assert!(err.to_string().starts_with("layers.3.mlp: a WEMoE layer needs at least one expert"), "{err}");
     }
+
     #[test]
     fn init_lambda_is_written_as_given() {
         let spec = WemoeSpec {
