@@ -22,6 +22,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     .with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// Checks, before any work, that a file can later be written at `path`, given as option `flag`: its folder
+/// exists and `path` is not a folder. A long command should not compute for an hour and then fail to save.
+pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
+    anyhow::ensure!(!path.is_dir(), "{flag} {}: is a folder; give a file name", path.display());
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    anyhow::ensure!(parent.is_dir(), "{flag} {}: folder {} does not exist", path.display(), parent.display());
+    Ok(())
+}
+
 /// A named f32 tensor to save.
 pub struct NamedTensor {
     /// Its key in the file.

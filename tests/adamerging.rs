@@ -192,6 +192,10 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
     let (ok, _, err) = run(&command(&out, &["--steps", "5"]));
     assert!(ok, "{err}");
     assert!(err.contains("adamerging trained 117 coefficients (3 experts × 39 tensors) in 5 steps"), "{err}");
+    for t in ["left", "right"] {
+        let note = format!("note: task '{t}' has 4 images, fewer than --batch-size 16; each step takes all of them");
+        assert!(err.contains(&note), "{err}");
+    }
 
     let file = read_coefficients(&out.join(COEFFICIENTS_FILE)).unwrap();
     assert_eq!(file.experts, EXPERTS);
@@ -369,8 +373,11 @@ fn resume_after_sigkill_ends_byte_identical_to_an_uninterrupted_run() {
     // Batches of 3 of each task's 4 images: the streams' state matters across the kill.
     let steps = "1500";
     let whole = tmp.path().join("whole");
-    let (ok, _, err) = run(&command(&whole, &["--steps", steps, "--batch-size", "3"]));
+    // --resume with no --out yet starts at step 0, as a run without it does, and says so.
+    let (ok, _, err) = run(&command(&whole, &["--steps", steps, "--batch-size", "3", "--resume"]));
     assert!(ok, "{err}");
+    let fresh = format!("note: --resume: {} does not exist yet", s(&whole.join("adamerging-checkpoint.safetensors")));
+    assert!(err.contains(&fresh), "{err}");
     let killed = tmp.path().join("killed");
     let args = command(&killed, &["--steps", steps, "--batch-size", "3", "--checkpoint-every", "7"]);
     let (at, _) = signal_after_checkpoint(&args, || checkpoint_step(&killed), 14, "KILL");

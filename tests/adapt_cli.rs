@@ -105,6 +105,34 @@ fn a_folder_of_unlabelled_images_adapts_as_its_image_folder_does() {
     assert!(tree == adapted(&flat, &tmp.path().join("flat_out")), "the models differ");
 }
 
+#[test]
+fn a_batch_larger_than_a_task_or_a_resume_with_nothing_to_resume_runs_and_says_so() {
+    // The fixture's tasks hold 4 images each: --batch-size 1000 draws what --batch-size 4 draws, every step.
+    // --resume where no checkpoint is yet starts at step 0, as a run without it does.
+    let tmp = tempfile::tempdir().unwrap();
+    let adapted = |batch: &str, extra: &[&str]| {
+        let out = tmp.path().join(batch);
+        let mut args = base_args(&out, 3);
+        args[14] = batch.into();
+        args.retain(|a| a != "--quiet");
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        (std::fs::read(out.join("model.safetensors")).unwrap(), err, out)
+    };
+    let (whole, quiet, _) = adapted("4", &[]);
+    let (large, told, out) = adapted("1000", &["--resume"]);
+    assert!(whole == large, "the models differ");
+    assert!(!quiet.contains("note:"), "{quiet}");
+    for task in ["left", "right"] {
+        let note =
+            format!("note: task '{task}' has 4 images, fewer than --batch-size 1000; each step takes all of them");
+        assert!(told.contains(&note), "{told}");
+    }
+    let checkpoint = out.join("adapt-checkpoint.safetensors");
+    assert!(told.contains(&format!("note: --resume: {} does not exist yet; starting at step 0", s(&checkpoint))));
+}
+
 /// The step a checkpoint holds.
 fn checkpoint_step(out: &Path) -> Option<u64> {
     let file = SafetensorsFile::open(&out.join("adapt-checkpoint.safetensors")).ok()?;

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use wemoe_engine::checkpoint::SafetensorsFile;
 use wemoe_engine::eval::argmax_rows;
@@ -266,6 +268,40 @@ fn eval_reports_the_reference_accuracy_as_json() {
     assert!(table.contains("alpha") && table.contains("average"), "{table}");
     // The photographs' two class folders against beta's three classes: said, not refused.
     assert!(err.contains("photos names 2 classes, head 'beta' has 3"), "{err}");
+}
+
+#[test]
+fn an_output_that_cannot_be_written_is_refused_before_any_work() {
+    // Said at the start, in one line, not after an hour's embedding (it used to fail only when writing).
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-folder").join("out.safetensors");
+    let folder = tmp.path();
+    let (clip, pixels) = (fixture("clip_a"), fixture("pixels_a.safetensors"));
+    let heads = fixture("heads_a.safetensors");
+    let alpha = format!("alpha={}", s(&pixels));
+    let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let embed = |out: &Path| strings(&["embed", "--model", s(&clip), "--images", s(&pixels), "--out", s(out)]);
+    let eval = |json: &Path| {
+        strings(&["eval", "--model", s(&clip), "--heads", s(&heads), "--task", &alpha, "--json", s(json)])
+    };
+    let pets = format!("pets={}", s(&fixture("parquet/two_shards")));
+    let zero_shot =
+        |out: &Path| strings(&["heads", "--clip", s(&fixture("heads_tool/clip")), "--task", &pets, "--out", s(out)]);
+    let folder_missing = format!("folder {} does not exist", s(missing.parent().unwrap()));
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (embed(&missing), format!("--out {}: {folder_missing}", s(&missing))),
+        (embed(folder), format!("--out {}: is a folder; give a file name", s(folder))),
+        (eval(&missing), format!("--json {}: {folder_missing}", s(&missing))),
+        (eval(folder), format!("--json {}: is a folder; give a file name", s(folder))),
+        (zero_shot(&missing), format!("--out {}: {folder_missing}", s(&missing))),
+    ];
+    for (args, want) in cases {
+        let (ok, out, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "{args:?} was accepted");
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert_eq!(last, format!("error: {want}"), "{args:?}: {err}");
+        assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use wemoe_engine::adapt::{adapt, AdaptOptions};
+use wemoe_engine::adapt::{adapt, AdaptOptions, CHECKPOINT};
 use wemoe_engine::device::DeviceChoice;
 
 use super::{open_task_inputs, progress, TaskInputs};
@@ -24,6 +24,12 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     for d in &mut data {
         d.hold_in_memory()?;
     }
+    super::note_whole_tasks(
+        names.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(|d| d.len())),
+        args.options.batch_size,
+        quiet,
+    );
+    super::note_fresh_resume(args.resume, &args.out.join(CHECKPOINT), quiet);
     let bar = progress::steps("adapt", args.options.steps, quiet);
     let mut last = None;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {

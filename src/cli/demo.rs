@@ -15,7 +15,7 @@ use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
-use wemoe_engine::output::write_atomic;
+use wemoe_engine::output::{check_file_target, write_atomic};
 use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
@@ -115,8 +115,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.curve_points > 0, "--curve-points must be positive");
     // The JSON comes last; a folder that is not there should stop the demo before minutes of work.
     if let Some(path) = &args.json {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        anyhow::ensure!(parent.is_dir(), "--json {}: folder {} does not exist", path.display(), parent.display());
+        check_file_target("--json", path)?;
     }
     let start = Instant::now();
     let suite = Suite::open(&args.suite)?;

@@ -9,7 +9,7 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceChoice};
 use wemoe_engine::eval::{embed_dataset, Batching};
-use wemoe_engine::output::{write_safetensors_with_integers, NamedTensor};
+use wemoe_engine::output::{check_file_target, write_safetensors_with_integers, NamedTensor};
 
 use super::progress;
 use super::weights::{LoadedEncoder, Weights};
@@ -27,6 +27,7 @@ const MAX_FILES_METADATA: usize = 64 << 20;
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
+    check_file_target("--out", &args.out)?;
     let dir = ModelDir::open(&args.model)?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;

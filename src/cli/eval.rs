@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
-use wemoe_engine::output::write_atomic;
+use wemoe_engine::output::{check_file_target, write_atomic};
 
 use super::weights::{LoadedEncoder, Weights};
 use super::{open_task_inputs, progress, TaskInputs};
@@ -22,7 +22,10 @@ pub struct Args {
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
-    // Check every input before computing anything.
+    // Check every input, and where the JSON goes, before computing anything.
+    if let Some(path) = &args.json {
+        check_file_target("--json", path)?;
+    }
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use wemoe_engine::checkpoint::{ModelDir, ModelKind};
 use wemoe_engine::data::dataset_class_names;
 use wemoe_engine::device::{self, DeviceRequest, Precision};
-use wemoe_engine::output::{write_safetensors_with_metadata, NamedTensor};
+use wemoe_engine::output::{check_file_target, write_safetensors_with_metadata, NamedTensor};
 use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TaskPrompts, TextConfig, DEFAULT_TEMPLATE};
 
 use super::progress;
@@ -97,6 +97,7 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
     for t in &args.templates {
         ensure!(t.contains("{}"), "--template {t:?}: no {{}} for the class name");
     }
+    check_file_target("--out", &args.out)?;
     let dir = ModelDir::open(&args.clip)?;
     if dir.kind != ModelKind::Clip {
         bail!(

@@ -8,7 +8,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::Dataset;
 use wemoe_engine::device::DeviceChoice;
-use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, Granularity, MergeOptions, COEFFICIENTS_FILE};
+use wemoe_engine::merge::{
+    adamerging, merge, AdaMergingOptions, Expert, Granularity, MergeOptions, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+};
 
 use super::{open_task_inputs, progress, TaskInputs};
 
@@ -105,6 +107,13 @@ fn run_adamerging(
     for d in &mut data {
         d.hold_in_memory()?;
     }
+    super::note_whole_tasks(
+        names.iter().map(String::as_str).zip(data.iter().map(|d| d.len())),
+        options.batch_size,
+        quiet,
+    );
+    // An --out that exists without a checkpoint is refused (adamerging), so no note for it.
+    super::note_fresh_resume(resume && !out.exists(), &out.join(ADAMERGING_CHECKPOINT), quiet);
     let bar = progress::steps("adamerging", options.steps, quiet);
     let mut last = None;
     let summary =

@@ -484,6 +484,21 @@ impl HubNames {
     }
 }
 
+/// Notes each task with fewer images than `--batch-size`: the sampler then takes the whole task every step
+/// (`TaskSampler::next_batch`), while the run's record still gives the batch size asked for.
+fn note_whole_tasks<'a>(tasks: impl IntoIterator<Item = (&'a str, usize)>, batch_size: usize, quiet: bool) {
+    for (name, images) in tasks.into_iter().filter(|&(_, images)| images < batch_size && !quiet) {
+        eprintln!("note: task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of them");
+    }
+}
+
+/// Notes a `--resume` with nothing to resume: the run starts at step 0, as it would without the flag.
+fn note_fresh_resume(resume: bool, checkpoint: &Path, quiet: bool) {
+    if resume && !checkpoint.exists() && !quiet {
+        eprintln!("note: --resume: {} does not exist yet; starting at step 0", checkpoint.display());
+    }
+}
+
 /// Splits `NAME=PATH` of option `--{flag}`.
 fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     match spec.split_once('=') {
