@@ -83,6 +83,15 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     let json = tmp.path().join("no-such-folder").join("demo.json");
     let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
     assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");
+    // Settings the adaptation would refuse are refused before the first model is evaluated.
+    for (args, want) in [
+        (["--steps", "0"], "--steps must be positive"),
+        (["--lr", "-1"], "--lr must be a positive number, got -1"),
+        (["--lr", "nan"], "--lr must be a positive number, got NaN"),
+    ] {
+        let (ok, out, err) = engine(&[&["demo", "--device", "cpu"][..], &args].concat());
+        assert!(!ok && out.is_empty() && err.trim_end() == format!("error: {want}"), "{args:?}: {out}{err}");
+    }
 }
 
 #[test]

@@ -113,6 +113,9 @@ fn info(quiet: bool, line: String) {
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     anyhow::ensure!(args.curve_points > 0, "--curve-points must be positive");
+    // Checked here as `adapt` checks them, not after the merges and AdaMerging have run.
+    anyhow::ensure!(args.steps > 0, "--steps must be positive");
+    anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a positive number, got {}", args.lr);
     // The JSON comes last; a folder that is not there should stop the demo before minutes of work.
     if let Some(path) = &args.json {
         check_file_target("--json", path)?;

@@ -334,7 +334,7 @@ enum Command {
         #[arg(long, default_value_t = DEMO_STEPS)]
         steps: u64,
         /// Adam's learning rate for the routers.
-        #[arg(long, default_value_t = DEMO_LR)]
+        #[arg(long, default_value_t = DEMO_LR, allow_negative_numbers = true)]
         lr: f64,
         /// Learning-rate schedule.
         #[arg(long, value_enum, default_value = "constant")]
