@@ -23,16 +23,17 @@
 //! - [`rng`]: the seeded generator of every initialisation and shuffle;
 //! - [`output`]: atomic output files.
 //!
-//! ```no_run
+//! ```
 //! use wemoe_engine::{checkpoint::ModelDir, device, model::{ImageEncoder, Routing}, tensor::Tensor};
 //!
 //! let be = device::open(device::DeviceRequest::Cpu, true)?;
-//! let dir = ModelDir::open("clip-vit-base-patch32".as_ref())?;
+//! // Any HF CLIP directory (or CLIPVisionModel); here the bundled suite's small pretrained model.
+//! let dir = ModelDir::open("assets/suite/pretrained".as_ref())?;
 //! let model = ImageEncoder::load(be.as_ref(), &dir)?;
 //! let s = dir.config.image_size;
 //! let pixels = Tensor::zeros(&[2, 3, s, s]);
 //! let out = model.encode(be.as_ref(), &pixels, Routing::Sample)?;
-//! println!("pooled {:?}", out.pooled.shape());
+//! assert_eq!(out.pooled.shape(), [2, dir.config.hidden_size]);
 //! # anyhow::Ok(())
 //! ```
 

@@ -488,7 +488,10 @@ impl HubNames {
 /// (`TaskSampler::next_batch`), while the run's record still gives the batch size asked for.
 fn note_whole_tasks<'a>(tasks: impl IntoIterator<Item = (&'a str, usize)>, batch_size: usize, quiet: bool) {
     for (name, images) in tasks.into_iter().filter(|&(_, images)| images < batch_size && !quiet) {
-        eprintln!("note: task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of them");
+        eprintln!(
+            "note: task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of \
+             them"
+        );
     }
 }
 

@@ -9,15 +9,19 @@
 //! Layer-wise AdaMerging, which trains its coefficients on unlabeled data, is [`adamerging`]; [`AdaMerging`]
 //! gives its merged model and coefficient gradients step by step.
 //!
-//! ```no_run
+//! ```
 //! use wemoe_engine::checkpoint::ModelDir;
 //! use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions, TiesOptions};
 //! use wemoe_engine::model::RouterActivation;
 //!
-//! let pretrained = ModelDir::open("clip-vit-base-patch32".as_ref())?;
-//! let experts = ["mnist", "dtd"]
+//! // HF CLIP directories; here the bundled suite's small pretrained model and two of its experts.
+//! let pretrained = ModelDir::open("assets/suite/pretrained".as_ref())?;
+//! let experts = ["mnist", "digits"]
 //!     .iter()
-//!     .map(|t| Ok(Expert { name: t.to_string(), model: ModelDir::open(format!("clip-vit-base-patch32_{t}").as_ref())? }))
+//!     .map(|t| {
+//!         let model = ModelDir::open(format!("assets/suite/experts/{t}").as_ref())?;
+//!         Ok(Expert { name: t.to_string(), model })
+//!     })
 //!     .collect::<anyhow::Result<Vec<_>>>()?;
 //! let options = MergeOptions {
 //!     method: MergeMethod::TiesMerging(TiesOptions::default()), // or Wemoe, TaskArithmetic, Average
@@ -26,10 +30,12 @@
 //!     router_activation: RouterActivation::Identity,
 //!     seed: 0,
 //! };
-//! let summary = merge(&pretrained, &experts, &options, "ties-b32".as_ref(), &mut |done, total| {
+//! let out = std::env::temp_dir().join(format!("ties-merged-{}", std::process::id()));
+//! let summary = merge(&pretrained, &experts, &options, &out, &mut |done, total| {
 //!     eprint!("\r{done}/{total}");
 //! })?;
-//! println!("{} parameters written", summary.parameters);
+//! assert_eq!(ModelDir::open(&out)?.store.names().count(), summary.tensors);
+//! std::fs::remove_dir_all(&out)?;
 //! # anyhow::Ok(())
 //! ```
 
