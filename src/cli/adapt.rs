@@ -24,15 +24,13 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     for d in &mut data {
         d.hold_in_memory()?;
     }
-    super::note_whole_tasks(
-        names.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(|d| d.len())),
-        args.options.batch_size,
-        quiet,
-    );
-    super::note_fresh_resume(args.resume, &args.out.join(CHECKPOINT), quiet);
+    let checkpoint = args.out.join(CHECKPOINT);
+    let tasks = names.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(|d| d.len()));
+    let mut notes = super::run_notes(tasks, args.options.batch_size, args.resume.then_some(&*checkpoint), quiet);
     let bar = progress::steps("adapt", args.options.steps, quiet);
     let mut last = None;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {
+        super::say_notes(&bar, &mut notes);
         bar.set_position(r.step);
         bar.set_message(format!("{:.4}", r.loss));
         last = Some(r.loss);

@@ -107,17 +107,14 @@ fn run_adamerging(
     for d in &mut data {
         d.hold_in_memory()?;
     }
-    super::note_whole_tasks(
-        names.iter().map(String::as_str).zip(data.iter().map(|d| d.len())),
-        options.batch_size,
-        quiet,
-    );
-    // An --out that exists without a checkpoint is refused (adamerging), so no note for it.
-    super::note_fresh_resume(resume && !out.exists(), &out.join(ADAMERGING_CHECKPOINT), quiet);
+    let checkpoint = out.join(ADAMERGING_CHECKPOINT);
+    let tasks = names.iter().map(String::as_str).zip(data.iter().map(|d| d.len()));
+    let mut notes = super::run_notes(tasks, options.batch_size, resume.then_some(&*checkpoint), quiet);
     let bar = progress::steps("adamerging", options.steps, quiet);
     let mut last = None;
     let summary =
         adamerging(be.as_ref(), &pretrained, experts, &heads, &names, &data, options, out, resume, &mut |s| {
+            super::say_notes(&bar, &mut notes);
             bar.set_position(s.step);
             bar.set_message(format!("{:.4}", s.loss));
             last = Some(s.loss);

@@ -484,21 +484,38 @@ impl HubNames {
     }
 }
 
-/// Notes each task with fewer images than `--batch-size`: the sampler then takes the whole task every step
-/// (`TaskSampler::next_batch`), while the run's record still gives the batch size asked for.
-fn note_whole_tasks<'a>(tasks: impl IntoIterator<Item = (&'a str, usize)>, batch_size: usize, quiet: bool) {
-    for (name, images) in tasks.into_iter().filter(|&(_, images)| images < batch_size && !quiet) {
-        eprintln!(
-            "note: task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of \
-             them"
-        );
+/// What `adapt` and AdaMerging note about a run (nothing when `quiet`): each task with fewer images than
+/// `--batch-size`, which the sampler takes whole every step (`TaskSampler::next_batch`) while the run's record
+/// still gives the batch size asked for; and a `--resume` whose `checkpoint` is not there yet, which starts at
+/// step 0. Said once the first step is taken ([`say_notes`]), so that an argument's error stays one line.
+fn run_notes<'a>(
+    tasks: impl IntoIterator<Item = (&'a str, usize)>,
+    batch_size: usize,
+    resume: Option<&Path>,
+    quiet: bool,
+) -> Vec<String> {
+    if quiet {
+        return Vec::new();
     }
+    let mut notes: Vec<String> = tasks
+        .into_iter()
+        .filter(|&(_, images)| images < batch_size)
+        .map(|(name, images)| {
+            format!(
+                "task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of them"
+            )
+        })
+        .collect();
+    if let Some(checkpoint) = resume.filter(|c| !c.exists()) {
+        notes.push(format!("--resume: {} does not exist yet; starting at step 0", checkpoint.display()));
+    }
+    notes
 }
 
-/// Notes a `--resume` with nothing to resume: the run starts at step 0, as it would without the flag.
-fn note_fresh_resume(resume: bool, checkpoint: &Path, quiet: bool) {
-    if resume && !checkpoint.exists() && !quiet {
-        eprintln!("note: --resume: {} does not exist yet; starting at step 0", checkpoint.display());
+/// Prints `notes` above the progress bar, once.
+fn say_notes(bar: &indicatif::ProgressBar, notes: &mut Vec<String>) {
+    if !notes.is_empty() {
+        bar.suspend(|| notes.drain(..).for_each(|n| eprintln!("note: {n}")));
     }
 }
 
