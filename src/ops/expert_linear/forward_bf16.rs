@@ -21,10 +21,10 @@ pub fn expert_linear_bf16(x: &[f32], groups: usize, n: usize, c: &[f32], w: &Exp
     ensure!(c.len() == groups * t, "expert_linear_bf16: coefficients are not [{groups}, {t}]");
     ensure!(bf16::available(), "bf16 products need {}", bf16::unavailable_reason());
     w.assert_blocked();
-    let kc = CHUNK_INPUTS;
     if groups == 1 && n >= WHOLE_MERGE_ROWS {
         return merged_then_multiplied(x, n, c, w);
     }
+    let kc = CHUNK_INPUTS;
     let rows: Vec<Vec<u16>> = x.par_chunks(n * k).map(|xg| bf16::pack_rows(xg, n, k)).collect();
     let panel_len = bf16::panel_len(k);
     let blocks: Vec<usize> = (0..o).step_by(BLOCK_ROWS).collect();
