@@ -2,7 +2,7 @@
 //! failed or interrupted command never leaves a partial file under the requested name, nor beside it.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use safetensors::tensor::TensorView;
@@ -28,6 +28,21 @@ pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     anyhow::ensure!(!path.is_dir(), "{flag} {}: is a folder; give a file name", path.display());
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(parent.is_dir(), "{flag} {}: folder {} does not exist", path.display(), parent.display());
+    Ok(())
+}
+
+/// Checks, once the inputs are open, that writing `path` (option `flag`) will not replace one of the files the
+/// command reads: `embed --images data.safetensors --out data.safetensors` would otherwise lose the data.
+pub fn check_not_an_input(flag: &str, path: &Path, inputs: &[PathBuf]) -> Result<()> {
+    // Only an existing file can be an input; the same file by another name (a link, `./`, `..`) still is.
+    let Ok(target) = path.canonicalize() else { return Ok(()) };
+    if let Some(input) = inputs.iter().find(|i| i.canonicalize().is_ok_and(|i| i == target)) {
+        anyhow::bail!(
+            "{flag} {}: would replace {}, one of this command's inputs; give another file name",
+            path.display(),
+            input.display()
+        );
+    }
     Ok(())
 }
 

@@ -246,3 +246,43 @@ fn bad_adaptation_input_is_refused_clearly() {
     a.push("--resume".into());
     check(a, "adapt-checkpoint.safetensors is at step 4, past --steps 2; resume with --steps 4 or more");
 }
+
+#[test]
+fn an_out_that_holds_a_model_is_refused_unless_it_is_an_adapt_run() {
+    // `--out` the model's own folder used to replace the model it read; another model's folder, that model.
+    // The model here is a copy, so a failure loses nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("wemoe");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("wemoe/fusionbench_d2").join(file), model.join(file)).unwrap();
+    }
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let args = |out: &Path| {
+        let mut a = base_args(out, 2);
+        a[2] = s(&model).into();
+        a
+    };
+    let same = model.join("..").join("wemoe");
+    for (out, want) in [
+        (&model, format!("--out {}: is the --model's directory", s(&model))),
+        (&same, format!("--out {}: is the --model's directory", s(&same))),
+        (&fixture("clip_b"), format!("--out {}: holds a model and no adapt checkpoint", s(&fixture("clip_b")))),
+        (&model.join("config.json"), format!("--out {}: is a file", s(&model.join("config.json")))),
+    ] {
+        let (ok, err) = run(&args(out));
+        assert!(!ok && err.trim_end().lines().last().unwrap().starts_with(&format!("error: {want}")), "{err}");
+        assert!(!model.join(wemoe_engine::adapt::CHECKPOINT).exists(), "{err}");
+    }
+    assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before, "the model was changed");
+    // An empty folder takes the run; a finished run's folder (model and checkpoint) takes its resumption.
+    let out = tmp.path().join("empty");
+    std::fs::create_dir(&out).unwrap();
+    let (ok, err) = run(&args(&out));
+    assert!(ok && out.join("model.safetensors").exists(), "{err}");
+    let mut more = base_args(&out, 3);
+    more[2] = s(&model).into();
+    more.push("--resume".into());
+    let (ok, err) = run(&more);
+    assert!(ok && checkpoint_step(&out) == Some(3), "{err}");
+}

@@ -305,6 +305,63 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
 }
 
 #[test]
+fn an_output_that_would_replace_an_input_is_refused() {
+    // `embed --images data.safetensors --out data.safetensors` used to replace the data with its embeddings, and
+    // `eval --json model/config.json` the model's config. The inputs here are copies, so a failure loses nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let to = tmp.path().join(name);
+        std::fs::copy(fixture(name), &to).unwrap();
+        to
+    };
+    let (pixels, heads) = (copy("pixels_a.safetensors"), copy("heads_a.safetensors"));
+    let clip = tmp.path().join("clip_a");
+    std::fs::create_dir(&clip).unwrap();
+    for file in std::fs::read_dir(fixture("clip_a")).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), clip.join(file.file_name())).unwrap();
+    }
+    let classes = tmp.path().join("classes.txt");
+    std::fs::write(&classes, "cat\ndog\n").unwrap();
+    let alpha = format!("alpha={}", s(&pixels));
+    let pets = format!("pets={}", s(&classes));
+    let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let embed = |out: &Path| strings(&["embed", "--model", s(&clip), "--images", s(&pixels), "--out", s(out)]);
+    let eval = |json: &Path| {
+        strings(&["eval", "--model", s(&clip), "--heads", s(&heads), "--task", &alpha, "--json", s(json)])
+    };
+    let zero_shot =
+        |out: &Path| strings(&["heads", "--clip", s(&fixture("heads_tool/clip")), "--task", &pets, "--out", s(out)]);
+    // The same file by another name is refused too.
+    let pixels_again = tmp.path().join(".").join("pixels_a.safetensors");
+    let shard = clip.join("model-00003-of-00005.safetensors");
+    let cases = [
+        (embed(&pixels_again), "--out", pixels_again.clone(), pixels.clone()),
+        (embed(&shard), "--out", shard.clone(), shard.clone()),
+        (eval(&heads), "--json", heads.clone(), heads.clone()),
+        (eval(&clip.join("config.json")), "--json", clip.join("config.json"), clip.join("config.json")),
+        (eval(&pixels), "--json", pixels.clone(), pixels.clone()),
+        (zero_shot(&classes), "--out", classes.clone(), classes.clone()),
+    ];
+    for (args, flag, given, input) in cases {
+        let before = std::fs::read(&input).unwrap();
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "{args:?} was accepted");
+        let want = format!(
+            "error: {flag} {}: would replace {}, one of this command's inputs; give another file name",
+            s(&given),
+            s(&input)
+        );
+        assert_eq!(err.trim_end().lines().last().unwrap_or_default(), want, "{args:?}: {err}");
+        assert_eq!(std::fs::read(&input).unwrap(), before, "{args:?} changed its input");
+    }
+    // A new file beside the inputs, even in the model's folder, is fine.
+    let beside = clip.join("embeds.safetensors");
+    let (ok, _, err) = engine(&embed(&beside).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && beside.exists(), "{err}");
+}
+
+#[test]
 fn auto_device_says_which_and_cuda_is_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("e.safetensors");

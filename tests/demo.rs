@@ -92,6 +92,29 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
         let (ok, out, err) = engine(&[&["demo", "--device", "cpu"][..], &args].concat());
         assert!(!ok && out.is_empty() && err.trim_end() == format!("error: {want}"), "{args:?}: {out}{err}");
     }
+    // A --json onto one of the suite's files is refused before any work (the suite here is a copy).
+    let suite = tmp.path().join("suite");
+    copy_folder(&wemoe_engine::suite::Suite::bundled_path(), &suite);
+    for file in ["heads.safetensors", "experts/mnist/config.json"] {
+        let json = suite.join(file);
+        let before = std::fs::read(&json).unwrap();
+        let (ok, out, err) = engine(&["demo", "--device", "cpu", "--suite", s(&suite), "--json", s(&json)]);
+        let want = format!("--json {}: would replace {}, one of this command's inputs", s(&json), s(&json));
+        assert!(!ok && out.is_empty() && err.trim_end().starts_with(&format!("error: {want}")), "{out}{err}");
+        assert_eq!(std::fs::read(&json).unwrap(), before);
+    }
+}
+
+fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        match path.is_dir() {
+            true => copy_folder(&path, &to.join(entry.file_name())),
+            false => drop(std::fs::copy(&path, to.join(entry.file_name())).unwrap()),
+        }
+    }
 }
 
 #[test]

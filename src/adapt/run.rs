@@ -227,6 +227,28 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value)
     Ok(())
 }
 
+/// `--out` receives the checkpoints and then the adapted model: it may be new, empty, or an adapt run's (one
+/// holding its checkpoint), but not the model's own directory nor another model's, which it would replace.
+fn check_out(out: &Path, model: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    ensure!(out.is_dir(), "--out {}: is a file; adapt writes a model directory there", out.display());
+    let same = matches!((out.canonicalize(), model.canonicalize()), (Ok(o), Ok(m)) if o == m);
+    ensure!(
+        !same,
+        "--out {}: is the --model's directory, whose model the adapted one would replace; choose another --out",
+        out.display()
+    );
+    let holds_model = ["config.json", "model.safetensors"].iter().any(|f| out.join(f).exists());
+    ensure!(
+        !holds_model || out.join(CHECKPOINT).exists(),
+        "--out {}: holds a model and no adapt checkpoint; choose a new --out directory",
+        out.display()
+    );
+    Ok(())
+}
+
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
 /// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint.
 /// Each step draws shuffled images: a parquet dataset should be held in memory first
@@ -255,6 +277,7 @@ pub fn adapt(
     for (name, _) in tasks {
         heads.head(name)?;
     }
+    check_out(out, &dir.path)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut model = ImageEncoder::load(be, dir)?;
     let mut params = RouterParams::load(&model, &dir.store)?;

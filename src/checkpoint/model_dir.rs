@@ -91,6 +91,16 @@ impl ModelDir {
         Ok(ModelDir { path: path.to_path_buf(), kind, config, json, store, wemoe })
     }
 
+    /// The files the model is read from: `config.json`, `preprocessor_config.json` and a shard index where
+    /// present, and the tensors' files.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let named =
+            ["config.json", "preprocessor_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"];
+        let mut files: Vec<PathBuf> = named.iter().map(|n| self.path.join(n)).filter(|p| p.is_file()).collect();
+        files.extend(self.store.files().iter().map(|f| f.path().to_path_buf()));
+        files
+    }
+
     /// True when the checkpoint carries `visual_projection.weight`.
     pub fn has_projection(&self) -> bool {
         self.store.contains("visual_projection.weight")

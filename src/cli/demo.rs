@@ -1,7 +1,8 @@
 //! `wemoe-engine demo`: the whole job on the bundled suite. Evaluates the pretrained model, each expert on its
 //! own task, weight averaging, task arithmetic, TIES-merging, layer-wise AdaMerging, WEMoE before adaptation,
 //! WEMoE with every task routed to its own expert (the ceiling of routing) and WEMoE after test-time
-//! adaptation, with the adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes it as JSON.
+//! adaptation, with the adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes
+//! it as JSON.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
-use wemoe_engine::output::{check_file_target, write_atomic};
+use wemoe_engine::output::{check_file_target, check_not_an_input, write_atomic};
 use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
@@ -130,6 +131,16 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     for task in &suite.tasks {
         heads.head(&task.name)?;
         data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
+    }
+    if let Some(path) = &args.json {
+        // The suite's files are the demo's inputs, as a model's and a dataset's are `eval`'s.
+        let mut inputs = vec![suite.root.join("suite.json"), suite.heads()];
+        inputs.extend(pretrained_dir.files());
+        for task in &suite.tasks {
+            inputs.push(suite.data(&task.name));
+            inputs.extend(ModelDir::open(&suite.expert(&task.name))?.files());
+        }
+        check_not_an_input("--json", path, &inputs)?;
     }
     let opened = Opened { suite, be, heads, data };
     let names = opened.names();
@@ -321,7 +332,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         }
         let curve: Vec<Value> = curve
             .iter()
-            .map(|(step, loss, avg)| json!({"step": step, "loss": if loss.is_finite() { json!(loss) } else { Value::Null }, "average": avg}))
+            .map(|(step, loss, avg)| {
+                let loss = if loss.is_finite() { json!(loss) } else { Value::Null };
+                json!({"step": step, "loss": loss, "average": avg})
+            })
             .collect();
         let report = json!({
             "methods": methods,

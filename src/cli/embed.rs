@@ -9,7 +9,7 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::{Dataset, Preprocess};
 use wemoe_engine::device::{self, DeviceChoice};
 use wemoe_engine::eval::{embed_dataset, Batching};
-use wemoe_engine::output::{check_file_target, write_safetensors_with_integers, NamedTensor};
+use wemoe_engine::output::{check_file_target, check_not_an_input, write_safetensors_with_integers, NamedTensor};
 
 use super::progress;
 use super::weights::{LoadedEncoder, Weights};
@@ -31,6 +31,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let dir = ModelDir::open(&args.model)?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
+    check_not_an_input("--out", &args.out, &[dir.files(), data.input_files()].concat())?;
     let be = device::open(device, quiet)?;
     let loading = std::time::Instant::now();
     let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;

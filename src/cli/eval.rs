@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
-use wemoe_engine::output::{check_file_target, write_atomic};
+use wemoe_engine::output::{check_file_target, check_not_an_input, write_atomic};
 
 use super::weights::{LoadedEncoder, Weights};
 use super::{open_task_inputs, progress, TaskInputs};
@@ -27,6 +27,12 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         check_file_target("--json", path)?;
     }
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
+    if let Some(path) = &args.json {
+        let mut inputs = dir.files();
+        inputs.push(heads.path().to_path_buf());
+        inputs.extend(tasks.iter().flat_map(|(_, _, data)| data.input_files()));
+        check_not_an_input("--json", path, &inputs)?;
+    }
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {
         let Some(labels) = data.labels() else {

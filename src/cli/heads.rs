@@ -10,7 +10,7 @@ use serde_json::Value;
 use wemoe_engine::checkpoint::{ModelDir, ModelKind};
 use wemoe_engine::data::dataset_class_names;
 use wemoe_engine::device::{self, DeviceRequest, Precision};
-use wemoe_engine::output::{check_file_target, write_safetensors_with_metadata, NamedTensor};
+use wemoe_engine::output::{check_file_target, check_not_an_input, write_safetensors_with_metadata, NamedTensor};
 use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TaskPrompts, TextConfig, DEFAULT_TEMPLATE};
 
 use super::progress;
@@ -99,6 +99,11 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
     }
     check_file_target("--out", &args.out)?;
     let dir = ModelDir::open(&args.clip)?;
+    let tokenizer_dir = args.tokenizer.as_deref().unwrap_or(&dir.path);
+    let tokenizer_files = ["vocab.json", "merges.txt", "tokenizer.json"].map(|f| tokenizer_dir.join(f));
+    let sources = args.tasks.iter().map(|t| t.source.clone());
+    let inputs: Vec<PathBuf> = dir.files().into_iter().chain(tokenizer_files).chain(sources).collect();
+    check_not_an_input("--out", &args.out, &inputs)?;
     if dir.kind != ModelKind::Clip {
         bail!(
             "{}: a {}; zero-shot heads need the full CLIPModel with its text tower (the pretrained model the \

@@ -126,6 +126,17 @@ impl Dataset {
         &self.origin
     }
 
+    /// The files the images (and labels) are read from: the safetensors file, the parquet shards, or a
+    /// folder's image files (for images held in memory, where they came from).
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        match &self.source {
+            Source::Files(files) => files.clone(),
+            Source::Parquet(rows) => rows.files(),
+            // Held in memory, a parquet dataset's shards are no longer read.
+            Source::Pixels(_) | Source::Images { .. } | Source::Encoded(_) => vec![self.origin.clone()],
+        }
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.len

@@ -61,6 +61,11 @@ impl ParquetRows {
         self.len
     }
 
+    /// The shards' files.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// The encoded images of rows `indices`, in that order. A row at or after the cursor in its row group
     /// continues the last read; any other opens its shard again at the row's row group.
     pub fn read(&self, indices: &[usize]) -> Result<Vec<Vec<u8>>> {
@@ -154,10 +159,10 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_parquet_file(p)).collect()
 }
 
-/// The shards of the parquet dataset `path` names, in name order: a `.parquet` file; a folder holding `.parquet` files (one split's)
-/// and no subfolders; or, where nothing exists at `path`, a split's prefix in its folder (`data/test` for
-/// `data/test-00000-of-00002.parquet` and the rest), as the hub lays datasets out. `None` when `path` is none
-/// of these.
+/// The shards of the parquet dataset `path` names, in name order: a `.parquet` file; a folder holding
+/// `.parquet` files (one split's) and no subfolders; or, where nothing exists at `path`, a split's prefix in its
+/// folder (`data/test` for `data/test-00000-of-00002.parquet` and the rest), as the hub lays datasets out.
+/// `None` when `path` is none of these.
 pub fn parquet_shards(path: &Path) -> Option<Vec<PathBuf>> {
     let mut shards = if path.is_file() {
         is_parquet_file(path).then(|| vec![path.to_path_buf()])?

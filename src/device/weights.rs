@@ -19,7 +19,8 @@ pub enum WeightLayout {
 }
 
 /// A Linear layer's weight, stored in the layout its backend multiplies fastest; made from PyTorch's
-/// `[out, in]` by [`Backend::prepare_linear`](super::Backend::prepare_linear), so a transposed copy cannot be mistaken for HF's layout.
+/// `[out, in]` by [`Backend::prepare_linear`](super::Backend::prepare_linear), so a transposed copy cannot be
+/// mistaken for HF's layout.
 pub struct LinearWeight {
     tensor: Tensor,
     layout: WeightLayout,
