@@ -544,3 +544,21 @@ fn heads_whose_metadata_miscounts_or_repeats_their_classes() {
         t.assert_no_output();
     }
 }
+
+#[test]
+fn info_of_a_file_other_than_heads_says_what_info_takes() {
+    // A model's config.json used to fail as "header too large", a dataset as "a model must be a directory".
+    let takes = "info takes a model directory or a heads file (safetensors of head.* tensors)";
+    let config = fixture("clip_b").join("config.json");
+    let err = fails(&["info", s(&config)], "config.json: not a safetensors file");
+    assert!(err.ends_with(&format!("{takes}; for the model in its folder, give {}", s(&fixture("clip_b")))), "{err}");
+    let err = fails(&["info", s(&fixture("pixels_b.safetensors"))], "pixels_b.safetensors: holds no head.* tensors");
+    assert!(err.ends_with(takes), "{err}");
+    // A damaged heads file says how it is damaged.
+    let t = Scratch::new();
+    let damaged = t.path("heads.safetensors");
+    std::fs::write(&damaged, &std::fs::read(fixture("heads_a.safetensors")).unwrap()[..100]).unwrap();
+    fails(&["info", s(&damaged)], "not a valid safetensors file");
+    let (ok, out, err) = engine(&["info", s(&fixture("heads_a.safetensors"))]);
+    assert!(ok && out.starts_with("heads"), "{out}{err}");
+}

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 use serde_json::{json, Value};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::config::json_f32;
@@ -15,8 +15,8 @@ use wemoe_engine::model::Heads;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
-    if path.is_file() && SafetensorsFile::open(path)?.names().any(|n| n.starts_with("head.")) {
-        return heads(path, as_json);
+    if path.is_file() {
+        return heads_file(path, as_json);
     }
     let dir = ModelDir::open(path)?;
     let c = &dir.config;
@@ -250,6 +250,24 @@ fn trained_coefficients(dir: &Path) -> Result<Option<(CoefficientsFile, Vec<Expe
 /// A config.json value as `info` prints it: a string without its quotes, anything else as JSON.
 fn shown(value: &Value) -> String {
     value.as_str().map_or_else(|| value.to_string(), str::to_string)
+}
+
+/// A file given to `info`: a heads file, or else an error that says what `info` takes (a model's own
+/// `config.json` or `model.safetensors` given for its folder, an embeddings file, a dataset).
+fn heads_file(path: &Path, as_json: bool) -> Result<()> {
+    let folder = path.parent().filter(|f| f.join("config.json").is_file());
+    let hint = folder.map_or(String::new(), |f| format!("; for the model in its folder, give {}", f.display()));
+    let takes = format!("info takes a model directory or a heads file (safetensors of head.* tensors){hint}");
+    let file = match SafetensorsFile::open(path) {
+        Ok(file) => file,
+        // A damaged heads file should say how it is damaged; any other file, only what info takes.
+        Err(err) if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) => {
+            return Err(err.context(format!("{}: {takes}", path.display())));
+        }
+        Err(_) => bail!("{}: not a safetensors file; {takes}", path.display()),
+    };
+    ensure!(file.names().any(|n| n.starts_with("head.")), "{}: holds no head.* tensors; {takes}", path.display());
+    heads(path, as_json)
 }
 
 /// A heads file: each task's class count, width and class names (when its metadata names them), the
