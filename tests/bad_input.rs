@@ -562,3 +562,14 @@ fn info_of_a_file_other_than_heads_says_what_info_takes() {
     let (ok, out, err) = engine(&["info", s(&fixture("heads_a.safetensors"))]);
     assert!(ok && out.starts_with("heads"), "{out}{err}");
 }
+
+#[test]
+fn a_models_own_file_given_for_its_folder_names_the_folder() {
+    let t = Scratch::new();
+    let file = fixture("clip_b").join("model.safetensors");
+    let err = t.embed(&file, &fixture("pixels_b.safetensors"), "a model must be a directory holding config.json");
+    assert!(err.ends_with(&format!("; for the model in its folder, give {}", s(&fixture("clip_b")))), "{err}");
+    // A file outside any model's folder gets no such hint.
+    let err = t.embed(&fixture("pixels_a.safetensors"), &fixture("pixels_b.safetensors"), "a model must be");
+    assert!(!err.contains("give"), "{err}");
+}

@@ -54,7 +54,10 @@ impl ModelDir {
             bail!("{}: no such model directory", path.display());
         }
         if !path.is_dir() {
-            bail!("{}: a model must be a directory holding config.json and model.safetensors", path.display());
+            // A model's own file given for its folder: name the folder.
+            let folder = path.parent().filter(|f| f.join("config.json").is_file());
+            let hint = folder.map_or(String::new(), |f| format!("; for the model in its folder, give {}", f.display()));
+            bail!("{}: a model must be a directory holding config.json and model.safetensors{hint}", path.display());
         }
         let config_path = path.join("config.json");
         if !config_path.exists() {
