@@ -477,4 +477,9 @@ fn doctor_runs_on_a_fresh_clone() {
     assert!(registers > 0, "no ptxas registers in doctor's row (is NVRTC loadable? source tools/nvrtc-env.sh): {row}");
     let (ok, _, err) = engine(&["doctor", "--arch", "90"]);
     assert!(!ok && err.contains("sm_XY"), "{err}");
+    // An architecture NVRTC does not compile for: one line with its list, before the report (it used to be the
+    // report, then an invalid-option log for every kernel).
+    let (ok, out, err) = engine(&["doctor", "--arch", "sm_1000"]);
+    assert!(!ok && out.is_empty() && err.lines().count() == 1, "{out}{err}");
+    assert!(err.starts_with("error: --arch: architecture 'sm_1000': NVRTC ") && err.contains(" sm_90, "), "{err}");
 }

@@ -66,6 +66,19 @@ fn a_compile_error_names_the_kernel_and_carries_the_log() {
 }
 
 #[test]
+fn an_architecture_nvrtc_cannot_compile_for_is_named_with_its_list() {
+    let _cache = with_fresh_cache();
+    let archs = nvrtc::supported_archs().unwrap();
+    assert!(archs.contains(&90) && archs.windows(2).all(|w| w[0] < w[1]), "{archs:?}");
+    let source = kernels::sources().next().unwrap();
+    let err = format!("{:#}", nvrtc::compile(source, "sm_1000").unwrap_err());
+    let (major, minor) = nvrtc::version().unwrap();
+    let want = format!("architecture 'sm_1000': NVRTC {major}.{minor} compiles for sm_{}", archs[0]);
+    assert!(err.starts_with(&want) && err.contains(", sm_90,") && err.lines().count() == 1, "{err}");
+    nvrtc::check_supported("sm_90a").unwrap();
+}
+
+#[test]
 fn the_cache_answers_the_second_compile_with_the_same_image() {
     let _cache = with_fresh_cache();
     let source = kernels::sources().find(|s| s.name == "elementwise").unwrap();

@@ -12,6 +12,10 @@ use wemoe_engine::kernels::{self, KERNEL_FUNCTIONS};
 pub fn run(arch: Option<&str>) -> Result<()> {
     if let Some(a) = arch {
         nvrtc::check_arch(a).map_err(|e| anyhow::anyhow!("--arch: {e}"))?;
+        // Where NVRTC loads, an architecture it cannot compile for is refused before the report.
+        if nvrtc::version().is_ok() {
+            nvrtc::check_supported(a).map_err(|e| anyhow::anyhow!("--arch: {e}"))?;
+        }
     }
     say!("wemoe-engine {}", env!("CARGO_PKG_VERSION"));
     say!("cpu         {}", CpuBackend::new().describe());

@@ -74,6 +74,32 @@ pub fn check_arch(arch: &str) -> Result<()> {
     Ok(())
 }
 
+/// The architectures this NVRTC compiles for, as numbers (90 for sm_90), in its order (ascending).
+pub fn supported_archs() -> Result<Vec<i32>> {
+    super::library::nvrtc()?;
+    let mut count = 0;
+    // SAFETY: the library is present (checked above); the out-pointer is valid.
+    check(unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) }, "nvrtcGetNumSupportedArchs")?;
+    let mut archs = vec![0; count.max(0) as usize];
+    // SAFETY: `archs` holds the `count` entries NVRTC writes.
+    check(unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }, "nvrtcGetSupportedArchs")?;
+    Ok(archs)
+}
+
+/// Checks that this NVRTC compiles for `arch`: a card newer than the NVRTC, or a mistyped `--arch`, is named
+/// once with the list, not as an invalid option in every kernel's log.
+pub fn check_supported(arch: &str) -> Result<()> {
+    check_arch(arch)?;
+    let number: i32 = arch["sm_".len()..].trim_end_matches('a').parse().expect("checked digits");
+    let archs = supported_archs()?;
+    if !archs.contains(&number) {
+        let (major, minor) = version()?;
+        let list: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
+        bail!("architecture '{arch}': NVRTC {major}.{minor} compiles for {} only", list.join(", "));
+    }
+    Ok(())
+}
+
 /// Compiles `source` for `arch`, or reads it from the cache.
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
     check_arch(arch)?;
@@ -89,6 +115,7 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
             }
         }
     }
+    check_supported(arch)?;
     let (cubin, log) = compile_uncached(source, arch)?;
     let resources = parse_resources(&log);
     let cached_at = cache.and_then(|dir| store(&dir, &key, &cubin, &log).ok());
