@@ -5,7 +5,7 @@
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::nvrtc::sys;
 
 use crate::kernels::{self, KernelSource};
@@ -76,9 +76,11 @@ pub fn check_arch(arch: &str) -> Result<()> {
 
 /// The architectures this NVRTC compiles for, as numbers (90 for sm_90), in its order (ascending).
 pub fn supported_archs() -> Result<Vec<i32>> {
-    super::library::nvrtc()?;
+    let (major, minor) = version()?;
+    // Before 11.2 the function is not there, and cudarc's loader would panic on the missing symbol.
+    ensure!((major, minor) >= (11, 2), "NVRTC {major}.{minor} cannot list its architectures (11.2 and later can)");
     let mut count = 0;
-    // SAFETY: the library is present (checked above); the out-pointer is valid.
+    // SAFETY: the library is loaded (`version` loaded it) and has the function; the out-pointer is valid.
     check(unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) }, "nvrtcGetNumSupportedArchs")?;
     let mut archs = vec![0; count.max(0) as usize];
     // SAFETY: `archs` holds the `count` entries NVRTC writes.
@@ -91,9 +93,12 @@ pub fn supported_archs() -> Result<Vec<i32>> {
 pub fn check_supported(arch: &str) -> Result<()> {
     check_arch(arch)?;
     let number: i32 = arch["sm_".len()..].trim_end_matches('a').parse().expect("checked digits");
+    let (major, minor) = version()?;
+    if (major, minor) < (11, 2) {
+        return Ok(()); // no list to check against: the compile says what it thinks of `arch`
+    }
     let archs = supported_archs()?;
     if !archs.contains(&number) {
-        let (major, minor) = version()?;
         let list: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
         bail!("architecture '{arch}': NVRTC {major}.{minor} compiles for {} only", list.join(", "));
     }
