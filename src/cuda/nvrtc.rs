@@ -77,8 +77,13 @@ pub fn check_arch(arch: &str) -> Result<()> {
 /// The architectures this NVRTC compiles for, as numbers (90 for sm_90), in its order (ascending).
 pub fn supported_archs() -> Result<Vec<i32>> {
     let (major, minor) = version()?;
-    // Before 11.2 the function is not there, and cudarc's loader would panic on the missing symbol.
-    ensure!((major, minor) >= (11, 2), "NVRTC {major}.{minor} cannot list its architectures (11.2 and later can)");
+    // Before 11.2 the functions used here and for CUBINs are not all there, and cudarc's loader would panic on
+    // a missing symbol.
+    ensure!(
+        (major, minor) >= (11, 2),
+        "NVRTC {major}.{minor} is older than 11.2, the oldest the engine can use (install a newer one, e.g. the \
+         PyPI wheel nvidia-cuda-nvrtc, and name it in WEMOE_NVRTC)"
+    );
     let mut count = 0;
     // SAFETY: the library is loaded (`version` loaded it) and has the function; the out-pointer is valid.
     check(unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) }, "nvrtcGetNumSupportedArchs")?;
@@ -93,12 +98,9 @@ pub fn supported_archs() -> Result<Vec<i32>> {
 pub fn check_supported(arch: &str) -> Result<()> {
     check_arch(arch)?;
     let number: i32 = arch["sm_".len()..].trim_end_matches('a').parse().expect("checked digits");
-    let (major, minor) = version()?;
-    if (major, minor) < (11, 2) {
-        return Ok(()); // no list to check against: the compile says what it thinks of `arch`
-    }
     let archs = supported_archs()?;
     if !archs.contains(&number) {
+        let (major, minor) = version()?;
         let list: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
         bail!("architecture '{arch}': NVRTC {major}.{minor} compiles for {} only", list.join(", "));
     }
