@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use wemoe_engine::checkpoint::{ModelDir, SafetensorsFile};
-use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::data::{Dataset, Preprocess, Resize};
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::model::{Heads, ImageEncoder, Routing};
 use wemoe_engine::tensor::Tensor;
@@ -98,6 +98,46 @@ fn photographs_preprocess_like_clip_image_processor() {
 }
 
 #[test]
+fn other_shapes_of_preprocessor_config_preprocess_like_clip_image_processor() {
+    // `size` as {"height", "width"} (a resize to exactly that, with or without a crop after it), and `size` and
+    // `crop_size` as bare integers: each folder's preprocessor_config.json as the processor wrote it.
+    let names = [
+        "class_0/china_301x217.jpg",
+        "class_0/flower_121x143.png",
+        "class_1/china_61x47.jpg",
+        "class_1/flower_grey_97x65.png",
+    ];
+    for (config, resize, crop) in [
+        ("exact_square", Resize::Exact(32, 32), None),
+        ("exact_then_crop", Resize::Exact(40, 36), Some((32, 32))),
+        ("integer_sizes", Resize::ShortestEdge(40), Some((32, 32))),
+    ] {
+        let dir = fixture("processor_configs").join(config);
+        let preprocess = Preprocess::for_model(&dir, 32).unwrap();
+        assert_eq!((preprocess.resize, preprocess.crop), (resize, crop), "{config}");
+        let data = Dataset::open(&fixture("photos"), &preprocess, 32).unwrap();
+        let got = data.batch(0..data.len()).unwrap();
+        let per = 3 * 32 * 32;
+        let expected = format!("processor_configs/{config}/expected.safetensors");
+        for (i, name) in names.iter().enumerate() {
+            let (_, want) = reference(&expected, name);
+            let (max, mean) = abs_diffs(&got.host().unwrap()[i * per..(i + 1) * per], &want);
+            assert!(
+                max <= PIXEL_MAX_ABS_TOL && mean <= PIXEL_MEAN_ABS_TOL,
+                "{config} {name}: max {max:.4} mean {mean:.5}"
+            );
+        }
+    }
+    // A size the model does not take is refused, naming what the preprocessing makes.
+    let preprocess = Preprocess::for_model(&fixture("processor_configs/exact_square"), 32).unwrap();
+    let err = Dataset::open(&fixture("photos"), &preprocess, 48).err().unwrap();
+    assert!(
+        format!("{err:#}").ends_with("the model's preprocessing makes 32×32 images, the model takes 48×48"),
+        "{err:#}"
+    );
+}
+
+#[test]
 fn transparent_16_bit_and_cmyk_images_preprocess_like_clip_image_processor() {
     // Each file unconverted, as FusionBench gives a dataset's image to the processor: an alpha channel, a
     // palette's and a colour key's transparency composited onto white, 16-bit samples read by their high byte,
@@ -178,7 +218,7 @@ fn parquet_datasets_read_and_preprocess_like_clip_image_processor() {
 fn every_value_and_alpha_composites_onto_white_as_transformers_does() {
     // 256 × 256 RGBA: value across, alpha down; no resize, no normalisation, so the pixels are the composite.
     let unscaled = Preprocess {
-        shortest_edge: None,
+        resize: Resize::None,
         crop: Some((256, 256)),
         rescale: 1.0,
         mean_std: None,

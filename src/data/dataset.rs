@@ -64,13 +64,14 @@ impl Dataset {
         ensure!(len > 0, "{}: holds no images", path.display());
         if !matches!(source, Source::Pixels(_)) {
             // Raw images of any size must come out of the preprocessing at the model's size.
-            let out = preprocess.crop.unwrap_or((0, 0));
+            let made = match preprocess.output_size() {
+                Some((h, w)) => format!("makes {w}×{h} images"),
+                None => "keeps each image's size (no crop, no resize to a fixed size)".to_string(),
+            };
             ensure!(
-                out == (side, side),
-                "{}: the model's preprocessing crops {}×{} images, the model takes {side}×{side}",
-                path.display(),
-                out.1,
-                out.0
+                preprocess.output_size() == Some((side, side)),
+                "{}: the model's preprocessing {made}, the model takes {side}×{side}",
+                path.display()
             );
         }
         Ok(Dataset { origin: path.to_path_buf(), source, len, labels, classes, preprocess: preprocess.clone(), side })

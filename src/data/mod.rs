@@ -15,4 +15,4 @@ pub use dataset::Dataset;
 pub use decode::{decode_image, jpeg_simd};
 pub use image_folder::{scan_image_dir, ImageDir, ImageFolder};
 pub(crate) use parquet::{is_parquet_file, parquet_shards, split_of};
-pub use preprocess::Preprocess;
+pub use preprocess::{Preprocess, Resize};

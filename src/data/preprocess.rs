@@ -16,11 +16,22 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 #[allow(clippy::excessive_precision)] // written as HF writes them
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
+/// How an image is resized before the crop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Not at all.
+    None,
+    /// The shortest edge to this length, the aspect ratio kept (CLIP's `{"shortest_edge": n}`).
+    ShortestEdge(usize),
+    /// To exactly this height and width (`{"height": h, "width": w}`).
+    Exact(usize, usize),
+}
+
 /// The preprocessing of one model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preprocess {
-    /// Target length of the shortest edge, or `None` to skip resizing.
-    pub shortest_edge: Option<usize>,
+    /// The resize.
+    pub resize: Resize,
     /// Crop height and width, or `None` to skip cropping.
     pub crop: Option<(usize, usize)>,
     /// The resize filter.
@@ -35,7 +46,7 @@ impl Preprocess {
     /// CLIP's preprocessing to `size × size`.
     pub fn clip(size: usize) -> Self {
         Preprocess {
-            shortest_edge: Some(size),
+            resize: Resize::ShortestEdge(size),
             crop: Some((size, size)),
             filter: Filter::Bicubic,
             rescale: 1.0 / 255.0,
@@ -60,12 +71,15 @@ impl Preprocess {
         let flag = |key: &str| json.get(key).and_then(Value::as_bool).unwrap_or(true);
         let side = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as usize);
         if !flag("do_resize") {
-            p.shortest_edge = None;
+            p.resize = Resize::None;
         } else if let Some(size) = json.get("size") {
-            p.shortest_edge = Some(match size.as_u64() {
-                Some(n) => n as usize,
-                None => side(size, "shortest_edge").context("\"size\" needs \"shortest_edge\"")?,
-            });
+            // As CLIPImageProcessor reads it: a bare number or "shortest_edge", else "height" and "width".
+            p.resize = match (size.as_u64(), side(size, "shortest_edge"), side(size, "height"), side(size, "width")) {
+                (Some(n), ..) => Resize::ShortestEdge(n as usize),
+                (None, Some(n), ..) => Resize::ShortestEdge(n),
+                (None, None, Some(h), Some(w)) => Resize::Exact(h, w),
+                _ => bail!("\"size\" needs \"shortest_edge\", or \"height\" and \"width\""),
+            };
         }
         if !flag("do_center_crop") {
             p.crop = None;
@@ -92,8 +106,10 @@ impl Preprocess {
             let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
                 match json.get(key).and_then(Value::as_array) {
                     None => Ok(default),
-                    Some(a) if a.len() == 3 => Ok([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(f64::NAN) as f32)),
-                    Some(_) => bail!("\"{key}\" must have 3 values"),
+                    Some(a) if a.len() == 3 && a.iter().all(Value::is_number) => {
+                        Ok([0, 1, 2].map(|i| a[i].as_f64().expect("a number") as f32))
+                    }
+                    Some(_) => bail!("\"{key}\" must be 3 numbers"),
                 }
             };
             p.mean_std = Some((triple("image_mean", CLIP_MEAN)?, triple("image_std", CLIP_STD)?));
@@ -101,11 +117,21 @@ impl Preprocess {
         Ok(p)
     }
 
-    /// HF's `get_resize_output_image_size` with `default_to_square=False`.
+    /// The size every image comes out at: the crop's, else an exact resize's; `None` when each keeps its own.
+    pub fn output_size(&self) -> Option<(usize, usize)> {
+        match (self.crop, self.resize) {
+            (Some(crop), _) => Some(crop),
+            (None, Resize::Exact(h, w)) => Some((h, w)),
+            (None, _) => None,
+        }
+    }
+
+    /// HF's `get_resize_output_image_size`: with `default_to_square=False` for a shortest edge.
     fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
-        match self.shortest_edge {
-            None => (height, width),
-            Some(edge) => {
+        match self.resize {
+            Resize::None => (height, width),
+            Resize::Exact(h, w) => (h, w),
+            Resize::ShortestEdge(edge) => {
                 let (short, long) = if width <= height { (width, height) } else { (height, width) };
                 let new_long = edge * long / short;
                 if width <= height {
@@ -201,7 +227,7 @@ mod tests {
         // 3 × 5 RGB, no resize; crops taller and wider, taller and narrower, and inside.
         let image: Vec<u8> = (0..3 * 5 * 3).map(|i| (i * 17 % 256) as u8).collect();
         for crop in [(4, 7), (6, 2), (2, 3)] {
-            let p = Preprocess { shortest_edge: None, crop: Some(crop), ..Preprocess::clip(4) };
+            let p = Preprocess { resize: Resize::None, crop: Some(crop), ..Preprocess::clip(4) };
             let got = p.apply(&image, 3, 5, 3).unwrap();
             let (top, left) = ((3 - crop.0 as i64).div_euclid(2), (5 - crop.1 as i64).div_euclid(2));
             for c in 0..3 {
@@ -227,7 +253,16 @@ mod tests {
         let json = serde_json::json!({"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 30},
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2});
         let p = Preprocess::from_json(&json, 224).unwrap();
-        assert_eq!((p.shortest_edge, p.crop, p.filter), (Some(40), Some((32, 30)), Filter::Bilinear));
+        assert_eq!((p.resize, p.crop, p.filter), (Resize::ShortestEdge(40), Some((32, 30)), Filter::Bilinear));
         assert!(Preprocess::from_json(&serde_json::json!({"resample": 1}), 224).is_err());
+        // A mean that is not three numbers used to become NaN pixels; a size of neither kind, CLIP's default.
+        for bad in [
+            serde_json::json!({"image_mean": ["0.5", 0.5, 0.5]}),
+            serde_json::json!({"image_std": [0.5, 0.5]}),
+            serde_json::json!({"size": {"longest_edge": 40}}),
+            serde_json::json!({"size": {"height": 40}}),
+        ] {
+            assert!(Preprocess::from_json(&bad, 224).is_err(), "{bad}");
+        }
     }
 }
