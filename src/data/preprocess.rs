@@ -255,7 +255,8 @@ mod tests {
         let p = Preprocess::from_json(&json, 224).unwrap();
         assert_eq!((p.resize, p.crop, p.filter), (Resize::ShortestEdge(40), Some((32, 30)), Filter::Bilinear));
         assert!(Preprocess::from_json(&serde_json::json!({"resample": 1}), 224).is_err());
-        // A mean that is not three numbers used to become NaN pixels; a size of neither kind, CLIP's default.
+        // A mean that is not three numbers used to become NaN pixels; a size with neither a shortest edge nor
+        // both sides is refused.
         for bad in [
             serde_json::json!({"image_mean": ["0.5", 0.5, 0.5]}),
             serde_json::json!({"image_std": [0.5, 0.5]}),
