@@ -31,6 +31,12 @@ pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// True when `path` is a folder with nothing in it: an output folder made ahead of the command (`mkdir out`), or
+/// left by a run killed before it wrote anything, which a command may take as if it did not exist.
+pub fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
 /// Checks, once the inputs are open, that writing `path` (option `flag`) will not replace one of the files the
 /// command reads: `embed --images data.safetensors --out data.safetensors` would otherwise lose the data.
 pub fn check_not_an_input(flag: &str, path: &Path, inputs: &[PathBuf]) -> Result<()> {

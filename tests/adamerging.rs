@@ -354,10 +354,15 @@ fn bad_adamerging_arguments_are_refused_in_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{message}: {err}");
         assert!(!out.exists(), "{message}: left {}", out.display());
     }
-    // An existing --out is refused before any step runs.
+    // An --out that holds anything else is refused before any step runs; an empty one (made ahead, or left by a
+    // run killed before its first checkpoint) is taken as new, also by --resume.
     std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let (ok, _, err) = run(&command(&out, &["--steps", "1"]));
     assert!(!ok && err.contains("already exists"), "{err}");
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    let (ok, _, err) = run(&command(&out, &["--steps", "1", "--resume"]));
+    assert!(ok && out.join("model.safetensors").exists(), "{err}");
 }
 
 /// The step a checkpoint holds.
@@ -431,4 +436,10 @@ fn a_loss_that_turns_non_finite_keeps_the_last_good_checkpoint() {
     let (ok, _, err) = run(&command(&fresh, &["--steps", "3", "--lr", "1e30"]));
     assert!(!ok && err.contains("no checkpoint was written yet"), "{err}");
     assert!(!fresh.exists(), "a run that failed before its first checkpoint left {}", fresh.display());
+    // A folder made ahead stays, as empty as it was.
+    let ahead = tmp.path().join("ahead");
+    std::fs::create_dir(&ahead).unwrap();
+    let (ok, _, err) = run(&command(&ahead, &["--steps", "3", "--lr", "1e30"]));
+    assert!(!ok && err.contains("no checkpoint was written yet"), "{err}");
+    assert!(std::fs::read_dir(&ahead).unwrap().next().is_none(), "a failed run left files in {}", ahead.display());
 }

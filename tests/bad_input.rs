@@ -514,8 +514,15 @@ fn merge_refuses_an_existing_output() {
     let t = Scratch::new();
     let out = t.path("taken");
     std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let (pretrained, red) = (fixture("wemoe/pretrained"), expert("red", &fixture("wemoe/red")));
-    fails(&["merge", "--pretrained", s(&pretrained), "--expert", &red, "--out", s(&out)], "already exists");
+    let args = ["merge", "--pretrained", s(&pretrained), "--expert", &red, "--out", s(&out)];
+    fails(&args, "already exists");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    // An empty folder, made ahead, is taken as new.
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    let (ok, _, err) = engine(&args);
+    assert!(ok && out.join("model.safetensors").exists() && out.join("config.json").exists(), "{err}");
 }
 
 #[test]

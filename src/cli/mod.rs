@@ -164,7 +164,7 @@ enum Command {
         /// this order).
         #[arg(long = "expert", value_name = "NAME=MODEL")]
         experts: Vec<String>,
-        /// The output directory (must not exist).
+        /// The output directory: new or empty (for AdaMerging, or holding its checkpoint, with --resume).
         #[arg(long)]
         out: PathBuf,
         /// How to merge.
@@ -267,7 +267,7 @@ enum Command {
     Adapt {
         #[command(flatten)]
         inputs: TaskArgs,
-        /// The output directory: checkpoints, then the adapted model.
+        /// The output directory: checkpoints, then the adapted model; new, empty, or holding an adapt checkpoint.
         #[arg(long)]
         out: PathBuf,
         /// Adaptation steps in all.

@@ -463,7 +463,9 @@ pub fn adamerging(
     }
     let run = AdaMerging::new(be, pretrained, experts)?.with_clamp(opts.clamp).with_granularity(opts.granularity);
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
-    let fresh = !out.exists();
+    // An empty folder (made ahead, or left by a run killed before its first checkpoint) is taken as new.
+    let made_ahead = crate::output::is_empty_dir(out);
+    let fresh = !out.exists() || made_ahead;
     if !fresh && !checkpoint.exists() {
         bail!("{}: already exists; choose a new --out directory", out.display());
     }
@@ -480,7 +482,7 @@ pub fn adamerging(
         not_past_the_end(&checkpoint, state.step, opts.steps)?;
         (state.step, state.samplers)
     };
-    if fresh {
+    if fresh && !made_ahead {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
         std::fs::create_dir(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -517,7 +519,8 @@ pub fn adamerging(
         Ok(AdaMergingSummary { tensors, parameters, coefficients: coefficients.clone() })
     })();
     if result.is_err() && fresh && !checkpoint.exists() {
-        let _ = std::fs::remove_dir_all(out);
+        // What this run wrote goes; a folder made ahead stays, empty, as it was.
+        let _ = std::fs::remove_dir_all(out).and_then(|()| if made_ahead { std::fs::create_dir(out) } else { Ok(()) });
     }
     result
 }

@@ -369,7 +369,8 @@ pub fn merge(
     if let MergeMethod::TiesMerging(o) = opts.method {
         o.keep_fraction()?;
     }
-    if out.exists() {
+    // An empty folder is taken as new: the finished model is renamed over it.
+    if out.exists() && !crate::output::is_empty_dir(out) {
         bail!("{}: already exists; choose a new --out directory", out.display());
     }
     let names = check_inputs(pretrained, experts)?;
