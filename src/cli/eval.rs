@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::json;
+use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
 use wemoe_engine::output::{check_file_target, check_not_an_input, write_atomic};
@@ -25,14 +26,16 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     // Check every input, and where the JSON goes, before computing anything.
     if let Some(path) = &args.json {
         check_file_target("--json", path)?;
+        // Nor may it replace an input: the model's files, the heads, a data file (checked before the device
+        // opens, so that the refusal is the one line).
+        if path.exists() {
+            let mut inputs = ModelDir::open(&args.model)?.files();
+            inputs.push(args.heads.clone());
+            inputs.extend(args.tasks.iter().map(|(_, data)| data.clone()));
+            check_not_an_input("--json", path, &inputs)?;
+        }
     }
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
-    if let Some(path) = &args.json {
-        let mut inputs = dir.files();
-        inputs.push(heads.path().to_path_buf());
-        inputs.extend(tasks.iter().flat_map(|(_, _, data)| data.input_files()));
-        check_not_an_input("--json", path, &inputs)?;
-    }
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {
         let Some(labels) = data.labels() else {
