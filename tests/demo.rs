@@ -98,9 +98,10 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     for file in ["heads.safetensors", "experts/mnist/config.json"] {
         let json = suite.join(file);
         let before = std::fs::read(&json).unwrap();
-        let (ok, out, err) = engine(&["demo", "--device", "cpu", "--suite", s(&suite), "--json", s(&json)]);
+        let (ok, out, err) = engine(&["demo", "--suite", s(&suite), "--json", s(&json)]);
         let want = format!("--json {}: would replace {}, one of this command's inputs", s(&json), s(&json));
-        assert!(!ok && out.is_empty() && err.trim_end().starts_with(&format!("error: {want}")), "{out}{err}");
+        assert!(!ok && out.is_empty() && err.starts_with(&format!("error: {want}")), "{out}{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert_eq!(std::fs::read(&json).unwrap(), before);
     }
 }

@@ -124,16 +124,9 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let start = Instant::now();
     let suite = Suite::open(&args.suite)?;
     let pretrained_dir = ModelDir::open(&suite.pretrained())?;
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), &suite.heads())?;
-    let preprocess = Preprocess::for_model(&pretrained_dir.path, pretrained_dir.config.image_size)?;
-    let mut data = Vec::new();
-    for task in &suite.tasks {
-        heads.head(&task.name)?;
-        data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
-    }
     if let Some(path) = &args.json {
-        // The suite's files are the demo's inputs, as a model's and a dataset's are `eval`'s.
+        // The suite's files are the demo's inputs, as a model's and a dataset's are `eval`'s (checked
+        // before the device opens, so that the refusal is the one line).
         let mut inputs = vec![suite.root.join("suite.json"), suite.heads()];
         inputs.extend(pretrained_dir.files());
         for task in &suite.tasks {
@@ -141,6 +134,14 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             inputs.extend(ModelDir::open(&suite.expert(&task.name))?.files());
         }
         check_not_an_input("--json", path, &inputs)?;
+    }
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), &suite.heads())?;
+    let preprocess = Preprocess::for_model(&pretrained_dir.path, pretrained_dir.config.image_size)?;
+    let mut data = Vec::new();
+    for task in &suite.tasks {
+        heads.head(&task.name)?;
+        data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
     }
     let opened = Opened { suite, be, heads, data };
     let names = opened.names();
