@@ -275,6 +275,10 @@ fn an_out_that_holds_a_model_is_refused_unless_it_is_an_adapt_run() {
         assert!(!model.join(wemoe_engine::adapt::CHECKPOINT).exists(), "{err}");
     }
     assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before, "the model was changed");
+    // Without --quiet the refusal is still the one line: it comes before the device's.
+    let loud: Vec<String> = args(&model).into_iter().filter(|a| a != "--quiet").collect();
+    let (ok, err) = run(&loud);
+    assert!(!ok && err.trim_end().lines().count() == 1, "{err}");
     // An empty folder takes the run; a finished run's folder (model and checkpoint) takes its resumption.
     let out = tmp.path().join("empty");
     std::fs::create_dir(&out).unwrap();

@@ -229,7 +229,8 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value)
 
 /// `--out` receives the checkpoints and then the adapted model: it may be new, empty, or an adapt run's (one
 /// holding its checkpoint), but not the model's own directory nor another model's, which it would replace.
-fn check_out(out: &Path, model: &Path) -> Result<()> {
+/// [`adapt`] checks it; the command line checks it first too, before the device opens.
+pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     if !out.exists() {
         return Ok(());
     }
