@@ -124,7 +124,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let start = Instant::now();
     let suite = Suite::open(&args.suite)?;
     let pretrained_dir = ModelDir::open(&suite.pretrained())?;
-    if let Some(path) = &args.json {
+    if let Some(path) = args.json.as_ref().filter(|p| p.exists()) {
         // The suite's files are the demo's inputs, as a model's and a dataset's are `eval`'s (checked
         // before the device opens, so that the refusal is the one line).
         let mut inputs = vec![suite.root.join("suite.json"), suite.heads()];

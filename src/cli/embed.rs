@@ -29,9 +29,9 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     check_file_target("--out", &args.out)?;
     let dir = ModelDir::open(&args.model)?;
+    check_not_an_input("--out", &args.out, &[dir.files(), vec![args.images.clone()]].concat())?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
-    check_not_an_input("--out", &args.out, &[dir.files(), data.input_files()].concat())?;
     let be = device::open(device, quiet)?;
     let loading = std::time::Instant::now();
     let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;

@@ -65,14 +65,13 @@ impl Dataset {
         if !matches!(source, Source::Pixels(_)) {
             // Raw images of any size must come out of the preprocessing at the model's size.
             let made = match preprocess.output_size() {
-                Some((h, w)) => format!("makes {w}×{h} images"),
-                None => "keeps each image's size (no crop, no resize to a fixed size)".to_string(),
+                Some(size) if size == (side, side) => None,
+                Some((h, w)) => Some(format!("makes {w}×{h} images")),
+                None => Some("keeps each image's size (no crop, no resize to a fixed size)".to_string()),
             };
-            ensure!(
-                preprocess.output_size() == Some((side, side)),
-                "{}: the model's preprocessing {made}, the model takes {side}×{side}",
-                path.display()
-            );
+            if let Some(made) = made {
+                bail!("{}: the model's preprocessing {made}, the model takes {side}×{side}", path.display());
+            }
         }
         Ok(Dataset { origin: path.to_path_buf(), source, len, labels, classes, preprocess: preprocess.clone(), side })
     }
@@ -125,17 +124,6 @@ impl Dataset {
     /// Where the data came from.
     pub fn origin(&self) -> &Path {
         &self.origin
-    }
-
-    /// The files the images (and labels) are read from: the safetensors file, the parquet shards, or a
-    /// folder's image files (for images held in memory, where they came from).
-    pub fn input_files(&self) -> Vec<PathBuf> {
-        match &self.source {
-            Source::Files(files) => files.clone(),
-            Source::Parquet(rows) => rows.files(),
-            // Held in memory, a parquet dataset's shards are no longer read.
-            Source::Pixels(_) | Source::Images { .. } | Source::Encoded(_) => vec![self.origin.clone()],
-        }
     }
 
     /// Number of images.

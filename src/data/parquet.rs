@@ -61,11 +61,6 @@ impl ParquetRows {
         self.len
     }
 
-    /// The shards' files.
-    pub fn files(&self) -> Vec<PathBuf> {
-        self.shards.iter().map(|s| s.path.clone()).collect()
-    }
-
     /// The encoded images of rows `indices`, in that order. A row at or after the cursor in its row group
     /// continues the last read; any other opens its shard again at the row's row group.
     pub fn read(&self, indices: &[usize]) -> Result<Vec<Vec<u8>>> {
