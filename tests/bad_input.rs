@@ -580,3 +580,46 @@ fn a_models_own_file_given_for_its_folder_names_the_folder() {
     let err = t.embed(&fixture("pixels_a.safetensors"), &fixture("pixels_b.safetensors"), "a model must be");
     assert!(!err.contains("give"), "{err}");
 }
+
+#[test]
+fn task_inputs_are_refused_before_the_device_opens() {
+    // On a GPU the device takes seconds to open: eval, adapt and AdaMerging check their inputs first, so that
+    // without --quiet (and with the default --device auto) a refusal is the only line, not the device's and then it.
+    let t = Scratch::new();
+    let (heads, left) = (fixture("adapt/heads.safetensors"), fixture("adapt/left.safetensors"));
+    let task = format!("left={}", s(&left));
+    let missing = t.path("missing.safetensors");
+    let refused = |args: Vec<String>, culprit: &str| {
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.starts_with("error: ") && err.contains(culprit), "'{culprit}' not in: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{culprit}: one line: {err}");
+    };
+    let eval = |heads: &Path, task: &str| -> Vec<String> {
+        let model = s(&fixture("wemoe/fusionbench_d2")).to_string();
+        ["eval", "--model", &model, "--heads", s(heads), "--task", task].map(String::from).to_vec()
+    };
+    refused(eval(&missing, &task), "missing.safetensors: no such heads file");
+    refused(eval(&heads, &format!("up={}", s(&left))), "no head for task 'up'");
+    refused(eval(&heads, &format!("left={}", s(&missing))), "missing.safetensors: no such file");
+    let adapt = |extra: &[&str]| -> Vec<String> {
+        let mut args = eval(&heads, &task);
+        args[0] = "adapt".into();
+        args.extend(["--out", s(&t.path("adapted"))].iter().chain(extra).map(|a| a.to_string()));
+        args
+    };
+    refused(adapt(&["--steps", "0"]), "--steps must be positive");
+    refused(adapt(&["--lr", "nan"]), "--lr must be a positive number");
+    refused(adapt(&["--task", &format!("right={}", s(&missing))]), "missing.safetensors: no such file");
+    let adamerging = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let (pretrained, red) = (fixture("wemoe/pretrained"), format!("red={}", s(&fixture("wemoe/red"))));
+        let args = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red, "--heads"];
+        let mut args: Vec<String> = args.map(String::from).to_vec();
+        args.extend([s(&heads), "--task", &task, "--out", s(out)].iter().chain(extra).map(|a| a.to_string()));
+        args
+    };
+    refused(adamerging(&t.path("merged"), &["--batch-size", "0"]), "--batch-size must be positive");
+    refused(adamerging(&t.path("merged"), &["--expert", &format!("blue={}", s(&missing))]), "missing.safetensors");
+    refused(adamerging(&fixture("wemoe"), &[]), "already exists; choose a new --out directory");
+    assert!(!t.path("adapted").exists() && !t.path("merged").exists());
+}

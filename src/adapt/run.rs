@@ -46,6 +46,17 @@ pub struct AdaptOptions {
     pub checkpoint_every: u64,
 }
 
+impl AdaptOptions {
+    /// Refuses settings no run can take (a command checks them before it opens anything).
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a positive number, got {}", self.lr);
+        ensure!(self.batch_size > 0, "--batch-size must be positive");
+        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be positive");
+        Ok(())
+    }
+}
+
 /// One step's report, for progress.
 pub struct StepReport<'a> {
     /// Steps done (1-based).
@@ -266,10 +277,7 @@ pub fn adapt(
     resume: bool,
     progress: &mut dyn FnMut(StepReport),
 ) -> Result<()> {
-    ensure!(opts.steps > 0, "--steps must be positive");
-    ensure!(opts.lr.is_finite() && opts.lr > 0.0, "--lr must be a positive number, got {}", opts.lr);
-    ensure!(opts.batch_size > 0, "--batch-size must be positive");
-    ensure!(opts.checkpoint_every > 0, "--checkpoint-every must be positive");
+    opts.check()?;
     ensure!(
         dir.wemoe.is_some(),
         "{}: not a WEMoE model; merge one with `wemoe-engine merge` first",

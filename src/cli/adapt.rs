@@ -19,6 +19,7 @@ pub struct Args {
 
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     // Before the device opens, so that a refusal is the one line.
+    args.options.check()?;
     check_out(&args.out, &args.model)?;
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let (names, mut data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();

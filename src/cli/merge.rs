@@ -9,7 +9,8 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::Dataset;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::merge::{
-    adamerging, merge, AdaMergingOptions, Expert, Granularity, MergeOptions, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+    adamerging, check_adamerging_out, merge, AdaMergingOptions, Expert, Granularity, MergeOptions,
+    ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
 };
 
 use super::{open_task_inputs, progress, TaskInputs};
@@ -45,9 +46,13 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     let options = match &args.job {
         Job::DataFree(options) => options,
         Job::AdaMerging { heads, tasks, options, device, resume } => {
-            // The pretrained model, the device, the heads and the tasks' data, as adapt and eval open them.
+            // The settings, the output folder, the experts, then the pretrained model, the heads and the tasks'
+            // data as adapt and eval open them: every refusal before the device opens.
+            options.check()?;
+            check_adamerging_out(&args.out, *resume)?;
+            let experts = open_experts()?;
             let inputs = open_task_inputs(&args.pretrained, heads, tasks, *device, quiet)?;
-            return run_adamerging(inputs, &open_experts()?, options, *resume, &args.out, quiet);
+            return run_adamerging(inputs, &experts, options, *resume, &args.out, quiet);
         }
     };
     let pretrained = ModelDir::open(&args.pretrained)?;

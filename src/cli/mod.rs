@@ -423,15 +423,16 @@ pub fn open_task_inputs(
             bail!("--task '{name}' is given twice");
         }
     }
+    // Every input is checked before the device opens (on a GPU, seconds), so that a refusal comes first and alone.
     let dir = ModelDir::open(model)?;
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), heads)?;
+    Heads::check_tasks(heads, tasks.iter().map(|(name, _)| name.as_str()))?;
     let preprocess = Preprocess::for_model(&dir.path, dir.config.image_size)?;
     let mut opened = Vec::new();
     for (name, path) in tasks {
-        heads.head(name)?;
         opened.push((name.clone(), path.clone(), Dataset::open(path, &preprocess, dir.config.image_size)?));
     }
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), heads)?;
     Ok(TaskInputs { dir, be, heads, tasks: opened })
 }
 

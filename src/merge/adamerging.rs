@@ -92,6 +92,34 @@ impl Default for AdaMergingOptions {
     }
 }
 
+impl AdaMergingOptions {
+    /// Refuses settings no run can take (a command checks them before it opens anything).
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.init.is_finite(), "--scaling (the coefficients' initial value) must be a finite number");
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a positive number, got {}", self.lr);
+        ensure!(self.batch_size > 0, "--batch-size must be positive");
+        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be positive");
+        Ok(())
+    }
+}
+
+/// Refuses an `--out` that a run could not take: one holding anything but AdaMerging's checkpoint, or that
+/// checkpoint without `--resume`. An empty folder (made ahead, or left by a run killed before its first
+/// checkpoint) is taken as new.
+pub fn check_adamerging_out(out: &Path, resume: bool) -> Result<()> {
+    if !out.exists() || crate::output::is_empty_dir(out) {
+        return Ok(());
+    }
+    if !out.join(ADAMERGING_CHECKPOINT).exists() {
+        bail!("{}: already exists; choose a new --out directory", out.display());
+    }
+    if !resume {
+        bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
+    }
+    Ok(())
+}
+
 /// The file beside the merged model that holds the trained coefficients.
 pub const COEFFICIENTS_FILE: &str = "adamerging_weights.safetensors";
 
@@ -450,11 +478,7 @@ pub fn adamerging(
     resume: bool,
     progress: &mut dyn FnMut(AdaMergingStep),
 ) -> Result<AdaMergingSummary> {
-    ensure!(opts.init.is_finite(), "--scaling (the coefficients' initial value) must be a finite number");
-    ensure!(opts.steps > 0, "--steps must be positive");
-    ensure!(opts.lr.is_finite() && opts.lr > 0.0, "--lr must be a positive number, got {}", opts.lr);
-    ensure!(opts.batch_size > 0, "--batch-size must be positive");
-    ensure!(opts.checkpoint_every > 0, "--checkpoint-every must be positive");
+    opts.check()?;
     ensure!(!tasks.is_empty(), "adamerging needs at least one --task with unlabeled data");
     ensure!(tasks.len() == data.len(), "internal: {} tasks, {} datasets", tasks.len(), data.len());
     for (name, d) in tasks.iter().zip(data) {
@@ -462,16 +486,10 @@ pub fn adamerging(
         ensure!(!d.is_empty(), "--task {name}: {} has no images", d.origin().display());
     }
     let run = AdaMerging::new(be, pretrained, experts)?.with_clamp(opts.clamp).with_granularity(opts.granularity);
+    check_adamerging_out(out, resume)?;
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
-    // An empty folder (made ahead, or left by a run killed before its first checkpoint) is taken as new.
     let made_ahead = crate::output::is_empty_dir(out);
     let fresh = !out.exists() || made_ahead;
-    if !fresh && !checkpoint.exists() {
-        bail!("{}: already exists; choose a new --out directory", out.display());
-    }
-    if !fresh && !resume {
-        bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
-    }
     let mut coefficients = run.initial(opts.init);
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
     let print = fingerprint(&run, heads, tasks, data, opts);

@@ -33,10 +33,7 @@ pub struct Classifier<'a> {
 impl Heads {
     /// Reads and validates a heads file.
     pub fn open(be: &dyn Backend, path: &Path) -> Result<Self> {
-        if !path.exists() {
-            bail!("{}: no such heads file", path.display());
-        }
-        let store = TensorStore::open_file(path)?;
+        let store = open_store(path)?;
         let mut tasks = BTreeMap::new();
         for name in store.names() {
             if let Some(task) = name.strip_prefix("head.") {
@@ -61,6 +58,18 @@ impl Heads {
         };
         let class_names = read_class_names(path, store.files()[0].metadata("classes"), &tasks)?;
         Ok(Heads { path: path.to_path_buf(), tasks, logit_scale, projection, class_names })
+    }
+
+    /// Checks from the file's header alone that `path` is a heads file with a head for each of `tasks`: what a
+    /// command verifies before it opens a device, so that a refusal comes first and alone.
+    pub fn check_tasks<'a>(path: &Path, tasks: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        let store = open_store(path)?;
+        let known: Vec<&str> = store.names().filter_map(|n| n.strip_prefix("head.")).collect();
+        ensure!(!known.is_empty(), "{}: no head.<TASK> tensors", path.display());
+        match tasks.into_iter().find(|task| !known.contains(task)) {
+            Some(task) => Err(no_head(path, task, known)),
+            None => Ok(()),
+        }
     }
 
     /// The file's own `visual_projection.weight`, when it has one.
@@ -90,10 +99,7 @@ impl Heads {
 
     /// The class embeddings `[C, P]` of `task`; an error lists the tasks the file has.
     pub fn head(&self, task: &str) -> Result<&LinearWeight> {
-        self.tasks.get(task).with_context(|| {
-            let known: Vec<&str> = self.task_names().collect();
-            format!("{}: no head for task '{task}' (it has: {})", self.path.display(), known.join(", "))
-        })
+        self.tasks.get(task).ok_or_else(|| no_head(&self.path, task, self.task_names().collect()))
     }
 
     /// The projection and logit scale to use with `encoder` (`model` names it in errors): each from the
@@ -153,6 +159,20 @@ fn read_class_names(
         ensure!(unique.len() == list.len(), "{}: its metadata names a class twice for task '{task}'", path.display());
     }
     Ok(names)
+}
+
+/// The heads file at `path`, opened (its header read, its data mapped).
+fn open_store(path: &Path) -> Result<TensorStore> {
+    if !path.exists() {
+        bail!("{}: no such heads file", path.display());
+    }
+    TensorStore::open_file(path)
+}
+
+/// The error for a task the heads file at `path` has no head for; it lists the tasks it has, sorted.
+fn no_head(path: &Path, task: &str, mut known: Vec<&str>) -> anyhow::Error {
+    known.sort_unstable();
+    anyhow::anyhow!("{}: no head for task '{task}' (it has: {})", path.display(), known.join(", "))
 }
 
 impl<'a> Classifier<'a> {
