@@ -531,19 +531,39 @@ fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     }
 }
 
+/// The environment variable rayon sizes its pool by, which `--threads` overrides.
+const THREADS_ENV: &str = "RAYON_NUM_THREADS";
+
+/// The thread count asked for and how it was asked (for messages): `--threads`, else [`THREADS_ENV`] held to the
+/// same range (rayon itself would start any count it names, and take a word for its default silently). Unset,
+/// empty or 0 (rayon's "every logical CPU") leave rayon's default.
+fn thread_request(flag: Option<u32>, env: Option<std::ffi::OsString>) -> Result<Option<(u32, String)>> {
+    if let Some(n) = flag {
+        return Ok(Some((n, format!("--threads {n}"))));
+    }
+    let Some(value) = env else { return Ok(None) };
+    let text = value.to_string_lossy();
+    match text.trim().parse::<u32>() {
+        _ if text.trim().is_empty() => Ok(None),
+        Ok(0) => Ok(None),
+        Ok(n) if n <= MAX_THREADS => Ok(Some((n, format!("{THREADS_ENV}={n}")))),
+        _ => bail!(
+            "{THREADS_ENV}='{text}': expected a thread count from 1 to {MAX_THREADS} (0 or unset: every logical CPU)"
+        ),
+    }
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
+    if let Some((n, from)) = thread_request(cli.threads, std::env::var_os(THREADS_ENV))? {
         // Before anything runs on rayon's global pool, which would otherwise start with its default size.
         rayon::ThreadPoolBuilder::new()
             .num_threads(n as usize)
             .build_global()
-            .map_err(|e| anyhow::anyhow!("--threads {n}: cannot start the thread pool: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{from}: cannot start the thread pool: {e}"))?;
         let cpus = std::thread::available_parallelism().map_or(1, |p| p.get());
         if n as usize > cpus && !cli.quiet {
-            eprintln!(
-                "note: --threads {n} is more than this machine's {cpus} logical CPUs; the threads will share them"
-            );
+            eprintln!("note: {from} is more than this machine's {cpus} logical CPUs; the threads will share them");
         }
     }
     let (device, quiet) = (DeviceChoice { request: cli.device, precision: cli.precision }, cli.quiet);
@@ -752,5 +772,20 @@ mod tests {
         assert_eq!(parse_named("task", "mnist=data/a=b.safetensors").unwrap().1, PathBuf::from("data/a=b.safetensors"));
         assert!(parse_named("task", "mnist").is_err());
         assert!(parse_named("expert", "=x").is_err());
+    }
+
+    #[test]
+    fn rayon_num_threads_is_held_to_the_range_of_threads() {
+        let env = |v: &str| Some(std::ffi::OsString::from(v));
+        assert_eq!(thread_request(None, env("3")).unwrap(), Some((3, "RAYON_NUM_THREADS=3".to_string())));
+        assert_eq!(thread_request(Some(2), env("3")).unwrap(), Some((2, "--threads 2".to_string())));
+        for default in [None, env(""), env("0")] {
+            assert_eq!(thread_request(None, default).unwrap(), None);
+        }
+        for refused in ["abc", "-2", "1.5", "100000"] {
+            let err = thread_request(None, env(refused)).unwrap_err().to_string();
+            let want = format!("RAYON_NUM_THREADS='{refused}': expected a thread count from 1 to 1024");
+            assert_eq!(err, format!("{want} (0 or unset: every logical CPU)"));
+        }
     }
 }
