@@ -26,6 +26,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// exists and `path` is not a folder. A long command should not compute for an hour and then fail to save.
 pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     anyhow::ensure!(!path.is_dir(), "{flag} {}: is a folder; give a file name", path.display());
+    // A trailing slash names a folder even where none exists; it would fail only at the write, after the work.
+    let folder_name = path.as_os_str().as_encoded_bytes().last().is_some_and(|&b| std::path::is_separator(b as char));
+    anyhow::ensure!(!folder_name, "{flag} {}: names a folder (it ends with a slash); give a file name", path.display());
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(parent.is_dir(), "{flag} {}: folder {} does not exist", path.display(), parent.display());
     Ok(())

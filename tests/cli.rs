@@ -288,13 +288,18 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
     let zero_shot =
         |out: &Path| strings(&["heads", "--clip", s(&fixture("heads_tool/clip")), "--task", &pets, "--out", s(out)]);
     let folder_missing = format!("folder {} does not exist", s(missing.parent().unwrap()));
-    let cases: Vec<(Vec<String>, String)> = vec![
+    let mut cases: Vec<(Vec<String>, String)> = vec![
         (embed(&missing), format!("--out {}: {folder_missing}", s(&missing))),
         (embed(folder), format!("--out {}: is a folder; give a file name", s(folder))),
         (eval(&missing), format!("--json {}: {folder_missing}", s(&missing))),
         (eval(folder), format!("--json {}: is a folder; give a file name", s(folder))),
         (zero_shot(&missing), format!("--out {}: {folder_missing}", s(&missing))),
     ];
+    // A name ending in a slash is a folder's, even one that does not exist (it used to fail at the write).
+    let slash = format!("{}/", s(&folder.join("new")));
+    let names_a_folder = "names a folder (it ends with a slash); give a file name";
+    cases.push((embed(Path::new(&slash)), format!("--out {slash}: {names_a_folder}")));
+    cases.push((eval(Path::new(&slash)), format!("--json {slash}: {names_a_folder}")));
     for (args, want) in cases {
         let (ok, out, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(!ok, "{args:?} was accepted");
