@@ -251,6 +251,26 @@ fn a_corrupt_jpeg_and_an_empty_file() {
 }
 
 #[test]
+fn a_jpeg_cut_short_is_refused_as_pillow_refuses_it() {
+    // libjpeg warns, fakes the end and fills the rest grey; Pillow (so FusionBench) refuses the file: "image file
+    // is truncated", for these bytes (checked with Pillow 12) as for the file without its end-of-image marker.
+    let jpeg = std::fs::read(fixture("photos/class_0/china_301x217.jpg")).unwrap();
+    for (name, bytes) in [("cut.jpg", &jpeg[..jpeg.len() * 2 / 3]), ("no_end.jpg", &jpeg[..jpeg.len() - 2])] {
+        let t = Scratch::new();
+        let root = folder_with(&t, name, bytes);
+        t.embed(&fixture("clip_b"), &root, &format!("{name}: cannot decode image: truncated"));
+    }
+    // Corrupt data that libjpeg only warns about decodes, as in Pillow.
+    let mut flipped = jpeg.clone();
+    flipped[jpeg.len() / 2] ^= 0x5a;
+    let t = Scratch::new();
+    let root = folder_with(&t, "flipped.jpg", &flipped);
+    let out = t.out();
+    let (ok, _, err) = engine(&["embed", "--model", s(&fixture("clip_b")), "--images", s(&root), "--out", s(&out)]);
+    assert!(ok && out.exists(), "{err}");
+}
+
+#[test]
 fn an_image_format_the_engine_does_not_read_is_refused_not_skipped() {
     let t = Scratch::new();
     let root = folder_with(&t, "photo.heic", b"\0\0\0\x18ftypheic");

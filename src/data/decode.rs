@@ -44,6 +44,49 @@ fn cmyk_to_rgb([c, m, y, k]: [u8; 4]) -> [u8; 3] {
     })
 }
 
+/// libjpeg's error manager as mozjpeg's (an error unwinds to [`decode_jpeg`]'s `catch_unwind`), but with running
+/// out of data an error too: libjpeg warns, fakes the end of the image and fills the rest grey, where Pillow (so
+/// FusionBench's loaders) refuses the file as truncated. Other warnings (stray bytes in corrupt data) pass, as in
+/// Pillow.
+fn jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
+    // SAFETY: a zeroed manager (null pointers, no handlers) is what jpeg_std_error fills in.
+    let mut errors: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    // SAFETY: it only writes libjpeg's defaults into `errors`.
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut errors) };
+    errors.error_exit = Some(jpeg_failed);
+    errors.emit_message = Some(jpeg_message);
+    errors
+}
+
+/// libjpeg's message for the code in `cinfo`'s error manager, with its parameters.
+fn jpeg_message_text(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
+    // JMSG_LENGTH_MAX in libjpeg-turbo: the most format_message writes, terminator included (the binding's type
+    // says 80).
+    let mut buffer = [0u8; 200];
+    // SAFETY: `cinfo.err` is the manager libjpeg is reporting through; format_message writes at most 200 bytes.
+    let format = unsafe { cinfo.err.as_ref() }.and_then(|e| e.format_message);
+    match format {
+        Some(format) => unsafe { format(cinfo, &*buffer.as_mut_ptr().cast::<[u8; 80]>()) },
+        None => return "libjpeg failed".into(),
+    }
+    let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
+/// An error: unwinds with its message (libjpeg's `error_exit` must not return).
+extern "C-unwind" fn jpeg_failed(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(jpeg_message_text(cinfo)));
+}
+
+/// A warning (level -1) or trace message: running out of data unwinds as an error, the rest are dropped.
+extern "C-unwind" fn jpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: std::ffi::c_int) {
+    // SAFETY: `cinfo.err` is the manager libjpeg is reporting through.
+    let code = unsafe { cinfo.err.as_ref() }.map(|e| e.msg_code);
+    if level < 0 && code == Some(mozjpeg_sys::JWRN_JPEG_EOF as std::ffi::c_int) {
+        std::panic::resume_unwind(Box::new("truncated: the data ends before the image does".to_string()));
+    }
+}
+
 extern "C" {
     /// libjpeg-turbo's own test of its SIMD integer IDCT: 0 when built without SIMD (no NASM at build time;
     /// `jsimd_none.c`) or when the CPU lacks it.
@@ -60,9 +103,12 @@ pub fn jpeg_simd() -> bool {
 
 /// libjpeg-turbo's decoding with its defaults (integer IDCT, fancy upsampling), as Pillow decodes.
 fn decode_jpeg(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
-    // libjpeg reports errors by unwinding out of its callback (without the panic hook); catch it here.
+    // libjpeg reports errors by unwinding out of its callbacks (without the panic hook); catch it here.
     std::panic::catch_unwind(|| -> Result<_, String> {
-        let jpeg = mozjpeg::Decompress::new_mem(bytes).map_err(|e| e.to_string())?;
+        let jpeg = mozjpeg::decompress::DecompressBuilder::new()
+            .with_err(jpeg_errors())
+            .from_mem(bytes)
+            .map_err(|e| e.to_string())?;
         let (w, h) = (jpeg.width(), jpeg.height());
         if matches!(jpeg.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
             // libjpeg turns YCCK into CMYK; the inks become RGB as Pillow's convert("RGB") makes them.
