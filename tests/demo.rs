@@ -17,7 +17,9 @@ fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
     let suite = Suite::open(&Suite::bundled_path()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("demo.json");
+    // Made ahead: an empty folder is taken as a new one.
     let work = tmp.path().join("models");
+    std::fs::create_dir(&work).unwrap();
     let args = ["demo", "--steps", "4", "--curve-points", "2", "--json", s(&json), "--work", s(&work), "--quiet"];
     let (ok, out, err) = engine(&args);
     assert!(ok, "{out}{err}");
@@ -76,10 +78,14 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     let tmp = tempfile::tempdir().unwrap();
     let (ok, _, err) = engine(&["demo", "--suite", s(tmp.path())]);
     assert!(!ok && err.contains("suite.json") && err.contains("tools/build_suite.py"), "{err}");
+    // A --work that holds anything is refused before the device opens, so in one line (an empty one is taken: the
+    // demo above runs in one made ahead).
     let work = tmp.path().join("kept");
     std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("notes.txt"), "mine").unwrap();
     let (ok, _, err) = engine(&["demo", "--work", s(&work)]);
-    assert!(!ok && err.contains("already exists"), "{err}");
+    let want = format!("error: {}: already exists; --work needs a new or empty folder", s(&work));
+    assert!(!ok && err.trim_end() == want, "{err}");
     let json = tmp.path().join("no-such-folder").join("demo.json");
     let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
     assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");

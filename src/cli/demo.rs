@@ -16,7 +16,7 @@ use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
-use wemoe_engine::output::{check_file_target, check_not_an_input, write_atomic};
+use wemoe_engine::output::{check_file_target, check_not_an_input, is_empty_dir, write_atomic};
 use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
@@ -92,13 +92,24 @@ struct WorkDir {
 }
 
 impl WorkDir {
+    /// Refuses a `--work` that holds anything: the demo writes its models there (an empty folder, made ahead, is
+    /// taken, as `merge --out` takes one).
+    fn check(requested: Option<&Path>) -> Result<()> {
+        match requested {
+            Some(path) if path.exists() && !is_empty_dir(path) => {
+                anyhow::bail!("{}: already exists; --work needs a new or empty folder", path.display())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn new(requested: Option<&Path>) -> Result<Self> {
         let (path, keep) = match requested {
             Some(p) => (p.to_path_buf(), true),
             None => (std::env::temp_dir().join(format!("wemoe-demo-{}", std::process::id())), false),
         };
-        if path.exists() {
-            anyhow::bail!("{}: already exists; --work needs a new folder", path.display());
+        if path.exists() && !(keep && is_empty_dir(&path)) {
+            anyhow::bail!("{}: already exists; --work needs a new or empty folder", path.display());
         }
         std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path })
@@ -117,6 +128,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     // Checked here as `adapt` checks them, not after the merges and AdaMerging have run.
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a positive number, got {}", args.lr);
+    WorkDir::check(args.work.as_deref())?;
     // The JSON comes last; a folder that is not there should stop the demo before minutes of work.
     if let Some(path) = &args.json {
         check_file_target("--json", path)?;
@@ -135,14 +147,15 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         }
         check_not_an_input("--json", path, &inputs)?;
     }
-    let be = device::open(device, quiet)?;
-    let heads = Heads::open(be.as_ref(), &suite.heads())?;
+    // The suite's heads and data too, before the device opens.
+    Heads::check_tasks(&suite.heads(), suite.tasks.iter().map(|task| task.name.as_str()))?;
     let preprocess = Preprocess::for_model(&pretrained_dir.path, pretrained_dir.config.image_size)?;
     let mut data = Vec::new();
     for task in &suite.tasks {
-        heads.head(&task.name)?;
         data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
     }
+    let be = device::open(device, quiet)?;
+    let heads = Heads::open(be.as_ref(), &suite.heads())?;
     let opened = Opened { suite, be, heads, data };
     let names = opened.names();
     let all: Vec<usize> = (0..names.len()).collect();

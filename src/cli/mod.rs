@@ -327,7 +327,7 @@ enum Command {
         /// The suite's directory (default: $WEMOE_SUITE, else the bundled assets/suite).
         #[arg(long)]
         suite: Option<PathBuf>,
-        /// Keep the merged and adapted models in this new folder (default: a temporary one, removed).
+        /// Keep the merged and adapted models in this new or empty folder (default: a temporary one, removed).
         #[arg(long)]
         work: Option<PathBuf>,
         /// Adaptation steps.
