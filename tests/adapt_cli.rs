@@ -290,3 +290,39 @@ fn an_out_that_holds_a_model_is_refused_unless_it_is_an_adapt_run() {
     let (ok, err) = run(&more);
     assert!(ok && checkpoint_step(&out) == Some(3), "{err}");
 }
+
+#[test]
+fn a_resume_takes_the_same_inputs_however_they_are_spelled() {
+    // A checkpoint recorded its paths as given, so `--model m` resumed as `--model ./m/`, or with the same paths
+    // from another folder, was refused as "made with other arguments".
+    let tmp = tempfile::tempdir().unwrap();
+    let here = tmp.path().join("here");
+    std::fs::create_dir(&here).unwrap();
+    for (link, target) in [("m", "wemoe/fusionbench_d2"), ("h.safetensors", "adapt/heads.safetensors")] {
+        std::os::unix::fs::symlink(fixture(target), here.join(link)).unwrap();
+    }
+    std::fs::copy(fixture("adapt/left.safetensors"), here.join("left.safetensors")).unwrap();
+    let args = |model: &str, heads: &str, left: &str, out: &str, steps: &str| -> Vec<String> {
+        let task = format!("left={left}");
+        let args = ["adapt", "--model", model, "--heads", heads, "--task", &task, "--out", out, "--steps", steps];
+        let rest = ["--checkpoint-every", "1", "--batch-size", "3", "--device", "cpu", "--quiet"];
+        args.iter().chain(&rest).map(|a| a.to_string()).collect()
+    };
+    let in_folder = |folder: &Path, args: Vec<String>| {
+        let out = engine_command().args(&args).current_dir(folder).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = in_folder(&here, args("m", "h.safetensors", "left.safetensors", "out", "1"));
+    assert!(ok, "{err}");
+    // The same inputs spelled otherwise, from another folder.
+    let at = |name: &str| format!("{}/./{name}", s(&here));
+    let (model, heads, left, out) =
+        (at("m/"), s(&fixture("adapt/heads.safetensors")).to_string(), at("left.safetensors"), at("out"));
+    let (ok, err) = in_folder(tmp.path(), [args(&model, &heads, &left, &out, "2"), vec!["--resume".into()]].concat());
+    assert!(ok && checkpoint_step(&here.join("out")) == Some(2), "{err}");
+    // Another file is still another input, even with the same bytes.
+    std::fs::copy(here.join("left.safetensors"), here.join("other.safetensors")).unwrap();
+    let other = [args("m", "h.safetensors", "other.safetensors", "out", "3"), vec!["--resume".into()]].concat();
+    let (ok, err) = in_folder(&here, other);
+    assert!(!ok && err.contains("was made with other arguments (tasks: "), "{err}");
+}

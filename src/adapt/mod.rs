@@ -8,5 +8,5 @@ mod sampler;
 pub use adam::Adam;
 pub use routers::RouterParams;
 pub use run::{adapt, check_out, AdaptOptions, Schedule, StepReport, CHECKPOINT};
-pub(crate) use run::{finite, not_past_the_end, same_arguments, CheckpointState};
+pub(crate) use run::{finite, not_past_the_end, recorded_path, same_arguments, CheckpointState};
 pub use sampler::TaskSampler;

@@ -74,9 +74,9 @@ pub const CHECKPOINT: &str = "adapt-checkpoint.safetensors";
 
 /// The arguments a resumed run must share with the checkpoint's.
 fn fingerprint(model: &Path, heads: &Path, tasks: &[(String, PathBuf)], o: &AdaptOptions) -> Value {
-    let tasks: Vec<Value> = tasks.iter().map(|(n, p)| json!([n, p.display().to_string()])).collect();
+    let tasks: Vec<Value> = tasks.iter().map(|(n, p)| json!([n, recorded_path(p)])).collect();
     let mut f = json!({
-        "model": model.display().to_string(), "heads": heads.display().to_string(), "tasks": tasks,
+        "model": recorded_path(model), "heads": recorded_path(heads), "tasks": tasks,
         "lr": o.lr, "batch_size": o.batch_size, "routing": format!("{:?}", o.routing),
         "schedule": format!("{:?}", o.schedule), "seed": o.seed,
     });
@@ -100,8 +100,41 @@ pub(crate) fn finite(loss: f64, grads: &BTreeMap<String, Vec<f32>>, step: u64, c
     bail!("the loss turned non-finite at step {step} ({loss}); {kept}")
 }
 
-/// An error naming the first argument that differs, unless a checkpoint's arguments `saved` are `now`'s.
+/// A path argument as a checkpoint records it: canonical where it resolves, so that `w`, `./w/` and `/data/w`
+/// (from any folder) are the same input to `--resume`.
+pub(crate) fn recorded_path(path: &Path) -> String {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
+/// The fingerprint keys that hold a path, and those that hold `[name, path]` pairs (adapt's and AdaMerging's).
+const PATH_KEYS: [&str; 3] = ["model", "heads", "pretrained"];
+const PAIR_KEYS: [&str; 2] = ["tasks", "experts"];
+
+/// `fingerprint` with each path resolved from the current folder: a checkpoint made before paths were recorded
+/// canonically holds them as given, relative to where its run started.
+fn with_paths_resolved(mut fingerprint: Value) -> Value {
+    let resolve = |v: &mut Value| {
+        if let Some(path) = v.as_str() {
+            *v = Value::String(recorded_path(Path::new(path)));
+        }
+    };
+    for key in PATH_KEYS {
+        if let Some(path) = fingerprint.get_mut(key) {
+            resolve(path);
+        }
+    }
+    for key in PAIR_KEYS {
+        if let Some(Value::Array(pairs)) = fingerprint.get_mut(key) {
+            pairs.iter_mut().filter_map(|pair| pair.get_mut(1)).for_each(resolve);
+        }
+    }
+    fingerprint
+}
+
+/// An error naming the first argument that differs, unless a checkpoint's arguments `saved` are `now`'s (paths
+/// compared where they lead, not as spelled).
 pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> Result<()> {
+    let (saved, now) = (&with_paths_resolved(saved.clone()), &with_paths_resolved(now.clone()));
     if saved == now {
         return Ok(());
     }
@@ -145,6 +178,22 @@ mod tests {
         let more = serde_json::json!({"lr": 0.001, "seed": 0, "granularity": "task-wise"});
         let e = same_arguments(at, &more, &now).unwrap_err().to_string();
         assert!(e.contains("(granularity: \"task-wise\" there, null now)"), "{e}");
+    }
+
+    #[test]
+    fn a_resume_compares_paths_where_they_lead() {
+        // AdaMerging's keys: the pretrained model's path and the experts' [name, path] pairs.
+        let tmp = tempfile::tempdir().unwrap();
+        for folder in ["p", "e", "x"] {
+            std::fs::create_dir(tmp.path().join(folder)).unwrap();
+        }
+        let at = |rest: &str| format!("{}/{rest}", tmp.path().display());
+        let saved = serde_json::json!({"pretrained": at("p"), "experts": [["a", at("e")]], "lr": 0.001});
+        let spelled = serde_json::json!({"pretrained": at("./p/"), "experts": [["a", at("x/../e")]], "lr": 0.001});
+        assert!(same_arguments(Path::new("ckpt"), &saved, &spelled).is_ok());
+        let other = serde_json::json!({"pretrained": at("p"), "experts": [["a", at("x")]], "lr": 0.001});
+        let e = same_arguments(Path::new("ckpt"), &saved, &other).unwrap_err().to_string();
+        assert!(e.contains("(experts: "), "{e}");
     }
 }
 

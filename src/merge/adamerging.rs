@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
-use crate::adapt::{finite, not_past_the_end, same_arguments, Adam, CheckpointState, TaskSampler};
+use crate::adapt::{finite, not_past_the_end, recorded_path, same_arguments, Adam, CheckpointState, TaskSampler};
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
 use crate::config::{json_f32, VisionConfig};
@@ -389,11 +389,11 @@ pub struct AdaMergingSummary {
 /// The arguments a resumed run must share with its checkpoint's. The step count may grow: the rate is
 /// constant.
 fn fingerprint(run: &AdaMerging, heads: &Heads, tasks: &[String], data: &[Dataset], o: &AdaMergingOptions) -> Value {
-    let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, e.model.path.display().to_string()])).collect();
-    let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, d.origin().display().to_string()])).collect();
+    let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, recorded_path(&e.model.path)])).collect();
+    let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, recorded_path(d.origin())])).collect();
     json!({
-        "pretrained": run.pretrained.path.display().to_string(), "experts": experts,
-        "heads": heads.path().display().to_string(), "tasks": tasks,
+        "pretrained": recorded_path(&run.pretrained.path), "experts": experts,
+        "heads": recorded_path(heads.path()), "tasks": tasks,
         "init": o.init, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed,
         "clamp_weights": o.clamp, "granularity": o.granularity.name(),
     })
