@@ -45,19 +45,41 @@ pub struct ImageFolder {
     pub files: Vec<(PathBuf, i64)>,
 }
 
-/// The class subfolders among `root`'s sorted `entries` and their images, perhaps none.
+/// The images anywhere under `dir`, in torchvision's order: `sorted(os.walk(dir, followlinks=True))` (folders by
+/// their path as a string, so `a` < `a/b` < `a/b/c` < `a/b2`), each folder's files by name; and the images in
+/// formats the engine does not read, into `others`. A folder reached twice through links is walked once.
+fn images_under(dir: &Path, others: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    let mut folders = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    let mut walked = std::collections::HashSet::new();
+    while let Some(folder) = pending.pop() {
+        if !walked.insert(folder.canonicalize().unwrap_or_else(|_| folder.clone())) {
+            continue;
+        }
+        let entries = sorted_entries(&folder)?;
+        pending.extend(entries.iter().filter(|p| p.is_dir()).cloned());
+        folders.push((folder, entries));
+    }
+    folders.sort_by(|(a, _), (b, _)| a.as_os_str().as_encoded_bytes().cmp(b.as_os_str().as_encoded_bytes()));
+    let mut images = Vec::new();
+    for file in folders.into_iter().flat_map(|(_, entries)| entries).filter(|p| p.is_file()) {
+        if is_image(&file) {
+            images.push(file);
+        } else if is_other_image(&file) {
+            others.push(file);
+        }
+    }
+    Ok(images)
+}
+
+/// The class subfolders among `root`'s sorted `entries` and their images (in subfolders of theirs too, as
+/// torchvision's ImageFolder takes them), perhaps none.
 fn class_folders(root: &Path, entries: &[PathBuf]) -> Result<ImageFolder> {
     let classes: Vec<PathBuf> = entries.iter().filter(|p| p.is_dir()).cloned().collect();
     let mut files = Vec::new();
     let mut others = Vec::new();
     for (id, class) in classes.iter().enumerate() {
-        for file in sorted_entries(class)? {
-            if file.is_file() && is_image(&file) {
-                files.push((file, id as i64));
-            } else if file.is_file() && is_other_image(&file) {
-                others.push(file);
-            }
-        }
+        files.extend(images_under(class, &mut others)?.into_iter().map(|file| (file, id as i64)));
     }
     refuse_other_images(root, &others)?;
     let classes = classes.iter().map(|c| c.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
@@ -88,7 +110,7 @@ pub fn scan_image_dir(root: &Path) -> Result<ImageDir> {
         return Ok(ImageDir::Classes(folder));
     }
     for dir in entries.iter().filter(|p| p.is_dir()) {
-        if let Some(nested) = sorted_entries(dir)?.into_iter().find(|f| f.is_file() && is_image(f)) {
+        if let Some(nested) = images_under(dir, &mut Vec::new())?.into_iter().next() {
             bail!(
                 "{}: holds images both in it ({} first) and in subfolders ({} first); an ImageFolder keeps its \
                  images in class subfolders only, a folder of unlabelled images in itself only",
@@ -113,4 +135,49 @@ fn refuse_other_images(root: &Path, others: &[PathBuf]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tree of empty `.png` files (listing never decodes) under a fresh folder, and links `(link, target)`.
+    fn tree(files: &[&str], links: &[(&str, &str)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for file in files {
+            let path = root.path().join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"").unwrap();
+        }
+        for (link, target) in links {
+            std::os::unix::fs::symlink(target, root.path().join(link)).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn class_folders_take_nested_images_in_torchvisions_order() {
+        // As `sorted(os.walk(class, followlinks=True))` lists them (checked with Python): folders by their path as
+        // a string ('-' < '/' < '2'), files by name, a link back up walked once; hidden entries are skipped (where
+        // torchvision would take .hidden/h.png after y.png), as everywhere in the engine.
+        let files = ["b/z.png", "a/sub2/v.png", "a/sub/deeper/w.png", "a/sub-x/u.png", "a/sub/x.png", "a/y.png"];
+        let root = tree(&[&files[..], &["a/.hidden/h.png"]].concat(), &[("a/sub/loop", "..")]);
+        let ImageDir::Classes(folder) = scan_image_dir(root.path()).unwrap() else { panic!("not an ImageFolder") };
+        assert_eq!(folder.classes, ["a", "b"]);
+        let listed: Vec<(String, i64)> = folder
+            .files
+            .iter()
+            .map(|(p, id)| (p.strip_prefix(root.path()).unwrap().display().to_string(), *id))
+            .collect();
+        let a = ["a/y.png", "a/sub/x.png", "a/sub-x/u.png", "a/sub/deeper/w.png", "a/sub2/v.png"];
+        let want: Vec<(String, i64)> = a.iter().map(|p| (p.to_string(), 0)).chain([("b/z.png".into(), 1)]).collect();
+        assert_eq!(listed, want);
+    }
+
+    #[test]
+    fn loose_images_beside_images_deeper_down_are_refused() {
+        let root = tree(&["loose.png", "sub/deeper/nested.png"], &[]);
+        let err = scan_image_dir(root.path()).err().unwrap().to_string();
+        assert!(err.contains("holds images both in it") && err.contains("deeper/nested.png"), "{err}");
+    }
 }
