@@ -169,6 +169,20 @@ fn embed_of_a_folder_of_images_equals_its_image_folder_less_the_labels() {
     let files = |f: &SafetensorsFile| serde_json::from_str::<Vec<String>>(f.metadata("files").unwrap()).unwrap();
     assert_eq!(files(&loose), names);
     assert_eq!(files(&tree), PHOTOS);
+    // One image given alone is a dataset of one: the folder's row for it (up to the rounding of a product one row
+    // high), its name in the header.
+    let last = names.len() - 1;
+    let one = embed(&flat.join(&names[last]), &tmp.path().join("one.safetensors"));
+    let width = pooled(&one).len();
+    let err = rel_err(&pooled(&one), &pooled(&loose)[last * width..]);
+    assert!(err < FORWARD_REL_TOL, "{err}");
+    assert_eq!(files(&one), [names[last].clone()]);
+    // An image in a format the engine does not read is refused as such, not as a broken safetensors file.
+    let heic = tmp.path().join("photo.heic");
+    std::fs::write(&heic, b"\0\0\0\x18ftypheic").unwrap();
+    let (ok, _, err) =
+        engine(&["embed", "--model", s(&model), "--images", s(&heic), "--out", s(&heic.with_extension("st"))]);
+    assert!(!ok && err.contains("photo.heic: an image in a format the engine does not read"), "{err}");
 }
 
 /// `WEMOE_OP_TIMES=1` prints the backend's operations when the command exits, each counted as often as the

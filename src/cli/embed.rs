@@ -85,8 +85,9 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     }
     write_safetensors_with_integers(&args.out, &tensors, &labels, metadata)?;
     if !quiet {
+        let images = if n == 1 { "1 image".to_string() } else { format!("{n} images") };
         eprintln!(
-            "wrote {} ({n} images in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
+            "wrote {} ({images} in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
             args.out.display(),
             n as f64 / computed
         );

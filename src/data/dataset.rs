@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::decode::decode_image;
+use super::image_folder::{is_image, is_other_image};
 use super::parquet::{parquet_shards, read_parquet, ParquetRows};
 use super::Preprocess;
 use super::{scan_image_dir, ImageDir};
@@ -58,6 +59,15 @@ impl Dataset {
                     (Source::Files(files), len, None, None)
                 }
             }
+        } else if is_image(path) {
+            // One image file: a dataset of one, unlabelled (`embed --images photo.jpg`).
+            (Source::Files(vec![path.to_path_buf()]), 1, None, None)
+        } else if is_other_image(path) {
+            bail!(
+                "{}: an image in a format the engine does not read; convert it (to PNG, JPEG, WebP, BMP, GIF, TIFF \
+                 or PNM)",
+                path.display()
+            );
         } else {
             Self::open_safetensors(path, side)?
         };
@@ -86,7 +96,8 @@ impl Dataset {
             } else {
                 err.context(format!(
                     "{}: not a dataset the engine reads (a safetensors file of pixel_values or images, a parquet \
-                     file or folder of shards, or an ImageFolder directory of class subfolders)",
+                     file or folder of shards, an ImageFolder directory of class subfolders, a folder of images or \
+                     one image)",
                     path.display()
                 ))
             }
@@ -151,7 +162,9 @@ impl Dataset {
     pub fn files(&self) -> Option<Vec<String>> {
         let Source::Files(files) = &self.source else { return None };
         let relative = |f: &PathBuf| {
-            let within = f.strip_prefix(&self.origin).unwrap_or(f);
+            // A folder's files by their path in it; one image given alone by its name.
+            let within = f.strip_prefix(&self.origin).ok().filter(|p| !p.as_os_str().is_empty());
+            let within = within.unwrap_or_else(|| f.file_name().map_or(f.as_path(), Path::new));
             within.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
         };
         Some(files.iter().map(relative).collect())

@@ -10,7 +10,7 @@ fn extension(path: &Path) -> Option<String> {
 }
 
 /// The formats the engine decodes: those torchvision's ImageFolder reads, plus GIF and PBM/PNM.
-fn is_image(path: &Path) -> bool {
+pub(crate) fn is_image(path: &Path) -> bool {
     matches!(
         extension(path).as_deref(),
         Some("png" | "jpg" | "jpeg" | "webp" | "bmp" | "gif" | "tif" | "tiff" | "ppm" | "pgm" | "pbm" | "pnm")
@@ -19,7 +19,7 @@ fn is_image(path: &Path) -> bool {
 
 /// Image formats Pillow or a camera may give, which the engine does not decode: refused rather than
 /// skipped, so that a task is never silently smaller than the user's.
-fn is_other_image(path: &Path) -> bool {
+pub(crate) fn is_other_image(path: &Path) -> bool {
     matches!(
         extension(path).as_deref(),
         Some("avif" | "heic" | "heif" | "jxl" | "jp2" | "j2k" | "ico" | "tga" | "exr" | "hdr" | "dds" | "svg")
