@@ -197,6 +197,10 @@ fn bad_heads_input_is_refused_in_one_line() {
             "flat: images without class subfolders name no classes",
         ),
         (
+            vec!["--clip".into(), s(&clip).into(), "--task".into(), task("one", &fixture("photos").join(PHOTOS[0]))],
+            "china_301x217.jpg: an image names no classes",
+        ),
+        (
             vec!["--device".into(), "cuda".into(), "--clip".into(), s(&clip).into(), "--task".into(), pets.clone()],
             "the text tower runs on the CPU",
         ),

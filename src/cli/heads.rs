@@ -46,6 +46,8 @@ pub fn read_task(name: &str, source: &Path, given: &str) -> Result<TaskClasses> 
             source.display()
         ),
         (true, ext) if ext != "parquet" => {
+            // An image file is refused as naming no classes, not as text that is not UTF-8.
+            dataset_class_names(source).with_context(at)?;
             let text = std::fs::read_to_string(source)
                 .with_context(|| format!("{}: cannot read as text", source.display()))?;
             (text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(), None)
