@@ -312,12 +312,13 @@ fn folders_of_loose_images_mixed_with_classes_unreadable_or_unlabelled_for_eval(
 }
 
 #[test]
-fn a_single_image_or_other_file_as_images() {
+fn a_file_of_another_kind_as_images() {
+    // (One image file is a dataset of one: tests/cli.rs.)
     let t = Scratch::new();
-    let jpeg = t.path("photo.jpg");
-    std::fs::copy(fixture("photos/class_0/china_301x217.jpg"), &jpeg).unwrap();
-    let err = t.embed(&fixture("clip_b"), &jpeg, "photo.jpg: not a dataset the engine reads");
-    assert!(err.contains("ImageFolder directory"), "{err}");
+    let csv = t.path("labels.csv");
+    std::fs::write(&csv, "file,label\nphoto.jpg,0\n").unwrap();
+    let err = t.embed(&fixture("clip_b"), &csv, "labels.csv: not a dataset the engine reads");
+    assert!(err.contains("ImageFolder directory") && err.contains("one image"), "{err}");
     // A damaged file named .safetensors keeps the safetensors reader's own error.
     let cut = t.path("cut.safetensors");
     std::fs::write(&cut, &std::fs::read(fixture("pixels_b.safetensors")).unwrap()[..100]).unwrap();

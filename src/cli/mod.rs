@@ -226,8 +226,8 @@ enum Command {
         model: PathBuf,
         /// The images: a safetensors file (pixel_values or images), an ImageFolder directory (class
         /// subfolders of images), a folder of images or one image file (unlabelled; the output's metadata lists
-        /// the files of any of these, one per row), a Hugging Face datasets parquet file, folder of one split's shards, or split
-        /// prefix (data/test), or a Hub dataset in the Hugging Face cache,
+        /// the files of any of these, one per row), a Hugging Face datasets parquet file, folder of one split's
+        /// shards, or split prefix (data/test), or a Hub dataset in the Hugging Face cache,
         /// OWNER/NAME[@REVISION][:[CONFIG/]SPLIT] (split test by default).
         #[arg(long)]
         images: PathBuf,

@@ -28,7 +28,7 @@ pub fn dataset_class_names(path: &Path) -> Result<Option<Vec<String>>> {
             ),
         };
     }
-    if is_image(path) || is_other_image(path) {
+    if path.is_file() && (is_image(path) || is_other_image(path)) {
         bail!("{}: an image names no classes; list them in a text file, one per line", path.display());
     }
     Ok(None)

@@ -63,12 +63,15 @@ fn jpeg_message_text(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
     // JMSG_LENGTH_MAX in libjpeg-turbo: the most format_message writes, terminator included (the binding's type
     // says 80).
     let mut buffer = [0u8; 200];
-    // SAFETY: `cinfo.err` is the manager libjpeg is reporting through; format_message writes at most 200 bytes.
-    let format = unsafe { cinfo.err.as_ref() }.and_then(|e| e.format_message);
-    match format {
-        Some(format) => unsafe { format(cinfo, &*buffer.as_mut_ptr().cast::<[u8; 80]>()) },
-        None => return "libjpeg failed".into(),
-    }
+    // SAFETY: `cinfo.err` is the manager libjpeg is reporting through.
+    let Some(format) = unsafe { cinfo.err.as_ref() }.and_then(|e| e.format_message) else {
+        return "libjpeg failed".into();
+    };
+    type Bound = unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, &[u8; 80]);
+    type Format = unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, *mut u8);
+    // SAFETY: the same function with the buffer as the pointer C takes (a reference and a pointer pass alike), so
+    // that it writes through a pointer to our 200 bytes rather than through a shared reference to 80.
+    unsafe { std::mem::transmute::<Bound, Format>(format)(cinfo, buffer.as_mut_ptr()) };
     let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
     String::from_utf8_lossy(text).into_owned()
 }
