@@ -85,10 +85,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     }
     write_safetensors_with_integers(&args.out, &tensors, &labels, metadata)?;
     if !quiet {
-        let images = if n == 1 { "1 image".to_string() } else { format!("{n} images") };
         eprintln!(
-            "wrote {} ({images} in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
+            "wrote {} ({} in {computed:.2} s, {:.2} images/s; model loaded in {loaded:.2} s{how})",
             args.out.display(),
+            super::images(n),
             n as f64 / computed
         );
     }

@@ -501,9 +501,10 @@ fn run_notes<'a>(
     let mut notes: Vec<String> = tasks
         .into_iter()
         .filter(|&(_, images)| images < batch_size)
-        .map(|(name, images)| {
+        .map(|(name, n)| {
             format!(
-                "task '{name}' has {images} images, fewer than --batch-size {batch_size}; each step takes all of them"
+                "task '{name}' has {}, fewer than --batch-size {batch_size}; each step takes all of them",
+                images(n)
             )
         })
         .collect();
@@ -528,6 +529,15 @@ fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
             let what = if flag == "task" { "NAME=DATA" } else { "NAME=MODEL" };
             bail!("--{flag} '{spec}': expected {what}")
         }
+    }
+}
+
+/// "1 image", "2 images": a count of images as messages say it.
+fn images(n: usize) -> String {
+    if n == 1 {
+        "1 image".to_string()
+    } else {
+        format!("{n} images")
     }
 }
 
@@ -772,6 +782,11 @@ mod tests {
         assert_eq!(parse_named("task", "mnist=data/a=b.safetensors").unwrap().1, PathBuf::from("data/a=b.safetensors"));
         assert!(parse_named("task", "mnist").is_err());
         assert!(parse_named("expert", "=x").is_err());
+    }
+
+    #[test]
+    fn one_image_is_singular() {
+        assert_eq!([images(1), images(0), images(4)], ["1 image", "0 images", "4 images"]);
     }
 
     #[test]
