@@ -253,7 +253,7 @@ fn a_corrupt_jpeg_and_an_empty_file() {
 #[test]
 fn a_jpeg_cut_short_is_refused_as_pillow_refuses_it() {
     // libjpeg warns, fakes the end and fills the rest grey; Pillow (so FusionBench) refuses the file: "image file
-    // is truncated", for these bytes (checked with Pillow 12) as for the file without its end-of-image marker.
+    // is truncated", for these bytes (checked with Pillow 13) as for the file without its end-of-image marker.
     let jpeg = std::fs::read(fixture("photos/class_0/china_301x217.jpg")).unwrap();
     for (name, bytes) in [("cut.jpg", &jpeg[..jpeg.len() * 2 / 3]), ("no_end.jpg", &jpeg[..jpeg.len() - 2])] {
         let t = Scratch::new();
