@@ -104,12 +104,14 @@ impl WorkDir {
     }
 
     fn new(requested: Option<&Path>) -> Result<Self> {
+        Self::check(requested)?;
         let (path, keep) = match requested {
             Some(p) => (p.to_path_buf(), true),
             None => (std::env::temp_dir().join(format!("wemoe-demo-{}", std::process::id())), false),
         };
-        if path.exists() && !(keep && is_empty_dir(&path)) {
-            anyhow::bail!("{}: already exists; --work needs a new or empty folder", path.display());
+        // This process's own scratch name, left by an earlier process of the same id that was killed.
+        if !keep && path.exists() {
+            anyhow::bail!("{}: already exists; remove it, or give --work", path.display());
         }
         std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path })
