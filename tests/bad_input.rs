@@ -644,3 +644,42 @@ fn task_inputs_are_refused_before_the_device_opens() {
     refused(adamerging(&fixture("wemoe"), &[]), "already exists; choose a new --out directory");
     assert!(!t.path("adapted").exists() && !t.path("merged").exists());
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_resumed_is_refused_before_the_device_opens() {
+    // adapt's and AdaMerging's checkpoints are read for their arguments and step before the device opens: a run
+    // without --resume, with other arguments, or with fewer steps than done is refused in one line.
+    let t = Scratch::new();
+    let (heads, left) = (fixture("adapt/heads.safetensors"), fixture("adapt/left.safetensors"));
+    let task = format!("left={}", s(&left));
+    let model = s(&fixture("wemoe/fusionbench_d2")).to_string();
+    let adapted = t.path("adapted");
+    let adapt = |extra: &[&str]| -> Vec<String> {
+        let args = ["adapt", "--model", &model, "--heads", s(&heads), "--task", &task, "--out", s(&adapted)];
+        args.iter().chain(&["--batch-size", "4"]).chain(extra).map(|a| a.to_string()).collect()
+    };
+    let (pretrained, red) = (fixture("wemoe/pretrained"), format!("red={}", s(&fixture("wemoe/red"))));
+    let merged = t.path("merged");
+    let adamerging = |extra: &[&str]| -> Vec<String> {
+        let args = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red];
+        let more = ["--heads", s(&heads), "--task", &task, "--out", s(&merged), "--batch-size", "4"];
+        args.iter().chain(&more).chain(extra).map(|a| a.to_string()).collect()
+    };
+    let run = |args: Vec<String>| {
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).chain(["--quiet"]).collect::<Vec<_>>());
+        assert!(ok, "{args:?}: {err}");
+    };
+    let refused = |args: Vec<String>, culprit: &str| {
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.starts_with("error: ") && err.contains(culprit), "'{culprit}' not in: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{culprit}: one line: {err}");
+    };
+    run(adapt(&["--steps", "2", "--checkpoint-every", "1"]));
+    run(adamerging(&["--steps", "2", "--checkpoint-every", "1"]));
+    for command in [&adapt as &dyn Fn(&[&str]) -> Vec<String>, &adamerging] {
+        refused(command(&["--steps", "3"]), "holds a checkpoint; pass --resume");
+        refused(command(&["--steps", "1", "--resume"]), "is at step 2, past --steps 1");
+        refused(command(&["--steps", "3", "--seed", "7", "--resume"]), "(seed: 0 there, 7 now)");
+    }
+}

@@ -224,11 +224,17 @@ fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, a
     write_safetensors_with_metadata(&out.join(CHECKPOINT), &tensors, meta)
 }
 
+impl CheckpointState {
+    /// The state a checkpoint file's metadata holds.
+    pub(crate) fn of(file: &SafetensorsFile, path: &Path) -> Result<Self> {
+        serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
+            .with_context(|| format!("{}: unreadable state", path.display()))
+    }
+}
+
 fn load_checkpoint(path: &Path, params: &mut RouterParams, adam: &mut Adam) -> Result<CheckpointState> {
     let file = SafetensorsFile::open(path)?;
-    let state: CheckpointState =
-        serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
-            .with_context(|| format!("{}: unreadable state", path.display()))?;
+    let state = CheckpointState::of(&file, path)?;
     for (name, values) in params.values.iter_mut() {
         let read = |key: String| -> Result<Vec<f32>> { Ok(file.f32(&key)?.host()?.to_vec()) };
         *values = read(format!("router.{name}"))?;
@@ -310,6 +316,27 @@ pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a run that the checkpoint in `out` could not serve: any run without `resume`, or one with other
+/// arguments than the checkpoint was made with, or fewer `--steps` than it has done. It reads the checkpoint's
+/// metadata only, so that the command line can refuse before the device opens.
+pub fn check_checkpoint(
+    out: &Path,
+    resume: bool,
+    model: &Path,
+    heads: &Path,
+    tasks: &[(String, PathBuf)],
+    opts: &AdaptOptions,
+) -> Result<()> {
+    let checkpoint = out.join(CHECKPOINT);
+    if !checkpoint.exists() {
+        return Ok(());
+    }
+    ensure!(resume, "{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
+    let state = CheckpointState::of(&SafetensorsFile::open(&checkpoint)?, &checkpoint)?;
+    same_arguments(&checkpoint, &state.fingerprint, &fingerprint(model, heads, tasks, opts))?;
+    not_past_the_end(&checkpoint, state.step, opts.steps)
+}
+
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
 /// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint.
 /// Each step draws shuffled images: a parquet dataset should be held in memory first
@@ -336,22 +363,19 @@ pub fn adapt(
         heads.head(name)?;
     }
     check_out(out, &dir.path)?;
+    check_checkpoint(out, resume, &dir.path, heads.path(), tasks, opts)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut model = ImageEncoder::load(be, dir)?;
     let mut params = RouterParams::load(&model, &dir.store)?;
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
     let print = fingerprint(&dir.path, heads.path(), tasks, opts);
     let checkpoint = out.join(CHECKPOINT);
-    let (mut step, mut samplers) = if resume && checkpoint.exists() {
+    // `check_checkpoint` passed: a checkpoint here is this run's to continue.
+    let (mut step, mut samplers) = if checkpoint.exists() {
         let state = load_checkpoint(&checkpoint, &mut params, &mut adam)?;
-        same_arguments(&checkpoint, &state.fingerprint, &print)?;
-        not_past_the_end(&checkpoint, state.step, opts.steps)?;
         params.apply(be, &mut model)?;
         (state.step, state.samplers)
     } else {
-        if !resume && checkpoint.exists() {
-            bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
-        }
         (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     };
     // Each step's images load on another thread while the step before computes: the same images in the same

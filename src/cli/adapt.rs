@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use wemoe_engine::adapt::{adapt, check_out, AdaptOptions, CHECKPOINT};
+use wemoe_engine::adapt::{adapt, check_checkpoint, check_out, AdaptOptions, CHECKPOINT};
 use wemoe_engine::device::DeviceChoice;
 
 use super::{open_task_inputs, progress, TaskInputs};
@@ -21,6 +21,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     // Before the device opens, so that a refusal is the one line.
     args.options.check()?;
     check_out(&args.out, &args.model)?;
+    check_checkpoint(&args.out, args.resume, &args.model, &args.heads, &args.tasks, &args.options)?;
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let (names, mut data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();
     // Shuffled batches: a parquet dataset's images in memory rather than a file reopened per image.

@@ -9,8 +9,8 @@ use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::Dataset;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::merge::{
-    adamerging, check_adamerging_out, merge, AdaMergingOptions, Expert, Granularity, MergeOptions,
-    ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
+    adamerging, check_adamerging_checkpoint, check_adamerging_out, merge, AdaMergingOptions, Expert, Granularity,
+    MergeOptions, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
 };
 
 use super::{open_task_inputs, progress, TaskInputs};
@@ -51,6 +51,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
             options.check()?;
             check_adamerging_out(&args.out, *resume)?;
             let experts = open_experts()?;
+            check_adamerging_checkpoint(&args.out, &args.pretrained, &experts, heads, tasks, options)?;
             let inputs = open_task_inputs(&args.pretrained, heads, tasks, *device, quiet)?;
             return run_adamerging(inputs, &experts, options, *resume, &args.out, quiet);
         }

@@ -12,7 +12,7 @@
 //! experts' memory maps for each of the two and never held; on a GPU they are uploaded once and held.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -118,6 +118,28 @@ pub fn check_adamerging_out(out: &Path, resume: bool) -> Result<()> {
         bail!("{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
     }
     Ok(())
+}
+
+/// Refuses a `--resume` that the checkpoint in `out` could not serve: one with other arguments than it was made
+/// with, or fewer `--steps` than it has done. It reads the checkpoint's metadata only, so that the command
+/// line can refuse before the device opens; [`check_adamerging_out`] covers the folder itself.
+pub fn check_adamerging_checkpoint(
+    out: &Path,
+    pretrained: &Path,
+    experts: &[Expert],
+    heads: &Path,
+    tasks: &[(String, PathBuf)],
+    opts: &AdaMergingOptions,
+) -> Result<()> {
+    let checkpoint = out.join(ADAMERGING_CHECKPOINT);
+    if !checkpoint.exists() {
+        return Ok(());
+    }
+    let state = CheckpointState::of(&SafetensorsFile::open(&checkpoint)?, &checkpoint)?;
+    let tasks = tasks.iter().map(|(n, p)| (n.as_str(), p.as_path()));
+    let print = fingerprint(pretrained, experts, heads, tasks, opts);
+    same_arguments(&checkpoint, &with_later_defaults(state.fingerprint), &print)?;
+    not_past_the_end(&checkpoint, state.step, opts.steps)
 }
 
 /// The file beside the merged model that holds the trained coefficients.
@@ -388,12 +410,18 @@ pub struct AdaMergingSummary {
 
 /// The arguments a resumed run must share with its checkpoint's. The step count may grow: the rate is
 /// constant.
-fn fingerprint(run: &AdaMerging, heads: &Heads, tasks: &[String], data: &[Dataset], o: &AdaMergingOptions) -> Value {
-    let experts: Vec<Value> = run.experts.iter().map(|e| json!([e.name, recorded_path(&e.model.path)])).collect();
-    let tasks: Vec<Value> = tasks.iter().zip(data).map(|(n, d)| json!([n, recorded_path(d.origin())])).collect();
+fn fingerprint<'a>(
+    pretrained: &Path,
+    experts: &[Expert],
+    heads: &Path,
+    tasks: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    o: &AdaMergingOptions,
+) -> Value {
+    let experts: Vec<Value> = experts.iter().map(|e| json!([e.name, recorded_path(&e.model.path)])).collect();
+    let tasks: Vec<Value> = tasks.into_iter().map(|(n, p)| json!([n, recorded_path(p)])).collect();
     json!({
-        "pretrained": recorded_path(&run.pretrained.path), "experts": experts,
-        "heads": recorded_path(heads.path()), "tasks": tasks,
+        "pretrained": recorded_path(pretrained), "experts": experts,
+        "heads": recorded_path(heads), "tasks": tasks,
         "init": o.init, "lr": o.lr, "batch_size": o.batch_size, "seed": o.seed,
         "clamp_weights": o.clamp, "granularity": o.granularity.name(),
     })
@@ -437,9 +465,7 @@ fn load_checkpoint(
     experts: usize,
 ) -> Result<CheckpointState> {
     let file = SafetensorsFile::open(path)?;
-    let state: CheckpointState =
-        serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
-            .with_context(|| format!("{}: unreadable state", path.display()))?;
+    let state = CheckpointState::of(&file, path)?;
     same_arguments(path, &with_later_defaults(state.fingerprint.clone()), print)?;
     let read = |key: &str| -> Result<Vec<f32>> {
         let values = file.f32(key)?.host()?.to_vec();
@@ -492,7 +518,8 @@ pub fn adamerging(
     let fresh = !out.exists() || made_ahead;
     let mut coefficients = run.initial(opts.init);
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
-    let print = fingerprint(&run, heads, tasks, data, opts);
+    let origins = tasks.iter().map(String::as_str).zip(data.iter().map(Dataset::origin));
+    let print = fingerprint(&pretrained.path, experts, heads.path(), origins, opts);
     let (mut step, mut samplers) = if fresh {
         (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     } else {

@@ -57,9 +57,9 @@ mod adamerging;
 mod ties;
 
 pub use adamerging::{
-    adamerging, check_adamerging_out, parameter_order, read_coefficients, AdaMerging, AdaMergingOptions,
-    AdaMergingStep, AdaMergingSummary, Coefficients, CoefficientsFile, Granularity, ADAMERGING_CHECKPOINT,
-    COEFFICIENTS_FILE, TASK_WISE_COLUMN,
+    adamerging, check_adamerging_checkpoint, check_adamerging_out, parameter_order, read_coefficients, AdaMerging,
+    AdaMergingOptions, AdaMergingStep, AdaMergingSummary, Coefficients, CoefficientsFile, Granularity,
+    ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE, TASK_WISE_COLUMN,
 };
 pub use ties::{TiesMergeFunc, TiesOptions, TiesStats};
 
