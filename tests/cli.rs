@@ -285,6 +285,30 @@ fn eval_reports_the_reference_accuracy_as_json() {
 }
 
 #[test]
+fn eval_json_dash_writes_the_json_alone_on_stdout() {
+    // `--json -` is stdout, as for Unix tools: the JSON alone there (for a pipe into jq), the table on stderr,
+    // and no file named '-' (as there used to be). A file's JSON is the same report, ending in a newline.
+    let tmp = tempfile::tempdir().unwrap();
+    let alpha = format!("alpha={}", s(&fixture("pixels_a.safetensors")));
+    let (clip, heads) = (fixture("clip_a"), fixture("heads_a.safetensors"));
+    let eval = |json: &str| {
+        let args = ["eval", "--model", s(&clip), "--heads", s(&heads), "--task", &alpha, "--json", json];
+        let out = engine_command().args(args).args(["--device", "cpu"]).current_dir(tmp.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (stdout, stderr) = eval("-");
+    assert!(!tmp.path().join("-").exists());
+    assert!(stderr.contains("alpha") && stderr.contains("average"), "the table: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (table, _) = eval("./eval.json");
+    assert!(table.contains("average"), "{table}");
+    let file = std::fs::read_to_string(tmp.path().join("eval.json")).unwrap();
+    assert!(file.ends_with("}\n") && stdout == file, "{stdout} against {file}");
+    assert_eq!(report["tasks"]["alpha"]["count"], 3);
+}
+
+#[test]
 fn an_output_that_cannot_be_written_is_refused_before_any_work() {
     // Said at the start, in one line, not after an hour's embedding (it used to fail only when writing).
     let tmp = tempfile::tempdir().unwrap();

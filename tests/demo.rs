@@ -16,14 +16,16 @@ const ONE_IMAGE: f64 = 1.0 / 500.0 + 1e-9;
 fn demo_runs_on_the_bundled_suite_and_agrees_with_pytorch() {
     let suite = Suite::open(&Suite::bundled_path()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("demo.json");
     // Made ahead: an empty folder is taken as a new one.
     let work = tmp.path().join("models");
     std::fs::create_dir(&work).unwrap();
-    let args = ["demo", "--steps", "4", "--curve-points", "2", "--json", s(&json), "--work", s(&work), "--quiet"];
-    let (ok, out, err) = engine(&args);
-    assert!(ok, "{out}{err}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // `--json -`: the JSON alone on stdout, the table on stderr (with --quiet, nothing else), no file named '-'.
+    let args = ["demo", "--steps", "4", "--curve-points", "2", "--json", "-", "--work", s(&work), "--quiet"];
+    let run = engine_command().args(args).current_dir(tmp.path()).output().unwrap();
+    let (json, out) = (String::from_utf8(run.stdout).unwrap(), String::from_utf8(run.stderr).unwrap());
+    assert!(run.status.success(), "{json}{out}");
+    assert!(!tmp.path().join("-").exists());
+    let report: Value = serde_json::from_str(&json).unwrap();
     let names = suite.task_names();
     let methods = [
         "pretrained",

@@ -16,11 +16,11 @@ use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
-use wemoe_engine::output::{check_file_target, check_not_an_input, is_empty_dir, write_atomic};
+use wemoe_engine::output::{check_file_target, check_not_an_input, is_empty_dir};
 use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
-use super::progress;
+use super::{json_on_stdout, progress, write_json};
 
 /// What the demo runs; the defaults are the settings measured in BENCHMARKS.md's demo section.
 pub struct Args {
@@ -132,13 +132,14 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a positive number, got {}", args.lr);
     WorkDir::check(args.work.as_deref())?;
     // The JSON comes last; a folder that is not there should stop the demo before minutes of work.
-    if let Some(path) = &args.json {
+    let json_on_stdout = json_on_stdout(args.json.as_deref());
+    if let Some(path) = args.json.as_ref().filter(|_| !json_on_stdout) {
         check_file_target("--json", path)?;
     }
     let start = Instant::now();
     let suite = Suite::open(&args.suite)?;
     let pretrained_dir = ModelDir::open(&suite.pretrained())?;
-    if let Some(path) = args.json.as_ref().filter(|p| p.exists()) {
+    if let Some(path) = args.json.as_ref().filter(|p| !json_on_stdout && p.exists()) {
         // The suite's files are the demo's inputs, as a model's and a dataset's are `eval`'s (checked
         // before the device opens, so that the refusal is the one line).
         let mut inputs = vec![suite.root.join("suite.json"), suite.heads()];
@@ -324,16 +325,18 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     rows.push(Row { method: "wemoe".into(), accuracy: adapted });
     rows.push(Row { method: "wemoe-oracle".into(), accuracy: oracle });
 
-    print_table(&names, &rows);
-    say!("");
-    say!("adaptation curve ({} routing): step, loss, average accuracy", routing_name(args.routing));
+    print_table(&names, &rows, json_on_stdout);
+    say!(stderr if json_on_stdout; "");
+    let routing = routing_name(args.routing);
+    say!(stderr if json_on_stdout; "adaptation curve ({routing} routing): step, loss, average accuracy");
     for (step, loss, avg) in &curve {
         let loss = if loss.is_finite() { format!("{loss:8.4}") } else { format!("{:>8}", "-") };
-        say!("{step:>6}  {loss}  {:>6.2}%", 100.0 * avg);
+        say!(stderr if json_on_stdout; "{step:>6}  {loss}  {:>6.2}%", 100.0 * avg);
     }
     let seconds = start.elapsed().as_secs_f64();
-    say!("");
+    say!(stderr if json_on_stdout; "");
     say!(
+        stderr if json_on_stdout;
         "{:.0} s in all ({adamerging_seconds:.0} s AdaMerging, {adapt_seconds:.0} s adapting), on {}",
         seconds,
         opened.be.describe()
@@ -367,7 +370,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             "seconds": seconds,
             "device": opened.be.describe(),
         });
-        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_json(path, &report)?;
     }
     Ok(())
 }
@@ -387,19 +390,19 @@ fn routing_name(r: Routing) -> &'static str {
 }
 
 /// Methods as rows, tasks as columns, the average last (the paper's Table 2).
-fn print_table(names: &[String], rows: &[Row]) {
+fn print_table(names: &[String], rows: &[Row], to_stderr: bool) {
     let first = rows.iter().map(|r| r.method.len()).max().unwrap_or(6).max(6);
     let widths: Vec<usize> = names.iter().map(|n| n.len().max(6)).collect();
     let mut header = format!("{:<first$}", "method");
     for (n, w) in names.iter().zip(&widths) {
         header += &format!("  {n:>w$}");
     }
-    say!("{header}  {:>7}", "average");
+    say!(stderr if to_stderr; "{header}  {:>7}", "average");
     for row in rows {
         let mut line = format!("{:<first$}", row.method);
         for (a, w) in row.accuracy.iter().zip(&widths) {
             line += &format!("  {:>w$.1}", 100.0 * a);
         }
-        say!("{line}  {:>7.1}", 100.0 * row.average());
+        say!(stderr if to_stderr; "{line}  {:>7.1}", 100.0 * row.average());
     }
 }

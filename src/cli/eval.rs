@@ -7,10 +7,10 @@ use serde_json::json;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::device::DeviceChoice;
 use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
-use wemoe_engine::output::{check_file_target, check_not_an_input, write_atomic};
+use wemoe_engine::output::{check_file_target, check_not_an_input};
 
 use super::weights::{LoadedEncoder, Weights};
-use super::{open_task_inputs, progress, TaskInputs};
+use super::{json_on_stdout, open_task_inputs, progress, write_json, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -24,7 +24,8 @@ pub struct Args {
 pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batching.size > 0, "--batch-size must be positive");
     // Check every input, and where the JSON goes, before computing anything.
-    if let Some(path) = &args.json {
+    let json_on_stdout = json_on_stdout(args.json.as_deref());
+    if let Some(path) = args.json.as_ref().filter(|_| !json_on_stdout) {
         check_file_target("--json", path)?;
         // Nor may it replace an input: the model's files, the heads, a data file (checked before the device
         // opens, so that the refusal is the one line).
@@ -86,16 +87,15 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     }
     let average = results.iter().map(TaskAccuracy::accuracy).sum::<f64>() / results.len() as f64;
     let width = results.iter().map(|r| r.task.len()).max().unwrap_or(4).max(7);
-    say!("{:<width$}  {:>7}  {:>8}", "task", "images", "accuracy");
+    say!(stderr if json_on_stdout; "{:<width$}  {:>7}  {:>8}", "task", "images", "accuracy");
     for r in &results {
-        say!("{:<width$}  {:>7}  {:>7.2}%", r.task, r.count, 100.0 * r.accuracy());
+        say!(stderr if json_on_stdout; "{:<width$}  {:>7}  {:>7.2}%", r.task, r.count, 100.0 * r.accuracy());
     }
-    say!("{:<width$}  {:>7}  {:>7.2}%", "average", "", 100.0 * average);
+    say!(stderr if json_on_stdout; "{:<width$}  {:>7}  {:>7.2}%", "average", "", 100.0 * average);
     if let Some(path) = &args.json {
         let tasks: serde_json::Map<String, serde_json::Value> =
             results.iter().map(|r| (r.task.clone(), json!({"accuracy": r.accuracy(), "count": r.count}))).collect();
-        let report = json!({"tasks": tasks, "average": average});
-        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_json(path, &json!({"tasks": tasks, "average": average}))?;
     }
     Ok(())
 }

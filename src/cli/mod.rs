@@ -255,7 +255,7 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
-        /// Also write the results as JSON to this file.
+        /// Also write the results as JSON to this file; `-` for stdout (the table then goes to stderr).
         #[arg(long)]
         json: Option<PathBuf>,
         /// Where the encoder layers live: `streamed` loads one at a time per span of batches (peak memory
@@ -321,7 +321,7 @@ enum Command {
     },
     /// Run the whole job on the bundled suite and print the table.
     Demo {
-        /// Also write the results as JSON to this file.
+        /// Also write the results as JSON to this file; `-` for stdout (the table then goes to stderr).
         #[arg(long)]
         json: Option<PathBuf>,
         /// The suite's directory (default: $WEMOE_SUITE, else the bundled assets/suite).
@@ -364,12 +364,39 @@ enum Command {
     },
 }
 
-/// Prints a line on stdout; a closed stdout (the output piped into `head`, say) is not an error.
+/// Prints a line on stdout; a closed stdout (the output piped into `head`, say) is not an error. With
+/// `stderr if COND;` first, the line goes to stderr where COND holds: a table beside `--json -`.
 macro_rules! say {
+    (stderr if $to_stderr:expr; $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = if $to_stderr {
+            writeln!(std::io::stderr().lock(), $($arg)*)
+        } else {
+            writeln!(std::io::stdout().lock(), $($arg)*)
+        };
+    }};
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout().lock(), $($arg)*);
     }};
+}
+
+/// `--json -`: the JSON goes to stdout, as `-` means for Unix tools, and the command's table to stderr, so that
+/// stdout is the JSON alone (`eval --json - | jq .average`). `./-` is still a file named `-`.
+pub fn json_on_stdout(json: Option<&Path>) -> bool {
+    json.is_some_and(|p| p == Path::new("-"))
+}
+
+/// Writes a command's JSON report, pretty and ending in a newline: to `path` atomically, or to stdout for `-`.
+pub fn write_json(path: &Path, report: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    if json_on_stdout(Some(path)) {
+        use std::io::Write as _;
+        // A closed stdout (piped into `head`) is not an error, as for the tables.
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        return Ok(());
+    }
+    wemoe_engine::output::write_atomic(path, text.as_bytes())
 }
 
 mod adapt;
