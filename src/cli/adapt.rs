@@ -6,7 +6,7 @@ use anyhow::Result;
 use wemoe_engine::adapt::{adapt, check_checkpoint, check_out, AdaptOptions, CHECKPOINT};
 use wemoe_engine::device::DeviceChoice;
 
-use super::{open_task_inputs, progress, TaskInputs};
+use super::{count, open_task_inputs, progress, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -41,7 +41,8 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if !quiet {
-        eprintln!("wrote {} ({} steps, {})", args.out.display(), args.options.steps, progress::last_loss(last));
+        let steps = count(args.options.steps as usize, "step", "steps");
+        eprintln!("wrote {} ({steps}, {})", args.out.display(), progress::last_loss(last));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
 use wemoe_engine::output::{check_file_target, check_not_an_input};
 
 use super::weights::{LoadedEncoder, Weights};
-use super::{json_on_stdout, open_task_inputs, progress, write_json, TaskInputs};
+use super::{count, json_on_stdout, open_task_inputs, progress, write_json, TaskInputs};
 
 pub struct Args {
     pub model: PathBuf,
@@ -65,10 +65,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
                     )
                 } else if names.len() != head_classes {
                     eprintln!(
-                        "note: {} names {} classes, head '{name}' has {head_classes}; its labels are taken as the \
-                         head's class indices",
+                        "note: {} names {}, head '{name}' has {head_classes}; its labels are taken as the head's \
+                         class indices",
                         path.display(),
-                        names.len()
+                        count(names.len(), "class", "classes")
                     )
                 }
             }

@@ -13,7 +13,7 @@ use wemoe_engine::device::{self, DeviceRequest, Precision};
 use wemoe_engine::output::{check_file_target, check_not_an_input, write_safetensors_with_metadata, NamedTensor};
 use wemoe_engine::text::{class_embeddings, ClipText, ClipTokenizer, TaskPrompts, TextConfig, DEFAULT_TEMPLATE};
 
-use super::progress;
+use super::{count, progress};
 
 /// One task's classes and templates, and where they came from.
 pub struct TaskClasses {
@@ -147,11 +147,14 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
     if !quiet {
         for (task, given) in tasks.iter().zip(&args.tasks) {
             let (c, t) = (task.classes.len(), task.templates.len());
-            eprintln!("{:>20}  {c:>5} classes  {t:>3} templates  from {}", task.name, given.source.display());
+            let (c, t) = (count(c, "class", "classes"), count(t, "template", "templates"));
+            eprintln!("{:>20}  {c:>13}  {t:>13}  from {}", task.name, given.source.display());
         }
         eprintln!(
-            "{} prompts, {} tokens up to their pooled ones, {} run (beginnings prompts share, once)",
-            made.prompts, made.tokens, made.computed
+            "{}, {} tokens up to their pooled ones, {} run (beginnings prompts share, once)",
+            count(made.prompts, "prompt", "prompts"),
+            made.tokens,
+            made.computed
         );
     }
     // FusionBench's classifier uses the pretrained model's projection and scale: the file carries both.
@@ -179,9 +182,9 @@ pub fn run(args: &Args, device: DeviceRequest, precision: Precision, quiet: bool
             "none (eval takes the model's)".to_string()
         };
         eprintln!(
-            "wrote {}: {} heads, projection {projection}, logit_scale {scale}",
+            "wrote {}: {}, projection {projection}, logit_scale {scale}",
             args.out.display(),
-            args.tasks.len()
+            count(args.tasks.len(), "head", "heads")
         );
     }
     Ok(())

@@ -14,6 +14,8 @@ use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, COEF
 use wemoe_engine::model::Heads;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
+use super::count;
+
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
     if path.is_file() {
         return heads_file(path, as_json);
@@ -111,7 +113,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     );
     say!("parameters  {vision_params} in {vision_tensors} vision tensors");
     if let Some(w) = &dir.wemoe {
-        say!("wemoe       {} experts: {}", w.num_experts(), w.experts.join(", "));
+        say!("wemoe       {}: {}", count(w.num_experts(), "expert", "experts"), w.experts.join(", "));
         say!(
             "routers     depth {}, activation {}, init_lambda {}",
             w.router_layers,
@@ -307,7 +309,8 @@ fn heads(path: &Path, as_json: bool) -> Result<()> {
             let shown: Vec<&str> = n.iter().take(5).map(String::as_str).collect();
             format!("{}{}", shown.join(", "), if n.len() > 5 { ", ..." } else { "" })
         });
-        say!("task        {t:<width$}  {classes} classes × {dims}: {names}");
+        let classes = count(*classes, "class", "classes");
+        say!("task        {t:<width$}  {classes} × {dims}: {names}");
     }
     match &projection {
         Some(s) => say!("projection  {} -> {} (visual_projection.weight; wins over the model's)", s[1], s[0]),

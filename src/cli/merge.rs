@@ -13,7 +13,7 @@ use wemoe_engine::merge::{
     MergeOptions, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
 };
 
-use super::{open_task_inputs, progress, TaskInputs};
+use super::{count, open_task_inputs, progress, TaskInputs};
 
 /// What to do with the models.
 pub enum Job {
@@ -88,11 +88,11 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     }
     if !quiet {
         eprintln!(
-            "wrote {} ({} tensors, {} parameters, {} experts)",
+            "wrote {} ({} tensors, {} parameters, {})",
             args.out.display(),
             summary.tensors,
             summary.parameters,
-            experts.len()
+            count(experts.len(), "expert", "experts")
         );
     }
     Ok(())
@@ -132,19 +132,19 @@ fn run_adamerging(
         let mean = all.iter().map(|&v| v as f64).sum::<f64>() / all.len().max(1) as f64;
         let shape = match options.granularity {
             Granularity::LayerWise => {
-                format!("{} experts × {} tensors", experts.len(), summary.coefficients.names.len())
+                format!("{} × {} tensors", count(experts.len(), "expert", "experts"), summary.coefficients.names.len())
             }
-            Granularity::TaskWise => format!("{} experts, task-wise", experts.len()),
+            Granularity::TaskWise => format!("{}, task-wise", count(experts.len(), "expert", "experts")),
         };
         eprintln!(
-            "adamerging trained {} coefficients ({shape}) in {} steps ({}), coefficients {lo:.4} to \
+            "adamerging trained {} coefficients ({shape}) in {} ({}), coefficients {lo:.4} to \
              {hi:.4}, mean {mean:.4} (in {COEFFICIENTS_FILE})",
             all.len(),
-            options.steps,
+            count(options.steps as usize, "step", "steps"),
             progress::last_loss(last),
         );
         eprintln!(
-            "wrote {} ({} tensors, {} parameters, {} experts)",
+            "wrote {} ({} tensors, {} parameters, {})",
             out.display(),
             summary.tensors,
             summary.parameters,

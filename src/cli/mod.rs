@@ -559,13 +559,14 @@ fn parse_named(flag: &str, spec: &str) -> Result<(String, PathBuf)> {
     }
 }
 
-/// "1 image", "2 images": a count of images as messages say it.
+/// "1 image", "2 images": a count as messages say it, the noun in the singular for one.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// "1 image", "2 images".
 fn images(n: usize) -> String {
-    if n == 1 {
-        "1 image".to_string()
-    } else {
-        format!("{n} images")
-    }
+    count(n, "image", "images")
 }
 
 /// The environment variable rayon sizes its pool by, which `--threads` overrides.
@@ -812,8 +813,9 @@ mod tests {
     }
 
     #[test]
-    fn one_image_is_singular() {
+    fn one_of_anything_is_singular() {
         assert_eq!([images(1), images(0), images(4)], ["1 image", "0 images", "4 images"]);
+        assert_eq!([count(1, "class", "classes"), count(2, "class", "classes")], ["1 class", "2 classes"]);
     }
 
     #[test]
