@@ -204,6 +204,25 @@ fn a_streamed_pass_checks_every_layer_before_it_starts() {
 }
 
 #[test]
+fn a_projection_that_is_not_a_matrix() {
+    // embed refuses it by name; info describes it (it used to panic indexing the shape's second side).
+    let t = Scratch::new();
+    let dir = t.edited_model(|ts| {
+        let x = ts.iter_mut().find(|x| x.name == "visual_projection.weight").unwrap();
+        x.shape = vec![x.values.len()];
+    });
+    t.embed(
+        &dir,
+        &fixture("pixels_b.safetensors"),
+        "tensor 'visual_projection.weight' has shape [720], expected [20, 36]",
+    );
+    let (ok, out, err) = engine(&["info", s(&dir)]);
+    assert!(ok, "{err}");
+    let line = "projection  visual_projection.weight has shape [720], not [20, 36] (projection_dim, hidden_size)";
+    assert!(out.contains(line), "{out}");
+}
+
+#[test]
 fn non_finite_weights() {
     let t = Scratch::new();
     let dir = t.edited_model(|ts| ts.iter_mut().find(|x| x.name == FC1).unwrap().values[17] = f32::NAN);

@@ -189,8 +189,14 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         };
         say!("coefficients {what}: {}", shown.join(", "));
     }
+    // As the model loads it: [projection_dim, hidden_size], else described rather than read as a matrix.
+    let expected = [c.projection_dim, c.hidden_size];
     match &projection {
-        Some(s) => say!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
+        Some(s) if *s == expected => say!("projection  {} -> {} (visual_projection.weight)", s[1], s[0]),
+        Some(s) => say!(
+            "projection  visual_projection.weight has shape {s:?}, not {expected:?} (projection_dim, hidden_size): \
+             embed and eval refuse it"
+        ),
         None => say!("projection  none"),
     }
     if let Some(s) = logit_scale {
