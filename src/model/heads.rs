@@ -149,9 +149,9 @@ fn read_class_names(
         if let Some(head) = tasks.get(task) {
             ensure!(
                 list.len() == head.out_features(),
-                "{}: its metadata names {} classes for task '{task}', whose head has {} rows",
+                "{}: its metadata names {} for task '{task}', whose head has {} rows",
                 path.display(),
-                list.len(),
+                if list.len() == 1 { "1 class".to_string() } else { format!("{} classes", list.len()) },
                 head.out_features()
             );
         }
