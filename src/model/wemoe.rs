@@ -82,14 +82,27 @@ impl WemoeSpec {
             .collect::<Option<_>>()
             .with_context(|| bad("experts must be a list of names"))?;
         ensure!(!experts.is_empty(), "{}", bad("experts is empty"));
-        let router_layers = object.get("router_layers").and_then(Value::as_u64).unwrap_or(2) as usize;
-        ensure!(router_layers <= 2, "{}", bad("router_layers must be 0, 1 or 2"));
-        let router_activation = match object.get("router_activation").and_then(Value::as_str).unwrap_or("identity") {
-            "identity" => RouterActivation::Identity,
-            "softmax" => RouterActivation::Softmax,
-            other => bail!("{} '{other}' (expected identity or softmax)", bad("router_activation")),
+        if let Some(twice) = experts.iter().enumerate().find(|(i, e)| experts[..*i].contains(e)) {
+            bail!("{} '{}' is named twice", bad("experts"), twice.1);
+        }
+        // Each field absent takes its default; present, it must be of its kind (not read as absent).
+        let field = |key: &str| object.get(key).filter(|v| !v.is_null());
+        let router_layers = match field("router_layers") {
+            None => 2,
+            Some(v) => {
+                v.as_u64().filter(|&d| d <= 2).with_context(|| bad(&format!("router_layers {v}: must be 0, 1 or 2")))?
+            }
+        } as usize;
+        let router_activation = match field("router_activation").map(|v| v.as_str().ok_or(v)) {
+            None | Some(Ok("identity")) => RouterActivation::Identity,
+            Some(Ok("softmax")) => RouterActivation::Softmax,
+            Some(Ok(other)) => bail!("{} '{other}' (expected identity or softmax)", bad("router_activation")),
+            Some(Err(v)) => bail!("{} {v} (expected identity or softmax)", bad("router_activation")),
         };
-        let init_lambda = object.get("init_lambda").and_then(Value::as_f64).map(|v| v as f32);
+        let init_lambda = match field("init_lambda") {
+            None => None,
+            Some(v) => Some(v.as_f64().with_context(|| bad(&format!("init_lambda {v}: must be a number")))? as f32),
+        };
         Ok(WemoeSpec { experts, router_layers, router_activation, init_lambda })
     }
 
@@ -268,6 +281,28 @@ mod tests {
             .err()
             .expect("a layer without experts loaded");
         assert!(err.to_string().starts_with("layers.3.mlp: a WEMoE layer needs at least one expert"), "{err}");
+    }
+
+    #[test]
+    fn a_config_field_of_the_wrong_kind_is_refused_not_taken_as_absent() {
+        let read = |o: Value| WemoeSpec::from_json(&o, Path::new("config.json")).map_err(|e| e.to_string());
+        let spec = read(json!({"experts": ["a", "b"], "router_layers": null})).unwrap();
+        assert_eq!(
+            (spec.router_layers, spec.router_activation, spec.init_lambda),
+            (2, RouterActivation::Identity, None)
+        );
+        let spec = read(json!({"experts": ["a"], "router_layers": 0, "router_activation": "softmax"})).unwrap();
+        assert_eq!((spec.router_layers, spec.router_activation), (0, RouterActivation::Softmax));
+        for (object, culprit) in [
+            (json!({"experts": ["a"], "router_layers": -1}), "router_layers -1: must be 0, 1 or 2"),
+            (json!({"experts": ["a"], "router_layers": "1"}), "router_layers \"1\": must be 0, 1 or 2"),
+            (json!({"experts": ["a"], "router_activation": 5}), "router_activation 5 (expected identity or softmax)"),
+            (json!({"experts": ["a"], "init_lambda": "x"}), "init_lambda \"x\": must be a number"),
+            (json!({"experts": ["a", "b", "a"]}), "experts 'a' is named twice"),
+        ] {
+            let err = read(object).unwrap_err();
+            assert_eq!(err, format!("config.json: \"wemoe\".{culprit}"));
+        }
     }
 
     #[test]
