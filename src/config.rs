@@ -83,7 +83,11 @@ pub fn json_f32(x: f32) -> Value {
 
 /// `"hidden_act"` of a CLIP tower's config object (quick_gelu when absent, as HF's CLIP configs default).
 pub(crate) fn hidden_act(object: &Value, origin: &Path) -> Result<Activation> {
-    Ok(match object.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+    let name = match object.get("hidden_act") {
+        None | Some(Value::Null) => "quick_gelu",
+        Some(v) => v.as_str().with_context(|| format!("{}: \"hidden_act\" {v} is not a name", origin.display()))?,
+    };
+    Ok(match name {
         "quick_gelu" => Activation::QuickGelu,
         "gelu" => Activation::Gelu,
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
@@ -179,6 +183,9 @@ mod tests {
         assert!(format!("{:#}", err.unwrap_err()).contains("not divisible"));
         let err = VisionConfig::from_json(&serde_json::json!({"hidden_act": "swish"}), p).unwrap_err();
         assert!(format!("{err:#}").contains("swish"));
+        // Not a name: refused, not read as the default.
+        let err = VisionConfig::from_json(&serde_json::json!({"hidden_act": 5}), p).unwrap_err();
+        assert_eq!(format!("{err:#}"), "config.json: \"hidden_act\" 5 is not a name");
     }
 
     #[test]

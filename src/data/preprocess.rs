@@ -16,6 +16,9 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 #[allow(clippy::excessive_precision)] // written as HF writes them
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
+/// The largest side a preprocessor config may resize or crop to.
+pub const MAX_SIDE: usize = 1 << 16;
+
 /// How an image is resized before the crop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resize {
@@ -63,56 +66,85 @@ impl Preprocess {
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-        Self::from_json(&json, image_size).with_context(|| format!("{}: unsupported preprocessing", path.display()))
+        Self::from_json(&json, image_size).with_context(|| path.display().to_string())
     }
 
     fn from_json(json: &Value, image_size: usize) -> Result<Self> {
         let mut p = Self::clip(image_size);
-        let flag = |key: &str| json.get(key).and_then(Value::as_bool).unwrap_or(true);
-        let side = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as usize);
-        if !flag("do_resize") {
+        // A key absent (or null) keeps CLIP's value; present, it must be of its kind rather than read as absent.
+        let get = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let flag = |key: &str| -> Result<bool> {
+            get(key).map_or(Ok(true), |v| v.as_bool().with_context(|| format!("\"{key}\" {v} is not true or false")))
+        };
+        // A resize allocates its filter's windows for every output row and column: sides are held to a bound
+        // far above any CLIP's, so that a mistyped size is refused rather than exhausting memory.
+        let side = |v: &Value, what: &str| -> Result<usize> {
+            v.as_u64()
+                .filter(|n| (1..=MAX_SIDE as u64).contains(n))
+                .map(|n| n as usize)
+                .with_context(|| format!("{what} {v}: must be a whole number of pixels, 1 to {MAX_SIDE}"))
+        };
+        // As CLIPImageProcessor reads a size: a bare number, else an object of "shortest_edge" (resize) or
+        // "height" and "width".
+        let height_width = |v: &Value, key: &str| -> Result<Option<(usize, usize)>> {
+            match (v.get("height"), v.get("width")) {
+                (Some(h), Some(w)) => {
+                    Ok(Some((side(h, &format!("\"{key}\".height"))?, side(w, &format!("\"{key}\".width"))?)))
+                }
+                _ => Ok(None),
+            }
+        };
+        if !flag("do_resize")? {
             p.resize = Resize::None;
-        } else if let Some(size) = json.get("size") {
-            // As CLIPImageProcessor reads it: a bare number or "shortest_edge", else "height" and "width".
-            p.resize = match (size.as_u64(), side(size, "shortest_edge"), side(size, "height"), side(size, "width")) {
-                (Some(n), ..) => Resize::ShortestEdge(n as usize),
-                (None, Some(n), ..) => Resize::ShortestEdge(n),
-                (None, None, Some(h), Some(w)) => Resize::Exact(h, w),
-                _ => bail!("\"size\" needs \"shortest_edge\", or \"height\" and \"width\""),
+        } else if let Some(size) = get("size") {
+            p.resize = if size.is_number() {
+                Resize::ShortestEdge(side(size, "\"size\"")?)
+            } else if let Some(edge) = size.get("shortest_edge") {
+                Resize::ShortestEdge(side(edge, "\"size\".shortest_edge")?)
+            } else if let Some((h, w)) = height_width(size, "size")? {
+                Resize::Exact(h, w)
+            } else {
+                bail!("\"size\" {size}: needs \"shortest_edge\", or \"height\" and \"width\"")
             };
         }
-        if !flag("do_center_crop") {
+        if !flag("do_center_crop")? {
             p.crop = None;
-        } else if let Some(crop) = json.get("crop_size") {
-            p.crop = Some(match crop.as_u64() {
-                Some(n) => (n as usize, n as usize),
-                None => (
-                    side(crop, "height").context("\"crop_size\" needs \"height\"")?,
-                    side(crop, "width").context("\"crop_size\" needs \"width\"")?,
-                ),
+        } else if let Some(crop) = get("crop_size") {
+            p.crop = Some(if crop.is_number() {
+                let n = side(crop, "\"crop_size\"")?;
+                (n, n)
+            } else {
+                height_width(crop, "crop_size")?
+                    .with_context(|| format!("\"crop_size\" {crop}: needs \"height\" and \"width\""))?
             });
         }
-        if let Some(code) = json.get("resample").and_then(Value::as_i64) {
-            p.filter = Filter::from_pil(code).with_context(|| format!("resample {code} (only 2 and 3)"))?;
+        if let Some(code) = get("resample") {
+            p.filter = code.as_i64().and_then(Filter::from_pil).with_context(|| {
+                format!("\"resample\" {code}: only PIL's 2 (bilinear) and 3 (bicubic) are supported")
+            })?;
         }
-        if !flag("do_rescale") {
+        if !flag("do_rescale")? {
             p.rescale = 1.0;
-        } else if let Some(f) = json.get("rescale_factor").and_then(Value::as_f64) {
-            p.rescale = f as f32;
+        } else if let Some(f) = get("rescale_factor") {
+            p.rescale = f
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .with_context(|| format!("\"rescale_factor\" {f}: must be a finite number"))?
+                as f32;
         }
-        if !flag("do_normalize") {
+        if !flag("do_normalize")? {
             p.mean_std = None;
         } else {
-            let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
-                match json.get(key).and_then(Value::as_array) {
-                    None => Ok(default),
-                    Some(a) if a.len() == 3 && a.iter().all(Value::is_number) => {
-                        Ok([0, 1, 2].map(|i| a[i].as_f64().expect("a number") as f32))
-                    }
-                    Some(_) => bail!("\"{key}\" must be 3 numbers"),
-                }
+            // Each channel is divided by its std: a zero would make every pixel infinite.
+            let triple = |key: &str, default: [f32; 3], nonzero: bool| -> Result<[f32; 3]> {
+                let Some(v) = get(key) else { return Ok(default) };
+                let usable = |x: &Value| x.as_f64().filter(|x| x.is_finite() && (!nonzero || *x != 0.0));
+                let numbers: Option<Vec<f32>> =
+                    v.as_array().and_then(|a| a.iter().map(|x| usable(x).map(|x| x as f32)).collect());
+                let kind = if nonzero { "nonzero numbers" } else { "numbers" };
+                numbers.and_then(|n| n.try_into().ok()).with_context(|| format!("\"{key}\" {v}: must be 3 {kind}"))
             };
-            p.mean_std = Some((triple("image_mean", CLIP_MEAN)?, triple("image_std", CLIP_STD)?));
+            p.mean_std = Some((triple("image_mean", CLIP_MEAN, false)?, triple("image_std", CLIP_STD, true)?));
         }
         Ok(p)
     }
@@ -265,5 +297,25 @@ mod tests {
         ] {
             assert!(Preprocess::from_json(&bad, 224).is_err(), "{bad}");
         }
+        // A field of the wrong kind is refused, not read as absent; a zero std (infinite pixels) and a size that
+        // would exhaust memory are refused too.
+        for (bad, message) in [
+            (serde_json::json!({"image_std": "x"}), r#""image_std" "x": must be 3 nonzero numbers"#),
+            (serde_json::json!({"image_std": [0.5, 0, 0.5]}), r#""image_std" [0.5,0,0.5]: must be 3 nonzero numbers"#),
+            (serde_json::json!({"do_resize": "yes"}), r#""do_resize" "yes" is not true or false"#),
+            (serde_json::json!({"resample": "bicubic"}), r#""resample" "bicubic": only PIL's 2 (bilinear) and 3"#),
+            (serde_json::json!({"rescale_factor": "x"}), r#""rescale_factor" "x": must be a finite number"#),
+            (
+                serde_json::json!({"size": 1_000_000_000}),
+                r#""size" 1000000000: must be a whole number of pixels, 1 to"#,
+            ),
+            (serde_json::json!({"crop_size": {"height": 0, "width": 4}}), r#""crop_size".height 0: must be a whole"#),
+        ] {
+            let err = Preprocess::from_json(&bad, 224).unwrap_err().to_string();
+            assert!(err.starts_with(message), "{bad}: {err}");
+        }
+        let p =
+            Preprocess::from_json(&serde_json::json!({"size": 30, "crop_size": 28, "resample": null}), 224).unwrap();
+        assert_eq!((p.resize, p.crop, p.filter), (Resize::ShortestEdge(30), Some((28, 28)), Filter::Bicubic));
     }
 }
