@@ -665,6 +665,42 @@ fn task_inputs_are_refused_before_the_device_opens() {
 }
 
 #[test]
+fn a_resume_on_data_that_changed_its_image_count_is_refused() {
+    // The checkpoint's streams index the data as it was: a file replaced at the same path by one with fewer
+    // images would have drawn past its end several steps on (more: silently other images), for adapt and
+    // AdaMerging alike.
+    let t = Scratch::new();
+    let data = t.path("left.safetensors");
+    std::fs::copy(fixture("adapt/left.safetensors"), &data).unwrap();
+    let task = format!("left={}", s(&data));
+    let heads = fixture("adapt/heads.safetensors");
+    let (model, pretrained) = (fixture("wemoe/fusionbench_d2"), fixture("wemoe/pretrained"));
+    let red = format!("red={}", s(&fixture("wemoe/red")));
+    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
+    let adapt = ["adapt", "--model", s(&model), "--heads", s(&heads), "--task", &task, "--out", s(&adapted)];
+    let adamerging = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red, "--heads"];
+    let adamerging = [&adamerging[..], &[s(&heads), "--task", &task, "--out", s(&merged)]].concat();
+    let first = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"];
+    for command in [&adapt[..], &adamerging] {
+        let (ok, _, err) = engine(&[command, &first].concat());
+        assert!(ok, "{err}");
+    }
+    let file = SafetensorsFile::open(&data).unwrap();
+    let pixels = file.f32("pixel_values").unwrap();
+    let mut shape = pixels.shape().to_vec();
+    let all = pixels.host().unwrap().to_vec();
+    let per_image = all.len() / shape[0];
+    shape[0] -= 1;
+    let values = all[..shape[0] * per_image].to_vec();
+    drop(file);
+    write_safetensors(&data, &[NamedTensor { name: "pixel_values".into(), shape, values }]).unwrap();
+    let resume = ["--steps", "4", "--batch-size", "2", "--resume"];
+    for command in [&adapt[..], &adamerging] {
+        fails(&[command, &resume].concat(), "was made when task 'left' had 4 images; its data now has 3");
+    }
+}
+
+#[test]
 fn a_checkpoint_that_cannot_be_resumed_is_refused_before_the_device_opens() {
     // adapt's and AdaMerging's checkpoints are read for their arguments and step before the device opens: a run
     // without --resume, with other arguments, or with fewer steps than done is refused in one line.

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{Adam, RouterParams, TaskSampler};
+use super::{check_restored, Adam, RouterParams, TaskSampler};
 use crate::autograd::{entropy_loss_and_router_gradients, TaskBatch};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
 use crate::data::Dataset;
@@ -236,7 +236,18 @@ fn load_checkpoint(path: &Path, params: &mut RouterParams, adam: &mut Adam) -> R
     let file = SafetensorsFile::open(path)?;
     let state = CheckpointState::of(&file, path)?;
     for (name, values) in params.values.iter_mut() {
-        let read = |key: String| -> Result<Vec<f32>> { Ok(file.f32(&key)?.host()?.to_vec()) };
+        // Each of the three as long as the model's router tensor: another model's checkpoint does not fit.
+        let len = values.len();
+        let read = |key: String| -> Result<Vec<f32>> {
+            let read = file.f32(&key)?.host()?.to_vec();
+            ensure!(
+                read.len() == len,
+                "{}: '{key}' holds {} values, the model's router {len}",
+                path.display(),
+                read.len()
+            );
+            Ok(read)
+        };
         *values = read(format!("router.{name}"))?;
         adam.moments.insert(name.clone(), (read(format!("adam.m.{name}"))?, read(format!("adam.v.{name}"))?));
     }
@@ -373,6 +384,9 @@ pub fn adapt(
     // `check_checkpoint` passed: a checkpoint here is this run's to continue.
     let (mut step, mut samplers) = if checkpoint.exists() {
         let state = load_checkpoint(&checkpoint, &mut params, &mut adam)?;
+        let lens: Vec<(&str, usize)> =
+            tasks.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(Dataset::len)).collect();
+        check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         params.apply(be, &mut model)?;
         (state.step, state.samplers)
     } else {

@@ -1,6 +1,9 @@
 //! Each task's infinite stream of shuffled batches, reshuffled every epoch, with a state that a checkpoint
 //! saves and restores exactly.
 
+use std::path::Path;
+
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
@@ -61,6 +64,37 @@ impl TaskSampler {
     }
 }
 
+/// Checks the streams a checkpoint restored against this run's tasks (names and image counts) and batch size:
+/// one stream per task, each over that many images, its order a permutation of them. Data replaced at the same
+/// path (another count of images), or a damaged checkpoint, is refused here rather than drawing wrong images.
+pub(crate) fn check_restored(
+    checkpoint: &Path,
+    samplers: &[TaskSampler],
+    tasks: &[(&str, usize)],
+    batch: usize,
+) -> Result<()> {
+    let at = checkpoint.display();
+    if samplers.len() != tasks.len() {
+        bail!("--resume: {at} holds {} task streams, this run has {} tasks", samplers.len(), tasks.len());
+    }
+    for (s, &(name, len)) in samplers.iter().zip(tasks) {
+        if s.len != len {
+            bail!(
+                "--resume: {at} was made when task '{name}' had {} images; its data now has {len}: resume with the \
+                 same data, or choose another --out",
+                s.len
+            );
+        }
+        let mut seen = vec![false; len];
+        let permutation =
+            s.order.len() == len && s.order.iter().all(|&i| i < len && !std::mem::replace(&mut seen[i], true));
+        if s.batch != batch || s.pos > len || !permutation {
+            bail!("--resume: {at}: the stream of task '{name}' is damaged; choose another --out");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +112,21 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(TaskSampler::new(10, 4, 7).order, TaskSampler::new(10, 4, 8).order);
+    }
+
+    #[test]
+    fn restored_streams_must_fit_the_tasks() {
+        let at = Path::new("ckpt");
+        let streams = TaskSampler::for_tasks([10, 3], 4, 0);
+        assert!(check_restored(at, &streams, &[("a", 10), ("b", 3)], 4).is_ok());
+        let refused = |streams: &[TaskSampler], tasks: &[(&str, usize)]| {
+            check_restored(at, streams, tasks, 4).unwrap_err().to_string()
+        };
+        assert!(refused(&streams[..1], &[("a", 10), ("b", 3)]).contains("holds 1 task streams, this run has 2 tasks"));
+        assert!(refused(&streams, &[("a", 10), ("b", 5)]).contains("task 'b' had 3 images; its data now has 5"));
+        let mut repeated = streams.clone();
+        repeated[0].order[1] = repeated[0].order[0];
+        assert!(refused(&repeated, &[("a", 10), ("b", 3)]).contains("the stream of task 'a' is damaged"));
         assert_eq!(TaskSampler::new(3, 16, 1).next_batch(), vec![0, 1, 2], "a batch larger than the task");
     }
 }

@@ -19,7 +19,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
-use crate::adapt::{finite, not_past_the_end, recorded_path, same_arguments, Adam, CheckpointState, TaskSampler};
+use crate::adapt::{
+    check_restored, finite, not_past_the_end, recorded_path, same_arguments, Adam, CheckpointState, TaskSampler,
+};
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
 use crate::config::{json_f32, VisionConfig};
@@ -525,6 +527,8 @@ pub fn adamerging(
     } else {
         let state = load_checkpoint(&checkpoint, &print, &mut coefficients, &mut adam, experts.len())?;
         not_past_the_end(&checkpoint, state.step, opts.steps)?;
+        let lens: Vec<(&str, usize)> = tasks.iter().map(String::as_str).zip(data.iter().map(Dataset::len)).collect();
+        check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         (state.step, state.samplers)
     };
     if fresh && !made_ahead {
