@@ -389,6 +389,27 @@ fn parquet_under(dir: &Path, depth: usize, files: &mut Vec<PathBuf>) {
     }
 }
 
+/// True when `path` is a link to nothing.
+pub(crate) fn is_dangling(path: &Path) -> bool {
+    path.is_symlink() && !path.exists()
+}
+
+/// Fails when `path` is a link to nothing: in the Hugging Face cache, a file whose download did not finish (the
+/// snapshot links to a blob that is not there). `exists()` alone would say the file is missing, and a listing
+/// that keeps files only would leave it out silently.
+pub(crate) fn check_not_dangling(path: &Path) -> Result<()> {
+    if is_dangling(path) {
+        let target = std::fs::read_link(path).unwrap_or_default();
+        bail!(
+            "{}: a link to {}, which does not exist (in the Hugging Face cache: a download that did not finish; \
+             fetch it again)",
+            path.display(),
+            target.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -664,6 +664,47 @@ fn task_inputs_are_refused_before_the_device_opens() {
     assert!(!t.path("adapted").exists() && !t.path("merged").exists());
 }
 
+#[cfg(unix)]
+#[test]
+fn a_link_to_nothing_is_named_not_left_out() {
+    // As a Hugging Face cache holds a download that did not finish: a snapshot's link to a blob that is not there.
+    // A parquet split used to lose that shard silently, and an ImageFolder that image.
+    use std::os::unix::fs::symlink;
+    let t = Scratch::new();
+    let nowhere = t.path("blobs").join("missing");
+    let split = t.path("split");
+    std::fs::create_dir(&split).unwrap();
+    let shards = fixture("parquet/two_shards");
+    std::fs::copy(shards.join("test-00000-of-00002.parquet"), split.join("test-00000-of-00002.parquet")).unwrap();
+    symlink(&nowhere, split.join("test-00001-of-00002.parquet")).unwrap();
+    let folder = t.path("photos");
+    for class in ["class_0", "class_1"] {
+        std::fs::create_dir_all(folder.join(class)).unwrap();
+        for f in std::fs::read_dir(fixture("photos").join(class)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, folder.join(class).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    symlink(&nowhere, folder.join("class_1").join("zz.jpg")).unwrap();
+    let model = t.model("clip_a");
+    let out = t.out();
+    let embed = |model: &Path, images: &Path| {
+        ["embed", "--model", s(model), "--images", s(images), "--out", s(&out)].map(str::to_string).to_vec()
+    };
+    let link = |at: &Path| format!("{}: a link to {}, which does not exist", s(at), s(&nowhere));
+    let refused = |args: Vec<String>, culprit: String| {
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &culprit);
+    };
+    refused(embed(&fixture("clip_a"), &split), link(&split.join("test-00001-of-00002.parquet")));
+    refused(embed(&fixture("clip_a"), &folder), link(&folder.join("class_1").join("zz.jpg")));
+    // clip_a is sharded: one shard's link to nothing.
+    let shard = model.join("model-00003-of-00005.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    symlink(&nowhere, &shard).unwrap();
+    refused(embed(&model, &fixture("pixels_a.safetensors")), link(&shard));
+    t.assert_no_output();
+}
+
 #[test]
 fn a_resume_on_data_that_changed_its_image_count_is_refused() {
     // The checkpoint's streams index the data as it was: a file replaced at the same path by one with fewer

@@ -61,6 +61,7 @@ impl ModelDir {
         }
         let config_path = path.join("config.json");
         if !config_path.exists() {
+            crate::hub_cache::check_not_dangling(&config_path)?;
             bail!("{}: missing config.json", path.display());
         }
         let text =

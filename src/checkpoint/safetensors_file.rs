@@ -27,6 +27,7 @@ impl SafetensorsFile {
     /// Maps and validates `path`: header length, JSON, every tensor's offsets, and that the data fills
     /// the file exactly (so truncated files are refused here).
     pub fn open(path: &Path) -> Result<Self> {
+        crate::hub_cache::check_not_dangling(path)?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the map is read-only; a checkpoint modified by another process while it is mapped is
         // outside what the engine can defend against, as with every mmap-based loader.
@@ -48,6 +49,7 @@ impl SafetensorsFile {
     /// without running its pickle: only the opcodes and globals a state dict of tensors uses are accepted.
     /// Its tensors are then read in place like a safetensors file's.
     pub fn open_pytorch(path: &Path) -> Result<Self> {
+        crate::hub_cache::check_not_dangling(path)?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: as in `open`.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;

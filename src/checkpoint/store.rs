@@ -45,6 +45,10 @@ impl TensorStore {
         } else if dir.join("pytorch_model.bin").exists() {
             vec![dir.join("pytorch_model.bin")]
         } else {
+            let names = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json"];
+            for name in names.iter().chain(&["pytorch_model.bin"]) {
+                crate::hub_cache::check_not_dangling(&dir.join(name))?;
+            }
             bail!("{}: no model.safetensors, pytorch_model.bin or their index.json", dir.display());
         };
         Self::open_files(dir, &paths)

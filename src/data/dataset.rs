@@ -45,6 +45,7 @@ impl Dataset {
             let len = rows.images.count();
             (Source::Parquet(rows.images), len, rows.labels, rows.classes)
         } else if !path.exists() {
+            crate::hub_cache::check_not_dangling(path)?;
             bail!("{}: no such file or directory", path.display());
         } else if path.is_dir() {
             match scan_image_dir(path)? {

@@ -62,7 +62,14 @@ fn images_under(dir: &Path, others: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
     }
     folders.sort_by(|(a, _), (b, _)| a.as_os_str().as_encoded_bytes().cmp(b.as_os_str().as_encoded_bytes()));
     let mut images = Vec::new();
-    for file in folders.into_iter().flat_map(|(_, entries)| entries).filter(|p| p.is_file()) {
+    for file in folders.into_iter().flat_map(|(_, entries)| entries).filter(|p| !p.is_dir()) {
+        if is_image(&file) || is_other_image(&file) {
+            // torchvision lists a link to nothing as an image, then fails to open it: refused, not left out.
+            crate::hub_cache::check_not_dangling(&file)?;
+        }
+        if !file.is_file() {
+            continue;
+        }
         if is_image(&file) {
             images.push(file);
         } else if is_other_image(&file) {
@@ -99,6 +106,9 @@ pub enum ImageDir {
 /// neither set may be dropped silently.
 pub fn scan_image_dir(root: &Path) -> Result<ImageDir> {
     let entries = sorted_entries(root)?;
+    for image in entries.iter().filter(|p| is_image(p) || is_other_image(p)) {
+        crate::hub_cache::check_not_dangling(image)?;
+    }
     let loose: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_image(p)).cloned().collect();
     let others: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_other_image(p)).cloned().collect();
     refuse_other_images(root, &others)?;

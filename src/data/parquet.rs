@@ -100,8 +100,7 @@ impl ParquetRows {
     fn open_at(&self, s: usize, group: usize, start: usize) -> Result<Cursor> {
         let shard = &self.shards[s];
         let options = ReadOptionsBuilder::new().with_predicate(Box::new(move |_, g| g >= group)).build();
-        let file =
-            std::fs::File::open(&shard.path).with_context(|| format!("{}: cannot open", shard.path.display()))?;
+        let file = open_shard(&shard.path)?;
         let reader = SerializedFileReader::new_with_options(file, options)
             .with_context(|| format!("{}: not a parquet file", shard.path.display()))?;
         let projection = projection(&reader, &[&shard.image])?;
@@ -151,7 +150,16 @@ pub(crate) fn split_of(path: &Path) -> Option<String> {
 /// The parquet files of a folder.
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_parquet_file(p)).collect()
+    // A link to nothing stays, for `open_shard` to name: left out, a split would silently lose a shard.
+    let file = |p: &PathBuf| p.is_file() || crate::hub_cache::is_dangling(p);
+    entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| file(p) && is_parquet_file(p)).collect()
+}
+
+/// Opens a shard, naming a link to a blob that is not there (a download into the Hugging Face cache that did
+/// not finish) as such.
+fn open_shard(path: &Path) -> Result<std::fs::File> {
+    crate::hub_cache::check_not_dangling(path)?;
+    std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))
 }
 
 /// The shards of the parquet dataset `path` names, in name order: a `.parquet` file; a folder holding
@@ -225,7 +233,7 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> Columns {
 /// `path`), as a dataset opened from them has them, without reading a row; `None` when it names none.
 pub fn parquet_class_names(path: &Path, shards: &[PathBuf]) -> Result<Option<Vec<String>>> {
     let first = shards.first().with_context(|| format!("{}: no parquet shards", path.display()))?;
-    let file = std::fs::File::open(first).with_context(|| format!("{}: cannot open", first.display()))?;
+    let file = open_shard(first)?;
     let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", first.display()))?;
     Ok(columns(&reader).classes)
 }
@@ -249,7 +257,7 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
     let mut labels: Option<Vec<i64>> = None;
     let mut classes = None;
     for (s, shard) in shards.iter().enumerate() {
-        let file = std::fs::File::open(shard).with_context(|| format!("{}: cannot open", shard.display()))?;
+        let file = open_shard(shard)?;
         let reader =
             SerializedFileReader::new(file).with_context(|| format!("{}: not a parquet file", shard.display()))?;
         let Columns { names, image, label, classes: shard_classes } = columns(&reader);
