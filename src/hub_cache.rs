@@ -383,7 +383,7 @@ fn parquet_under(dir: &Path, depth: usize, files: &mut Vec<PathBuf>) {
             if depth > 1 {
                 parquet_under(&path, depth - 1, files);
             }
-        } else if crate::data::is_parquet_file(&path) && path.is_file() {
+        } else if crate::data::is_parquet_file(&path) && (path.is_file() || is_dangling(&path)) {
             files.push(path);
         }
     }

@@ -702,6 +702,14 @@ fn a_link_to_nothing_is_named_not_left_out() {
     std::fs::remove_file(&shard).unwrap();
     symlink(&nowhere, &shard).unwrap();
     refused(embed(&model, &fixture("pixels_a.safetensors")), link(&shard));
+    // The tokenizer `heads` reads: it used to say the folder had none.
+    let clip = t.model("heads_tool/clip");
+    std::fs::remove_file(clip.join("vocab.json")).unwrap();
+    symlink(&nowhere, clip.join("vocab.json")).unwrap();
+    let names = t.path("names.txt");
+    std::fs::write(&names, "cat\ndog\n").unwrap();
+    let heads = ["heads", "--clip", s(&clip), "--task", &format!("pets={}", s(&names)), "--out", s(&out)];
+    refused(heads.map(str::to_string).to_vec(), link(&clip.join("vocab.json")));
     t.assert_no_output();
 }
 

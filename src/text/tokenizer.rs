@@ -53,9 +53,11 @@ pub struct ClipTokenizer {
 impl ClipTokenizer {
     /// Which of CLIP's tokenizer files `dir` holds, the ones [`open`](Self::open) reads.
     pub fn files_in(dir: &Path) -> Option<TokenizerFiles> {
-        if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+        // A link to nothing (an unfinished download in the Hugging Face cache) counts, for `open` to name it.
+        let here = |name: &str| dir.join(name).is_file() || crate::hub_cache::is_dangling(&dir.join(name));
+        if here("vocab.json") && here("merges.txt") {
             Some(TokenizerFiles::VocabAndMerges)
-        } else if dir.join("tokenizer.json").is_file() {
+        } else if here("tokenizer.json") {
             Some(TokenizerFiles::TokenizerJson)
         } else {
             None
@@ -65,7 +67,10 @@ impl ClipTokenizer {
     /// Reads `dir/vocab.json` and `dir/merges.txt`, as CLIP checkpoints on the Hub have them, else the same
     /// from `dir/tokenizer.json` (the `tokenizers` library's one file).
     pub fn open(dir: &Path) -> Result<Self> {
-        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()));
+        let read = |p: &PathBuf| -> Result<String> {
+            crate::hub_cache::check_not_dangling(p)?;
+            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))
+        };
         let json_path = match Self::files_in(dir) {
             Some(TokenizerFiles::VocabAndMerges) => {
                 let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
