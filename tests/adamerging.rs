@@ -192,6 +192,7 @@ fn five_steps_on_the_command_line_match_fusionbenchs_loop() {
     let (ok, _, err) = run(&command(&out, &["--steps", "5"]));
     assert!(ok, "{err}");
     assert!(err.contains("adamerging trained 117 coefficients (3 experts × 39 tensors) in 5 steps"), "{err}");
+    assert!(err.contains(&format!("wrote {} (", out.display())) && err.contains(" parameters, 3 experts)"), "{err}");
     for t in ["left", "right"] {
         let note = format!("note: task '{t}' has 4 images, fewer than --batch-size 16; each step takes all of them");
         assert!(err.contains(&note), "{err}");

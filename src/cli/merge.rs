@@ -148,7 +148,7 @@ fn run_adamerging(
             out.display(),
             summary.tensors,
             summary.parameters,
-            experts.len()
+            count(experts.len(), "expert", "experts")
         );
     }
     Ok(())
