@@ -75,7 +75,8 @@ pub(crate) fn check_restored(
 ) -> Result<()> {
     let at = checkpoint.display();
     if samplers.len() != tasks.len() {
-        bail!("--resume: {at} holds {} task streams, this run has {} tasks", samplers.len(), tasks.len());
+        let streams = |n: usize| format!("{n} task stream{}", if n == 1 { "" } else { "s" });
+        bail!("--resume: {at} holds {}, this run has {}", streams(samplers.len()), streams(tasks.len()));
     }
     for (s, &(name, len)) in samplers.iter().zip(tasks) {
         if s.len != len {
@@ -112,6 +113,7 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(TaskSampler::new(10, 4, 7).order, TaskSampler::new(10, 4, 8).order);
+        assert_eq!(TaskSampler::new(3, 16, 1).next_batch(), vec![0, 1, 2], "a batch larger than the task");
     }
 
     #[test]
@@ -122,11 +124,12 @@ mod tests {
         let refused = |streams: &[TaskSampler], tasks: &[(&str, usize)]| {
             check_restored(at, streams, tasks, 4).unwrap_err().to_string()
         };
-        assert!(refused(&streams[..1], &[("a", 10), ("b", 3)]).contains("holds 1 task streams, this run has 2 tasks"));
+        assert!(
+            refused(&streams[..1], &[("a", 10), ("b", 3)]).contains("holds 1 task stream, this run has 2 task streams")
+        );
         assert!(refused(&streams, &[("a", 10), ("b", 5)]).contains("task 'b' had 3 images; its data now has 5"));
         let mut repeated = streams.clone();
         repeated[0].order[1] = repeated[0].order[0];
         assert!(refused(&repeated, &[("a", 10), ("b", 3)]).contains("the stream of task 'a' is damaged"));
-        assert_eq!(TaskSampler::new(3, 16, 1).next_batch(), vec![0, 1, 2], "a batch larger than the task");
     }
 }
