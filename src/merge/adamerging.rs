@@ -674,20 +674,30 @@ pub struct CoefficientsFile {
 /// file was before task-wise AdaMerging).
 pub fn read_coefficients(path: &Path) -> Result<CoefficientsFile> {
     let file = SafetensorsFile::open(path)?;
-    let parameters: Vec<String> = serde_json::from_str(
-        file.metadata("parameters").ok_or_else(|| anyhow!("{}: no 'parameters' in its metadata", path.display()))?,
-    )?;
-    let experts: Vec<String> = serde_json::from_str(
-        file.metadata("experts").ok_or_else(|| anyhow!("{}: no 'experts' in its metadata", path.display()))?,
-    )?;
+    let names = |key: &str| -> Result<Vec<String>> {
+        let text = file.metadata(key).ok_or_else(|| anyhow!("{}: no '{key}' in its metadata", path.display()))?;
+        serde_json::from_str(text)
+            .with_context(|| format!("{}: its metadata's '{key}' is not a JSON list of names", path.display()))
+    };
+    let (parameters, experts) = (names("parameters")?, names("experts")?);
     let granularity = match file.metadata("granularity") {
         None | Some("layer-wise") => Granularity::LayerWise,
         Some("task-wise") => Granularity::TaskWise,
         Some(other) => bail!("{}: unknown granularity '{other}'", path.display()),
     };
-    let values = file.f32("merge_weight")?.host()?.to_vec();
-    let columns = if granularity == Granularity::TaskWise { 1 } else { parameters.len() };
-    ensure!(values.len() == columns * experts.len(), "{}: merge_weight does not match its metadata", path.display());
+    let merge_weight = file.f32("merge_weight")?;
+    // FusionBench's `merge_weight`, as the merge writes it: [T, P] layer-wise, [T] task-wise.
+    let shape = match granularity {
+        Granularity::LayerWise => vec![experts.len(), parameters.len()],
+        Granularity::TaskWise => vec![experts.len()],
+    };
+    ensure!(
+        merge_weight.shape() == shape,
+        "{}: merge_weight has shape {:?}, where its metadata's experts and parameters make {shape:?}",
+        path.display(),
+        merge_weight.shape()
+    );
+    let values = merge_weight.host()?.to_vec();
     Ok(CoefficientsFile { experts, parameters, granularity, values })
 }
 
@@ -702,6 +712,30 @@ mod tests {
         assert_eq!(with_later_defaults(old), now);
         let set = json!({"lr": 0.001, "clamp_weights": true, "granularity": "task-wise"});
         assert_eq!(with_later_defaults(set.clone()), set, "what a checkpoint says stays");
+    }
+
+    #[test]
+    fn a_coefficients_file_is_read_by_its_shape_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(COEFFICIENTS_FILE);
+        let write = |shape: Vec<usize>, granularity: &str, experts: &str| {
+            let metadata = BTreeMap::from([
+                ("granularity".to_string(), granularity.to_string()),
+                ("experts".to_string(), experts.to_string()),
+                ("parameters".to_string(), r#"["p", "q", "r"]"#.to_string()),
+            ]);
+            let values = vec![0.3; shape.iter().product()];
+            let tensor = NamedTensor { name: "merge_weight".into(), shape, values };
+            crate::output::write_safetensors_with_metadata(&path, &[tensor], metadata).unwrap();
+            read_coefficients(&path).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(write(vec![2, 3], "layer-wise", r#"["a", "b"]"#).unwrap().values.len(), 6);
+        assert_eq!(write(vec![2], "task-wise", r#"["a", "b"]"#).unwrap().values.len(), 2);
+        // The same count of values in another shape (a transposed matrix, once read as it came) is refused.
+        let err = write(vec![3, 2], "layer-wise", r#"["a", "b"]"#).unwrap_err();
+        assert!(err.ends_with("merge_weight has shape [3, 2], where its metadata's experts and parameters make [2, 3]"));
+        let err = write(vec![2, 3], "layer-wise", r#"{"a": 1}"#).unwrap_err();
+        assert!(err.contains("its metadata's 'experts' is not a JSON list of names"), "{err}");
     }
 
     #[test]
