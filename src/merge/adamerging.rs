@@ -733,7 +733,8 @@ mod tests {
         assert_eq!(write(vec![2], "task-wise", r#"["a", "b"]"#).unwrap().values.len(), 2);
         // The same count of values in another shape (a transposed matrix, once read as it came) is refused.
         let err = write(vec![3, 2], "layer-wise", r#"["a", "b"]"#).unwrap_err();
-        assert!(err.ends_with("merge_weight has shape [3, 2], where its metadata's experts and parameters make [2, 3]"));
+        let want = "merge_weight has shape [3, 2], where its metadata's experts and parameters make [2, 3]";
+        assert!(err.ends_with(want), "{err}");
         let err = write(vec![2, 3], "layer-wise", r#"{"a": 1}"#).unwrap_err();
         assert!(err.contains("its metadata's 'experts' is not a JSON list of names"), "{err}");
     }
