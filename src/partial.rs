@@ -47,6 +47,13 @@ impl Partial {
         Partial { path, finished: false }
     }
 
+    /// Keeps it after all, where it is: no longer removed when dropped or on an interrupt (an output folder made
+    /// by a run, once it holds a checkpoint worth resuming).
+    pub fn keep(mut self) {
+        pending().retain(|p| p != &self.path);
+        self.finished = true;
+    }
+
     /// Where to write.
     pub fn path(&self) -> &Path {
         &self.path

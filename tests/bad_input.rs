@@ -714,6 +714,30 @@ fn a_link_to_nothing_is_named_not_left_out() {
 }
 
 #[test]
+fn a_rate_that_overflows_the_trained_values_is_named_and_leaves_no_folder() {
+    // With --lr 1e39 Adam's first step makes the values infinite: once the next step's loss was NaN, and the
+    // error called the checkpoint holding those values "the last good" one. adapt's --out, made by the run,
+    // used to stay behind empty; one made ahead stays, as it was.
+    let t = Scratch::new();
+    let heads = fixture("adapt/heads.safetensors");
+    let task = format!("left={}", s(&fixture("adapt/left.safetensors")));
+    let (model, pretrained) = (fixture("wemoe/fusionbench_d2"), fixture("wemoe/pretrained"));
+    let red = format!("red={}", s(&fixture("wemoe/red")));
+    let overflow = ["--lr", "1e39", "--steps", "3", "--checkpoint-every", "1"];
+    let why = "the trained values turned non-finite in step 1's update (is --lr too large?); no checkpoint was written";
+    let (adapted, ahead, merged) = (t.path("adapted"), t.path("ahead"), t.path("merged"));
+    std::fs::create_dir(&ahead).unwrap();
+    for out in [&adapted, &ahead] {
+        let adapt = ["adapt", "--model", s(&model), "--heads", s(&heads), "--task", &task, "--out", s(out)];
+        fails(&[&adapt[..], &overflow].concat(), why);
+    }
+    let adamerging = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red, "--heads"];
+    fails(&[&adamerging[..], &[s(&heads), "--task", &task, "--out", s(&merged)], &overflow].concat(), why);
+    assert!(!adapted.exists() && !merged.exists());
+    assert!(std::fs::read_dir(&ahead).unwrap().next().is_none(), "the folder made ahead stays, empty");
+}
+
+#[test]
 fn a_resume_on_data_that_changed_its_image_count_is_refused() {
     // The checkpoint's streams index the data as it was: a file replaced at the same path by one with fewer
     // images would have drawn past its end several steps on (more: silently other images), for adapt and

@@ -92,12 +92,25 @@ pub(crate) fn finite(loss: f64, grads: &BTreeMap<String, Vec<f32>>, step: u64, c
     if loss.is_finite() && grads.values().flatten().all(|g| g.is_finite()) {
         return Ok(());
     }
-    let kept = if checkpoint.exists() {
+    bail!("the loss turned non-finite at step {step} ({loss}); {}", kept(checkpoint))
+}
+
+/// An error unless the trained values are finite after step `step`'s update (a rate so large that Adam's step
+/// overflows), before a checkpoint could keep them.
+pub(crate) fn finite_after_update(values: &BTreeMap<String, Vec<f32>>, step: u64, checkpoint: &Path) -> Result<()> {
+    if values.values().flatten().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    bail!("the trained values turned non-finite in step {step}'s update (is --lr too large?); {}", kept(checkpoint))
+}
+
+/// Whether a run stopped by a non-finite value keeps a checkpoint, as its error says.
+fn kept(checkpoint: &Path) -> String {
+    if checkpoint.exists() {
         format!("the last good checkpoint is kept in {}", checkpoint.display())
     } else {
         "no checkpoint was written yet".into()
-    };
-    bail!("the loss turned non-finite at step {step} ({loss}); {kept}")
+    }
 }
 
 /// A path argument as a checkpoint records it: canonical where it resolves, so that `w`, `./w/` and `/data/w`
@@ -375,6 +388,9 @@ pub fn adapt(
     }
     check_out(out, &dir.path)?;
     check_checkpoint(out, resume, &dir.path, heads.path(), tasks, opts)?;
+    // A folder this run makes goes again if it fails or is interrupted before its first checkpoint; one made
+    // ahead stays, as it was.
+    let mut made = if out.exists() { None } else { Some(Partial::scratch(out.to_path_buf())) };
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut model = ImageEncoder::load(be, dir)?;
     let mut params = RouterParams::load(&model, &dir.store)?;
@@ -430,12 +446,16 @@ pub fn adapt(
                 grads.into_iter().map(|(n, g)| Ok((n, be.to_host(&g)?))).collect::<Result<_>>()?;
             finite(loss, &grads, step + 1, &checkpoint)?;
             adam.update(&mut params.values, &grads, lr)?;
+            finite_after_update(&params.values, step + 1, &checkpoint)?;
             params.apply(be, &mut model)?;
             step += 1;
             progress(StepReport { step, steps: opts.steps, loss, routers: &params });
             if step % opts.checkpoint_every == 0 || step == opts.steps {
                 let state = CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: drawn };
                 save_checkpoint(out, &state, &params, &adam)?;
+                if let Some(made) = made.take() {
+                    made.keep();
+                }
             }
         }
         Ok(())

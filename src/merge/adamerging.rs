@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
 use crate::adapt::{
-    check_restored, finite, not_past_the_end, recorded_path, same_arguments, Adam, CheckpointState, TaskSampler,
+    check_restored, finite, finite_after_update, not_past_the_end, recorded_path, same_arguments, Adam,
+    CheckpointState, TaskSampler,
 };
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
@@ -550,6 +551,7 @@ pub fn adamerging(
             let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, heads, &batches)?;
             finite(loss, &grads, step + 1, &checkpoint)?;
             adam.update(&mut coefficients.values, &grads, opts.lr)?;
+            finite_after_update(&coefficients.values, step + 1, &checkpoint)?;
             model.vision = run.vision(be, &coefficients)?;
             step += 1;
             progress(AdaMergingStep { step, steps: opts.steps, loss });
