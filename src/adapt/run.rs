@@ -362,7 +362,8 @@ pub fn check_checkpoint(
 }
 
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
-/// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint.
+/// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint. An `out`
+/// this call makes is removed again if it fails before its first checkpoint.
 /// Each step draws shuffled images: a parquet dataset should be held in memory first
 /// ([`Dataset::hold_in_memory`]), as the command line does, or each image reopens its file.
 #[allow(clippy::too_many_arguments)]
