@@ -1,8 +1,8 @@
 //! Partial outputs: what a command writes beside the path asked for (a file, or a model folder) and renames
-//! into place once complete, the demo's scratch folder, and `adapt`'s output folder until its first checkpoint
-//! ([`Partial::keep`] then). Each is registered while it exists, so that both a
-//! failed command (the guard's drop) and an interrupted one (SIGINT, SIGTERM or SIGHUP, once the command line
-//! has called [`remove_on_interrupt`]) leave nothing behind. Only SIGKILL or a power cut can leave one, under
+//! into place once complete, the demo's scratch folder, and the output folder `adapt` or AdaMerging makes until
+//! its first checkpoint ([`Partial::keep`] then). Each is registered while it exists, so that both a failed
+//! command (the guard's drop) and an interrupted one (SIGINT, SIGTERM or SIGHUP, once the command line has
+//! called [`remove_on_interrupt`]) leave nothing behind. Only SIGKILL or a power cut can leave one, under
 //! its hidden name `.NAME.tmp-PID`.
 
 use std::path::{Path, PathBuf};

@@ -713,28 +713,69 @@ fn a_link_to_nothing_is_named_not_left_out() {
     t.assert_no_output();
 }
 
+/// The arguments of `adapt` (the FusionBench-made WEMoE fixture) and of AdaMerging (its pretrained model and
+/// expert `red`) on one task, `left=DATA`, each writing to its `--out`.
+fn training_commands(data: &Path, adapted: &Path, merged: &Path) -> [Vec<String>; 2] {
+    let heads = s(&fixture("adapt/heads.safetensors")).to_string();
+    let task = format!("left={}", s(data));
+    let model = s(&fixture("wemoe/fusionbench_d2")).to_string();
+    let (pretrained, red) = (s(&fixture("wemoe/pretrained")).to_string(), format!("red={}", s(&fixture("wemoe/red"))));
+    let adapt = ["adapt", "--model", &model, "--heads", &heads, "--task", &task, "--out", s(adapted)];
+    let adamerging = ["merge", "--method", "adamerging", "--pretrained", &pretrained, "--expert", &red, "--heads"];
+    let adamerging = [&adamerging[..], &[&heads, "--task", &task, "--out", s(merged)]].concat();
+    [adapt.map(str::to_string).to_vec(), adamerging.iter().map(|a| a.to_string()).collect()]
+}
+
+/// `command` and `more` as the `&str`s [`engine`] and [`fails`] take.
+fn with<'a>(command: &'a [String], more: &[&'a str]) -> Vec<&'a str> {
+    command.iter().map(String::as_str).chain(more.iter().copied()).collect()
+}
+
 #[test]
 fn a_rate_that_overflows_the_trained_values_is_named_and_leaves_no_folder() {
     // With --lr 1e39 Adam's first step makes the values infinite: once the next step's loss was NaN, and the
     // error called the checkpoint holding those values "the last good" one. adapt's --out, made by the run,
     // used to stay behind empty; one made ahead stays, as it was.
     let t = Scratch::new();
-    let heads = fixture("adapt/heads.safetensors");
-    let task = format!("left={}", s(&fixture("adapt/left.safetensors")));
-    let (model, pretrained) = (fixture("wemoe/fusionbench_d2"), fixture("wemoe/pretrained"));
-    let red = format!("red={}", s(&fixture("wemoe/red")));
     let overflow = ["--lr", "1e39", "--steps", "3", "--checkpoint-every", "1"];
     let why = "the trained values turned non-finite in step 1's update (is --lr too large?); no checkpoint was written";
     let (adapted, ahead, merged) = (t.path("adapted"), t.path("ahead"), t.path("merged"));
     std::fs::create_dir(&ahead).unwrap();
+    let data = fixture("adapt/left.safetensors");
     for out in [&adapted, &ahead] {
-        let adapt = ["adapt", "--model", s(&model), "--heads", s(&heads), "--task", &task, "--out", s(out)];
-        fails(&[&adapt[..], &overflow].concat(), why);
+        fails(&with(&training_commands(&data, out, &merged)[0], &overflow), why);
     }
-    let adamerging = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red, "--heads"];
-    fails(&[&adamerging[..], &[s(&heads), "--task", &task, "--out", s(&merged)], &overflow].concat(), why);
+    fails(&with(&training_commands(&data, &adapted, &merged)[1], &overflow), why);
     assert!(!adapted.exists() && !merged.exists());
     assert!(std::fs::read_dir(&ahead).unwrap().next().is_none(), "the folder made ahead stays, empty");
+}
+
+#[cfg(unix)]
+#[test]
+fn an_interrupt_before_the_first_checkpoint_leaves_no_output_folder() {
+    // The --out that adapt or AdaMerging makes holds nothing worth keeping until its first checkpoint: Ctrl-C
+    // before then removes it and says so (it used to stay behind, empty).
+    let t = Scratch::new();
+    let long = ["--steps", "10000000", "--checkpoint-every", "10000000", "--quiet"];
+    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
+    let commands = training_commands(&fixture("adapt/left.safetensors"), &adapted, &merged);
+    for (command, out) in commands.iter().zip([&adapted, &merged]) {
+        let mut child =
+            engine_command().args(with(command, &long)).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while !out.exists() {
+            assert!(start.elapsed().as_secs() < 60, "{} did not appear", out.display());
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it was interrupted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let output = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "{err}");
+        assert!(err.contains(&format!("interrupted by SIGINT; removed the partial output {}", s(out))), "{err}");
+        assert!(!out.exists(), "{} stayed", out.display());
+    }
 }
 
 #[test]
@@ -745,17 +786,10 @@ fn a_resume_on_data_that_changed_its_image_count_is_refused() {
     let t = Scratch::new();
     let data = t.path("left.safetensors");
     std::fs::copy(fixture("adapt/left.safetensors"), &data).unwrap();
-    let task = format!("left={}", s(&data));
-    let heads = fixture("adapt/heads.safetensors");
-    let (model, pretrained) = (fixture("wemoe/fusionbench_d2"), fixture("wemoe/pretrained"));
-    let red = format!("red={}", s(&fixture("wemoe/red")));
-    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
-    let adapt = ["adapt", "--model", s(&model), "--heads", s(&heads), "--task", &task, "--out", s(&adapted)];
-    let adamerging = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red, "--heads"];
-    let adamerging = [&adamerging[..], &[s(&heads), "--task", &task, "--out", s(&merged)]].concat();
+    let commands = training_commands(&data, &t.path("adapted"), &t.path("merged"));
     let first = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"];
-    for command in [&adapt[..], &adamerging] {
-        let (ok, _, err) = engine(&[command, &first].concat());
+    for command in &commands {
+        let (ok, _, err) = engine(&with(command, &first));
         assert!(ok, "{err}");
     }
     let file = SafetensorsFile::open(&data).unwrap();
@@ -768,8 +802,8 @@ fn a_resume_on_data_that_changed_its_image_count_is_refused() {
     drop(file);
     write_safetensors(&data, &[NamedTensor { name: "pixel_values".into(), shape, values }]).unwrap();
     let resume = ["--steps", "4", "--batch-size", "2", "--resume"];
-    for command in [&adapt[..], &adamerging] {
-        fails(&[command, &resume].concat(), "was made when task 'left' had 4 images; its data now has 3");
+    for command in &commands {
+        fails(&with(command, &resume), "was made when task 'left' had 4 images; its data now has 3");
     }
 }
 

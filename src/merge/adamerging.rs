@@ -532,9 +532,12 @@ pub fn adamerging(
         check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         (state.step, state.samplers)
     };
+    // A folder this run makes goes again if it is interrupted (or fails: below) before its first checkpoint.
+    let mut made = None;
     if fresh && !made_ahead {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+        made = Some(Partial::scratch(out.to_path_buf()));
         std::fs::create_dir(out).with_context(|| format!("{}: cannot create", out.display()))?;
     }
     let result = (|| -> Result<AdaMergingSummary> {
@@ -563,6 +566,9 @@ pub fn adamerging(
                     samplers: samplers.clone(),
                 };
                 save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
+                if let Some(made) = made.take() {
+                    made.keep();
+                }
             }
         }
         drop(model);
