@@ -760,17 +760,7 @@ fn an_interrupt_before_the_first_checkpoint_leaves_no_output_folder() {
     let (adapted, merged) = (t.path("adapted"), t.path("merged"));
     let commands = training_commands(&fixture("adapt/left.safetensors"), &adapted, &merged);
     for (command, out) in commands.iter().zip([&adapted, &merged]) {
-        let mut child =
-            engine_command().args(with(command, &long)).stderr(std::process::Stdio::piped()).spawn().unwrap();
-        let start = std::time::Instant::now();
-        while !out.exists() {
-            assert!(start.elapsed().as_secs() < 60, "{} did not appear", out.display());
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before it was interrupted");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-        assert!(kill.success());
-        let output = child.wait_with_output().unwrap();
+        let output = signal_when(&with(command, &long), || out.exists(), "INT", &format!("{}", out.display()));
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(130), "{err}");
         assert!(err.contains(&format!("interrupted by SIGINT; removed the partial output {}", s(out))), "{err}");

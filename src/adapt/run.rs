@@ -146,7 +146,7 @@ fn with_paths_resolved(mut fingerprint: Value) -> Value {
 
 /// An error naming the first argument that differs, unless a checkpoint's arguments `saved` are `now`'s (paths
 /// compared where they lead, not as spelled).
-pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> Result<()> {
+fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> Result<()> {
     let (saved, now) = (&with_paths_resolved(saved.clone()), &with_paths_resolved(now.clone()));
     if saved == now {
         return Ok(());
@@ -165,7 +165,7 @@ pub(crate) fn same_arguments(checkpoint: &Path, saved: &Value, now: &Value) -> R
 
 /// An error when a checkpoint is past the run's last step: its state is not the one after `steps` steps, and
 /// the model written from it would say otherwise.
-pub(crate) fn not_past_the_end(checkpoint: &Path, step: u64, steps: u64) -> Result<()> {
+fn not_past_the_end(checkpoint: &Path, step: u64, steps: u64) -> Result<()> {
     ensure!(
         step <= steps,
         "--resume: {} is at step {step}, past --steps {steps}; resume with --steps {step} or more, or choose another \
@@ -356,9 +356,21 @@ pub fn check_checkpoint(
         return Ok(());
     }
     ensure!(resume, "{}: holds a checkpoint; pass --resume to continue it, or choose another --out", out.display());
-    let state = CheckpointState::of(&SafetensorsFile::open(&checkpoint)?, &checkpoint)?;
-    same_arguments(&checkpoint, &state.fingerprint, &fingerprint(model, heads, tasks, opts))?;
-    not_past_the_end(&checkpoint, state.step, opts.steps)
+    check_resumable(&checkpoint, &fingerprint(model, heads, tasks, opts), opts.steps, |saved| saved)
+}
+
+/// Refuses to continue `checkpoint` (adapt's or AdaMerging's) with other arguments than it was made with
+/// (`print` is this run's fingerprint; `saved` brings the checkpoint's to its current form), or with fewer
+/// `steps` than it has done. It reads the file's metadata only.
+pub(crate) fn check_resumable(
+    checkpoint: &Path,
+    print: &Value,
+    steps: u64,
+    saved: impl FnOnce(Value) -> Value,
+) -> Result<()> {
+    let state = CheckpointState::of(&SafetensorsFile::open(checkpoint)?, checkpoint)?;
+    same_arguments(checkpoint, &saved(state.fingerprint), print)?;
+    not_past_the_end(checkpoint, state.step, steps)
 }
 
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing

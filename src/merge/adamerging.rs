@@ -20,8 +20,7 @@ use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
 use crate::adapt::{
-    check_restored, finite, finite_after_update, not_past_the_end, recorded_path, same_arguments, Adam,
-    CheckpointState, TaskSampler,
+    check_restored, check_resumable, finite, finite_after_update, recorded_path, Adam, CheckpointState, TaskSampler,
 };
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
@@ -138,11 +137,8 @@ pub fn check_adamerging_checkpoint(
     if !checkpoint.exists() {
         return Ok(());
     }
-    let state = CheckpointState::of(&SafetensorsFile::open(&checkpoint)?, &checkpoint)?;
     let tasks = tasks.iter().map(|(n, p)| (n.as_str(), p.as_path()));
-    let print = fingerprint(pretrained, experts, heads, tasks, opts);
-    same_arguments(&checkpoint, &with_later_defaults(state.fingerprint), &print)?;
-    not_past_the_end(&checkpoint, state.step, opts.steps)
+    check_resumable(&checkpoint, &fingerprint(pretrained, experts, heads, tasks, opts), opts.steps, with_later_defaults)
 }
 
 /// The file beside the merged model that holds the trained coefficients.
@@ -459,17 +455,10 @@ fn save_checkpoint(path: &Path, state: &CheckpointState, c: &Coefficients, adam:
     write_safetensors_with_metadata(path, &tensors, meta)
 }
 
-/// Reads a checkpoint into `c` and `adam`, once its arguments are found to be `print`'s.
-fn load_checkpoint(
-    path: &Path,
-    print: &Value,
-    c: &mut Coefficients,
-    adam: &mut Adam,
-    experts: usize,
-) -> Result<CheckpointState> {
+/// Reads a checkpoint into `c` and `adam` (its arguments and step checked by [`check_resumable`] first).
+fn load_checkpoint(path: &Path, c: &mut Coefficients, adam: &mut Adam, experts: usize) -> Result<CheckpointState> {
     let file = SafetensorsFile::open(path)?;
     let state = CheckpointState::of(&file, path)?;
-    same_arguments(path, &with_later_defaults(state.fingerprint.clone()), print)?;
     let read = |key: &str| -> Result<Vec<f32>> {
         let values = file.f32(key)?.host()?.to_vec();
         ensure!(values.len() == experts * c.names.len(), "{}: '{key}' does not fit the models", path.display());
@@ -526,8 +515,8 @@ pub fn adamerging(
     let (mut step, mut samplers) = if fresh {
         (0, TaskSampler::for_tasks(data.iter().map(Dataset::len), opts.batch_size, opts.seed))
     } else {
-        let state = load_checkpoint(&checkpoint, &print, &mut coefficients, &mut adam, experts.len())?;
-        not_past_the_end(&checkpoint, state.step, opts.steps)?;
+        check_resumable(&checkpoint, &print, opts.steps, with_later_defaults)?;
+        let state = load_checkpoint(&checkpoint, &mut coefficients, &mut adam, experts.len())?;
         let lens: Vec<(&str, usize)> = tasks.iter().map(String::as_str).zip(data.iter().map(Dataset::len)).collect();
         check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         (state.step, state.samplers)

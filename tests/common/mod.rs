@@ -116,16 +116,30 @@ pub fn signal_after_checkpoint(
     step: u64,
     signal: &str,
 ) -> (u64, std::process::Output) {
-    let child = engine_command().args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let ready = || checkpoint_step().is_some_and(|s| s >= step);
+    let output = signal_when(args, ready, signal, "a checkpoint");
+    (checkpoint_step().unwrap(), output)
+}
+
+/// Runs the engine with `args`, sends it `signal` (as `kill -SIGNAL` names it) once `ready()` holds (`awaited`
+/// says what for, should it not within a minute, or should the process end first), and waits for it: its exit
+/// and stderr.
+pub fn signal_when<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    ready: impl Fn() -> bool,
+    signal: &str,
+    awaited: &str,
+) -> std::process::Output {
+    let mut child = engine_command().args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let start = std::time::Instant::now();
-    while checkpoint_step().is_none_or(|s| s < step) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no checkpoint appeared");
+    while !ready() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "waited a minute for {awaited}");
+        assert!(child.try_wait().unwrap().is_none(), "the process ended before {awaited}");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let sent = std::process::Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
     assert!(sent.unwrap().success(), "kill -{signal} failed");
-    let output = child.wait_with_output().unwrap();
-    (checkpoint_step().unwrap(), output)
+    child.wait_with_output().unwrap()
 }
 
 /// The files of the fixture ImageFolder `photos`, relative to it, in the order it lists them.
