@@ -112,6 +112,28 @@ fn embed_writes_the_reference_embeddings() {
     }
 }
 
+/// Where stderr is not a terminal (a log), the progress bar's line comes every `WEMOE_PROGRESS_SECONDS` (a
+/// minute by default), never before: a short run's log holds its closing line alone.
+#[test]
+fn progress_reaches_a_log_as_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, images) = (fixture("clip_b"), fixture("pixels_b.safetensors"));
+    let out = tmp.path().join("e.safetensors");
+    let args = ["embed", "--model", s(&model), "--images", s(&images), "--out", s(&out), "--batch-size", "2"];
+    let args = [&args[..], &["--device", "cpu"]].concat();
+    let (ok, _, err) = engine_with_env(&[("WEMOE_PROGRESS_SECONDS", "0")], &args);
+    assert!(ok, "{err}");
+    let bar = |l: &&str| l.starts_with("embed [") && l.contains(" images, ");
+    assert!(err.lines().any(|l| bar(&l) && l.contains("] 2/")), "{err}");
+    assert!(err.lines().last().unwrap().starts_with("wrote "), "{err}");
+    let (ok, _, err) = engine_with_env(&[("WEMOE_PROGRESS_SECONDS", "a minute")], &args);
+    assert!(ok, "{err}");
+    assert!(!err.lines().any(|l| bar(&l)), "{err}");
+    let note =
+        "note: WEMOE_PROGRESS_SECONDS='a minute' is not a whole number of seconds; progress lines come every 60 s";
+    assert!(err.lines().any(|l| l == note), "{err}");
+}
+
 #[test]
 fn embed_keeps_the_labels_and_class_names() {
     let tmp = tempfile::tempdir().unwrap();

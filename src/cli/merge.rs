@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::data::Dataset;
 use wemoe_engine::device::DeviceChoice;
@@ -58,8 +58,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     };
     let pretrained = ModelDir::open(&args.pretrained)?;
     let experts = open_experts()?;
-    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
-    let bar = ProgressBar::with_draw_target(None, target);
+    let bar = ProgressBar::with_draw_target(None, progress::target(quiet));
     bar.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} tensors, eta {eta}")
             .expect("the template is valid")

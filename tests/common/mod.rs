@@ -61,10 +61,12 @@ pub fn engine(args: &[&str]) -> (bool, String, String) {
 }
 
 /// [`engine`] with extra environment variables (and without a `WEMOE_OP_TIMES` of the caller's shell, whose
-/// table on stderr would break the tests that read it).
+/// table on stderr would break the tests that read it, nor progress lines in its stderr, which a slow machine would
+/// otherwise get after a minute).
 pub fn engine_with_env(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let mut command = engine_command();
-    command.args(args).env_remove(wemoe_engine::device::op_times::ENV).envs(env.iter().copied());
+    command.args(args).env_remove(wemoe_engine::device::op_times::ENV).env("WEMOE_PROGRESS_SECONDS", "86400");
+    command.envs(env.iter().copied());
     let out = command.output().unwrap();
     (
         out.status.success(),
