@@ -37,6 +37,9 @@
 //! # anyhow::Ok(())
 //! ```
 
+// The library's public items are its API: each documented (CI's clippy makes this an error).
+#![warn(missing_docs)]
+
 pub mod adapt;
 pub mod autograd;
 pub mod checkpoint;

@@ -16,8 +16,15 @@ use crate::device::Device;
 pub enum HostBuffer {
     /// Elements the tensor owns.
     Owned(Vec<f32>),
-    /// Elements read in place from a memory map; `offset` is 4-byte aligned, `len` counts elements.
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    /// Elements read in place from a memory map.
+    Mapped {
+        /// The mapped file.
+        map: Arc<Mmap>,
+        /// Where the elements start, in bytes: 4-byte aligned.
+        offset: usize,
+        /// How many elements.
+        len: usize,
+    },
 }
 
 impl HostBuffer {

@@ -14,7 +14,9 @@ pub const DEFAULT_TEMPLATE: &str = "a photo of a {}";
 pub struct TaskPrompts<'a> {
     /// Named in errors.
     pub name: &'a str,
+    /// The class names, in the head's row order.
     pub classes: &'a [String],
+    /// The prompts' templates, each holding `{}`.
     pub templates: &'a [String],
 }
 
