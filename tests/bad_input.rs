@@ -750,6 +750,31 @@ fn a_rate_that_overflows_the_trained_values_is_named_and_leaves_no_folder() {
     assert!(std::fs::read_dir(&ahead).unwrap().next().is_none(), "the folder made ahead stays, empty");
 }
 
+#[test]
+fn a_model_that_cannot_be_written_at_the_end_keeps_its_checkpoint_for_resume() {
+    // A write that fails at the end of a run (a full disk) lost no training: the last checkpoint holds every
+    // step. The error says so, and --resume, once the write can succeed, writes the model without another step.
+    let t = Scratch::new();
+    let data = fixture("adapt/left.safetensors");
+    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
+    let commands = training_commands(&data, &adapted, &merged);
+    for (command, out, what) in [(&commands[0], &adapted, "adapted"), (&commands[1], &merged, "merged")] {
+        let (ok, _, err) = engine(&with(command, &["--steps", "1", "--batch-size", "4"]));
+        assert!(ok, "{err}");
+        // A folder where the weights go: their rename into place fails, as a full disk fails their write.
+        let weights = out.join("model.safetensors");
+        std::fs::remove_file(&weights).unwrap();
+        std::fs::create_dir(&weights).unwrap();
+        let resume = with(command, &["--steps", "2", "--batch-size", "4", "--resume"]);
+        let why = "model was not written; its checkpoint holds every step, and --resume writes the model from it";
+        fails(&resume, &format!("{}: the {what} {why}", s(out)));
+        std::fs::remove_dir(&weights).unwrap();
+        let (ok, _, err) = engine(&resume);
+        assert!(ok && err.contains("2 steps") && err.contains("every step from its checkpoint"), "{err}");
+        assert!(weights.is_file() && out.join("config.json").is_file());
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn an_interrupt_before_the_first_checkpoint_leaves_no_output_folder() {

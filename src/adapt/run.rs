@@ -473,5 +473,12 @@ pub fn adapt(
         }
         Ok(())
     })?;
-    write_model(dir, &params, out, adaptation_record(tasks, opts))
+    // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
+    write_model(dir, &params, out, adaptation_record(tasks, opts)).with_context(|| {
+        format!(
+            "{}: the adapted model was not written; its checkpoint holds every step, and --resume writes the model \
+             from it",
+            out.display()
+        )
+    })
 }

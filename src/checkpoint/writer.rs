@@ -34,8 +34,11 @@ impl StreamingWriter {
         text.resize(text.len().div_ceil(8) * 8, b' ');
         let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&(text.len() as u64).to_le_bytes())?;
-        out.write_all(&text)?;
+        (|| {
+            out.write_all(&(text.len() as u64).to_le_bytes())?;
+            out.write_all(&text)
+        })()
+        .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(StreamingWriter { path: path.to_path_buf(), out, plan, next: 0 })
     }
 
@@ -66,7 +69,9 @@ impl StreamingWriter {
             self.next,
             self.plan.len()
         );
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        // The buffer's last bytes reach the file here: a full disk shows now, and must name the file.
+        let file = self.out.into_inner().map_err(|e| e.into_error());
+        let file = file.with_context(|| format!("{}: cannot write", self.path.display()))?;
         file.sync_all().with_context(|| format!("{}: cannot flush", self.path.display()))
     }
 }
@@ -89,5 +94,17 @@ mod tests {
         assert_eq!(f.f32("x").unwrap().host().unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(f.f32("s").unwrap().host().unwrap(), &[7.5]);
         assert!(f.f32("x").unwrap().is_mapped(), "the data is 8-byte aligned");
+    }
+
+    /// A full disk (Linux's /dev/full answers every write so) is named with the file, not as a bare OS error.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_full_disk_names_the_file() {
+        let full = Path::new("/dev/full");
+        let mut w = StreamingWriter::create(full, vec![("x".into(), vec![2])]).unwrap();
+        // Held in the buffer until finish writes it out.
+        w.write("x", &[1.0, 2.0]).unwrap();
+        let err = format!("{:#}", w.finish().unwrap_err());
+        assert!(err.starts_with("/dev/full: cannot write: "), "{err}");
     }
 }

@@ -561,7 +561,14 @@ pub fn adamerging(
             }
         }
         drop(model);
-        let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out)?;
+        // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
+        let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out).with_context(|| {
+            format!(
+                "{}: the merged model was not written; its checkpoint holds every step, and --resume writes the \
+                 model from it",
+                out.display()
+            )
+        })?;
         Ok(AdaMergingSummary { tensors, parameters, coefficients: coefficients.clone() })
     })();
     if result.is_err() && fresh && !checkpoint.exists() {
@@ -603,12 +610,6 @@ fn write_output(
     obj.insert("model_type".into(), "clip_vision_model".into());
     obj.insert("architectures".into(), json!(["CLIPVisionModel"]));
     obj.insert("merge".into(), provenance(run, tasks, opts));
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    let preprocessor = pretrained.path.join("preprocessor_config.json");
-    if preprocessor.exists() {
-        std::fs::copy(&preprocessor, dir.join("preprocessor_config.json"))
-            .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
-    }
     // Every vision tensor (a parameter merged, anything else as the pretrained model has it), then the extras.
     let mut names: Vec<String> =
         pretrained.store.names().filter(|n| n.starts_with("vision_model.")).map(str::to_string).collect();
@@ -638,6 +639,14 @@ fn write_output(
     writer.finish()?;
     // An error above returns early and drops the partial file, which removes it.
     partial.finish(&target).with_context(|| format!("{}: cannot write", dir.display()))?;
+    // The config after the weights, as `adapt` writes them: a fresh run that cannot write the weights leaves no
+    // config.json of a model without them.
+    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let preprocessor = pretrained.path.join("preprocessor_config.json");
+    if preprocessor.exists() {
+        std::fs::copy(&preprocessor, dir.join("preprocessor_config.json"))
+            .with_context(|| format!("{}: cannot copy", preprocessor.display()))?;
+    }
     let experts = run.experts.len();
     // FusionBench's `merge_weight`: [T, P] layer-wise, [T] task-wise.
     let shape = match run.granularity {
