@@ -112,6 +112,32 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
         assert_eq!(std::fs::read(&json).unwrap(), before);
     }
+    // An expert that fails to load once the demo has begun: the --work folder the demo made, still empty, goes
+    // (it used to stay behind).
+    let work = tmp.path().join("work");
+    let mnist = suite.join("experts/mnist/model.safetensors");
+    poison_first_value(&mnist);
+    let (ok, _, err) = engine(&["demo", "--suite", s(&suite), "--work", s(&work), "--device", "cpu", "--quiet"]);
+    assert!(!ok && err.contains("holds a non-finite value (NaN at element 0)"), "{err}");
+    assert!(!work.exists(), "{err}");
+    // A damaged expert file is found with the other inputs: before the device opens and --work is made.
+    std::fs::OpenOptions::new().write(true).open(&mnist).unwrap().set_len(1000).unwrap();
+    let (ok, _, err) = engine(&["demo", "--suite", s(&suite), "--work", s(&work)]);
+    assert!(!ok && err.starts_with(&format!("error: {}: ", s(&mnist))) && err.lines().count() == 1, "{err}");
+    assert!(!work.exists(), "{err}");
+}
+
+/// Makes the first element of the first tensor (in file order) of a safetensors file of f32 tensors a NaN.
+fn poison_first_value(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let first = header.as_object().unwrap().iter().filter(|(k, _)| *k != "__metadata__");
+    let (name, info) = first.min_by_key(|(_, i)| i["data_offsets"][0].as_u64().unwrap()).unwrap();
+    assert_eq!(info["dtype"], "F32", "{name}");
+    let at = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
 }
 
 fn copy_folder(from: &std::path::Path, to: &std::path::Path) {

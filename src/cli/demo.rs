@@ -89,6 +89,16 @@ impl Opened {
 struct WorkDir {
     path: PathBuf,
     _scratch: Option<Partial>,
+    /// A `--work` folder this run made: removed if the demo fails before writing a model into it.
+    made: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.made && is_empty_dir(&self.path) {
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
 }
 
 impl WorkDir {
@@ -113,8 +123,9 @@ impl WorkDir {
         if !keep && path.exists() {
             anyhow::bail!("{}: already exists; remove it, or give --work", path.display());
         }
+        let made = keep && !path.exists();
         std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path })
+        Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path, made })
     }
 }
 
@@ -154,8 +165,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     Heads::check_tasks(&suite.heads(), suite.tasks.iter().map(|task| task.name.as_str()))?;
     let preprocess = Preprocess::for_model(&pretrained_dir.path, pretrained_dir.config.image_size)?;
     let mut data = Vec::new();
+    let mut expert_dirs = Vec::new();
     for task in &suite.tasks {
         data.push(Dataset::open(&suite.data(&task.name), &preprocess, pretrained_dir.config.image_size)?);
+        expert_dirs.push(ModelDir::open(&suite.expert(&task.name))?);
     }
     let be = device::open(device, quiet)?;
     let heads = Heads::open(be.as_ref(), &suite.heads())?;
@@ -181,8 +194,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     info(quiet, "each expert on its own task".into());
     let mut individual = Vec::new();
     let mut experts = Vec::new();
-    for (t, name) in names.iter().enumerate() {
-        let dir = ModelDir::open(&opened.suite.expert(name))?;
+    for ((t, name), dir) in names.iter().enumerate().zip(expert_dirs) {
         let model = ImageEncoder::load(opened.be.as_ref(), &dir)?;
         individual.extend(opened.evaluate(&model, &dir.path, &[t], plain, quiet)?);
         experts.push(Expert { name: name.clone(), model: dir });
