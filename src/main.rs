@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     wemoe_engine::heap::keep_freed_memory();
     wemoe_engine::partial::remove_on_interrupt();
     let args = cli::Cli::parse();
-    let result = cli::run(args);
+    // A report that could not be written to stdout fails the command (after it ran, as its output went).
+    let result = cli::run(args).and_then(|()| cli::stdout::check());
     if let Some(table) = wemoe_engine::device::op_times::report() {
         eprint!("{table}");
     }

@@ -330,6 +330,29 @@ fn eval_json_dash_writes_the_json_alone_on_stdout() {
     assert_eq!(report["tasks"]["alpha"]["count"], 3);
 }
 
+/// A report that cannot reach stdout fails the command: under `> file` on a full disk (Linux's /dev/full) the
+/// command used to exit 0 with its report lost. A closed pipe (`info | head -1`) still ends it quietly.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_report_lost_on_stdout_fails_the_command_but_a_closed_pipe_does_not() {
+    let alpha = format!("alpha={}", s(&fixture("pixels_a.safetensors")));
+    let (clip, heads) = (fixture("clip_a"), fixture("heads_a.safetensors"));
+    let eval = ["eval", "--model", s(&clip), "--heads", s(&heads), "--task", &alpha, "--json", "-", "--quiet"];
+    let info = ["info", s(&clip)];
+    for args in [&eval[..], &info] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let out = engine_command().args(args).args(["--device", "cpu"]).stdout(full).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let want = "error: stdout: cannot write: No space left on device (os error 28)";
+        assert!(!out.status.success() && err.lines().last() == Some(want), "{args:?}: {err}");
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = engine_command().args(args).args(["--device", "cpu"]).stdout(writer).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains("error"), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn an_output_that_cannot_be_written_is_refused_before_any_work() {
     // Said at the start, in one line, not after an hour's embedding (it used to fail only when writing).

@@ -364,20 +364,21 @@ enum Command {
     },
 }
 
-/// Prints a line on stdout; a closed stdout (the output piped into `head`, say) is not an error. With
-/// `stderr if COND;` first, the line goes to stderr where COND holds: a table beside `--json -`.
+/// Prints a line on stdout ([`stdout::note`]: a closed stdout, the output piped into `head`, is not an error;
+/// another failed write fails the command at its end). With `stderr if COND;` first, the line goes to stderr
+/// where COND holds: a table beside `--json -`.
 macro_rules! say {
     (stderr if $to_stderr:expr; $($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = if $to_stderr {
-            writeln!(std::io::stderr().lock(), $($arg)*)
+        if $to_stderr {
+            let _ = writeln!(std::io::stderr().lock(), $($arg)*);
         } else {
-            writeln!(std::io::stdout().lock(), $($arg)*)
-        };
+            $crate::cli::stdout::note(writeln!(std::io::stdout().lock(), $($arg)*));
+        }
     }};
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        $crate::cli::stdout::note(writeln!(std::io::stdout().lock(), $($arg)*));
     }};
 }
 
@@ -392,8 +393,8 @@ pub fn write_json(path: &Path, report: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(report)? + "\n";
     if json_on_stdout(Some(path)) {
         use std::io::Write as _;
-        // A closed stdout (piped into `head`) is not an error, as for the tables.
-        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        // As the tables: a closed stdout (piped into `head`) is not an error, a full disk is, at the end.
+        stdout::note(std::io::stdout().lock().write_all(text.as_bytes()));
         return Ok(());
     }
     wemoe_engine::output::write_atomic(path, text.as_bytes())
@@ -408,6 +409,7 @@ mod heads;
 mod info;
 mod merge;
 mod progress;
+pub mod stdout;
 mod weights;
 
 /// A model, its heads and tasks: what eval and adapt share.
