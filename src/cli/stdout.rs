@@ -12,11 +12,11 @@ static FAILED: Mutex<Option<std::io::Error>> = Mutex::new(None);
 
 /// Takes the outcome of a write to stdout.
 pub fn note(result: std::io::Result<()>) {
-    if let Err(err) = result.map_err(|e| (e.kind() != ErrorKind::BrokenPipe).then_some(e)) {
-        let mut failed = FAILED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let (None, Some(err)) = (failed.as_ref(), err) {
-            *failed = Some(err);
+    match result {
+        Err(err) if err.kind() != ErrorKind::BrokenPipe => {
+            FAILED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(err);
         }
+        _ => {}
     }
 }
 
