@@ -140,6 +140,26 @@ fn poison_first_value(path: &std::path::Path) {
     std::fs::write(path, bytes).unwrap();
 }
 
+#[cfg(unix)]
+#[test]
+fn an_interrupted_demo_removes_a_work_folder_it_made_until_it_holds_a_model() {
+    // A --work folder the demo made holds nothing of the user's until its first model: Ctrl-C before then removes
+    // it and says so (it used to stay behind, empty); once a model is there, the folder and the model stay.
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let args = ["demo", "--steps", "100000", "--device", "cpu", "--quiet", "--work", s(&work)];
+    let out = signal_when(&args, || work.exists(), "INT", "the --work folder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains(&format!("interrupted by SIGINT; removed the partial output {}", s(&work))), "{err}");
+    assert!(!work.exists(), "{err}");
+    // Signalled once the second model is in place, the first being kept by then.
+    let (first, second) = (work.join("weight-averaging"), work.join("task-arithmetic"));
+    let out = signal_when(&args, || second.join("model.safetensors").exists(), "INT", "the second model");
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(first.join("model.safetensors").exists() && first.join("config.json").exists());
+}
+
 fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

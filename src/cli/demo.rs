@@ -4,6 +4,7 @@
 //! adaptation, with the adaptation's curve; prints a table shaped like the paper's Table 2 and optionally writes
 //! it as JSON.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -88,17 +89,11 @@ impl Opened {
 /// removed when the demo ends, fails or is interrupted.
 struct WorkDir {
     path: PathBuf,
-    _scratch: Option<Partial>,
-    /// A `--work` folder this run made: removed if the demo fails before writing a model into it.
-    made: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.made && is_empty_dir(&self.path) {
-            let _ = std::fs::remove_dir(&self.path);
-        }
-    }
+    /// Removed when dropped or on an interrupt: the temporary folder always; a `--work` folder this run made,
+    /// until it holds a model ([`WorkDir::holds_a_model`]).
+    scratch: RefCell<Option<Partial>>,
+    /// The folder is `--work`'s: its models stay.
+    keep: bool,
 }
 
 impl WorkDir {
@@ -123,9 +118,18 @@ impl WorkDir {
         if !keep && path.exists() {
             anyhow::bail!("{}: already exists; remove it, or give --work", path.display());
         }
-        let made = keep && !path.exists();
+        let made = !path.exists();
         std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(WorkDir { _scratch: (!keep).then(|| Partial::scratch(path.clone())), path, made })
+        Ok(WorkDir { scratch: RefCell::new((!keep || made).then(|| Partial::scratch(path.clone()))), path, keep })
+    }
+
+    /// A model is written: a `--work` folder this run made stays from now on (the temporary one still goes).
+    fn holds_a_model(&self) {
+        if self.keep {
+            if let Some(scratch) = self.scratch.borrow_mut().take() {
+                scratch.keep();
+            }
+        }
     }
 }
 
@@ -206,6 +210,8 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
             MergeOptions { method, scaling: 0.3, router_layers: args.router_layers, router_activation, seed: 0 };
         let path = work.path.join(out);
         merge(&pretrained_dir, &experts, &options, &path, &mut |_, _| {})?;
+        // The first model the demo writes (the others come after).
+        work.holds_a_model();
         ModelDir::open(&path)
     };
 
