@@ -54,7 +54,10 @@ pub struct LogLines {
 }
 
 /// When the last progress line was written, or the first bar made.
-static LAST_LINE: OnceLock<Mutex<Instant>> = OnceLock::new();
+fn last_line() -> &'static Mutex<Instant> {
+    static LAST_LINE: OnceLock<Mutex<Instant>> = OnceLock::new();
+    LAST_LINE.get_or_init(|| Mutex::new(Instant::now()))
+}
 
 fn locked<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -63,7 +66,7 @@ fn locked<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LogLines {
     /// Lines to `out`.
     pub fn new(interval: Duration, out: Box<dyn Write + Send>) -> Self {
-        LAST_LINE.get_or_init(|| Mutex::new(Instant::now()));
+        last_line();
         LogLines { interval, line: Mutex::new(String::new()), out: Mutex::new(out) }
     }
 }
@@ -117,7 +120,7 @@ impl TermLike for LogLines {
     fn flush(&self) -> std::io::Result<()> {
         let drawn = std::mem::take(&mut *locked(&self.line));
         let drawn = drawn.trim();
-        let mut last = locked(LAST_LINE.get_or_init(|| Mutex::new(Instant::now())));
+        let mut last = locked(last_line());
         if drawn.is_empty() || last.elapsed() < self.interval {
             return Ok(());
         }

@@ -521,7 +521,8 @@ pub fn adamerging(
         check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         (state.step, state.samplers)
     };
-    // A folder this run makes goes again if it is interrupted (or fails: below) before its first checkpoint.
+    // A folder this run makes goes again if it fails or is interrupted before its first checkpoint (`made`'s drop);
+    // one made ahead stays, as it was: until then the run writes nothing in it but partial files.
     let mut made = None;
     if fresh && !made_ahead {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -529,53 +530,42 @@ pub fn adamerging(
         made = Some(Partial::scratch(out.to_path_buf()));
         std::fs::create_dir(out).with_context(|| format!("{}: cannot create", out.display()))?;
     }
-    let result = (|| -> Result<AdaMergingSummary> {
-        let mut model = run.model(be, &coefficients)?;
-        while step < opts.steps {
-            let batches: Vec<TaskBatch> = tasks
-                .iter()
-                .zip(data)
-                .zip(samplers.iter_mut())
-                .map(|((name, d), s)| {
-                    Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
-                })
-                .collect::<Result<_>>()?;
-            let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, heads, &batches)?;
-            finite(loss, &grads, step + 1, &checkpoint)?;
-            adam.update(&mut coefficients.values, &grads, opts.lr)?;
-            finite_after_update(&coefficients.values, step + 1, &checkpoint)?;
-            model.vision = run.vision(be, &coefficients)?;
-            step += 1;
-            progress(AdaMergingStep { step, steps: opts.steps, loss });
-            if step % opts.checkpoint_every == 0 || step == opts.steps {
-                let state = CheckpointState {
-                    step,
-                    adam_step: adam.step,
-                    fingerprint: print.clone(),
-                    samplers: samplers.clone(),
-                };
-                save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
-                if let Some(made) = made.take() {
-                    made.keep();
-                }
+    let mut model = run.model(be, &coefficients)?;
+    while step < opts.steps {
+        let batches: Vec<TaskBatch> = tasks
+            .iter()
+            .zip(data)
+            .zip(samplers.iter_mut())
+            .map(|((name, d), s)| {
+                Ok(TaskBatch { head: heads.head(name)?, pixels: be.upload(d.gather(&s.next_batch())?)? })
+            })
+            .collect::<Result<_>>()?;
+        let (loss, grads) = run.loss_and_gradient(be, &model, &coefficients, heads, &batches)?;
+        finite(loss, &grads, step + 1, &checkpoint)?;
+        adam.update(&mut coefficients.values, &grads, opts.lr)?;
+        finite_after_update(&coefficients.values, step + 1, &checkpoint)?;
+        model.vision = run.vision(be, &coefficients)?;
+        step += 1;
+        progress(AdaMergingStep { step, steps: opts.steps, loss });
+        if step % opts.checkpoint_every == 0 || step == opts.steps {
+            let state =
+                CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: samplers.clone() };
+            save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
+            if let Some(made) = made.take() {
+                made.keep();
             }
         }
-        drop(model);
-        // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
-        let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out).with_context(|| {
-            format!(
-                "{}: the merged model was not written; its checkpoint holds every step, and --resume writes the \
-                 model from it",
-                out.display()
-            )
-        })?;
-        Ok(AdaMergingSummary { tensors, parameters, coefficients: coefficients.clone() })
-    })();
-    if result.is_err() && fresh && !checkpoint.exists() {
-        // What this run wrote goes; a folder made ahead stays, empty, as it was.
-        let _ = std::fs::remove_dir_all(out).and_then(|()| if made_ahead { std::fs::create_dir(out) } else { Ok(()) });
     }
-    result
+    drop(model);
+    // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
+    let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out).with_context(|| {
+        format!(
+            "{}: the merged model was not written; its checkpoint holds every step, and --resume writes the \
+             model from it",
+            out.display()
+        )
+    })?;
+    Ok(AdaMergingSummary { tensors, parameters, coefficients })
 }
 
 /// How the model was made, for its `config.json` under `"merge"`.
