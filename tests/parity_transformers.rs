@@ -176,6 +176,19 @@ fn webp_bmp_gif_tiff_and_pnm_files_preprocess_like_clip_image_processor() {
 }
 
 #[test]
+fn a_parquet_dataset_with_two_class_labels_takes_the_first_column() {
+    // CIFAR-100's layout: fine_label, then coarse_label, neither named label. The features' map is sorted by
+    // name, so coarse_label (2 classes) used to be taken, silently; the column order gives fine_label.
+    let data = Dataset::open(&fixture("parquet/two_labels.parquet"), &Preprocess::clip(32), 32).unwrap();
+    assert_eq!(data.labels(), Some(&[3, 0, 2][..]));
+    assert_eq!(data.classes().map(|c| c.to_vec()), Some(["cat", "dog", "fish", "bird"].map(String::from).to_vec()));
+    // The rows are the fixture's images 2, 3 and 5, which two_shards holds too.
+    let shards = Dataset::open(&fixture("parquet/two_shards"), &Preprocess::clip(32), 32).unwrap();
+    let (got, want) = (data.batch(0..3).unwrap(), shards.gather(&[2, 3, 5]).unwrap());
+    assert_eq!(got.host().unwrap(), want.host().unwrap());
+}
+
+#[test]
 fn parquet_datasets_read_and_preprocess_like_clip_image_processor() {
     // `datasets`' own parquet (two shards; the Image and ClassLabel features in its metadata) and pyarrow's
     // (snappy, the columns found by name); rows of JPEG, PNG, WebP and CMYK JPEG images.

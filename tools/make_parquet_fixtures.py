@@ -13,6 +13,8 @@ formats, as a scraped dataset's do.
 - by_name.parquet: the same rows in one file as pyarrow writes it (snappy), columns named img and label with
   no `huggingface` metadata (the columns found by name), in row groups of two rows (the reader's jumps
   between row groups);
+- two_labels.parquet: three rows in CIFAR-100's layout, an `img` Image feature and two ClassLabels, fine_label
+  (cat, dog, fish, bird) before coarse_label (pet, wild), neither named label;
 - no_image.parquet: a label column and a text column, no image (a bad input);
 - path_only.parquet, null_image.parquet: three good rows, then one whose image is a path, or null (bad input
   found when the file opens, in its second row group);
@@ -54,6 +56,12 @@ def main():
     # The same rows under other column names, snappy, without the datasets metadata, two rows a row group.
     table = ds.data.table.rename_columns(["img", "label"]).replace_schema_metadata(None)
     pq.write_table(table, os.path.join(ROOT, "by_name.parquet"), row_group_size=2)
+    # CIFAR-100's layout (uoft-cs/cifar100): an `img` Image, then two ClassLabels, `fine_label` before
+    # `coarse_label`, neither named label. The first in column order is the task's labels.
+    two = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=names + ["bird"]),
+                             "coarse_label": datasets.ClassLabel(names=["pet", "wild"])})
+    two_rows = {"img": [rows["image"][i] for i in (2, 3, 5)], "fine_label": [3, 0, 2], "coarse_label": [1, 0, 1]}
+    datasets.Dataset.from_dict(two_rows, features=two).to_parquet(os.path.join(ROOT, "two_labels.parquet"))
 
     pq.write_table(pa.table({"label": [0, 1], "text": ["a", "b"]}), os.path.join(ROOT, "no_image.parquet"))
     # Rows the engine must refuse when the file opens, after good ones (in a later row group): an image stored

@@ -183,8 +183,8 @@ pub fn parquet_shards(path: &Path) -> Option<Vec<PathBuf>> {
 }
 
 /// The image and label columns, and the label's class names, of a shard's schema: from the `huggingface`
-/// metadata's features when present (the `Image` feature; the `ClassLabel` named `label`, else the first),
-/// else the columns named `image` or `img` and `label` or `labels`.
+/// metadata's features when present (the `Image` feature; the `ClassLabel` named `label`, else the first in
+/// column order), else the columns named `image` or `img` and `label` or `labels`.
 struct Columns {
     /// Every top-level column, in schema order.
     names: Vec<String>,
@@ -205,11 +205,13 @@ fn columns(reader: &SerializedFileReader<std::fs::File>) -> Columns {
         .and_then(|v| v.pointer("/info/features").cloned())
         .and_then(|f| f.as_object().cloned())
         .unwrap_or_default();
+    // In the columns' order: the features' map is sorted by name, and CIFAR-100's `fine_label` must win over
+    // its `coarse_label`, which sorts first.
     let typed = |kind: &str| -> Vec<String> {
-        features
+        names
             .iter()
-            .filter(|(name, f)| f.get("_type").and_then(Value::as_str) == Some(kind) && names.contains(name))
-            .map(|(name, _)| name.clone())
+            .filter(|name| features.get(*name).and_then(|f| f.get("_type")).and_then(Value::as_str) == Some(kind))
+            .cloned()
             .collect()
     };
     let named = |candidates: &[&str]| candidates.iter().find(|c| names.iter().any(|n| n == *c)).map(|c| c.to_string());
