@@ -23,7 +23,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Checks, before any work, that a file can later be written at `path`, given as option `flag`: its folder
-/// exists and `path` is not a folder. A long command should not compute for an hour and then fail to save.
+/// exists and takes new files, and `path` is not a folder. A long command should not compute for an hour and
+/// then fail to save.
 pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     anyhow::ensure!(!path.is_dir(), "{flag} {}: is a folder; give a file name", path.display());
     // A trailing slash names a folder even where none exists; it would fail only at the write, after the work.
@@ -31,6 +32,11 @@ pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     anyhow::ensure!(!folder_name, "{flag} {}: names a folder (it ends with a slash); give a file name", path.display());
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(parent.is_dir(), "{flag} {}: folder {} does not exist", path.display(), parent.display());
+    // A read-only file system or a folder without write permission: the partial file the write will make, made
+    // and removed now (the guard's drop).
+    let probe = Partial::beside(path);
+    std::fs::File::create(probe.path())
+        .with_context(|| format!("{flag} {}: cannot write in folder {}", path.display(), parent.display()))?;
     Ok(())
 }
 

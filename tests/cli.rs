@@ -390,6 +390,24 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
         assert_eq!(last, format!("error: {want}"), "{args:?}: {err}");
         assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
     }
+    // A folder that takes no new files (a read-only mount, no write permission; here /proc, whoever runs the test)
+    // is found by making there the partial file the write will make. It used to be found after the work.
+    let in_proc = [
+        (embed(Path::new("/proc/out.safetensors")), "--out /proc/out.safetensors"),
+        (eval(Path::new("/proc/out.json")), "--json /proc/out.json"),
+        (zero_shot(Path::new("/proc/heads.safetensors")), "--out /proc/heads.safetensors"),
+    ];
+    for (args, flag) in in_proc {
+        let (ok, out, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert!(!ok && last.starts_with(&format!("error: {flag}: cannot write in folder /proc: ")), "{args:?}: {err}");
+        assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
+    }
+    // A merge names the folder asked for, and the partial one it could not make (it used to name that alone).
+    let expert = format!("alpha={}", s(&clip));
+    let (ok, _, err) = engine(&["merge", "--pretrained", s(&clip), "--expert", &expert, "--out", "/proc/merged"]);
+    let want = "error: /proc/merged: cannot create (its partial folder /proc/.merged.tmp-";
+    assert!(!ok && err.trim_end().lines().last().unwrap_or_default().starts_with(want), "{err}");
 }
 
 #[test]

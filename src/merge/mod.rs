@@ -421,7 +421,9 @@ fn temporary_dir(out: &Path) -> Result<Partial> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
     let partial = Partial::beside(&parent.join(name));
-    std::fs::create_dir(partial.path()).with_context(|| format!("{}: cannot create", partial.path().display()))?;
+    std::fs::create_dir(partial.path()).with_context(|| {
+        format!("{}: cannot create (its partial folder {})", out.display(), partial.path().display())
+    })?;
     Ok(partial)
 }
 
