@@ -15,6 +15,8 @@ formats, as a scraped dataset's do.
   between row groups);
 - two_labels.parquet: three rows in CIFAR-100's layout, an `img` Image feature and two ClassLabels, fine_label
   (cat, dog, fish, bird) before coarse_label (pet, wild), neither named label;
+- withheld_labels.parquet, some_labels.parquet: the same three images with `datasets`' mark of a missing label
+  (-1) in every row, or labels 1, -1 and null;
 - no_image.parquet: a label column and a text column, no image (a bad input);
 - path_only.parquet, null_image.parquet: three good rows, then one whose image is a path, or null (bad input
   found when the file opens, in its second row group);
@@ -62,6 +64,11 @@ def main():
                              "coarse_label": datasets.ClassLabel(names=["pet", "wild"])})
     two_rows = {"img": [rows["image"][i] for i in (2, 3, 5)], "fine_label": [3, 0, 2], "coarse_label": [1, 0, 1]}
     datasets.Dataset.from_dict(two_rows, features=two).to_parquet(os.path.join(ROOT, "two_labels.parquet"))
+    # A test split whose labels are withheld, as `datasets` marks a ClassLabel's missing value (-1), and one with
+    # a label in some rows only (-1 and null in others).
+    for name, ids in [("withheld_labels.parquet", [-1, -1, -1]), ("some_labels.parquet", [1, -1, None])]:
+        some = {"image": [rows["image"][i] for i in (2, 3, 5)], "label": ids}
+        datasets.Dataset.from_dict(some, features=features).to_parquet(os.path.join(ROOT, name))
 
     pq.write_table(pa.table({"label": [0, 1], "text": ["a", "b"]}), os.path.join(ROOT, "no_image.parquet"))
     # Rows the engine must refuse when the file opens, after good ones (in a later row group): an image stored

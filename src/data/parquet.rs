@@ -257,6 +257,8 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
     let mut placed = Vec::new();
     let mut len = 0;
     let mut labels: Option<Vec<i64>> = None;
+    // The first row with a label and the first without one (-1 or null): a split may be either throughout.
+    let (mut labelled, mut unlabelled): (Option<String>, Option<String>) = (None, None);
     let mut classes = None;
     for (s, shard) in shards.iter().enumerate() {
         let file = open_shard(shard)?;
@@ -299,13 +301,22 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
                     image_bytes(field).with_context(at)?;
                     found_image = true;
                 } else if Some(name) == label.as_ref() {
-                    found_label = Some(integer(field).with_context(at)?);
+                    found_label = Some(label_of(field).with_context(at)?);
                 }
             }
             ensure!(found_image, "{}: no image", at());
             if let (Some(all), Some(l)) = (labels.as_mut(), found_label) {
-                ensure!(l >= 0, "{}: label {l} is negative", at());
-                all.push(l);
+                let (first, other) =
+                    if l.is_some() { (&mut labelled, &unlabelled) } else { (&mut unlabelled, &labelled) };
+                first.get_or_insert_with(at);
+                if let Some(other) = other {
+                    let (with, without) = if l.is_some() { (at(), other.clone()) } else { (other.clone(), at()) };
+                    bail!(
+                        "{without}: no label (-1 or null), where {with} has one; a split is labelled throughout, or \
+                         not at all (a test split's withheld labels)"
+                    );
+                }
+                all.push(l.unwrap_or(-1));
             }
             count += 1;
         }
@@ -319,6 +330,11 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
         len += count;
     }
     ensure!(len > 0, "{}: holds no rows", path.display());
+    if labelled.is_none() {
+        // Every row's label is -1 or null: a test split whose labels are withheld, which `embed` and `adapt`
+        // take as unlabelled data (and `eval` refuses as such).
+        labels = None;
+    }
     placed.retain(|s| s.groups.iter().sum::<usize>() > 0);
     let images = ParquetRows { shards: placed, len, cursor: Mutex::new(None) };
     Ok(ParquetImages { labels, classes, images })
@@ -347,9 +363,10 @@ fn image_bytes(field: &Field) -> Result<&[u8]> {
     }
 }
 
-/// A label cell as an integer.
-fn integer(field: &Field) -> Result<i64> {
-    Ok(match *field {
+/// A label cell as a class id, or `None` for a row without one: -1, as `datasets` stores a `ClassLabel`'s missing
+/// value (a test split's withheld labels), or null.
+fn label_of(field: &Field) -> Result<Option<i64>> {
+    let id = match *field {
         Field::Byte(v) => v.into(),
         Field::Short(v) => v.into(),
         Field::Int(v) => v.into(),
@@ -358,9 +375,16 @@ fn integer(field: &Field) -> Result<i64> {
         Field::UShort(v) => v.into(),
         Field::UInt(v) => v.into(),
         Field::ULong(v) => i64::try_from(v).context("label out of range")?,
-        Field::Null => bail!("the label is missing (null)"),
+        Field::Null => return Ok(None),
         ref other => bail!("the label is not an integer ({other})"),
-    })
+    };
+    match id {
+        -1 => Ok(None),
+        id => {
+            ensure!(id >= 0, "label {id} is negative");
+            Ok(Some(id))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +413,32 @@ mod tests {
             }
             assert!(rows.read(&[7]).is_err(), "{name}: a row past the end");
         }
+    }
+
+    #[test]
+    fn a_split_whose_labels_are_withheld_is_unlabelled() {
+        let open = |name: &str| {
+            let path = fixture(name);
+            read_parquet(&path, &parquet_shards(&path).unwrap())
+        };
+        // -1 in every row, `datasets`' missing ClassLabel (a test split's labels withheld): data for `embed` and
+        // `adapt`, with its class names. It used to be refused as a negative label.
+        let withheld = open("withheld_labels.parquet").unwrap();
+        assert_eq!(withheld.labels, None);
+        assert_eq!(withheld.classes, Some(vec!["cat".to_string(), "dog".into(), "fish".into()]));
+        assert_eq!(withheld.images.count(), 3);
+        // Labels 1, -1, null: a split half labelled is refused at its first row without one.
+        let err = format!("{:#}", open("some_labels.parquet").err().unwrap());
+        let at = |row: usize| format!("{} row {row}", fixture("some_labels.parquet").display());
+        assert_eq!(
+            err,
+            format!(
+                "{}: no label (-1 or null), where {} has one; a split is labelled throughout, or not at all (a test \
+                 split's withheld labels)",
+                at(1),
+                at(0)
+            )
+        );
     }
 
     #[test]
