@@ -8,12 +8,20 @@ use wemoe_engine::kernels::{self, KernelSource, KERNEL_FUNCTIONS};
 
 const ARCH: &str = "sm_90";
 
-fn with_fresh_cache() -> tempfile::TempDir {
+/// A private cache folder in `WEMOE_CACHE_DIR`, for one test at a time: the variable is the process's, and a
+/// test running beside would point it elsewhere between two compiles.
+struct FreshCache {
+    _dir: tempfile::TempDir,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+fn with_fresh_cache() -> FreshCache {
+    static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let alone = ENVIRONMENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // SAFETY (of the test): this binary's tests do not read the environment concurrently with this write
-    // in a way that matters: every test sets the same kind of private folder before compiling.
+    // SAFETY (of the test): the tests that read or write the environment hold the lock above.
     unsafe { std::env::set_var("WEMOE_CACHE_DIR", dir.path()) };
-    dir
+    FreshCache { _dir: dir, _alone: alone }
 }
 
 #[test]
@@ -88,4 +96,21 @@ fn the_cache_answers_the_second_compile_with_the_same_image() {
     assert_eq!(first.cubin, second.cubin);
     assert_eq!(first.resources, second.resources);
     assert!(second.cached_at.unwrap().to_string_lossy().contains(ARCH));
+}
+
+#[test]
+fn a_damaged_cache_entry_is_replaced_by_a_recompile() {
+    // The cache trusts what it holds (the GPU executor finds a damaged CUBIN when the driver refuses it); a
+    // recompile then writes a good one in its place, which the next compile reads.
+    let _cache = with_fresh_cache();
+    let source = kernels::sources().find(|s| s.name == "adam").unwrap();
+    let good = nvrtc::compile(source, ARCH).unwrap();
+    std::fs::write(good.cached_at.as_ref().unwrap(), b"not a cubin").unwrap();
+    let damaged = nvrtc::compile(source, ARCH).unwrap();
+    assert!(damaged.from_cache && damaged.cubin == b"not a cubin");
+    let again = nvrtc::recompile(source, ARCH).unwrap();
+    assert!(!again.from_cache && again.cubin.starts_with(b"\x7fELF"));
+    assert_eq!(again.cached_at, good.cached_at);
+    let read = nvrtc::compile(source, ARCH).unwrap();
+    assert!(read.from_cache && read.cubin == again.cubin);
 }

@@ -109,9 +109,7 @@ pub fn check_supported(arch: &str) -> Result<()> {
 
 /// Compiles `source` for `arch`, or reads it from the cache.
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
-    check_arch(arch)?;
-    let (major, minor) = version()?;
-    let key = format!("{}-{:016x}-{arch}-nvrtc{major}.{minor}", source.name, kernels::source_key(source));
+    let key = cache_key(source, arch)?;
     let cache = cache_dir();
     if let Some(dir) = &cache {
         let (cubin_path, log_path) = (dir.join(format!("{key}.cubin")), dir.join(format!("{key}.log")));
@@ -122,10 +120,27 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
             }
         }
     }
+    compile_and_store(source, arch, &key, cache)
+}
+
+/// Compiles `source` for `arch` afresh, replacing its cache entry: for a cached CUBIN that the driver refuses
+/// (damaged on disk since it was written).
+pub fn recompile(source: &KernelSource, arch: &str) -> Result<Compiled> {
+    compile_and_store(source, arch, &cache_key(source, arch)?, cache_dir())
+}
+
+/// A compiled module's name in the cache: its source, the source's hash, the architecture, NVRTC's version.
+fn cache_key(source: &KernelSource, arch: &str) -> Result<String> {
+    check_arch(arch)?;
+    let (major, minor) = version()?;
+    Ok(format!("{}-{:016x}-{arch}-nvrtc{major}.{minor}", source.name, kernels::source_key(source)))
+}
+
+fn compile_and_store(source: &KernelSource, arch: &str, key: &str, cache: Option<PathBuf>) -> Result<Compiled> {
     check_supported(arch)?;
     let (cubin, log) = compile_uncached(source, arch)?;
     let resources = parse_resources(&log);
-    let cached_at = cache.and_then(|dir| store(&dir, &key, &cubin, &log).ok());
+    let cached_at = cache.and_then(|dir| store(&dir, key, &cubin, &log).ok());
     Ok(Compiled { cubin, log, resources, cached_at, from_cache: false })
 }
 
