@@ -227,7 +227,8 @@ impl<'a> Evaluator<'a> {
         let head = self.heads.head(task)?;
         let classes = head.out_features();
         let Some(labels) = data.labels() else {
-            bail!("{}: has no labels, which eval needs (task '{task}')", data.origin().display());
+            let why = data.why_unlabelled().unwrap_or_default();
+            bail!("{}: has no labels, which eval needs (task '{task}'): {why}", data.origin().display());
         };
         let targets = HeadRows::for_task(self.heads, task, data).targets(labels, classes, data, task)?;
         let mut correct = 0;

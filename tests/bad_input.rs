@@ -327,7 +327,7 @@ fn folders_of_loose_images_mixed_with_classes_unreadable_or_unlabelled_for_eval(
     photos_flat(&flat);
     let (model, heads, task) = (fixture("clip_a"), fixture("heads_a.safetensors"), format!("alpha={}", s(&flat)));
     let args = ["eval", "--model", s(&model), "--heads", s(&heads), "--task", &task];
-    fails(&args, "flat: has no labels, which eval needs (task 'alpha')");
+    fails(&args, "flat: has no labels, which eval needs (task 'alpha'): images straight in the folder, no class");
 }
 
 #[test]
@@ -412,7 +412,13 @@ fn eval_without_labels() {
     write_safetensors(&unlabelled, &[NamedTensor { name: "pixel_values".into(), shape, values }]).unwrap();
     fails_owned(
         eval(&t, "clip_a", "heads_a.safetensors", &format!("alpha={}", s(&unlabelled))),
-        "unlabelled.safetensors: has no labels",
+        "unlabelled.safetensors: has no labels, which eval needs (task 'alpha'): no labels tensor",
+    );
+    t.assert_no_output();
+    // A parquet test split whose labels are withheld (-1 in every row, as `datasets` marks them) says so.
+    fails_owned(
+        eval(&t, "clip_a", "heads_a.safetensors", &format!("alpha={}", s(&fixture("parquet/withheld_labels.parquet")))),
+        "withheld_labels.parquet: has no labels, which eval needs (task 'alpha'): every row's label is -1 or null",
     );
     t.assert_no_output();
 }

@@ -40,7 +40,8 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {
         let Some(labels) = data.labels() else {
-            bail!("{}: has no labels, which eval needs (task '{name}')", path.display());
+            let why = data.why_unlabelled().unwrap_or_default();
+            bail!("{}: has no labels, which eval needs (task '{name}'): {why}", path.display());
         };
         // An ImageFolder's ids are its class folders' sorted positions, a parquet's its ClassLabel's. Matched
         // to the head's rows by name where the heads file names them; else, with another count than the

@@ -32,6 +32,8 @@ pub struct Dataset {
     source: Source,
     len: usize,
     labels: Option<Vec<i64>>,
+    /// Why there are no labels, when there are none.
+    unlabelled: Option<&'static str>,
     classes: Option<Vec<String>>,
     preprocess: Preprocess,
     side: usize,
@@ -40,9 +42,11 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `path` for a model taking `side × side` images prepared by `preprocess`.
     pub fn open(path: &Path, preprocess: &Preprocess, side: usize) -> Result<Self> {
+        let mut labels_withheld = false;
         let (source, len, labels, classes) = if let Some(shards) = parquet_shards(path) {
             let rows = read_parquet(path, &shards)?;
             let len = rows.images.count();
+            labels_withheld = rows.labels_withheld;
             (Source::Parquet(rows.images), len, rows.labels, rows.classes)
         } else if !path.exists() {
             crate::hub_cache::check_not_dangling(path)?;
@@ -84,7 +88,15 @@ impl Dataset {
                 bail!("{}: the model's preprocessing {made}, the model takes {side}×{side}", path.display());
             }
         }
-        Ok(Dataset { origin: path.to_path_buf(), source, len, labels, classes, preprocess: preprocess.clone(), side })
+        let unlabelled = labels.is_none().then_some(match &source {
+            Source::Parquet(_) if labels_withheld => "every row's label is -1 or null (withheld)",
+            Source::Parquet(_) => "no label column (a ClassLabel feature, or a column named label or labels)",
+            Source::Files(_) if path.is_file() => "one image file",
+            Source::Files(_) => "images straight in the folder, no class subfolders",
+            _ => "no labels tensor",
+        });
+        let preprocess = preprocess.clone();
+        Ok(Dataset { origin: path.to_path_buf(), source, len, labels, unlabelled, classes, preprocess, side })
     }
 
     #[allow(clippy::type_complexity)]
@@ -151,6 +163,11 @@ impl Dataset {
     /// The labels, when the data has them.
     pub fn labels(&self) -> Option<&[i64]> {
         self.labels.as_deref()
+    }
+
+    /// Why the data has no labels, for the error of a command that needs them; `None` when it has them.
+    pub fn why_unlabelled(&self) -> Option<&'static str> {
+        self.unlabelled
     }
 
     /// The class names of an ImageFolder tree, or of a parquet dataset's label column (from its metadata).

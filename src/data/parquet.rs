@@ -21,8 +21,10 @@ const ROWS_PER_READ: usize = 16;
 
 /// A checked parquet dataset: its labels and class names, and where each row's image is.
 pub struct ParquetImages {
-    /// Each row's label, when there is a label column.
+    /// Each row's label, when there is a label column and not every row's label is withheld.
     pub labels: Option<Vec<i64>>,
+    /// Whether there is a label column whose every row is -1 or null (a test split's labels withheld).
+    pub labels_withheld: bool,
     /// The label column's class names, when the metadata gives them.
     pub classes: Option<Vec<String>>,
     /// The rows' encoded images, read on demand.
@@ -330,14 +332,15 @@ pub fn read_parquet(path: &Path, shards: &[PathBuf]) -> Result<ParquetImages> {
         len += count;
     }
     ensure!(len > 0, "{}: holds no rows", path.display());
-    if labelled.is_none() {
+    let labels_withheld = labels.is_some() && labelled.is_none();
+    if labels_withheld {
         // Every row's label is -1 or null: a test split whose labels are withheld, which `embed` and `adapt`
         // take as unlabelled data (and `eval` refuses as such).
         labels = None;
     }
     placed.retain(|s| s.groups.iter().sum::<usize>() > 0);
     let images = ParquetRows { shards: placed, len, cursor: Mutex::new(None) };
-    Ok(ParquetImages { labels, classes, images })
+    Ok(ParquetImages { labels, labels_withheld, classes, images })
 }
 
 /// An image cell's encoded bytes: the `Image` feature's `bytes`, or a binary cell.
@@ -424,7 +427,8 @@ mod tests {
         // -1 in every row, `datasets`' missing ClassLabel (a test split's labels withheld): data for `embed` and
         // `adapt`, with its class names. It used to be refused as a negative label.
         let withheld = open("withheld_labels.parquet").unwrap();
-        assert_eq!(withheld.labels, None);
+        assert!(withheld.labels.is_none() && withheld.labels_withheld);
+        assert!(!open("two_shards").unwrap().labels_withheld);
         assert_eq!(withheld.classes, Some(vec!["cat".to_string(), "dog".into(), "fish".into()]));
         assert_eq!(withheld.images.count(), 3);
         // Labels 1, -1, null: a split half labelled is refused at its first row without one.
