@@ -133,6 +133,24 @@ fn a_batch_larger_than_a_task_or_a_resume_with_nothing_to_resume_runs_and_says_s
     assert!(told.contains(&format!("note: --resume: {} does not exist yet; starting at step 0", s(&checkpoint))));
 }
 
+#[test]
+fn a_damaged_checkpoint_says_how_to_start_again() {
+    // A checkpoint cut short (a copy interrupted, say): refused in one line that says what to do instead.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapted");
+    let (ok, err) = run(&base_args(&out, 2));
+    assert!(ok, "{err}");
+    let checkpoint = out.join("adapt-checkpoint.safetensors");
+    let bytes = std::fs::read(&checkpoint).unwrap();
+    std::fs::write(&checkpoint, &bytes[..bytes.len() / 2]).unwrap();
+    let mut args = base_args(&out, 4);
+    args.push("--resume".into());
+    let (ok, err) = run(&args);
+    let want = format!("--resume cannot continue it: start again with another --out, or remove {} first", s(&out));
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(!ok && last.starts_with(&format!("error: {}: ", s(&checkpoint))) && last.ends_with(&want), "{err}");
+}
+
 /// The step a checkpoint holds.
 fn checkpoint_step(out: &Path) -> Option<u64> {
     let file = SafetensorsFile::open(&out.join("adapt-checkpoint.safetensors")).ok()?;

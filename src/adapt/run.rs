@@ -368,7 +368,13 @@ pub(crate) fn check_resumable(
     steps: u64,
     saved: impl FnOnce(Value) -> Value,
 ) -> Result<()> {
-    let state = CheckpointState::of(&SafetensorsFile::open(checkpoint)?, checkpoint)?;
+    // A checkpoint cut short or damaged (a disk that filled under another program, a copy interrupted): the run
+    // cannot continue it, and should say how to start again.
+    let state =
+        SafetensorsFile::open(checkpoint).and_then(|file| CheckpointState::of(&file, checkpoint)).map_err(|e| {
+            let out = checkpoint.parent().unwrap_or(Path::new(".")).display();
+            anyhow!("{e:#}; --resume cannot continue it: start again with another --out, or remove {out} first")
+        })?;
     same_arguments(checkpoint, &saved(state.fingerprint), print)?;
     not_past_the_end(checkpoint, state.step, steps)
 }
