@@ -38,6 +38,15 @@ fn run(args: &[String]) -> (bool, String) {
     (ok, err)
 }
 
+/// A run of `steps` on the fixture, in a scratch folder (kept while the first is held): the folder and the output.
+fn adapted(steps: u64) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapted");
+    let (ok, err) = run(&base_args(&out, steps));
+    assert!(ok, "{err}");
+    (tmp, out)
+}
+
 /// The summed entropy of the fixture's tasks (whole sets) under `model`.
 fn entropy(model: &Path) -> f64 {
     use wemoe_engine::autograd::entropy_loss_and_router_gradients;
@@ -54,10 +63,7 @@ fn entropy(model: &Path) -> f64 {
 
 #[test]
 fn adaptation_lowers_the_entropy_and_changes_only_the_routers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("adapted");
-    let (ok, err) = run(&base_args(&out, 40));
-    assert!(ok, "{err}");
+    let (tmp, out) = adapted(40);
     let (before, after) = (entropy(&fixture("wemoe/fusionbench_d2")), entropy(&out));
     assert!(after < before - 0.05, "entropy {before} -> {after}");
     let (a, b) = (ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap(), ModelDir::open(&out).unwrap());
@@ -136,10 +142,7 @@ fn a_batch_larger_than_a_task_or_a_resume_with_nothing_to_resume_runs_and_says_s
 #[test]
 fn a_damaged_checkpoint_says_how_to_start_again() {
     // A checkpoint cut short (a copy interrupted, say): refused in one line that says what to do instead.
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("adapted");
-    let (ok, err) = run(&base_args(&out, 2));
-    assert!(ok, "{err}");
+    let (_tmp, out) = adapted(2);
     let checkpoint = out.join("adapt-checkpoint.safetensors");
     let bytes = std::fs::read(&checkpoint).unwrap();
     std::fs::write(&checkpoint, &bytes[..bytes.len() / 2]).unwrap();
