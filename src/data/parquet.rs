@@ -1,5 +1,6 @@
 //! Hugging Face `datasets` parquet files, the form FusionBench's tasks take on the hub: an image column
-//! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column; one
+//! (the `Image` feature's struct of `bytes` and `path`, or plain bytes) and an integer label column (-1 or null
+//! where a row has none, as in a test split whose labels are withheld); one
 //! file, a folder of one split's shards, or a split's prefix (`data/test`), shards read in name order. Every
 //! row is checked when the dataset opens; afterwards the encoded images are read from the files as batches
 //! ask for them (a cursor that runs on through consecutive rows), so memory holds a batch, not the split.
