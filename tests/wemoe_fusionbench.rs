@@ -86,6 +86,28 @@ fn streamed_layers_give_the_resident_outputs_exactly() {
     assert!(streamed.layer_load_seconds() > 0.0);
 }
 
+/// Batch routing averages each group of `--batch-size` consecutive images, the last one smaller, as FusionBench's
+/// DataLoader hands them over: 5 images in groups of 3 are routed as images 0–2 alone, then images 3–4 alone.
+#[test]
+fn batch_routing_averages_each_group_the_last_one_smaller() {
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&wemoe("fusionbench_d2")).unwrap();
+    let side = dir.config.image_size;
+    let data = Dataset::open(&wemoe("pixels.safetensors"), &Preprocess::clip(side), side).unwrap();
+    let model = ImageEncoder::load(&be, &dir).unwrap();
+    let grouped = Batching { size: 3, routing: Routing::Batch };
+    let got = embed_dataset(&be, Encoder::Resident(&model), &data, grouped, &mut |_| {}).unwrap().pooled;
+    let width = got.len() / data.len();
+    for group in [0..3, 3..5] {
+        let alone = model.encode(&be, &data.batch(group.clone()).unwrap(), Routing::Batch).unwrap();
+        let want = alone.pooled.host().unwrap();
+        assert_eq!(&got[group.start * width..group.end * width], want, "images {group:?}");
+    }
+    // The grouping matters with these routers: one group of all five routes otherwise.
+    let one_group = model.encode(&be, &data.batch(0..5).unwrap(), Routing::Batch).unwrap();
+    assert!(rel_err(&got, one_group.pooled.host().unwrap()) > 1e-3);
+}
+
 /// `--precision bf16` on the CPU: where the CPU has a bf16 unit (AMX, or AMD's AVX-512 BF16), both routing
 /// modes within the bf16 tolerance of FusionBench's f32 outputs, and really rounded (further from them than f32
 /// is); elsewhere refused with a message that names what is missing.
