@@ -57,17 +57,23 @@ fn fusionbench_models_run_like_fusionbench_in_both_routing_modes() {
     }
 }
 
+/// FusionBench's saved depth-2 model, loaded on the CPU, and the fixture's five images as a dataset.
+fn fusionbench_d2() -> (CpuBackend, ModelDir, Dataset, ImageEncoder) {
+    let be = CpuBackend::new();
+    let dir = ModelDir::open(&wemoe("fusionbench_d2")).unwrap();
+    let side = dir.config.image_size;
+    let data = Dataset::open(&wemoe("pixels.safetensors"), &Preprocess::clip(side), side).unwrap();
+    let model = ImageEncoder::load(&be, &dir).unwrap();
+    (be, dir, data, model)
+}
+
 /// A streamed pass (each layer loaded once per span of batches, then dropped) gives the resident pass's
 /// outputs bit for bit in both routing modes, over two spans and a ragged last batch, and its progress
 /// rises to every image.
 #[test]
 fn streamed_layers_give_the_resident_outputs_exactly() {
-    let be = CpuBackend::new();
-    let dir = ModelDir::open(&wemoe("fusionbench_d2")).unwrap();
-    let side = dir.config.image_size;
-    let data = Dataset::open(&wemoe("pixels.safetensors"), &Preprocess::clip(side), side).unwrap();
+    let (be, dir, data, resident) = fusionbench_d2();
     assert_eq!(data.len(), 5);
-    let resident = ImageEncoder::load(&be, &dir).unwrap();
     // An image's hidden states are 10 tokens × 32 × 4 bytes: two batches of two images per span, so the
     // spans are images [0, 4) and [4, 5).
     let streamed = StreamedEncoder::load(&be, &dir).unwrap().with_span_bytes(2 * 2 * 10 * 32 * 4);
@@ -90,11 +96,7 @@ fn streamed_layers_give_the_resident_outputs_exactly() {
 /// DataLoader hands them over: 5 images in groups of 3 are routed as images 0–2 alone, then images 3–4 alone.
 #[test]
 fn batch_routing_averages_each_group_the_last_one_smaller() {
-    let be = CpuBackend::new();
-    let dir = ModelDir::open(&wemoe("fusionbench_d2")).unwrap();
-    let side = dir.config.image_size;
-    let data = Dataset::open(&wemoe("pixels.safetensors"), &Preprocess::clip(side), side).unwrap();
-    let model = ImageEncoder::load(&be, &dir).unwrap();
+    let (be, _, data, model) = fusionbench_d2();
     let grouped = Batching { size: 3, routing: Routing::Batch };
     let got = embed_dataset(&be, Encoder::Resident(&model), &data, grouped, &mut |_| {}).unwrap().pooled;
     let width = got.len() / data.len();
