@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use wemoe_engine::checkpoint::SafetensorsFile;
-use wemoe_engine::data::{Dataset, Preprocess};
+use wemoe_engine::data::{decode_image, Dataset, Preprocess};
 use wemoe_engine::output::{write_safetensors, write_safetensors_with_metadata, NamedTensor};
 
 /// Runs the engine expecting failure; checks the error contract and that `culprit` is named.
@@ -287,6 +287,38 @@ fn a_jpeg_cut_short_is_refused_as_pillow_refuses_it() {
     let out = t.out();
     let (ok, _, err) = engine(&["embed", "--model", s(&fixture("clip_b")), "--images", s(&root), "--out", s(&out)]);
     assert!(ok && out.exists(), "{err}");
+}
+
+#[test]
+fn a_png_damaged_where_pillow_does_not_look_decodes_as_pillow_decodes_it() {
+    // Pillow (so FusionBench) checks the CRC of each chunk before the image data, but not the image data's, and
+    // needs no IEND once the image is complete: these bytes open there with the intact file's pixels (checked with
+    // Pillow 13). They used to be refused here. A broken header, or image data cut short, Pillow refuses too.
+    let png = std::fs::read(fixture("photos/class_0/flower_121x143.png")).unwrap();
+    let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+    let length = u32::from_be_bytes(png[idat - 4..idat].try_into().unwrap()) as usize;
+    let idat_crc = idat + 4 + length;
+    assert_eq!(&png[idat_crc + 8..idat_crc + 12], b"IEND");
+    let mut bad_crc = png.clone();
+    bad_crc[idat_crc..idat_crc + 4].fill(0);
+    let intact = decode_image(&png).unwrap();
+    for (what, bytes) in [
+        ("a wrong image-data CRC", &bad_crc[..]),
+        ("no IEND", &png[..idat_crc + 4]),
+        ("neither the image data's CRC nor IEND", &png[..idat_crc]),
+    ] {
+        assert!(decode_image(bytes).as_ref() == Ok(&intact), "{what}: not the intact file's pixels");
+    }
+    let mut bad_header = png.clone();
+    bad_header[8 + 8 + 13] ^= 1; // IHDR's CRC
+    let refused = [
+        (&bad_header[..], "broken PNG file: a header chunk fails its CRC"),
+        (&png[..idat + length / 2], "unexpected end of file"),
+    ];
+    for (bytes, want) in refused {
+        let err = decode_image(bytes).unwrap_err();
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 #[test]

@@ -1,12 +1,16 @@
 //! Encoded images to interleaved 8-bit samples, as Pillow decodes them: JPEG by libjpeg-turbo's decoder
-//! (Pillow's own), PNG, WebP, BMP, GIF, TIFF and PNM by the `image` crate (lossless formats, and WebP's
-//! decoder equal to libwebp's; tests/parity_transformers.rs checks each against Pillow).
+//! (Pillow's own), PNG by the `png` crate with Pillow's checks, WebP, BMP, GIF, TIFF and PNM by the `image` crate
+//! (lossless formats, and WebP's decoder equal to libwebp's; tests/parity_transformers.rs checks each against
+//! Pillow).
 
 /// Decodes an encoded image (its format told by content, not name) to interleaved 8-bit samples:
 /// (pixels, height, width, channels), channels 1 to 4 (grey, grey and alpha, RGB, RGBA).
 pub fn decode_image(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(bytes);
+    }
+    if bytes.starts_with(PNG_SIGNATURE) {
+        return decode_png(bytes);
     }
     let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     let (w, h) = (decoded.width() as usize, decoded.height() as usize);
@@ -25,6 +29,66 @@ pub fn decode_image(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), Stri
         other => return Err(format!("unsupported pixel format {:?}", other.color())),
     };
     Ok((pixels, h, w, channels))
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// The most a decoded PNG may take, the `image` crate's default limit (a small file can declare a huge image).
+const PNG_MAX_BYTES: usize = 512 << 20;
+
+/// A PNG as Pillow reads it. Pillow checks the CRC of every chunk before the image data, but not the image
+/// data's own CRCs nor its zlib checksum, and needs no IEND once the image is complete: a file damaged only there
+/// opens in Pillow (so in FusionBench's loaders), where a strict decoder refuses it. A file cut short in its image
+/// data is refused, as Pillow refuses it. Palettes and tRNS are expanded as `image` does (and as Pillow's
+/// convert("RGBA")); 16-bit samples are read by their high byte.
+fn decode_png(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
+    let decoder = |bytes, checked: bool| {
+        let mut decoder =
+            png::Decoder::new_with_limits(std::io::Cursor::new(bytes), png::Limits { bytes: PNG_MAX_BYTES });
+        decoder.ignore_checksums(!checked);
+        decoder.set_transformations(png::Transformations::EXPAND);
+        decoder
+    };
+    // The header chunks, checked as Pillow checks them: reading the header stops at the image data.
+    let header = decoder(bytes, true).read_info().map_err(|e| match e.to_string() {
+        // The crate's words name the chunk in a debug form; Pillow says "broken PNG file".
+        text if text.starts_with("CRC error") => "broken PNG file: a header chunk fails its CRC".to_string(),
+        text => text,
+    })?;
+    let (width, height) = header.info().size();
+    let size = header.output_buffer_size().filter(|&size| size <= PNG_MAX_BYTES).ok_or_else(|| {
+        format!("a {width}×{height} image, past the {} MiB that one image may take decoded", PNG_MAX_BYTES >> 20)
+    })?;
+    let image_data = |bytes| -> Result<_, png::DecodingError> {
+        let mut reader = decoder(bytes, false).read_info()?;
+        let mut buffer = vec![0; size];
+        let frame = reader.next_frame(&mut buffer)?;
+        buffer.truncate(frame.buffer_size());
+        Ok((buffer, frame))
+    };
+    let (buffer, frame) = match image_data(bytes) {
+        // The image data ends where the next chunk begins; with no IEND there, the decoder runs out of file. Given
+        // one, a complete image decodes and one cut short still fails.
+        Err(png::DecodingError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            let ended = [bytes, &[0, 0, 0, 0], b"IEND", &[0xAE, 0x42, 0x60, 0x82]].concat();
+            image_data(&ended).map_err(|_| e.to_string())?
+        }
+        decoded => decoded.map_err(|e| e.to_string())?,
+    };
+    let channels = match frame.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => return Err("a palette left unexpanded".into()),
+    };
+    let pixels = match frame.bit_depth {
+        png::BitDepth::Eight => buffer,
+        // Big-endian: each sample's high byte comes first.
+        png::BitDepth::Sixteen => buffer.chunks_exact(2).map(|sample| sample[0]).collect(),
+        depth => return Err(format!("{depth:?}-bit samples left unexpanded")),
+    };
+    Ok((pixels, frame.height as usize, frame.width as usize, channels))
 }
 
 /// 16-bit samples as 8-bit ones the way Pillow reads 16-bit PNGs: the high byte. (Pillow keeps 16-bit grey
