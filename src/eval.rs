@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
@@ -62,6 +62,14 @@ impl HeadRows {
             })
             .collect()
     }
+}
+
+/// The labels `data` is scored against for `task`, or why it has none.
+pub fn labels_to_score<'d>(data: &'d Dataset, task: &str) -> Result<&'d [i64]> {
+    data.labels().ok_or_else(|| {
+        let why = data.why_unlabelled().unwrap_or_default();
+        anyhow!("{}: has no labels, which eval needs (task '{task}'): {why}", data.origin().display())
+    })
 }
 
 /// The encoder a pass over a dataset runs.
@@ -226,10 +234,7 @@ impl<'a> Evaluator<'a> {
         let be = self.be;
         let head = self.heads.head(task)?;
         let classes = head.out_features();
-        let Some(labels) = data.labels() else {
-            let why = data.why_unlabelled().unwrap_or_default();
-            bail!("{}: has no labels, which eval needs (task '{task}'): {why}", data.origin().display());
-        };
+        let labels = labels_to_score(data, task)?;
         let targets = HeadRows::for_task(self.heads, task, data).targets(labels, classes, data, task)?;
         let mut correct = 0;
         for_each_batch(be, self.model, data, batching, progress, |range, out| {

@@ -8,6 +8,6 @@ mod sampler;
 pub use adam::Adam;
 pub use routers::RouterParams;
 pub use run::{adapt, check_checkpoint, check_out, AdaptOptions, Schedule, StepReport, CHECKPOINT};
-pub(crate) use run::{check_resumable, finite, finite_after_update, recorded_path, CheckpointState};
+pub(crate) use run::{check_resumable, finite, finite_after_update, model_not_written, recorded_path, CheckpointState};
 pub(crate) use sampler::check_restored;
 pub use sampler::TaskSampler;

@@ -479,12 +479,14 @@ pub fn adapt(
         }
         Ok(())
     })?;
-    // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
-    write_model(dir, &params, out, adaptation_record(tasks, opts)).with_context(|| {
-        format!(
-            "{}: the adapted model was not written; its checkpoint holds every step, and --resume writes the model \
-             from it",
-            out.display()
-        )
-    })
+    write_model(dir, &params, out, adaptation_record(tasks, opts)).with_context(|| model_not_written(out, "adapted"))
+}
+
+/// Why a run's last write failing loses no training (`adapt`'s and AdaMerging's): the checkpoint in `out` holds
+/// every step by then, and `--resume` writes the `what` model from it.
+pub(crate) fn model_not_written(out: &Path, what: &str) -> String {
+    format!(
+        "{}: the {what} model was not written; its checkpoint holds every step, and --resume writes the model from it",
+        out.display()
+    )
 }

@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::json;
 use wemoe_engine::checkpoint::ModelDir;
 use wemoe_engine::device::DeviceChoice;
-use wemoe_engine::eval::{Batching, Evaluator, HeadRows, TaskAccuracy};
+use wemoe_engine::eval::{labels_to_score, Batching, Evaluator, HeadRows, TaskAccuracy};
 use wemoe_engine::output::{check_file_target, check_not_an_input};
 
 use super::weights::{LoadedEncoder, Weights};
@@ -39,10 +39,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let mut datasets = Vec::new();
     for (name, path, data) in tasks {
-        let Some(labels) = data.labels() else {
-            let why = data.why_unlabelled().unwrap_or_default();
-            bail!("{}: has no labels, which eval needs (task '{name}'): {why}", path.display());
-        };
+        let labels = labels_to_score(&data, &name)?;
         // An ImageFolder's ids are its class folders' sorted positions, a parquet's its ClassLabel's. Matched
         // to the head's rows by name where the heads file names them; else, with another count than the
         // head's, say so (a missing folder shifts the ids after it).

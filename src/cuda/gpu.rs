@@ -2,7 +2,6 @@
 //! the device's own architecture (CUBIN) and loaded once.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -160,16 +159,16 @@ impl GpuExecutor {
                         .find(|s| s.name == source)
                         .with_context(|| format!("kernel source {source}.cu is not embedded"))?;
                     let compiled = nvrtc::compile(src, &self.arch)?;
-                    let (from_cache, cached_at) = (compiled.from_cache, compiled.cached_at.clone());
+                    let cached = compiled.cached_at.filter(|_| compiled.from_cache);
                     let load = |cubin| self.ctx.load_module(Ptx::from_binary(cubin));
-                    let loaded = match load(compiled.cubin) {
-                        Err(e) if from_cache => {
+                    let loaded = match (load(compiled.cubin), cached) {
+                        (Err(e), Some(at)) => {
                             // Damaged on disk since it was written: compiled again, its cache entry replaced.
-                            let at = cached_at.as_deref().unwrap_or(Path::new("?")).display();
+                            let at = at.display();
                             eprintln!("warning: {at}: the driver refused this cached CUBIN ({e:?}); compiling again");
                             load(nvrtc::recompile(src, &self.arch)?.cubin)
                         }
-                        loaded => loaded,
+                        (loaded, _) => loaded,
                     };
                     let m = loaded.map_err(|e| anyhow!("loading {source}.cu's CUBIN for {}: {e:?}", self.arch))?;
                     modules.insert(source, m.clone());

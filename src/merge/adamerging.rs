@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 
 use super::{check_inputs, Expert};
 use crate::adapt::{
-    check_restored, check_resumable, finite, finite_after_update, recorded_path, Adam, CheckpointState, TaskSampler,
+    check_restored, check_resumable, finite, finite_after_update, model_not_written, recorded_path, Adam,
+    CheckpointState, TaskSampler,
 };
 use crate::autograd::{entropy_loss_and_gradients, TaskBatch, Trainable};
 use crate::checkpoint::{ModelDir, SafetensorsFile, StreamingWriter};
@@ -557,14 +558,8 @@ pub fn adamerging(
         }
     }
     drop(model);
-    // The checkpoint holds every step by now: a failed write (a full disk) loses no training.
-    let (tensors, parameters) = write_output(&run, &coefficients, tasks, opts, out).with_context(|| {
-        format!(
-            "{}: the merged model was not written; its checkpoint holds every step, and --resume writes the \
-             model from it",
-            out.display()
-        )
-    })?;
+    let (tensors, parameters) =
+        write_output(&run, &coefficients, tasks, opts, out).with_context(|| model_not_written(out, "merged"))?;
     Ok(AdaMergingSummary { tensors, parameters, coefficients })
 }
 
