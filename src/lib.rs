@@ -21,7 +21,8 @@
 //! - [`adapt`]: Adam, the routers' parameters, the task samplers and the checkpointed adaptation run;
 //! - [`suite`]: the bundled multi-task suite the demo runs on;
 //! - [`rng`]: the seeded generator of every initialisation and shuffle;
-//! - [`output`]: atomic output files.
+//! - [`output`]: atomic output files;
+//! - [`run_lock`]: one run at a time in an output folder (`adapt`, AdaMerging).
 //!
 //! ```
 //! use wemoe_engine::{checkpoint::ModelDir, device, model::{ImageEncoder, Routing}, tensor::Tensor};
@@ -57,6 +58,7 @@ pub mod ops;
 pub mod output;
 pub mod partial;
 pub mod rng;
+pub mod run_lock;
 pub mod suite;
 pub mod tensor;
 pub mod text;

@@ -860,26 +860,31 @@ fn a_resume_on_data_that_changed_its_image_count_is_refused() {
     }
 }
 
+/// `adapt` of the adapt fixtures' task `left` into `out`, 4 images a step, then `extra`.
+fn adapt_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let (model, heads) = (fixture("wemoe/fusionbench_d2"), fixture("adapt/heads.safetensors"));
+    let task = format!("left={}", s(&fixture("adapt/left.safetensors")));
+    let args = ["adapt", "--model", s(&model), "--heads", s(&heads), "--task", &task, "--out", s(out)];
+    args.iter().chain(&["--batch-size", "4"]).chain(extra).map(|a| a.to_string()).collect()
+}
+
+/// AdaMerging of the WEMoE fixtures' expert `red` on the same task into `out`, 4 images a step, then `extra`.
+fn adamerging_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let (pretrained, red) = (fixture("wemoe/pretrained"), format!("red={}", s(&fixture("wemoe/red"))));
+    let (heads, task) = (fixture("adapt/heads.safetensors"), format!("left={}", s(&fixture("adapt/left.safetensors"))));
+    let args = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red];
+    let more = ["--heads", s(&heads), "--task", &task, "--out", s(out), "--batch-size", "4"];
+    args.iter().chain(&more).chain(extra).map(|a| a.to_string()).collect()
+}
+
 #[test]
 fn a_checkpoint_that_cannot_be_resumed_is_refused_before_the_device_opens() {
     // adapt's and AdaMerging's checkpoints are read for their arguments and step before the device opens: a run
     // without --resume, with other arguments, or with fewer steps than done is refused in one line.
     let t = Scratch::new();
-    let (heads, left) = (fixture("adapt/heads.safetensors"), fixture("adapt/left.safetensors"));
-    let task = format!("left={}", s(&left));
-    let model = s(&fixture("wemoe/fusionbench_d2")).to_string();
-    let adapted = t.path("adapted");
-    let adapt = |extra: &[&str]| -> Vec<String> {
-        let args = ["adapt", "--model", &model, "--heads", s(&heads), "--task", &task, "--out", s(&adapted)];
-        args.iter().chain(&["--batch-size", "4"]).chain(extra).map(|a| a.to_string()).collect()
-    };
-    let (pretrained, red) = (fixture("wemoe/pretrained"), format!("red={}", s(&fixture("wemoe/red"))));
-    let merged = t.path("merged");
-    let adamerging = |extra: &[&str]| -> Vec<String> {
-        let args = ["merge", "--method", "adamerging", "--pretrained", s(&pretrained), "--expert", &red];
-        let more = ["--heads", s(&heads), "--task", &task, "--out", s(&merged), "--batch-size", "4"];
-        args.iter().chain(&more).chain(extra).map(|a| a.to_string()).collect()
-    };
+    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
+    let adapt = |extra: &[&str]| adapt_args(&adapted, extra);
+    let adamerging = |extra: &[&str]| adamerging_args(&merged, extra);
     let run = |args: Vec<String>| {
         let (ok, _, err) = engine(&args.iter().map(String::as_str).chain(["--quiet"]).collect::<Vec<_>>());
         assert!(ok, "{args:?}: {err}");
@@ -897,4 +902,90 @@ fn a_checkpoint_that_cannot_be_resumed_is_refused_before_the_device_opens() {
         refused(command(&["--steps", "1", "--resume"]), "is at step 2, past --steps 1");
         refused(command(&["--steps", "3", "--seed", "7", "--resume"]), "(seed: 0 there, 7 now)");
     }
+}
+
+#[test]
+fn a_folder_that_another_run_is_writing_is_refused() {
+    // Another process's run holds its --out folder (`flock`, which this test takes as that run would): adapt and
+    // AdaMerging given the same folder are refused in one line before the device opens, and write nothing there,
+    // whether they would start afresh or resume; once it is released they run.
+    let t = Scratch::new();
+    let engine_ok = |args: Vec<String>| {
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).chain(["--quiet"]).collect::<Vec<_>>());
+        assert!(ok, "{args:?}: {err}");
+    };
+    // One line, before the device opens (its line would come first), naming the folder.
+    let refused_at_once = |args: Vec<String>| {
+        let (ok, _, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok && err.starts_with("error: --out "), "{args:?}: {err}");
+        assert!(err.contains("another run is writing there now"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line: {err}");
+    };
+    let listing = |dir: &Path| -> Vec<String> {
+        let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        let mut names: Vec<String> = names.collect();
+        names.sort();
+        names
+    };
+    type Args = fn(&Path, &[&str]) -> Vec<String>;
+    for (out, args) in [(t.path("adapted"), adapt_args as Args), (t.path("merged"), adamerging_args)] {
+        let out = &out;
+        std::fs::create_dir(out).unwrap();
+        let held = std::fs::File::open(out).unwrap();
+        held.lock().unwrap();
+        refused_at_once(args(out, &["--steps", "2"]));
+        assert!(listing(out).is_empty(), "{}: written while held: {:?}", out.display(), listing(out));
+        drop(held);
+        engine_ok(args(out, &["--steps", "2", "--checkpoint-every", "1"]));
+        let done = listing(out);
+        let held = std::fs::File::open(out).unwrap();
+        held.lock().unwrap();
+        let resume = args(out, &["--steps", "3", "--resume"]);
+        refused_at_once(resume.clone());
+        assert_eq!(listing(out), done, "{}: changed while held", out.display());
+        drop(held);
+        engine_ok(resume);
+    }
+}
+
+#[test]
+fn the_library_runs_claim_their_folder_too() {
+    // A program linking the library calls `adapt` and `adamerging` without the command line's early check: the
+    // runs claim --out themselves, and refuse a folder another run holds without writing in it.
+    use wemoe_engine::adapt::{adapt, AdaptOptions, Schedule};
+    use wemoe_engine::checkpoint::ModelDir;
+    use wemoe_engine::merge::{adamerging, AdaMergingOptions, Expert};
+    use wemoe_engine::model::{Heads, Routing};
+    let t = Scratch::new();
+    let be = wemoe_engine::device::open(wemoe_engine::device::DeviceRequest::Cpu, true).unwrap();
+    let heads = Heads::open(be.as_ref(), &fixture("adapt/heads.safetensors")).unwrap();
+    let left = fixture("adapt/left.safetensors");
+    let data = [Dataset::open(&left, &Preprocess::clip(24), 24).unwrap()];
+    let out = t.path("held");
+    std::fs::create_dir(&out).unwrap();
+    let held = std::fs::File::open(&out).unwrap();
+    held.lock().unwrap();
+    let refused = |result: anyhow::Result<()>| {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("another run is writing there now"), "{err}");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "written while held");
+    };
+    let model = ModelDir::open(&fixture("wemoe/fusionbench_d2")).unwrap();
+    let tasks = [("left".to_string(), left)];
+    let options = AdaptOptions {
+        steps: 2,
+        lr: 1e-3,
+        batch_size: 4,
+        routing: Routing::Sample,
+        schedule: Schedule::Constant,
+        seed: 0,
+        checkpoint_every: 1,
+    };
+    refused(adapt(be.as_ref(), &model, &heads, &tasks, &data, &options, &out, false, &mut |_| {}));
+    let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
+    let experts = [Expert { name: "red".into(), model: ModelDir::open(&fixture("wemoe/red")).unwrap() }];
+    let options = AdaMergingOptions { steps: 2, batch_size: 4, ..Default::default() };
+    let names = ["left".to_string()];
+    let run = adamerging(be.as_ref(), &pretrained, &experts, &heads, &names, &data, &options, &out, false, &mut |_| {});
+    refused(run.map(|_| ()));
 }

@@ -16,6 +16,7 @@ use crate::device::Backend;
 use crate::model::{Heads, ImageEncoder, Routing};
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
 use crate::partial::Partial;
+use crate::run_lock::RunLock;
 use crate::tensor::Tensor;
 
 /// The learning-rate schedule.
@@ -381,7 +382,8 @@ pub(crate) fn check_resumable(
 
 /// Adapts the routers of the WEMoE model in `dir` on `tasks` (names and unlabeled data), writing
 /// checkpoints and the adapted model into `out`. With `resume`, continues from `out`'s checkpoint. An `out`
-/// this call makes is removed again if it fails before its first checkpoint.
+/// this call makes is removed again if it fails before its first checkpoint. The run holds `out` while it lives
+/// ([`RunLock`]): a second run given the same folder meanwhile is refused.
 /// Each step draws shuffled images: a parquet dataset should be held in memory first
 /// ([`Dataset::hold_in_memory`]), as the command line does, or each image reopens its file.
 #[allow(clippy::too_many_arguments)]
@@ -406,11 +408,13 @@ pub fn adapt(
         heads.head(name)?;
     }
     check_out(out, &dir.path)?;
-    check_checkpoint(out, resume, &dir.path, heads.path(), tasks, opts)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", out.display()))?;
+    }
     // A folder this run makes goes again if it fails or is interrupted before its first checkpoint; one made
-    // ahead stays, as it was.
-    let mut made = if out.exists() { None } else { Some(Partial::scratch(out.to_path_buf())) };
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    // ahead stays, as it was. Claimed before its checkpoint is read, so that no other run changes it from then on.
+    let (_claim, mut made) = RunLock::make_and_claim("--out", out)?;
+    check_checkpoint(out, resume, &dir.path, heads.path(), tasks, opts)?;
     let mut model = ImageEncoder::load(be, dir)?;
     let mut params = RouterParams::load(&model, &dir.store)?;
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use wemoe_engine::adapt::{adapt, check_checkpoint, check_out, AdaptOptions, CHECKPOINT};
 use wemoe_engine::device::DeviceChoice;
+use wemoe_engine::run_lock::RunLock;
 
 use super::{count, open_task_inputs, progress, TaskInputs};
 
@@ -21,6 +22,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     // Before the device opens, so that a refusal is the one line.
     args.options.check()?;
     check_out(&args.out, &args.model)?;
+    RunLock::check_free("--out", &args.out)?;
     check_checkpoint(&args.out, args.resume, &args.model, &args.heads, &args.tasks, &args.options)?;
     let TaskInputs { dir, be, heads, tasks } = open_task_inputs(&args.model, &args.heads, &args.tasks, device, quiet)?;
     let (names, mut data): (Vec<(String, PathBuf)>, Vec<_>) = tasks.into_iter().map(|(n, p, d)| ((n, p), d)).unzip();

@@ -12,6 +12,7 @@ use wemoe_engine::merge::{
     adamerging, check_adamerging_checkpoint, check_adamerging_out, merge, AdaMergingOptions, Expert, Granularity,
     MergeOptions, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE,
 };
+use wemoe_engine::run_lock::RunLock;
 
 use super::{count, open_task_inputs, progress, TaskInputs};
 
@@ -49,6 +50,7 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
             // The settings, the output folder, the experts, then the pretrained model, the heads and the tasks'
             // data as adapt and eval open them: every refusal before the device opens.
             options.check()?;
+            RunLock::check_free("--out", &args.out)?;
             check_adamerging_out(&args.out, *resume)?;
             let experts = open_experts()?;
             check_adamerging_checkpoint(&args.out, &args.pretrained, &experts, heads, tasks, options)?;

@@ -32,6 +32,7 @@ use crate::model::{ClipVision, Heads, ImageEncoder, Routing, WeightSource};
 use crate::ops::task_vectors::merge_rounded;
 use crate::output::{write_atomic, write_safetensors_with_metadata, NamedTensor};
 use crate::partial::Partial;
+use crate::run_lock::RunLock;
 use crate::tensor::Tensor;
 
 /// How many coefficients each expert gets: FusionBench's two CLIP AdaMerging algorithms (`name` in its
@@ -483,7 +484,8 @@ fn load_checkpoint(path: &Path, c: &mut Coefficients, adam: &mut Adam, experts: 
 /// the coefficients, Adam's state and the task streams go to [`ADAMERGING_CHECKPOINT`] in `out`; with
 /// `resume`, a run continues from it and ends with the same coefficients as one uninterrupted run. Each file
 /// is written under a temporary name and renamed; a run that fails before its first checkpoint removes the
-/// `out` it created.
+/// `out` it created. The run holds `out` while it lives ([`RunLock`]): a second run given the same folder
+/// meanwhile is refused.
 #[allow(clippy::too_many_arguments)]
 pub fn adamerging(
     be: &dyn Backend,
@@ -506,9 +508,15 @@ pub fn adamerging(
     }
     let run = AdaMerging::new(be, pretrained, experts)?.with_clamp(opts.clamp).with_granularity(opts.granularity);
     check_adamerging_out(out, resume)?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure!(out.exists() || parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+    // A folder this run makes goes again if it fails or is interrupted before its first checkpoint (`made`'s drop);
+    // one made ahead stays, as it was: until then the run writes nothing in it but partial files. Claimed before
+    // it is read, then checked again: another run may have written in it since the check above.
+    let (_claim, mut made) = RunLock::make_and_claim("--out", out)?;
+    check_adamerging_out(out, resume)?;
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
-    let made_ahead = crate::output::is_empty_dir(out);
-    let fresh = !out.exists() || made_ahead;
+    let fresh = crate::output::is_empty_dir(out);
     let mut coefficients = run.initial(opts.init);
     let mut adam = Adam::new(opts.lr, (0.9, 0.999), 1e-8);
     let origins = tasks.iter().map(String::as_str).zip(data.iter().map(Dataset::origin));
@@ -522,15 +530,6 @@ pub fn adamerging(
         check_restored(&checkpoint, &state.samplers, &lens, opts.batch_size)?;
         (state.step, state.samplers)
     };
-    // A folder this run makes goes again if it fails or is interrupted before its first checkpoint (`made`'s drop);
-    // one made ahead stays, as it was: until then the run writes nothing in it but partial files.
-    let mut made = None;
-    if fresh && !made_ahead {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
-        made = Some(Partial::scratch(out.to_path_buf()));
-        std::fs::create_dir(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    }
     let mut model = run.model(be, &coefficients)?;
     while step < opts.steps {
         let batches: Vec<TaskBatch> = tasks
