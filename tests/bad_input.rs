@@ -989,3 +989,37 @@ fn the_library_runs_claim_their_folder_too() {
     let run = adamerging(be.as_ref(), &pretrained, &experts, &heads, &names, &data, &options, &out, false, &mut |_| {});
     refused(run.map(|_| ()));
 }
+
+#[test]
+fn a_merge_whose_out_is_filled_while_it_runs_says_so_and_leaves_it_alone() {
+    // Two merges given one --out both find it absent at the start; the one that finishes second cannot put its
+    // model there. Its error says why, and the other program's files stay as they were.
+    use wemoe_engine::checkpoint::ModelDir;
+    use wemoe_engine::merge::{merge, Expert, MergeMethod, MergeOptions};
+    use wemoe_engine::model::RouterActivation;
+    let t = Scratch::new();
+    let out = t.path("merged");
+    let pretrained = ModelDir::open(&fixture("wemoe/pretrained")).unwrap();
+    let experts = [Expert { name: "red".into(), model: ModelDir::open(&fixture("wemoe/red")).unwrap() }];
+    let options = MergeOptions {
+        method: MergeMethod::TaskArithmetic,
+        scaling: 0.3,
+        router_layers: 2,
+        router_activation: RouterActivation::Identity,
+        seed: 0,
+    };
+    // The other program writes its model while this merge writes its first tensor.
+    let fill = || {
+        if !out.exists() {
+            std::fs::create_dir(&out).unwrap();
+            std::fs::write(out.join("config.json"), "{}").unwrap();
+        }
+    };
+    let Err(err) = merge(&pretrained, &experts, &options, &out, &mut |_, _| fill()) else { panic!("merged") };
+    let err = err.to_string();
+    assert!(err.contains("another program wrote there while this merge ran; nothing written"), "{err}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "the other program's folder changed");
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{}");
+    let left: Vec<_> = std::fs::read_dir(t.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["merged"], "the partial folder stays");
+}

@@ -41,7 +41,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -411,7 +411,17 @@ pub fn merge(
     }
     writer.finish()?;
     // An error above returns early and drops the partial folder, which removes it.
-    partial.finish(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    partial.finish(out).map_err(|e| {
+        if out.exists() && !crate::output::is_empty_dir(out) {
+            // Absent or empty at the start (checked above): something else wrote there meanwhile, whose files stay.
+            anyhow!(
+                "{}: another program wrote there while this merge ran; nothing written, choose a new --out",
+                out.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("{}: cannot create", out.display()))
+        }
+    })?;
     Ok(MergeSummary { tensors: plan.len(), parameters, ties })
 }
 
