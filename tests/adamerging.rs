@@ -444,3 +444,23 @@ fn a_loss_that_turns_non_finite_keeps_the_last_good_checkpoint() {
     assert!(!ok && err.contains("no checkpoint was written yet"), "{err}");
     assert!(std::fs::read_dir(&ahead).unwrap().next().is_none(), "a failed run left files in {}", ahead.display());
 }
+
+#[test]
+fn info_prints_the_command_that_continues_an_adamerging_run() {
+    // As for adapt (tests/adapt_cli.rs): the command `info` prints for a run whose model is not written continues
+    // it, with every argument its checkpoint needs (task-wise, clamped, another initial value).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("my run");
+    let extra = ["--steps", "2", "--checkpoint-every", "1", "--granularity", "task-wise", "--clamp-weights"];
+    let (ok, _, err) = run(&command(&out, &[&extra[..], &["--scaling", "0.25", "--quiet"]].concat()));
+    assert!(ok, "{err}");
+    let coefficients = std::fs::read(out.join(COEFFICIENTS_FILE)).unwrap();
+    for file in ["model.safetensors", "config.json", COEFFICIENTS_FILE] {
+        std::fs::remove_file(out.join(file)).unwrap();
+    }
+    let (ok, text, err) = engine(&["info", s(&out)]);
+    assert!(ok && text.contains("run         AdaMerging, step 2 of 2"), "{text}{err}");
+    let err = run_the_resume_command_info_prints(&out);
+    assert!(err.contains("every step from its checkpoint"), "{err}");
+    assert!(std::fs::read(out.join(COEFFICIENTS_FILE)).unwrap() == coefficients, "the coefficients differ");
+}

@@ -347,3 +347,35 @@ fn a_resume_takes_the_same_inputs_however_they_are_spelled() {
     let (ok, err) = in_folder(&here, other);
     assert!(!ok && err.contains("was made with other arguments (tasks: "), "{err}");
 }
+
+#[test]
+fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
+    // A run killed after its last checkpoint, or whose disk filled as it wrote the model: `info` of its folder says
+    // how far it got and prints the command that continues it, which, run by a shell from another folder, writes
+    // the same model as the uninterrupted run. A folder name with a space, and the cosine schedule, whose length
+    // the fingerprint holds.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("my run");
+    let mut args = base_args(&out, 2);
+    args.extend(["--schedule", "cosine", "--checkpoint-every", "1", "--seed", "3"].map(String::from));
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    let model = std::fs::read(out.join("model.safetensors")).unwrap();
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::remove_file(out.join(file)).unwrap();
+    }
+    let (ok, json, err) = engine(&["info", "--json", s(&out.join(wemoe_engine::adapt::CHECKPOINT))]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (report["kind"].as_str(), report["step"].as_u64(), report["steps"].as_u64()),
+        (Some("adapt checkpoint"), Some(2), Some(2))
+    );
+    let resume: Vec<&str> = report["resume"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    for pair in [["--schedule", "cosine"], ["--seed", "3"], ["--lr", "0.001"], ["--steps", "2"]] {
+        assert!(resume.windows(2).any(|w| w == pair), "{pair:?} not in {resume:?}");
+    }
+    let err = run_the_resume_command_info_prints(&out);
+    assert!(err.contains("every step from its checkpoint"), "{err}");
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == model, "the resumed run's model differs");
+}

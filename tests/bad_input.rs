@@ -633,7 +633,7 @@ fn heads_whose_metadata_miscounts_or_repeats_their_classes() {
 #[test]
 fn info_of_a_file_other_than_heads_says_what_info_takes() {
     // A model's config.json used to fail as "header too large", a dataset as "a model must be a directory".
-    let takes = "info takes a model directory or a heads file (safetensors of head.* tensors)";
+    let takes = "info takes a model directory, a heads file (safetensors of head.* tensors) or a run's checkpoint";
     let config = fixture("clip_b").join("config.json");
     let err = fails(&["info", s(&config)], "config.json: not a safetensors file");
     assert!(err.ends_with(&format!("{takes}; for the model in its folder, give {}", s(&fixture("clip_b")))), "{err}");

@@ -222,6 +222,9 @@ pub(crate) struct CheckpointState {
     pub fingerprint: Value,
     /// The task streams, as they were after the step's draw.
     pub samplers: Vec<TaskSampler>,
+    /// The run's `--steps` when it saved (absent from checkpoints made before 2026-12-02).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
 }
 
 fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, adam: &Adam) -> Result<()> {
@@ -243,6 +246,32 @@ impl CheckpointState {
     pub(crate) fn of(file: &SafetensorsFile, path: &Path) -> Result<Self> {
         serde_json::from_str(file.metadata("state").with_context(|| format!("{}: no state", path.display()))?)
             .with_context(|| format!("{}: unreadable state", path.display()))
+    }
+}
+
+/// What a checkpoint, `adapt`'s or AdaMerging's, says of its run: from its metadata alone, for `info`.
+#[derive(Debug)]
+pub struct CheckpointSummary {
+    /// Steps done.
+    pub step: u64,
+    /// The run's `--steps` when it saved, where the checkpoint records it.
+    pub steps: Option<u64>,
+    /// The arguments a resumed run must share, by name: paths absolute, `tasks` (and AdaMerging's `experts`) as
+    /// `[name, path]` pairs.
+    pub arguments: Value,
+}
+
+impl CheckpointSummary {
+    /// Reads the checkpoint file `path`; an error names it where it is no checkpoint or is damaged.
+    pub fn read(path: &Path) -> Result<Self> {
+        let state = CheckpointState::of(&SafetensorsFile::open(path)?, path)?;
+        let steps = state.steps.or_else(|| state.fingerprint.get("steps").and_then(Value::as_u64));
+        Ok(CheckpointSummary { step: state.step, steps, arguments: state.fingerprint })
+    }
+
+    /// Whether the run was AdaMerging's (its arguments name the pretrained model), else `adapt`'s.
+    pub fn is_adamerging(&self) -> bool {
+        self.arguments.get("pretrained").is_some()
     }
 }
 
@@ -474,7 +503,13 @@ pub fn adapt(
             step += 1;
             progress(StepReport { step, steps: opts.steps, loss, routers: &params });
             if step % opts.checkpoint_every == 0 || step == opts.steps {
-                let state = CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: drawn };
+                let state = CheckpointState {
+                    step,
+                    adam_step: adam.step,
+                    fingerprint: print.clone(),
+                    samplers: drawn,
+                    steps: Some(opts.steps),
+                };
                 save_checkpoint(out, &state, &params, &adam)?;
                 if let Some(made) = made.take() {
                     made.keep();

@@ -1,16 +1,18 @@
 //! `wemoe-engine info`: what a model directory holds, from its config and headers alone (and AdaMerging's
 //! coefficients beside a model it made); or what a heads file holds (tasks, class counts and names,
-//! projection, logit scale).
+//! projection, logit scale); or how far the run of an `adapt` or AdaMerging checkpoint got, and the command that
+//! continues it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 use serde_json::{json, Value};
+use wemoe_engine::adapt::{CheckpointSummary, CHECKPOINT};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::config::json_f32;
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, COEFFICIENTS_FILE};
+use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE};
 use wemoe_engine::model::Heads;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
@@ -19,6 +21,13 @@ use super::count;
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
     if path.is_file() {
         return heads_file(path, as_json);
+    }
+    // The folder of a run that has not written its model yet (running, stopped, or killed): its checkpoint.
+    if !path.join("config.json").exists() {
+        let checkpoints = [CHECKPOINT, ADAMERGING_CHECKPOINT].map(|name| path.join(name));
+        if let Some(file) = checkpoints.iter().find(|f| f.is_file()) {
+            return checkpoint(file, as_json);
+        }
     }
     let dir = ModelDir::open(path)?;
     let c = &dir.config;
@@ -265,7 +274,8 @@ fn shown(value: &Value) -> String {
 fn heads_file(path: &Path, as_json: bool) -> Result<()> {
     let folder = path.parent().filter(|f| f.join("config.json").is_file());
     let hint = folder.map_or(String::new(), |f| format!("; for the model in its folder, give {}", f.display()));
-    let takes = format!("info takes a model directory or a heads file (safetensors of head.* tensors){hint}");
+    let takes = "info takes a model directory, a heads file (safetensors of head.* tensors) or a run's checkpoint";
+    let takes = format!("{takes}{hint}");
     let file = match SafetensorsFile::open(path) {
         Ok(file) => file,
         // A damaged heads file should say how it is damaged; any other file, only what info takes.
@@ -274,8 +284,109 @@ fn heads_file(path: &Path, as_json: bool) -> Result<()> {
         }
         Err(_) => bail!("{}: not a safetensors file; {takes}", path.display()),
     };
+    if file.metadata("state").is_some() {
+        return checkpoint(path, as_json);
+    }
     ensure!(file.names().any(|n| n.starts_with("head.")), "{}: holds no head.* tensors; {takes}", path.display());
     heads(path, as_json)
+}
+
+/// An `adapt` or AdaMerging checkpoint: how far its run got, its arguments, and the command that continues it.
+fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
+    let summary = CheckpointSummary::read(path)?;
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out = folder.canonicalize().unwrap_or_else(|_| folder.to_path_buf());
+    let command = resume_command(&summary, &out);
+    let kind = if summary.is_adamerging() { "AdaMerging" } else { "adapt" };
+    if as_json {
+        let report = json!({
+            "path": path.display().to_string(),
+            "kind": format!("{} checkpoint", kind.to_lowercase()),
+            "step": summary.step,
+            "steps": summary.steps,
+            "arguments": summary.arguments,
+            "resume": command,
+        });
+        say!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    say!("checkpoint  {}", path.display());
+    let of = summary.steps.map_or(String::new(), |n| format!(" of {n}"));
+    say!("run         {kind}, step {}{of}", summary.step);
+    // One option a line, as a shell takes it: `wemoe-engine adapt \`, then `--model PATH \`, ...
+    let mut lines: Vec<String> = vec![command[..2].iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")];
+    for word in &command[2..] {
+        match lines.last_mut() {
+            Some(line) if !word.starts_with("--") => *line = format!("{line} {}", shell_word(word)),
+            _ => lines.push(shell_word(word)),
+        }
+    }
+    say!("resume      {}", lines.join(" \\\n              "));
+    if summary.steps.is_none() {
+        say!("            (this checkpoint does not record --steps: add the run's, 1000 if it took the default)");
+    }
+    Ok(())
+}
+
+/// The command line that continues the run of `summary` in `out`: its arguments as the checkpoint records them,
+/// then `--out`, `--steps` where known, and `--resume`. Options the checkpoint predates are left at their defaults,
+/// which is what its run had.
+fn resume_command(summary: &CheckpointSummary, out: &Path) -> Vec<String> {
+    let a = &summary.arguments;
+    let mut words: Vec<String> = vec!["wemoe-engine".into()];
+    let option = |words: &mut Vec<String>, flag: &str, key: &str| {
+        if let Some(value) = a.get(key) {
+            words.extend([flag.to_string(), shown(value)]);
+        }
+    };
+    let pairs = |words: &mut Vec<String>, flag: &str, key: &str| {
+        for pair in a.get(key).and_then(Value::as_array).into_iter().flatten() {
+            let (name, path) = (pair.get(0).map(shown).unwrap_or_default(), pair.get(1).map(shown).unwrap_or_default());
+            words.extend([flag.to_string(), format!("{name}={path}")]);
+        }
+    };
+    if summary.is_adamerging() {
+        words.extend(["merge", "--method", "adamerging"].map(String::from));
+        option(&mut words, "--pretrained", "pretrained");
+        pairs(&mut words, "--expert", "experts");
+        option(&mut words, "--heads", "heads");
+        pairs(&mut words, "--task", "tasks");
+        option(&mut words, "--scaling", "init");
+        option(&mut words, "--granularity", "granularity");
+        if a.get("clamp_weights").and_then(Value::as_bool) == Some(true) {
+            words.push("--clamp-weights".into());
+        }
+    } else {
+        words.push("adapt".into());
+        option(&mut words, "--model", "model");
+        option(&mut words, "--heads", "heads");
+        pairs(&mut words, "--task", "tasks");
+        for (flag, key) in [("--routing", "routing"), ("--schedule", "schedule")] {
+            // Recorded as the names' Rust spelling (`Sample`, `Cosine`); the options take them in lower case.
+            if let Some(value) = a.get(key) {
+                words.extend([flag.to_string(), shown(value).to_lowercase()]);
+            }
+        }
+    }
+    option(&mut words, "--lr", "lr");
+    option(&mut words, "--batch-size", "batch_size");
+    option(&mut words, "--seed", "seed");
+    words.extend(["--out".to_string(), out.display().to_string()]);
+    if let Some(steps) = summary.steps {
+        words.extend(["--steps".to_string(), steps.to_string()]);
+    }
+    words.push("--resume".into());
+    words
+}
+
+/// `word` as a POSIX shell reads it back: as it is where it holds only plain characters, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// A heads file: each task's class count, width and class names (when its metadata names them), the

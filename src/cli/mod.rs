@@ -146,9 +146,11 @@ enum RouterAct {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Describe a model directory (kind, dimensions, parameters, files) or a heads file (tasks, classes).
+    /// Describe a model directory (kind, dimensions, parameters, files), a heads file (tasks, classes), or a run's
+    /// checkpoint (its step, and the command that resumes it).
     Info {
-        /// An HF CLIP or WEMoE directory, a heads file, or a Hub name in the Hugging Face cache
+        /// An HF CLIP or WEMoE directory, a heads file, an adapt or AdaMerging checkpoint (or the --out folder
+        /// holding it), or a Hub name in the Hugging Face cache
         /// (OWNER/NAME[@REVISION]).
         model: PathBuf,
         /// Print JSON instead of text.

@@ -548,8 +548,13 @@ pub fn adamerging(
         step += 1;
         progress(AdaMergingStep { step, steps: opts.steps, loss });
         if step % opts.checkpoint_every == 0 || step == opts.steps {
-            let state =
-                CheckpointState { step, adam_step: adam.step, fingerprint: print.clone(), samplers: samplers.clone() };
+            let state = CheckpointState {
+                step,
+                adam_step: adam.step,
+                fingerprint: print.clone(),
+                samplers: samplers.clone(),
+                steps: Some(opts.steps),
+            };
             save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
             if let Some(made) = made.take() {
                 made.keep();

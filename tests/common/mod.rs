@@ -166,3 +166,31 @@ pub fn photos_flat(dir: &std::path::Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// Runs, through `sh` from the root folder, the command that `wemoe-engine info OUT` prints to continue the run
+/// whose checkpoint is in `out` (the engine reached through `PATH`, as a user's shell reaches it); its stderr.
+pub fn run_the_resume_command_info_prints(out: &std::path::Path) -> String {
+    let (ok, text, err) = engine(&["info", s(out)]);
+    assert!(ok, "info {}: {err}", out.display());
+    let (_, command) = text.split_once("\nresume      ").unwrap_or_else(|| panic!("no resume line: {text}"));
+    let command = &command[..command.find("--resume").expect("the command ends with --resume") + "--resume".len()];
+    let bin = tempfile::tempdir().unwrap();
+    let wrapper = bin.path().join("wemoe-engine");
+    let runner = std::env::var("WEMOE_TEST_RUNNER").unwrap_or_default();
+    let script = format!("#!/bin/sh\nexec {runner} '{}' \"$@\"\n", env!("CARGO_BIN_EXE_wemoe-engine"));
+    std::fs::write(&wrapper, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let run = std::process::Command::new("sh")
+        .args(["-c", command])
+        .env("PATH", path)
+        .env_remove(wemoe_engine::device::op_times::ENV)
+        .env("WEMOE_PROGRESS_SECONDS", "86400")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{command}\n{err}");
+    err
+}
