@@ -372,7 +372,9 @@ fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
         (Some("adapt checkpoint"), Some(2), Some(2))
     );
     let resume: Vec<&str> = report["resume"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
-    for pair in [["--schedule", "cosine"], ["--seed", "3"], ["--lr", "0.001"], ["--steps", "2"]] {
+    for pair in
+        [["--schedule", "cosine"], ["--seed", "3"], ["--lr", "0.001"], ["--steps", "2"], ["--checkpoint-every", "1"]]
+    {
         assert!(resume.windows(2).any(|w| w == pair), "{pair:?} not in {resume:?}");
     }
     let err = run_the_resume_command_info_prints(&out);

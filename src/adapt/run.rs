@@ -225,6 +225,9 @@ pub(crate) struct CheckpointState {
     /// The run's `--steps` when it saved (absent from checkpoints made before 2026-12-02).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
+    /// The run's `--checkpoint-every` (absent as `steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
 }
 
 fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, adam: &Adam) -> Result<()> {
@@ -256,6 +259,8 @@ pub struct CheckpointSummary {
     pub step: u64,
     /// The run's `--steps` when it saved, where the checkpoint records it.
     pub steps: Option<u64>,
+    /// The run's `--checkpoint-every`, where the checkpoint records it.
+    pub checkpoint_every: Option<u64>,
     /// The arguments a resumed run must share, by name: paths absolute, `tasks` (and AdaMerging's `experts`) as
     /// `[name, path]` pairs.
     pub arguments: Value,
@@ -266,7 +271,8 @@ impl CheckpointSummary {
     pub fn read(path: &Path) -> Result<Self> {
         let state = CheckpointState::of(&SafetensorsFile::open(path)?, path)?;
         let steps = state.steps.or_else(|| state.fingerprint.get("steps").and_then(Value::as_u64));
-        Ok(CheckpointSummary { step: state.step, steps, arguments: state.fingerprint })
+        let checkpoint_every = state.checkpoint_every;
+        Ok(CheckpointSummary { step: state.step, steps, checkpoint_every, arguments: state.fingerprint })
     }
 
     /// Whether the run was AdaMerging's (its arguments name the pretrained model), else `adapt`'s.
@@ -509,6 +515,7 @@ pub fn adapt(
                     fingerprint: print.clone(),
                     samplers: drawn,
                     steps: Some(opts.steps),
+                    checkpoint_every: Some(opts.checkpoint_every),
                 };
                 save_checkpoint(out, &state, &params, &adam)?;
                 if let Some(made) = made.take() {

@@ -329,8 +329,8 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
 }
 
 /// The command line that continues the run of `summary` in `out`: its arguments as the checkpoint records them,
-/// then `--out`, `--steps` where known, and `--resume`. Options the checkpoint predates are left at their defaults,
-/// which is what its run had.
+/// then `--out`, `--steps` and `--checkpoint-every` where known, and `--resume`. Options the checkpoint predates
+/// are left at their defaults, which is what its run had.
 fn resume_command(summary: &CheckpointSummary, out: &Path) -> Vec<String> {
     let a = &summary.arguments;
     let mut words: Vec<String> = vec!["wemoe-engine".into()];
@@ -374,6 +374,9 @@ fn resume_command(summary: &CheckpointSummary, out: &Path) -> Vec<String> {
     words.extend(["--out".to_string(), out.display().to_string()]);
     if let Some(steps) = summary.steps {
         words.extend(["--steps".to_string(), steps.to_string()]);
+    }
+    if let Some(every) = summary.checkpoint_every {
+        words.extend(["--checkpoint-every".to_string(), every.to_string()]);
     }
     words.push("--resume".into());
     words

@@ -554,6 +554,7 @@ pub fn adamerging(
                 fingerprint: print.clone(),
                 samplers: samplers.clone(),
                 steps: Some(opts.steps),
+                checkpoint_every: Some(opts.checkpoint_every),
             };
             save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
             if let Some(made) = made.take() {
