@@ -368,8 +368,13 @@ fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(
-        (report["kind"].as_str(), report["step"].as_u64(), report["steps"].as_u64()),
-        (Some("adapt checkpoint"), Some(2), Some(2))
+        (
+            report["kind"].as_str(),
+            report["step"].as_u64(),
+            report["steps"].as_u64(),
+            report["checkpoint_every"].as_u64()
+        ),
+        (Some("adapt checkpoint"), Some(2), Some(2), Some(1))
     );
     let resume: Vec<&str> = report["resume"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
     for pair in

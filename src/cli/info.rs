@@ -304,6 +304,7 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
             "kind": format!("{} checkpoint", kind.to_lowercase()),
             "step": summary.step,
             "steps": summary.steps,
+            "checkpoint_every": summary.checkpoint_every,
             "arguments": summary.arguments,
             "resume": command,
         });
