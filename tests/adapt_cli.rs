@@ -382,6 +382,11 @@ fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
     {
         assert!(resume.windows(2).any(|w| w == pair), "{pair:?} not in {resume:?}");
     }
+    // Given as a model meanwhile, the folder says what it holds, and where to look.
+    let (images, embeds) = (fixture("adapt/left.safetensors"), tmp.path().join("e.safetensors"));
+    let (ok, _, err) = engine(&["embed", "--model", s(&out), "--images", s(&images), "--out", s(&embeds)]);
+    let holds = "holds a run's checkpoint (adapt-checkpoint.safetensors) but no model yet; `wemoe-engine info` of";
+    assert!(!ok && err.contains(holds), "{err}");
     let err = run_the_resume_command_info_prints(&out);
     assert!(err.contains("every step from its checkpoint"), "{err}");
     assert!(std::fs::read(out.join("model.safetensors")).unwrap() == model, "the resumed run's model differs");
