@@ -26,6 +26,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// exists and takes new files, and `path` is not a folder. A long command should not compute for an hour and
 /// then fail to save.
 pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
+    // `--json -` means standard output; a binary output given `-` would otherwise become a file named `-`.
+    anyhow::ensure!(
+        path != Path::new("-"),
+        "{flag} -: this output is a file, not standard output; give a file name (./- for a file named '-')"
+    );
     anyhow::ensure!(!path.is_dir(), "{flag} {}: is a folder; give a file name", path.display());
     // A trailing slash names a folder even where none exists; it would fail only at the write, after the work.
     let folder_name = path.as_os_str().as_encoded_bytes().last().is_some_and(|&b| std::path::is_separator(b as char));

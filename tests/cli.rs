@@ -390,6 +390,15 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
         assert_eq!(last, format!("error: {want}"), "{args:?}: {err}");
         assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
     }
+    // `-`, which --json takes for standard output, is no file name for a binary output (it used to write a file
+    // named `-`): run in the scratch folder, where such a file would appear.
+    for args in [embed(Path::new("-")), zero_shot(Path::new("-"))] {
+        let run = engine_command().args(&args).current_dir(folder).output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        let want = "error: --out -: this output is a file, not standard output; give a file name (./- for a file";
+        assert!(!run.status.success() && err.starts_with(want), "{args:?}: {err}");
+        assert!(!folder.join("-").exists(), "{args:?} wrote a file named -");
+    }
     // A folder that takes no new files (a read-only mount, no write permission; here /proc, whoever runs the test)
     // is found by making there the partial file the write will make. It used to be found after the work.
     let in_proc = [
