@@ -285,7 +285,11 @@ fn an_out_that_holds_a_model_is_refused_unless_it_is_an_adapt_run() {
         a
     };
     let same = model.join("..").join("wemoe");
+    let adamerging = tmp.path().join("adamerging");
+    std::fs::create_dir(&adamerging).unwrap();
+    std::fs::write(adamerging.join(wemoe_engine::merge::ADAMERGING_CHECKPOINT), b"").unwrap();
     for (out, want) in [
+        (&adamerging, format!("--out {}: holds an AdaMerging run's checkpoint", s(&adamerging))),
         (&model, format!("--out {}: is the --model's directory", s(&model))),
         (&same, format!("--out {}: is the --model's directory", s(&same))),
         (&fixture("clip_b"), format!("--out {}: holds a model and no adapt checkpoint", s(&fixture("clip_b")))),

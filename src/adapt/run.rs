@@ -354,7 +354,8 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value)
 }
 
 /// `--out` receives the checkpoints and then the adapted model: it may be new, empty, or an adapt run's (one
-/// holding its checkpoint), but not the model's own directory nor another model's, which it would replace.
+/// holding its checkpoint), but not the model's own directory nor another model's, which it would replace, nor
+/// an AdaMerging run's.
 /// [`adapt`] checks it; the command line checks it first too, before the device opens.
 pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     if !out.exists() {
@@ -365,6 +366,12 @@ pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     ensure!(
         !same,
         "--out {}: is the --model's directory, whose model the adapted one would replace; choose another --out",
+        out.display()
+    );
+    // AdaMerging's run folder: its checkpoint and model would sit beside this run's, and `info` show one of them.
+    ensure!(
+        !out.join(crate::merge::ADAMERGING_CHECKPOINT).exists(),
+        "--out {}: holds an AdaMerging run's checkpoint; choose a new --out directory",
         out.display()
     );
     let holds_model = ["config.json", "model.safetensors"].iter().any(|f| out.join(f).exists());
