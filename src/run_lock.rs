@@ -59,6 +59,12 @@ impl RunLock {
         }
     }
 
+    /// Whether a run holds `dir` now (a probe that takes no claim for longer than itself: `info` asks it).
+    pub fn is_held(dir: &Path) -> bool {
+        let Ok(folder) = File::open(dir) else { return false };
+        matches!(folder.try_lock_shared(), Err(TryLockError::WouldBlock))
+    }
+
     /// Refuses now where another run holds `dir`, for a command line that checks before its device opens; the
     /// run claims the folder itself later. A folder that does not exist yet is free.
     pub fn check_free(flag: &str, dir: &Path) -> Result<()> {
@@ -83,7 +89,9 @@ mod tests {
         assert!(refused.contains("another run is writing there now"), "{refused}");
         assert!(refused.starts_with(&format!("--out {}:", tmp.path().display())), "{refused}");
         assert!(RunLock::check_free("--out", tmp.path()).is_err());
+        assert!(RunLock::is_held(tmp.path()));
         drop(first);
+        assert!(!RunLock::is_held(tmp.path()));
         RunLock::check_free("--out", tmp.path()).unwrap();
         let _again = RunLock::claim("--out", tmp.path()).unwrap();
         // A folder not made yet is free; the run claims it once made.

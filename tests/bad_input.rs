@@ -943,7 +943,16 @@ fn a_folder_that_another_run_is_writing_is_refused() {
         let resume = args(out, &["--steps", "3", "--resume"]);
         refused_at_once(resume.clone());
         assert_eq!(listing(out), done, "{}: changed while held", out.display());
+        // `info` of the checkpoint says whether a run holds its folder now.
+        let checkpoint = done.iter().find(|f| f.ends_with("-checkpoint.safetensors")).expect("a checkpoint");
+        let running = || {
+            let (ok, json, err) = engine(&["info", "--json", s(&out.join(checkpoint))]);
+            assert!(ok, "{err}");
+            serde_json::from_str::<serde_json::Value>(&json).unwrap()["running"].as_bool()
+        };
+        assert_eq!(running(), Some(true), "{}", out.display());
         drop(held);
+        assert_eq!(running(), Some(false), "{}", out.display());
         engine_ok(resume);
     }
 }

@@ -14,6 +14,7 @@ use wemoe_engine::config::json_f32;
 use wemoe_engine::device::CpuBackend;
 use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE};
 use wemoe_engine::model::Heads;
+use wemoe_engine::run_lock::RunLock;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
 
 use super::count;
@@ -298,10 +299,12 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
     let out = folder.canonicalize().unwrap_or_else(|_| folder.to_path_buf());
     let command = resume_command(&summary, &out);
     let kind = if summary.is_adamerging() { "AdaMerging" } else { "adapt" };
+    let running = RunLock::is_held(folder);
     if as_json {
         let report = json!({
             "path": path.display().to_string(),
             "kind": format!("{} checkpoint", kind.to_lowercase()),
+            "running": running,
             "step": summary.step,
             "steps": summary.steps,
             "checkpoint_every": summary.checkpoint_every,
@@ -313,7 +316,8 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
     }
     say!("checkpoint  {}", path.display());
     let of = summary.steps.map_or(String::new(), |n| format!(" of {n}"));
-    say!("run         {kind}, step {}{of}", summary.step);
+    let now = if running { " (running now: its process holds the folder)" } else { "" };
+    say!("run         {kind}, step {}{of}{now}", summary.step);
     // One option a line, as a shell takes it: `wemoe-engine adapt \`, then `--model PATH \`, ...
     let mut lines: Vec<String> = vec![command[..2].iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")];
     for word in &command[2..] {
