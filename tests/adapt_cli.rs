@@ -380,6 +380,7 @@ fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
         ),
         (Some("adapt checkpoint"), Some(2), Some(2), Some(1))
     );
+    assert_eq!(report["precision"], "f32", "the run's precision is recorded");
     let resume: Vec<&str> = report["resume"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
     for pair in
         [["--schedule", "cosine"], ["--seed", "3"], ["--lr", "0.001"], ["--steps", "2"], ["--checkpoint-every", "1"]]

@@ -228,6 +228,9 @@ pub(crate) struct CheckpointState {
     /// The run's `--checkpoint-every` (absent as `steps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
+    /// The run's `--precision` (absent as `steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
 }
 
 fn save_checkpoint(out: &Path, state: &CheckpointState, params: &RouterParams, adam: &Adam) -> Result<()> {
@@ -261,6 +264,8 @@ pub struct CheckpointSummary {
     pub steps: Option<u64>,
     /// The run's `--checkpoint-every`, where the checkpoint records it.
     pub checkpoint_every: Option<u64>,
+    /// The run's `--precision` (`f32`, `tf32`, `bf16`), where the checkpoint records it.
+    pub precision: Option<String>,
     /// The arguments a resumed run must share, by name: paths absolute, `tasks` (and AdaMerging's `experts`) as
     /// `[name, path]` pairs.
     pub arguments: Value,
@@ -271,8 +276,8 @@ impl CheckpointSummary {
     pub fn read(path: &Path) -> Result<Self> {
         let state = CheckpointState::of(&SafetensorsFile::open(path)?, path)?;
         let steps = state.steps.or_else(|| state.fingerprint.get("steps").and_then(Value::as_u64));
-        let checkpoint_every = state.checkpoint_every;
-        Ok(CheckpointSummary { step: state.step, steps, checkpoint_every, arguments: state.fingerprint })
+        let (checkpoint_every, precision) = (state.checkpoint_every, state.precision);
+        Ok(CheckpointSummary { step: state.step, steps, checkpoint_every, precision, arguments: state.fingerprint })
     }
 
     /// Whether the run was AdaMerging's (its arguments name the pretrained model), else `adapt`'s.
@@ -523,6 +528,7 @@ pub fn adapt(
                     samplers: drawn,
                     steps: Some(opts.steps),
                     checkpoint_every: Some(opts.checkpoint_every),
+                    precision: Some(be.precision().to_string()),
                 };
                 save_checkpoint(out, &state, &params, &adam)?;
                 if let Some(made) = made.take() {

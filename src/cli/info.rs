@@ -308,6 +308,7 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
             "step": summary.step,
             "steps": summary.steps,
             "checkpoint_every": summary.checkpoint_every,
+            "precision": summary.precision,
             "arguments": summary.arguments,
             "resume": command,
         });
@@ -334,8 +335,8 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
 }
 
 /// The command line that continues the run of `summary` in `out`: its arguments as the checkpoint records them,
-/// then `--out`, `--steps` and `--checkpoint-every` where known, and `--resume`. Options the checkpoint predates
-/// are left at their defaults, which is what its run had.
+/// then `--out`, `--steps`, `--checkpoint-every` and `--precision` where known, and `--resume`. Options the
+/// checkpoint predates are left at their defaults, which is what its run had.
 fn resume_command(summary: &CheckpointSummary, out: &Path) -> Vec<String> {
     let a = &summary.arguments;
     let mut words: Vec<String> = vec!["wemoe-engine".into()];
@@ -382,6 +383,10 @@ fn resume_command(summary: &CheckpointSummary, out: &Path) -> Vec<String> {
     }
     if let Some(every) = summary.checkpoint_every {
         words.extend(["--checkpoint-every".to_string(), every.to_string()]);
+    }
+    // A global option, after the command as clap takes it too; f32, the default, goes unsaid.
+    if let Some(precision) = summary.precision.as_deref().filter(|p| *p != "f32") {
+        words.extend(["--precision".to_string(), precision.to_string()]);
     }
     words.push("--resume".into());
     words
@@ -446,4 +451,38 @@ fn heads(path: &Path, as_json: bool) -> Result<()> {
         None => say!("logit_scale none (the model's, else ln 100)"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint summary of an adapt run with the given precision.
+    fn summary(precision: Option<&str>) -> CheckpointSummary {
+        let arguments = json!({
+            "model": "/m", "heads": "/h.safetensors", "tasks": [["a", "/d/a b.safetensors"]], "lr": 0.001,
+            "batch_size": 16, "routing": "Batch", "schedule": "Constant", "seed": 7,
+        });
+        CheckpointSummary {
+            step: 5,
+            steps: Some(9),
+            checkpoint_every: Some(5),
+            precision: precision.map(String::from),
+            arguments,
+        }
+    }
+
+    #[test]
+    fn the_resume_command_repeats_the_runs_arguments_and_a_precision_other_than_f32() {
+        let words = resume_command(&summary(Some("bf16")), Path::new("/o"));
+        let want = "wemoe-engine adapt --model /m --heads /h.safetensors --task a=/d/a b.safetensors --routing batch \
+                    --schedule constant --lr 0.001 --batch-size 16 --seed 7 --out /o --steps 9 --checkpoint-every 5 \
+                    --precision bf16 --resume";
+        assert_eq!(words.join(" "), want);
+        let f32_run = resume_command(&summary(Some("f32")), Path::new("/o"));
+        assert_eq!(f32_run, resume_command(&summary(None), Path::new("/o")));
+        assert!(!f32_run.iter().any(|w| w == "--precision"), "{f32_run:?}");
+        assert_eq!(shell_word("/d/a b.safetensors"), "'/d/a b.safetensors'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
 }

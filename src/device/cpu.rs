@@ -95,6 +95,14 @@ impl Backend for CpuBackend {
         Device::Cpu
     }
 
+    fn precision(&self) -> Precision {
+        if self.bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
     fn describe(&self) -> String {
         let precision = match ops::bf16::unit() {
             Some(unit) if self.bf16 => format!(", bf16 on {unit}"),

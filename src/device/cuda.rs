@@ -283,6 +283,10 @@ where
         format!("{} {}", self.device, self.executor.describe())
     }
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn upload(&self, tensor: Tensor) -> Result<Tensor> {
         let _timer = OpTimer::start_queued("upload", &self.executor);
         if let Storage::Device(_) = tensor.storage() {

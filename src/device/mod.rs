@@ -262,6 +262,9 @@ pub trait Backend: Send + Sync {
     /// One line describing the device (name, threads, instruction set).
     fn describe(&self) -> String;
 
+    /// The arithmetic of its forward's products (`--precision`); what a checkpoint records of its run.
+    fn precision(&self) -> Precision;
+
     /// Moves a host tensor onto this device (a no-op on the CPU).
     fn upload(&self, tensor: Tensor) -> Result<Tensor>;
 

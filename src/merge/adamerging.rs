@@ -555,6 +555,7 @@ pub fn adamerging(
                 samplers: samplers.clone(),
                 steps: Some(opts.steps),
                 checkpoint_every: Some(opts.checkpoint_every),
+                precision: Some(be.precision().to_string()),
             };
             save_checkpoint(&checkpoint, &state, &coefficients, &adam, experts.len())?;
             if let Some(made) = made.take() {
