@@ -396,3 +396,37 @@ fn info_prints_the_command_that_continues_a_run_whose_model_is_not_written() {
     assert!(err.contains("every step from its checkpoint"), "{err}");
     assert!(std::fs::read(out.join("model.safetensors")).unwrap() == model, "the resumed run's model differs");
 }
+
+#[test]
+fn a_resume_in_another_precision_says_its_steps_differ() {
+    // A checkpoint records its run's --precision; continuing it in another one is allowed (a GPU's bf16 run finished
+    // on a CPU) but said, since the remaining steps are not the first run's. The checkpoint here is an f32 run's,
+    // its record changed to bf16, so that the test needs no bf16 unit.
+    use wemoe_engine::output::{write_safetensors_with_metadata, NamedTensor};
+    let (_tmp, out) = adapted(2);
+    let path = out.join(wemoe_engine::adapt::CHECKPOINT);
+    let file = SafetensorsFile::open(&path).unwrap();
+    let state = file.metadata("state").unwrap().to_string();
+    assert!(state.contains(r#""precision":"f32""#), "{state}");
+    let tensors: Vec<NamedTensor> = file
+        .names()
+        .map(|name| {
+            let t = file.f32(name).unwrap();
+            NamedTensor { name: name.to_string(), shape: t.shape().to_vec(), values: t.host().unwrap().to_vec() }
+        })
+        .collect();
+    let bf16 = state.replace(r#""precision":"f32""#, r#""precision":"bf16""#);
+    drop(file);
+    write_safetensors_with_metadata(&path, &tensors, [("state".to_string(), bf16)].into()).unwrap();
+    // Notes show without --quiet.
+    let resume = |steps| -> Vec<String> {
+        let args = base_args(&out, steps).into_iter().filter(|a| a != "--quiet");
+        args.chain(["--resume".to_string()]).collect()
+    };
+    let (ok, err) = run(&resume(3));
+    let note = "note: --resume: the checkpoint was made with --precision bf16, this run computes in f32: its remaining";
+    assert!(ok && err.contains(note), "{err}");
+    // Resumed in its own precision (the checkpoint is now this f32 run's), it says nothing of it.
+    let (ok, err) = run(&resume(4));
+    assert!(ok && err.contains("wrote") && !err.contains("--precision"), "{err}");
+}

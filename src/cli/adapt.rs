@@ -32,7 +32,8 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     }
     let checkpoint = args.out.join(CHECKPOINT);
     let tasks = names.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(|d| d.len()));
-    let mut notes = super::run_notes(tasks, args.options.batch_size, args.resume.then_some(&*checkpoint), quiet);
+    let mut notes =
+        super::run_notes(tasks, args.options.batch_size, args.resume.then_some(&*checkpoint), be.precision(), quiet);
     let bar = progress::steps("adapt", args.options.steps, quiet);
     let mut last = None;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {

@@ -116,7 +116,7 @@ fn run_adamerging(
     }
     let checkpoint = out.join(ADAMERGING_CHECKPOINT);
     let tasks = names.iter().map(String::as_str).zip(data.iter().map(|d| d.len()));
-    let mut notes = super::run_notes(tasks, options.batch_size, resume.then_some(&*checkpoint), quiet);
+    let mut notes = super::run_notes(tasks, options.batch_size, resume.then_some(&*checkpoint), be.precision(), quiet);
     let bar = progress::steps("adamerging", options.steps, quiet);
     let mut last = None;
     let summary =

@@ -524,6 +524,7 @@ fn run_notes<'a>(
     tasks: impl IntoIterator<Item = (&'a str, usize)>,
     batch_size: usize,
     resume: Option<&Path>,
+    precision: Precision,
     quiet: bool,
 ) -> Vec<String> {
     if quiet {
@@ -541,6 +542,14 @@ fn run_notes<'a>(
         .collect();
     if let Some(checkpoint) = resume.filter(|c| !c.exists()) {
         notes.push(format!("--resume: {} does not exist yet; starting at step 0", checkpoint.display()));
+    }
+    // Another precision is allowed (a GPU's bf16 run finished on a CPU, say), but its steps are not the original's.
+    let made_in = resume.and_then(|c| wemoe_engine::adapt::CheckpointSummary::read(c).ok()?.precision);
+    if let Some(made_in) = made_in.filter(|p| *p != precision.to_string()) {
+        notes.push(format!(
+            "--resume: the checkpoint was made with --precision {made_in}, this run computes in {precision}: its \
+             remaining steps differ from the first run's"
+        ));
     }
     notes
 }
