@@ -459,7 +459,10 @@ fn info_prints_the_command_that_continues_an_adamerging_run() {
         std::fs::remove_file(out.join(file)).unwrap();
     }
     let (ok, text, err) = engine(&["info", s(&out)]);
-    assert!(ok && text.contains("run         AdaMerging, step 2 of 2"), "{text}{err}");
+    assert!(
+        ok && text.contains("run         AdaMerging, step 2 of 2 (every step done: the command below writes the model"),
+        "{text}{err}"
+    );
     let err = run_the_resume_command_info_prints(&out);
     assert!(err.contains("every step from its checkpoint"), "{err}");
     assert!(std::fs::read(out.join(COEFFICIENTS_FILE)).unwrap() == coefficients, "the coefficients differ");

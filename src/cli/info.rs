@@ -317,7 +317,12 @@ fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
     }
     say!("checkpoint  {}", path.display());
     let of = summary.steps.map_or(String::new(), |n| format!(" of {n}"));
-    let now = if running { " (running now: its process holds the folder)" } else { "" };
+    let done = summary.steps.is_some_and(|n| summary.step >= n);
+    let now = match (running, done) {
+        (true, _) => " (running now: its process holds the folder)",
+        (false, true) => " (every step done: the command below writes the model without another)",
+        (false, false) => "",
+    };
     say!("run         {kind}, step {}{of}{now}", summary.step);
     // One option a line, as a shell takes it: `wemoe-engine adapt \`, then `--model PATH \`, ...
     let mut lines: Vec<String> = vec![command[..2].iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")];
