@@ -255,6 +255,11 @@ impl CheckpointState {
     }
 }
 
+/// The checkpoint file of an `adapt` or AdaMerging run in the folder `dir`, if it holds one.
+pub fn run_checkpoint(dir: &Path) -> Option<PathBuf> {
+    [CHECKPOINT, crate::merge::ADAMERGING_CHECKPOINT].into_iter().map(|name| dir.join(name)).find(|f| f.is_file())
+}
+
 /// What a checkpoint, `adapt`'s or AdaMerging's, says of its run: from its metadata alone, for `info`.
 #[derive(Debug)]
 pub struct CheckpointSummary {

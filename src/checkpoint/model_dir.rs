@@ -63,12 +63,12 @@ impl ModelDir {
         if !config_path.exists() {
             crate::hub_cache::check_not_dangling(&config_path)?;
             // An adapt or AdaMerging run's folder before its model: say so, and where the way on is.
-            let checkpoints = [crate::adapt::CHECKPOINT, crate::merge::ADAMERGING_CHECKPOINT];
-            if let Some(name) = checkpoints.into_iter().find(|name| path.join(name).is_file()) {
+            if let Some(file) = crate::adapt::run_checkpoint(path) {
                 bail!(
-                    "{}: holds a run's checkpoint ({name}) but no model yet; `wemoe-engine info` of this folder \
+                    "{}: holds a run's checkpoint ({}) but no model yet; `wemoe-engine info` of this folder \
                      prints the command that continues the run and writes its model",
-                    path.display()
+                    path.display(),
+                    file.file_name().unwrap_or_default().to_string_lossy()
                 );
             }
             bail!("{}: missing config.json", path.display());

@@ -8,11 +8,11 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 use serde_json::{json, Value};
-use wemoe_engine::adapt::{CheckpointSummary, CHECKPOINT};
+use wemoe_engine::adapt::{run_checkpoint, CheckpointSummary};
 use wemoe_engine::checkpoint::{ModelDir, ModelKind, SafetensorsFile};
 use wemoe_engine::config::json_f32;
 use wemoe_engine::device::CpuBackend;
-use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, ADAMERGING_CHECKPOINT, COEFFICIENTS_FILE};
+use wemoe_engine::merge::{read_coefficients, CoefficientsFile, Granularity, COEFFICIENTS_FILE};
 use wemoe_engine::model::Heads;
 use wemoe_engine::run_lock::RunLock;
 use wemoe_engine::text::{ClipTokenizer, TextConfig};
@@ -24,11 +24,8 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         return heads_file(path, as_json);
     }
     // The folder of a run that has not written its model yet (running, stopped, or killed): its checkpoint.
-    if !path.join("config.json").exists() {
-        let checkpoints = [CHECKPOINT, ADAMERGING_CHECKPOINT].map(|name| path.join(name));
-        if let Some(file) = checkpoints.iter().find(|f| f.is_file()) {
-            return checkpoint(file, as_json);
-        }
+    if let Some(file) = run_checkpoint(path).filter(|_| !path.join("config.json").exists()) {
+        return checkpoint(&file, as_json);
     }
     let dir = ModelDir::open(path)?;
     let c = &dir.config;
