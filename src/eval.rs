@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 
 use crate::data::Dataset;
 use crate::device::Backend;
@@ -164,9 +164,13 @@ pub fn embed_dataset(
     let mut embeds = model.resident_parts().projection.as_ref().map(|_| Vec::new());
     let mut routing: Vec<Vec<f32>> = Vec::new();
     for_each_batch(be, model, data, batching, progress, |range, out| {
-        pooled.extend(be.to_host(&out.pooled)?);
+        let values = be.to_host(&out.pooled)?;
+        ensure_finite(data, range.clone(), &values, "output holds")?;
+        pooled.extend(values);
         if let (Some(all), Some(e)) = (embeds.as_mut(), out.image_embeds.as_ref()) {
-            all.extend(be.to_host(e)?);
+            let values = be.to_host(e)?;
+            ensure_finite(data, range.clone(), &values, "image embedding holds")?;
+            all.extend(values);
         }
         routing.resize_with(out.routing_weights.len(), Vec::new);
         for (layer, coefficients) in routing.iter_mut().zip(&out.routing_weights) {
@@ -181,6 +185,22 @@ pub fn embed_dataset(
         Ok(())
     })?;
     Ok(DatasetEmbeddings { pooled, image_embeds: embeds, routing_weights: routing })
+}
+
+/// Refuses a batch's values (`values`: `[range.len(), width]`, for images `range` of `data`) that hold a
+/// non-finite value (`what`: the values and their verb, "logits hold"). With finite weights and pixels only a
+/// model whose weights overflow f32 on the images (a merge with an extreme `--scaling`) makes one, and its
+/// embeddings, or an argmax over NaN logits, would be garbage that looks like a result.
+fn ensure_finite(data: &Dataset, range: Range<usize>, values: &[f32], what: &str) -> Result<()> {
+    let Some(at) = values.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+    let image = range.start + at / (values.len() / range.len()).max(1);
+    let file = data.files().and_then(|files| files.get(image).map(|f| format!(" ({f})"))).unwrap_or_default();
+    bail!(
+        "{}: image {image}{file}: the model's {what} a non-finite value ({}); its weights overflow f32 on \
+         this image (merged with too large a --scaling?)",
+        data.origin().display(),
+        values[at]
+    )
 }
 
 /// The accuracy of one task.
@@ -239,6 +259,7 @@ impl<'a> Evaluator<'a> {
         let mut correct = 0;
         for_each_batch(be, self.model, data, batching, progress, |range, out| {
             let logits = be.to_host(&self.classifier.logits(be, &out.pooled, head)?)?;
+            ensure_finite(data, range.clone(), &logits, "logits hold")?;
             let predictions = argmax_rows(&logits, classes);
             correct += predictions.iter().zip(&targets[range]).filter(|(p, t)| p == t).count();
             Ok(())

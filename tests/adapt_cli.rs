@@ -233,7 +233,8 @@ fn bad_adaptation_input_is_refused_clearly() {
     let mut a = base_args(&out, 5);
     a[6] = format!("left={}", s(&empty));
     check(a, "empty.safetensors: holds no images");
-    // A logit scale whose exp overflows: the loss turns non-finite.
+    // A logit scale whose exp overflows, which made every logit infinite and the loss non-finite: refused as
+    // the heads load (a model that overflows on the images: `bad_input`).
     let heads = tmp.path().join("hot.safetensors");
     let file = SafetensorsFile::open(&fixture("adapt/heads.safetensors")).unwrap();
     let mut tensors: Vec<wemoe_engine::output::NamedTensor> = file
@@ -251,7 +252,7 @@ fn bad_adaptation_input_is_refused_clearly() {
     wemoe_engine::output::write_safetensors(&heads, &tensors).unwrap();
     let mut a = base_args(&out, 5);
     a[4] = s(&heads).into();
-    check(a, "the loss turned non-finite at step 1");
+    check(a, "hot.safetensors: logit_scale 100: its exp overflows f32, so every logit would be infinite");
     // A checkpoint, then a resume with other arguments: refused, the checkpoint kept.
     let (ok, err) = run(&[base_args(&out, 4), vec!["--checkpoint-every".into(), "2".into()]].concat());
     assert!(ok, "{err}");

@@ -234,6 +234,50 @@ fn non_finite_weights() {
 }
 
 #[test]
+fn a_model_that_overflows_on_the_images_is_refused_rather_than_scored() {
+    // Finite weights so large that the forward overflows f32 (as after a merge with an extreme --scaling) gave NaN
+    // outputs, which `embed` wrote and `eval` scored: an argmax over NaN logits picks the first class.
+    let t = Scratch::new();
+    let dir =
+        t.edited_model(|ts| ts.iter_mut().find(|x| x.name == FC1).unwrap().values.iter_mut().for_each(|v| *v *= 1e38));
+    let pixels = fixture("pixels_b.safetensors");
+    t.embed(&dir, &pixels, "pixels_b.safetensors: image 0: the model's output holds a non-finite value (NaN)");
+    let task = format!("gamma={}", s(&pixels));
+    let heads = fixture("heads_b.safetensors");
+    let eval = |model: &Path, heads: &Path, culprit: &str| {
+        let json = t.path("out.json");
+        fails(&["eval", "--model", s(model), "--heads", s(heads), "--task", &task, "--json", s(&json)], culprit);
+        t.assert_no_output();
+    };
+    eval(&dir, &heads, "pixels_b.safetensors: image 0: the model's logits hold a non-finite value (NaN)");
+    // A logit scale past ln(f32::MAX) made every logit infinite: refused by name.
+    let (_, values) = reference("heads_b.safetensors", "head.gamma");
+    let hot = t.path("hot.safetensors");
+    write_safetensors(
+        &hot,
+        &[
+            NamedTensor { name: "head.gamma".into(), shape: vec![5, 20], values },
+            NamedTensor { name: "logit_scale".into(), shape: vec![], values: vec![89.0] },
+        ],
+    )
+    .unwrap();
+    eval(&fixture("clip_b"), &hot, "hot.safetensors: logit_scale 89: its exp overflows f32");
+    // Adaptation and AdaMerging stop at their first loss, and say that the model as given overflows (AdaMerging's
+    // first model is the merge at --scaling).
+    let fc1 = "encoder.layers.0.mlp.base_model.fc1.weight";
+    let model = t.edited("wemoe/fusionbench_d2", |ts| {
+        ts.iter_mut().find(|x| x.name == fc1).unwrap().values.iter_mut().for_each(|v| *v *= 1e38)
+    });
+    let (adapted, merged) = (t.path("adapted"), t.path("merged"));
+    let why = "the loss turned non-finite at step 1 (NaN): the model as given overflows f32 on these images";
+    let [mut adapt, adamerging] = training_commands(&fixture("adapt/left.safetensors"), &adapted, &merged);
+    adapt[2] = s(&model).into();
+    fails(&with(&adapt, &["--steps", "2"]), why);
+    fails(&with(&adamerging, &["--steps", "2", "--scaling", "1e38"]), why);
+    assert!(!adapted.exists() && !merged.exists());
+}
+
+#[test]
 fn images_of_the_wrong_size() {
     let t = Scratch::new();
     let err = t.embed(&fixture("clip_b"), &fixture("pixels_a.safetensors"), "pixels_a.safetensors");

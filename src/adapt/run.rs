@@ -93,7 +93,13 @@ pub(crate) fn finite(loss: f64, grads: &BTreeMap<String, Vec<f32>>, step: u64, c
     if loss.is_finite() && grads.values().flatten().all(|g| g.is_finite()) {
         return Ok(());
     }
-    bail!("the loss turned non-finite at step {step} ({loss}); {}", kept(checkpoint))
+    // At the first step nothing is trained yet: the model as given overflows on these images.
+    let why = if step == 1 {
+        ": the model as given overflows f32 on these images (merged with too large a --scaling?)"
+    } else {
+        ""
+    };
+    bail!("the loss turned non-finite at step {step} ({loss}){why}; {}", kept(checkpoint))
 }
 
 /// An error unless the trained values are finite after step `step`'s update (a rate so large that Adam's step

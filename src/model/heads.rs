@@ -131,6 +131,13 @@ impl Heads {
             );
         }
         let raw = self.logit_scale.or(encoder.logit_scale).unwrap_or(100f32.ln());
+        // Past ln(f32::MAX) every logit would be infinite, and the argmax and the entropy meaningless.
+        ensure!(
+            raw.exp().is_finite(),
+            "{}: logit_scale {raw}: its exp overflows f32, so every logit would be infinite (CLIP's is ln 100 \
+             = 4.6052)",
+            if self.logit_scale.is_some() { &self.path } else { model }.display()
+        );
         Ok(Classifier { projection, scale: raw.exp() })
     }
 }
