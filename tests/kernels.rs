@@ -481,7 +481,16 @@ fn merge<E: Executor>(e: &E) -> f64 {
 fn router_head<E: Executor>(e: &E) -> f64 {
     let mut errors = Vec::new();
     for (i, &(batch, tokens, hidden, experts, softmax)) in
-        [(3, 7, 45, 5, false), (2, 50, 33, 8, true), (5, 9, 70, 3, true)].iter().enumerate()
+        // Up to the kernel's 32 experts, one per lane.
+        [
+            (3, 7, 45, 5, false),
+            (2, 50, 33, 8, true),
+            (5, 9, 70, 3, true),
+            (2, 9, 40, 20, true),
+            (1, 5, 33, 32, false),
+        ]
+        .iter()
+        .enumerate()
     {
         let h = values(batch * tokens * hidden, 20 + i as u64, 1.0);
         let w2 = values(experts * hidden, 30 + i as u64, 0.3);
