@@ -1,4 +1,5 @@
-//! The command line on the fixtures: info, embed, eval, device selection, doctor (demo: tests/demo.rs).
+//! The command line on the fixtures: info, embed, eval, merge's notes, device selection, doctor (demo:
+//! tests/demo.rs).
 
 mod common;
 
@@ -474,6 +475,33 @@ fn an_output_that_would_replace_an_input_is_refused() {
     let beside = clip.join("embeds.safetensors");
     let (ok, _, err) = engine(&embed(&beside).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok && beside.exists(), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn merge_notes_an_expert_that_is_the_pretrained_model_or_repeats_another() {
+    // A slip in a long command: the pretrained folder given as an expert, or one expert's folder twice (here once
+    // through a link). Merged all the same, as FusionBench would, with a note each.
+    let tmp = tempfile::tempdir().unwrap();
+    let (pretrained, red) = (fixture("wemoe/pretrained"), fixture("wemoe/red"));
+    let again = tmp.path().join("red-again");
+    std::os::unix::fs::symlink(&red, &again).unwrap();
+    let out = tmp.path().join("merged");
+    let expert = |name: &str, path: &Path| format!("{name}={}", s(path));
+    let experts = [
+        expert("base", &pretrained),
+        expert("red", &red),
+        expert("again", &again),
+        expert("green", &fixture("wemoe/green")),
+    ];
+    let mut args = vec!["merge", "--method", "task-arithmetic", "--pretrained", s(&pretrained), "--out", s(&out)];
+    experts.iter().for_each(|e| args.extend(["--expert", e.as_str()]));
+    let (ok, _, err) = engine(&args);
+    assert!(ok, "{err}");
+    let base = format!("note: expert 'base' is the pretrained model ({}): its task vector is zero", s(&pretrained));
+    let repeat = format!("note: experts 'red' and 'again' are the same model ({}): their task vectors", s(&again));
+    assert!(err.contains(&base) && err.contains(&repeat), "{err}");
+    assert_eq!(err.matches("note:").count(), 2, "green is neither: {err}");
 }
 
 #[test]

@@ -99,6 +99,30 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Notes on experts that are the pretrained model itself, or the same model as an earlier expert (one folder
+/// named twice, or through a link or a Hub name: a slip in a long command), whose task vectors are then zero or
+/// equal. They are merged all the same, as FusionBench would merge them.
+pub fn repeated_models(pretrained: &Path, experts: &[(String, PathBuf)]) -> Vec<String> {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let pretrained_real = real(pretrained);
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    let mut notes = Vec::new();
+    for (name, path) in experts {
+        let path_real = real(path);
+        if path_real == pretrained_real {
+            notes
+                .push(format!("expert '{name}' is the pretrained model ({}): its task vector is zero", path.display()));
+        } else if let Some((first, _)) = seen.iter().find(|(_, p)| *p == path_real) {
+            notes.push(format!(
+                "experts '{first}' and '{name}' are the same model ({}): their task vectors are equal",
+                path.display()
+            ));
+        }
+        seen.push((name, path_real));
+    }
+    notes
+}
+
 /// AdaMerging: the coefficients trained with a progress bar, the model written.
 fn run_adamerging(
     inputs: TaskInputs,

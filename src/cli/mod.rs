@@ -684,6 +684,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|e| parse_named("expert", e).and_then(|(n, p)| Ok((n, names.model(p)?))))
                 .collect::<Result<Vec<_>>>()?;
+            if !quiet {
+                merge::repeated_models(&pretrained, &experts).iter().for_each(|n| eprintln!("note: {n}"));
+            }
             let data_free = |method| {
                 merge::Job::DataFree(MergeOptions {
                     method,
