@@ -584,6 +584,21 @@ fn merge_refuses_an_expert_of_another_architecture() {
     let err =
         merge_fails(&t, &[expert("red", &fixture("wemoe/red")), expert("odd", &fixture("clip_b"))], "expert 'odd'");
     assert!(err.contains("tensor 'vision_model.embeddings.class_embedding' has shape [36]"), "{err}");
+    // Tensors of the same shapes, but a config that computes otherwise: another activation, another LayerNorm
+    // epsilon.
+    for (field, from, to, message) in [
+        ("hidden_act", "\"quick_gelu\"", "\"gelu\"", "hidden_act Gelu differs from the pretrained model's QuickGelu"),
+        ("layer_norm_eps", "1e-05", "1e-06", "layer_norm_eps 1e-6 differs from the pretrained model's 1e-5"),
+    ] {
+        let dir = t.model("wemoe/green");
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let (old, new) = (format!("\"{field}\": {from}"), format!("\"{field}\": {to}"));
+        assert!(config.contains(&old), "{config}");
+        std::fs::write(dir.join("config.json"), config.replace(&old, &new)).unwrap();
+        let err = merge_fails(&t, &[expert("red", &fixture("wemoe/red")), expert("odd", &dir)], message);
+        assert!(err.contains("expert 'odd'"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 #[test]

@@ -148,8 +148,13 @@ fn architecture_mismatch(a: &VisionConfig, b: &VisionConfig) -> Option<String> {
     if let Some((name, x, y)) = fields.iter().find(|(_, x, y)| x != y) {
         return Some(format!("{name} {y} differs from the pretrained model's {x}"));
     }
-    (a.hidden_act != b.hidden_act)
-        .then(|| format!("hidden_act {:?} differs from the pretrained model's {:?}", b.hidden_act, a.hidden_act))
+    if a.hidden_act != b.hidden_act {
+        return Some(format!("hidden_act {:?} differs from the pretrained model's {:?}", b.hidden_act, a.hidden_act));
+    }
+    // The merged model keeps the pretrained model's epsilon: an expert configured with another computed otherwise.
+    (a.layer_norm_eps != b.layer_norm_eps).then(|| {
+        format!("layer_norm_eps {:e} differs from the pretrained model's {:e}", b.layer_norm_eps, a.layer_norm_eps)
+    })
 }
 
 /// The pretrained model's vision tensor names, after checking that every expert is a plain CLIP model of
