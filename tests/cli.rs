@@ -384,12 +384,24 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
     let names_a_folder = "names a folder (it ends with a slash); give a file name";
     cases.push((embed(Path::new(&slash)), format!("--out {slash}: {names_a_folder}")));
     cases.push((eval(Path::new(&slash)), format!("--json {slash}: {names_a_folder}")));
+    // An output folder in a missing one: refused by every command, not made (adapt used to make the missing
+    // folders, and left them behind when it failed).
+    let run = missing.with_file_name("run");
+    let no_parent = format!("{}: the parent directory of --out does not exist", s(&run));
+    let (wemoe, adapt_heads) = (fixture("wemoe/fusionbench_d2"), fixture("adapt/heads.safetensors"));
+    let left = format!("left={}", s(&fixture("adapt/left.safetensors")));
+    let adapt =
+        strings(&["adapt", "--model", s(&wemoe), "--heads", s(&adapt_heads), "--task", &left, "--out", s(&run)]);
+    cases.push((adapt, no_parent.clone()));
+    let expert = format!("alpha={}", s(&clip));
+    cases.push((strings(&["merge", "--pretrained", s(&clip), "--expert", &expert, "--out", s(&run)]), no_parent));
     for (args, want) in cases {
         let (ok, out, err) = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(!ok, "{args:?} was accepted");
         let last = err.trim_end().lines().last().unwrap_or_default();
         assert_eq!(last, format!("error: {want}"), "{args:?}: {err}");
         assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
+        assert!(!missing.parent().unwrap().exists(), "{args:?} made the missing folder");
     }
     // `-`, which --json takes for standard output, is no file name for a binary output (it used to write a file
     // named `-`): run in the scratch folder, where such a file would appear.
@@ -414,7 +426,6 @@ fn an_output_that_cannot_be_written_is_refused_before_any_work() {
         assert!(out.is_empty() && !err.contains("device:"), "{args:?} began its work: {out}{err}");
     }
     // A merge names the folder asked for, and the partial one it could not make (it used to name that alone).
-    let expert = format!("alpha={}", s(&clip));
     let (ok, _, err) = engine(&["merge", "--pretrained", s(&clip), "--expert", &expert, "--out", "/proc/merged"]);
     let want = "error: /proc/merged: cannot create (its partial folder /proc/.merged.tmp-";
     assert!(!ok && err.trim_end().lines().last().unwrap_or_default().starts_with(want), "{err}");

@@ -369,12 +369,16 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value)
     Ok(())
 }
 
-/// `--out` receives the checkpoints and then the adapted model: it may be new, empty, or an adapt run's (one
-/// holding its checkpoint), but not the model's own directory nor another model's, which it would replace, nor
-/// an AdaMerging run's.
+/// `--out` receives the checkpoints and then the adapted model: it may be new (in an existing folder), empty, or
+/// an adapt run's (one holding its checkpoint), but not the model's own directory nor another model's, which it
+/// would replace, nor an AdaMerging run's.
 /// [`adapt`] checks it; the command line checks it first too, before the device opens.
 pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     if !out.exists() {
+        // As merge and AdaMerging: a missing parent (a typo) is refused, not made, which a failed run would
+        // leave behind.
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
         return Ok(());
     }
     ensure!(out.is_dir(), "--out {}: is a file; adapt writes a model directory there", out.display());
@@ -466,9 +470,6 @@ pub fn adapt(
         heads.head(name)?;
     }
     check_out(out, &dir.path)?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", out.display()))?;
-    }
     // A folder this run makes goes again if it fails or is interrupted before its first checkpoint; one made
     // ahead stays, as it was. Claimed before its checkpoint is read, so that no other run changes it from then on.
     let (_claim, mut made) = RunLock::make_and_claim("--out", out)?;
