@@ -88,6 +88,11 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     let (ok, _, err) = engine(&["demo", "--work", s(&work)]);
     let want = format!("error: {}: already exists; --work needs a new or empty folder", s(&work));
     assert!(!ok && err.trim_end() == want, "{err}");
+    // A new --work in a missing folder is refused, not made with it (a failed demo left the missing folder).
+    let nested = tmp.path().join("no-such-folder").join("work");
+    let (ok, _, err) = engine(&["demo", "--work", s(&nested)]);
+    let want = format!("error: {}: the parent directory of --work does not exist", s(&nested));
+    assert!(!ok && err.trim_end() == want && !nested.parent().unwrap().exists(), "{err}");
     let json = tmp.path().join("no-such-folder").join("demo.json");
     let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
     assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");

@@ -98,11 +98,17 @@ struct WorkDir {
 
 impl WorkDir {
     /// Refuses a `--work` that holds anything: the demo writes its models there (an empty folder, made ahead, is
-    /// taken, as `merge --out` takes one).
+    /// taken, as `merge --out` takes one); and a new one in a missing folder, as `merge --out` refuses it (made,
+    /// the missing folders would stay behind a failed run).
     fn check(requested: Option<&Path>) -> Result<()> {
         match requested {
             Some(path) if path.exists() && !is_empty_dir(path) => {
                 anyhow::bail!("{}: already exists; --work needs a new or empty folder", path.display())
+            }
+            Some(path) if !path.exists() => {
+                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                anyhow::ensure!(parent.is_dir(), "{}: the parent directory of --work does not exist", path.display());
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -119,7 +125,9 @@ impl WorkDir {
             anyhow::bail!("{}: already exists; remove it, or give --work", path.display());
         }
         let made = !path.exists();
-        std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        if made {
+            std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        }
         Ok(WorkDir { scratch: RefCell::new((!keep || made).then(|| Partial::scratch(path.clone()))), path, keep })
     }
 
