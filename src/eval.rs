@@ -152,7 +152,8 @@ pub struct DatasetEmbeddings {
     pub routing_weights: Vec<Vec<f32>>,
 }
 
-/// Embeds `data`, calling `progress` with the images done so far.
+/// Embeds `data`, calling `progress` with the images done so far. An image whose outputs are not finite (a
+/// model that overflows f32 on it) is an error that names it.
 pub fn embed_dataset(
     be: &dyn Backend,
     model: Encoder<'_>,
@@ -243,7 +244,8 @@ impl<'a> Evaluator<'a> {
         Ok(Evaluator { be, model, heads, classifier: heads.classifier(model.resident_parts(), model_path)? })
     }
 
-    /// Top-1 accuracy on one task's labelled `data`, calling `progress` with the images done so far.
+    /// Top-1 accuracy on one task's labelled `data`, calling `progress` with the images done so far. An image
+    /// whose logits are not finite is an error that names it, not a prediction.
     pub fn task(
         &self,
         task: &str,
