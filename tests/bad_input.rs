@@ -278,6 +278,39 @@ fn a_model_that_overflows_on_the_images_is_refused_rather_than_scored() {
 }
 
 #[test]
+fn a_wemoe_description_that_its_tensors_contradict_is_refused_by_every_command() {
+    // A config.json edited by hand, or copied from another run, was believed by `info` ("1 expert") while the
+    // forward failed on the first tensor that did not fit it.
+    let t = Scratch::new();
+    let with_wemoe = |name: &str, wemoe: serde_json::Value| {
+        let dir = t.model(name);
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        config["wemoe"] = wemoe;
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        dir
+    };
+    let pixels = fixture("wemoe/pixels.safetensors");
+    for (wemoe, message) in [
+        (serde_json::json!({"experts": ["a", "b"]}), "\"wemoe\".experts names 2 (a, b), but the tensors hold 3 task"),
+        (
+            serde_json::json!({"experts": ["a", "b", "c"], "router_layers": 1}),
+            "\"wemoe\".router_layers is 1, but the routers' tensors are of depth 2",
+        ),
+    ] {
+        let dir = with_wemoe("wemoe/fusionbench_d2", wemoe);
+        fails(&["info", s(&dir)], message);
+        t.embed(&dir, &pixels, message);
+    }
+    let dir = with_wemoe("wemoe/fusionbench_d2", serde_json::json!({"experts": ["a", "b", "c"]}));
+    let (ok, text, err) = engine(&["info", s(&dir)]);
+    assert!(ok && text.contains("3 experts: a, b, c"), "{err}");
+    // A plain CLIP model described as WEMoE.
+    let plain = with_wemoe("clip_b", serde_json::json!({"experts": ["a"]}));
+    fails(&["info", s(&plain)], "has a \"wemoe\" object, but the model's tensors hold no WEMoE layer");
+}
+
+#[test]
 fn images_of_the_wrong_size() {
     let t = Scratch::new();
     let err = t.embed(&fixture("clip_b"), &fixture("pixels_a.safetensors"), "pixels_a.safetensors");

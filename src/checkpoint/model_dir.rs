@@ -97,7 +97,11 @@ impl ModelDir {
         let store = TensorStore::open_dir(path)?;
         // Ours say so in config.json; FusionBench's are recognised by their keys.
         let wemoe = match json.get("wemoe") {
-            Some(object) => Some(WemoeSpec::from_json(object, &config_path)?),
+            Some(object) => {
+                let spec = WemoeSpec::from_json(object, &config_path)?;
+                spec.check_tensors(&store, &config_path)?;
+                Some(spec)
+            }
             None => WemoeSpec::infer(&store),
         };
         let kind = if wemoe.is_some() { ModelKind::Wemoe } else { kind };

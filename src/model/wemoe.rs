@@ -123,6 +123,36 @@ impl WemoeSpec {
         })
     }
 
+    /// Refuses a `"wemoe"` object (of `origin`, a config.json) that the model's tensors contradict: no WEMoE
+    /// layer, another number of task vectors than experts named, or routers of another depth. Every command that
+    /// opens the model (`info` too) then says so, instead of the first tensor that does not fit, or a description
+    /// that does not match the file.
+    pub fn check_tensors(&self, store: &TensorStore, origin: &Path) -> Result<()> {
+        let found = Self::infer(store).with_context(|| {
+            format!(
+                "{}: has a \"wemoe\" object, but the model's tensors hold no WEMoE layer (no \
+                 vision_model.encoder.layers.0.mlp.base_model.fc1.weight and gate)",
+                origin.display()
+            )
+        })?;
+        let (named, held) = (self.experts.len(), found.experts.len());
+        ensure!(
+            named == held,
+            "{}: \"wemoe\".experts names {named} ({}), but the tensors hold {held} task vector{} per layer",
+            origin.display(),
+            self.experts.join(", "),
+            if held == 1 { "" } else { "s" }
+        );
+        ensure!(
+            self.router_layers == found.router_layers,
+            "{}: \"wemoe\".router_layers is {}, but the routers' tensors are of depth {}",
+            origin.display(),
+            self.router_layers,
+            found.router_layers
+        );
+        Ok(())
+    }
+
     /// The `"wemoe"` object.
     pub fn to_json(&self) -> Value {
         json!({
