@@ -168,7 +168,7 @@ fn expert_linear_grouped<E: Executor>(e: &E) -> f64 {
     let mut errors = Vec::new();
     // Route counts that do not fill the last block; a route taller than one row tile.
     for (i, &(routes, n, inp, out, experts)) in
-        [(3, 7, 37, 70, 3), (5, 67, 29, 33, 5), (4, 50, 64, 64, 8)].iter().enumerate()
+        [(3, 7, 37, 70, 3), (5, 67, 29, 33, 5), (4, 50, 64, 64, 8), (3, 9, 33, 40, 11)].iter().enumerate()
     {
         let l = Layer::new(out, inp, experts, 800 + i as u64);
         let x = values(routes * n * inp, 810 + i as u64, 1.0);
@@ -204,6 +204,8 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
         (1, 20, 40, 12, 0, None),
         (2, 9, 44, 200, 4, Some(Activation::Gelu)),
         (1, 70, 150, 131, 2, None),
+        // More sources (12) than the ring stages ahead.
+        (3, 9, 36, 40, 11, Some(Activation::QuickGelu)),
     ];
     for landing in [CopyLanding::AtWait, CopyLanding::AtIssue] {
         with_copy_landing(landing, || {
@@ -265,7 +267,7 @@ fn expert_linear_staged<E: Executor>(e: &E) -> f64 {
 fn expert_linear_candidates_agree<E: Executor>(e: &E) -> f64 {
     let mut errors = Vec::new();
     for (i, &(routes, n, inp, out, experts)) in
-        [(3, 7, 37, 70, 3), (5, 67, 132, 33, 8), (2, 9, 44, 200, 4)].iter().enumerate()
+        [(3, 7, 37, 70, 3), (5, 67, 132, 33, 8), (2, 9, 44, 200, 4), (3, 9, 33, 40, 11)].iter().enumerate()
     {
         let l = Layer::new(out, inp, experts, 1000 + i as u64);
         let x = values(routes * n * inp, 1010 + i as u64, 1.0);
@@ -352,7 +354,7 @@ fn rounded(v: f32, operands: MmaOperands) -> f32 {
 fn expert_linear_mma<E: Executor>(e: &E, operands: MmaOperands) -> f64 {
     let mut errors = Vec::new();
     for (i, &(routes, n, inp, out, experts)) in
-        [(3, 7, 37, 70, 3), (2, 67, 65, 33, 5), (4, 11, 19, 23, 0)].iter().enumerate()
+        [(3, 7, 37, 70, 3), (2, 67, 65, 33, 5), (4, 11, 19, 23, 0), (2, 9, 33, 40, 11)].iter().enumerate()
     {
         let l = Layer::new(out, inp, experts, 900 + i as u64);
         let x = values(routes * n * inp, 910 + i as u64, 1.0);
