@@ -93,6 +93,12 @@ fn demo_names_a_missing_suite_and_bad_outputs() {
     let (ok, _, err) = engine(&["demo", "--work", s(&nested)]);
     let want = format!("error: {}: the parent directory of --work does not exist", s(&nested));
     assert!(!ok && err.trim_end() == want && !nested.parent().unwrap().exists(), "{err}");
+    // Without --work, the scratch folder in a TMPDIR that does not exist: named, with where it goes and the way
+    // round (the error named the folder alone).
+    let (ok, _, err) =
+        engine_with_env(&[("TMPDIR", s(&tmp.path().join("no-such-tmp")))], &["demo", "--device", "cpu", "--quiet"]);
+    let want = "cannot create (the demo's scratch folder, in TMPDIR or /tmp; or give --work)";
+    assert!(!ok && err.contains("no-such-tmp") && err.contains(want), "{err}");
     let json = tmp.path().join("no-such-folder").join("demo.json");
     let (ok, _, err) = engine(&["demo", "--json", s(&json)]);
     assert!(!ok && err.contains("no-such-folder") && err.contains("does not exist"), "{err}");

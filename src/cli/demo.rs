@@ -126,7 +126,9 @@ impl WorkDir {
         }
         let made = !path.exists();
         if made {
-            std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+            // The scratch folder lives in the temporary directory, which TMPDIR may misname.
+            let hint = if keep { "" } else { " (the demo's scratch folder, in TMPDIR or /tmp; or give --work)" };
+            std::fs::create_dir(&path).with_context(|| format!("{}: cannot create{hint}", path.display()))?;
         }
         Ok(WorkDir { scratch: RefCell::new((!keep || made).then(|| Partial::scratch(path.clone()))), path, keep })
     }
