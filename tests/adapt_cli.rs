@@ -233,8 +233,8 @@ fn bad_adaptation_input_is_refused_clearly() {
     let mut a = base_args(&out, 5);
     a[6] = format!("left={}", s(&empty));
     check(a, "empty.safetensors: holds no images");
-    // A logit scale whose exp overflows, which made every logit infinite and the loss non-finite: refused as
-    // the heads load (a model that overflows on the images: `bad_input`).
+    // A logit scale whose exp overflows, which made every logit infinite and the loss non-finite: refused where
+    // the heads meet the model (a model that overflows on the images: `bad_input`).
     let heads = tmp.path().join("hot.safetensors");
     let file = SafetensorsFile::open(&fixture("adapt/heads.safetensors")).unwrap();
     let mut tensors: Vec<wemoe_engine::output::NamedTensor> = file
