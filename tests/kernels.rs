@@ -136,8 +136,9 @@ fn expert_linear_forward<E: Executor>(e: &E) -> f64 {
         (4, 11, 19, 23, 0, Some(Activation::Relu)),
         // ViT-B/32's fc1 with 8 experts, two samples: indexing at the real sizes (fc2 in the backward test).
         (2, 50, 768, 3072, 8, Some(Activation::QuickGelu)),
-        // More experts than one pass of 8 (FusionBench's 14- and 20-task benchmarks).
+        // More experts than one pass of 8 (FusionBench's 14- and 20-task benchmarks), and near the kernels' 64.
         (2, 9, 33, 40, 11, Some(Activation::QuickGelu)),
+        (2, 5, 20, 24, 63, None),
     ];
     for (i, &(routes, n, inp, out, experts, act)) in cases.iter().enumerate() {
         let l = Layer::new(out, inp, experts, 100 + i as u64);
