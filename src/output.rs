@@ -35,7 +35,7 @@ pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     // A trailing slash names a folder even where none exists; it would fail only at the write, after the work.
     let folder_name = path.as_os_str().as_encoded_bytes().last().is_some_and(|&b| std::path::is_separator(b as char));
     anyhow::ensure!(!folder_name, "{flag} {}: names a folder (it ends with a slash); give a file name", path.display());
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = parent_folder(path);
     anyhow::ensure!(parent.is_dir(), "{flag} {}: folder {} does not exist", path.display(), parent.display());
     // A read-only file system or a folder without write permission: the partial file the write will make, made
     // and removed now (the guard's drop).
@@ -43,6 +43,22 @@ pub fn check_file_target(flag: &str, path: &Path) -> Result<()> {
     std::fs::File::create(probe.path())
         .with_context(|| format!("{flag} {}: cannot write in folder {}", path.display(), parent.display()))?;
     Ok(())
+}
+
+/// Checks that an output folder `dir`, given as option `flag`, can be made where it does not exist yet: its parent
+/// must exist. A missing parent (a typo) is refused rather than made, since a failed run would leave it behind.
+pub fn check_folder_target(flag: &str, dir: &Path) -> Result<()> {
+    anyhow::ensure!(
+        dir.exists() || parent_folder(dir).is_dir(),
+        "{}: the parent directory of {flag} does not exist",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The folder `path` lies in: its parent, or `.` for a bare name.
+pub fn parent_folder(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// True when `path` is a folder with nothing in it: an output folder made ahead of the command (`mkdir out`), or

@@ -375,11 +375,7 @@ fn write_model(dir: &ModelDir, params: &RouterParams, out: &Path, record: Value)
 /// [`adapt`] checks it; the command line checks it first too, before the device opens.
 pub fn check_out(out: &Path, model: &Path) -> Result<()> {
     if !out.exists() {
-        // As merge and AdaMerging: a missing parent (a typo) is refused, not made, which a failed run would
-        // leave behind.
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
-        return Ok(());
+        return crate::output::check_folder_target("--out", out);
     }
     ensure!(out.is_dir(), "--out {}: is a file; adapt writes a model directory there", out.display());
     let same = matches!((out.canonicalize(), model.canonicalize()), (Ok(o), Ok(m)) if o == m);

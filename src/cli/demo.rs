@@ -17,7 +17,7 @@ use wemoe_engine::device::{self, Backend, DeviceChoice};
 use wemoe_engine::eval::{Batching, Encoder, Evaluator};
 use wemoe_engine::merge::{adamerging, merge, AdaMergingOptions, Expert, MergeMethod, MergeOptions, TiesOptions};
 use wemoe_engine::model::{Heads, ImageEncoder, RouterActivation, Routing};
-use wemoe_engine::output::{check_file_target, check_not_an_input, is_empty_dir};
+use wemoe_engine::output::{check_file_target, check_folder_target, check_not_an_input, is_empty_dir};
 use wemoe_engine::partial::Partial;
 use wemoe_engine::suite::Suite;
 
@@ -105,12 +105,8 @@ impl WorkDir {
             Some(path) if path.exists() && !is_empty_dir(path) => {
                 anyhow::bail!("{}: already exists; --work needs a new or empty folder", path.display())
             }
-            Some(path) if !path.exists() => {
-                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                anyhow::ensure!(parent.is_dir(), "{}: the parent directory of --work does not exist", path.display());
-                Ok(())
-            }
-            _ => Ok(()),
+            Some(path) => check_folder_target("--work", path),
+            None => Ok(()),
         }
     }
 

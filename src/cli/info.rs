@@ -292,7 +292,7 @@ fn heads_file(path: &Path, as_json: bool) -> Result<()> {
 /// An `adapt` or AdaMerging checkpoint: how far its run got, its arguments, and the command that continues it.
 fn checkpoint(path: &Path, as_json: bool) -> Result<()> {
     let summary = CheckpointSummary::read(path)?;
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = wemoe_engine::output::parent_folder(path);
     let out = folder.canonicalize().unwrap_or_else(|_| folder.to_path_buf());
     let command = resume_command(&summary, &out);
     let kind = if summary.is_adamerging() { "AdaMerging" } else { "adapt" };

@@ -508,8 +508,7 @@ pub fn adamerging(
     }
     let run = AdaMerging::new(be, pretrained, experts)?.with_clamp(opts.clamp).with_granularity(opts.granularity);
     check_adamerging_out(out, resume)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    ensure!(out.exists() || parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+    crate::output::check_folder_target("--out", out)?;
     // A folder this run makes goes again if it fails or is interrupted before its first checkpoint (`made`'s drop);
     // one made ahead stays, as it was: until then the run writes nothing in it but partial files. Claimed before
     // it is read, then checked again: another run may have written in it since the check above.

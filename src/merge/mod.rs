@@ -433,8 +433,8 @@ pub fn merge(
 /// A fresh, empty folder beside `out` for writing before the final rename.
 fn temporary_dir(out: &Path) -> Result<Partial> {
     let name = out.file_name().with_context(|| format!("{}: not a directory name", out.display()))?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    ensure!(parent.is_dir(), "{}: the parent directory of --out does not exist", out.display());
+    crate::output::check_folder_target("--out", out)?;
+    let parent = crate::output::parent_folder(out);
     let partial = Partial::beside(&parent.join(name));
     std::fs::create_dir(partial.path()).with_context(|| {
         format!("{}: cannot create (its partial folder {})", out.display(), partial.path().display())
