@@ -431,3 +431,42 @@ fn a_resume_in_another_precision_says_its_steps_differ() {
     let (ok, err) = run(&resume(4));
     assert!(ok && err.contains("wrote") && !err.contains("--precision"), "{err}");
 }
+
+#[test]
+fn softmax_routers_over_one_expert_are_noted_by_merge_and_adapt() {
+    // A softmax over one expert is 1 whatever the router computes: the merge and the run go ahead (FusionBench
+    // allows them), each with a note, and the adapted model is the merged one.
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = |name: &str, activation: &str, experts: &[&str]| {
+        let out = tmp.path().join(name);
+        let (pretrained, out_arg) = (s(&fixture("wemoe/pretrained")).to_string(), s(&out).to_string());
+        let mut args = vec!["merge", "--pretrained", &pretrained, "--router-activation", activation, "--out", &out_arg];
+        let experts: Vec<String> =
+            experts.iter().map(|e| format!("{e}={}", s(&fixture(&format!("wemoe/{e}"))))).collect();
+        experts.iter().for_each(|e| args.extend(["--expert", e.as_str()]));
+        let (ok, _, err) = engine(&args);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let note = "softmax routers over one expert give it weight 1 whatever the input: the routers have no effect, \
+                and adapt has nothing to learn";
+    let (alike, err) = merged("alike", "softmax", &["red"]);
+    assert!(err.contains(&format!("note: {note}")), "{err}");
+    for (name, activation, experts) in [("identity", "identity", &["red"][..]), ("two", "softmax", &["red", "green"])] {
+        let (_, err) = merged(name, activation, experts);
+        assert!(!err.contains("note:"), "{activation} over {experts:?}: {err}");
+    }
+    let out = tmp.path().join("adapted");
+    let mut args = base_args(&out, 2);
+    args[2] = s(&alike).into();
+    args.retain(|a| a != "--quiet");
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains(&format!("note: the model's {note}")), "{err}");
+    let (a, b) = (ModelDir::open(&alike).unwrap(), ModelDir::open(&out).unwrap());
+    assert!(a.store.names().any(|n| n.contains(".mlp.gate.")), "the merged model's routers");
+    for name in a.store.names() {
+        let same = a.store.get_any(name).unwrap().host().unwrap() == b.store.get_any(name).unwrap().host().unwrap();
+        assert!(same, "{name} changed");
+    }
+}

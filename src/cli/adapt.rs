@@ -34,6 +34,10 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let tasks = names.iter().map(|(n, _)| n.as_str()).zip(data.iter().map(|d| d.len()));
     let mut notes =
         super::run_notes(tasks, args.options.batch_size, args.resume.then_some(&*checkpoint), be.precision(), quiet);
+    let alike = dir.wemoe.as_ref().is_some_and(|w| w.router_activation.routes_every_input_alike(w.experts.len()));
+    if alike && !quiet {
+        notes.push(format!("the model's {}", super::merge::ROUTES_ALIKE));
+    }
     let bar = progress::steps("adapt", args.options.steps, quiet);
     let mut last = None;
     adapt(be.as_ref(), &dir, &heads, &names, &data, &args.options, &args.out, args.resume, &mut |r| {

@@ -99,6 +99,11 @@ pub fn run(args: &Args, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// The note on softmax routers over one expert (`merge` makes them, `adapt` meets them): allowed, as FusionBench
+/// allows them, but a run that can change nothing should say so.
+pub const ROUTES_ALIKE: &str = "softmax routers over one expert give it weight 1 whatever the input: the routers have \
+     no effect, and adapt has nothing to learn (identity routers scale the expert's task vector per input)";
+
 /// Notes on experts that are the pretrained model itself, or the same model as an earlier expert (one folder
 /// named twice, or through a link or a Hub name: a slip in a long command), whose task vectors are then zero or
 /// equal. They are merged all the same, as FusionBench would merge them.

@@ -686,6 +686,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             if !quiet {
                 merge::repeated_models(&pretrained, &experts).iter().for_each(|n| eprintln!("note: {n}"));
+                let activation: RouterActivation = router_activation.map_or(RouterActivation::Identity, Into::into);
+                if method == Method::Wemoe && activation.routes_every_input_alike(experts.len()) {
+                    eprintln!("note: {}", merge::ROUTES_ALIKE);
+                }
             }
             let data_free = |method| {
                 merge::Job::DataFree(MergeOptions {

@@ -41,6 +41,13 @@ impl RouterActivation {
             RouterActivation::Softmax => "softmax",
         }
     }
+
+    /// Whether routers with this activation over `experts` experts give every input the same weights: a
+    /// softmax over one expert is 1 whatever the router computes, so the routers have no effect on the model
+    /// and adaptation has nothing to change.
+    pub fn routes_every_input_alike(&self, experts: usize) -> bool {
+        *self == RouterActivation::Softmax && experts == 1
+    }
 }
 
 /// A WEMoE model's description: config.json's `"wemoe"` object.
