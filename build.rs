@@ -60,6 +60,16 @@ fn param_kind(c_type: &str, kernel: &str) -> &'static str {
     }
 }
 
+/// A source's `// needs sm_XY: WHAT` line (the oldest architecture it compiles for, and the feature that sets it),
+/// or (0, "") where any architecture NVRTC offers will do.
+fn needs_of(text: &str, file: &Path) -> (u32, String) {
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix("// needs sm_")) else { return (0, String::new()) };
+    let (arch, what) =
+        line.split_once(": ").unwrap_or_else(|| panic!("{}: expected `// needs sm_XY: WHAT`", file.display()));
+    let arch = arch.parse().unwrap_or_else(|_| panic!("{}: `// needs sm_{arch}`: not a number", file.display()));
+    (arch, what.trim().to_string())
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -97,9 +107,10 @@ fn main() {
         let file_name = path.file_name().unwrap().to_string_lossy().to_string();
         let abs = std::fs::canonicalize(path).expect("kernel path resolves");
         let is_header = path.extension().is_some_and(|e| e == "cuh");
+        let (min_arch, needs) = needs_of(&text, path);
         writeln!(
             sources,
-            "    KernelSource {{ name: {stem:?}, file: {file_name:?}, header: {is_header}, source: include_str!({abs:?}), hash: 0x{:016x} }},",
+            "    KernelSource {{ name: {stem:?}, file: {file_name:?}, header: {is_header}, source: include_str!({abs:?}), hash: 0x{:016x}, min_arch: {min_arch}, needs: {needs:?} }},",
             fnv1a(text.as_bytes())
         )
         .unwrap();

@@ -3,6 +3,8 @@
 // first read is indeterminate; the emulation must show the old value when copies land at the wait and the
 // new one when they land at issue (tests/kernels.rs), or its landings could hide a kernel's missing wait.
 
+// needs sm_80: cp.async
+
 #include "common.cuh"
 
 // src [n], before_wait [n], after_wait [n]; one block of n ≤ 256 threads.

@@ -4,6 +4,8 @@
 // m16n8k8 on TF32 operands, m16n8k16 on bf16 ones. A 64×64 output tile per block of 4 warps, each warp 32×32
 // (2×4 MMA tiles); the shared tiles hold 16 registers per row along k, so 16 TF32 or 32 bf16 inputs per step.
 
+// needs sm_80: mma.sync on TF32 and bf16 operands
+
 #include "common.cuh"
 
 #define EM_BM 64

@@ -9,6 +9,8 @@
 // Output tiles as in expert_linear.cu: 64×64 per route and block of 256 threads, 4×4 per thread, k in steps
 // of 16, f32 throughout (the exact mode).
 
+// needs sm_80: cp.async
+
 #include "simt_tile.cuh"
 
 #define ES_BM 64

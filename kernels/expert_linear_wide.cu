@@ -7,6 +7,8 @@
 // its own ring of shared-memory slots, EW_DEPTH − 1 tiles ahead, and merges them as they land (no barrier
 // guards the ring: a thread reads only what it copied). Forward and input gradient, one route per block, f32.
 
+// needs sm_80: cp.async
+
 #include "simt_tile.cuh"
 
 #define EW_BM 64

@@ -15,6 +15,26 @@ pub struct KernelSource {
     pub source: &'static str,
     /// FNV-1a 64 of the text.
     pub hash: u64,
+    /// The oldest architecture it compiles for (80 for sm_80; 0: any NVRTC offers), from its
+    /// `// needs sm_XY: WHAT` line.
+    pub min_arch: u32,
+    /// What sets `min_arch` (the line's WHAT; empty where it is 0).
+    pub needs: &'static str,
+}
+
+impl KernelSource {
+    /// Why it cannot be compiled for `arch` (e.g. `sm_75`), if it cannot: the architecture it needs and why.
+    pub fn unsupported_on(&self, arch: &str) -> Option<String> {
+        let number = arch_number(arch)?;
+        (number < self.min_arch)
+            .then(|| format!("{} needs sm_{} or later ({}), not {arch}", self.file, self.min_arch, self.needs))
+    }
+}
+
+/// The number of an architecture name: 90 for `sm_90` or `sm_90a`, 100 for `sm_100`; `None` if it is not one.
+pub fn arch_number(arch: &str) -> Option<u32> {
+    let digits = arch.strip_prefix("sm_")?;
+    digits.strip_suffix('a').unwrap_or(digits).parse().ok()
 }
 
 /// The C type of a kernel parameter.
@@ -55,6 +75,11 @@ pub fn sources() -> impl Iterator<Item = &'static KernelSource> {
 /// The shared headers.
 pub fn headers() -> impl Iterator<Item = &'static KernelSource> {
     KERNELS.iter().filter(|k| k.header)
+}
+
+/// The kernel source called `name` (its file stem).
+pub fn source(name: &str) -> Option<&'static KernelSource> {
+    sources().find(|s| s.name == name)
 }
 
 /// The kernel function called `name`.

@@ -631,6 +631,12 @@ fn doctor_runs_on_a_fresh_clone() {
     assert!(registers > 0, "no ptxas registers in doctor's row (is NVRTC loadable? source tools/nvrtc-env.sh): {row}");
     let (ok, _, err) = engine(&["doctor", "--arch", "90"]);
     assert!(!ok && err.contains("sm_XY"), "{err}");
+    // Turing (a T4): the kernels that need sm_80 are named, not failures; the others are reported.
+    let (ok, out, err) = engine(&["doctor", "--arch", "sm_75"]);
+    assert!(ok && out.contains("  expert_linear_forward "), "{out}{err}");
+    let mma =
+        "  expert_linear_mma.cu needs sm_80 or later (mma.sync on TF32 and bf16 operands), not sm_75: not compiled";
+    assert!(out.lines().any(|l| l == mma) && !out.contains("failed"), "{out}");
     // An architecture NVRTC does not compile for: one line with its list, before the report (it used to be the
     // report, then an invalid-option log for every kernel).
     let (ok, out, err) = engine(&["doctor", "--arch", "sm_1000"]);

@@ -95,6 +95,10 @@ pub fn run(arch: Option<&str>) -> Result<()> {
     say!("  {:<w$} {:>9} {:>10} {:>11} {:>12}", "function", "registers", "smem bytes", "stack bytes", "spills (B)");
     let mut failures = 0;
     for source in kernels::sources() {
+        if let Some(why) = source.unsupported_on(&arch) {
+            say!("  {why}: not compiled");
+            continue;
+        }
         match nvrtc::compile(source, &arch) {
             Err(e) => {
                 failures += 1;

@@ -110,6 +110,7 @@ pub fn check_supported(arch: &str) -> Result<()> {
 /// Compiles `source` for `arch`, or reads it from the cache.
 pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
     let key = cache_key(source, arch)?;
+    check_min_arch(source, arch)?;
     let cache = cache_dir();
     if let Some(dir) = &cache {
         let (cubin_path, log_path) = (dir.join(format!("{key}.cubin")), dir.join(format!("{key}.log")));
@@ -126,7 +127,17 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Compiled> {
 /// Compiles `source` for `arch` afresh, replacing its cache entry: for a cached CUBIN that the driver refuses
 /// (damaged on disk since it was written).
 pub fn recompile(source: &KernelSource, arch: &str) -> Result<Compiled> {
+    check_min_arch(source, arch)?;
     compile_and_store(source, arch, &cache_key(source, arch)?, cache_dir())
+}
+
+/// Refuses a source on an architecture older than its `// needs sm_XY` line names, in one line rather than as
+/// ptxas' list of every instruction the architecture lacks.
+fn check_min_arch(source: &KernelSource, arch: &str) -> Result<()> {
+    match source.unsupported_on(arch) {
+        Some(why) => bail!("kernel {why}"),
+        None => Ok(()),
+    }
 }
 
 /// A compiled module's name in the cache: its source, the source's hash, the architecture, NVRTC's version.

@@ -13,7 +13,7 @@ mod weights;
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
@@ -139,28 +139,51 @@ impl From<DeviceRequest> for DeviceChoice {
     }
 }
 
-/// The CUDA backend on GPU `ordinal`, or why there is none (no driver, no device, no NVRTC: each named).
-fn open_gpu(ordinal: usize, precision: Precision) -> Result<Box<dyn Backend>> {
+/// The CUDA backend on GPU `ordinal` in f32, or why there is none (no driver, no device, no NVRTC: each named).
+fn open_gpu(ordinal: usize) -> Result<CudaBackend<crate::cuda::GpuExecutor>> {
     let executor = crate::cuda::GpuExecutor::new(ordinal)?;
-    Ok(Box::new(CudaBackend::new(executor, Device::Cuda(ordinal)).with_precision(precision)))
+    Ok(CudaBackend::new(executor, Device::Cuda(ordinal)))
+}
+
+/// Why a GPU of architecture `arch` (e.g. `sm_75`) cannot compute in `precision`, if it cannot: TF32 and bf16
+/// run on the tensor-core kernel, which needs the architecture its source names (sm_80).
+pub fn gpu_precision_unsupported(arch: &str, precision: Precision) -> Option<String> {
+    if precision == Precision::F32 {
+        return None;
+    }
+    let kernel = crate::kernels::source("expert_linear_mma").expect("the tensor-core kernel is embedded");
+    let number = crate::kernels::arch_number(arch)?;
+    (number < kernel.min_arch)
+        .then(|| format!("--precision {precision} needs tensor cores of sm_{} or later, not {arch}", kernel.min_arch))
 }
 
 /// Opens the backend for `choice` (a [`DeviceRequest`] converts into one, in f32). `auto` takes GPU 0 when
-/// it is usable, else the CPU, and says which (and why not the GPU) in one line on stderr unless `quiet`.
+/// it is usable, else the CPU, and says which (and why not the GPU) in one line on stderr unless `quiet`; a GPU
+/// without the tensor cores TF32 and bf16 need ([`gpu_precision_unsupported`]) computes in f32 under `auto`, and
+/// is refused by `cuda`.
 pub fn open(choice: impl Into<DeviceChoice>, quiet: bool) -> Result<Box<dyn Backend>> {
     let DeviceChoice { request, precision } = choice.into();
     match request {
         DeviceRequest::Cpu => Ok(Box::new(CpuBackend::with_precision(precision)?)),
         DeviceRequest::Cuda(i) => {
-            open_gpu(i, precision).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu"))
+            let gpu = open_gpu(i).map_err(|e| anyhow!("--device cuda:{i}: {e:#}; use --device cpu"))?;
+            if let Some(why) = gpu_precision_unsupported(gpu.executor().arch(), precision) {
+                bail!("--device cuda:{i} ({}): {why}; use --precision f32", gpu.describe());
+            }
+            Ok(Box::new(gpu.with_precision(precision)))
         }
         DeviceRequest::Auto => {
-            let backend: Box<dyn Backend> = match open_gpu(0, precision) {
+            let backend: Box<dyn Backend> = match open_gpu(0) {
                 Ok(gpu) => {
+                    // A card without the precision's tensor cores still computes, in f32, and the line says so.
+                    let (precision, instead) = match gpu_precision_unsupported(gpu.executor().arch(), precision) {
+                        Some(why) => (Precision::F32, format!(": {why}")),
+                        None => (precision, String::new()),
+                    };
                     if !quiet {
-                        eprintln!("device: {} ({precision})", gpu.describe());
+                        eprintln!("device: {} ({precision}{instead})", gpu.describe());
                     }
-                    gpu
+                    Box::new(gpu.with_precision(precision))
                 }
                 Err(why) => {
                     // The CPU in the precision asked for where it can, else in f32, and the line says why.
@@ -493,4 +516,24 @@ pub(crate) fn expert_mlp_in_steps<B: Backend + ?Sized>(
 ) -> Result<Tensor> {
     let hidden = be.activation(be.expert_linear(x, coefficients, fc1)?, act)?;
     be.expert_linear(&hidden, coefficients, fc2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_core_precisions_need_the_architecture_their_kernel_names() {
+        let refused = |arch: &str, p: Precision| gpu_precision_unsupported(arch, p);
+        assert_eq!(
+            refused("sm_75", Precision::Bf16).as_deref(),
+            Some("--precision bf16 needs tensor cores of sm_80 or later, not sm_75")
+        );
+        assert!(refused("sm_75", Precision::Tf32).is_some());
+        for arch in ["sm_80", "sm_86", "sm_90a", "sm_100", "sm_120"] {
+            assert_eq!(refused(arch, Precision::Bf16), None, "{arch}");
+            assert_eq!(refused(arch, Precision::Tf32), None, "{arch}");
+        }
+        assert_eq!(refused("sm_75", Precision::F32), None);
+    }
 }
