@@ -34,7 +34,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
     let data = Dataset::open(&args.images, &preprocess, dir.config.image_size)?;
     let be = device::open(device, quiet)?;
     let loading = std::time::Instant::now();
-    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;
+    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights, quiet)?;
     let mut loaded = loading.elapsed().as_secs_f64();
     let computing = std::time::Instant::now();
     let bar = progress::images("embed", data.len(), quiet);

@@ -74,7 +74,7 @@ pub fn run(args: &Args, device: DeviceChoice, quiet: bool) -> Result<()> {
         }
         datasets.push((name, data));
     }
-    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights)?;
+    let model = LoadedEncoder::load(be.as_ref(), &dir, args.weights, quiet)?;
     let evaluator = Evaluator::new(be.as_ref(), model.encoder(), &heads, &dir.path)?;
     let mut results: Vec<TaskAccuracy> = Vec::new();
     for (name, data) in &datasets {

@@ -243,7 +243,8 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
         /// Where the encoder layers live: `streamed` loads one at a time per span of batches (peak memory
-        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU.
+        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU whose
+        /// free memory holds it.
         #[arg(long, value_enum, default_value_t)]
         weights: weights::Weights,
     },
@@ -261,7 +262,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Where the encoder layers live: `streamed` loads one at a time per span of batches (peak memory
-        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU.
+        /// about one layer's weights); `auto` streams on the CPU and keeps the model resident on a GPU whose
+        /// free memory holds it.
         #[arg(long, value_enum, default_value_t)]
         weights: weights::Weights,
     },

@@ -11,7 +11,7 @@ use wemoe_engine::model::{ImageEncoder, StreamedEncoder};
 /// Where the encoder layers' weights live during a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
 pub enum Weights {
-    /// Streamed on the CPU, resident on a GPU (whose memory holds the model and whose forward is too
+    /// Streamed on the CPU, resident on a GPU where the model fits (whose forward is too
     /// fast to hide a reload).
     #[default]
     Auto,
@@ -29,11 +29,38 @@ pub enum LoadedEncoder<'a> {
     Streamed(StreamedEncoder<'a>),
 }
 
+/// Device memory `auto` leaves beside a resident model's weights, for a pass's activations and workspaces.
+const PASS_HEADROOM: u64 = 1 << 30;
+
+/// Whether `auto` keeps a model of `weights` bytes resident on a device with `free` bytes free (`None`: no bound
+/// of its own, as in the emulation).
+fn resident_fits(weights: u64, free: Option<u64>) -> bool {
+    free.is_none_or(|free| weights.checked_add(PASS_HEADROOM).is_some_and(|need| need <= free))
+}
+
 impl<'a> LoadedEncoder<'a> {
-    /// Loads `dir`'s encoder on `be` (for a streamed one, all but its layers).
-    pub fn load(be: &dyn Backend, dir: &'a ModelDir, weights: Weights) -> Result<Self> {
+    /// Loads `dir`'s encoder on `be` (for a streamed one, all but its layers). On a GPU `auto` keeps it resident
+    /// where its f32 weights fit in the free memory with [`PASS_HEADROOM`] to spare, and streams it (with a note
+    /// unless `quiet`) where they do not.
+    pub fn load(be: &dyn Backend, dir: &'a ModelDir, weights: Weights, quiet: bool) -> Result<Self> {
         let streamed = match weights {
-            Weights::Auto => be.device() == Device::Cpu,
+            Weights::Auto if be.device() == Device::Cpu => true,
+            Weights::Auto => {
+                let bytes =
+                    4 * (dir.store.count_params("vision_model.") + dir.store.count_params("visual_projection."));
+                let free = be.free_memory();
+                let fits = resident_fits(bytes as u64, free);
+                if let (false, false, Some(free)) = (fits, quiet, free) {
+                    eprintln!(
+                        "note: the model's weights ({} MiB in f32) and a pass's 1 GiB leave no room in the {} MiB \
+                         free on {}: its layers are streamed (--weights resident to hold them all)",
+                        bytes >> 20,
+                        free >> 20,
+                        be.device()
+                    );
+                }
+                !fits
+            }
             Weights::Resident => false,
             Weights::Streamed => true,
         };
@@ -58,5 +85,20 @@ impl<'a> LoadedEncoder<'a> {
             LoadedEncoder::Resident(_) => 0.0,
             LoadedEncoder::Streamed(streamed) => streamed.layer_load_seconds(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_a_model_resident_where_it_fits_with_a_pass_to_spare() {
+        const GIB: u64 = 1 << 30;
+        assert!(resident_fits(10 * GIB, None), "no bound of its own (the emulation)");
+        assert!(resident_fits(10 * GIB, Some(11 * GIB)));
+        assert!(!resident_fits(10 * GIB, Some(11 * GIB - 1)), "less than the pass's headroom left");
+        assert!(!resident_fits(17 * GIB, Some(15 * GIB)), "more than is free");
+        assert!(!resident_fits(u64::MAX, Some(u64::MAX)));
     }
 }

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUresult;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -107,6 +108,20 @@ impl GpuExecutor {
         })
     }
 
+    /// The error of an allocation or copy `what` that failed with `e`: for a device out of memory, how much is
+    /// free and what needs less.
+    fn memory_error(&self, what: String, e: DriverError) -> anyhow::Error {
+        if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return anyhow!("{what}: {e:?}");
+        }
+        let free = self.free_memory().map_or(String::new(), |f| format!(", {} MiB free", f >> 20));
+        anyhow!(
+            "{what}: the GPU is out of memory ({}{free}); a smaller --batch-size, --weights streamed (embed, eval) or \
+             --device cpu needs less",
+            self.name
+        )
+    }
+
     /// The device's architecture, e.g. `sm_90`.
     pub fn arch(&self) -> &str {
         &self.arch
@@ -190,11 +205,13 @@ impl Executor for GpuExecutor {
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(data).map_err(|e| anyhow!("copy of {} values to the GPU: {e:?}", data.len()))
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| self.memory_error(format!("copy of {} values to the GPU", data.len()), e))
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros(len.max(1)).map_err(|e| anyhow!("GPU allocation of {len} values: {e:?}"))
+        self.stream.alloc_zeros(len.max(1)).map_err(|e| self.memory_error(format!("GPU allocation of {len} values"), e))
     }
 
     fn download(&self, buffer: &CudaSlice<f32>) -> Result<Vec<f32>> {
@@ -241,6 +258,10 @@ impl Executor for GpuExecutor {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("GPU: {e:?}"))
+    }
+
+    fn free_memory(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
     }
 
     fn measure_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {

@@ -75,6 +75,12 @@ pub trait Executor {
     /// Waits for every launch so far.
     fn synchronize(&self) -> Result<()>;
 
+    /// Bytes of device memory free now, where the executor's device has a bound of its own (a GPU); `None` in
+    /// the emulation, whose buffers are host memory.
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     /// Milliseconds that `work` takes here: device time between two events on a GPU, wall time in the
     /// emulation. For choosing among kernels that compute the same thing.
     fn measure_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64>;

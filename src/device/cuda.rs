@@ -283,6 +283,10 @@ where
         format!("{} {}", self.device, self.executor.describe())
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        self.executor.free_memory()
+    }
+
     fn precision(&self) -> Precision {
         self.precision
     }

@@ -285,6 +285,11 @@ pub trait Backend: Send + Sync {
     /// One line describing the device (name, threads, instruction set).
     fn describe(&self) -> String;
 
+    /// Bytes of device memory free now, on a device with memory of its own (a GPU); `None` on the CPU.
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     /// The arithmetic of its forward's products (`--precision`); what a checkpoint records of its run.
     fn precision(&self) -> Precision;
 
