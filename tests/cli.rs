@@ -25,6 +25,14 @@ fn info_reports_what_transformers_counts() {
         assert_eq!(info["vision_parameters"], expected[model]["vision_parameters"], "{model}");
         assert_eq!(info["vision_tensors"], expected[model]["vision_tensors"], "{model}");
         assert_eq!(info["projection"], serde_json::json!(projection), "{model}");
+        // f32 bytes: every weight resident; streamed, all but one encoder layer (a layer's count from its shapes:
+        // q, k, v, out projections with biases, two LayerNorms, fc1 and fc2 with biases).
+        let (c, all) = (&info["config"], expected[model]["vision_parameters"].as_u64().unwrap());
+        let [d, m, layers] = ["hidden_size", "intermediate_size", "num_hidden_layers"].map(|k| c[k].as_u64().unwrap());
+        let layer = 4 * (d * d + d) + 2 * 2 * d + (d * m + m) + (m * d + d);
+        let resident = 4 * (all + projection.map_or(0, |[p, d]| p * d));
+        let want = serde_json::json!({"resident": resident, "streamed": resident - 4 * (layers - 1) * layer});
+        assert_eq!(info["weights_bytes"], want, "{model}");
     }
     let (_, out, _) = engine(&["info", s(&fixture("clip_a")), "--json"]);
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();

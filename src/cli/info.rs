@@ -48,6 +48,14 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         .map(|s| s.iter().product::<usize>())
         .sum::<usize>();
     let shared_params = vision_params - experts_params - router_params;
+    // The f32 weights a pass holds: all of them resident, or all but the encoder layers and the largest of those
+    // streamed (one layer at a time).
+    let projection_params = store.count_params("visual_projection.");
+    let layer_params: Vec<usize> =
+        (0..c.num_hidden_layers).map(|l| store.count_params(&format!("vision_model.encoder.layers.{l}."))).collect();
+    let resident_bytes = 4 * (vision_params + projection_params);
+    let streamed_bytes =
+        resident_bytes - 4 * layer_params.iter().sum::<usize>() + 4 * layer_params.iter().max().copied().unwrap_or(0);
     let wemoe = dir.wemoe.as_ref().map(|w| w.to_json());
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     for name in store.names() {
@@ -74,6 +82,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             "vision_tensors": vision_tensors,
             "vision_parameters": vision_params,
             "parameters": {"shared": shared_params, "experts": experts_params, "routers": router_params},
+            "weights_bytes": {"resident": resident_bytes, "streamed": streamed_bytes},
             "wemoe": wemoe,
             "merge": dir.json.get("merge"),
             "adaptation": dir.json.get("adaptation"),
@@ -119,6 +128,11 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         c.layer_norm_eps
     );
     say!("parameters  {vision_params} in {vision_tensors} vision tensors");
+    say!(
+        "memory      {} of f32 weights resident, {} streamed (one encoder layer at a time)",
+        mib(resident_bytes),
+        mib(streamed_bytes)
+    );
     if let Some(w) = &dir.wemoe {
         say!("wemoe       {}: {}", count(w.num_experts(), "expert", "experts"), w.experts.join(", "));
         say!(
@@ -453,6 +467,16 @@ fn heads(path: &Path, as_json: bool) -> Result<()> {
         None => say!("logit_scale none (the model's, else ln 100)"),
     }
     Ok(())
+}
+
+/// `bytes` in MiB, to one decimal below 10.
+fn mib(bytes: usize) -> String {
+    let m = bytes as f64 / (1 << 20) as f64;
+    if m < 10.0 {
+        format!("{m:.1} MiB")
+    } else {
+        format!("{m:.0} MiB")
+    }
 }
 
 #[cfg(test)]
