@@ -118,6 +118,17 @@ impl ModelDir {
         files
     }
 
+    /// Bytes of the f32 weights a pass holds (the vision tower and its projection): `(resident, streamed)`, all of
+    /// them, or all but the encoder layers and the largest of those (one layer at a time).
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let all = self.store.count_params("vision_model.") + self.store.count_params("visual_projection.");
+        let layers: Vec<usize> = (0..self.config.num_hidden_layers)
+            .map(|l| self.store.count_params(&format!("vision_model.encoder.layers.{l}.")))
+            .collect();
+        let streamed = all - layers.iter().sum::<usize>() + layers.iter().max().copied().unwrap_or(0);
+        (4 * all, 4 * streamed)
+    }
+
     /// True when the checkpoint carries `visual_projection.weight`.
     pub fn has_projection(&self) -> bool {
         self.store.contains("visual_projection.weight")

@@ -48,14 +48,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         .map(|s| s.iter().product::<usize>())
         .sum::<usize>();
     let shared_params = vision_params - experts_params - router_params;
-    // The f32 weights a pass holds: all of them resident, or all but the encoder layers and the largest of those
-    // streamed (one layer at a time).
-    let projection_params = store.count_params("visual_projection.");
-    let layer_params: Vec<usize> =
-        (0..c.num_hidden_layers).map(|l| store.count_params(&format!("vision_model.encoder.layers.{l}."))).collect();
-    let resident_bytes = 4 * (vision_params + projection_params);
-    let streamed_bytes =
-        resident_bytes - 4 * layer_params.iter().sum::<usize>() + 4 * layer_params.iter().max().copied().unwrap_or(0);
+    let (resident_bytes, streamed_bytes) = dir.weight_bytes();
     let wemoe = dir.wemoe.as_ref().map(|w| w.to_json());
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     for name in store.names() {

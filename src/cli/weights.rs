@@ -46,8 +46,7 @@ impl<'a> LoadedEncoder<'a> {
         let streamed = match weights {
             Weights::Auto if be.device() == Device::Cpu => true,
             Weights::Auto => {
-                let bytes =
-                    4 * (dir.store.count_params("vision_model.") + dir.store.count_params("visual_projection."));
+                let (bytes, _) = dir.weight_bytes();
                 let free = be.free_memory();
                 let fits = resident_fits(bytes as u64, free);
                 if let (false, false, Some(free)) = (fits, quiet, free) {
