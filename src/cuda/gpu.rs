@@ -29,6 +29,21 @@ pub fn driver_version() -> Result<(i32, i32)> {
     Ok((v / 1000, (v % 1000) / 10))
 }
 
+/// The oldest CUDA driver the driver bindings work with: cudarc's `cuda-13000` bindings (Cargo.toml) call entry
+/// points that older drivers lack (`cuEventElapsedTime_v2`, from 12.8), and cudarc panics on a missing one.
+pub const OLDEST_DRIVER: (i32, i32) = (13, 0);
+
+/// Refuses a driver older than [`OLDEST_DRIVER`], naming both versions.
+pub fn check_driver(version: (i32, i32)) -> Result<()> {
+    let ((major, minor), (oldest_major, oldest_minor)) = (version, OLDEST_DRIVER);
+    ensure!(
+        version >= OLDEST_DRIVER,
+        "the CUDA driver is {major}.{minor}, and this build's CUDA bindings need {oldest_major}.{oldest_minor} or \
+         newer (update the driver)"
+    );
+    Ok(())
+}
+
 /// The number of CUDA devices, or why there are none.
 pub fn device_count() -> Result<usize> {
     library::driver()?;
@@ -76,6 +91,7 @@ pub struct GpuExecutor {
 impl GpuExecutor {
     /// A context on device `ordinal`; NVRTC must be loadable too (kernels compile on first use).
     pub fn new(ordinal: usize) -> Result<Self> {
+        check_driver(driver_version()?)?;
         let count = device_count()?;
         if ordinal >= count {
             bail!("cuda:{ordinal}: this machine has {count} CUDA device(s)");
@@ -323,5 +339,23 @@ impl Executor for GpuExecutor {
         }
         .map_err(|e| anyhow!("cuBLAS SGEMM [{m}, {k}]·[{k}, {n}]: {e:?}"))?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_older_than_the_bindings_is_refused_by_version() {
+        let err = format!("{:#}", check_driver((12, 4)).unwrap_err());
+        assert_eq!(
+            err,
+            "the CUDA driver is 12.4, and this build's CUDA bindings need 13.0 or newer (update the driver)"
+        );
+        assert!(check_driver((12, 9)).is_err());
+        for ok in [(13, 0), (13, 2), (14, 0)] {
+            check_driver(ok).unwrap();
+        }
     }
 }
