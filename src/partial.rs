@@ -42,10 +42,15 @@ impl Partial {
         Partial { path, finished: false }
     }
 
-    /// `path`, a folder whose whole content is scratch, never renamed into place: removed when dropped.
-    pub fn scratch(path: PathBuf) -> Self {
-        pending().push(path.clone());
-        Partial { path, finished: false }
+    /// Makes the folder `path` (its parent must exist), whose whole content is scratch, never renamed into
+    /// place: removed when dropped. Made and registered under the list's lock, so that an interrupt finds it
+    /// either not made yet or registered (made first and registered after, a Ctrl-C between the two left it).
+    /// A folder that exists already is an error (`AlreadyExists`), and is not registered: it is not this one's.
+    pub fn make_scratch(path: PathBuf) -> std::io::Result<Self> {
+        let mut list = pending();
+        std::fs::create_dir(&path)?;
+        list.push(path.clone());
+        Ok(Partial { path, finished: false })
     }
 
     /// Keeps it after all, where it is: no longer removed when dropped or on an interrupt (an output folder made
@@ -163,13 +168,23 @@ mod tests {
     }
 
     #[test]
-    fn a_scratch_folder_is_removed_when_dropped() {
+    fn a_scratch_folder_is_made_registered_and_removed_when_dropped() {
         let tmp = tempfile::tempdir().unwrap();
         let scratch = tmp.path().join("work");
+        let partial = Partial::make_scratch(scratch.clone()).unwrap();
+        assert!(scratch.is_dir() && registered(&scratch));
         std::fs::create_dir_all(scratch.join("models")).unwrap();
-        let partial = Partial::scratch(scratch.clone());
-        assert!(registered(&scratch));
+        // One that exists is not this one's: refused, not registered, left as it is.
+        let err = Partial::make_scratch(scratch.clone()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         drop(partial);
         assert!(!scratch.exists() && !registered(&scratch));
+        let mine = tmp.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        assert!(Partial::make_scratch(mine.clone()).is_err() && !registered(&mine) && mine.is_dir());
+        // A missing parent: nothing made, nothing registered.
+        let deep = tmp.path().join("missing/work");
+        assert_eq!(Partial::make_scratch(deep.clone()).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        assert!(!registered(&deep));
     }
 }

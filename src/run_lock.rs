@@ -39,11 +39,11 @@ impl RunLock {
     }
 
     /// Makes the folder `dir` where it does not exist yet (its parent must), then claims it: the claim and, where
-    /// this call made the folder, its guard ([`Partial::scratch`]), which removes it again unless kept. A folder
+    /// this call made the folder, its guard ([`Partial::make_scratch`]), which removes it again unless kept. A folder
     /// that another run made at the same moment is that run's: this one is refused by the claim, and leaves it.
     pub fn make_and_claim(flag: &str, dir: &Path) -> Result<(RunLock, Option<Partial>)> {
-        let made = match std::fs::create_dir(dir) {
-            Ok(()) => Some(Partial::scratch(dir.to_path_buf())),
+        let made = match Partial::make_scratch(dir.to_path_buf()) {
+            Ok(partial) => Some(partial),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => None,
             Err(e) => return Err(e).with_context(|| format!("{}: cannot create", dir.display())),
         };

@@ -120,13 +120,16 @@ impl WorkDir {
         if !keep && path.exists() {
             anyhow::bail!("{}: already exists; remove it, or give --work", path.display());
         }
-        let made = !path.exists();
-        if made {
+        // A folder this run makes is scratch until it holds a model (the temporary one, always).
+        let scratch = if path.exists() {
+            None
+        } else {
             // The scratch folder lives in the temporary directory, which TMPDIR may misname.
             let hint = if keep { "" } else { " (the demo's scratch folder, in TMPDIR or /tmp; or give --work)" };
-            std::fs::create_dir(&path).with_context(|| format!("{}: cannot create{hint}", path.display()))?;
-        }
-        Ok(WorkDir { scratch: RefCell::new((!keep || made).then(|| Partial::scratch(path.clone()))), path, keep })
+            let made = Partial::make_scratch(path.clone());
+            Some(made.with_context(|| format!("{}: cannot create{hint}", path.display()))?)
+        };
+        Ok(WorkDir { scratch: RefCell::new(scratch), path, keep })
     }
 
     /// A model is written: a `--work` folder this run made stays from now on (the temporary one still goes).
