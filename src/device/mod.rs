@@ -152,9 +152,9 @@ pub fn gpu_precision_unsupported(arch: &str, precision: Precision) -> Option<Str
         return None;
     }
     let kernel = crate::kernels::source("expert_linear_mma").expect("the tensor-core kernel is embedded");
-    let number = crate::kernels::arch_number(arch)?;
-    (number < kernel.min_arch)
-        .then(|| format!("--precision {precision} needs tensor cores of sm_{} or later, not {arch}", kernel.min_arch))
+    kernel
+        .unsupported_on(arch)
+        .map(|_| format!("--precision {precision} needs tensor cores of sm_{} or later, not {arch}", kernel.min_arch))
 }
 
 /// Opens the backend for `choice` (a [`DeviceRequest`] converts into one, in f32). `auto` takes GPU 0 when
