@@ -23,7 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_adapt_vs_fusionbench import PER_TASK, TASKS, prepare  # noqa: E402
-from bench_wemoe_vs_fusionbench import OUT, run_engine  # noqa: E402
+from bench_wemoe_vs_fusionbench import out_dir, run_engine  # noqa: E402
+
+OUT = out_dir(32)  # ViT-B/32 shapes, the checkpoints bench_wemoe_vs_fusionbench.py makes
 
 
 def fusionbench_step_seconds(args):

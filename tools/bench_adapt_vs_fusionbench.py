@@ -29,7 +29,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_wemoe_vs_fusionbench import OUT, ROOT, make_checkpoints, run_engine  # noqa: E402
+from bench_wemoe_vs_fusionbench import ROOT, make_checkpoints, out_dir, run_engine  # noqa: E402
+
+OUT = out_dir(32)  # ViT-B/32 shapes, the checkpoints bench_wemoe_vs_fusionbench.py makes
 
 TASKS, PER_TASK, CLASSES = 8, 16, 10
 
@@ -48,7 +50,7 @@ def make_heads():
 
 def prepare():
     """The B/32 checkpoints and heads (made if missing) and the engine, built: (heads path, engine path)."""
-    make_checkpoints(8)
+    make_checkpoints(8, 32)
     heads = make_heads()
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     return heads, os.path.join(ROOT, "target", "release", "wemoe-engine")

@@ -23,10 +23,11 @@ import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(TOOLS, "..")
-OUT = os.path.join(TOOLS, "out", "b32")
 ENGINE = os.path.join(ROOT, "target", "release", "wemoe-engine")
 sys.path.insert(0, TOOLS)
-from bench_wemoe_vs_fusionbench import make_checkpoints, run_engine  # noqa: E402
+from bench_wemoe_vs_fusionbench import make_checkpoints, out_dir, run_engine  # noqa: E402
+
+OUT = out_dir(32)  # ViT-B/32 shapes, the checkpoints bench_wemoe_vs_fusionbench.py makes
 
 
 def child(args):
@@ -58,7 +59,7 @@ def main():
     if args.child:
         return child(args)
     os.makedirs(OUT, exist_ok=True)
-    make_checkpoints(args.experts)
+    make_checkpoints(args.experts, 32)
     tmp = tempfile.mkdtemp(dir=os.path.join(TOOLS, "out"))
     fb_out, engine_out = os.path.join(tmp, "fusionbench"), os.path.join(tmp, "engine")
     fusionbench = [sys.executable, os.path.abspath(__file__), "--experts", str(args.experts), "--child", fb_out]
