@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Checks, without importing them, that the scripts in tools/ still fit together: each name one script imports
-from another is defined there at top level, and each call of such a function passes arguments its signature
-takes. CI runs it (.ci/run) because no test runs these scripts, and they need torch, which CI does not install:
-a helper's signature changed once and left three benchmark scripts failing at their first line.
+"""Checks, without importing them, that the scripts in tools/ still fit together: each name one script imports from
+another, or reads from one it imports whole, is defined there at top level, and each call of such a function passes
+arguments its signature takes. CI runs it (.ci/run) because no test runs these scripts, and they need torch, which
+CI does not install: a helper's signature changed once and left three benchmark scripts failing before they measured
+anything.
 
-    python3 tools/check_tools.py        # prints each problem as FILE:LINE: WHAT; exit status 1 if any
+    python3 tools/check_tools.py [FOLDER]   # each problem as FILE:LINE: WHAT; exit status 1 if any
 """
 
 import ast
@@ -67,7 +68,10 @@ def problems(folder):
     found = []
     for module, tree in trees.items():
         imported = {}  # local name -> the FunctionDef in the sibling script
+        modules = {}  # local name -> a sibling script imported whole
         for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update({a.asname or a.name: a.name for a in node.names if a.name in trees})
             if isinstance(node, ast.ImportFrom) and node.module in trees and node.level == 0:
                 for alias in node.names:
                     if alias.name not in defined[node.module]:
@@ -75,10 +79,21 @@ def problems(folder):
                     elif defined[node.module][alias.name] is not None:
                         imported[alias.asname or alias.name] = defined[node.module][alias.name]
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in imported:
-                why = call_problem(imported[node.func.id], node)
-                if why:
-                    found.append((module, node.lineno, why))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                sibling = modules[node.value.id]
+                if node.attr not in defined[sibling]:
+                    found.append((module, node.lineno, f"{sibling}.py defines no {node.attr}"))
+            if not isinstance(node, ast.Call):
+                continue
+            function = None
+            if isinstance(node.func, ast.Name):
+                function = imported.get(node.func.id)
+            elif isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+                sibling = modules.get(node.func.value.id)
+                function = defined[sibling].get(node.func.attr) if sibling else None
+            why = function and call_problem(function, node)
+            if why:
+                found.append((module, node.lineno, why))
     return found
 
 
